@@ -1,0 +1,146 @@
+"""Page metadata and page selection (Quest-style bounds).
+
+Each physical page keeps, per KV head, the elementwise minimum and maximum of its keys. For a
+query q the bound ``sum_d max(q_d * kmax_d, q_d * kmin_d)`` is at least ``q . k`` for every key k
+in the page, so ranking pages by it never under-rates a page that holds a strongly attended key.
+A KV head serves a GQA group of query heads; its page score is the maximum over the group.
+
+Selections are lists of *logical* page indices per (sequence, kv head), padded with -1; logical
+page i of sequence b lives in physical block ``block_table[b, i]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PAD = -1
+
+
+@dataclass
+class PageBounds:
+    """Per-page key bounds, indexed by physical block: ``kmin``/``kmax`` are [num_blocks, Hkv, D]."""
+
+    kmin: torch.Tensor
+    kmax: torch.Tensor
+
+    @classmethod
+    def empty(
+        cls, num_blocks: int, num_kv_heads: int, head_dim: int, *,
+        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    ) -> "PageBounds":
+        shape = (num_blocks, num_kv_heads, head_dim)
+        return cls(
+            kmin=torch.full(shape, float("inf"), dtype=dtype, device=device),
+            kmax=torch.full(shape, float("-inf"), dtype=dtype, device=device),
+        )
+
+    def update(self, keys: torch.Tensor, slot_mapping: torch.Tensor, page_size: int) -> None:
+        """Fold newly written keys ``[T, Hkv, D]`` at flat slots ``block * page_size + offset``.
+
+        A slot at offset 0 starts a page, so that block's old bounds (from a freed request that
+        used the block before) are reset first; this is what keeps reused blocks correct.
+        """
+        slot_mapping = slot_mapping.long()
+        keep = slot_mapping >= 0  # vLLM marks padded slots with -1
+        keys, slot_mapping = keys[keep], slot_mapping[keep]
+        if keys.numel() == 0:
+            return
+        blocks = slot_mapping // page_size
+        fresh = blocks[slot_mapping % page_size == 0]
+        if fresh.numel():
+            self.kmin[fresh] = float("inf")
+            self.kmax[fresh] = float("-inf")
+        index = blocks.view(-1, 1, 1).expand_as(keys)
+        k = keys.to(self.kmin.dtype)
+        self.kmin.scatter_reduce_(0, index, k, reduce="amin", include_self=True)
+        self.kmax.scatter_reduce_(0, index, k, reduce="amax", include_self=True)
+
+
+def score_pages(
+    query: torch.Tensor, bounds: PageBounds, block_table: torch.Tensor, num_pages: torch.Tensor,
+) -> torch.Tensor:
+    """Upper-bound scores ``[B, Hkv, max_pages]`` for decode queries ``[B, Hq, D]``.
+
+    Pages past ``num_pages[b]`` score -inf. The bound splits q into its positive and negative
+    parts: ``max(q*kmax, q*kmin) = relu(q)*kmax + min(q, 0)*kmin`` elementwise.
+    """
+    batch, num_q_heads, head_dim = query.shape
+    num_kv_heads = bounds.kmin.shape[1]
+    q = query.to(bounds.kmin.dtype).view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+    table = block_table.long().clamp_min(0)
+    kmax = bounds.kmax[table].permute(0, 2, 3, 1)  # [B, Hkv, D, N]
+    kmin = bounds.kmin[table].permute(0, 2, 3, 1)
+    scores = q.clamp_min(0) @ kmax + q.clamp_max(0) @ kmin  # [B, Hkv, G, N]
+    scores = scores.amax(dim=2)
+    valid = torch.arange(table.shape[1], device=table.device) < num_pages.view(-1, 1)
+    return scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
+
+
+def select_top_k(scores: torch.Tensor, top_k: int, num_pages: torch.Tensor) -> torch.Tensor:
+    """Top-``top_k`` logical pages per (sequence, kv head), ascending, padded with -1.
+
+    The newest page is always kept: it is still being written, its bounds describe only the
+    tokens so far, and the query's own recent context lives there.
+    """
+    if top_k <= 0:
+        raise ValueError(f"top_k must be positive, got {top_k}")
+    batch, num_kv_heads, max_pages = scores.shape
+    k = min(top_k, max_pages)
+    newest = (num_pages.long() - 1).clamp_min(0).view(batch, 1, 1).expand(batch, num_kv_heads, 1)
+    forced = scores.scatter(2, newest, float("inf"))
+    values, ids = forced.topk(k, dim=2)
+    ids = ids.masked_fill(values == float("-inf"), PAD)
+    ids = torch.where(ids == PAD, torch.iinfo(ids.dtype).max, ids).sort(dim=2).values
+    return ids.masked_fill(ids == torch.iinfo(ids.dtype).max, PAD)
+
+
+def all_pages(num_pages: torch.Tensor, num_kv_heads: int, max_pages: int) -> torch.Tensor:
+    """Every valid logical page for every head (dense mode), padded with -1."""
+    ids = torch.arange(max_pages, device=num_pages.device).expand(num_pages.shape[0], max_pages)
+    ids = ids.masked_fill(ids >= num_pages.view(-1, 1), PAD)
+    return ids.unsqueeze(1).expand(-1, num_kv_heads, -1).contiguous()
+
+
+def page_mask(page_ids: torch.Tensor, max_pages: int) -> torch.Tensor:
+    """Boolean membership ``[B, Hkv, max_pages]`` of a padded page-id list."""
+    mask = torch.zeros(*page_ids.shape[:2], max_pages + 1, dtype=torch.bool, device=page_ids.device)
+    mask.scatter_(2, page_ids.long().masked_fill(page_ids < 0, max_pages), True)
+    return mask[..., :max_pages]
+
+
+def mask_to_page_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`page_mask`: ascending page ids, padded with -1 to the widest row."""
+    width = max(int(mask.sum(dim=2).max().item()) if mask.numel() else 0, 1)
+    positions = torch.arange(mask.shape[2], device=mask.device).expand_as(mask)
+    keyed = torch.where(mask, positions, mask.shape[2])
+    ids = keyed.sort(dim=2).values[..., :width]
+    return ids.masked_fill(ids == mask.shape[2], PAD)
+
+
+@dataclass(frozen=True)
+class RerankDiff:
+    """What a rerank changed, per (sequence, kv head) as masks over logical pages.
+
+    ``promoted`` pages must be copied into the device hot pool; ``demoted`` ones may be released.
+    """
+
+    promoted: torch.Tensor
+    demoted: torch.Tensor
+
+    @property
+    def num_promoted(self) -> torch.Tensor:
+        return self.promoted.sum(dim=2)
+
+    @property
+    def num_demoted(self) -> torch.Tensor:
+        return self.demoted.sum(dim=2)
+
+
+def rerank_diff(resident_before: torch.Tensor, selected_after: torch.Tensor) -> RerankDiff:
+    """Diff of a head's device-resident page mask before a rerank and its new selection."""
+    return RerankDiff(
+        promoted=selected_after & ~resident_before,
+        demoted=resident_before & ~selected_after,
+    )
