@@ -1,0 +1,176 @@
+"""FlexiCache page-selection policy: which pages each KV head attends to and keeps on device.
+
+Three modes share one code path so their numbers are comparable:
+
+* ``dense``   every head attends to every page.
+* ``quest``   every head attends to its top-K pages, reranked every step; all pages stay resident.
+* ``flexicache`` unstable heads behave as in ``quest``. Stable heads rerank only every R steps and
+  attend to their top-K set plus every page written since that rerank (the *tail*): those tail
+  pages are new, so they are in the device hot pool anyway, and attending to them keeps the
+  newest context visible between reranks. Only stable heads save device memory; their resident
+  set is ``top-K ∪ tail`` and a rerank fetches just the pages that were not resident before.
+
+The policy keeps per-layer state for one batch of sequences that decode in lock-step; call
+:meth:`SelectionPolicy.reset` when a new batch starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from kvhead.pages import PageBounds, all_pages, mask_to_page_ids, page_mask, score_pages, select_top_k
+
+
+class Mode(str, Enum):
+    dense = "dense"
+    quest = "quest"
+    flexicache = "flexicache"
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """One layer's decision for one decode step."""
+
+    page_ids: torch.Tensor  # [B, Hkv, W] logical pages to attend to, ascending, -1 padded
+    top_k_ids: torch.Tensor | None  # [B, Hkv, K] this step's top-K (None in dense mode)
+    resident: torch.Tensor  # [B, Hkv] pages each head keeps on device after this step
+    num_pages: torch.Tensor  # [B] pages each sequence has
+    promoted: torch.Tensor  # [B, Hkv] pages fetched into the device pool by this step's rerank
+    reranked: torch.Tensor  # [B, Hkv] whether the head reranked this step
+
+
+@dataclass
+class PolicyStats:
+    """Running totals per (layer, kv head), summed over sequences and decode steps."""
+
+    resident_pages: torch.Tensor
+    total_pages: torch.Tensor
+    promoted_pages: torch.Tensor
+    reranks: torch.Tensor
+    steps: int = 0
+
+    @classmethod
+    def zeros(cls, num_layers: int, num_kv_heads: int) -> "PolicyStats":
+        z = lambda: torch.zeros(num_layers, num_kv_heads, dtype=torch.float64)  # noqa: E731
+        return cls(resident_pages=z(), total_pages=z(), promoted_pages=z(), reranks=z())
+
+    def record(self, layer: int, sel: LayerSelection) -> None:
+        self.resident_pages[layer] += sel.resident.double().sum(0).cpu()
+        self.total_pages[layer] += sel.num_pages.double().sum().cpu()
+        self.promoted_pages[layer] += sel.promoted.double().sum(0).cpu()
+        self.reranks[layer] += sel.reranked.double().sum(0).cpu()
+        if layer == 0:
+            self.steps += 1
+
+    @property
+    def resident_fraction(self) -> float:
+        """Share of KV pages (all layers, heads, steps) that had to be on the device."""
+        total = self.total_pages.sum().item()
+        return self.resident_pages.sum().item() / total if total else 1.0
+
+    @property
+    def promoted_per_rerank(self) -> float:
+        reranks = self.reranks.sum().item()
+        return self.promoted_pages.sum().item() / reranks if reranks else 0.0
+
+
+@dataclass
+class _LayerState:
+    selected: torch.Tensor  # [B, Hkv, N] top-K mask chosen at each head's last rerank
+    anchor: torch.Tensor  # [B, Hkv] pages the sequence had at that rerank
+    steps: int = 0  # decode steps since the batch started
+
+
+@dataclass
+class SelectionPolicy:
+    """Chooses pages per (sequence, kv head) for each decode step of each layer."""
+
+    mode: Mode
+    num_layers: int
+    num_kv_heads: int
+    page_size: int = 16
+    top_k: int = 64
+    rerank_interval: int = 16
+    unstable: torch.Tensor | None = None  # [L, Hkv] bool; required for flexicache
+    stats: PolicyStats = field(init=False)
+    _state: dict[int, _LayerState] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.mode = Mode(self.mode)
+        if self.top_k <= 0:
+            raise ValueError(f"top_k must be positive, got {self.top_k}")
+        if self.rerank_interval <= 0:
+            raise ValueError(f"rerank_interval must be positive, got {self.rerank_interval}")
+        if self.mode is Mode.flexicache:
+            if self.unstable is None:
+                raise ValueError("flexicache mode needs the unstable-head mask of a head profile")
+            if tuple(self.unstable.shape) != (self.num_layers, self.num_kv_heads):
+                raise ValueError(
+                    f"unstable mask has shape {tuple(self.unstable.shape)}, "
+                    f"model has {(self.num_layers, self.num_kv_heads)}"
+                )
+        self.stats = PolicyStats.zeros(self.num_layers, self.num_kv_heads)
+
+    def reset(self) -> None:
+        """Start a new batch: forget selections; statistics keep accumulating."""
+        self._state.clear()
+
+    def select(
+        self, layer: int, query: torch.Tensor, bounds: PageBounds,
+        block_table: torch.Tensor, seq_lens: torch.Tensor,
+    ) -> LayerSelection:
+        """Pages to attend to for decode queries ``[B, Hq, D]`` of ``layer``."""
+        num_pages = (seq_lens.long() + self.page_size - 1) // self.page_size
+        batch, width = block_table.shape
+        every_page = num_pages.view(-1, 1).expand(batch, self.num_kv_heads)
+        none = torch.zeros_like(every_page)
+        if self.mode is Mode.dense:
+            ids = all_pages(num_pages, self.num_kv_heads, width)
+            sel = LayerSelection(ids, None, every_page, num_pages, none, none.bool())
+        else:
+            scores = score_pages(query, bounds, block_table, num_pages)
+            top = select_top_k(scores, self.top_k, num_pages)
+            if self.mode is Mode.quest:
+                sel = LayerSelection(top, top, every_page, num_pages, none, torch.ones_like(none).bool())
+            else:
+                sel = self._flexicache(layer, top, num_pages, width)
+        self.stats.record(layer, sel)
+        return sel
+
+    def _flexicache(
+        self, layer: int, top: torch.Tensor, num_pages: torch.Tensor, width: int,
+    ) -> LayerSelection:
+        batch = top.shape[0]
+        unstable = self.unstable[layer].to(top.device).view(1, -1).expand(batch, -1)
+        top_mask = page_mask(top, width)
+        state = self._state.get(layer)
+        if state is None:
+            state = _LayerState(selected=top_mask, anchor=num_pages.view(-1, 1).expand_as(unstable))
+            resident_before = torch.zeros_like(top_mask)
+            rerank = torch.ones_like(unstable)
+        else:
+            resident_before = state.selected | self._tail(state.anchor, num_pages, width)
+            due = state.steps % self.rerank_interval == 0
+            rerank = unstable | due
+        state.selected = torch.where(rerank.unsqueeze(-1), top_mask, state.selected)
+        state.anchor = torch.where(rerank, num_pages.view(-1, 1), state.anchor)
+        state.steps += 1
+        self._state[layer] = state
+
+        stable_attend = state.selected | self._tail(state.anchor, num_pages, width)
+        attend = torch.where(unstable.unsqueeze(-1), top_mask, stable_attend)
+        resident = torch.where(unstable, num_pages.view(-1, 1), stable_attend.sum(-1))
+        promoted = (rerank & ~unstable).unsqueeze(-1) & state.selected & ~resident_before
+        return LayerSelection(
+            page_ids=mask_to_page_ids(attend), top_k_ids=top, resident=resident,
+            num_pages=num_pages, promoted=promoted.sum(-1), reranked=rerank,
+        )
+
+    @staticmethod
+    def _tail(anchor: torch.Tensor, num_pages: torch.Tensor, width: int) -> torch.Tensor:
+        """Pages written since each head's last rerank, including the page that was partial then."""
+        pos = torch.arange(width, device=anchor.device).view(1, 1, -1)
+        return (pos >= anchor.unsqueeze(-1) - 1) & (pos < num_pages.view(-1, 1, 1))

@@ -1,0 +1,73 @@
+"""A paged KV cache for one sequence in vLLM's layout, with page bounds kept on append.
+
+The reference runner owns its cache instead of using transformers' so that the page layout,
+the bounds and the block table are exactly what the vLLM plugin and the GPU kernels see.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvhead.pages import PageBounds
+from kvhead.spec import HeadPageSpec
+
+
+class PagedKVCache:
+    """K/V pools ``[num_blocks, page_size, Hkv, D]`` per layer; logical page i is block i."""
+
+    def __init__(
+        self, num_layers: int, spec: HeadPageSpec, max_tokens: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.spec = spec
+        self.num_blocks = spec.num_pages(max_tokens)
+        shape = (self.num_blocks, spec.page_size, spec.num_kv_heads, spec.head_dim)
+        self.k = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(num_layers)]
+        self.bounds = [
+            PageBounds.empty(self.num_blocks, spec.num_kv_heads, spec.head_dim, device=device)
+            for _ in range(num_layers)
+        ]
+        self.block_table = torch.arange(self.num_blocks, device=device).unsqueeze(0)
+        self.length = 0  # tokens committed by completed forward passes
+
+    @property
+    def capacity(self) -> int:
+        return self.num_blocks * self.spec.page_size
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store ``[T, Hkv, D]`` keys/values at positions ``length .. length+T-1``."""
+        count = keys.shape[0]
+        if self.length + count > self.capacity:
+            raise ValueError(
+                f"sequence of {self.length + count} tokens exceeds the cache's {self.capacity}"
+            )
+        slots = torch.arange(self.length, self.length + count, device=keys.device)
+        self.k[layer].view(-1, *keys.shape[1:])[slots] = keys.to(self.spec.dtype)
+        self.v[layer].view(-1, *values.shape[1:])[slots] = values.to(self.spec.dtype)
+        self.bounds[layer].update(keys, slots, self.spec.page_size)
+
+    def keys_values(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contiguous views ``[length, Hkv, D]`` of the first ``length`` positions."""
+        flat = (-1, self.spec.num_kv_heads, self.spec.head_dim)
+        return self.k[layer].view(flat)[:length], self.v[layer].view(flat)[:length]
+
+    def advance(self, count: int) -> None:
+        self.length += count
+
+    def rewind(self, length: int) -> None:
+        """Drop positions ``>= length`` (to decode again from a shared prefill).
+
+        The page that becomes partial gets its bounds recomputed from the keys it keeps, so
+        selections after a rewind equal those of a cache that never held the dropped tokens.
+        """
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot rewind to {length}: cache holds {self.length} tokens")
+        self.length = length
+        start = length - length % self.spec.page_size
+        if start == length:
+            return
+        slots = torch.arange(start, length, device=self.block_table.device)
+        for layer in range(len(self.k)):
+            keys, _ = self.keys_values(layer, length)
+            self.bounds[layer].update(keys[start:], slots, self.spec.page_size)
