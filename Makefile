@@ -1,0 +1,16 @@
+# The two commands the README promises; both set up from scratch when needed.
+VENV ?= .venv
+KVHEAD := $(VENV)/bin/kvhead
+PYTEST_ARGS ?=
+
+.PHONY: setup run test
+
+setup:
+	bash scripts/setup.sh
+
+run: setup
+	$(KVHEAD) models pull smollm2-135m-instruct
+	$(KVHEAD) eval
+
+test: setup
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
