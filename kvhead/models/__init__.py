@@ -1,0 +1,1 @@
+"""Model provisioning (pull, convert, cache) and tiny random test models."""
