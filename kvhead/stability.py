@@ -77,7 +77,9 @@ class HeadProfile(BaseModel):
     page_size: int = Field(gt=0, description="Tokens per page when profiled.")
     top_k: int = Field(gt=0, description="Pages per top-K set when profiled.")
     window: int = Field(ge=2, description="Decode steps per RCO window (the rerank interval R).")
-    instability: list[list[float]] = Field(description="1 - mean RCO, [layer][kv head].")
+    instability: list[list[float | None]] = Field(
+        description="1 - mean RCO, [layer][kv head]; null where a head was never compared."
+    )
     unstable_fraction: float = Field(ge=0, le=1, description="Share of heads marked unstable.")
     unstable: list[tuple[int, int]] = Field(
         description="(layer, kv head) pairs marked unstable, most unstable first."
@@ -125,9 +127,14 @@ class HeadProfile(BaseModel):
             picked = [(int(i) // num_heads, int(i) % num_heads) for i in order]
         return cls(
             num_layers=num_layers, num_kv_heads=num_heads,
-            instability=instability.tolist(), unstable_fraction=fraction,
+            instability=[[None if v != v else v for v in row] for row in instability.tolist()],
+            unstable_fraction=fraction,
             unstable=picked, per_layer=per_layer, **meta,
         )
+
+    def instability_tensor(self) -> torch.Tensor:
+        """``[num_layers, num_kv_heads]`` float scores, NaN where never measured."""
+        return torch.tensor([[float("nan") if v is None else v for v in row] for row in self.instability])
 
     def unstable_mask(self) -> torch.Tensor:
         """Boolean ``[num_layers, num_kv_heads]``: True where a head keeps all pages resident."""

@@ -10,14 +10,14 @@ VENV=${KVHEAD_VENV:-.venv}
 
 need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server redis-tools)
-command -v prometheus >/dev/null || need_apt+=(prometheus)
+
 if ((${#need_apt[@]})); then
     echo "[setup] installing Debian packages: ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
     # The packages start system services; tests run their own instances on free ports.
-    (service redis-server stop || true; service prometheus stop || true) >/dev/null 2>&1
+    service redis-server stop >/dev/null 2>&1 || true
 fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"

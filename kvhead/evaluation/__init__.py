@@ -1,0 +1,1 @@
+"""Accuracy evaluation of decode modes against dense attention on long inputs."""

@@ -1,0 +1,174 @@
+"""``kvhead eval``: accuracy of quest and flexicache against dense, per context length.
+
+Per context length, for each sparse mode, following DESIGN.md's agreed definitions:
+token agreement (teacher-forced on dense's greedy continuation), free-running match (first
+divergence and identical share), perplexity ratio on held-out corpus text, passkey accuracy,
+and the resident-page fraction with promoted pages per rerank over all of that mode's decode steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+from pydantic import BaseModel, Field, field_validator
+
+from kvhead.evaluation.inputs import corpus_window, passkey_prompt
+from kvhead.evaluation.tasks import first_divergence, greedy, prefill, teacher_forced
+from kvhead.policy import Mode, SelectionPolicy
+from kvhead.runner import ReferenceRunner
+from kvhead.stability import HeadProfile
+
+SPARSE_MODES = (Mode.quest, Mode.flexicache)
+PASSKEY_TOKENS = 8  # enough for a five-digit answer under any tokenizer
+
+
+class EvalConfig(BaseModel):
+    """What ``kvhead eval`` measures; every field is a CLI option."""
+
+    contexts: list[int] = Field(
+        default=[2048, 4096, 8192],
+        description="Sequence lengths in tokens: prompt plus generated tokens fit in each.",
+    )
+    gen_tokens: int = Field(default=256, ge=2, description="Tokens generated / teacher-forced.")
+    top_k: int = Field(default=64, gt=0, description="Pages per head's top-K set.")
+    page_size: int = Field(default=16, gt=0, description="Tokens per page.")
+    rerank_interval: int = Field(default=16, gt=0, description="Stable heads rerank every R steps.")
+    passkey_depths: list[float] = Field(
+        default=[0.1, 0.3, 0.5, 0.7, 0.9], description="Needle positions as prompt fractions."
+    )
+    seed: int = Field(default=0, description="Seeds passkeys and text offsets.")
+
+    @field_validator("contexts")
+    @classmethod
+    def _positive_contexts(cls, value: list[int]) -> list[int]:
+        if not value or any(c < 64 for c in value):
+            raise ValueError("contexts must be a non-empty list of lengths >= 64 tokens")
+        return value
+
+    def prompt_tokens(self, context: int) -> int:
+        """Prompt length that leaves room for the generated tokens inside ``context``."""
+        if context <= self.gen_tokens + 32:
+            raise ValueError(f"context {context} leaves no room for a prompt and {self.gen_tokens} tokens")
+        return context - self.gen_tokens
+
+    @field_validator("passkey_depths")
+    @classmethod
+    def _depths_in_range(cls, value: list[float]) -> list[float]:
+        if any(not 0 <= d <= 1 for d in value):
+            raise ValueError("passkey depths must lie in [0, 1]")
+        return value
+
+
+class ModeResult(BaseModel):
+    token_agreement: float = Field(description="Teacher-forced argmax agreement with dense.")
+    free_match: float = Field(description="Share of identical tokens when decoding freely.")
+    first_divergence: int = Field(description="First position where free decoding differs.")
+    perplexity: float
+    perplexity_ratio: float = Field(description="Perplexity / dense perplexity.")
+    passkey_accuracy: float
+    resident_fraction: float = Field(description="Device-resident share of KV pages.")
+    promoted_per_rerank: float = Field(description="Pages fetched per stable-head rerank.")
+
+
+class ContextResult(BaseModel):
+    context: int
+    dense_perplexity: float
+    dense_passkey_accuracy: float
+    modes: dict[str, ModeResult]
+    seconds: float
+
+
+class EvalReport(BaseModel):
+    model: str
+    model_fingerprint: str
+    config: EvalConfig
+    unstable_fraction: float
+    results: list[ContextResult]
+
+
+def _policy(runner: ReferenceRunner, mode: Mode, cfg: EvalConfig, profile: HeadProfile) -> SelectionPolicy:
+    unstable = profile.unstable_mask() if mode is Mode.flexicache else None
+    return runner.policy(
+        mode, top_k=cfg.top_k, rerank_interval=cfg.rerank_interval, unstable=unstable
+    )
+
+
+def _passkey_correct(runner, tokenizer, pre, policy, passkey: int) -> bool:
+    answer = tokenizer.decode(greedy(runner, pre, PASSKEY_TOKENS, policy))
+    digits = "".join(ch for ch in answer if ch.isdigit() or ch == " ").split()
+    return bool(digits) and digits[0] == str(passkey)
+
+
+def evaluate_context(
+    runner: ReferenceRunner, tokenizer, profile: HeadProfile, cfg: EvalConfig, context: int,
+) -> ContextResult:
+    """All metrics for one prompt length; prefills are dense and shared by every mode."""
+    start = time.perf_counter()
+    gen = cfg.gen_tokens
+    dense = _policy(runner, Mode.dense, cfg, profile)
+    sparse = {m: _policy(runner, m, cfg, profile) for m in SPARSE_MODES}
+
+    length = cfg.prompt_tokens(context)
+    prompt = corpus_window(tokenizer, length, offset=cfg.seed * 997)
+    pre = prefill(runner, prompt, gen)
+    reference = greedy(runner, pre, gen, dense)
+    agreement, free = {}, {}
+    for mode, policy in sparse.items():
+        argmax, _ = teacher_forced(runner, pre, reference, policy)
+        agreement[mode] = sum(a == r for a, r in zip(argmax, reference)) / gen
+        free[mode] = greedy(runner, pre, gen, policy)
+
+    text = corpus_window(tokenizer, context, offset=context * 3 + cfg.seed * 131)
+    pre = prefill(runner, text[:length], gen)
+    targets = text[length:].tolist()
+    nll = {
+        mode: sum(teacher_forced(runner, pre, targets, policy)[1]) / gen
+        for mode, policy in [(Mode.dense, dense), *sparse.items()]
+    }
+
+    rng = torch.Generator().manual_seed(cfg.seed + context)
+    hits = {m: 0 for m in (Mode.dense, *SPARSE_MODES)}
+    for depth in cfg.passkey_depths:
+        passkey = int(torch.randint(10_000, 100_000, (1,), generator=rng))
+        pre = prefill(runner, passkey_prompt(tokenizer, context - PASSKEY_TOKENS, depth, passkey), PASSKEY_TOKENS)
+        for mode, policy in [(Mode.dense, dense), *sparse.items()]:
+            hits[mode] += _passkey_correct(runner, tokenizer, pre, policy, passkey)
+    depths = len(cfg.passkey_depths)
+
+    modes = {}
+    for mode, policy in sparse.items():
+        modes[mode.value] = ModeResult(
+            token_agreement=agreement[mode],
+            free_match=sum(a == b for a, b in zip(free[mode], reference)) / gen,
+            first_divergence=first_divergence(free[mode], reference),
+            perplexity=math.exp(nll[mode]),
+            perplexity_ratio=math.exp(nll[mode] - nll[Mode.dense]),
+            passkey_accuracy=hits[mode] / depths if depths else float("nan"),
+            resident_fraction=policy.stats.resident_fraction,
+            promoted_per_rerank=policy.stats.promoted_per_rerank,
+        )
+    return ContextResult(
+        context=context, dense_perplexity=math.exp(nll[Mode.dense]),
+        dense_passkey_accuracy=hits[Mode.dense] / depths if depths else float("nan"),
+        modes=modes, seconds=time.perf_counter() - start,
+    )
+
+
+def evaluate(
+    runner: ReferenceRunner, tokenizer, profile: HeadProfile, cfg: EvalConfig, *, model: str,
+    on_context: Callable[[ContextResult], None] | None = None,
+) -> EvalReport:
+    results = []
+    for context in cfg.contexts:
+        result = evaluate_context(runner, tokenizer, profile, cfg, context)
+        results.append(result)
+        if on_context is not None:
+            on_context(result)
+    return EvalReport(
+        model=model, model_fingerprint=profile.model_fingerprint, config=cfg,
+        unstable_fraction=len(profile.unstable) / (profile.num_layers * profile.num_kv_heads),
+        results=results,
+    )

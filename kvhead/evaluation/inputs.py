@@ -1,0 +1,58 @@
+"""Long inputs built offline: corpus windows and passkey-retrieval prompts.
+
+The corpus is the FSF license texts shipped in ``kvhead/data/corpus`` (verbatim copies are
+permitted); a window longer than the corpus wraps around. Passkey prompts follow the classic
+retrieval test: a number stated once at a chosen depth inside repetitive filler, asked for at
+the end.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+
+import torch
+
+CORPUS_FILES = (
+    "GPL-3.txt", "GPL-2.txt", "LGPL-2.1.txt", "GFDL-1.3.txt", "GPL-1.txt", "LGPL-3.txt",
+    "GFDL-1.2.txt",
+)
+FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+)
+QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+@cache
+def corpus_text() -> str:
+    root = resources.files("kvhead.data") / "corpus"
+    return "\n\n".join((root / name).read_text(encoding="utf-8") for name in CORPUS_FILES)
+
+
+@cache
+def _corpus_ids(tokenizer) -> torch.Tensor:
+    return torch.tensor(tokenizer(corpus_text(), add_special_tokens=False)["input_ids"])
+
+
+def corpus_window(tokenizer, num_tokens: int, offset: int = 0) -> torch.Tensor:
+    """``num_tokens`` consecutive corpus tokens starting at ``offset`` (wrapping around)."""
+    ids = _corpus_ids(tokenizer)
+    index = (torch.arange(num_tokens) + offset) % ids.numel()
+    return ids[index]
+
+
+def passkey_prompt(tokenizer, num_tokens: int, depth: float, passkey: int) -> torch.Tensor:
+    """About ``num_tokens`` tokens of filler with the passkey stated at ``depth`` in [0, 1]."""
+    if not 0 <= depth <= 1:
+        raise ValueError(f"passkey depth must be in [0, 1], got {depth}")
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    needle = encode(f"\nThe pass key is {passkey}. Remember it. {passkey} is the pass key.\n")
+    question = encode(QUESTION)
+    filler = encode(FILLER)
+    budget = num_tokens - len(needle) - len(question)
+    if budget <= 0:
+        raise ValueError(f"{num_tokens} tokens cannot hold a passkey prompt")
+    hay = (filler * (budget // len(filler) + 1))[:budget]
+    cut = int(depth * budget)
+    cut -= cut % len(filler)  # keep the needle between whole filler sentences
+    return torch.tensor(hay[:cut] + needle + hay[cut:] + question)

@@ -1,0 +1,87 @@
+"""Page bounds, scoring and top-K selection."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvhead.pages import (
+    PageBounds, all_pages, mask_to_page_ids, page_mask, rerank_diff, score_pages, select_top_k,
+)
+
+
+def _filled(seed: int, num_blocks=12, page=4, heads=2, dim=8, tokens=37):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(tokens, heads, dim, generator=g)
+    order = torch.randperm(num_blocks, generator=g)
+    table = order[: -(-tokens // page)].unsqueeze(0)
+    slots = table[0].repeat_interleave(page) * page + torch.arange(page).repeat(table.shape[1])
+    bounds = PageBounds.empty(num_blocks, heads, dim)
+    bounds.update(keys, slots[:tokens], page)
+    return keys, table, slots[:tokens], bounds
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), group=st.integers(1, 4), scale=st.floats(0.01, 100.0))
+def test_bound_upper_bounds_every_key_in_the_page(seed, group, scale):
+    page, heads, dim = 4, 2, 8
+    keys, table, slots, bounds = _filled(seed, page=page, heads=heads, dim=dim)
+    keys = keys * scale
+    bounds = PageBounds.empty(12, heads, dim)
+    bounds.update(keys, slots, page)
+    g = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(1, heads * group, dim, generator=g) * scale
+    num_pages = torch.tensor([table.shape[1]])
+    scores = score_pages(q, bounds, table, num_pages)  # [1, H, N]
+    dots = torch.einsum("hgd,thd->hgt", q.view(heads, group, dim), keys)
+    best = dots.amax(dim=1)  # max over the GQA group, [H, T]
+    for t in range(keys.shape[0]):
+        tol = 1e-4 * (1 + abs(best[:, t]).max())
+        assert torch.all(scores[0, :, t // page] >= best[:, t] - tol)
+
+
+def test_reused_block_bounds_reset_at_page_start():
+    bounds = PageBounds.empty(2, 1, 2)
+    bounds.update(torch.tensor([[[5.0, -5.0]]]), torch.tensor([4]), 4)
+    bounds.update(torch.tensor([[[1.0, 1.0]]]), torch.tensor([4]), 4)  # block reused
+    assert bounds.kmax[1, 0].tolist() == [1.0, 1.0]
+    assert bounds.kmin[1, 0].tolist() == [1.0, 1.0]
+    bounds.update(torch.tensor([[[2.0, 0.0]]]), torch.tensor([5]), 4)
+    assert bounds.kmax[1, 0].tolist() == [2.0, 1.0] and bounds.kmin[1, 0].tolist() == [1.0, 0.0]
+
+
+def test_padded_slots_are_ignored():
+    bounds = PageBounds.empty(2, 1, 2)
+    bounds.update(torch.ones(2, 1, 2), torch.tensor([0, -1]), 4)
+    assert torch.isinf(bounds.kmax[1]).all()
+
+
+def test_top_k_keeps_newest_page_and_pads():
+    scores = torch.tensor([[[9.0, 8.0, 7.0, -1.0, float("-inf")]]])
+    ids = select_top_k(scores, 2, torch.tensor([4]))
+    assert ids.tolist() == [[[0, 3]]]  # page 3 is the newest: forced in despite its score
+    ids = select_top_k(scores, 8, torch.tensor([4]))
+    assert ids.tolist() == [[[0, 1, 2, 3, -1]]]
+
+
+def test_top_k_rejects_nonpositive_k():
+    import pytest
+
+    with pytest.raises(ValueError, match="top_k"):
+        select_top_k(torch.zeros(1, 1, 3), 0, torch.tensor([3]))
+
+
+def test_mask_round_trip_and_all_pages():
+    ids = torch.tensor([[[0, 3, -1], [1, 2, 4]]])
+    mask = page_mask(ids, 5)
+    assert mask.sum().item() == 5
+    assert mask_to_page_ids(mask).tolist() == ids.tolist()
+    assert all_pages(torch.tensor([2, 3]), 1, 4).tolist() == [[[0, 1, -1, -1]], [[0, 1, 2, -1]]]
+
+
+def test_rerank_diff_promoted_and_demoted():
+    before = page_mask(torch.tensor([[[0, 1, 2]]]), 6)
+    after = page_mask(torch.tensor([[[1, 4, 5]]]), 6)
+    diff = rerank_diff(before, after)
+    assert mask_to_page_ids(diff.promoted).tolist() == [[[4, 5]]]
+    assert mask_to_page_ids(diff.demoted).tolist() == [[[0, 2]]]
+    assert diff.num_promoted.tolist() == [[2]] and diff.num_demoted.tolist() == [[2]]

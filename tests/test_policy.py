@@ -1,0 +1,110 @@
+"""FlexiCache selection policy: who attends to what, what stays resident, what is fetched."""
+
+import pytest
+import torch
+
+from kvhead.attention import dense_decode_attention, sparse_decode_attention
+from kvhead.pages import PageBounds
+from kvhead.policy import SelectionPolicy
+
+
+class _Sequence:
+    """One sequence growing a token per step in a paged pool."""
+
+    def __init__(self, heads=3, dim=8, page=4, blocks=64, prompt=60, seed=0):
+        self.g = torch.Generator().manual_seed(seed)
+        self.heads, self.dim, self.page = heads, dim, page
+        self.k = torch.randn(blocks, page, heads, dim, generator=self.g)
+        self.v = torch.randn(blocks, page, heads, dim, generator=self.g)
+        self.bounds = PageBounds.empty(blocks, heads, dim)
+        self.table = torch.randperm(blocks, generator=self.g).unsqueeze(0)
+        self.length = 0
+        self.append(prompt)
+
+    def slots(self, start, count):
+        pos = torch.arange(start, start + count)
+        return self.table[0, pos // self.page] * self.page + pos % self.page
+
+    def append(self, count):
+        slots = self.slots(self.length, count)
+        keys = self.k.view(-1, self.heads, self.dim)[slots]
+        self.bounds.update(keys, slots, self.page)
+        self.length += count
+
+    def query(self, group=2):
+        return torch.randn(1, self.heads * group, self.dim, generator=self.g)
+
+
+def _policy(mode, **kw):
+    unstable = torch.tensor([[True, False, False]]) if mode == "flexicache" else None
+    return SelectionPolicy(mode, num_layers=1, num_kv_heads=3, page_size=4, unstable=unstable, **kw)
+
+
+def test_every_page_selected_equals_dense():
+    seq = _Sequence()
+    for mode in ("quest", "flexicache"):
+        policy = _policy(mode, top_k=1000, rerank_interval=4)
+        for _ in range(6):
+            seq.append(1)
+            lens = torch.tensor([seq.length])
+            q = seq.query()
+            sel = policy.select(0, q, seq.bounds, seq.table, lens)
+            out, _ = sparse_decode_attention(q, seq.k, seq.v, seq.table, lens, sel.page_ids, 0.3)
+            ref, _ = dense_decode_attention(q, seq.k, seq.v, seq.table, lens, 0.3)
+            assert (out - ref).abs().max() <= 1e-5
+
+
+def test_stable_heads_rerank_every_r_steps_and_keep_the_tail():
+    seq = _Sequence(prompt=60)  # 15 full pages
+    policy = _policy("flexicache", top_k=3, rerank_interval=4)
+    history = []
+    for step in range(9):
+        seq.append(1)
+        sel = policy.select(0, seq.query(), seq.bounds, seq.table, torch.tensor([seq.length]))
+        history.append(sel)
+    assert [s.reranked[0].tolist() for s in history[:5]] == [
+        [True, True, True], [True, False, False], [True, False, False], [True, False, False],
+        [True, True, True],
+    ]
+    # between reranks a stable head attends to its last top-K plus pages written since
+    first, later = history[0], history[3]
+    stable_first = set(first.page_ids[0, 1].tolist()) - {-1}
+    stable_later = set(later.page_ids[0, 1].tolist()) - {-1}
+    assert stable_first <= stable_later and stable_later - stable_first <= {15}
+    # unstable heads keep everything resident; stable heads only top-K plus tail
+    assert later.resident[0, 0].item() == later.num_pages[0].item()
+    assert later.resident[0, 1].item() == len(stable_later) <= 3 + 1
+    # only pages not already resident are fetched at a rerank
+    assert history[4].promoted[0, 0].item() == 0
+    assert history[4].promoted[0, 1].item() <= 3
+
+
+def test_quest_and_dense_keep_all_pages_resident():
+    seq = _Sequence()
+    for mode in ("dense", "quest"):
+        policy = _policy(mode, top_k=2)
+        seq.append(1)
+        policy.select(0, seq.query(), seq.bounds, seq.table, torch.tensor([seq.length]))
+        assert policy.stats.resident_fraction == 1.0
+
+
+def test_flexicache_saves_memory_in_stats():
+    seq = _Sequence(prompt=200, blocks=80)
+    policy = _policy("flexicache", top_k=4, rerank_interval=16)
+    for _ in range(32):
+        seq.append(1)
+        policy.select(0, seq.query(), seq.bounds, seq.table, torch.tensor([seq.length]))
+    # 1 of 3 heads keeps ~51 pages, 2 keep ~4-6 of them
+    assert 0.33 < policy.stats.resident_fraction < 0.42
+    assert policy.stats.steps == 32
+
+
+def test_flexicache_requires_a_matching_mask():
+    with pytest.raises(ValueError, match="unstable-head mask"):
+        SelectionPolicy("flexicache", num_layers=1, num_kv_heads=3)
+    with pytest.raises(ValueError, match="shape"):
+        SelectionPolicy("flexicache", num_layers=2, num_kv_heads=3, unstable=torch.ones(1, 3).bool())
+    with pytest.raises(ValueError):
+        SelectionPolicy("sparse", num_layers=1, num_kv_heads=3)
+    with pytest.raises(ValueError, match="top_k"):
+        _policy("quest", top_k=0)
