@@ -1,0 +1,103 @@
+"""GPU kernels (Triton) for the FlexiCache path, with the core torch code as fallback and oracle.
+
+Every function here computes the same function as its reference in the core package:
+
+=========================  ==============================================================
+``sparse_decode_attention``  :func:`kvhead.attention.sparse_decode_attention`
+``score_and_select``         ``select_top_k(score_pages(...), top_k, num_pages)``
+``update_bounds``            :meth:`kvhead.pages.PageBounds.update`
+``combine_partials``         :func:`kvhead.helix.combine_partials`
+``copy_pages_async``         promoted-page copy, pinned host arena -> device pool (no reference)
+=========================  ==============================================================
+
+Dispatch: Triton runs when the tensors are on CUDA, or anywhere when Triton's interpreter is on
+(``TRITON_INTERPRET=1`` set before triton is imported; the CPU test suite does this). Otherwise
+the torch reference runs, so callers can use this module unconditionally. Triton is imported
+only on the Triton path, which keeps the package importable where triton is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kvhead import attention as _ref_attention
+from kvhead import helix as _ref_helix
+from kvhead import pages as _ref_pages
+from kvhead.kernels.transfer import copy_pages_async
+
+__all__ = [
+    "combine_partials",
+    "copy_pages_async",
+    "score_and_select",
+    "sparse_decode_attention",
+    "triton_active",
+    "update_bounds",
+]
+
+
+def triton_active(tensor: torch.Tensor) -> bool:
+    """Whether the Triton path serves ``tensor``: CUDA tensors, or the interpreter is on."""
+    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def sparse_decode_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_ids: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention over per-head page lists; returns ``(out [B, Hq, D], lse [B, Hq])``."""
+    if not triton_active(query):
+        return _ref_attention.sparse_decode_attention(
+            query, k_cache, v_cache, block_table, seq_lens, page_ids, scale
+        )
+    from kvhead.kernels.attention import sparse_decode_attention as kernel
+
+    return kernel(query, k_cache, v_cache, block_table, seq_lens, page_ids, scale)
+
+
+def score_and_select(
+    query: torch.Tensor,
+    bounds: _ref_pages.PageBounds,
+    block_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    top_k: int,
+) -> torch.Tensor:
+    """Top-``top_k`` pages per (sequence, KV head) by bound score, newest page always kept."""
+    if not triton_active(query):
+        return _ref_pages.select_top_k(
+            _ref_pages.score_pages(query, bounds, block_table, num_pages), top_k, num_pages
+        )
+    from kvhead.kernels.select import score_and_select as kernel
+
+    return kernel(query, bounds.kmin, bounds.kmax, block_table, num_pages, top_k)
+
+
+def update_bounds(
+    bounds: _ref_pages.PageBounds, keys: torch.Tensor, slot_mapping: torch.Tensor, page_size: int,
+) -> None:
+    """Fold appended keys ``[T, Hkv, D]`` at flat slots into ``bounds`` (in place).
+
+    The Triton path needs fp32 bounds (it folds with fp32 atomics); other dtypes use the
+    reference.
+    """
+    if not triton_active(keys) or bounds.kmin.dtype != torch.float32:
+        bounds.update(keys, slot_mapping, page_size)
+        return
+    from kvhead.kernels.bounds import update_bounds as kernel
+
+    kernel(bounds.kmin, bounds.kmax, keys, slot_mapping, page_size)
+
+
+def combine_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact LSE combine of ``outs [S, ..., D]`` / ``lses [S, ...]`` over shards (axis 0)."""
+    if not triton_active(outs):
+        return _ref_helix.combine_partials(outs, lses)
+    from kvhead.kernels.combine import combine
+
+    return combine(outs, lses)
