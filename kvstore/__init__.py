@@ -5,11 +5,14 @@ See ``kvstore/README.md`` for the API the vLLM plugin codes against.
 
 from kvstore.base import PageBatch, PageKeys, PageStore, TierStats
 from kvstore.config import HostArenaConfig, KVStoreConfig, RedisTierConfig, TierManagerConfig
+from kvstore.factory import build_store
 from kvstore.host_arena import HostArena
+from kvstore.manager import TierManager
 from kvstore.prefix import hashes_from_bytes, prefix_hashes, prefix_hex
+from kvstore.redis_tier import RedisTier
 
 __all__ = [
     "HostArena", "HostArenaConfig", "KVStoreConfig", "PageBatch", "PageKeys", "PageStore",
-    "RedisTierConfig", "TierManagerConfig", "TierStats", "hashes_from_bytes", "prefix_hashes",
-    "prefix_hex",
+    "RedisTier", "RedisTierConfig", "TierManager", "TierManagerConfig", "TierStats",
+    "build_store", "hashes_from_bytes", "prefix_hashes", "prefix_hex",
 ]

@@ -1,0 +1,255 @@
+"""The cluster-wide Redis tier: content-addressed binary pages shared by every replica.
+
+Keys are ``{model fingerprint}:{prefix hash hex}:{layer}:{head}:{page}``: the prefix hash covers
+every token through the page, so a replica that sees a prompt another replica served finds its
+pages under the same names. Values are :mod:`kvstore.codec` pages (header + raw bytes + CRC).
+
+Redis is a cache here, never a dependency: every failure (refused connection, timeout, a server
+error such as OOM) turns into misses or refused puts plus a counter, and nothing raises to the
+caller. After a connection failure the tier answers at once with misses for ``retry_after_s``
+(so decode never waits on a dead server), then tries again; the first success logs the
+reconnection. Writes are pipelined ``SET ... PX ttl`` commands, reads pipelined ``MGET``s, one
+round trip per ``pipeline_depth`` pages, through a bounded blocking connection pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+import torch
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from kvhead.spec import HeadPageSpec
+from kvstore.base import PageBatch, PageKeys, PageStore, TierStats
+from kvstore.codec import PageCodec
+from kvstore.config import RedisTierConfig
+from kvstore.prefix import prefix_hex
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RedisTier(PageStore):
+    """Shared tier over one Redis server (or a proxy that speaks the same commands)."""
+
+    name = "redis"
+
+    def __init__(self, spec: HeadPageSpec, config: RedisTierConfig, fingerprint: str) -> None:
+        super().__init__(spec)
+        self.config = config
+        self.codec = PageCodec(spec, fingerprint)
+        self.fingerprint = fingerprint
+        extra: dict = {}
+        if config.url.startswith("rediss://"):
+            extra.update(ssl_ca_certs=config.ssl_ca_certs, ssl_certfile=config.ssl_certfile,
+                         ssl_keyfile=config.ssl_keyfile)
+        self.pool = redis.BlockingConnectionPool.from_url(
+            config.url, max_connections=config.max_connections, timeout=config.socket_timeout_s,
+            socket_timeout=config.socket_timeout_s,
+            socket_connect_timeout=config.connect_timeout_s,
+            username=config.username, password=config.password,
+            retry=Retry(NoBackoff(), 0), **extra,
+        )
+        self.client = redis.Redis(connection_pool=self.pool)
+        self._lock = threading.Lock()
+        self._stats = TierStats(self.name)
+        self._down_until = 0.0
+        self._down = False
+        self.available = self._call("connect", self._connect, default=False)
+        if self.available:
+            log.info("kvstore: Redis tier at %s is up", _safe_url(config.url))
+
+    # -- health -----------------------------------------------------------------------------
+    def _connect(self) -> bool:
+        self.client.ping()
+        if self.config.memory_budget_bytes is not None:
+            try:
+                self.client.config_set("maxmemory", self.config.memory_budget_bytes)
+                self.client.config_set("maxmemory-policy", self.config.eviction_policy)
+            except redis.ResponseError as exc:  # managed Redis often disables CONFIG
+                log.warning("kvstore: could not set the Redis memory budget: %s", exc)
+        return True
+
+    def _call(self, op: str, fn: Callable[[], T], default: T) -> T:
+        """Run ``fn`` unless Redis is marked down; on failure mark it down and return ``default``."""
+        if time.monotonic() < self._down_until:
+            return default
+        start = time.perf_counter()
+        try:
+            result = fn()
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self._mark_down(exc)
+            return default
+        except redis.RedisError as exc:  # server-side error for the whole call
+            with self._lock:
+                self._stats.errors += 1
+            log.warning("kvstore: Redis %s failed: %s", op, exc)
+            return default
+        with self._lock:
+            self._stats.record(op, time.perf_counter() - start)
+            was_down, self._down = self._down, False
+        if was_down:
+            log.warning("kvstore: Redis at %s is reachable again", _safe_url(self.config.url))
+        return result
+
+    def _mark_down(self, exc: Exception) -> None:
+        with self._lock:
+            self._stats.errors += 1
+            self._down_until = time.monotonic() + self.config.retry_after_s
+            first, self._down = not self._down, True
+        if first:
+            log.warning(
+                "kvstore: Redis at %s unavailable (%s); serving from the host tier, "
+                "retrying every %.1fs", _safe_url(self.config.url), exc, self.config.retry_after_s,
+            )
+
+    @property
+    def is_down(self) -> bool:
+        """True while the last attempt failed (calls return misses until the next retry)."""
+        return self._down
+
+    # -- naming -----------------------------------------------------------------------------
+    def key_names(self, keys: PageKeys) -> list[str]:
+        if keys.prefix is None or keys.pages is None:
+            raise ValueError("the Redis tier needs content-addressed keys (prefix and pages)")
+        fp, layer = self.fingerprint, keys.layer
+        return [
+            f"{fp}:{h}:{layer}:{head}:{page}"
+            for h, head, page in zip(prefix_hex(keys.prefix), keys.heads.tolist(),
+                                     keys.pages.tolist())
+        ]
+
+    def _pipelined(self, packed: list[bytes], replies: int) -> list:
+        """Send pre-packed RESP command chunks, one round trip each; error replies become values.
+
+        Packing SETs ourselves into one buffer per round trip (instead of redis-py's per-command
+        packing and one send per large value) is what keeps the tier near redis-benchmark.
+        """
+        conn = self.pool.get_connection()
+        try:
+            results: list = []
+            per_chunk = self.config.pipeline_depth
+            for i, chunk in enumerate(packed):
+                conn.send_packed_command([chunk], check_health=False)
+                for _ in range(min(per_chunk, replies - i * per_chunk)):
+                    try:
+                        results.append(conn.read_response())
+                    except redis.ResponseError as exc:  # one refused SET (OOM): keep reading
+                        results.append(exc)
+            return results
+        except BaseException:
+            conn.disconnect()  # replies may be half-read: never reuse this connection
+            raise
+        finally:
+            self.pool.release(conn)
+
+    def _chunks(self, n: int) -> range:
+        return range(0, n, self.config.pipeline_depth)
+
+    # -- PageStore --------------------------------------------------------------------------
+    def supports_shared_keys(self) -> bool:
+        return True
+
+    def put(self, keys: PageKeys, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.check_pages(keys, k, v)
+        n = len(keys)
+        stored = torch.zeros(n, dtype=torch.bool)
+        if keys.prefix is None or n == 0:
+            return stored
+        names, values = self.key_names(keys), self.codec.encode(keys, k, v)
+        ttl_ms = None if self.config.ttl_seconds is None else self.config.ttl_seconds * 1000
+
+        ttl = b"" if ttl_ms is None else b"$2\r\nPX\r\n$%d\r\n%d\r\n" % (len(str(ttl_ms)), ttl_ms)
+        head = b"*5\r\n$3\r\nSET\r\n" if ttl else b"*3\r\n$3\r\nSET\r\n"
+        vlen = b"$%d\r\n" % self.codec.value_bytes
+        packed = []
+        for lo in self._chunks(n):
+            parts: list = []
+            for name, value in zip(names[lo : lo + self.config.pipeline_depth],
+                                   values[lo : lo + self.config.pipeline_depth]):
+                key = name.encode()
+                parts += (head, b"$%d\r\n" % len(key), key, b"\r\n", vlen, value, b"\r\n", ttl)
+            packed.append(b"".join(parts))
+
+        def run() -> list:
+            return self._pipelined(packed, n)
+
+        results = self._call("put", run, default=[])
+        ok = [r == b"OK" for r in results]
+        if ok:
+            stored[: len(ok)] = torch.tensor(ok)
+        refused = [r for r in results if isinstance(r, Exception)]
+        with self._lock:
+            self._stats.puts += int(stored.sum())
+            self._stats.put_failures += n - int(stored.sum())
+            self._stats.bytes_in += int(stored.sum()) * self.codec.payload_bytes
+        if refused:  # e.g. OOM under noeviction: a refused write, not an outage
+            log.debug("kvstore: Redis refused %d writes: %s", len(refused), refused[0])
+        return stored
+
+    def get(self, keys: PageKeys) -> PageBatch:
+        n = len(keys)
+        if keys.prefix is None or n == 0:
+            pages = torch.zeros((n, 2, *self.page_shape), dtype=self.spec.dtype)
+            return PageBatch(pages[:, 0], pages[:, 1], torch.zeros(n, dtype=torch.bool))
+        names = self.key_names(keys)
+
+        def run() -> list:
+            values: list = []
+            for lo in self._chunks(n):
+                values.extend(self.client.mget(names[lo : lo + self.config.pipeline_depth]))
+            return values
+
+        values = self._call("get", run, default=[None] * n)
+        decoded = self.codec.decode(keys, values)
+        bad = decoded.corrupt.nonzero().flatten().tolist()
+        if bad:  # never serve, and repair: the next writer replaces it
+            log.warning("kvstore: dropped %d corrupt Redis pages", len(bad))
+            self._call("repair", lambda: self.client.delete(*[names[i] for i in bad]), default=0)
+        hits = int(decoded.ok.sum())
+        with self._lock:
+            self._stats.hits += hits
+            self._stats.misses += n - hits
+            self._stats.corrupt += len(bad)
+            self._stats.bytes_out += hits * self.codec.payload_bytes
+        return PageBatch(decoded.pages[:, 0], decoded.pages[:, 1], decoded.ok)
+
+    def contains(self, keys: PageKeys) -> torch.Tensor:
+        n = len(keys)
+        if keys.prefix is None or n == 0:
+            return torch.zeros(n, dtype=torch.bool)
+        names = self.key_names(keys)
+
+        def run() -> list:
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:
+                pipe.exists(name)
+            return pipe.execute()
+
+        return torch.tensor(self._call("contains", run, default=[0] * n), dtype=torch.int64) > 0
+
+    def delete(self, keys: PageKeys) -> int:
+        if keys.prefix is None or len(keys) == 0:
+            return 0
+        names = self.key_names(keys)
+        return int(self._call("delete", lambda: self.client.delete(*names), default=0))
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            return TierStats(**{**vars(self._stats), "op_seconds": dict(self._stats.op_seconds),
+                                "op_calls": dict(self._stats.op_calls)})
+
+    def close(self) -> None:
+        self.pool.disconnect()
+
+
+def _safe_url(url: str) -> str:
+    """The URL without credentials, for logs."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"
