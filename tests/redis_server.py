@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -27,7 +28,8 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server child process; ``kill()`` then ``start()`` brings it back on the same port."""
 
-    def __init__(self, *args: str, password: str | None = None, port: int | None = None) -> None:
+    def __init__(self, *args: str, password: str | None = None, port: int | None = None,
+                 tls: bool = False) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
         self.port = port or free_port()
@@ -35,14 +37,38 @@ class RedisServer:
         self.args = list(args)
         self.dir = Path(tempfile.mkdtemp(prefix="kvstore-redis-"))
         self.proc: subprocess.Popen | None = None
+        self.tls = tls
+        if tls:
+            self._make_certificate()
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def ca_file(self) -> str:
+        return str(self.dir / "cert.pem")
+
+    def _make_certificate(self) -> None:
+        """A self-signed certificate for 127.0.0.1 (the server's and the clients' CA)."""
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-keyout", str(self.dir / "key.pem"), "-out", self.ca_file, "-subj", "/CN=127.0.0.1",
+             "-addext", "subjectAltName=IP:127.0.0.1"],
+            check=True, capture_output=True,
+        )
+
+    def _listen_args(self) -> list[str]:
+        if not self.tls:
+            return ["--port", str(self.port)]
+        return ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.ca_file,
+                "--tls-key-file", str(self.dir / "key.pem"), "--tls-ca-cert-file", self.ca_file,
+                "--tls-auth-clients", "no"]
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
-        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        cmd = ["redis-server", *self._listen_args(), "--bind", "127.0.0.1", "--save", "",
                "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no", *self.args]
         if self.password:
             cmd += ["--requirepass", self.password]
@@ -60,12 +86,14 @@ class RedisServer:
     def ping(self) -> bool:
         with contextlib.suppress(OSError), socket.create_connection(
             ("127.0.0.1", self.port), timeout=0.2
-        ) as s:
-            auth = b"" if not self.password else (
-                f"AUTH {self.password}\r\n".encode()
-            )
-            s.sendall(auth + b"PING\r\n")
-            reply = s.recv(64)
+        ) as raw:
+            sock = raw
+            if self.tls:
+                context = ssl.create_default_context(cafile=self.ca_file)
+                sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+            auth = f"AUTH {self.password}\r\n".encode() if self.password else b""
+            sock.sendall(auth + b"PING\r\n")
+            reply = sock.recv(64)
             return b"PONG" in reply or (bool(auth) and reply.startswith(b"+OK"))
         return False
 
@@ -91,8 +119,9 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def running_redis(*args: str, password: str | None = None) -> Iterator[RedisServer]:
-    server = RedisServer(*args, password=password).start()
+def running_redis(*args: str, password: str | None = None, tls: bool = False
+                  ) -> Iterator[RedisServer]:
+    server = RedisServer(*args, password=password, tls=tls).start()
     try:
         yield server
     finally:
