@@ -1,0 +1,142 @@
+"""The FLEXICACHE attention backend: vLLM's CPU attention with head-aware KV placement.
+
+It subclasses vLLM's CPU backend so every capability probe, block-size rule and ISA choice stays
+vLLM's, and changes three things:
+
+* ``customize_spec`` (asked by the model runner for every attention layer) shrinks the layer's
+  KV spec to the resident heads, so vLLM's allocator sizes blocks for them only and admits more
+  sequences into the same KV budget;
+* ``do_kv_cache_update`` splits each new token's heads between vLLM's cache and the arena;
+* ``forward`` runs prefill rows densely and decode rows through the FlexiCache policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import AttentionLayer, CommonAttentionMetadata, MultipleOf
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder, _get_attn_isa,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from kvhead.vllm_plugin.runtime import FlexiRuntime, current, init_runtime
+
+
+@dataclass
+class FlexiMetadata:
+    """Per-step batch layout; kernels build their own schedules per head split."""
+
+    num_actual_tokens: int
+    query_start_loc: torch.Tensor  # [R+1] int32
+    seq_lens: torch.Tensor  # [R]
+    block_table: torch.Tensor  # [R, max_pages]
+
+
+class FlexiCacheMetadataBuilder(CPUAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
+                 vllm_config: VllmConfig, device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        runtime = current()
+        if runtime is not None and vllm_config.cache_config.num_gpu_blocks:
+            runtime.ensure_arena(vllm_config.cache_config.num_gpu_blocks)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> FlexiMetadata:
+        m = common_attn_metadata
+        return FlexiMetadata(
+            num_actual_tokens=m.num_actual_tokens, query_start_loc=m.query_start_loc,
+            seq_lens=m.seq_lens, block_table=m.block_table_tensor,
+        )
+
+
+class FlexiCacheImpl(CPUAttentionBackendImpl):
+    """Decoder self-attention with resident heads in vLLM's cache and stable heads pooled."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 *args, **kwargs) -> None:
+        super().__init__(num_heads, head_size, scale, num_kv_heads, *args, **kwargs)
+        config = get_current_vllm_config()
+        if self.sliding_window != -1 or self.alibi_slopes is not None or self.sinks is not None:
+            raise ValueError("kvhead FlexiCache supports plain causal attention only "
+                             "(no sliding window, ALiBi or sinks)")
+        isa = _get_attn_isa(config.model_config.dtype, config.cache_config.block_size, head_size)
+        self.runtime: FlexiRuntime = init_runtime(config, isa)
+
+    def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        index = extract_layer_index(layer.layer_name)
+        self.runtime.layer(index, kv_cache.shape[0]).write(key, value, slot_mapping, kv_cache)
+
+    def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
+                value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: FlexiMetadata | None,
+                output: torch.Tensor, output_scale: torch.Tensor | None = None,
+                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        if attn_metadata is None:  # vLLM's warm-up and profiling runs carry no metadata
+            return output
+        flexi = self.runtime.layer(extract_layer_index(layer.layer_name), kv_cache.shape[0])
+        count = attn_metadata.num_actual_tokens
+        q, out = query[:count], output[:count]
+        starts = attn_metadata.query_start_loc.long()
+        qlens = starts[1:] - starts[:-1]
+        seq_lens = attn_metadata.seq_lens.long()
+        table = _fixed_width(attn_metadata.block_table, self.runtime.max_pages)
+        decode = (qlens == 1).nonzero().flatten()
+        prefill = (qlens > 1).nonzero().flatten()
+        if prefill.numel():
+            tokens = [torch.arange(int(starts[r]), int(starts[r + 1])) for r in prefill.tolist()]
+            flexi.prefill(q, out, tokens, seq_lens[prefill], table[prefill], kv_cache, self.scale)
+        if decode.numel():
+            rows = table[decode]
+            flexi.decode(q, out, starts[decode], seq_lens[decode], rows, kv_cache, self.scale,
+                         self.runtime.policy_for(rows))
+        return output
+
+
+def _fixed_width(block_table: torch.Tensor, width: int) -> torch.Tensor:
+    """The block table cut or padded to the model's page count, so policy state keeps its shape."""
+    if block_table.shape[1] >= width:
+        return block_table[:, :width]
+    pad = block_table.new_zeros(block_table.shape[0], width - block_table.shape[1])
+    return torch.cat([block_table, pad], dim=1)
+
+
+class FlexiCacheBackend(CPUAttentionBackend):
+    """Registered as vLLM's CUSTOM attention backend by :func:`kvhead.vllm_plugin.register`."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        # vLLM's CPU kernels also run 16-token blocks (the vec16 path); FlexiCache pages are
+        # usually 16 tokens, so K pages stay a small share of a long context.
+        return [MultipleOf(16)]
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == "decoder"
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        runtime = current()
+        if runtime is None:
+            return spec
+        return replace(spec, num_kv_heads=runtime.split.num_resident)
+
+    @staticmethod
+    def get_impl_cls() -> type[FlexiCacheImpl]:
+        return FlexiCacheImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[FlexiCacheMetadataBuilder]:
+        return FlexiCacheMetadataBuilder

@@ -1,0 +1,160 @@
+"""FlexiCache settings for vLLM, and the start-up checks that turn bad settings into clear errors.
+
+Settings travel in vLLM's own ``--additional-config '{"kvhead": {...}}'`` (``LLM(...,
+additional_config={"kvhead": {...}})``), so every vLLM process (API server, engine core,
+workers) sees the same values without extra environment plumbing. The checks run in the worker
+when the first FlexiCache layer is built, i.e. during start-up, before any request is accepted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field, ValidationError
+
+from kvhead.stability import HeadProfile, model_fingerprint
+
+CONFIG_KEY = "kvhead"
+
+
+class FlexiCacheConfigError(ValueError):
+    """A FlexiCache setting that cannot work with this model or vLLM configuration."""
+
+
+class FlexiCacheSettings(BaseModel):
+    """What a user sets to run FlexiCache inside vLLM."""
+
+    profile: Path = Field(description="Head profile JSON (kvhead profile) for this exact model.")
+    top_k: int = Field(default=64, gt=0, description="Pages each head attends to per step (K).")
+    rerank_interval: int = Field(
+        default=16, gt=0, description="Decode steps between reranks of a stable head (R)."
+    )
+    page_size: int | None = Field(
+        default=None, gt=0,
+        description="Tokens per page; must equal vLLM's --block-size (None: take vLLM's).",
+    )
+    host_arena_gib: float = Field(
+        default=4.0, gt=0, description="Host arena for stable-head pages, GiB (all layers)."
+    )
+    hot_pool_pages: int | None = Field(
+        default=None, gt=0,
+        description="Device hot-pool pages per layer (None: max_num_seqs * stable heads * "
+        "(K + tail pages per rerank window)).",
+    )
+
+
+def settings_from_additional_config(additional: dict | object) -> FlexiCacheSettings:
+    """Parse ``additional_config["kvhead"]``; a missing block or a bad value is a clear error."""
+    raw = additional.get(CONFIG_KEY) if isinstance(additional, dict) else None
+    if raw is None:
+        raise FlexiCacheConfigError(
+            "--attention-backend CUSTOM selects kvhead FlexiCache, which needs its settings: "
+            "--additional-config '{\"kvhead\": {\"profile\": \"/path/profile.json\", "
+            "\"top_k\": 64, \"rerank_interval\": 16}}'"
+        )
+    try:
+        return FlexiCacheSettings.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        )
+        raise FlexiCacheConfigError(f"invalid kvhead settings: {problems}") from None
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """Which KV heads of each layer stay in vLLM's cache (resident) and which are stable.
+
+    vLLM's allocator needs one spec for all layers, so every layer keeps the same number of
+    resident heads: a layer with fewer unstable heads than the busiest layer keeps its most
+    unstable stable heads resident too (padding costs memory, never accuracy).
+    """
+
+    resident: torch.Tensor  # [L, U] kv head indices kept in vLLM's cache, ascending
+    stable: torch.Tensor  # [L, S] kv head indices in the host arena / hot pool, ascending
+
+    @property
+    def num_resident(self) -> int:
+        return self.resident.shape[1]
+
+    @property
+    def num_stable(self) -> int:
+        return self.stable.shape[1]
+
+    @classmethod
+    def from_profile(cls, profile: HeadProfile) -> "HeadSplit":
+        mask = profile.unstable_mask()
+        scores = torch.nan_to_num(torch.tensor(profile.instability, dtype=torch.float64), nan=1e9)
+        width = max(1, int(mask.sum(dim=1).max()))
+        if width >= profile.num_kv_heads:
+            raise FlexiCacheConfigError(
+                f"the head profile leaves no stable head in some layer ({width} of "
+                f"{profile.num_kv_heads} kv heads unstable): FlexiCache would save nothing; "
+                "use a profile with a smaller unstable fraction"
+            )
+        resident, stable = [], []
+        for layer in range(profile.num_layers):
+            order = sorted(
+                range(profile.num_kv_heads),
+                key=lambda h: (not bool(mask[layer, h]), -float(scores[layer, h])),
+            )
+            resident.append(sorted(order[:width]))
+            stable.append(sorted(order[width:]))
+        return cls(torch.tensor(resident), torch.tensor(stable))
+
+
+def check_model(
+    settings: FlexiCacheSettings, model_dir: str | Path, *, num_layers: int, num_kv_heads: int,
+    block_size: int, prefix_caching: bool,
+) -> HeadProfile:
+    """Load the profile and refuse settings that cannot work with this model and vLLM config."""
+    if not settings.profile.is_file():
+        raise FlexiCacheConfigError(f"kvhead head profile not found: {settings.profile}")
+    try:
+        profile = HeadProfile.load(settings.profile)
+    except (ValueError, OSError) as err:
+        raise FlexiCacheConfigError(f"kvhead head profile {settings.profile} is unreadable: "
+                                    f"{err}") from None
+    config_json = Path(model_dir) / "config.json"
+    if config_json.is_file() and profile.model_fingerprint != model_fingerprint(model_dir):
+        raise FlexiCacheConfigError(
+            f"head profile {settings.profile} was taken on another model (fingerprint "
+            f"{profile.model_fingerprint}, this model {model_fingerprint(model_dir)}); "
+            f"profile this model with `kvhead profile`"
+        )
+    if (profile.num_layers, profile.num_kv_heads) != (num_layers, num_kv_heads):
+        raise FlexiCacheConfigError(
+            f"head profile has {profile.num_layers} layers x {profile.num_kv_heads} kv heads, "
+            f"the model has {num_layers} x {num_kv_heads}"
+        )
+    if settings.page_size is not None and settings.page_size != block_size:
+        raise FlexiCacheConfigError(
+            f"kvhead page_size {settings.page_size} differs from vLLM's block size {block_size}: "
+            f"a page is a vLLM block, start vLLM with --block-size {settings.page_size}"
+        )
+    if prefix_caching:
+        raise FlexiCacheConfigError(
+            "kvhead FlexiCache keys per-request page selections by the request's first block, "
+            "which prefix caching shares between requests: start vLLM with "
+            "--no-enable-prefix-caching"
+        )
+    return profile
+
+
+def check_arena(settings: FlexiCacheSettings, pages_needed: int, page_bytes: int) -> int:
+    """Arena capacity in pages; refuses an arena that cannot hold every stable page of the cache.
+
+    Stable pages live only in the arena (no lower tier is wired here), so an arena smaller than
+    vLLM's block count times the stable heads would silently drop context.
+    """
+    capacity = int(settings.host_arena_gib * 2**30) // page_bytes
+    if capacity < pages_needed:
+        need_gib = pages_needed * page_bytes / 2**30
+        raise FlexiCacheConfigError(
+            f"kvhead host arena of {settings.host_arena_gib} GiB holds {capacity} stable-head "
+            f"pages, vLLM's KV cache needs {pages_needed} ({need_gib:.2f} GiB): raise "
+            f"host_arena_gib or lower the KV cache size"
+        )
+    return pages_needed

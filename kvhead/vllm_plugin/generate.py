@@ -1,0 +1,84 @@
+"""Greedy generation through real vLLM, stock or with kvhead FlexiCache, in its own process.
+
+vLLM's engine needs a fresh process (spawned engine core, one platform per process), so tests
+and the benchmark run this module as a script and read its JSON: token ids per prompt, timing,
+KV block counts and, for FlexiCache, the runtime's memory and traffic report.
+
+    python -m kvhead.vllm_plugin.generate MODEL_DIR PROMPTS.json OUT.json [--kvhead SETTINGS.json]
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False)
+
+
+def engine_kwargs(model: str, kvhead: dict | None, *, block_size: int, max_model_len: int,
+                  max_num_seqs: int, kv_cache_bytes: int | None, dtype: str = "auto") -> dict:
+    """Arguments for ``vllm.LLM``: identical for stock and kvhead apart from the backend."""
+    kwargs = dict(
+        model=model, dtype=dtype, block_size=block_size, max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs, enforce_eager=True, enable_prefix_caching=False,
+        seed=0, max_num_batched_tokens=max(max_model_len, 2048),
+    )
+    if kv_cache_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
+    if kvhead is not None:
+        kwargs["attention_backend"] = "CUSTOM"
+        kwargs["additional_config"] = {"kvhead": kvhead}
+    return kwargs
+
+
+@app.command()
+def main(
+    model: Path, prompts: Path, out: Path,
+    kvhead: Path = typer.Option(None, help="JSON file with the kvhead settings; stock if absent."),
+    max_tokens: int = typer.Option(16, help="Tokens generated per prompt (greedy)."),
+    block_size: int = typer.Option(16, help="vLLM block size = FlexiCache page size."),
+    max_model_len: int = typer.Option(1024),
+    max_num_seqs: int = typer.Option(8),
+    kv_cache_bytes: int = typer.Option(None, help="Fixed KV budget (vLLM kv_cache_memory_bytes)."),
+    dtype: str = typer.Option("auto", help="Model dtype (float32 makes backends comparable)."),
+) -> None:
+    from vllm import LLM, SamplingParams
+
+    settings = json.loads(kvhead.read_text()) if kvhead else None
+    llm = LLM(**engine_kwargs(str(model), settings, block_size=block_size,
+                              max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                              kv_cache_bytes=kv_cache_bytes, dtype=dtype))
+    token_prompts = [{"prompt_token_ids": ids} for ids in json.loads(prompts.read_text())]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
+    start = time.perf_counter()
+    results = llm.generate(token_prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    config = llm.llm_engine.vllm_config
+    report = {
+        "tokens": [list(r.outputs[0].token_ids) for r in results],
+        "logprobs": [[_chosen(step) for step in r.outputs[0].logprobs] for r in results],
+        "seconds": seconds,
+        "num_gpu_blocks": config.cache_config.num_gpu_blocks,
+        "kvhead": _runtime_report(),
+    }
+    out.write_text(json.dumps(report))
+
+
+def _chosen(step: dict) -> float:
+    """Log-probability of the sampled token (greedy: the top one)."""
+    return max(entry.logprob for entry in step.values())
+
+
+def _runtime_report() -> dict | None:
+    """The FlexiCache runtime's report when the engine ran in this process, else None."""
+    from kvhead.vllm_plugin.runtime import current
+
+    runtime = current()
+    return runtime.report() if runtime is not None else None
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,241 @@
+"""One attention layer under FlexiCache: where its KV goes on write, what it reads on attend.
+
+Resident heads (the profile's unstable heads) live in vLLM's paged cache and attend to their
+top-K pages every step with all pages kept. Stable heads live in the host arena (kvstore, keyed
+by (layer, vLLM block id, head)); at decode they attend through the device hot pool, which holds
+exactly the pages the policy selects (top-K at the last rerank plus the tail written since), so
+only pages that were not resident are copied in. Prefill of stable heads reads the whole
+sequence from the arena, as a GPU host would stage it. Page selection is
+:class:`kvhead.policy.SelectionPolicy`; this module only moves pages and runs kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvhead.pages import PageBounds, page_mask
+from kvhead.policy import SelectionPolicy
+from kvhead.vllm_plugin.hot_pool import HotPool
+from kvhead.vllm_plugin.kernels import paged_attention, single_head_view, write_cache
+from kvstore import PageKeys, PageStore
+
+
+@dataclass
+class LayerStats:
+    """Page traffic of one layer, summed over steps (what benchmarks and metrics report)."""
+
+    promoted_pages: int = 0  # stable pages copied arena -> hot pool
+    demoted_pages: int = 0  # stable pages dropped from the hot pool
+    decode_steps: int = 0
+    attended_pages: dict[str, int] = field(default_factory=lambda: {"resident": 0, "stable": 0})
+
+
+class FlexiLayer:
+    """State and data movement of one decoder layer."""
+
+    def __init__(
+        self, layer: int, resident: torch.Tensor, stable: torch.Tensor, *, num_kv_heads: int,
+        group: int, num_blocks: int, page_size: int, head_dim: int, dtype: torch.dtype,
+        isa: str, arena: PageStore, pool_pages: int,
+    ) -> None:
+        self.layer, self.isa, self.page_size, self.group = layer, isa, page_size, group
+        self.resident, self.stable = resident.long(), stable.long()
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.bounds = PageBounds.empty(num_blocks, num_kv_heads, head_dim)
+        self.pool = HotPool(pool_pages, num_blocks, len(stable), page_size, head_dim, dtype)
+        self.arena = arena
+        self.stats = LayerStats()
+
+    # -- writes ------------------------------------------------------------------------------
+    def write(
+        self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor,
+    ) -> None:
+        """Store new tokens ``[T, Hkv, D]`` at vLLM slots: resident heads to vLLM's cache,
+        stable heads to the arena (and to the hot pool where their page is resident)."""
+        key, value = key[: slots.numel()], value[: slots.numel()]
+        keep = slots >= 0
+        key, value, slots = key[keep], value[keep], slots[keep].long()
+        if not slots.numel():
+            return
+        write_cache(cache, key[:, self.resident].contiguous(),
+                    value[:, self.resident].contiguous(), slots, self.isa)
+        blocks, offsets = slots // self.page_size, slots % self.page_size
+        self.pool.release_blocks(blocks[offsets == 0])  # a reused block: old pages are stale
+        self.bounds.update(key, slots, self.page_size)
+        self._write_arena(key[:, self.stable], value[:, self.stable], blocks, offsets)
+        self._write_pool(key[:, self.stable], value[:, self.stable], blocks, offsets)
+
+    def _write_arena(
+        self, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
+    ) -> None:
+        """Read-modify-write the touched pages: the arena stores whole pages."""
+        num_stable = len(self.stable)
+        uniq, inverse = torch.unique(blocks, return_inverse=True)
+        keys = self._keys(uniq)
+        old = self.arena.get(keys)
+        shape = (len(uniq), num_stable, self.page_size, self.head_dim)
+        k, v = old.k.reshape(shape).clone(), old.v.reshape(shape).clone()
+        k[inverse, :, offsets] = key.to(k.dtype)
+        v[inverse, :, offsets] = value.to(v.dtype)
+        stored = self.arena.put(keys, k.flatten(0, 1), v.flatten(0, 1))
+        if not bool(stored.all()):
+            raise RuntimeError(f"kvhead: host arena refused {int((~stored).sum())} pages")
+
+    def _write_pool(
+        self, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
+    ) -> None:
+        slots = self.pool.slot_of[blocks]  # [T, S]
+        hit = slots >= 0
+        if not bool(hit.any()):
+            return
+        flat = slots[hit] * self.page_size + offsets.view(-1, 1).expand_as(slots)[hit]
+        write_cache(self.pool.pages, key[hit].unsqueeze(1).contiguous(),
+                    value[hit].unsqueeze(1).contiguous(), flat, self.isa)
+
+    def _keys(self, blocks: torch.Tensor) -> PageKeys:
+        """Arena keys of every stable head of ``blocks``, block-major."""
+        num_stable = len(self.stable)
+        return PageKeys(self.layer, blocks.repeat_interleave(num_stable),
+                        self.stable.repeat(len(blocks)))
+
+    # -- attention ---------------------------------------------------------------------------
+    def prefill(
+        self, query: torch.Tensor, out: torch.Tensor, tokens: list[torch.Tensor],
+        seq_lens: torch.Tensor, block_table: torch.Tensor, cache: torch.Tensor, scale: float,
+    ) -> None:
+        """Dense causal attention for prefill rows; ``tokens[r]`` are row r's token indices."""
+        q4, o4 = self._heads(query), self._heads(out)
+        qlens = torch.tensor([len(t) for t in tokens])
+        starts = torch.zeros(len(tokens) + 1, dtype=torch.int64)
+        starts[1:] = qlens.cumsum(0)
+        all_tokens = torch.cat(tokens)
+        num_res = len(self.resident)
+        q_res = q4[all_tokens][:, self.resident].reshape(-1, num_res * self.group, self.head_dim)
+        o_res = torch.empty_like(q_res)
+        paged_attention(q_res.contiguous(), cache, o_res, starts, seq_lens, block_table,
+                        scale, self.isa)
+        o4[all_tokens.view(-1, 1), self.resident.view(1, -1)] = o_res.view(
+            -1, num_res, self.group, self.head_dim)
+
+        # Stable heads: stage each row's pages from the arena into a scratch cache.
+        num_pages = (seq_lens + self.page_size - 1) // self.page_size
+        blocks = torch.cat([block_table[r, : int(n)].long() for r, n in enumerate(num_pages)])
+        staged = self.arena.get(self._keys(blocks))
+        scratch = torch.empty(len(blocks) * len(self.stable), 1, self.page_size,
+                              2 * self.head_dim, dtype=cache.dtype)
+        flat = torch.arange(scratch.shape[0] * self.page_size)
+        write_cache(scratch, staged.k.reshape(-1, 1, self.head_dim).to(cache.dtype),
+                    staged.v.reshape(-1, 1, self.head_dim).to(cache.dtype), flat, self.isa)
+        rows_tok, rows_head, tables, lens = [], [], [], []
+        first_page = 0
+        for r, n in enumerate(num_pages.tolist()):
+            for s, head in enumerate(self.stable.tolist()):
+                rows_tok.append(tokens[r])
+                rows_head.append(torch.full_like(tokens[r], head))
+                tables.append((first_page + torch.arange(n)) * len(self.stable) + s)
+                lens.append(int(seq_lens[r]))
+            first_page += n
+        self._run_rows(q4, o4, rows_tok, rows_head, tables, lens, scratch, scale)
+
+    def decode(
+        self, query: torch.Tensor, out: torch.Tensor, rows_token: torch.Tensor,
+        seq_lens: torch.Tensor, block_table: torch.Tensor, cache: torch.Tensor, scale: float,
+        policy: SelectionPolicy,
+    ) -> None:
+        """One decode step for rows whose single query token is ``rows_token[r]``."""
+        q4, o4 = self._heads(query), self._heads(out)
+        q_dec = query[rows_token]
+        sel = policy.select(self.layer, q_dec, self.bounds, block_table, seq_lens)
+        ids = sel.page_ids.long()  # [B, Hkv, W] ascending, newest page last, -1 padded
+        valid = ids >= 0
+        blocks = torch.gather(block_table.long().unsqueeze(1).expand(-1, ids.shape[1], -1), 2,
+                              ids.clamp_min(0))
+        last = sel.num_pages.view(-1, 1) - 1
+        lens = (valid.sum(-1) - 1) * self.page_size + (seq_lens.view(-1, 1) - last * self.page_size)
+
+        res_blocks = blocks[:, self.resident] * len(self.resident) + torch.arange(
+            len(self.resident)).view(1, -1, 1)
+        self._run_batch(q4, o4, rows_token, self.resident, res_blocks, valid[:, self.resident],
+                        lens[:, self.resident], single_head_view(cache), scale)
+
+        stable_blocks = blocks[:, self.stable]
+        stable_valid = valid[:, self.stable]
+        slots = self._make_resident(stable_blocks, stable_valid, block_table, sel.num_pages,
+                                    ids[:, self.stable])
+        self._run_batch(q4, o4, rows_token, self.stable, slots, stable_valid,
+                        lens[:, self.stable], self.pool.pages, scale)
+        self.stats.decode_steps += 1
+        self.stats.attended_pages["resident"] += int(valid[:, self.resident].sum())
+        self.stats.attended_pages["stable"] += int(stable_valid.sum())
+
+    def _make_resident(
+        self, blocks: torch.Tensor, valid: torch.Tensor, block_table: torch.Tensor,
+        num_pages: torch.Tensor, ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """Hot-pool slots ``[B, S, W]`` of the attended stable pages: drop pages no longer
+        attended, copy in only the ones that were not resident."""
+        width = block_table.shape[1]
+        heads = torch.arange(len(self.stable)).view(1, -1, 1)
+        wanted = page_mask(ids.masked_fill(~valid, -1), width)  # [B, S, width]
+        owned = torch.arange(width).view(1, -1) < num_pages.view(-1, 1)
+        table = block_table.long().clamp_min(0)
+        held = self.pool.slot_of[table].permute(0, 2, 1)  # [B, S, width]
+        drop = (held >= 0) & owned.unsqueeze(1) & ~wanted
+        self.pool.release(held[drop])
+        self.stats.demoted_pages += int(drop.sum())
+
+        slots = self.pool.slot_of[blocks, heads.expand_as(blocks)]
+        missing = valid & (slots < 0)
+        if bool(missing.any()):
+            need_blocks = blocks[missing]
+            need_heads = heads.expand_as(blocks)[missing]
+            fresh = self.pool.allocate(need_blocks, need_heads)
+            got = self.arena.get(PageKeys(self.layer, need_blocks, self.stable[need_heads]))
+            flat = (fresh.view(-1, 1) * self.page_size + torch.arange(self.page_size)).flatten()
+            dtype = self.pool.pages.dtype
+            write_cache(self.pool.pages, got.k.reshape(-1, 1, self.head_dim).to(dtype),
+                        got.v.reshape(-1, 1, self.head_dim).to(dtype), flat, self.isa)
+            slots = self.pool.slot_of[blocks, heads.expand_as(blocks)]
+            self.stats.promoted_pages += int(missing.sum())
+        return slots
+
+    # -- kernel plumbing ---------------------------------------------------------------------
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], self.num_kv_heads, self.group, self.head_dim)
+
+    def _run_batch(
+        self, q4: torch.Tensor, o4: torch.Tensor, rows_token: torch.Tensor, heads: torch.Tensor,
+        blocks: torch.Tensor, valid: torch.Tensor, lens: torch.Tensor, cache: torch.Tensor,
+        scale: float,
+    ) -> None:
+        """Decode pseudo-rows (row, head): one query token over that head's listed blocks."""
+        batch, num_heads, width = blocks.shape
+        order = valid.long().argsort(dim=-1, descending=True, stable=True)  # listed pages first
+        table = torch.gather(blocks.masked_fill(~valid, 0), 2, order).view(-1, width)
+        tok = rows_token.view(-1, 1).expand(batch, num_heads).flatten()
+        head = heads.view(1, -1).expand(batch, num_heads).flatten()
+        q = q4[tok, head].contiguous()  # [B*H, G, D]
+        o = torch.empty_like(q)
+        starts = torch.arange(batch * num_heads + 1)
+        paged_attention(q, cache, o, starts, lens.flatten(), table, scale, self.isa)
+        o4[tok, head] = o
+
+    def _run_rows(
+        self, q4: torch.Tensor, o4: torch.Tensor, rows_tok: list[torch.Tensor],
+        rows_head: list[torch.Tensor], tables: list[torch.Tensor], lens: list[int],
+        cache: torch.Tensor, scale: float,
+    ) -> None:
+        """Prefill pseudo-rows of any query length over single-head blocks."""
+        tok, head = torch.cat(rows_tok), torch.cat(rows_head)
+        width = max(len(t) for t in tables)
+        table = torch.zeros(len(tables), width, dtype=torch.int64)
+        for r, t in enumerate(tables):
+            table[r, : len(t)] = t
+        starts = torch.zeros(len(rows_tok) + 1, dtype=torch.int64)
+        starts[1:] = torch.tensor([len(t) for t in rows_tok]).cumsum(0)
+        q = q4[tok, head].contiguous()
+        o = torch.empty_like(q)
+        paged_attention(q, cache, o, starts, torch.tensor(lens), table, scale, self.isa)
+        o4[tok, head] = o

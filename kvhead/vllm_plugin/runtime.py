@@ -1,0 +1,171 @@
+"""The per-process FlexiCache runtime: settings, head split, host arena, layers and policy.
+
+vLLM builds attention layers, specs and metadata builders in separate places that share no
+object we control, so the worker keeps one runtime per process. It is created when the first
+FlexiCache layer is constructed (inside vLLM's start-up, with the config current), which is also
+where bad settings stop start-up. Pools are sized on the first forward, when vLLM's block count
+is known from the cache tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kvhead.policy import Mode, SelectionPolicy
+from kvhead.spec import HeadPageSpec
+from kvhead.vllm_plugin.config import (
+    FlexiCacheSettings, HeadSplit, check_arena, check_model, settings_from_additional_config,
+)
+from kvhead.vllm_plugin.layer import FlexiLayer
+from kvstore import HostArena, HostArenaConfig
+
+_RUNTIME: "FlexiRuntime | None" = None
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    dtype: torch.dtype
+    max_model_len: int
+    max_num_seqs: int
+
+
+class FlexiRuntime:
+    """Everything FlexiCache keeps for one vLLM worker process."""
+
+    def __init__(self, settings: FlexiCacheSettings, split: HeadSplit, geo: ModelGeometry,
+                 isa: str) -> None:
+        self.settings, self.split, self.geo, self.isa = settings, split, geo, isa
+        self.spec = HeadPageSpec(geo.num_q_heads, geo.num_kv_heads, geo.head_dim,
+                                 geo.page_size, geo.dtype)
+        self.arena: HostArena | None = None
+        self.layers: dict[int, FlexiLayer] = {}
+        self.max_pages = math.ceil(geo.max_model_len / geo.page_size)
+        resident = torch.zeros(geo.num_layers, geo.num_kv_heads, dtype=torch.bool)
+        resident.scatter_(1, split.resident, True)
+        self.resident_mask = resident
+        self._cohort: tuple[int, ...] | None = None
+        self.policy = self._new_policy()
+        self.retired: list[SelectionPolicy] = []
+        self.peak_live_blocks = 0
+
+    def _new_policy(self) -> SelectionPolicy:
+        return SelectionPolicy(
+            Mode.flexicache, self.geo.num_layers, self.geo.num_kv_heads,
+            page_size=self.geo.page_size, top_k=self.settings.top_k,
+            rerank_interval=self.settings.rerank_interval, unstable=self.resident_mask,
+        )
+
+    # -- sizing ------------------------------------------------------------------------------
+    @property
+    def tail_pages(self) -> int:
+        """Pages a stable head can write between reranks, plus the page partial at the rerank."""
+        return math.ceil(self.settings.rerank_interval / self.geo.page_size) + 1
+
+    def pool_pages(self, num_blocks: int) -> int:
+        if self.settings.hot_pool_pages is not None:
+            return self.settings.hot_pool_pages
+        per_seq = min(self.settings.top_k + self.tail_pages, self.max_pages)
+        return min(self.geo.max_num_seqs * self.split.num_stable * per_seq,
+                   num_blocks * self.split.num_stable)
+
+    def ensure_arena(self, num_blocks: int) -> HostArena:
+        """Create the host arena for ``num_blocks`` vLLM blocks (refusing one that is too small)."""
+        if self.arena is None:
+            need = num_blocks * self.geo.num_layers * self.split.num_stable
+            capacity = check_arena(self.settings, need, self.spec.head_page_bytes)
+            self.arena = HostArena(self.spec, HostArenaConfig(
+                capacity_pages=capacity, num_layers=self.geo.num_layers, num_blocks=num_blocks))
+        return self.arena
+
+    def layer(self, index: int, num_blocks: int) -> FlexiLayer:
+        if index not in self.layers:
+            self.layers[index] = FlexiLayer(
+                index, self.split.resident[index], self.split.stable[index],
+                num_kv_heads=self.geo.num_kv_heads,
+                group=self.geo.num_q_heads // self.geo.num_kv_heads, num_blocks=num_blocks,
+                page_size=self.geo.page_size, head_dim=self.geo.head_dim, dtype=self.geo.dtype,
+                isa=self.isa, arena=self.ensure_arena(num_blocks),
+                pool_pages=self.pool_pages(num_blocks),
+            )
+        return self.layers[index]
+
+    # -- per step ----------------------------------------------------------------------------
+    def policy_for(self, block_table: torch.Tensor) -> SelectionPolicy:
+        """The selection policy of this decode batch.
+
+        The policy keeps lock-step state for a fixed list of sequences. vLLM's batch changes as
+        requests join and finish, so a changed batch (keyed by each request's first block) gets
+        a fresh policy: every head reranks once, which is always correct, and the hot pool
+        copies only pages it does not already hold.
+        """
+        cohort = tuple(block_table[:, 0].tolist())
+        if cohort != self._cohort:
+            self.retired.append(self.policy)
+            self.policy = self._new_policy()
+            self._cohort = cohort
+            live = torch.unique(block_table[block_table >= 0].long())
+            self.peak_live_blocks = max(self.peak_live_blocks, int(live.numel()))
+            for layer in self.layers.values():
+                layer.pool.release_unreferenced(live)
+        return self.policy
+
+    # -- reporting ---------------------------------------------------------------------------
+    def report(self) -> dict:
+        """Memory and traffic numbers for benchmarks (bytes are per worker, all layers)."""
+        policies = [*self.retired, self.policy]
+        resident = sum(p.stats.resident_pages.sum().item() for p in policies)
+        total = sum(p.stats.total_pages.sum().item() for p in policies)
+        layers = list(self.layers.values())
+        page = self.spec.head_page_bytes
+        meta = sum(l.bounds.kmin.numel() * l.bounds.kmin.element_size() * 2 for l in layers)
+        return {
+            "resident_heads_per_layer": self.split.num_resident,
+            "stable_heads_per_layer": self.split.num_stable,
+            "resident_page_fraction": resident / total if total else 1.0,
+            "promoted_pages": sum(l.stats.promoted_pages for l in layers),
+            "demoted_pages": sum(l.stats.demoted_pages for l in layers),
+            "hot_pool_bytes_allocated": sum(l.pool.nbytes for l in layers),
+            "hot_pool_peak_bytes": sum(l.pool.peak_in_use for l in layers) * page,
+            "page_meta_bytes": meta,
+            "arena_pages_capacity": self.arena.config.capacity_pages if self.arena else 0,
+        }
+
+
+def current() -> FlexiRuntime | None:
+    return _RUNTIME
+
+
+def init_runtime(vllm_config, isa: str) -> FlexiRuntime:
+    """Create (once per process) the runtime from vLLM's config; raises on bad settings."""
+    global _RUNTIME
+    if _RUNTIME is not None:
+        return _RUNTIME
+    settings = settings_from_additional_config(vllm_config.additional_config)
+    model = vllm_config.model_config
+    cache = vllm_config.cache_config
+    hf = model.hf_text_config
+    parallel = vllm_config.parallel_config
+    geo = ModelGeometry(
+        num_layers=hf.num_hidden_layers,
+        num_q_heads=model.get_num_attention_heads(parallel),
+        num_kv_heads=model.get_num_kv_heads(parallel),
+        head_dim=model.get_head_size(), page_size=cache.block_size, dtype=model.dtype,
+        max_model_len=model.max_model_len,
+        max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
+    )
+    profile = check_model(
+        settings, model.model, num_layers=geo.num_layers, num_kv_heads=geo.num_kv_heads,
+        block_size=cache.block_size, prefix_caching=bool(cache.enable_prefix_caching),
+    )
+    _RUNTIME = FlexiRuntime(settings, HeadSplit.from_profile(profile), geo, isa)
+    if cache.num_gpu_blocks:  # known in-process: size-check the arena during start-up
+        _RUNTIME.ensure_arena(cache.num_gpu_blocks)
+    return _RUNTIME
