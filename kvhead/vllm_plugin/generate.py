@@ -10,6 +10,7 @@ KV block counts and, for FlexiCache, the runtime's memory and traffic report.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -19,13 +20,16 @@ app = typer.Typer(add_completion=False)
 
 
 def engine_kwargs(model: str, kvhead: dict | None, *, block_size: int, max_model_len: int,
-                  max_num_seqs: int, kv_cache_bytes: int | None, dtype: str = "auto") -> dict:
+                  max_num_seqs: int, kv_cache_bytes: int | None, dtype: str = "auto",
+                  in_process: bool = False) -> dict:
     """Arguments for ``vllm.LLM``: identical for stock and kvhead apart from the backend."""
     kwargs = dict(
         model=model, dtype=dtype, block_size=block_size, max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, enforce_eager=True, enable_prefix_caching=False,
         seed=0, max_num_batched_tokens=max(max_model_len, 2048),
     )
+    if in_process:  # the worker runs here, so the FlexiCache runtime can be read afterwards
+        kwargs["distributed_executor_backend"] = "uni"
     if kv_cache_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
     if kvhead is not None:
@@ -44,13 +48,16 @@ def main(
     max_num_seqs: int = typer.Option(8),
     kv_cache_bytes: int = typer.Option(None, help="Fixed KV budget (vLLM kv_cache_memory_bytes)."),
     dtype: str = typer.Option("auto", help="Model dtype (float32 makes backends comparable)."),
+    in_process: bool = typer.Option(False, help="Run engine and worker in this process."),
 ) -> None:
+    if in_process:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
     settings = json.loads(kvhead.read_text()) if kvhead else None
     llm = LLM(**engine_kwargs(str(model), settings, block_size=block_size,
                               max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                              kv_cache_bytes=kv_cache_bytes, dtype=dtype))
+                              kv_cache_bytes=kv_cache_bytes, dtype=dtype, in_process=in_process))
     token_prompts = [{"prompt_token_ids": ids} for ids in json.loads(prompts.read_text())]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
     start = time.perf_counter()
