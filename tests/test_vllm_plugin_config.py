@@ -1,0 +1,107 @@
+"""FlexiCache settings, start-up checks, head split and plugin registration (no engine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvhead.models.tiny import build_tiny_llama
+from kvhead.stability import HeadProfile, model_fingerprint
+from kvhead.vllm_plugin import BACKEND_PATH, register
+from kvhead.vllm_plugin.config import (
+    FlexiCacheConfigError, HeadSplit, check_arena, check_model, settings_from_additional_config,
+)
+
+
+def _profile(model_dir: Path, path: Path, scores: list[list[float]], *, per_layer: bool,
+             fraction: float) -> Path:
+    return HeadProfile.from_scores(
+        torch.tensor(scores), fraction=fraction, per_layer=per_layer,
+        model_fingerprint=model_fingerprint(model_dir), page_size=16, top_k=4, window=4,
+    ).save(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "m", num_layers=2,
+                            num_q_heads=8, num_kv_heads=4, head_dim=32)
+
+
+def _check(profile: Path, model_dir: Path, **overrides) -> HeadProfile:
+    settings = settings_from_additional_config({"kvhead": {"profile": str(profile), **overrides}})
+    args = dict(num_layers=2, num_kv_heads=4, block_size=16, prefix_caching=False)
+    return check_model(settings, model_dir, **args)
+
+
+def test_missing_and_invalid_settings_are_clear() -> None:
+    with pytest.raises(FlexiCacheConfigError, match="--additional-config"):
+        settings_from_additional_config({})
+    with pytest.raises(FlexiCacheConfigError, match="top_k: Input should be greater than 0"):
+        settings_from_additional_config({"kvhead": {"profile": "p.json", "top_k": 0}})
+    with pytest.raises(FlexiCacheConfigError, match="rerank_interval"):
+        settings_from_additional_config({"kvhead": {"profile": "p.json", "rerank_interval": -1}})
+
+
+def test_profile_checks(model_dir: Path, tmp_path: Path) -> None:
+    scores = [[0.9, 0.1, 0.2, 0.3], [0.1, 0.8, 0.2, 0.3]]
+    good = _profile(model_dir, tmp_path / "good.json", scores, per_layer=True, fraction=0.25)
+    assert _check(good, model_dir).unstable == [(0, 0), (1, 1)]
+    with pytest.raises(FlexiCacheConfigError, match="not found"):
+        _check(tmp_path / "missing.json", model_dir)
+    other = build_tiny_llama(tmp_path / "other", num_layers=2, num_q_heads=8, num_kv_heads=4,
+                             head_dim=32, hidden=128)
+    with pytest.raises(FlexiCacheConfigError, match="taken on another model"):
+        _check(_profile(other, tmp_path / "other.json", scores, per_layer=True, fraction=0.25),
+               model_dir)
+    with pytest.raises(FlexiCacheConfigError, match="--block-size 32"):
+        _check(good, model_dir, page_size=32)
+    settings = settings_from_additional_config({"kvhead": {"profile": str(good)}})
+    with pytest.raises(FlexiCacheConfigError, match="--no-enable-prefix-caching"):
+        check_model(settings, model_dir, num_layers=2, num_kv_heads=4, block_size=16,
+                    prefix_caching=True)
+    with pytest.raises(FlexiCacheConfigError, match="2 layers x 4 kv heads, the model has 3 x 4"):
+        check_model(settings, model_dir, num_layers=3, num_kv_heads=4, block_size=16,
+                    prefix_caching=False)
+
+
+def test_arena_too_small_is_refused() -> None:
+    settings = settings_from_additional_config({"kvhead": {"profile": "p.json",
+                                                           "host_arena_gib": 1 / 1024}})
+    assert check_arena(settings, 256, 4096) == 256  # exactly 1 MiB of 4 KiB pages fits
+    with pytest.raises(FlexiCacheConfigError, match="holds 256 stable-head pages.*needs 257"):
+        check_arena(settings, 257, 4096)
+
+
+def test_head_split_pads_global_profiles_to_one_width(model_dir: Path, tmp_path: Path) -> None:
+    scores = [[0.9, 0.8, 0.1, 0.3], [0.1, 0.2, 0.05, 0.7]]
+    profile = HeadProfile.load(_profile(model_dir, tmp_path / "g.json", scores,
+                                        per_layer=False, fraction=0.375))
+    split = HeadSplit.from_profile(profile)  # unstable: (0,0) (0,1) (1,3) -> width 2
+    assert split.resident.tolist() == [[0, 1], [1, 3]]  # layer 1 pads with its next head (1)
+    assert split.stable.tolist() == [[2, 3], [0, 2]]
+    everything = HeadProfile.load(_profile(model_dir, tmp_path / "all.json", scores,
+                                           per_layer=True, fraction=1.0))
+    with pytest.raises(FlexiCacheConfigError, match="no stable head"):
+        HeadSplit.from_profile(everything)
+
+
+def test_register_points_custom_at_flexicache_and_keeps_stock_cpu_choice() -> None:
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    register()
+    register()  # vLLM may call it more than once per process
+    assert AttentionBackendEnum.CUSTOM.get_path() == BACKEND_PATH
+    selector = type(current_platform).get_attn_backend_cls
+    config = _selector_config()
+    assert selector(AttentionBackendEnum.CUSTOM, config) == BACKEND_PATH
+    assert selector(None, config) == AttentionBackendEnum.CPU_ATTN.get_path()
+
+
+def _selector_config():
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+    return AttentionSelectorConfig(head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto",
+                                   block_size=16)
