@@ -38,15 +38,17 @@ def sparse_decode_attention(
     blocks = torch.gather(
         block_table.long().unsqueeze(1).expand(-1, num_kv_heads, -1), 2, safe
     )  # [B, Hkv, K]
-    heads = torch.arange(num_kv_heads, device=query.device).view(1, num_kv_heads, 1)
-    keys = k_cache.permute(0, 2, 1, 3)[blocks, heads].float()  # [B, Hkv, K, P, D]
-    values = v_cache.permute(0, 2, 1, 3)[blocks, heads].float()
-    pos = safe.unsqueeze(-1) * page_size + torch.arange(page_size, device=query.device)
+    # One flat row gather: row (slot * Hkv + head) of the pool viewed as [slots * Hkv, D].
+    offsets = torch.arange(page_size, device=query.device)
+    heads = torch.arange(num_kv_heads, device=query.device).view(1, num_kv_heads, 1, 1)
+    rows = ((blocks.unsqueeze(-1) * page_size + offsets) * num_kv_heads + heads).flatten()
+    gathered = (batch, num_kv_heads, ids.shape[2] * page_size, head_dim)
+    keys = k_cache.reshape(-1, head_dim).index_select(0, rows).view(gathered).float()
+    values = v_cache.reshape(-1, head_dim).index_select(0, rows).view(gathered).float()
+    pos = safe.unsqueeze(-1) * page_size + offsets
     valid = valid_page.unsqueeze(-1) & (pos < seq_lens.view(-1, 1, 1, 1))  # [B, Hkv, K, P]
 
     q = query.float().view(batch, num_kv_heads, group, head_dim)
-    keys = keys.flatten(2, 3)  # [B, Hkv, K*P, D]
-    values = values.flatten(2, 3)
     logits = (q @ keys.transpose(-1, -2)) * scale  # [B, Hkv, G, K*P]
     logits = logits.masked_fill(~valid.flatten(2).unsqueeze(2), float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)  # [B, Hkv, G]

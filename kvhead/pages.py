@@ -40,7 +40,7 @@ class PageBounds:
         """Fold newly written keys ``[T, Hkv, D]`` at flat slots ``block * page_size + offset``.
 
         A slot at offset 0 starts a page, so that block's old bounds (from a freed request that
-        used the block before) are reset first; this is what keeps reused blocks correct.
+        used the block before) are dropped; this is what keeps reused blocks correct.
         """
         slot_mapping = slot_mapping.long()
         keep = slot_mapping >= 0  # vLLM marks padded slots with -1
@@ -48,14 +48,19 @@ class PageBounds:
         if keys.numel() == 0:
             return
         blocks = slot_mapping // page_size
-        fresh = blocks[slot_mapping % page_size == 0]
-        if fresh.numel():
-            self.kmin[fresh] = float("inf")
-            self.kmax[fresh] = float("-inf")
-        index = blocks.view(-1, 1, 1).expand_as(keys)
+        # Reduce over the touched blocks only: a decode step touches one block per sequence,
+        # and a scatter over the whole pool would cost as much as the pool is large.
+        touched, local = torch.unique(blocks, return_inverse=True)
+        fresh = torch.zeros(touched.shape[0], dtype=torch.bool, device=blocks.device)
+        fresh[local[slot_mapping % page_size == 0]] = True
         k = keys.to(self.kmin.dtype)
-        self.kmin.scatter_reduce_(0, index, k, reduce="amin", include_self=True)
-        self.kmax.scatter_reduce_(0, index, k, reduce="amax", include_self=True)
+        index = local.view(-1, 1, 1).expand_as(k)
+        shape = (touched.shape[0], *k.shape[1:])
+        new_min = k.new_full(shape, float("inf")).scatter_reduce_(0, index, k, "amin")
+        new_max = k.new_full(shape, float("-inf")).scatter_reduce_(0, index, k, "amax")
+        keep = ~fresh.view(-1, 1, 1)
+        self.kmin[touched] = torch.where(keep, torch.minimum(self.kmin[touched], new_min), new_min)
+        self.kmax[touched] = torch.where(keep, torch.maximum(self.kmax[touched], new_max), new_max)
 
 
 def score_pages(

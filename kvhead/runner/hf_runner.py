@@ -111,6 +111,7 @@ class ReferenceRunner:
         )
         self.device = next(model.parameters()).device
         self._decode_kernel = _decode_kernel(self.device)
+        self._threads = torch.get_num_threads()
 
     @classmethod
     def from_pretrained(
@@ -141,6 +142,10 @@ class ReferenceRunner:
         Single-token calls with a policy decode sparsely; everything else attends densely.
         """
         count = token_ids.shape[0]
+        # A CPU decode step is hundreds of tiny ops: OpenMP fork/join costs more than it saves
+        # (10-20x slower on a loaded 2-core machine), while prefill matmuls do use the cores.
+        if self.device.type == "cpu":
+            torch.set_num_threads(1 if count == 1 else self._threads)
         positions = torch.arange(cache.length, cache.length + count, device=self.device)
         ctx = _ForwardContext(cache, policy, observer, self._decode_kernel)
         out = self.model(
