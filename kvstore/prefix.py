@@ -49,5 +49,5 @@ def hashes_from_bytes(digests: Sequence[bytes]) -> torch.Tensor:
 
 def prefix_hex(prefix: torch.Tensor) -> list[str]:
     """32-character hex strings of ``[n, 2]`` int64 hashes (the form used in Redis keys)."""
-    raw = prefix.to(torch.int64).contiguous().numpy().tobytes()
-    return [raw[i : i + 16].hex() for i in range(0, len(raw), 16)]
+    text = prefix.to(torch.int64).contiguous().numpy().tobytes().hex()
+    return [text[i : i + 32] for i in range(0, len(text), 32)]

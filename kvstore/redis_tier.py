@@ -2,7 +2,8 @@
 
 Keys are ``{model fingerprint}:{prefix hash hex}:{layer}:{head}:{page}``: the prefix hash covers
 every token through the page, so a replica that sees a prompt another replica served finds its
-pages under the same names. Values are :mod:`kvstore.codec` pages (header + raw bytes + CRC).
+pages under the same names. Values are :mod:`kvstore.codec` pages (header + raw bytes +
+checksum).
 
 Redis is a cache here, never a dependency: every failure (refused connection, timeout, a server
 error such as OOM) turns into misses or refused puts plus a counter, and nothing raises to the
@@ -20,6 +21,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+import hiredis
+import numpy as np
 import redis
 import torch
 from redis.backoff import NoBackoff
@@ -125,24 +128,36 @@ class RedisTier(PageStore):
                                      keys.pages.tolist())
         ]
 
-    def _pipelined(self, packed: list[bytes], replies: int) -> list:
-        """Send pre-packed RESP command chunks, one round trip each; error replies become values.
+    def _exchange(self, chunks: list[bytes], replies: list[int],
+                  on_chunk: Callable[[int, list], None]) -> None:
+        """Send pre-packed RESP chunks, one round trip each, at most one chunk outstanding.
 
-        Packing SETs ourselves into one buffer per round trip (instead of redis-py's per-command
-        packing and one send per large value) is what keeps the tier near redis-benchmark.
+        redis-py owns the connection (pool, AUTH, TLS, SELECT); replies are parsed by our own
+        hiredis reader on its socket, and chunk ``i + 1`` is sent *before* ``on_chunk(i, ...)``
+        runs, so decoding one chunk overlaps the server's work on the next while no more than
+        ``pipeline_depth`` commands are ever in flight (the same pipelining as redis-benchmark
+        ``-P``). Error replies (an OOM-refused SET) arrive as exception values, not raised.
         """
         conn = self.pool.get_connection()
         try:
-            results: list = []
-            per_chunk = self.config.pipeline_depth
-            for i, chunk in enumerate(packed):
-                conn.send_packed_command([chunk], check_health=False)
-                for _ in range(min(per_chunk, replies - i * per_chunk)):
-                    try:
-                        results.append(conn.read_response())
-                    except redis.ResponseError as exc:  # one refused SET (OOM): keep reading
-                        results.append(exc)
-            return results
+            sock, reader, buf = conn._sock, hiredis.Reader(), bytearray(1 << 20)
+            if sock is None:
+                raise redis.ConnectionError("connection closed")
+            conn.send_packed_command([chunks[0]], check_health=False)
+            for i, expected in enumerate(replies):
+                got: list = []
+                while len(got) < expected:
+                    reply = reader.gets()
+                    if reply is False:
+                        size = sock.recv_into(buf)
+                        if not size:
+                            raise redis.ConnectionError("Redis closed the connection")
+                        reader.feed(buf, 0, size)
+                    else:
+                        got.append(reply)
+                if i + 1 < len(chunks):
+                    conn.send_packed_command([chunks[i + 1]], check_health=False)
+                on_chunk(i, got)
         except BaseException:
             conn.disconnect()  # replies may be half-read: never reuse this connection
             raise
@@ -168,19 +183,18 @@ class RedisTier(PageStore):
         ttl = b"" if ttl_ms is None else b"$2\r\nPX\r\n$%d\r\n%d\r\n" % (len(str(ttl_ms)), ttl_ms)
         head = b"*5\r\n$3\r\nSET\r\n" if ttl else b"*3\r\n$3\r\nSET\r\n"
         vlen = b"$%d\r\n" % self.codec.value_bytes
-        packed = []
+        depth = self.config.pipeline_depth
+        chunks, counts = [], []
         for lo in self._chunks(n):
             parts: list = []
-            for name, value in zip(names[lo : lo + self.config.pipeline_depth],
-                                   values[lo : lo + self.config.pipeline_depth]):
+            for name, value in zip(names[lo : lo + depth], values[lo : lo + depth]):
                 key = name.encode()
                 parts += (head, b"$%d\r\n" % len(key), key, b"\r\n", vlen, value, b"\r\n", ttl)
-            packed.append(b"".join(parts))
-
-        def run() -> list:
-            return self._pipelined(packed, n)
-
-        results = self._call("put", run, default=[])
+            chunks.append(b"".join(parts))
+            counts.append(min(depth, n - lo))
+        results: list = []
+        self._call("put", lambda: self._exchange(chunks, counts, lambda i, r: results.extend(r)),
+                   default=None)
         ok = [r == b"OK" for r in results]
         if ok:
             stored[: len(ok)] = torch.tensor(ok)
@@ -199,15 +213,26 @@ class RedisTier(PageStore):
             pages = torch.zeros((n, 2, *self.page_shape), dtype=self.spec.dtype)
             return PageBatch(pages[:, 0], pages[:, 1], torch.zeros(n, dtype=torch.bool))
         names = self.key_names(keys)
+        depth = self.config.pipeline_depth
+        chunks, counts = [], []
+        for lo in self._chunks(n):
+            batch = [name.encode() for name in names[lo : lo + depth]]
+            parts: list = [b"*%d\r\n$4\r\nMGET\r\n" % (len(batch) + 1)]
+            for key in batch:
+                parts += (b"$%d\r\n" % len(key), key, b"\r\n")
+            chunks.append(b"".join(parts))
+            counts.append(1)
+        want = self.codec.expected(keys)
+        out = np.empty((n, self.codec.payload_bytes), dtype=np.uint8)
+        ok, corrupt = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
 
-        def run() -> list:
-            values: list = []
-            for lo in self._chunks(n):
-                values.extend(self.client.mget(names[lo : lo + self.config.pipeline_depth]))
-            return values
+        def decode_chunk(i: int, replies: list) -> None:
+            lo, hi = i * depth, min(n, (i + 1) * depth)
+            ok[lo:hi], corrupt[lo:hi] = self.codec.decode_into(replies[0], want[lo:hi],
+                                                               out[lo:hi])
 
-        values = self._call("get", run, default=[None] * n)
-        decoded = self.codec.decode(keys, values)
+        self._call("get", lambda: self._exchange(chunks, counts, decode_chunk), default=None)
+        decoded = self.codec.finish(out, ok, corrupt)
         bad = decoded.corrupt.nonzero().flatten().tolist()
         if bad:  # never serve, and repair: the next writer replaces it
             log.warning("kvstore: dropped %d corrupt Redis pages", len(bad))

@@ -1,0 +1,224 @@
+"""kvstore benchmark (issue #4, item 4): Redis tier vs redis-benchmark, host arena vs a tensor copy.
+
+Redis tier: batched put and get of one-head pages through :class:`kvstore.RedisTier` (encode,
+checksum, pipelined SET ... PX / MGET, decode and verify) against ``redis-benchmark`` SET / GET
+with the same value size (header + payload), the same pipeline depth and one connection, on the
+same freshly started redis-server. Rounds alternate between the two so load from other processes
+on the machine hits both alike; the median round is reported. Geometries: SmolLM2 (16 tokens x
+64 dims x K and V, bf16: 4 KiB) and Llama-8B (x 128 dims: 8 KiB).
+
+Host arena: batched ``put`` / ``get`` of random (layer, block, head) pages against the plain
+tensor copy that moves the same bytes (``index_copy_`` / ``index_select`` on a same-sized
+buffer), so the number shows the arena's bookkeeping overhead.
+
+Run: ``PYTHONPATH=. python benchmarks/kvstore_bench.py`` (``--quick`` for a smoke run). Needs
+redis-server and redis-benchmark on PATH. Prints a table; writes
+``benchmarks/results/kvstore_bench.json`` and ``kvstore_bench.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvhead.spec import HeadPageSpec
+from kvstore import HostArena, HostArenaConfig, PageKeys, RedisTier, RedisTierConfig, prefix_hashes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from redis_server import RedisServer  # noqa: E402  (the tests' real-server helper)
+
+GEOMETRIES = {"smollm2": 64, "llama-8b": 128}  # head_dim; 16-token pages, bf16, K and V
+PAGE = 16
+FINGERPRINT = "bench00000000000"
+console = Console()
+app = typer.Typer(add_completion=False)
+
+
+def make_batch(spec: HeadPageSpec, n: int, seed: int) -> tuple[PageKeys, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(n, PAGE, spec.head_dim, generator=g).to(spec.dtype)
+    v = torch.randn(n, PAGE, spec.head_dim, generator=g).to(spec.dtype)
+    pages = torch.arange(n)
+    tokens = torch.randint(0, 50_000, (n * PAGE,), generator=g)
+    keys = PageKeys(seed % 32, pages, torch.arange(n) % spec.num_kv_heads,
+                    prefix_hashes(tokens, PAGE), pages)
+    return keys, k, v
+
+
+def redis_benchmark(port: int, value_bytes: int, depth: int, requests: int) -> dict[str, float]:
+    """requests/s of redis-benchmark SET and GET: one connection, ``depth`` pipelined.
+
+    Its default key (no ``-r``), so every GET returns a full value, as every kvstore get does.
+    """
+    out = subprocess.run(
+        ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", "1", "-P", str(depth),
+         "-n", str(requests), "-d", str(value_bytes), "-t", "set,get",
+         "--csv"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    rows = [r for r in csv.reader(io.StringIO(out)) if r and r[0] in ("SET", "GET")]
+    return {r[0].lower(): float(r[1]) for r in rows}
+
+
+def kvstore_round(tier: RedisTier, batches: list, check: bool) -> dict[str, float]:
+    """pages/s of RedisTier.put and .get over ``batches``."""
+    start = time.perf_counter()
+    for keys, k, v in batches:
+        if not bool(tier.put(keys, k, v).all()):
+            raise RuntimeError("redis refused pages during the benchmark")
+    put_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for keys, k, v in batches:
+        got = tier.get(keys)
+        if check and not (bool(got.found.all()) and torch.equal(got.k, k)):
+            raise RuntimeError("redis tier returned wrong or missing pages")
+    get_s = time.perf_counter() - start
+    n = sum(len(b[0]) for b in batches)
+    return {"set": n / put_s, "get": n / get_s}
+
+
+def bench_redis(head_dim: int, pages: int, batch: int, depth: int, rounds: int) -> dict:
+    spec = HeadPageSpec(num_q_heads=32, num_kv_heads=8, head_dim=head_dim, page_size=PAGE)
+    server = RedisServer().start()
+    try:
+        tier = RedisTier(spec, RedisTierConfig(url=server.url, pipeline_depth=depth), FINGERPRINT)
+        batches = [make_batch(spec, batch, seed) for seed in range(pages // batch)]
+        value_bytes = tier.codec.value_bytes
+        ours, theirs = [], []
+        for r in range(rounds):
+            tier.client.flushall()
+            ours.append(kvstore_round(tier, batches, check=r == 0))
+            tier.client.flushall()
+            theirs.append(redis_benchmark(server.port, value_bytes, depth, pages))
+        result = {"head_dim": head_dim, "value_bytes": value_bytes, "pipeline_depth": depth,
+                  "pages": pages, "batch": batch, "rounds": rounds}
+        for op in ("set", "get"):
+            a = statistics.median(x[op] for x in ours)
+            b = statistics.median(x[op] for x in theirs)
+            result[op] = {"kvstore_pages_s": a, "redis_benchmark_rps": b, "ratio": a / b,
+                          "kvstore_mb_s": a * value_bytes / 1e6,
+                          "kvstore_rounds": [x[op] for x in ours],
+                          "redis_benchmark_rounds": [x[op] for x in theirs]}
+        tier.close()
+        return result
+    finally:
+        server.cleanup()
+
+
+def best_seconds(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_arena(head_dim: int, capacity: int, batch: int, repeats: int) -> dict:
+    spec = HeadPageSpec(num_q_heads=32, num_kv_heads=8, head_dim=head_dim, page_size=PAGE)
+    cfg = HostArenaConfig(capacity_pages=capacity, num_layers=32, num_blocks=capacity // 8)
+    arena = HostArena(spec, cfg)
+    g = torch.Generator().manual_seed(head_dim)
+    k = torch.randn(batch, PAGE, head_dim, generator=g).to(spec.dtype)
+    v = torch.randn(batch, PAGE, head_dim, generator=g).to(spec.dtype)
+    flat = torch.randperm(cfg.num_blocks * spec.num_kv_heads, generator=g)[:batch]
+    keys = PageKeys(3, flat // spec.num_kv_heads, flat % spec.num_kv_heads)
+    arena.put(keys, k, v)  # first touch allocates slots; timed calls overwrite in place
+    nbytes = batch * spec.head_page_bytes
+    put_s = best_seconds(lambda: arena.put(keys, k, v), repeats)
+    get_s = best_seconds(lambda: arena.get(keys), repeats)
+    plain = torch.zeros_like(arena.buffer)
+    slots = torch.randperm(capacity, generator=g)[:batch]
+    kv = torch.stack((k, v), dim=1)
+    copy_in_s = best_seconds(lambda: plain.index_copy_(0, slots, kv), repeats)
+    copy_out_s = best_seconds(lambda: torch.index_select(plain, 0, slots), repeats)
+    return {
+        "head_dim": head_dim, "capacity_pages": capacity, "batch": batch,
+        "put_gb_s": nbytes / put_s / 1e9, "get_gb_s": nbytes / get_s / 1e9,
+        "copy_in_gb_s": nbytes / copy_in_s / 1e9, "copy_out_gb_s": nbytes / copy_out_s / 1e9,
+        "put_vs_copy": copy_in_s / put_s, "get_vs_copy": copy_out_s / get_s,
+    }
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "# kvstore benchmark", "",
+        f"Machine: {results['machine']}; torch threads: 1; one connection; "
+        f"{results['redis']['smollm2']['rounds']} alternating rounds, median.", "",
+        "## Redis tier vs redis-benchmark (same value size, same pipeline depth)", "",
+        "| geometry | value bytes | depth | op | kvstore pages/s | redis-benchmark req/s | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results["redis"].items():
+        for op in ("set", "get"):
+            x = r[op]
+            lines.append(f"| {name} | {r['value_bytes']} | {r['pipeline_depth']} | {op} | "
+                         f"{x['kvstore_pages_s']:,.0f} | {x['redis_benchmark_rps']:,.0f} | "
+                         f"{x['ratio']:.2f} |")
+    lines += ["", "## Host arena vs a plain tensor copy (same bytes)", "",
+              "| geometry | batch | put GB/s | index_copy_ GB/s | get GB/s | index_select GB/s |",
+              "|---|---|---|---|---|---|"]
+    for name, a in results["arena"].items():
+        lines.append(f"| {name} | {a['batch']} | {a['put_gb_s']:.2f} | {a['copy_in_gb_s']:.2f} | "
+                     f"{a['get_gb_s']:.2f} | {a['copy_out_gb_s']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+@app.command()
+def main(
+    pages: int = typer.Option(16384, help="Pages per Redis round (and redis-benchmark -n)."),
+    batch: int = typer.Option(1024, help="Pages per RedisTier call."),
+    depth: int = typer.Option(64, help="Pipeline depth for both clients."),
+    rounds: int = typer.Option(5, help="Alternating rounds; the median is reported."),
+    arena_batch: int = typer.Option(4096, help="Pages per host-arena call."),
+    quick: bool = typer.Option(False, help="Tiny smoke run."),
+    out: Path = typer.Option(Path("benchmarks/results"), help="Output folder."),
+) -> None:
+    torch.set_num_threads(1)  # the hot paths are single-threaded; avoids OpenMP spin on 2 cores
+    if quick:
+        pages, batch, rounds, arena_batch = 2048, 512, 1, 512
+    if pages % batch:
+        raise typer.BadParameter("pages must be a multiple of batch")
+    results: dict = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
+                                f"{torch.get_num_threads()} torch thread", "redis": {}, "arena": {}}
+    for name, dim in GEOMETRIES.items():
+        console.print(f"[bold]{name}[/]: Redis tier vs redis-benchmark ...")
+        results["redis"][name] = bench_redis(dim, pages, batch, depth, rounds)
+        results["arena"][name] = bench_arena(dim, 8 * arena_batch, arena_batch, 5)
+    table = Table(title="kvstore: Redis tier vs redis-benchmark")
+    for col in ("geometry", "op", "kvstore pages/s", "redis-benchmark req/s", "ratio"):
+        table.add_column(col)
+    for name, r in results["redis"].items():
+        for op in ("set", "get"):
+            x = r[op]
+            table.add_row(name, op, f"{x['kvstore_pages_s']:,.0f}",
+                          f"{x['redis_benchmark_rps']:,.0f}", f"{x['ratio']:.2f}")
+    console.print(table)
+    table = Table(title="host arena vs plain tensor copy (GB/s)")
+    for col in ("geometry", "put", "index_copy_", "get", "index_select"):
+        table.add_column(col)
+    for name, a in results["arena"].items():
+        table.add_row(name, f"{a['put_gb_s']:.2f}", f"{a['copy_in_gb_s']:.2f}",
+                      f"{a['get_gb_s']:.2f}", f"{a['copy_out_gb_s']:.2f}")
+    console.print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "kvstore_bench_quick" if quick else "kvstore_bench"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{stem}.md").write_text(markdown(results))
+    console.print(f"wrote {out / stem}.json and .md")
+
+
+if __name__ == "__main__":
+    app()
