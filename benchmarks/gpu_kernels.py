@@ -1,0 +1,383 @@
+"""GPU kernel benchmark (issue #5, item 2): check every Triton kernel against the torch reference
+on fresh random inputs, then time it against dense SDPA and against the bandwidth floor.
+
+Shape: Llama-8B attention (32 query heads, 8 KV heads, head dim 128), bf16 KV in vLLM's paged
+layout with 16-token pages, fp32 page bounds. Contexts 8k-128k, K in {32, 64, 128} pages per
+head, batch 1-64. The floor of a kernel is the bytes it must read over the device-to-device copy
+bandwidth measured at the start of the run (bytes read plus written over time).
+
+Run: ``PYTHONPATH=. python benchmarks/gpu_kernels.py`` (``--quick`` for a tiny smoke run, which
+also works on CPU under ``TRITON_INTERPRET=1``). Prints a table; writes
+``benchmarks/results/gpu_kernels.json`` and ``gpu_kernels.md``. Exits 1 if any check failed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvhead import kernels
+from kvhead.attention import sparse_decode_attention as ref_attention
+from kvhead.helix import combine_partials as ref_combine
+from kvhead.kernels.attention import sparse_decode_attention as kernel_attention
+from kvhead.kernels.timing import graph_ms, median_ms, wall_ms
+from kvhead.pages import PageBounds, all_pages, score_pages
+
+NUM_Q, NUM_KV, DIM, PAGE = 32, 8, 128, 16
+RERANK_INTERVAL = 16
+ROTATIONS = 8  # input sets per graph, so repeated calls read HBM rather than the L2 (1 if quick)
+REL_TOL = 1e-2  # bf16 operands, fp32 accumulation
+console = Console()
+app = typer.Typer(add_completion=False)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+class Checks:
+    """Collects pass/fail of every correctness check; NaN compares false, so it never passes."""
+
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+        self.count = 0
+
+    def bound(self, name: str, value: float, limit: float) -> float:
+        self.count += 1
+        if not value <= limit:
+            self.failed.append(f"{name}: {value:.3g} > {limit:.3g}")
+        return value
+
+    def true(self, name: str, ok: bool) -> None:
+        self.count += 1
+        if not ok:
+            self.failed.append(name)
+
+
+def measure_ceilings(device: torch.device, quick: bool) -> dict:
+    """Device copy bandwidth (read + write) and pinned host-to-device bandwidth."""
+    nbytes = (64 if quick else 2048) << 20
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    d2d_ms = median_ms(lambda: dst.copy_(src))
+    host = torch.randint(0, 255, (nbytes // 4,), dtype=torch.uint8)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    dev = torch.empty(host.shape, dtype=torch.uint8, device=device)
+    h2d_ms = wall_ms(lambda: dev.copy_(host, non_blocking=True))
+    return {
+        "d2d_bytes_per_s": 2 * nbytes / (d2d_ms * 1e-3),
+        "h2d_pinned_bytes_per_s": host.numel() / (h2d_ms * 1e-3),
+    }
+
+
+def random_selection(gen: torch.Generator, num_pages: int, batch: int, top_k: int,
+                     device: torch.device) -> torch.Tensor:
+    """Distinct random pages per (sequence, head), newest included, ascending (like a top-K)."""
+    noise = torch.rand(batch, NUM_KV, num_pages - 1, generator=gen, device=device)
+    older = noise.topk(top_k - 1, dim=2).indices
+    newest = torch.full((batch, NUM_KV, 1), num_pages - 1, device=device)
+    return torch.cat([older, newest], dim=2).sort(dim=2).values
+
+
+def bench_context(ctx: int, batch: int, top_ks: list[int], ceil: dict, checks: Checks,
+                  device: torch.device, gen: torch.Generator, rotations: int,
+                  ) -> tuple[list, dict, dict]:
+    """Dense, sparse, selection and append for one (context, batch); returns result rows."""
+    max_pages = ctx // PAGE
+    num_blocks = batch * max_pages
+    k_cache = torch.randn(num_blocks, PAGE, NUM_KV, DIM, device=device, dtype=torch.bfloat16,
+                          generator=gen)
+    v_cache = torch.randn(k_cache.shape, device=device, dtype=torch.bfloat16, generator=gen)
+    # Identity block table: dense SDPA can then read the very same memory as a strided view.
+    table = torch.arange(num_blocks, device=device, dtype=torch.int32).view(batch, max_pages)
+    seq_len = ctx - 5  # newest page partial: its masked tail is part of every check
+    seq_lens = torch.full((batch,), seq_len, device=device, dtype=torch.int32)
+    num_pages = torch.full((batch,), max_pages, device=device, dtype=torch.int64)
+    queries = [torch.randn(batch, NUM_Q, DIM, device=device, dtype=torch.bfloat16, generator=gen)
+               for _ in range(rotations)]
+    scale = DIM**-0.5
+    d2d = ceil["d2d_bytes_per_s"]
+
+    # Dense baselines: SDPA on a strided view (GQA group as query rows) and our kernel.
+    q4 = queries[0].view(batch, NUM_KV, NUM_Q // NUM_KV, DIM)
+    keys = k_cache.view(batch, ctx, NUM_KV, DIM)[:, :seq_len].transpose(1, 2)
+    values = v_cache.view(batch, ctx, NUM_KV, DIM)[:, :seq_len].transpose(1, 2)
+    sdpa = lambda: F.scaled_dot_product_attention(q4, keys, values, scale=scale)  # noqa: E731
+    every = all_pages(num_pages, NUM_KV, max_pages)
+    dense = lambda: kernel_attention(queries[0], k_cache, v_cache, table, seq_lens, every, scale)  # noqa: E731
+    dense_out, dense_lse = dense()
+    sdpa_out = sdpa().reshape(batch, NUM_Q, DIM)
+    ref_out, ref_lse = ref_attention(queries[0][:1], k_cache, v_cache, table[:1], seq_lens[:1],
+                                     every[:1], scale)
+    tag = f"ctx={ctx} B={batch}"
+    checks.bound(f"dense vs reference {tag}", rel_err(dense_out[:1], ref_out), REL_TOL)
+    checks.bound(f"dense lse {tag}", (dense_lse[:1] - ref_lse).abs().max().item(), 1e-3)
+    checks.bound(f"dense vs sdpa {tag}", rel_err(dense_out, sdpa_out), REL_TOL)
+    dense_bytes = 2 * batch * seq_len * NUM_KV * DIM * 2
+    sdpa_ms = median_ms(sdpa)
+    dense_ms = median_ms(dense)
+    dense_row = {
+        "ctx": ctx, "batch": batch, "bytes": dense_bytes, "sdpa_ms": sdpa_ms,
+        "kernel_dense_ms": dense_ms, "floor_ms": dense_bytes / d2d * 1e3,
+        "sdpa_bw_frac": dense_bytes / (sdpa_ms * 1e-3) / d2d,
+        "kernel_dense_bw_frac": dense_bytes / (dense_ms * 1e-3) / d2d,
+    }
+    del dense_out, sdpa_out, ref_out
+
+    rows = []
+    for top_k in top_ks:
+        sels = [random_selection(gen, max_pages, batch, top_k, device) for _ in range(rotations)]
+        out, lse = kernels.sparse_decode_attention(queries[0], k_cache, v_cache, table, seq_lens,
+                                                   sels[0], scale)
+        ref_out, ref_lse = ref_attention(queries[0], k_cache, v_cache, table, seq_lens, sels[0],
+                                         scale)
+        err = checks.bound(f"sparse {tag} K={top_k}", rel_err(out, ref_out), REL_TOL)
+        checks.bound(f"sparse lse {tag} K={top_k}", (lse - ref_lse).abs().max().item(), 1e-3)
+        calls = [
+            (lambda q=q, s=s: kernel_attention(q, k_cache, v_cache, table, seq_lens, s, scale))
+            for q, s in zip(queries, sels)
+        ]
+        eager_ms = median_ms(calls[0])
+        g_ms = graph_ms(calls)
+        nbytes = 2 * batch * NUM_KV * (top_k * PAGE - 5) * DIM * 2
+        rows.append({
+            "ctx": ctx, "batch": batch, "top_k": top_k, "bytes": nbytes, "rel_err": err,
+            "eager_ms": eager_ms, "graph_ms": g_ms, "floor_ms": nbytes / d2d * 1e3,
+            "bw_frac": nbytes / (g_ms * 1e-3) / d2d,
+            "speedup_vs_sdpa": sdpa_ms / g_ms,
+        })
+        del out, ref_out
+
+    # Scoring + top-K on the bounds of every page, amortised over a rerank interval.
+    kmin = k_cache.amin(dim=1).float()
+    kmax = k_cache.amax(dim=1).float()
+    bounds = PageBounds(kmin=kmin, kmax=kmax)
+    sel_rows = []
+    for top_k in top_ks:
+        ids = kernels.score_and_select(queries[0], bounds, table, num_pages, top_k)
+        scores = score_pages(queries[0], bounds, table, num_pages)
+        scores[:, :, max_pages - 1] = float("inf")
+        ref_top = scores.topk(min(top_k, max_pages), dim=2).values.sort(dim=2).values
+        got = scores.gather(2, ids.clamp_min(0)).sort(dim=2).values
+        checks.true(f"select {tag} K={top_k}: ids valid",
+                    bool(((ids >= 0) & (ids < max_pages)).all()))
+        checks.bound(f"select {tag} K={top_k}: score sets",
+                     (got - ref_top).nan_to_num(posinf=0.0).abs().max().item(), 1e-3)
+        calls = [(lambda q=q: kernels.score_and_select(q, bounds, table, num_pages, top_k))
+                 for q in queries]
+        g_ms = graph_ms(calls)
+        sparse_ms = next(r["graph_ms"] for r in rows if r["top_k"] == top_k)
+        nbytes = 2 * batch * NUM_KV * max_pages * DIM * 4
+        sel_rows.append({
+            "ctx": ctx, "batch": batch, "top_k": top_k, "bytes": nbytes, "graph_ms": g_ms,
+            "floor_ms": nbytes / d2d * 1e3, "bw_frac": nbytes / (g_ms * 1e-3) / d2d,
+            "amortized_frac_of_sparse": g_ms / RERANK_INTERVAL / sparse_ms,
+        })
+        del scores
+
+    # Append one decode token per sequence (the per-step bounds update).
+    slots = (table[:, -1].long() * PAGE + (seq_len - 1) % PAGE)
+    new_keys = torch.randn(batch, NUM_KV, DIM, device=device, dtype=torch.bfloat16, generator=gen)
+    ref = PageBounds(kmin=kmin.clone(), kmax=kmax.clone())
+    ref.update(new_keys, slots, PAGE)
+    kernels.update_bounds(bounds, new_keys, slots, PAGE)
+    checks.true(f"update_bounds {tag} exact",
+                torch.equal(ref.kmin, bounds.kmin) and torch.equal(ref.kmax, bounds.kmax))
+    upd_ms = graph_ms([lambda: kernels.update_bounds(bounds, new_keys, slots, PAGE)])
+    upd_row = {"ctx": ctx, "batch": batch, "graph_ms": upd_ms}
+    return rows, {"dense": dense_row, "update": upd_row}, {"select": sel_rows}
+
+
+def bench_combine(batch: int, shards: int, checks: Checks, device: torch.device,
+                  gen: torch.Generator) -> dict:
+    outs = torch.randn(shards, batch, NUM_Q, DIM, device=device, generator=gen).bfloat16()
+    lses = torch.randn(shards, batch, NUM_Q, device=device, generator=gen) * 3
+    out, lse = kernels.combine_partials(outs, lses)
+    ref_out, ref_lse = ref_combine(outs, lses)
+    err = checks.bound(f"combine B={batch} S={shards}", rel_err(out, ref_out), REL_TOL)
+    checks.bound(f"combine lse B={batch} S={shards}", (lse - ref_lse).abs().max().item(), 1e-4)
+    g_ms = graph_ms([lambda: kernels.combine_partials(outs, lses)])
+    return {"batch": batch, "shards": shards, "rel_err": err, "graph_ms": g_ms}
+
+
+def bench_copy(batch: int, ctx: int, top_k: int, device: torch.device,
+               gen: torch.Generator, checks: Checks) -> dict:
+    """A rerank's promotions (a quarter of K per stable head) copied under sparse attention."""
+    stable_heads = NUM_KV - NUM_KV // 4
+    promoted = batch * stable_heads * top_k // 4
+    page_shape = (2, PAGE, DIM)  # K and V of one head's page
+    arena_pages = 4 * promoted  # host pages to pick from; their number does not change the cost
+    arena = torch.randn(arena_pages, *page_shape, generator=gen).bfloat16()
+    if device.type == "cuda":
+        arena = arena.pin_memory()
+    pool = torch.zeros(batch * stable_heads * top_k, *page_shape, dtype=torch.bfloat16,
+                       device=device)
+    src = torch.randperm(arena_pages, generator=gen)[:promoted]
+    dst = torch.randperm(pool.shape[0], generator=gen)[:promoted]
+    event = kernels.copy_pages_async(arena, src, pool, dst)
+    if event is not None:
+        torch.cuda.current_stream().wait_event(event)
+    checks.true(f"copy_pages B={batch} exact", torch.equal(pool[dst.to(device)].cpu(), arena[src]))
+
+    # Compute to hide the copy behind: sparse attention over a cache of its own.
+    max_pages = ctx // PAGE
+    k_cache = torch.randn(batch * max_pages, PAGE, NUM_KV, DIM, device=device,
+                          dtype=torch.bfloat16, generator=gen)
+    table = torch.arange(batch * max_pages, device=device, dtype=torch.int32).view(batch, -1)
+    seq_lens = torch.full((batch,), ctx, device=device, dtype=torch.int32)
+    sel = random_selection(gen, max_pages, batch, top_k, device)
+    query = torch.randn(batch, NUM_Q, DIM, device=device, dtype=torch.bfloat16, generator=gen)
+    repeats = 40 if device.type == "cuda" else 1
+
+    def compute() -> None:
+        for _ in range(repeats):
+            kernel_attention(query, k_cache, k_cache, table, seq_lens, sel, 0.1)
+
+    def copy() -> None:
+        event = kernels.copy_pages_async(arena, src, pool, dst)
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+
+    def both() -> None:
+        event = kernels.copy_pages_async(arena, src, pool, dst)
+        compute()
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+
+    t_compute, t_copy, t_both = wall_ms(compute), wall_ms(copy), wall_ms(both)
+    nbytes = promoted * math.prod(page_shape) * 2
+    hidden = (t_compute + t_copy - t_both) / min(t_compute, t_copy)
+    return {
+        "batch": batch, "pages": promoted, "bytes": nbytes, "copy_ms": t_copy,
+        "copy_bytes_per_s": nbytes / (t_copy * 1e-3), "compute_ms": t_compute,
+        "both_ms": t_both, "overlap_frac": hidden,
+    }
+
+
+def bench_splits(ctx: int, batch: int, top_k: int, device: torch.device,
+                 gen: torch.Generator, checks: Checks, rotations: int) -> list[dict]:
+    """Split-K sweep on one shape: where the heuristic lands among the choices."""
+    max_pages = ctx // PAGE
+    k_cache = torch.randn(batch * max_pages, PAGE, NUM_KV, DIM, device=device,
+                          dtype=torch.bfloat16, generator=gen)
+    table = torch.arange(batch * max_pages, device=device, dtype=torch.int32).view(batch, -1)
+    seq_lens = torch.full((batch,), ctx, device=device, dtype=torch.int32)
+    query = torch.randn(batch, NUM_Q, DIM, device=device, dtype=torch.bfloat16, generator=gen)
+    sels = [random_selection(gen, max_pages, batch, top_k, device) for _ in range(rotations)]
+    base, _ = kernel_attention(query, k_cache, k_cache, table, seq_lens, sels[0], 0.1)
+    rows = []
+    for splits in (0, 1, 4, 32) if rotations == 1 else (0, 1, 2, 4, 8, 16, 32):
+        out, _ = kernel_attention(query, k_cache, k_cache, table, seq_lens, sels[0], 0.1,
+                                  num_splits=splits or None)
+        checks.bound(f"splits={splits} agrees", rel_err(out, base), REL_TOL)
+        calls = [(lambda s=s: kernel_attention(query, k_cache, k_cache, table, seq_lens, s, 0.1,
+                                               num_splits=splits or None)) for s in sels]
+        rows.append({"splits": splits or "auto", "graph_ms": graph_ms(calls)})
+    return rows
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    lines = [
+        f"# GPU kernels on {result['device']}",
+        "",
+        f"Copy bandwidth (read+write) {result['ceilings']['d2d_bytes_per_s'] / 1e12:.2f} TB/s; "
+        f"pinned host->device {result['ceilings']['h2d_pinned_bytes_per_s'] / 1e9:.1f} GB/s. "
+        "Llama-8B attention shape (32 q / 8 kv heads, dim 128), bf16, 16-token pages. "
+        "Times are medians of CUDA-graph replays over 8 rotating input sets.",
+        "",
+        "| ctx | batch | dense SDPA ms | K | sparse ms | floor ms | % of copy bw | x SDPA | "
+        "select ms | select/16 as % of sparse |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    dense = {(d["ctx"], d["batch"]): d for d in result["dense"]}
+    select = {(s["ctx"], s["batch"], s["top_k"]): s for s in result["select"]}
+    for r in result["attention"]:
+        d, s = dense[(r["ctx"], r["batch"])], select[(r["ctx"], r["batch"], r["top_k"])]
+        lines.append(
+            f"| {r['ctx']} | {r['batch']} | {d['sdpa_ms']:.3f} | {r['top_k']} | "
+            f"{r['graph_ms']:.4f} | {r['floor_ms']:.4f} | {100 * r['bw_frac']:.0f} | "
+            f"{r['speedup_vs_sdpa']:.1f} | {s['graph_ms']:.4f} | "
+            f"{100 * s['amortized_frac_of_sparse']:.1f} |"
+        )
+    lines += ["", f"Checks: {result['checks']['count']} run, "
+              f"{len(result['checks']['failed'])} failed.", ""]
+    path.write_text("\n".join(lines))
+
+
+@app.command()
+def main(
+    quick: bool = typer.Option(False, help="Tiny sizes: a smoke run (works under the interpreter)."),
+    out_dir: Path = typer.Option(Path("benchmarks/results"), help="Where JSON and markdown go."),
+    seed: int = typer.Option(0, help="Seed of every random input."),
+) -> None:
+    """Check and time every kernel; print a table; write gpu_kernels.json and gpu_kernels.md."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    cpu_gen = torch.Generator().manual_seed(seed)
+    contexts = [256] if quick else [8192, 32768, 131072]
+    batches = [1] if quick else [1, 8, 64]
+    top_ks = [4] if quick else [32, 64, 128]
+    rotations = 1 if quick else ROTATIONS
+    checks = Checks()
+    ceil = measure_ceilings(device, quick)
+    result: dict = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
+        "torch": torch.__version__, "seed": seed, "ceilings": ceil, "attention": [],
+        "dense": [], "select": [], "update": [],
+    }
+    for ctx in contexts:
+        for batch in batches:
+            rows, extra, sel = bench_context(ctx, batch, top_ks, ceil, checks, device, gen,
+                                             rotations)
+            result["attention"] += rows
+            result["dense"].append(extra["dense"])
+            result["update"].append(extra["update"])
+            result["select"] += sel["select"]
+            console.print(f"done ctx={ctx} batch={batch}: checks failed so far "
+                          f"{len(checks.failed)}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    result["combine"] = [bench_combine(b, s, checks, device, gen)
+                         for b in batches for s in (2, 8)]
+    result["copy"] = [bench_copy(b, contexts[-1] // 4, top_ks[len(top_ks) // 2], device,
+                                 cpu_gen, checks) for b in batches[1:] or batches]
+    result["splits"] = bench_splits(contexts[-1], batches[len(batches) // 2],
+                                    top_ks[len(top_ks) // 2], device, gen, checks, rotations)
+    result["checks"] = {"count": checks.count, "failed": checks.failed}
+
+    table = Table(title=f"sparse decode attention on {result['device']}")
+    for col in ("ctx", "B", "K", "SDPA ms", "sparse ms", "floor ms", "% bw", "x SDPA",
+                "select ms", "sel/16 %"):
+        table.add_column(col, justify="right")
+    dense = {(d["ctx"], d["batch"]): d for d in result["dense"]}
+    select = {(s["ctx"], s["batch"], s["top_k"]): s for s in result["select"]}
+    for r in result["attention"]:
+        d, s = dense[(r["ctx"], r["batch"])], select[(r["ctx"], r["batch"], r["top_k"])]
+        table.add_row(str(r["ctx"]), str(r["batch"]), str(r["top_k"]), f"{d['sdpa_ms']:.3f}",
+                      f"{r['graph_ms']:.4f}", f"{r['floor_ms']:.4f}", f"{100 * r['bw_frac']:.0f}",
+                      f"{r['speedup_vs_sdpa']:.1f}", f"{s['graph_ms']:.4f}",
+                      f"{100 * s['amortized_frac_of_sparse']:.1f}")
+    console.print(table)
+    console.print({"copy": result["copy"], "splits": result["splits"],
+                   "combine": result["combine"], "update": result["update"]})
+    console.print(f"checks: {checks.count} run, failed: {checks.failed or 'none'}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = "gpu_kernels_quick" if quick else "gpu_kernels"
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
+    write_markdown(out_dir / f"{name}.md", result)
+    if checks.failed:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()
