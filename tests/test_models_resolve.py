@@ -17,8 +17,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from kvhead.models import ModelError, pull, resolve_model
-from kvhead.models import store
+from kvhead.models import ModelError, pull, resolve_model, store
 from kvhead.models.registry import REGISTRY, ModelEntry
 from kvhead.models.resolve import installed_models, model_path
 from kvhead.models.tiny import build_tiny_llama

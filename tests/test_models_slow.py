@@ -64,7 +64,8 @@ def test_pull_smollm2_into_fresh_home(tmp_path, monkeypatch):
     assert config["head_dim"] == 64 and config["max_position_embeddings"] == 8192
     assert config["dtype"] == "bfloat16" and "quantization_config" not in config
     with safe_open(str(folder / "model.safetensors"), "pt") as weights:
-        dtypes = {weights.get_slice(k).get_dtype() for k in weights.keys()}
+        names = weights.keys()  # a safe_open handle is not iterable itself
+        dtypes = {weights.get_slice(k).get_dtype() for k in names}
     assert dtypes == {"BF16"}
 
     tok = AutoTokenizer.from_pretrained(folder)
