@@ -50,8 +50,10 @@ def list_models() -> None:
     """Show the registry and what is already in the cache."""
     installed = installed_models()
     table = Table(title=f"models (cache: {models_dir()})")
-    for column in ("name", "installed", "context", "source", "description"):
-        table.add_column(column)
+    # Names and sources are copied into commands, so they are never cut; the description wraps.
+    for column in ("name", "installed", "context", "source"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("description")
     for name, entry in sorted(REGISTRY.items()):
         table.add_row(name, "yes" if name in installed else "no", str(entry.context_length),
                       entry.requirement, entry.description)
