@@ -7,22 +7,17 @@ never applied to a model it was not measured on.
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from kvhead.models.store import kvhead_home
 from kvhead.stability import HeadProfile, model_fingerprint
 
 
 class ProfileError(ValueError):
     """A head profile is missing, unreadable or belongs to another model."""
-
-
-def kvhead_home() -> Path:
-    """Root of kvhead's caches: ``$KVHEAD_HOME`` or ``~/.cache/kvhead``."""
-    return Path(os.environ.get("KVHEAD_HOME") or Path.home() / ".cache" / "kvhead")
 
 
 def user_profile_dir() -> Path:

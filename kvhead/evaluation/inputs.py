@@ -31,7 +31,7 @@ def corpus_text() -> str:
 
 @cache
 def _corpus_ids(tokenizer) -> torch.Tensor:
-    return torch.tensor(tokenizer(corpus_text(), add_special_tokens=False)["input_ids"])
+    return torch.tensor(tokenizer(corpus_text(), add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def corpus_window(tokenizer, num_tokens: int, offset: int = 0) -> torch.Tensor:

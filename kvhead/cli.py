@@ -1,0 +1,144 @@
+"""kvhead command line: models, head profiling and accuracy evaluation.
+
+Every user error (bad option, unknown model, wrong profile) prints one line and exits with
+status 2; tracebacks are reserved for bugs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from kvhead.models import ModelError, resolve_model
+from kvhead.models.cli import app as models_app
+from kvhead.profiles import ProfileError, profile_for_model, user_profile_dir
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
+app.add_typer(models_app, name="models")
+console = Console()
+DEFAULT_MODEL = "smollm2-135m-instruct"
+USER_ERRORS = (ValidationError, ModelError, ProfileError, ValueError)
+
+
+def _fail(err: Exception) -> None:
+    message = str(err)
+    if isinstance(err, ValidationError):
+        message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _load(model: str, page_size: int):
+    """Resolve a model spec to a folder and build the reference runner and tokenizer."""
+    from transformers import AutoTokenizer
+
+    from kvhead.runner import ReferenceRunner
+
+    model_dir = resolve_model(model)
+    runner = ReferenceRunner.from_pretrained(model_dir, page_size=page_size)
+    return model_dir, runner, AutoTokenizer.from_pretrained(model_dir)
+
+
+@app.command()
+def profile(
+    model: Annotated[str, typer.Option(help="Registry name, HF folder or .gguf file.")] = DEFAULT_MODEL,
+    out: Annotated[Path | None, typer.Option(help="Profile JSON (default: KVHEAD_HOME/profiles).")] = None,
+    heatmap: Annotated[Path | None, typer.Option(help="PNG heatmap (default: next to the JSON).")] = None,
+    num_prompts: int = 3, context: int = 4096, decode_steps: int = 97, top_k: int = 64,
+    page_size: int = 16, window: int = 16, unstable_fraction: float = 0.25,
+    per_layer: Annotated[bool, typer.Option(help="Same unstable count in every layer.")] = False,
+    seed: int = 0,
+) -> None:
+    """Measure per-head stability (RCO) and write the head profile and its heatmap."""
+    from kvhead.profiler import ProfileConfig, profile_heads, save_heatmap
+
+    try:
+        cfg = ProfileConfig(
+            num_prompts=num_prompts, context=context, decode_steps=decode_steps, top_k=top_k,
+            page_size=page_size, window=window, unstable_fraction=unstable_fraction,
+            per_layer=per_layer, seed=seed,
+        )
+        model_dir, runner, tokenizer = _load(model, page_size)
+        with console.status(f"profiling {cfg.num_prompts} prompts of {cfg.context} tokens"):
+            result = profile_heads(runner, tokenizer, model_dir, cfg)
+    except USER_ERRORS as err:
+        _fail(err)
+    out = out or user_profile_dir() / f"{Path(model_dir).name}-{result.model_fingerprint}.json"
+    result.save(out)
+    png = save_heatmap(
+        result, heatmap or out.with_suffix(".png"),
+        f"{Path(model_dir).name}: head instability (K={top_k}, R={window}, red = unstable)",
+    )
+    console.print(f"profile: {out}\nheatmap: {png}\nunstable heads: {len(result.unstable)}")
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Option(help="Registry name, HF folder or .gguf file.")] = DEFAULT_MODEL,
+    profile_path: Annotated[Path | None, typer.Option("--profile", help="Head profile JSON.")] = None,
+    contexts: Annotated[str, typer.Option(help="Sequence lengths, comma-separated.")] = "2048,4096,8192",
+    gen_tokens: int = 256, top_k: int = 64, page_size: int = 16, rerank_interval: int = 16,
+    passkey_depths: Annotated[str, typer.Option(help="Needle depths, comma-separated.")] = "0.1,0.3,0.5,0.7,0.9",
+    seed: int = 0,
+    output: Annotated[Path, typer.Option(help="JSON results file.")] = Path("benchmarks/results/accuracy.json"),
+) -> None:
+    """Accuracy of quest and flexicache decoding against dense, per context length."""
+    from kvhead.evaluation.harness import EvalConfig, evaluate
+
+    try:
+        cfg = EvalConfig(
+            contexts=_ints(contexts), gen_tokens=gen_tokens, top_k=top_k, page_size=page_size,
+            rerank_interval=rerank_interval, passkey_depths=_floats(passkey_depths), seed=seed,
+        )
+        for context in cfg.contexts:
+            cfg.prompt_tokens(context)
+        model_dir, runner, tokenizer = _load(model, page_size)
+        head_profile = profile_for_model(model_dir, profile_path)
+        report = evaluate(
+            runner, tokenizer, head_profile, cfg, model=Path(model_dir).name,
+            on_context=lambda r: console.print(f"context {r.context}: done in {r.seconds:.0f} s"),
+        )
+    except USER_ERRORS as err:
+        _fail(err)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report.model_dump(mode="json"), indent=1))
+    console.print(accuracy_table(report))
+    console.print(f"results: {output}")
+
+
+def accuracy_table(report) -> Table:
+    table = Table(title=f"{report.model}: sparse decoding vs dense (K={report.config.top_k} pages)")
+    for column in ("context", "mode", "token agr.", "free match", "PPL ratio", "passkey", "dense passkey", "resident"):
+        table.add_column(column, justify="right")
+    for result in report.results:
+        for mode, m in result.modes.items():
+            table.add_row(
+                str(result.context), mode, f"{m.token_agreement:.3f}", f"{m.free_match:.3f}",
+                f"{m.perplexity_ratio:.4f}", f"{m.passkey_accuracy:.2f}",
+                f"{result.dense_passkey_accuracy:.2f}", f"{m.resident_fraction:.3f}",
+            )
+    return table
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,65 @@
+"""`kvhead profile` / `kvhead eval` end to end on a tiny model, and their error paths."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from kvhead.cli import app
+from kvhead.models.tiny import build_tiny_llama
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny"), num_layers=2, num_q_heads=4, num_kv_heads=2)
+
+
+def test_profile_then_eval(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVHEAD_HOME", str(tmp_path / "home"))
+    small = ["--top-k", "4", "--page-size", "8"]
+    result = runner.invoke(app, [
+        "profile", "--model", str(tiny_dir), "--num-prompts", "1", "--context", "200",
+        "--decode-steps", "9", "--window", "4", *small,
+    ])
+    assert result.exit_code == 0, result.output
+    profiles = list((tmp_path / "home" / "profiles").glob("*.json"))
+    assert len(profiles) == 1 and profiles[0].with_suffix(".png").is_file()
+
+    out = tmp_path / "acc.json"
+    result = runner.invoke(app, [
+        "eval", "--model", str(tiny_dir), "--contexts", "160", "--gen-tokens", "16",
+        "--rerank-interval", "4", "--passkey-depths", "0.5", "--output", str(out), *small,
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert set(report["results"][0]["modes"]) == {"quest", "flexicache"}
+    assert "results:" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--top-k", "0"], "top_k"),
+    (["eval", "--contexts", "100", "--gen-tokens", "256"], "no room"),
+    (["eval", "--passkey-depths", "2"], "depths"),
+    (["eval", "--model", "no-such-model"], "unknown model"),
+    (["profile", "--unstable-fraction", "1.5"], "unstable_fraction"),
+    (["profile", "--model", "/no/such/dir"], "no such file"),
+])
+def test_bad_input_is_one_clear_line(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_eval_refuses_a_profile_of_another_model(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVHEAD_HOME", str(tmp_path / "home"))
+    other = build_tiny_llama(tmp_path / "other", num_layers=3, num_q_heads=4, num_kv_heads=2)
+    runner.invoke(app, ["profile", "--model", str(other), "--num-prompts", "1", "--context", "100",
+                        "--decode-steps", "5", "--window", "2", "--top-k", "2", "--page-size", "8",
+                        "--out", str(tmp_path / "other.json")])
+    result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--profile", str(tmp_path / "other.json"),
+                                 "--contexts", "160", "--gen-tokens", "16", "--page-size", "8"])
+    assert result.exit_code == 2 and "measured on model" in result.output
+    result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--contexts", "160", "--gen-tokens", "16"])
+    assert result.exit_code == 2 and "no head profile" in result.output
