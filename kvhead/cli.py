@@ -87,7 +87,7 @@ def profile(
     result.save(out)
     png = save_heatmap(
         result, heatmap or out.with_suffix(".png"),
-        f"{Path(model_dir).name}: head instability (K={top_k}, R={window}, red = unstable)",
+        f"{Path(model_dir).name}\ninstability (K={top_k}, R={window}); red = unstable",
     )
     console.print(f"profile: {out}\nheatmap: {png}\nunstable heads: {len(result.unstable)}")
 
