@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from rich.table import Table
 from kvhead import kernels
 from kvhead.attention import sparse_decode_attention as ref_attention
 from kvhead.helix import combine_partials as ref_combine
+from kvhead.kernels.attention import DEFAULT_CONFIG, LaunchConfig
 from kvhead.kernels.attention import sparse_decode_attention as kernel_attention
 from kvhead.kernels.timing import graph_ms, median_ms, wall_ms
 from kvhead.pages import PageBounds, all_pages, score_pages
@@ -78,6 +80,18 @@ def measure_ceilings(device: torch.device, quick: bool) -> dict:
         "d2d_bytes_per_s": 2 * nbytes / (d2d_ms * 1e-3),
         "h2d_pinned_bytes_per_s": host.numel() / (h2d_ms * 1e-3),
     }
+
+
+def same_bytes_copy_ms(nbytes: int, device: torch.device, rotations: int) -> float:
+    """A plain device copy moving ``nbytes`` (half read, half written): what this size allows.
+
+    Small transfers never reach the large-copy bandwidth (too few bytes in flight to cover the
+    latency), so this is the fair yardstick for batch-1 decode, next to the asymptotic floor.
+    """
+    half = max(nbytes // 2, 1)
+    src = torch.empty(rotations, half, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    return graph_ms([(lambda i=i: dst[i].copy_(src[i])) for i in range(rotations)])
 
 
 def random_selection(gen: torch.Generator, num_pages: int, batch: int, top_k: int,
@@ -153,6 +167,7 @@ def bench_context(ctx: int, batch: int, top_ks: list[int], ceil: dict, checks: C
         rows.append({
             "ctx": ctx, "batch": batch, "top_k": top_k, "bytes": nbytes, "rel_err": err,
             "eager_ms": eager_ms, "graph_ms": g_ms, "floor_ms": nbytes / d2d * 1e3,
+            "same_bytes_copy_ms": same_bytes_copy_ms(nbytes, device, rotations),
             "bw_frac": nbytes / (g_ms * 1e-3) / d2d,
             "speedup_vs_sdpa": sdpa_ms / g_ms,
         })
@@ -176,12 +191,26 @@ def bench_context(ctx: int, batch: int, top_ks: list[int], ceil: dict, checks: C
         calls = [(lambda q=q: kernels.score_and_select(q, bounds, table, num_pages, top_k))
                  for q in queries]
         g_ms = graph_ms(calls)
+        half = PageBounds(kmin=kmin.bfloat16(), kmax=kmax.bfloat16())
+        ids16 = kernels.score_and_select(queries[0], half, table, num_pages, top_k)
+        scores16 = score_pages(queries[0], PageBounds(half.kmin.float(), half.kmax.float()), table,
+                               num_pages)
+        scores16[:, :, max_pages - 1] = float("inf")
+        ref16 = scores16.topk(min(top_k, max_pages), dim=2).values.sort(dim=2).values
+        got16 = scores16.gather(2, ids16.clamp_min(0)).sort(dim=2).values
+        checks.bound(f"select bf16 bounds {tag} K={top_k}: score sets",
+                     (got16 - ref16).nan_to_num(posinf=0.0).abs().max().item(), 1e-3)
+        g16_ms = graph_ms([(lambda q=q: kernels.score_and_select(q, half, table, num_pages, top_k))
+                           for q in queries])
+        del scores16, half
         sparse_ms = next(r["graph_ms"] for r in rows if r["top_k"] == top_k)
         nbytes = 2 * batch * NUM_KV * max_pages * DIM * 4
         sel_rows.append({
             "ctx": ctx, "batch": batch, "top_k": top_k, "bytes": nbytes, "graph_ms": g_ms,
             "floor_ms": nbytes / d2d * 1e3, "bw_frac": nbytes / (g_ms * 1e-3) / d2d,
             "amortized_frac_of_sparse": g_ms / RERANK_INTERVAL / sparse_ms,
+            "bf16_bounds_graph_ms": g16_ms,
+            "bf16_amortized_frac_of_sparse": g16_ms / RERANK_INTERVAL / sparse_ms,
         })
         del scores
 
@@ -193,7 +222,7 @@ def bench_context(ctx: int, batch: int, top_ks: list[int], ceil: dict, checks: C
     kernels.update_bounds(bounds, new_keys, slots, PAGE)
     checks.true(f"update_bounds {tag} exact",
                 torch.equal(ref.kmin, bounds.kmin) and torch.equal(ref.kmax, bounds.kmax))
-    upd_ms = graph_ms([lambda: kernels.update_bounds(bounds, new_keys, slots, PAGE)])
+    upd_ms = graph_ms([lambda: kernels.update_bounds(bounds, new_keys, slots, PAGE)], repeat=8)
     upd_row = {"ctx": ctx, "batch": batch, "graph_ms": upd_ms}
     return rows, {"dense": dense_row, "update": upd_row}, {"select": sel_rows}
 
@@ -206,24 +235,24 @@ def bench_combine(batch: int, shards: int, checks: Checks, device: torch.device,
     ref_out, ref_lse = ref_combine(outs, lses)
     err = checks.bound(f"combine B={batch} S={shards}", rel_err(out, ref_out), REL_TOL)
     checks.bound(f"combine lse B={batch} S={shards}", (lse - ref_lse).abs().max().item(), 1e-4)
-    g_ms = graph_ms([lambda: kernels.combine_partials(outs, lses)])
+    g_ms = graph_ms([lambda: kernels.combine_partials(outs, lses)], repeat=8)
     return {"batch": batch, "shards": shards, "rel_err": err, "graph_ms": g_ms}
 
 
 def bench_copy(batch: int, ctx: int, top_k: int, device: torch.device,
-               gen: torch.Generator, checks: Checks) -> dict:
+               gen: torch.Generator, host_gen: torch.Generator, checks: Checks) -> dict:
     """A rerank's promotions (a quarter of K per stable head) copied under sparse attention."""
     stable_heads = NUM_KV - NUM_KV // 4
     promoted = batch * stable_heads * top_k // 4
     page_shape = (2, PAGE, DIM)  # K and V of one head's page
     arena_pages = 4 * promoted  # host pages to pick from; their number does not change the cost
-    arena = torch.randn(arena_pages, *page_shape, generator=gen).bfloat16()
+    arena = torch.randn(arena_pages, *page_shape, generator=host_gen).bfloat16()
     if device.type == "cuda":
         arena = arena.pin_memory()
     pool = torch.zeros(batch * stable_heads * top_k, *page_shape, dtype=torch.bfloat16,
                        device=device)
-    src = torch.randperm(arena_pages, generator=gen)[:promoted]
-    dst = torch.randperm(pool.shape[0], generator=gen)[:promoted]
+    src = torch.randperm(arena_pages, generator=host_gen)[:promoted]
+    dst = torch.randperm(pool.shape[0], generator=host_gen)[:promoted]
     event = kernels.copy_pages_async(arena, src, pool, dst)
     if event is not None:
         torch.cuda.current_stream().wait_event(event)
@@ -238,10 +267,17 @@ def bench_copy(batch: int, ctx: int, top_k: int, device: torch.device,
     sel = random_selection(gen, max_pages, batch, top_k, device)
     query = torch.randn(batch, NUM_Q, DIM, device=device, dtype=torch.bfloat16, generator=gen)
     repeats = 40 if device.type == "cuda" else 1
-
-    def compute() -> None:
-        for _ in range(repeats):
-            kernel_attention(query, k_cache, k_cache, table, seq_lens, sel, 0.1)
+    step = lambda: kernel_attention(query, k_cache, k_cache, table, seq_lens, sel, 0.1)  # noqa: E731
+    if device.type == "cuda":  # replayed as a graph: the host is free while the GPU computes
+        step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(repeats):
+                step()
+        compute = graph.replay
+    else:
+        compute = step
 
     def copy() -> None:
         event = kernels.copy_pages_async(arena, src, pool, dst)
@@ -249,8 +285,8 @@ def bench_copy(batch: int, ctx: int, top_k: int, device: torch.device,
             torch.cuda.current_stream().wait_event(event)
 
     def both() -> None:
-        event = kernels.copy_pages_async(arena, src, pool, dst)
         compute()
+        event = kernels.copy_pages_async(arena, src, pool, dst)
         if event is not None:
             torch.cuda.current_stream().wait_event(event)
 
@@ -264,25 +300,37 @@ def bench_copy(batch: int, ctx: int, top_k: int, device: torch.device,
     }
 
 
-def bench_splits(ctx: int, batch: int, top_k: int, device: torch.device,
-                 gen: torch.Generator, checks: Checks, rotations: int) -> list[dict]:
-    """Split-K sweep on one shape: where the heuristic lands among the choices."""
+def bench_configs(ctx: int, batches: list[int], top_k: int, device: torch.device,
+                  gen: torch.Generator, checks: Checks, rotations: int) -> list[dict]:
+    """Launch-shape sweep (tile, programs per SM, warps, stages) at one context and K.
+
+    Every configuration must agree with the default; the table shows where the default lands.
+    """
+    configs = [LaunchConfig(tile, per_sm, warps, stages)
+               for tile in (64, 128) for per_sm in (2, 4, 8) for warps in (4, 8)
+               for stages in (2, 3, 4)]
+    if rotations == 1:  # smoke run: a handful
+        configs = [DEFAULT_CONFIG, LaunchConfig(128, 2, 8, 2)]
     max_pages = ctx // PAGE
-    k_cache = torch.randn(batch * max_pages, PAGE, NUM_KV, DIM, device=device,
-                          dtype=torch.bfloat16, generator=gen)
-    table = torch.arange(batch * max_pages, device=device, dtype=torch.int32).view(batch, -1)
-    seq_lens = torch.full((batch,), ctx, device=device, dtype=torch.int32)
-    query = torch.randn(batch, NUM_Q, DIM, device=device, dtype=torch.bfloat16, generator=gen)
-    sels = [random_selection(gen, max_pages, batch, top_k, device) for _ in range(rotations)]
-    base, _ = kernel_attention(query, k_cache, k_cache, table, seq_lens, sels[0], 0.1)
     rows = []
-    for splits in (0, 1, 4, 32) if rotations == 1 else (0, 1, 2, 4, 8, 16, 32):
-        out, _ = kernel_attention(query, k_cache, k_cache, table, seq_lens, sels[0], 0.1,
-                                  num_splits=splits or None)
-        checks.bound(f"splits={splits} agrees", rel_err(out, base), REL_TOL)
-        calls = [(lambda s=s: kernel_attention(query, k_cache, k_cache, table, seq_lens, s, 0.1,
-                                               num_splits=splits or None)) for s in sels]
-        rows.append({"splits": splits or "auto", "graph_ms": graph_ms(calls)})
+    for batch in batches:
+        k_cache = torch.randn(batch * max_pages, PAGE, NUM_KV, DIM, device=device,
+                              dtype=torch.bfloat16, generator=gen)
+        table = torch.arange(batch * max_pages, device=device, dtype=torch.int32).view(batch, -1)
+        seq_lens = torch.full((batch,), ctx, device=device, dtype=torch.int32)
+        query = torch.randn(batch, NUM_Q, DIM, device=device, dtype=torch.bfloat16, generator=gen)
+        sels = [random_selection(gen, max_pages, batch, top_k, device) for _ in range(rotations)]
+        base, _ = kernel_attention(query, k_cache, k_cache, table, seq_lens, sels[0], 0.1)
+        for config in configs:
+            out, _ = kernel_attention(query, k_cache, k_cache, table, seq_lens, sels[0], 0.1,
+                                      config=config)
+            checks.bound(f"config {config} B={batch} agrees", rel_err(out, base), REL_TOL)
+            calls = [(lambda s=s, c=config: kernel_attention(query, k_cache, k_cache, table,
+                                                             seq_lens, s, 0.1, config=c))
+                     for s in sels]
+            rows.append({"ctx": ctx, "batch": batch, "top_k": top_k, **asdict(config),
+                         "default": config == DEFAULT_CONFIG, "graph_ms": graph_ms(calls)})
+        del k_cache
     return rows
 
 
@@ -295,19 +343,22 @@ def write_markdown(path: Path, result: dict) -> None:
         "Llama-8B attention shape (32 q / 8 kv heads, dim 128), bf16, 16-token pages. "
         "Times are medians of CUDA-graph replays over 8 rotating input sets.",
         "",
-        "| ctx | batch | dense SDPA ms | K | sparse ms | floor ms | % of copy bw | x SDPA | "
-        "select ms | select/16 as % of sparse |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ctx | batch | dense SDPA ms | dense kernel ms | K | sparse ms | floor ms | "
+        "same-bytes copy ms | % of copy bw | x SDPA | select ms (fp32 / bf16 bounds) | "
+        "select/16 as % of sparse (fp32 / bf16) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     dense = {(d["ctx"], d["batch"]): d for d in result["dense"]}
     select = {(s["ctx"], s["batch"], s["top_k"]): s for s in result["select"]}
     for r in result["attention"]:
         d, s = dense[(r["ctx"], r["batch"])], select[(r["ctx"], r["batch"], r["top_k"])]
         lines.append(
-            f"| {r['ctx']} | {r['batch']} | {d['sdpa_ms']:.3f} | {r['top_k']} | "
-            f"{r['graph_ms']:.4f} | {r['floor_ms']:.4f} | {100 * r['bw_frac']:.0f} | "
-            f"{r['speedup_vs_sdpa']:.1f} | {s['graph_ms']:.4f} | "
-            f"{100 * s['amortized_frac_of_sparse']:.1f} |"
+            f"| {r['ctx']} | {r['batch']} | {d['sdpa_ms']:.3f} | {d['kernel_dense_ms']:.3f} | "
+            f"{r['top_k']} | {r['graph_ms']:.4f} | {r['floor_ms']:.4f} | "
+            f"{r['same_bytes_copy_ms']:.4f} | {100 * r['bw_frac']:.0f} | "
+            f"{r['speedup_vs_sdpa']:.1f} | {s['graph_ms']:.4f} / {s['bf16_bounds_graph_ms']:.4f} | "
+            f"{100 * s['amortized_frac_of_sparse']:.0f} / "
+            f"{100 * s['bf16_amortized_frac_of_sparse']:.0f} |"
         )
     lines += ["", f"Checks: {result['checks']['count']} run, "
               f"{len(result['checks']['failed'])} failed.", ""]
@@ -322,6 +373,12 @@ def main(
 ) -> None:
     """Check and time every kernel; print a table; write gpu_kernels.json and gpu_kernels.md."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = "gpu_kernels_quick" if quick else "gpu_kernels"
+
+    def save(result: dict) -> None:  # after every section, so a crash keeps what was measured
+        (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
+
     gen = torch.Generator(device=device).manual_seed(seed)
     cpu_gen = torch.Generator().manual_seed(seed)
     contexts = [256] if quick else [8192, 32768, 131072]
@@ -345,35 +402,42 @@ def main(
             result["select"] += sel["select"]
             console.print(f"done ctx={ctx} batch={batch}: checks failed so far "
                           f"{len(checks.failed)}")
+            save(result)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     result["combine"] = [bench_combine(b, s, checks, device, gen)
                          for b in batches for s in (2, 8)]
     result["copy"] = [bench_copy(b, contexts[-1] // 4, top_ks[len(top_ks) // 2], device,
-                                 cpu_gen, checks) for b in batches[1:] or batches]
-    result["splits"] = bench_splits(contexts[-1], batches[len(batches) // 2],
-                                    top_ks[len(top_ks) // 2], device, gen, checks, rotations)
+                                 gen, cpu_gen, checks) for b in batches[1:] or batches]
+    save(result)
+    result["configs"] = bench_configs(contexts[-1], batches, top_ks[len(top_ks) // 2], device,
+                                      gen, checks, rotations)
     result["checks"] = {"count": checks.count, "failed": checks.failed}
 
     table = Table(title=f"sparse decode attention on {result['device']}")
-    for col in ("ctx", "B", "K", "SDPA ms", "sparse ms", "floor ms", "% bw", "x SDPA",
-                "select ms", "sel/16 %"):
+    for col in ("ctx", "B", "K", "SDPA ms", "sparse ms", "floor ms", "copy ms", "% bw",
+                "x SDPA", "select ms", "sel/16 %"):
         table.add_column(col, justify="right")
     dense = {(d["ctx"], d["batch"]): d for d in result["dense"]}
     select = {(s["ctx"], s["batch"], s["top_k"]): s for s in result["select"]}
     for r in result["attention"]:
         d, s = dense[(r["ctx"], r["batch"])], select[(r["ctx"], r["batch"], r["top_k"])]
         table.add_row(str(r["ctx"]), str(r["batch"]), str(r["top_k"]), f"{d['sdpa_ms']:.3f}",
-                      f"{r['graph_ms']:.4f}", f"{r['floor_ms']:.4f}", f"{100 * r['bw_frac']:.0f}",
+                      f"{r['graph_ms']:.4f}", f"{r['floor_ms']:.4f}",
+                      f"{r['same_bytes_copy_ms']:.4f}", f"{100 * r['bw_frac']:.0f}",
                       f"{r['speedup_vs_sdpa']:.1f}", f"{s['graph_ms']:.4f}",
                       f"{100 * s['amortized_frac_of_sparse']:.1f}")
     console.print(table)
-    console.print({"copy": result["copy"], "splits": result["splits"],
+    best = {}
+    for row in result["configs"]:
+        if row["batch"] not in best or row["graph_ms"] < best[row["batch"]]["graph_ms"]:
+            best[row["batch"]] = row
+    default = {r["batch"]: r["graph_ms"] for r in result["configs"] if r["default"]}
+    console.print({"best launch config per batch": best, "default ms": default})
+    console.print({"copy": result["copy"],
                    "combine": result["combine"], "update": result["update"]})
     console.print(f"checks: {checks.count} run, failed: {checks.failed or 'none'}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    name = "gpu_kernels_quick" if quick else "gpu_kernels"
-    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
+    save(result)
     write_markdown(out_dir / f"{name}.md", result)
     if checks.failed:
         raise typer.Exit(1)

@@ -13,7 +13,9 @@ the exact LSE combine in :mod:`kvhead.kernels.combine`, so the split count chang
 
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -21,8 +23,18 @@ import triton.language as tl
 
 from kvhead.kernels.combine import combine
 
-TILE_TOKENS = 64  # tokens per inner step: four 16-token pages, 16 KiB of bf16 K+V per head
-PROGRAMS_PER_SM = 4  # enough resident programs to keep loads in flight on every SM
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Launch shape of the split kernel; results never depend on it beyond fp32 rounding."""
+
+    tile_tokens: int = 64  # listed tokens per inner step (four 16-token pages)
+    programs_per_sm: int = 4  # split each head until the grid holds this many programs per SM
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+DEFAULT_CONFIG = LaunchConfig()
 _DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -135,10 +147,14 @@ def _check(query, k_cache, v_cache, block_table, seq_lens, page_ids) -> None:
         raise ValueError("sparse_decode_attention: k/v caches need a contiguous head_dim axis")
 
 
-def _num_splits(programs: int, num_tiles: int, device: torch.device) -> int:
-    """Split each head's token list until the grid holds ~PROGRAMS_PER_SM programs per SM."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    wanted = max(1, -(-PROGRAMS_PER_SM * sms // max(programs, 1)))
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _num_splits(programs: int, num_tiles: int, device: torch.device, per_sm: int) -> int:
+    """Split each head's token list until the grid holds ``per_sm`` programs per SM."""
+    wanted = max(1, -(-per_sm * _sm_count(device) // max(programs, 1)))
     return max(1, min(wanted, num_tiles))
 
 
@@ -151,11 +167,12 @@ def sparse_decode_attention(
     page_ids: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    config: LaunchConfig = DEFAULT_CONFIG,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of :func:`kvhead.attention.sparse_decode_attention` (same arguments).
 
-    ``num_splits`` overrides the split-K heuristic (benchmarks sweep it); results do not depend
-    on it beyond fp32 rounding.
+    ``num_splits`` overrides the split-K heuristic and ``config`` the launch shape (benchmarks
+    sweep both); results do not depend on either beyond fp32 rounding.
     """
     _check(query, k_cache, v_cache, block_table, seq_lens, page_ids)
     batch, num_q_heads, head_dim = query.shape
@@ -165,8 +182,10 @@ def sparse_decode_attention(
     block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
     page_ids = page_ids if page_ids.stride(2) == 1 else page_ids.contiguous()
     num_listed = page_ids.shape[2]
-    num_tiles = max(1, -(-num_listed * page_size // TILE_TOKENS))
-    splits = num_splits or _num_splits(batch * num_kv_heads, num_tiles, query.device)
+    tile = config.tile_tokens
+    num_tiles = max(1, -(-num_listed * page_size // tile))
+    splits = num_splits or _num_splits(batch * num_kv_heads, num_tiles, query.device,
+                                       config.programs_per_sm)
     splits = max(1, min(splits, num_tiles))
     tiles_per_split = -(-num_tiles // splits)
     splits = -(-num_tiles // tiles_per_split)
@@ -180,7 +199,7 @@ def sparse_decode_attention(
         precision = "ieee" if dot_dtype == tl.float32 else "tf32"
         _sparse_decode_kernel[(batch * num_kv_heads, splits)](
             query, k_cache, v_cache, block_table, seq_lens, page_ids, part_out, part_lse,
-            float(scale), num_listed, tiles_per_split * TILE_TOKENS, num_kv_heads, head_dim,
+            float(scale), num_listed, tiles_per_split * tile, num_kv_heads, head_dim,
             query.stride(0), query.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -188,8 +207,8 @@ def sparse_decode_attention(
             part_out.stride(0), part_lse.stride(0),
             GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
             BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-            PAGE_SIZE=page_size, BLOCK_N=TILE_TOKENS, DOT_DTYPE=dot_dtype, PRECISION=precision,
-            num_warps=4, num_stages=3,
+            PAGE_SIZE=page_size, BLOCK_N=tile, DOT_DTYPE=dot_dtype, PRECISION=precision,
+            num_warps=config.num_warps, num_stages=config.num_stages,
         )
     out, lse = combine(part_out, part_lse, out_dtype=query.dtype)
     return out.view(batch, num_q_heads, head_dim), lse.view(batch, num_q_heads)

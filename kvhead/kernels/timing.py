@@ -27,12 +27,14 @@ def median_ms(fn: Callable[[], object], *, warmup_ms: int = 25, rep_ms: int = 10
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-def graph_ms(fns: Sequence[Callable[[], object]], *, replays: int = 30) -> float:
-    """Median milliseconds per call of a CUDA graph that runs each of ``fns`` once, in order.
+def graph_ms(fns: Sequence[Callable[[], object]], *, replays: int = 30, repeat: int = 1) -> float:
+    """Median milliseconds per call of a CUDA graph that runs ``fns`` in order, ``repeat`` times.
 
     Pass one closure per input set (same kernel, different data) so consecutive calls miss the
-    L2 the way successive layers' decode steps do.
+    L2 the way successive layers' decode steps do. A graph launch has a fixed cost of several
+    microseconds; ``repeat`` (or several ``fns``) spreads it over many calls.
     """
+    fns = list(fns) * repeat
     if not torch.cuda.is_available():
         return median_ms(lambda: [fn() for fn in fns]) / len(fns)
     side = torch.cuda.Stream()
