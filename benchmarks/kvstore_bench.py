@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -155,7 +156,7 @@ def bench_arena(head_dim: int, capacity: int, batch: int, repeats: int) -> dict:
 def markdown(results: dict) -> str:
     lines = [
         "# kvstore benchmark", "",
-        f"Machine: {results['machine']}; torch threads: 1; one connection; "
+        f"Machine: {results['machine']}; one connection per client; "
         f"{results['redis']['smollm2']['rounds']} alternating rounds, median.", "",
         "## Redis tier vs redis-benchmark (same value size, same pipeline depth)", "",
         "| geometry | value bytes | depth | op | kvstore pages/s | redis-benchmark req/s | ratio |",
@@ -191,7 +192,7 @@ def main(
         pages, batch, rounds, arena_batch = 2048, 512, 1, 512
     if pages % batch:
         raise typer.BadParameter("pages must be a multiple of batch")
-    results: dict = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
+    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), "
                                 f"{torch.get_num_threads()} torch thread", "redis": {}, "arena": {}}
     for name, dim in GEOMETRIES.items():
         console.print(f"[bold]{name}[/]: Redis tier vs redis-benchmark ...")
