@@ -38,7 +38,7 @@ from kvhead.spec import HeadPageSpec
 from kvstore import HostArena, HostArenaConfig, PageKeys, RedisTier, RedisTierConfig, prefix_hashes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from redis_server import RedisServer  # noqa: E402  (the tests' real-server helper)
+from redis_server import RedisServer
 
 GEOMETRIES = {"smollm2": 64, "llama-8b": 128}  # head_dim; 16-token pages, bf16, K and V
 PAGE = 16
@@ -156,8 +156,8 @@ def bench_arena(head_dim: int, capacity: int, batch: int, repeats: int) -> dict:
 def markdown(results: dict) -> str:
     lines = [
         "# kvstore benchmark", "",
-        f"Machine: {results['machine']}; one connection per client; "
-        f"{results['redis']['smollm2']['rounds']} alternating rounds, median.", "",
+        (f"Machine: {results['machine']}; one connection per client; "
+         f"{results['redis']['smollm2']['rounds']} alternating rounds, median."), "",
         "## Redis tier vs redis-benchmark (same value size, same pipeline depth)", "",
         "| geometry | value bytes | depth | op | kvstore pages/s | redis-benchmark req/s | ratio |",
         "|---|---|---|---|---|---|---|",
@@ -192,8 +192,9 @@ def main(
         pages, batch, rounds, arena_batch = 2048, 512, 1, 512
     if pages % batch:
         raise typer.BadParameter("pages must be a multiple of batch")
-    results: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), "
-                                f"{torch.get_num_threads()} torch thread", "redis": {}, "arena": {}}
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores (shared), "
+               f"{torch.get_num_threads()} torch thread")
+    results: dict = {"machine": machine, "redis": {}, "arena": {}}
     for name, dim in GEOMETRIES.items():
         console.print(f"[bold]{name}[/]: Redis tier vs redis-benchmark ...")
         results["redis"][name] = bench_redis(dim, pages, batch, depth, rounds)

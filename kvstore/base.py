@@ -74,7 +74,7 @@ class PageKeys:
         """True when every row carries a content address (prefix hash and page index)."""
         return self.prefix is not None
 
-    def select(self, rows: torch.Tensor) -> "PageKeys":
+    def select(self, rows: torch.Tensor) -> PageKeys:
         """The sub-batch at ``rows`` (a bool mask or an index tensor)."""
         return PageKeys(
             self.layer, self.block_ids[rows], self.heads[rows],

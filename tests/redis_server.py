@@ -67,7 +67,7 @@ class RedisServer:
                 "--tls-key-file", str(self.dir / "key.pem"), "--tls-ca-cert-file", self.ca_file,
                 "--tls-auth-clients", "no"]
 
-    def start(self, timeout: float = 10.0) -> "RedisServer":
+    def start(self, timeout: float = 10.0) -> RedisServer:
         cmd = ["redis-server", *self._listen_args(), "--bind", "127.0.0.1", "--save", "",
                "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no", *self.args]
         if self.password:

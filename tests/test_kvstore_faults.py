@@ -15,13 +15,19 @@ from redis_server import RedisServer, free_port, redis_srv, running_redis  # noq
 
 from kvhead.spec import HeadPageSpec
 from kvstore import (
-    HostArenaConfig, KVStoreConfig, PageKeys, RedisTier, RedisTierConfig, TierManagerConfig,
-    build_store, prefix_hashes,
+    HostArenaConfig,
+    KVStoreConfig,
+    PageKeys,
+    RedisTier,
+    RedisTierConfig,
+    TierManagerConfig,
+    build_store,
+    prefix_hashes,
 )
 
 SPEC = HeadPageSpec(num_q_heads=4, num_kv_heads=2, head_dim=16, page_size=4)
 FP = "0badc0de0badc0de"
-FAST = dict(retry_after_s=0.2, socket_timeout_s=0.5, connect_timeout_s=0.2)
+FAST = {"retry_after_s": 0.2, "socket_timeout_s": 0.5, "connect_timeout_s": 0.2}
 
 
 def step_batch(step: int, n: int = 8) -> tuple[PageKeys, torch.Tensor, torch.Tensor]:
@@ -144,7 +150,7 @@ def test_out_of_memory_is_refused_writes_and_misses_never_errors():
         assert 0 < int(stored.sum()) < len(stored)
         assert t.stats().put_failures == len(stored) - int(stored.sum())
         assert not t.is_down  # OOM is a refusal, not an outage
-        keys, k, v = step_batch(399, n=8)
+        keys = step_batch(399, n=8)[0]
         assert not t.get(keys).found.any()
 
 
@@ -155,7 +161,7 @@ def test_evicting_redis_gives_misses_and_only_exact_pages():
             t.put(*step_batch(step, n=8))
         found = 0
         for step in range(0, 400, 7):
-            keys, k, v = step_batch(step, n=8)
+            keys, k, _ = step_batch(step, n=8)
             got = t.get(keys)
             assert torch.equal(got.k[got.found], k[got.found])
             found += int(got.found.sum())

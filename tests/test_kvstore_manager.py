@@ -7,8 +7,15 @@ from redis_server import redis_srv  # noqa: F401  (fixture)
 
 from kvhead.spec import HeadPageSpec
 from kvstore import (
-    HostArena, HostArenaConfig, KVStoreConfig, PageKeys, RedisTierConfig, TierManager,
-    TierManagerConfig, build_store, prefix_hashes,
+    HostArena,
+    HostArenaConfig,
+    KVStoreConfig,
+    PageKeys,
+    RedisTierConfig,
+    TierManager,
+    TierManagerConfig,
+    build_store,
+    prefix_hashes,
 )
 
 SPEC = HeadPageSpec(num_q_heads=4, num_kv_heads=2, head_dim=16, page_size=4)
