@@ -1,0 +1,355 @@
+"""GPU decode step, dense vs FlexiCache (issue #5, item 3), at 8k-128k context.
+
+Two measurements, both with random weights of Llama-8B shape (hidden 4096, 32 query / 8 KV
+heads of dim 128, MLP 14336) in bf16 and random KV, because only speed matters here:
+
+* ``runner``: the lead's Hugging Face reference runner (``kvhead.runner``), batch 1, a
+  4-layer model (the step time of a deeper model scales with its layer count), decoding after a
+  context whose KV is written straight into the runner's paged cache. Its policy is
+  ``kvhead.policy.SelectionPolicy`` (torch reference selection) and its attention our Triton
+  kernel; this is the end-to-end path as it stands.
+* ``layer``: a batched decode step of 4 such layers built directly on the kernels, laid out as
+  the design says: unstable heads (a quarter) attend to every page of a device cache; stable
+  heads attend to a device hot pool holding their top-K pages plus the newest page, rerank every
+  16 steps with ``score_and_select`` over device-resident fp32 bounds, and pull promoted pages
+  from a pinned host arena with ``copy_pages_async`` on a side stream. Dense attends to every
+  page of every head with the same kernel. No RoPE (it is a few element-wise ops per step).
+  Hot-pool slot bookkeeping is simplified: a promoted page lands in the slot of its rank, and
+  one host arena serves all layers; bytes moved and kernels run are those of the real scheme.
+
+Run: ``PYTHONPATH=. python benchmarks/gpu_decode.py`` (``--quick`` for a CPU smoke run).
+Writes ``benchmarks/results/gpu_decode.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvhead import kernels
+from kvhead.pages import PageBounds, all_pages
+
+console = Console()
+app = typer.Typer(add_completion=False)
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int = 4096
+    num_q: int = 32
+    num_kv: int = 8
+    head_dim: int = 128
+    intermediate: int = 14336
+    vocab: int = 128256
+    layers: int = 4
+    page: int = 16
+    top_k: int = 64
+    rerank: int = 16
+    unstable_frac: float = 0.25
+
+    @property
+    def num_unstable(self) -> int:
+        return max(1, round(self.num_kv * self.unstable_frac))
+
+
+QUICK = Shape(hidden=256, num_q=8, num_kv=4, head_dim=32, intermediate=512, vocab=1000,
+              layers=2, top_k=4)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed_steps(step, warmup: int, steps: int) -> list[float]:
+    """Host milliseconds of each decode step, device synchronised around every step."""
+    for i in range(warmup):
+        step(i)
+    times = []
+    for i in range(warmup, warmup + steps):
+        sync()
+        start = time.perf_counter()
+        step(i)
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def kv_bytes(shape: Shape, batch: int, tokens: int, heads: int) -> int:
+    return 2 * batch * tokens * heads * shape.head_dim * 2
+
+
+class Layer:
+    """Random bf16 weights of one Llama decoder layer."""
+
+    def __init__(self, shape: Shape, device: torch.device, gen: torch.Generator) -> None:
+        def w(rows: int, cols: int) -> torch.Tensor:
+            return (torch.randn(rows, cols, device=device, generator=gen) * rows**-0.5).bfloat16()
+
+        qkv = (shape.num_q + 2 * shape.num_kv) * shape.head_dim
+        self.shape = shape
+        self.w_qkv = w(shape.hidden, qkv)
+        self.w_o = w(shape.num_q * shape.head_dim, shape.hidden)
+        self.w_up = w(shape.hidden, 2 * shape.intermediate)
+        self.w_down = w(shape.intermediate, shape.hidden)
+
+    def project(self, x: torch.Tensor):
+        s = self.shape
+        qkv = F.rms_norm(x, (s.hidden,)) @ self.w_qkv
+        q, k, v = qkv.split([s.num_q * s.head_dim, s.num_kv * s.head_dim,
+                             s.num_kv * s.head_dim], dim=1)
+        batch = x.shape[0]
+        return (q.reshape(batch, s.num_q, s.head_dim), k.reshape(batch, s.num_kv, s.head_dim),
+                v.reshape(batch, s.num_kv, s.head_dim))
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        x = x + attn.reshape(x.shape[0], -1) @ self.w_o
+        gate, up = (F.rms_norm(x, (self.shape.hidden,)) @ self.w_up).chunk(2, dim=1)
+        return x + (F.silu(gate) * up) @ self.w_down
+
+
+def layer_dense(shape: Shape, layers: list[Layer], batch: int, ctx: int, steps: int,
+                device: torch.device, gen: torch.Generator) -> dict:
+    """Every head attends to every page of a device cache."""
+    pages = -(-(ctx + steps + 8) // shape.page)
+    caches = [(torch.randn(batch * pages, shape.page, shape.num_kv, shape.head_dim, device=device,
+                           generator=gen, dtype=torch.bfloat16),
+               torch.randn(batch * pages, shape.page, shape.num_kv, shape.head_dim, device=device,
+                           generator=gen, dtype=torch.bfloat16)) for _ in layers]
+    table = torch.arange(batch * pages, device=device, dtype=torch.int32).view(batch, pages)
+    x0 = torch.randn(batch, shape.hidden, device=device, generator=gen).bfloat16()
+    scale = shape.head_dim**-0.5
+
+    def step(i: int) -> None:
+        length = ctx + i + 1
+        seq_lens = torch.full((batch,), length, device=device, dtype=torch.int32)
+        slots = table[:, (length - 1) // shape.page].long() * shape.page + (length - 1) % shape.page
+        ids = all_pages((seq_lens + shape.page - 1) // shape.page, shape.num_kv, pages)
+        x = x0
+        for layer, (k_cache, v_cache) in zip(layers, caches):
+            q, k, v = layer.project(x)
+            k_cache.view(-1, shape.num_kv, shape.head_dim)[slots] = k
+            v_cache.view(-1, shape.num_kv, shape.head_dim)[slots] = v
+            out, _ = kernels.sparse_decode_attention(q, k_cache, v_cache, table, seq_lens, ids,
+                                                     scale)
+            x = layer.finish(x, out)
+
+    times = timed_steps(step, 3, steps)
+    resident = len(layers) * kv_bytes(shape, batch, ctx, shape.num_kv)
+    del caches
+    return {"times_ms": times, "kv_bytes_resident": resident, "meta_bytes_resident": 0}
+
+
+def layer_flexicache(shape: Shape, layers: list[Layer], batch: int, ctx: int, steps: int,
+                     device: torch.device, gen: torch.Generator) -> dict:
+    """Unstable heads: every page; stable heads: top-K + newest page from a hot pool."""
+    hu, hs, page, top_k = shape.num_unstable, shape.num_kv - shape.num_unstable, shape.page, shape.top_k
+    group = shape.num_q // shape.num_kv
+    pages = -(-(ctx + steps + 8) // page)
+    slots_per_seq = top_k + 1  # top-K plus the newest page
+    table = torch.arange(batch * pages, device=device, dtype=torch.int32).view(batch, pages)
+    pool_table = torch.arange(batch * slots_per_seq, device=device,
+                              dtype=torch.int32).view(batch, slots_per_seq)
+    pool_lens = torch.full((batch,), slots_per_seq * page, device=device, dtype=torch.int32)
+    pool_ids = all_pages(torch.full((batch,), slots_per_seq, device=device), hs, slots_per_seq)
+    # One pinned arena (all stable heads' pages of one layer) stands in for every layer's.
+    # Its contents do not change a copy's speed, so a constant fill saves host time.
+    arena = torch.empty(batch * pages * hs, 2, page, shape.head_dim, dtype=torch.bfloat16,
+                        pin_memory=device.type == "cuda").fill_(0.5)
+    state = []
+    for _ in layers:
+        k_u = torch.randn(batch * pages, page, hu, shape.head_dim, device=device, generator=gen,
+                          dtype=torch.bfloat16)
+        v_u = torch.randn_like(k_u)
+        # Pool rows are (slot, head) pages of [K|V, P, D], the unit copy_pages_async moves.
+        pool = torch.randn(batch * slots_per_seq, hs, 2, page, shape.head_dim, device=device,
+                           generator=gen, dtype=torch.bfloat16)
+        stable_keys = torch.randn(batch * pages, page, hs, shape.head_dim, device=device,
+                                  generator=gen, dtype=torch.bfloat16)
+        bounds = PageBounds(kmin=stable_keys.amin(1).float(), kmax=stable_keys.amax(1).float())
+        del stable_keys
+        state.append({"k_u": k_u, "v_u": v_u, "pool": pool, "bounds": bounds, "prev": None,
+                      "event": None, "promoted": 0, "reranks": 0})
+    x0 = torch.randn(batch, shape.hidden, device=device, generator=gen).bfloat16()
+    scale = shape.head_dim**-0.5
+
+    def rerank(st: dict, q_s: torch.Tensor, num_pages: torch.Tensor) -> None:
+        ids = kernels.score_and_select(q_s, st["bounds"], table, num_pages, top_k)
+        fresh = ids >= 0
+        if st["prev"] is not None:  # pages already in the pool stay; only new ones move
+            fresh &= ~(ids.unsqueeze(-1) == st["prev"].unsqueeze(-2)).any(-1)
+        st["prev"] = ids
+        b, h, rank = fresh.nonzero(as_tuple=True)
+        page_ids = ids[b, h, rank]
+        src = ((b * pages + page_ids) * hs + h).cpu()
+        dst = ((b * slots_per_seq + rank) * hs + h).cpu()
+        st["event"] = kernels.copy_pages_async(arena, src, st["pool"].view(-1, 2, page,
+                                                                          shape.head_dim), dst)
+        st["promoted"] += int(src.numel())
+        st["reranks"] += 1
+
+    def step(i: int) -> None:
+        length = ctx + i + 1
+        seq_lens = torch.full((batch,), length, device=device, dtype=torch.int32)
+        num_pages = (seq_lens.long() + page - 1) // page
+        block = table[:, (length - 1) // page].long()
+        slots = block * page + (length - 1) % page
+        newest = torch.arange(batch, device=device) * slots_per_seq + top_k  # newest page's slot
+        ids_u = all_pages(num_pages, hu, pages)
+        x = x0
+        for layer, st in zip(layers, state):
+            q, k, v = layer.project(x)
+            q_u = q[:, : hu * group]
+            q_s = q[:, hu * group:]
+            st["k_u"].view(-1, hu, shape.head_dim)[slots] = k[:, :hu]
+            st["v_u"].view(-1, hu, shape.head_dim)[slots] = v[:, :hu]
+            st["pool"][newest, :, 0, (length - 1) % page] = k[:, hu:]
+            st["pool"][newest, :, 1, (length - 1) % page] = v[:, hu:]
+            kernels.update_bounds(st["bounds"], k[:, hu:].contiguous(), slots, page)
+            if i % shape.rerank == 0:
+                rerank(st, q_s, num_pages)
+            if st["event"] is not None:  # promoted pages must land before the pool is read
+                torch.cuda.current_stream().wait_event(st["event"])
+                st["event"] = None
+            out_u, _ = kernels.sparse_decode_attention(q_u, st["k_u"], st["v_u"], table, seq_lens,
+                                                       ids_u, scale)
+            k_pool = st["pool"][:, :, 0].permute(0, 2, 1, 3)  # [slot, P, Hs, D], strided
+            v_pool = st["pool"][:, :, 1].permute(0, 2, 1, 3)
+            out_s, _ = kernels.sparse_decode_attention(q_s, k_pool, v_pool, pool_table,
+                                                       pool_lens, pool_ids, scale)
+            x = layer.finish(x, torch.cat([out_u, out_s], dim=1))
+
+    times = timed_steps(step, 1, steps)
+    resident = len(layers) * (kv_bytes(shape, batch, ctx, hu)
+                              + kv_bytes(shape, batch, slots_per_seq * page, hs))
+    meta = len(layers) * batch * pages * hs * shape.head_dim * 4 * 2
+    promoted = sum(st["promoted"] for st in state)
+    reranks = sum(st["reranks"] for st in state)
+    del state
+    return {"times_ms": times, "kv_bytes_resident": resident, "meta_bytes_resident": meta,
+            "promoted_pages_per_layer_rerank": promoted / max(reranks, 1),
+            "rerank_steps_ms": [t for j, t in enumerate(times) if (j + 1) % shape.rerank == 0]}
+
+
+def runner_steps(shape: Shape, ctx: int, steps: int, device: torch.device,
+                 gen: torch.Generator) -> dict:
+    """The lead's reference runner, batch 1, dense vs flexicache policies."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvhead.runner import ReferenceRunner
+
+    config = LlamaConfig(
+        hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_attention_heads=shape.num_q, num_key_value_heads=shape.num_kv,
+        head_dim=shape.head_dim, num_hidden_layers=shape.layers, vocab_size=shape.vocab,
+        max_position_embeddings=ctx + steps + 64, rope_theta=500000.0,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    runner = ReferenceRunner(model, page_size=shape.page)
+    cache = runner.new_cache(ctx + steps + 8)
+    for layer in range(shape.layers):
+        for pool in (cache.k[layer], cache.v[layer]):
+            flat = pool.view(-1, shape.num_kv, shape.head_dim)[:ctx]
+            flat.copy_(torch.randn(flat.shape, device=device, generator=gen))
+        slots = torch.arange(ctx, device=device)
+        cache.bounds[layer].update(cache.k[layer].view(-1, shape.num_kv, shape.head_dim)[:ctx],
+                                   slots, shape.page)
+    cache.advance(ctx)
+    unstable = torch.zeros(shape.layers, shape.num_kv, dtype=torch.bool)
+    unstable[:, : shape.num_unstable] = True
+    result = {}
+    for mode in ("dense", "flexicache"):
+        kwargs = {"top_k": shape.top_k, "rerank_interval": shape.rerank}
+        if mode == "flexicache":
+            kwargs["unstable"] = unstable
+        policy = runner.policy(mode, **kwargs)
+        token = torch.tensor([1], device=device)
+
+        def step(i: int) -> None:
+            runner.forward(cache, token, policy=policy)
+
+        times = timed_steps(step, 2, steps)
+        cache.rewind(ctx)
+        total = shape.layers * kv_bytes(shape, 1, ctx, shape.num_kv)
+        result[mode] = {"times_ms": times, "resident_fraction": policy.stats.resident_fraction,
+                        "kv_bytes_resident": policy.stats.resident_fraction * total}
+    del model, cache, runner
+    return result
+
+
+def summary(times: list[float]) -> dict:
+    return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times)}
+
+
+@app.command()
+def main(
+    quick: bool = typer.Option(False, help="Tiny shape and context: a CPU smoke run."),
+    out_dir: Path = typer.Option(Path("benchmarks/results"), help="Where the JSON goes."),
+    batch: int = typer.Option(8, help="Sequences per decode step in the layer benchmark."),
+    seed: int = typer.Option(0, help="Seed of weights and KV."),
+    skip_runner: bool = typer.Option(False, help="Only the kernel-level layer benchmark."),
+) -> None:
+    """Decode step time and device KV bytes, dense vs FlexiCache; writes gpu_decode.json."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = QUICK if quick else Shape()
+    contexts = [256] if quick else [8192, 32768, 131072]
+    steps = 2 * shape.rerank + 1 if quick else 3 * shape.rerank
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / ("gpu_decode_quick.json" if quick else "gpu_decode.json")
+    result: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    "shape": shape.__dict__, "batch": batch, "steps": steps, "layer": [],
+                    "runner": []}
+    layers = [Layer(shape, device, gen) for _ in range(shape.layers)]
+    table = Table(title=f"decode step, {shape.layers} layers of Llama-8B shape, batch {batch}")
+    for col in ("ctx", "dense ms", "flexi ms", "speedup", "dense KV GB", "flexi KV GB",
+                "flexi meta GB", "promoted/rerank"):
+        table.add_column(col, justify="right")
+    for ctx in contexts:
+        dense = layer_dense(shape, layers, batch, ctx, steps, device, gen)
+        flexi = layer_flexicache(shape, layers, batch, ctx, steps, device, gen)
+        row = {"ctx": ctx, "dense": {**summary(dense["times_ms"]), **dense},
+               "flexicache": {**summary(flexi["times_ms"]), **flexi}}
+        result["layer"].append(row)
+        (path).write_text(json.dumps(result, indent=1))
+        table.add_row(str(ctx), f"{row['dense']['median_ms']:.3f}",
+                      f"{row['flexicache']['median_ms']:.3f}",
+                      f"{row['dense']['median_ms'] / row['flexicache']['median_ms']:.1f}",
+                      f"{dense['kv_bytes_resident'] / 1e9:.2f}",
+                      f"{flexi['kv_bytes_resident'] / 1e9:.3f}",
+                      f"{flexi['meta_bytes_resident'] / 1e9:.3f}",
+                      f"{flexi['promoted_pages_per_layer_rerank']:.0f}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    console.print(table)
+    if not skip_runner:
+        run_table = Table(title=f"reference runner, batch 1, {shape.layers} layers")
+        for col in ("ctx", "dense ms", "flexi ms", "flexi resident %"):
+            run_table.add_column(col, justify="right")
+        for ctx in contexts:
+            res = runner_steps(shape, ctx, steps, device, gen)
+            result["runner"].append({"ctx": ctx, **{m: {**summary(r["times_ms"]), **r}
+                                                    for m, r in res.items()}})
+            path.write_text(json.dumps(result, indent=1))
+            run_table.add_row(str(ctx), f"{statistics.median(res['dense']['times_ms']):.2f}",
+                              f"{statistics.median(res['flexicache']['times_ms']):.2f}",
+                              f"{100 * res['flexicache']['resident_fraction']:.1f}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        console.print(run_table)
+    path.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    app()
