@@ -10,6 +10,7 @@ VENV=${KVHEAD_VENV:-.venv}
 
 need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server redis-tools)
+command -v openssl >/dev/null || need_apt+=(openssl)  # TLS test certificates
 
 if ((${#need_apt[@]})); then
     echo "[setup] installing Debian packages: ${need_apt[*]}"
