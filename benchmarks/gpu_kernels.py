@@ -262,12 +262,13 @@ def bench_copy(batch: int, ctx: int, top_k: int, device: torch.device,
     max_pages = ctx // PAGE
     k_cache = torch.randn(batch * max_pages, PAGE, NUM_KV, DIM, device=device,
                           dtype=torch.bfloat16, generator=gen)
+    v_cache = torch.randn(k_cache.shape, device=device, dtype=torch.bfloat16, generator=gen)
     table = torch.arange(batch * max_pages, device=device, dtype=torch.int32).view(batch, -1)
     seq_lens = torch.full((batch,), ctx, device=device, dtype=torch.int32)
     sel = random_selection(gen, max_pages, batch, top_k, device)
     query = torch.randn(batch, NUM_Q, DIM, device=device, dtype=torch.bfloat16, generator=gen)
     repeats = 40 if device.type == "cuda" else 1
-    step = lambda: kernel_attention(query, k_cache, k_cache, table, seq_lens, sel, 0.1)  # noqa: E731
+    step = lambda: kernel_attention(query, k_cache, v_cache, table, seq_lens, sel, 0.1)  # noqa: E731
     if device.type == "cuda":  # replayed as a graph: the host is free while the GPU computes
         step()
         torch.cuda.synchronize()
@@ -316,21 +317,22 @@ def bench_configs(ctx: int, batches: list[int], top_k: int, device: torch.device
     for batch in batches:
         k_cache = torch.randn(batch * max_pages, PAGE, NUM_KV, DIM, device=device,
                               dtype=torch.bfloat16, generator=gen)
+        v_cache = torch.randn(k_cache.shape, device=device, dtype=torch.bfloat16, generator=gen)
         table = torch.arange(batch * max_pages, device=device, dtype=torch.int32).view(batch, -1)
         seq_lens = torch.full((batch,), ctx, device=device, dtype=torch.int32)
         query = torch.randn(batch, NUM_Q, DIM, device=device, dtype=torch.bfloat16, generator=gen)
         sels = [random_selection(gen, max_pages, batch, top_k, device) for _ in range(rotations)]
-        base, _ = kernel_attention(query, k_cache, k_cache, table, seq_lens, sels[0], 0.1)
+        base, _ = kernel_attention(query, k_cache, v_cache, table, seq_lens, sels[0], 0.1)
         for config in configs:
-            out, _ = kernel_attention(query, k_cache, k_cache, table, seq_lens, sels[0], 0.1,
+            out, _ = kernel_attention(query, k_cache, v_cache, table, seq_lens, sels[0], 0.1,
                                       config=config)
             checks.bound(f"config {config} B={batch} agrees", rel_err(out, base), REL_TOL)
-            calls = [(lambda s=s, c=config: kernel_attention(query, k_cache, k_cache, table,
+            calls = [(lambda s=s, c=config: kernel_attention(query, k_cache, v_cache, table,
                                                              seq_lens, s, 0.1, config=c))
                      for s in sels]
             rows.append({"ctx": ctx, "batch": batch, "top_k": top_k, **asdict(config),
                          "default": config == DEFAULT_CONFIG, "graph_ms": graph_ms(calls)})
-        del k_cache
+        del k_cache, v_cache
     return rows
 
 

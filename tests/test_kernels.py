@@ -113,6 +113,11 @@ def test_dense_mode_matches_dense_reference():
     ref_out, ref_lse = dense_decode_attention(query, k_cache, v_cache, table, seq_lens, 0.125)
     assert rel_err(out, ref_out) < REL_TOL[torch.bfloat16]
     assert torch.allclose(lse, ref_lse, atol=1e-3, rtol=0)
+    # Lengths as a broadcast view (stride 0), as a caller may pass them: every row still its own.
+    same = seq_lens[:1].expand(2)
+    out, _ = kernels.sparse_decode_attention(query, k_cache, v_cache, table, same, ids, 0.125)
+    ref_out, _ = dense_decode_attention(query, k_cache, v_cache, table, same.contiguous(), 0.125)
+    assert rel_err(out, ref_out) < REL_TOL[torch.bfloat16]
 
 
 def test_attention_rejects_mismatched_shapes():

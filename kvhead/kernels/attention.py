@@ -26,12 +26,17 @@ from kvhead.kernels.combine import combine
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Launch shape of the split kernel; results never depend on it beyond fp32 rounding."""
+    """Launch shape of the split kernel; results never depend on it beyond fp32 rounding.
 
-    tile_tokens: int = 64  # listed tokens per inner step (four 16-token pages)
+    The defaults won a sweep on an H200 (benchmarks/gpu_kernels.py, 128k context, K = 64,
+    batch 1/8/64; see benchmarks/GPU_NOTES.md): larger tiles put more bytes in flight per
+    dependent page-id -> block -> K/V load chain, which is what bounds this kernel.
+    """
+
+    tile_tokens: int = 128  # listed tokens per inner step (eight 16-token pages, 64 KiB K+V)
     programs_per_sm: int = 4  # split each head until the grid holds this many programs per SM
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 2
 
 
 DEFAULT_CONFIG = LaunchConfig()
@@ -181,6 +186,7 @@ def sparse_decode_attention(
     query = query if query.stride(2) == 1 else query.contiguous()
     block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
     page_ids = page_ids if page_ids.stride(2) == 1 else page_ids.contiguous()
+    seq_lens = seq_lens.contiguous()  # an expanded view would make every row read row 0
     num_listed = page_ids.shape[2]
     tile = config.tile_tokens
     num_tiles = max(1, -(-num_listed * page_size // tile))

@@ -111,6 +111,7 @@ def score_and_select(
     k = min(top_k, max_pages)
     query = query if query.stride(2) == 1 else query.contiguous()
     block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
+    num_pages = num_pages.contiguous()
     if kmin.stride() != kmax.stride() or kmin.stride(2) != 1:
         kmin, kmax = kmin.contiguous(), kmax.contiguous()
     rows = batch * num_kv_heads
