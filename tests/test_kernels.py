@@ -116,7 +116,7 @@ def test_dense_mode_matches_dense_reference():
     # Lengths as a broadcast view (stride 0), as a caller may pass them: every row still its own.
     same = seq_lens[:1].expand(2)
     out, _ = kernels.sparse_decode_attention(query, k_cache, v_cache, table, same, ids, 0.125)
-    ref_out, _ = dense_decode_attention(query, k_cache, v_cache, table, same.contiguous(), 0.125)
+    ref_out, _ = ref_attention(query, k_cache, v_cache, table, same.contiguous(), ids, 0.125)
     assert rel_err(out, ref_out) < REL_TOL[torch.bfloat16]
 
 
