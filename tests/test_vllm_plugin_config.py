@@ -81,6 +81,9 @@ def test_head_split_pads_global_profiles_to_one_width(model_dir: Path, tmp_path:
     split = HeadSplit.from_profile(profile)  # unstable: (0,0) (0,1) (1,3) -> width 2
     assert split.resident.tolist() == [[0, 1], [1, 3]]  # layer 1 pads with its next head (1)
     assert split.stable.tolist() == [[2, 3], [0, 2]]
+    narrow = HeadSplit.from_profile(profile, width=1)  # layer 0 demotes its unstable head 1
+    assert narrow.resident.tolist() == [[0], [3]]
+    assert narrow.stable.tolist() == [[1, 2, 3], [0, 1, 2]]
     everything = HeadProfile.load(_profile(model_dir, tmp_path / "all.json", scores,
                                            per_layer=True, fraction=1.0))
     with pytest.raises(FlexiCacheConfigError, match="no stable head"):

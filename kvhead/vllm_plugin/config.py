@@ -38,6 +38,13 @@ class FlexiCacheSettings(BaseModel):
     host_arena_gib: float = Field(
         default=4.0, gt=0, description="Host arena for stable-head pages, GiB (all layers)."
     )
+    resident_heads_per_layer: int | None = Field(
+        default=None, gt=0,
+        description="KV heads per layer kept in vLLM's cache. None: the most unstable heads of "
+        "the busiest layer's count (every unstable head stays resident). A smaller value "
+        "treats a crowded layer's least unstable extra heads as stable, trading accuracy for "
+        "memory: vLLM needs one count for all layers.",
+    )
     hot_pool_pages: int | None = Field(
         default=None, gt=0,
         description="Device hot-pool pages per layer (None: max_num_seqs * stable heads * "
@@ -84,15 +91,18 @@ class HeadSplit:
         return self.stable.shape[1]
 
     @classmethod
-    def from_profile(cls, profile: HeadProfile) -> "HeadSplit":
+    def from_profile(cls, profile: HeadProfile, width: int | None = None) -> "HeadSplit":
+        """Resident heads per layer: ``width`` of them (default: the busiest layer's count),
+        unstable ones first, then by instability."""
         mask = profile.unstable_mask()
         scores = torch.nan_to_num(torch.tensor(profile.instability, dtype=torch.float64), nan=1e9)
-        width = max(1, int(mask.sum(dim=1).max()))
+        width = width or max(1, int(mask.sum(dim=1).max()))
         if width >= profile.num_kv_heads:
             raise FlexiCacheConfigError(
                 f"the head profile leaves no stable head in some layer ({width} of "
-                f"{profile.num_kv_heads} kv heads unstable): FlexiCache would save nothing; "
-                "use a profile with a smaller unstable fraction"
+                f"{profile.num_kv_heads} kv heads resident): FlexiCache would save nothing; "
+                "use a profile with a smaller unstable fraction or set kvhead "
+                "resident_heads_per_layer"
             )
         resident, stable = [], []
         for layer in range(profile.num_layers):

@@ -168,7 +168,8 @@ def init_runtime(vllm_config, isa: str) -> FlexiRuntime:
         settings, model.model, num_layers=geo.num_layers, num_kv_heads=geo.num_kv_heads,
         block_size=cache.block_size, prefix_caching=bool(cache.enable_prefix_caching),
     )
-    _RUNTIME = FlexiRuntime(settings, HeadSplit.from_profile(profile), geo, isa)
+    split = HeadSplit.from_profile(profile, settings.resident_heads_per_layer)
+    _RUNTIME = FlexiRuntime(settings, split, geo, isa)
     logger.warning(
         "kvhead FlexiCache: %d resident + %d stable kv heads per layer, K=%d, R=%d, page %d",
         _RUNTIME.split.num_resident, _RUNTIME.split.num_stable, settings.top_k,
