@@ -343,7 +343,11 @@ def write_markdown(path: Path, result: dict) -> None:
         f"Copy bandwidth (read+write) {result['ceilings']['d2d_bytes_per_s'] / 1e12:.2f} TB/s; "
         f"pinned host->device {result['ceilings']['h2d_pinned_bytes_per_s'] / 1e9:.1f} GB/s. "
         "Llama-8B attention shape (32 q / 8 kv heads, dim 128), bf16, 16-token pages. "
-        "Times are medians of CUDA-graph replays over 8 rotating input sets.",
+        "Sparse, select and copy times: medians of CUDA-graph replays over 8 rotating input "
+        "sets. Dense SDPA and dense kernel: eager `do_bench` medians (L2 flushed), which at "
+        "small sizes include the host's launch time. Floor: bytes read / copy bandwidth; "
+        "same-bytes copy: a device copy moving as many bytes, the yardstick at sizes too small "
+        "to fill the GPU.",
         "",
         "| ctx | batch | dense SDPA ms | dense kernel ms | K | sparse ms | floor ms | "
         "same-bytes copy ms | % of copy bw | x SDPA | select ms (fp32 / bf16 bounds) | "
