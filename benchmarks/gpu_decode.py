@@ -181,7 +181,6 @@ def layer_dense(shape: Shape, layers: list[Layer], batch: int, ctx: int, steps: 
 
     times = timed_decode(body, pos, ctx, steps, None, device)
     resident = len(layers) * kv_bytes(shape, batch, ctx, shape.num_kv)
-    del caches
     return {"times_ms": times, "kv_bytes_resident": resident, "meta_bytes_resident": 0}
 
 
@@ -271,7 +270,6 @@ def layer_flexicache(shape: Shape, layers: list[Layer], batch: int, ctx: int, st
     meta = len(layers) * batch * pages * hs * shape.head_dim * 4 * 2
     promoted = sum(st["promoted"] for st in state)
     reranks = sum(st["reranks"] for st in state)
-    del state
     return {"times_ms": times, "kv_bytes_resident": resident, "meta_bytes_resident": meta,
             "promoted_pages_per_layer_rerank": promoted / max(reranks, 1),
             "rerank_steps_ms": [t for j, t in enumerate(times) if (j + 2) % shape.rerank == 0]}
@@ -313,7 +311,7 @@ def runner_steps(shape: Shape, ctx: int, steps: int, device: torch.device,
         policy = runner.policy(mode, **kwargs)
         token = torch.tensor([1], device=device)
 
-        def step(i: int) -> None:
+        def step(i: int, token=token, policy=policy) -> None:
             runner.forward(cache, token, policy=policy)
 
         times = timed_steps(step, 2, steps)
@@ -321,7 +319,6 @@ def runner_steps(shape: Shape, ctx: int, steps: int, device: torch.device,
         total = shape.layers * kv_bytes(shape, 1, ctx, shape.num_kv)
         result[mode] = {"times_ms": times, "resident_fraction": policy.stats.resident_fraction,
                         "kv_bytes_resident": policy.stats.resident_fraction * total}
-    del model, cache, runner
     return result
 
 

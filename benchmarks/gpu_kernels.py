@@ -126,9 +126,9 @@ def bench_context(ctx: int, batch: int, top_ks: list[int], ceil: dict, checks: C
     q4 = queries[0].view(batch, NUM_KV, NUM_Q // NUM_KV, DIM)
     keys = k_cache.view(batch, ctx, NUM_KV, DIM)[:, :seq_len].transpose(1, 2)
     values = v_cache.view(batch, ctx, NUM_KV, DIM)[:, :seq_len].transpose(1, 2)
-    sdpa = lambda: F.scaled_dot_product_attention(q4, keys, values, scale=scale)  # noqa: E731
+    sdpa = lambda: F.scaled_dot_product_attention(q4, keys, values, scale=scale)
     every = all_pages(num_pages, NUM_KV, max_pages)
-    dense = lambda: kernel_attention(queries[0], k_cache, v_cache, table, seq_lens, every, scale)  # noqa: E731
+    dense = lambda: kernel_attention(queries[0], k_cache, v_cache, table, seq_lens, every, scale)
     dense_out, dense_lse = dense()
     sdpa_out = sdpa().reshape(batch, NUM_Q, DIM)
     ref_out, ref_lse = ref_attention(queries[0][:1], k_cache, v_cache, table[:1], seq_lens[:1],
@@ -188,7 +188,7 @@ def bench_context(ctx: int, batch: int, top_ks: list[int], ceil: dict, checks: C
                     bool(((ids >= 0) & (ids < max_pages)).all()))
         checks.bound(f"select {tag} K={top_k}: score sets",
                      (got - ref_top).nan_to_num(posinf=0.0).abs().max().item(), 1e-3)
-        calls = [(lambda q=q: kernels.score_and_select(q, bounds, table, num_pages, top_k))
+        calls = [(lambda q=q, k=top_k: kernels.score_and_select(q, bounds, table, num_pages, k))
                  for q in queries]
         g_ms = graph_ms(calls)
         half = PageBounds(kmin=kmin.bfloat16(), kmax=kmax.bfloat16())
@@ -200,9 +200,8 @@ def bench_context(ctx: int, batch: int, top_ks: list[int], ceil: dict, checks: C
         got16 = scores16.gather(2, ids16.clamp_min(0)).sort(dim=2).values
         checks.bound(f"select bf16 bounds {tag} K={top_k}: score sets",
                      (got16 - ref16).nan_to_num(posinf=0.0).abs().max().item(), 1e-3)
-        g16_ms = graph_ms([(lambda q=q: kernels.score_and_select(q, half, table, num_pages, top_k))
-                           for q in queries])
-        del scores16, half
+        g16_ms = graph_ms([(lambda q=q, b=half, k=top_k: kernels.score_and_select(
+            q, b, table, num_pages, k)) for q in queries])
         sparse_ms = next(r["graph_ms"] for r in rows if r["top_k"] == top_k)
         nbytes = 2 * batch * NUM_KV * max_pages * DIM * 4
         sel_rows.append({
@@ -268,7 +267,7 @@ def bench_copy(batch: int, ctx: int, top_k: int, device: torch.device,
     sel = random_selection(gen, max_pages, batch, top_k, device)
     query = torch.randn(batch, NUM_Q, DIM, device=device, dtype=torch.bfloat16, generator=gen)
     repeats = 40 if device.type == "cuda" else 1
-    step = lambda: kernel_attention(query, k_cache, v_cache, table, seq_lens, sel, 0.1)  # noqa: E731
+    step = lambda: kernel_attention(query, k_cache, v_cache, table, seq_lens, sel, 0.1)
     if device.type == "cuda":  # replayed as a graph: the host is free while the GPU computes
         step()
         torch.cuda.synchronize()
@@ -327,12 +326,10 @@ def bench_configs(ctx: int, batches: list[int], top_k: int, device: torch.device
             out, _ = kernel_attention(query, k_cache, v_cache, table, seq_lens, sels[0], 0.1,
                                       config=config)
             checks.bound(f"config {config} B={batch} agrees", rel_err(out, base), REL_TOL)
-            calls = [(lambda s=s, c=config: kernel_attention(query, k_cache, v_cache, table,
-                                                             seq_lens, s, 0.1, config=c))
-                     for s in sels]
+            calls = [(lambda s=s, c=config, q=query, kc=k_cache, vc=v_cache, t=table, n=seq_lens:
+                      kernel_attention(q, kc, vc, t, n, s, 0.1, config=c)) for s in sels]
             rows.append({"ctx": ctx, "batch": batch, "top_k": top_k, **asdict(config),
                          "default": config == DEFAULT_CONFIG, "graph_ms": graph_ms(calls)})
-        del k_cache, v_cache
     return rows
 
 
@@ -340,18 +337,18 @@ def write_markdown(path: Path, result: dict) -> None:
     lines = [
         f"# GPU kernels on {result['device']}",
         "",
-        f"Copy bandwidth (read+write) {result['ceilings']['d2d_bytes_per_s'] / 1e12:.2f} TB/s; "
-        f"pinned host->device {result['ceilings']['h2d_pinned_bytes_per_s'] / 1e9:.1f} GB/s. "
+        (f"Copy bandwidth (read+write) {result['ceilings']['d2d_bytes_per_s'] / 1e12:.2f} TB/s; "
+         f"pinned host->device {result['ceilings']['h2d_pinned_bytes_per_s'] / 1e9:.1f} GB/s. "
         "Llama-8B attention shape (32 q / 8 kv heads, dim 128), bf16, 16-token pages. "
         "Sparse, select and copy times: medians of CUDA-graph replays over 8 rotating input "
         "sets. Dense SDPA and dense kernel: eager `do_bench` medians (L2 flushed), which at "
         "small sizes include the host's launch time. Floor: bytes read / copy bandwidth; "
         "same-bytes copy: a device copy moving as many bytes, the yardstick at sizes too small "
-        "to fill the GPU.",
+        "to fill the GPU."),
         "",
-        "| ctx | batch | dense SDPA ms | dense kernel ms | K | sparse ms | floor ms | "
-        "same-bytes copy ms | % of copy bw | x SDPA | select ms (fp32 / bf16 bounds) | "
-        "select/16 as % of sparse (fp32 / bf16) |",
+        ("| ctx | batch | dense SDPA ms | dense kernel ms | K | sparse ms | floor ms | "
+         "same-bytes copy ms | % of copy bw | x SDPA | select ms (fp32 / bf16 bounds) | "
+         "select/16 as % of sparse (fp32 / bf16) |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     dense = {(d["ctx"], d["batch"]): d for d in result["dense"]}
@@ -366,8 +363,8 @@ def write_markdown(path: Path, result: dict) -> None:
             f"{100 * s['amortized_frac_of_sparse']:.0f} / "
             f"{100 * s['bf16_amortized_frac_of_sparse']:.0f} |"
         )
-    lines += ["", f"Checks: {result['checks']['count']} run, "
-              f"{len(result['checks']['failed'])} failed.", ""]
+    checks = result["checks"]
+    lines += ["", f"Checks: {checks['count']} run, {len(checks['failed'])} failed.", ""]
     path.write_text("\n".join(lines))
 
 

@@ -14,12 +14,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kvhead import kernels  # noqa: E402
-from kvhead.attention import dense_decode_attention  # noqa: E402
-from kvhead.attention import sparse_decode_attention as ref_attention  # noqa: E402
-from kvhead.helix import combine_partials as ref_combine  # noqa: E402
-from kvhead.kernels.attention import sparse_decode_attention as kernel_attention  # noqa: E402
-from kvhead.pages import PageBounds, all_pages, score_pages, select_top_k  # noqa: E402
+from kvhead import kernels
+from kvhead.attention import dense_decode_attention
+from kvhead.attention import sparse_decode_attention as ref_attention
+from kvhead.helix import combine_partials as ref_combine
+from kvhead.kernels.attention import sparse_decode_attention as kernel_attention
+from kvhead.pages import PageBounds, all_pages, score_pages, select_top_k
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 REL_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -42,7 +42,7 @@ def paged_problem(gen, batch, num_q, num_kv, dim, page, max_len, dtype, spare_bl
     k_cache = torch.randn(num_blocks, page, num_kv, dim, generator=gen).to(dtype)
     v_cache = torch.randn(num_blocks, page, num_kv, dim, generator=gen).to(dtype)
     query = torch.randn(batch, num_q, dim, generator=gen).to(dtype)
-    to = lambda t: t.to(DEVICE)  # noqa: E731
+    to = lambda t: t.to(DEVICE)
     return to(query), to(k_cache), to(v_cache), to(block_table), to(seq_lens)
 
 

@@ -152,7 +152,7 @@ def _check(query, k_cache, v_cache, block_table, seq_lens, page_ids) -> None:
         raise ValueError("sparse_decode_attention: k/v caches need a contiguous head_dim axis")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
