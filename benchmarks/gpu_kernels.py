@@ -239,8 +239,9 @@ def bench_combine(batch: int, shards: int, checks: Checks, device: torch.device,
 
 
 def bench_copy(batch: int, ctx: int, top_k: int, device: torch.device,
-               gen: torch.Generator, host_gen: torch.Generator, checks: Checks) -> dict:
-    """A rerank's promotions (a quarter of K per stable head) copied under sparse attention."""
+               gen: torch.Generator, host_gen: torch.Generator, checks: Checks) -> list[dict]:
+    """A rerank's promotions (a quarter of K per stable head) copied under sparse attention,
+    once per gather mode (zero-copy device kernel, host staging + DMA)."""
     stable_heads = NUM_KV - NUM_KV // 4
     promoted = batch * stable_heads * top_k // 4
     page_shape = (2, PAGE, DIM)  # K and V of one head's page
@@ -252,10 +253,6 @@ def bench_copy(batch: int, ctx: int, top_k: int, device: torch.device,
                        device=device)
     src = torch.randperm(arena_pages, generator=host_gen)[:promoted]
     dst = torch.randperm(pool.shape[0], generator=host_gen)[:promoted]
-    event = kernels.copy_pages_async(arena, src, pool, dst)
-    if event is not None:
-        torch.cuda.current_stream().wait_event(event)
-    checks.true(f"copy_pages B={batch} exact", torch.equal(pool[dst.to(device)].cpu(), arena[src]))
 
     # Compute to hide the copy behind: sparse attention over a cache of its own.
     max_pages = ctx // PAGE
@@ -278,26 +275,34 @@ def bench_copy(batch: int, ctx: int, top_k: int, device: torch.device,
         compute = graph.replay
     else:
         compute = step
-
-    def copy() -> None:
-        event = kernels.copy_pages_async(arena, src, pool, dst)
-        if event is not None:
-            torch.cuda.current_stream().wait_event(event)
-
-    def both() -> None:
-        compute()
-        event = kernels.copy_pages_async(arena, src, pool, dst)
-        if event is not None:
-            torch.cuda.current_stream().wait_event(event)
-
-    t_compute, t_copy, t_both = wall_ms(compute), wall_ms(copy), wall_ms(both)
+    t_compute = wall_ms(compute)
     nbytes = promoted * math.prod(page_shape) * 2
-    hidden = (t_compute + t_copy - t_both) / min(t_compute, t_copy)
-    return {
-        "batch": batch, "pages": promoted, "bytes": nbytes, "copy_ms": t_copy,
-        "copy_bytes_per_s": nbytes / (t_copy * 1e-3), "compute_ms": t_compute,
-        "both_ms": t_both, "overlap_frac": hidden,
-    }
+    rows = []
+    for gather in ("device", "host"):
+        pool.zero_()
+        event = kernels.copy_pages_async(arena, src, pool, dst, gather=gather)
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+        checks.true(f"copy_pages {gather} B={batch} exact",
+                    torch.equal(pool[dst.to(device)].cpu(), arena[src]))
+
+        def copy(gather=gather) -> None:
+            event = kernels.copy_pages_async(arena, src, pool, dst, gather=gather)
+            if event is not None:
+                torch.cuda.current_stream().wait_event(event)
+
+        def both(copy=copy) -> None:
+            compute()
+            copy()
+
+        t_copy, t_both = wall_ms(copy), wall_ms(both)
+        rows.append({
+            "batch": batch, "gather": gather, "pages": promoted, "bytes": nbytes,
+            "copy_ms": t_copy, "copy_bytes_per_s": nbytes / (t_copy * 1e-3),
+            "compute_ms": t_compute, "both_ms": t_both,
+            "overlap_frac": (t_compute + t_copy - t_both) / min(t_compute, t_copy),
+        })
+    return rows
 
 
 def bench_configs(ctx: int, batches: list[int], top_k: int, device: torch.device,
@@ -410,8 +415,9 @@ def main(
                 torch.cuda.empty_cache()
     result["combine"] = [bench_combine(b, s, checks, device, gen)
                          for b in batches for s in (2, 8)]
-    result["copy"] = [bench_copy(b, contexts[-1] // 4, top_ks[len(top_ks) // 2], device,
-                                 gen, cpu_gen, checks) for b in batches[1:] or batches]
+    result["copy"] = [row for b in batches[1:] or batches
+                      for row in bench_copy(b, contexts[-1] // 4, top_ks[len(top_ks) // 2],
+                                            device, gen, cpu_gen, checks)]
     save(result)
     result["configs"] = bench_configs(contexts[-1], batches, top_ks[len(top_ks) // 2], device,
                                       gen, checks, rotations)

@@ -200,14 +200,15 @@ def test_combine_matches_reference(shards):
     assert (out[1, 2] == 0).all()
 
 
-def test_copy_pages_lands_pages_in_pool_rows():
+@pytest.mark.parametrize("gather", ["device", "host"])
+def test_copy_pages_lands_pages_in_pool_rows(gather):
     gen = torch.Generator().manual_seed(2)
     arena = torch.randn(10, 2, 4, 8, generator=gen).to(torch.bfloat16)
     if DEVICE.type == "cuda":
         arena = arena.pin_memory()
     pool = torch.zeros(6, 2, 4, 8, dtype=torch.bfloat16, device=DEVICE)
     src, dst = torch.tensor([7, 1, 4]), torch.tensor([5, 0, 2])
-    event = kernels.copy_pages_async(arena, src, pool, dst)
+    event = kernels.copy_pages_async(arena, src, pool, dst, gather=gather)
     if DEVICE.type == "cuda":
         torch.cuda.current_stream().wait_event(event)
     else:
@@ -222,3 +223,6 @@ def test_copy_pages_rejects_mismatched_pages():
     pool = torch.zeros(4, 2, 8, device=DEVICE)
     with pytest.raises(ValueError, match="do not match"):
         kernels.copy_pages_async(arena, torch.tensor([0]), pool, torch.tensor([1]))
+    with pytest.raises(ValueError, match="gather must be"):
+        kernels.copy_pages_async(arena, torch.tensor([0]), arena.clone(), torch.tensor([1]),
+                                 gather="dma")
