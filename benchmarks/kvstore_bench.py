@@ -23,12 +23,15 @@ import io
 import json
 import os
 import platform
+import random
 import statistics
+import string
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import redis
 import torch
 import typer
 from rich.console import Console
@@ -58,19 +61,46 @@ def make_batch(spec: HeadPageSpec, n: int, seed: int) -> tuple[PageKeys, torch.T
     return keys, k, v
 
 
-def redis_benchmark(port: int, value_bytes: int, depth: int, requests: int) -> dict[str, float]:
-    """requests/s of redis-benchmark SET and GET: one connection, ``depth`` pipelined.
-
-    Its default key (no ``-r``), so every GET returns a full value, as every kvstore get does.
-    """
+def rb_rps(port: int, depth: int, requests: int, *args: str) -> dict[str, float]:
+    """requests/s per test of one redis-benchmark run (one connection, ``depth`` pipelined)."""
     out = subprocess.run(
         ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", "1", "-P", str(depth),
-         "-n", str(requests), "-d", str(value_bytes), "-t", "set,get",
-         "--csv"],
+         "-n", str(requests), "--csv", *args],
         check=True, capture_output=True, text=True,
     ).stdout
-    rows = [r for r in csv.reader(io.StringIO(out)) if r and r[0] in ("SET", "GET")]
-    return {r[0].lower(): float(r[1]) for r in rows}
+    rows = [r for r in csv.reader(io.StringIO(out)) if r and r[0] != "test"]
+    return {r[0].split()[0].lower(): float(r[1]) for r in rows}
+
+
+def redis_benchmark(client: redis.Redis, port: int, value_bytes: int, key_len: int, depth: int,
+                    pages: int, ttl_ms: int) -> dict[str, float]:
+    """requests/s of redis-benchmark doing what the tier does, on the same server.
+
+    ``set``: ``SET key value PX ttl`` into an empty database, every key distinct (``-r`` far
+    larger than ``-n``), keys as long as the tier's. ``get``: ``GET key`` over a prefilled
+    key space of ``pages`` distinct keys holding ``value_bytes`` each (every read hits, as every
+    tier read does). ``set_hot`` / ``get_hot``: redis-benchmark's default ``-t set,get`` (one
+    key, overwritten in place; what the first benchmark compared against), for reference only.
+    """
+    value = "".join(random.Random(value_bytes).choices(string.ascii_letters, k=value_bytes))
+    key = f"{FINGERPRINT}:" + "0" * (key_len - len(FINGERPRINT) - 1 - 12) + "__rand_int__"
+    client.flushall()
+    result = {"set": rb_rps(port, depth, pages, "-r", str(10**9), "SET", key, value, "PX",
+                            str(ttl_ms))["set"]}
+    client.flushall()
+    pipe = client.pipeline(transaction=False)
+    for i in range(pages):
+        pipe.set(key.replace("__rand_int__", f"{i:012d}"), value, px=ttl_ms)
+        if i % 256 == 255:
+            pipe.execute()
+    pipe.execute()
+    if client.dbsize() != pages:
+        raise RuntimeError("prefilling the redis-benchmark GET key space failed")
+    result["get"] = rb_rps(port, depth, pages, "-r", str(pages), "GET", key)["get"]
+    client.flushall()
+    hot = rb_rps(port, depth, pages, "-t", "set,get", "-d", str(value_bytes))
+    result["set_hot"], result["get_hot"] = hot["set"], hot["get"]
+    return result
 
 
 def kvstore_round(tier: RedisTier, batches: list, check: bool) -> dict[str, float]:
@@ -97,19 +127,27 @@ def bench_redis(head_dim: int, pages: int, batch: int, depth: int, rounds: int) 
         tier = RedisTier(spec, RedisTierConfig(url=server.url, pipeline_depth=depth), FINGERPRINT)
         batches = [make_batch(spec, batch, seed) for seed in range(pages // batch)]
         value_bytes = tier.codec.value_bytes
+        names = [name for keys, _, _ in batches for name in tier.key_names(keys)]
+        if len(set(names)) != pages:
+            raise RuntimeError("benchmark keys must be distinct")
+        key_len = round(statistics.mean(map(len, names)))
+        ttl_ms = int(tier.config.ttl_seconds or 0) * 1000
         ours, theirs = [], []
         for r in range(rounds):
             tier.client.flushall()
             ours.append(kvstore_round(tier, batches, check=r == 0))
-            tier.client.flushall()
-            theirs.append(redis_benchmark(server.port, value_bytes, depth, pages))
-        result = {"head_dim": head_dim, "value_bytes": value_bytes, "pipeline_depth": depth,
-                  "pages": pages, "batch": batch, "rounds": rounds}
+            theirs.append(redis_benchmark(tier.client, server.port, value_bytes, key_len, depth,
+                                          pages, ttl_ms))
+        result = {"head_dim": head_dim, "value_bytes": value_bytes, "key_bytes": key_len,
+                  "pipeline_depth": depth, "connections": 1, "ttl_ms": ttl_ms, "pages": pages,
+                  "batch": batch, "rounds": rounds}
         for op in ("set", "get"):
             a = statistics.median(x[op] for x in ours)
             b = statistics.median(x[op] for x in theirs)
+            hot = statistics.median(x[f"{op}_hot"] for x in theirs)
             result[op] = {"kvstore_pages_s": a, "redis_benchmark_rps": b, "ratio": a / b,
                           "kvstore_mb_s": a * value_bytes / 1e6,
+                          "redis_benchmark_hot_key_rps": hot,
                           "kvstore_rounds": [x[op] for x in ours],
                           "redis_benchmark_rounds": [x[op] for x in theirs]}
         tier.close()

@@ -98,52 +98,74 @@ class PageCodec:
         self._template["fingerprint"] = fp
         self._template["payload_bytes"] = self.payload_bytes
 
-    def _headers(self, keys: PageKeys) -> np.ndarray:
-        """Headers of ``keys`` (checksum 0), built with numpy only (no torch threads)."""
-        if keys.prefix is None or keys.pages is None:
-            raise ValueError("shared tiers need content-addressed keys (prefix and pages)")
-        headers = np.repeat(self._template[None], len(keys))
-        headers["layer"] = keys.layer
-        headers["head"] = keys.heads.numpy()
-        headers["page"] = keys.pages.numpy()
-        headers["prefix"] = keys.prefix.numpy()
+    def _headers(self, layer: int, heads: np.ndarray, pages: np.ndarray, prefix: np.ndarray
+                 ) -> np.ndarray:
+        """Headers of one batch (checksum 0), built with numpy only (no torch threads)."""
+        headers = np.repeat(self._template[None], len(heads))
+        headers["layer"] = layer
+        headers["head"] = heads
+        headers["page"] = pages
+        headers["prefix"] = prefix
         return headers
 
     def expected(self, keys: PageKeys) -> np.ndarray:
         """``[n, 72]`` uint8: the header bytes (all but the checksum) a valid page must carry."""
-        raw = self._headers(keys).view(np.uint8).reshape(len(keys), HEADER_BYTES)
-        return raw[:, :_CHECKED]
+        if keys.prefix is None or keys.pages is None:
+            raise ValueError("shared tiers need content-addressed keys (prefix and pages)")
+        headers = self._headers(keys.layer, keys.heads.numpy(), keys.pages.numpy(),
+                                keys.prefix.numpy())
+        return headers.view(np.uint8).reshape(len(keys), HEADER_BYTES)[:, :_CHECKED]
 
     def encode(self, keys: PageKeys, k: torch.Tensor, v: torch.Tensor) -> list[memoryview]:
         """One value per page (zero-copy views into one buffer)."""
+        if keys.prefix is None or keys.pages is None:
+            raise ValueError("shared tiers need content-addressed keys (prefix and pages)")
         n = len(keys)
         buf = np.empty((n, self.value_bytes), dtype=np.uint8)
-        buf[:, :HEADER_BYTES] = self._headers(keys).view(np.uint8).reshape(n, HEADER_BYTES)
-        half = self.payload_bytes // 2
-        buf[:, HEADER_BYTES : HEADER_BYTES + half] = _as_bytes(k, n)
-        buf[:, HEADER_BYTES + half :] = _as_bytes(v, n)
-        buf.view(np.uint64)[:, _CHECKSUM_WORD] = self._checksum(buf)
+        self.encode_into(buf, keys.layer, keys.heads.numpy(), keys.pages.numpy(),
+                         keys.prefix.numpy(), page_bytes(k), page_bytes(v))
         view, size = memoryview(buf).cast("B"), self.value_bytes
         return [view[i * size : (i + 1) * size] for i in range(n)]
 
+    def encode_into(self, dst: np.ndarray, layer: int, heads: np.ndarray, pages: np.ndarray,
+                    prefix: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+        """Write the values of ``m`` pages into ``dst [m, value_bytes]`` (rows may be strided,
+        e.g. the value slots of a RESP command buffer). ``k``, ``v``: ``[m, payload / 2]`` uint8.
+
+        The checksum is summed from the header, K and V pieces where they already are, so the
+        payload is read once for the sum and copied once, straight into ``dst``.
+        """
+        headers = self._headers(layer, heads, pages, prefix)
+        raw = headers.view(np.uint8).reshape(len(heads), HEADER_BYTES)
+        half = self.payload_bytes // 2
+        if half % 8 == 0:
+            hw = HEADER_BYTES // 8
+            kw = half // 8
+            sums = _dot(raw.view("<u8"), self._weights[:hw])
+            sums += _dot(k.view("<u8"), self._weights[hw : hw + kw])
+            sums += _dot(v.view("<u8"), self._weights[hw + kw :])
+        else:
+            sums = self._checksum(np.concatenate([raw, k, v], axis=1))
+        headers["checksum"] = sums
+        dst[:, :HEADER_BYTES] = raw
+        dst[:, HEADER_BYTES : HEADER_BYTES + half] = k
+        dst[:, HEADER_BYTES + half :] = v
+
     def _checksum(self, values: np.ndarray) -> np.ndarray:
         """``[n]`` uint64 checksums of ``[n, value_bytes]`` uint8 values (see module docstring)."""
-        return np.einsum("ij,j->i", values.view("<u8"), self._weights)  # wraps mod 2**64
+        return _dot(values.view("<u8"), self._weights)
 
     def decode(self, keys: PageKeys, values: list[bytes | None]) -> Decoded:
         """Verify values read for ``keys``; anything that does not match exactly is corrupt."""
         out = np.empty((len(keys), self.payload_bytes), dtype=np.uint8)
-        ok, corrupt = self.decode_into(values, self.expected(keys), out)
+        ok, corrupt = self.decode_into(values, self.expected(keys), out, slice(0, len(keys)))
         return self.finish(out, ok, corrupt)
 
-    def decode_into(self, values: list[bytes | None], want: np.ndarray, out: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray]:
-        """Check ``values`` against expected headers ``want`` and copy good payloads to ``out``.
-
-        Returns ``(ok, corrupt)`` bool arrays; rows of ``out`` that are not ok are left as they
-        were (:meth:`finish` zeroes them). Works on any slice of a batch, so a reader can verify
-        one pipelined chunk while the server works on the next.
-        """
+    def decode_into(self, values: list[bytes | None], want: np.ndarray, out: np.ndarray,
+                    rows: slice | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Check ``values`` (``None`` = missing) against ``want`` and copy good payloads to
+        ``out[rows]``. Returns ``(ok, corrupt)`` over ``values``; rows of ``out`` that are not
+        ok are left as they were (:meth:`finish` zeroes them)."""
         m, size = len(values), self.value_bytes
         ok, corrupt = np.zeros(m, dtype=bool), np.zeros(m, dtype=bool)
         sized = [i for i, v in enumerate(values) if v is not None and len(v) == size]
@@ -154,15 +176,33 @@ class PageCodec:
         arr = np.frombuffer(b"".join(values[i] for i in sized),  # type: ignore[misc]
                             dtype=np.uint8).reshape(len(sized), size)
         idx = np.asarray(sized, dtype=np.int64)
-        good = (arr[:, :_CHECKED] == want[idx]).all(axis=1)
-        good &= self._checksum(arr) == arr[:, _CHECKED:HEADER_BYTES].copy().view("<u8")[:, 0]
+        targets = rows if len(sized) == m else np.arange(len(out))[rows][idx]
+        good = self.verify_into(arr, want[idx], out, targets)
         ok[idx[good]] = True
         corrupt[idx[~good]] = True
-        if len(sized) == m and bool(good.all()):  # the common case: one copy, no scatter
-            out[:] = arr[:, HEADER_BYTES:]
-        else:
-            out[idx[good]] = arr[good, HEADER_BYTES:]
         return ok, corrupt
+
+    def verify_into(self, values: np.ndarray, want: np.ndarray, out: np.ndarray,
+                    rows: slice | np.ndarray) -> np.ndarray:
+        """Check ``values [m, value_bytes]`` (any row stride or alignment, e.g. a view into a
+        receive buffer) against ``want [m, 72]``; copy payloads to ``out[rows]``. Returns good
+        ``[m]``; ``out`` rows of bad values hold garbage until :meth:`finish` zeroes them.
+
+        The payload is copied once (into ``out`` directly when ``rows`` is a slice) and summed
+        there, aligned; only the 80-byte headers get a separate small copy.
+        """
+        direct = isinstance(rows, slice)
+        dst = out[rows] if direct else np.empty((len(values), self.payload_bytes), np.uint8)
+        dst[:] = values[:, HEADER_BYTES:]
+        head = np.ascontiguousarray(values[:, :HEADER_BYTES])
+        hw = HEADER_BYTES // 8
+        sums = _dot(head.view("<u8"), self._weights[:hw])
+        sums += _dot(dst.view("<u8"), self._weights[hw:])
+        good = (head[:, :_CHECKED] == want).all(axis=1)
+        good &= sums == head.view("<u8")[:, _CHECKSUM_WORD]
+        if not direct:
+            out[rows[good]] = dst[good]
+        return good
 
     def finish(self, out: np.ndarray, ok: np.ndarray, corrupt: np.ndarray) -> Decoded:
         """Pages tensor from decoded payloads; rows that are not ok become zero."""
@@ -173,6 +213,11 @@ class PageCodec:
         return Decoded(pages, torch.from_numpy(ok), torch.from_numpy(corrupt))
 
 
-def _as_bytes(t: torch.Tensor, n: int) -> np.ndarray:
+def page_bytes(t: torch.Tensor) -> np.ndarray:
     """``[n, P, D]`` tensor as ``[n, P * D * itemsize]`` uint8 without a copy when contiguous."""
-    return t.contiguous().view(torch.uint8).reshape(n, -1).numpy()
+    return t.contiguous().view(torch.uint8).reshape(len(t), -1).numpy()
+
+
+def _dot(words: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """``words [n, w] @ weights [w]`` in uint64, wrapping mod 2**64."""
+    return np.einsum("ij,j->i", words, weights)

@@ -9,8 +9,9 @@ Redis is a cache here, never a dependency: every failure (refused connection, ti
 error such as OOM) turns into misses or refused puts plus a counter, and nothing raises to the
 caller. After a connection failure the tier answers at once with misses for ``retry_after_s``
 (so decode never waits on a dead server), then tries again; the first success logs the
-reconnection. Writes are pipelined ``SET ... PX ttl`` commands, reads pipelined ``MGET``s, one
-round trip per ``pipeline_depth`` pages, through a bounded blocking connection pool.
+reconnection. Writes are pipelined ``SET ... PX ttl`` commands, reads one ``MGET`` per
+``pipeline_depth`` keys, one round trip per ``pipeline_depth`` pages, through a bounded blocking
+connection pool. Commands are built and replies checked with numpy (:mod:`kvstore.resp`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-import hiredis
 import numpy as np
 import redis
 import torch
@@ -30,9 +30,19 @@ from redis.retry import Retry
 
 from kvhead.spec import HeadPageSpec
 from kvstore.base import PageBatch, PageKeys, PageStore, TierStats
-from kvstore.codec import PageCodec
+from kvstore.codec import PageCodec, page_bytes
 from kvstore.config import RedisTierConfig
 from kvstore.prefix import prefix_hex
+from kvstore.resp import (
+    Chunks,
+    KeyPlan,
+    ReplyReader,
+    Scratch,
+    Shape,
+    build_rows,
+    full_mget,
+    ok_replies,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,6 +71,7 @@ class RedisTier(PageStore):
         )
         self.client = redis.Redis(connection_pool=self.pool)
         self._lock = threading.Lock()
+        self._scratch = Scratch()
         self._stats = TierStats(self.name)
         self._down_until = 0.0
         self._down = False
@@ -128,44 +139,41 @@ class RedisTier(PageStore):
                                      keys.pages.tolist())
         ]
 
-    def _exchange(self, chunks: list[bytes], replies: list[int],
-                  on_chunk: Callable[[int, list], None]) -> None:
-        """Send pre-packed RESP chunks, one round trip each, at most one chunk outstanding.
+    def _exchange(self, count: int, build: Callable[[int], memoryview | bytes],
+                  shape: Callable[[int], Shape], replies: Callable[[int], int],
+                  on_reply: Callable[[int, np.ndarray | list], None]) -> None:
+        """Send ``count`` chunks, one round trip each, at most one chunk outstanding.
 
-        redis-py owns the connection (pool, AUTH, TLS, SELECT); replies are parsed by our own
-        hiredis reader on its socket, and chunk ``i + 1`` is sent *before* ``on_chunk(i, ...)``
-        runs, so decoding one chunk overlaps the server's work on the next while no more than
+        redis-py owns the connection (pool, AUTH, TLS, SELECT); we write the packed chunks to
+        its socket and read the replies with :class:`ReplyReader`. Chunk ``i + 1`` is *built*
+        while the server works on chunk ``i`` and *sent* before ``on_reply(i, ...)`` runs, so
+        both the encoding and the decoding overlap the server's work while no more than
         ``pipeline_depth`` commands are ever in flight (the same pipelining as redis-benchmark
         ``-P``). Error replies (an OOM-refused SET) arrive as exception values, not raised.
         """
         conn = self.pool.get_connection()
         try:
-            sock, reader, buf = conn._sock, hiredis.Reader(), bytearray(1 << 20)
+            sock = conn._sock
             if sock is None:
                 raise redis.ConnectionError("connection closed")
-            conn.send_packed_command([chunks[0]], check_health=False)
-            for i, expected in enumerate(replies):
-                got: list = []
-                while len(got) < expected:
-                    reply = reader.gets()
-                    if reply is False:
-                        size = sock.recv_into(buf)
-                        if not size:
-                            raise redis.ConnectionError("Redis closed the connection")
-                        reader.feed(buf, 0, size)
-                    else:
-                        got.append(reply)
-                if i + 1 < len(chunks):
-                    conn.send_packed_command([chunks[i + 1]], check_health=False)
-                on_chunk(i, got)
+            reader = ReplyReader(sock, shape(0).size, self._scratch)
+            sock.sendall(build(0))
+            for i in range(count):
+                nxt = build(i + 1) if i + 1 < count else None
+                reply = reader.read(shape(i), replies(i))
+                if nxt is not None:
+                    sock.sendall(nxt)
+                on_reply(i, reply)
         except BaseException:
             conn.disconnect()  # replies may be half-read: never reuse this connection
             raise
         finally:
             self.pool.release(conn)
 
-    def _chunks(self, n: int) -> range:
-        return range(0, n, self.config.pipeline_depth)
+    def _plan(self, keys: PageKeys) -> KeyPlan:
+        assert keys.prefix is not None and keys.pages is not None
+        return KeyPlan(self.fingerprint, keys.layer, keys.prefix.numpy(), keys.heads.numpy(),
+                       keys.pages.numpy())
 
     # -- PageStore --------------------------------------------------------------------------
     def supports_shared_keys(self) -> bool:
@@ -174,75 +182,90 @@ class RedisTier(PageStore):
     def put(self, keys: PageKeys, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.check_pages(keys, k, v)
         n = len(keys)
-        stored = torch.zeros(n, dtype=torch.bool)
-        if keys.prefix is None or n == 0:
-            return stored
-        names, values = self.key_names(keys), self.codec.encode(keys, k, v)
+        stored = np.zeros(n, dtype=bool)
+        if keys.prefix is None or keys.pages is None or n == 0:
+            return torch.from_numpy(stored)
+        plan, codec = self._plan(keys), self.codec
+        layer, heads, pages = keys.layer, keys.heads.numpy(), keys.pages.numpy()
+        prefix, kb, vb = keys.prefix.numpy(), page_bytes(k), page_bytes(v)
         ttl_ms = None if self.config.ttl_seconds is None else self.config.ttl_seconds * 1000
+        end = b"\r\n" if ttl_ms is None else b"\r\n$2\r\nPX\r\n$%d\r\n%d\r\n" % (
+            len(str(ttl_ms)), ttl_ms)
+        argc = b"*3" if ttl_ms is None else b"*5"
+        mid = b"\r\n$%d\r\n" % codec.value_bytes
 
-        ttl = b"" if ttl_ms is None else b"$2\r\nPX\r\n$%d\r\n%d\r\n" % (len(str(ttl_ms)), ttl_ms)
-        head = b"*5\r\n$3\r\nSET\r\n" if ttl else b"*3\r\n$3\r\nSET\r\n"
-        vlen = b"$%d\r\n" % self.codec.value_bytes
-        depth = self.config.pipeline_depth
-        chunks, counts = [], []
-        for lo in self._chunks(n):
-            parts: list = []
-            for name, value in zip(names[lo : lo + depth], values[lo : lo + depth]):
-                key = name.encode()
-                parts += (head, b"$%d\r\n" % len(key), key, b"\r\n", vlen, value, b"\r\n", ttl)
-            chunks.append(b"".join(parts))
-            counts.append(min(depth, n - lo))
-        results: list = []
-        self._call("put", lambda: self._exchange(chunks, counts, lambda i, r: results.extend(r)),
-                   default=None)
-        ok = [r == b"OK" for r in results]
-        if ok:
-            stored[: len(ok)] = torch.tensor(ok)
-        refused = [r for r in results if isinstance(r, Exception)]
+        def fill(dst: np.ndarray, rows: slice | np.ndarray) -> None:
+            codec.encode_into(dst, layer, heads[rows], pages[rows], prefix[rows], kb[rows],
+                              vb[rows])
+
+        chunks = Chunks(n, self.config.pipeline_depth, lambda lo, hi: build_rows(
+            plan, lo, hi, lambda klen: b"%s\r\n$3\r\nSET\r\n$%d\r\n" % (argc, klen), mid,
+            codec.value_bytes, fill, end, self._scratch))
+
+        refused: list = []
+
+        def on_reply(i: int, reply: np.ndarray | list) -> None:
+            lo, hi = chunks.rows(i)
+            if isinstance(reply, np.ndarray):
+                stored[plan.rows(lo, hi)] = True
+            else:
+                stored[plan.rows(lo, hi)] = [r == b"OK" for r in reply]
+                refused.extend(r for r in reply if isinstance(r, Exception))
+
+        self._call("put", lambda: self._exchange(
+            len(chunks), chunks.__getitem__, lambda i: ok_replies(len(range(*chunks.rows(i)))),
+            lambda i: len(range(*chunks.rows(i))), on_reply), default=None)
+        done = int(stored.sum())
         with self._lock:
-            self._stats.puts += int(stored.sum())
-            self._stats.put_failures += n - int(stored.sum())
-            self._stats.bytes_in += int(stored.sum()) * self.codec.payload_bytes
+            self._stats.puts += done
+            self._stats.put_failures += n - done
+            self._stats.bytes_in += done * codec.payload_bytes
         if refused:  # e.g. OOM under noeviction: a refused write, not an outage
             log.debug("kvstore: Redis refused %d writes: %s", len(refused), refused[0])
-        return stored
+        return torch.from_numpy(stored)
 
     def get(self, keys: PageKeys) -> PageBatch:
         n = len(keys)
-        if keys.prefix is None or n == 0:
+        if keys.prefix is None or keys.pages is None or n == 0:
             pages = torch.zeros((n, 2, *self.page_shape), dtype=self.spec.dtype)
             return PageBatch(pages[:, 0], pages[:, 1], torch.zeros(n, dtype=torch.bool))
-        names = self.key_names(keys)
-        depth = self.config.pipeline_depth
-        chunks, counts = [], []
-        for lo in self._chunks(n):
-            batch = [name.encode() for name in names[lo : lo + depth]]
-            parts: list = [b"*%d\r\n$4\r\nMGET\r\n" % (len(batch) + 1)]
-            for key in batch:
-                parts += (b"$%d\r\n" % len(key), key, b"\r\n")
-            chunks.append(b"".join(parts))
-            counts.append(1)
-        want = self.codec.expected(keys)
-        out = np.empty((n, self.codec.payload_bytes), dtype=np.uint8)
+        plan, codec = self._plan(keys), self.codec
+
+        args = Chunks(n, self.config.pipeline_depth, lambda lo, hi: build_rows(
+            plan, lo, hi, lambda klen: b"$%d\r\n" % klen, b"\r\n", 0, None, b"", self._scratch))
+
+        def build(i: int) -> bytes:
+            lo, hi = args.rows(i)
+            return b"*%d\r\n$4\r\nMGET\r\n%b" % (hi - lo + 1, args[i])
+
+        want = codec.expected(keys)
+        out = np.empty((n, codec.payload_bytes), dtype=np.uint8)
         ok, corrupt = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
 
-        def decode_chunk(i: int, replies: list) -> None:
-            lo, hi = i * depth, min(n, (i + 1) * depth)
-            ok[lo:hi], corrupt[lo:hi] = self.codec.decode_into(replies[0], want[lo:hi],
-                                                               out[lo:hi])
+        def on_reply(i: int, reply: np.ndarray | list) -> None:
+            lo, hi = args.rows(i)
+            rows = plan.rows(lo, hi)
+            if isinstance(reply, np.ndarray):  # every key held a value of the page size
+                good = codec.verify_into(reply, want[rows], out, rows)
+                ok[rows], corrupt[rows] = good, ~good
+            else:
+                ok[rows], corrupt[rows] = codec.decode_into(reply[0], want[rows], out, rows)
 
-        self._call("get", lambda: self._exchange(chunks, counts, decode_chunk), default=None)
-        decoded = self.codec.finish(out, ok, corrupt)
-        bad = decoded.corrupt.nonzero().flatten().tolist()
+        self._call("get", lambda: self._exchange(
+            len(args), build, lambda i: full_mget(len(range(*args.rows(i))), codec.value_bytes),
+            lambda i: 1, on_reply), default=None)
+        decoded = codec.finish(out, ok, corrupt)
+        bad = np.flatnonzero(corrupt).tolist()
         if bad:  # never serve, and repair: the next writer replaces it
             log.warning("kvstore: dropped %d corrupt Redis pages", len(bad))
+            names = self.key_names(keys)
             self._call("repair", lambda: self.client.delete(*[names[i] for i in bad]), default=0)
-        hits = int(decoded.ok.sum())
+        hits = int(ok.sum())
         with self._lock:
             self._stats.hits += hits
             self._stats.misses += n - hits
             self._stats.corrupt += len(bad)
-            self._stats.bytes_out += hits * self.codec.payload_bytes
+            self._stats.bytes_out += hits * codec.payload_bytes
         return PageBatch(decoded.pages[:, 0], decoded.pages[:, 1], decoded.ok)
 
     def contains(self, keys: PageKeys) -> torch.Tensor:

@@ -102,3 +102,51 @@ def test_bad_config_is_a_clear_error():
         from kvstore import HostArenaConfig, KVStoreConfig
         KVStoreConfig(host=HostArenaConfig(capacity_pages=1, num_layers=1, num_blocks=1),
                       redis=RedisTierConfig(url="http://localhost"))
+
+
+def test_any_key_order_and_width_gives_exact_names_values_and_misses(redis_srv):
+    """Commands are built per key text width and sent in width order: names, values, duplicate
+    writes and partial hits must be exactly what one command per page in batch order gives."""
+    spec = HeadPageSpec(num_q_heads=16, num_kv_heads=16, head_dim=16, page_size=4)
+    t = RedisTier(spec, RedisTierConfig(url=redis_srv.url, pipeline_depth=5), FP)
+    g = torch.Generator().manual_seed(7)
+    n = 37
+    perm = torch.randperm(n, generator=g)
+    pages = torch.tensor([12345, -3, 0, 9, 10, 99, 100, 7, 1000, 55] * 4)[:n]
+    keys = PageKeys(11, torch.arange(n), torch.randint(0, 16, (n,), generator=g)[perm],
+                    prefix_hashes(torch.arange(4 * n), 4)[perm], pages[perm])
+    k = torch.randn(n, 4, 16, generator=g).to(torch.bfloat16)
+    v = torch.randn(n, 4, 16, generator=g).to(torch.bfloat16)
+    assert t.put(keys, k, v).all()
+    raw = redis.Redis.from_url(redis_srv.url)
+    assert sorted(x.decode() for x in raw.keys("*")) == sorted(t.key_names(keys))
+    got = t.get(keys)
+    assert got.found.all() and torch.equal(got.k, k) and torch.equal(got.v, v)
+
+    twice = keys.select(torch.tensor([3, 3]))  # one key written twice in one batch: last wins
+    assert t.put(twice, torch.stack([k[0], k[1]]), torch.stack([v[0], v[1]])).all()
+    assert torch.equal(t.get(keys.select(torch.tensor([3]))).k[0], k[1])
+
+    gone = torch.tensor([0, 4, 5, 9, n - 1])
+    assert t.delete(keys.select(gone)) == len(gone)
+    got = t.get(keys)
+    present = ~torch.isin(torch.arange(n), gone)
+    present[3] = False  # rewritten above with other K/V: compared separately
+    assert torch.equal(got.found, ~torch.isin(torch.arange(n), gone))
+    assert torch.equal(got.k[present], k[present]) and torch.equal(got.v[present], v[present])
+    assert not got.k[gone].any() and t.stats().corrupt == 0
+
+
+def test_a_miss_at_the_end_of_a_pipelined_chunk_is_not_waited_for(redis_srv):
+    """A nil as the last reply of an MGET makes the reply shorter than a full one: the reader
+    must notice from the framing instead of waiting for bytes that never come (a timeout
+    would turn the whole call into misses)."""
+    t = tier(redis_srv)  # depth 7
+    keys, k, v = batch(14)
+    assert t.put(keys, k, v).all()
+    gone = torch.tensor([6, 13])  # last key of each chunk
+    assert t.delete(keys.select(gone)) == 2
+    got = t.get(keys)
+    want = ~torch.isin(torch.arange(14), gone)
+    assert torch.equal(got.found, want) and torch.equal(got.k[want], k[want])
+    assert not t.is_down and t.stats().errors == 0
