@@ -24,6 +24,18 @@ import torch
 from kvhead.pages import PageBounds, all_pages, mask_to_page_ids, page_mask, score_pages, select_top_k
 
 
+def _score_and_select(
+    query: torch.Tensor, bounds: PageBounds, block_table: torch.Tensor, num_pages: torch.Tensor,
+    top_k: int,
+) -> torch.Tensor:
+    """Fused Triton scoring + top-K on CUDA; the torch reference elsewhere."""
+    if query.is_cuda:
+        from kvhead.kernels import score_and_select
+
+        return score_and_select(query, bounds, block_table, num_pages, top_k)
+    return select_top_k(score_pages(query, bounds, block_table, num_pages), top_k, num_pages)
+
+
 class Mode(str, Enum):
     dense = "dense"
     quest = "quest"
@@ -58,10 +70,14 @@ class PolicyStats:
         return cls(resident_pages=z(), total_pages=z(), promoted_pages=z(), reranks=z())
 
     def record(self, layer: int, sel: LayerSelection) -> None:
-        self.resident_pages[layer] += sel.resident.double().sum(0).cpu()
-        self.total_pages[layer] += sel.num_pages.double().sum().cpu()
-        self.promoted_pages[layer] += sel.promoted.double().sum(0).cpu()
-        self.reranks[layer] += sel.reranked.double().sum(0).cpu()
+        """Accumulate on the selection's device: no host sync on the decode path."""
+        if self.resident_pages.device != sel.resident.device:
+            for name in ("resident_pages", "total_pages", "promoted_pages", "reranks"):
+                setattr(self, name, getattr(self, name).to(sel.resident.device))
+        self.resident_pages[layer] += sel.resident.double().sum(0)
+        self.total_pages[layer] += sel.num_pages.double().sum()
+        self.promoted_pages[layer] += sel.promoted.double().sum(0)
+        self.reranks[layer] += sel.reranked.double().sum(0)
         if layer == 0:
             self.steps += 1
 
@@ -131,8 +147,7 @@ class SelectionPolicy:
             ids = all_pages(num_pages, self.num_kv_heads, width)
             sel = LayerSelection(ids, None, every_page, num_pages, none, none.bool())
         else:
-            scores = score_pages(query, bounds, block_table, num_pages)
-            top = select_top_k(scores, self.top_k, num_pages)
+            top = _score_and_select(query, bounds, block_table, num_pages, self.top_k)
             if self.mode is Mode.quest:
                 sel = LayerSelection(top, top, every_page, num_pages, none, torch.ones_like(none).bool())
             else:

@@ -45,7 +45,12 @@ class PagedKVCache:
         slots = torch.arange(self.length, self.length + count, device=keys.device)
         self.k[layer].view(-1, *keys.shape[1:])[slots] = keys.to(self.spec.dtype)
         self.v[layer].view(-1, *values.shape[1:])[slots] = values.to(self.spec.dtype)
-        self.bounds[layer].update(keys, slots, self.spec.page_size)
+        if keys.is_cuda:
+            from kvhead.kernels import update_bounds
+
+            update_bounds(self.bounds[layer], keys, slots, self.spec.page_size)
+        else:
+            self.bounds[layer].update(keys, slots, self.spec.page_size)
 
     def keys_values(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Contiguous views ``[length, Hkv, D]`` of the first ``length`` positions."""
