@@ -231,8 +231,9 @@ class RedisTier(PageStore):
             return PageBatch(pages[:, 0], pages[:, 1], torch.zeros(n, dtype=torch.bool))
         plan, codec = self._plan(keys), self.codec
 
-        args = Chunks(n, self.config.pipeline_depth, lambda lo, hi: build_rows(
-            plan, lo, hi, lambda klen: b"$%d\r\n" % klen, b"\r\n", 0, None, b"", self._scratch))
+        args = Chunks(n, self.config.pipeline_depth, lambda lo, hi: build_rows(  # keys only:
+            plan, lo, hi, lambda klen: b"$%d\r\n" % klen, b"\r\n", 0, None, b"",  # small,
+            self._scratch), span=n)  # so all of them in one step
 
         def build(i: int) -> bytes:
             lo, hi = args.rows(i)
