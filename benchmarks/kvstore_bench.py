@@ -1,11 +1,14 @@
 """kvstore benchmark (issue #4, item 4): Redis tier vs redis-benchmark, host arena vs a tensor copy.
 
 Redis tier: batched put and get of one-head pages through :class:`kvstore.RedisTier` (encode,
-checksum, pipelined SET ... PX / MGET, decode and verify) against ``redis-benchmark`` SET / GET
-with the same value size (header + payload), the same pipeline depth and one connection, on the
-same freshly started redis-server. Rounds alternate between the two so load from other processes
-on the machine hits both alike; the median round is reported. Geometries: SmolLM2 (16 tokens x
-64 dims x K and V, bf16: 4 KiB) and Llama-8B (x 128 dims: 8 KiB).
+checksum, pipelined SET ... PX / MGET, decode and verify) against ``redis-benchmark`` doing the
+same work on the same freshly started redis-server: the same value size (header + payload), the
+same pipeline depth, one connection each, the same number of *distinct* keys of the same length,
+``SET key value PX ttl`` into an empty database and ``GET`` over a prefilled key space (see
+:func:`redis_benchmark`). Rounds alternate between the two so load from other processes on the
+machine hits both alike; medians of the rounds and the median per-round ratio are reported.
+Geometries: SmolLM2 (16 tokens x 64 dims x K and V, bf16: 4 KiB) and Llama-8B (x 128 dims:
+8 KiB).
 
 Host arena: batched ``put`` / ``get`` of random (layer, block, head) pages against the plain
 tensor copy that moves the same bytes (``index_copy_`` / ``index_select`` on a same-sized
@@ -97,6 +100,8 @@ def redis_benchmark(client: redis.Redis, port: int, value_bytes: int, key_len: i
     if client.dbsize() != pages:
         raise RuntimeError("prefilling the redis-benchmark GET key space failed")
     result["get"] = rb_rps(port, depth, pages, "-r", str(pages), "GET", key)["get"]
+    mget = rb_rps(port, 1, pages // depth, "-r", str(pages), "MGET", *[key] * depth)["mget"]
+    result["get_mget"] = mget * depth  # pages/s
     client.flushall()
     hot = rb_rps(port, depth, pages, "-t", "set,get", "-d", str(value_bytes))
     result["set_hot"], result["get_hot"] = hot["set"], hot["get"]
@@ -145,9 +150,13 @@ def bench_redis(head_dim: int, pages: int, batch: int, depth: int, rounds: int) 
             a = statistics.median(x[op] for x in ours)
             b = statistics.median(x[op] for x in theirs)
             hot = statistics.median(x[f"{op}_hot"] for x in theirs)
+            paired = statistics.median(x[op] / y[op] for x, y in zip(ours, theirs))
             result[op] = {"kvstore_pages_s": a, "redis_benchmark_rps": b, "ratio": a / b,
+                          "paired_ratio": paired,
                           "kvstore_mb_s": a * value_bytes / 1e6,
                           "redis_benchmark_hot_key_rps": hot,
+                          **({"redis_benchmark_mget_pages_s": statistics.median(
+                              x["get_mget"] for x in theirs)} if op == "get" else {}),
                           "kvstore_rounds": [x[op] for x in ours],
                           "redis_benchmark_rounds": [x[op] for x in theirs]}
         tier.close()
@@ -192,20 +201,35 @@ def bench_arena(head_dim: int, capacity: int, batch: int, repeats: int) -> dict:
 
 
 def markdown(results: dict) -> str:
+    first = next(iter(results["redis"].values()))
     lines = [
         "# kvstore benchmark", "",
-        (f"Machine: {results['machine']}; one connection per client; "
-         f"{results['redis']['smollm2']['rounds']} alternating rounds, median."), "",
-        "## Redis tier vs redis-benchmark (same value size, same pipeline depth)", "",
-        "| geometry | value bytes | depth | op | kvstore pages/s | redis-benchmark req/s | ratio |",
-        "|---|---|---|---|---|---|---|",
+        (f"Machine: {results['machine']}; {first['rounds']} rounds alternating kvstore and "
+         "redis-benchmark on one fresh redis-server per geometry; medians."), "",
+        "## Redis tier vs redis-benchmark", "",
+        ("Both sides, per geometry: the same value size (80-byte header + K|V payload), "
+        f"{first['pipeline_depth']} pages per round trip with one round trip outstanding "
+        f"(kvstore `pipeline_depth`, redis-benchmark `-P`), {first['connections']} connection, "
+        f"{first['pages']:,} distinct keys of the same length ({first['key_bytes']} bytes) per "
+        f"round, TTL on every write (`SET … PX {first['ttl_ms']}`). set: writes into an empty "
+        "database (redis-benchmark `-r 1000000000 SET key:__rand_int__ <value> PX ttl`); get: "
+        "reads of present keys (redis-benchmark `-r <pages> GET key:__rand_int__` over a "
+        "prefilled key space; kvstore: one `MGET` of `depth` keys per round trip plus header, "
+        "checksum and copy into a tensor). `ratio` = median kvstore / median redis-benchmark; "
+        "`paired` = median of the per-round ratios (each round runs both back to back, so "
+        "machine load mostly cancels)."), "",
+        ("| geometry | value bytes | op | kvstore pages/s | redis-benchmark req/s | ratio | "
+         "paired | rb MGET pages/s | rb one hot key req/s |"),
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results["redis"].items():
         for op in ("set", "get"):
             x = r[op]
-            lines.append(f"| {name} | {r['value_bytes']} | {r['pipeline_depth']} | {op} | "
-                         f"{x['kvstore_pages_s']:,.0f} | {x['redis_benchmark_rps']:,.0f} | "
-                         f"{x['ratio']:.2f} |")
+            mget = x.get("redis_benchmark_mget_pages_s")
+            lines.append(f"| {name} | {r['value_bytes']} | {op} | {x['kvstore_pages_s']:,.0f} | "
+                         f"{x['redis_benchmark_rps']:,.0f} | {x['ratio']:.2f} | "
+                         f"{x['paired_ratio']:.2f} | {'' if mget is None else f'{mget:,.0f}'} | "
+                         f"{x['redis_benchmark_hot_key_rps']:,.0f} |")
     lines += ["", "## Host arena vs a plain tensor copy (same bytes)", "",
               "| geometry | batch | put GB/s | index_copy_ GB/s | get GB/s | index_select GB/s |",
               "|---|---|---|---|---|---|"]
@@ -238,13 +262,14 @@ def main(
         results["redis"][name] = bench_redis(dim, pages, batch, depth, rounds)
         results["arena"][name] = bench_arena(dim, 8 * arena_batch, arena_batch, 5)
     table = Table(title="kvstore: Redis tier vs redis-benchmark")
-    for col in ("geometry", "op", "kvstore pages/s", "redis-benchmark req/s", "ratio"):
+    for col in ("geometry", "op", "kvstore pages/s", "redis-benchmark req/s", "ratio", "paired"):
         table.add_column(col)
     for name, r in results["redis"].items():
         for op in ("set", "get"):
             x = r[op]
             table.add_row(name, op, f"{x['kvstore_pages_s']:,.0f}",
-                          f"{x['redis_benchmark_rps']:,.0f}", f"{x['ratio']:.2f}")
+                          f"{x['redis_benchmark_rps']:,.0f}", f"{x['ratio']:.2f}",
+                          f"{x['paired_ratio']:.2f}")
     console.print(table)
     table = Table(title="host arena vs plain tensor copy (GB/s)")
     for col in ("geometry", "put", "index_copy_", "get", "index_select"):

@@ -232,6 +232,8 @@ class ReplyReader:
             if not size:
                 raise redis.ConnectionError("Redis closed the connection")
             got += size
+            if got < total and (got < 2 or self.buf[got - 1] != 10 or self.buf[got - 2] != 13):
+                continue  # every complete reply ends in CRLF: more is on the way, check later
             checked, fits = self._check(shape, got, checked)
             if not fits:
                 return self._slow(got, replies)
@@ -243,7 +245,8 @@ class ReplyReader:
 
         Every element completed since the last call is checked, and so is the framing of the
         partial element at the end, so a shorter reply (a nil, an error) is noticed as soon as
-        it differs -- never waited for.
+        it could have ended -- never waited for. (:meth:`read` calls this only when the bytes so
+        far end in CRLF, as any complete reply does, and once the expected size has arrived.)
         """
         buf, hl, stride = self.buf, len(shape.head), shape.stride
         if shape.fixed is not None:
