@@ -8,6 +8,7 @@ Every function here computes the same function as its reference in the core pack
 ``update_bounds``            :meth:`kvhead.pages.PageBounds.update`
 ``combine_partials``         :func:`kvhead.helix.combine_partials`
 ``copy_pages_async``         promoted-page copy, pinned host arena -> device pool (no reference)
+``hier_select``              :func:`kvhead.bounds_compact.hier_select` (int8, two-level)
 =========================  ==============================================================
 
 Dispatch: Triton runs when the tensors are on CUDA, or anywhere when Triton's interpreter is on
@@ -23,6 +24,7 @@ import os
 import torch
 
 from kvhead import attention as _ref_attention
+from kvhead import bounds_compact as _ref_compact
 from kvhead import helix as _ref_helix
 from kvhead import pages as _ref_pages
 from kvhead.kernels.transfer import copy_pages_async
@@ -30,6 +32,7 @@ from kvhead.kernels.transfer import copy_pages_async
 __all__ = [
     "combine_partials",
     "copy_pages_async",
+    "hier_select",
     "score_and_select",
     "sparse_decode_attention",
     "triton_active",
@@ -76,6 +79,27 @@ def score_and_select(
     from kvhead.kernels.select import score_and_select as kernel
 
     return kernel(query, bounds.kmin, bounds.kmax, block_table, num_pages, top_k)
+
+
+def hier_select(
+    query: torch.Tensor,
+    pages: _ref_compact.CompactBounds,
+    supers: _ref_compact.CompactBounds,
+    block_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    top_k: int,
+    group: int,
+    num_super: int,
+) -> torch.Tensor:
+    """Two-level top-K over int8 bounds: top-``num_super`` super-pages of ``group`` pages, then
+    the top-``top_k`` of their pages; newest page and super-page always kept."""
+    if not triton_active(query):
+        return _ref_compact.hier_select(
+            query, pages, supers, block_table, num_pages, top_k, group, num_super
+        )
+    from kvhead.kernels.select_hier import hier_select as kernel
+
+    return kernel(query, pages, supers, block_table, num_pages, top_k, group, num_super)
 
 
 def update_bounds(

@@ -1,0 +1,190 @@
+"""Triton two-level page selection over int8 bounds (see :mod:`kvhead.bounds_compact`).
+
+Same function as :func:`kvhead.bounds_compact.hier_select`. Four launches, each small:
+
+1. score super-pages ``[B, Hkv, S]`` from their int8 boxes (split over page tiles, like the
+   flat scoring kernel, so batch 1 still spreads over the SMs); newest super-page forced;
+2. top-M super-pages per (sequence, KV head): the flat selection kernel (bisection on
+   order-preserving integer keys), which writes them in ascending order;
+3. score the M x G candidate pages of the chosen super-pages through the block table;
+   the newest page forced;
+4. top-K of the candidates, mapping candidate slot -> logical page on the way out. Candidates
+   are laid out super-page by super-page, in ascending order, so ascending slots are ascending
+   page ids and the output needs no sort.
+
+Bytes read per (sequence, KV head): (N/G + M x G) x (2 D + 4) instead of N x 8 D for the flat
+fp32 scoring. Ties at the M-th or K-th score go to lower ids (torch's topk may choose others of
+equal score).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvhead.bounds_compact import CompactBounds, check_hier_args
+from kvhead.kernels.select import _select_kernel
+
+TILE = 32  # boxes per scoring program: 8 KiB of int8 bounds at head dim 128
+
+
+@triton.jit
+def _box_scores(q_ptr, stride_qh, h, qmin, qmax, scale, offs_d, d_mask, GROUP: tl.constexpr):
+    """Max over the GQA group of the dequantised Quest bound of each box (rows of qmin/qmax)."""
+    best = tl.zeros_like(scale) + float("-inf")
+    for g in tl.static_range(GROUP):
+        q = tl.load(q_ptr + (h * GROUP + g) * stride_qh + offs_d, mask=d_mask, other=0.0)
+        q = q.to(tl.float32)
+        raw = tl.sum(tl.maximum(q, 0.0)[None, :] * qmax + tl.minimum(q, 0.0)[None, :] * qmin, 1)
+        best = tl.maximum(best, raw * scale)
+    return best
+
+
+@triton.jit
+def _super_score_kernel(
+    q_ptr, qmin_ptr, qmax_ptr, scale_ptr, num_pages_ptr, scores_ptr,
+    num_groups_max, num_kv_heads, head_dim, group,
+    stride_qb, stride_qh, stride_mb, stride_mh, stride_ms, stride_sb, stride_sh, stride_sr,
+    GROUP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // num_kv_heads
+    h = bh % num_kv_heads
+    offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    num_groups = (tl.load(num_pages_ptr + b) + group - 1) // group
+    valid = offs_s < num_groups
+    box = (b.to(tl.int64) * stride_mb + h * stride_mh + offs_s.to(tl.int64) * stride_ms)
+    mask = valid[:, None] & d_mask[None, :]
+    qmax = tl.load(qmax_ptr + box[:, None] + offs_d[None, :], mask=mask, other=0).to(tl.float32)
+    qmin = tl.load(qmin_ptr + box[:, None] + offs_d[None, :], mask=mask, other=0).to(tl.float32)
+    scale = tl.load(scale_ptr + b.to(tl.int64) * stride_sb + h * stride_sh + offs_s,
+                    mask=valid, other=0.0)
+    best = _box_scores(q_ptr + b * stride_qb, stride_qh, h, qmin, qmax, scale, offs_d, d_mask,
+                       GROUP)
+    best = tl.where(valid, best, float("-inf"))
+    best = tl.where(offs_s == tl.maximum(num_groups - 1, 0), float("inf"), best)
+    tl.store(scores_ptr + bh * stride_sr + offs_s, best, mask=offs_s < num_groups_max)
+
+
+@triton.jit
+def _cand_score_kernel(
+    q_ptr, qmin_ptr, qmax_ptr, scale_ptr, table_ptr, num_pages_ptr, sup_ptr, cand_ptr,
+    num_cand, num_kv_heads, head_dim, group,
+    stride_qb, stride_qh, stride_mb, stride_mh, stride_sb, stride_tb, stride_ur, stride_cr,
+    GROUP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // num_kv_heads
+    h = bh % num_kv_heads
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    in_range = offs_c < num_cand
+    sup = tl.load(sup_ptr + bh * stride_ur + offs_c // group, mask=in_range, other=-1)
+    page = sup * group + offs_c % group
+    num_pages = tl.load(num_pages_ptr + b)
+    valid = in_range & (sup >= 0) & (page < num_pages)
+    block = tl.load(table_ptr + b * stride_tb + page, mask=valid, other=0)
+    block = tl.maximum(block, 0).to(tl.int64)
+    box = block * stride_mb + h * stride_mh
+    mask = valid[:, None] & d_mask[None, :]
+    qmax = tl.load(qmax_ptr + box[:, None] + offs_d[None, :], mask=mask, other=0).to(tl.float32)
+    qmin = tl.load(qmin_ptr + box[:, None] + offs_d[None, :], mask=mask, other=0).to(tl.float32)
+    scale = tl.load(scale_ptr + block * stride_sb + h, mask=valid, other=0.0)
+    best = _box_scores(q_ptr + b * stride_qb, stride_qh, h, qmin, qmax, scale, offs_d, d_mask,
+                       GROUP)
+    best = tl.where(valid, best, float("-inf"))
+    best = tl.where(valid & (page == num_pages - 1), float("inf"), best)
+    tl.store(cand_ptr + bh * stride_cr + offs_c, best, mask=in_range)
+
+
+@triton.jit
+def _select_cand_kernel(
+    cand_ptr, sup_ptr, ids_ptr, num_cand, top_k, group, stride_cr, stride_ur, stride_ir,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Top-K candidate slots by bisection (as in the flat kernel), written as logical pages."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    score = tl.load(cand_ptr + row * stride_cr + offs, mask=offs < num_cand, other=float("-inf"))
+    valid = score > float("-inf")
+    bits = score.to(tl.int32, bitcast=True)
+    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
+    wanted = tl.minimum(tl.sum(valid.to(tl.int32), 0), top_k)
+    lo = tl.full([1], -2147483648, tl.int64)
+    hi = tl.full([1], 2147483647, tl.int64)
+    for _ in range(32):
+        mid = (lo + hi + 1) >> 1
+        enough = tl.sum((valid & (key >= mid)).to(tl.int32), 0) >= wanted
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    above = valid & (key > lo)
+    tied = valid & (key == lo)
+    tie_rank = tl.cumsum(tied.to(tl.int32), 0) - 1
+    chosen = above | (tied & (tie_rank < wanted - tl.sum(above.to(tl.int32), 0)))
+    slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
+    sup = tl.load(sup_ptr + row * stride_ur + offs // group, mask=chosen, other=0)
+    tl.store(ids_ptr + row * stride_ir + slot, sup * group + offs % group, mask=chosen)
+    offs_k = tl.arange(0, BLOCK_K)
+    tl.store(ids_ptr + row * stride_ir + offs_k, tl.full([BLOCK_K], -1, tl.int64),
+             mask=(offs_k >= wanted) & (offs_k < top_k))
+
+
+def hier_select(
+    query: torch.Tensor, pages: CompactBounds, supers: CompactBounds, block_table: torch.Tensor,
+    num_pages: torch.Tensor, top_k: int, group: int, num_super: int,
+) -> torch.Tensor:
+    """Two-level top-K pages ``[B, Hkv, min(top_k, max_pages)]``, ascending, -1 padded."""
+    check_hier_args(query, pages, supers, block_table, num_pages, top_k, group, num_super)
+    batch, num_q_heads, head_dim = query.shape
+    num_kv_heads = pages.qmin.shape[1]
+    max_pages = block_table.shape[1]
+    groups = supers.qmin.shape[2]
+    m = min(num_super, groups)
+    k = min(top_k, max_pages)
+    rows = batch * num_kv_heads
+    dev = query.device
+    ids = torch.empty(batch, num_kv_heads, k, dtype=torch.int64, device=dev)
+    if rows == 0 or max_pages == 0:
+        return ids
+    query = query if query.stride(2) == 1 else query.contiguous()
+    block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
+    num_pages = num_pages.contiguous()
+    pq = [t.contiguous() for t in (pages.qmin, pages.qmax, pages.scale)]
+    sq = [t.contiguous() for t in (supers.qmin, supers.qmax, supers.scale)]
+    block_d = triton.next_power_of_2(head_dim)
+    gqa = num_q_heads // num_kv_heads
+
+    sup_scores = torch.empty(rows, groups, dtype=torch.float32, device=dev)
+    _super_score_kernel[(rows, triton.cdiv(groups, TILE))](
+        query, sq[0], sq[1], sq[2], num_pages, sup_scores, groups, num_kv_heads, head_dim, group,
+        query.stride(0), query.stride(1), sq[0].stride(0), sq[0].stride(1), sq[0].stride(2),
+        sq[2].stride(0), sq[2].stride(1), sup_scores.stride(0),
+        GROUP=gqa, BLOCK_S=TILE, BLOCK_D=block_d, num_warps=4,
+    )
+    sup_ids = torch.empty(rows, m, dtype=torch.int64, device=dev)
+    block_s = triton.next_power_of_2(groups)
+    _select_kernel[(rows,)](
+        sup_scores, sup_ids, groups, m, sup_scores.stride(0), m,
+        BLOCK_N=block_s, BLOCK_K=triton.next_power_of_2(m),
+        num_warps=max(4, min(16, block_s // 512)),
+    )
+    num_cand = m * group
+    cand = torch.empty(rows, num_cand, dtype=torch.float32, device=dev)
+    _cand_score_kernel[(rows, triton.cdiv(num_cand, TILE))](
+        query, pq[0], pq[1], pq[2], block_table, num_pages, sup_ids, cand,
+        num_cand, num_kv_heads, head_dim, group,
+        query.stride(0), query.stride(1), pq[0].stride(0), pq[0].stride(1), pq[2].stride(0),
+        block_table.stride(0), sup_ids.stride(0), cand.stride(0),
+        GROUP=gqa, BLOCK_C=TILE, BLOCK_D=block_d, num_warps=4,
+    )
+    block_n = triton.next_power_of_2(num_cand)
+    _select_cand_kernel[(rows,)](
+        cand, sup_ids, ids, num_cand, k, group, cand.stride(0), sup_ids.stride(0), k,
+        BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k),
+        num_warps=max(4, min(16, block_n // 512)),
+    )
+    return ids
