@@ -27,6 +27,14 @@ from rich.table import Table
 
 from kvhead import kernels
 from kvhead.attention import sparse_decode_attention as ref_attention
+from kvhead.bounds_compact import (
+    CompactBounds,
+    build_super_bounds,
+    default_num_super,
+    hier_select,
+    num_super_pages,
+    score_compact_pages,
+)
 from kvhead.helix import combine_partials as ref_combine
 from kvhead.kernels.attention import DEFAULT_CONFIG, LaunchConfig
 from kvhead.kernels.attention import sparse_decode_attention as kernel_attention
@@ -37,6 +45,8 @@ NUM_Q, NUM_KV, DIM, PAGE = 32, 8, 128, 16
 RERANK_INTERVAL = 16
 ROTATIONS = 8  # input sets per graph, so repeated calls read HBM rather than the L2 (1 if quick)
 REL_TOL = 1e-2  # bf16 operands, fp32 accumulation
+HIER_VARIANTS = ((8, 4), (8, 2), (4, 4))  # (super-page size G, candidate pages per K); first: default
+HIER_MARKER = "## Two-level int8 selection (super-pages), rerank cost"
 console = Console()
 app = typer.Typer(add_completion=False)
 
@@ -305,6 +315,110 @@ def bench_copy(batch: int, ctx: int, top_k: int, device: torch.device,
     return rows
 
 
+def bench_hier(ctx: int, batch: int, top_ks: list[int], variants: list[tuple[int, int]],
+               ceil: dict, checks: Checks, device: torch.device, gen: torch.Generator,
+               rotations: int) -> list[dict]:
+    """Two-level int8 selection vs flat fp32 scoring, both as a share of the sparse step.
+
+    The sparse step and the flat fp32 selection are re-measured here exactly as in
+    :func:`bench_context`. The two-level kernel's bounds are cloned per rotation, so that its
+    (small) bounds do not sit in the L2 between calls; the flat fp32 timing keeps the old method
+    (one bounds tensor; at 32k and beyond it exceeds the L2 anyway).
+    """
+    max_pages = ctx // PAGE
+    num_blocks = batch * max_pages
+    k_cache = torch.randn(num_blocks, PAGE, NUM_KV, DIM, device=device, dtype=torch.bfloat16,
+                          generator=gen)
+    v_cache = torch.randn(k_cache.shape, device=device, dtype=torch.bfloat16, generator=gen)
+    table = torch.arange(num_blocks, device=device, dtype=torch.int32).view(batch, max_pages)
+    seq_len = ctx - 5
+    seq_lens = torch.full((batch,), seq_len, device=device, dtype=torch.int32)
+    num_pages = torch.full((batch,), max_pages, device=device, dtype=torch.int64)
+    queries = [torch.randn(batch, NUM_Q, DIM, device=device, dtype=torch.bfloat16, generator=gen)
+               for _ in range(rotations)]
+    bounds = PageBounds(kmin=k_cache.amin(dim=1).float(), kmax=k_cache.amax(dim=1).float())
+    pages = CompactBounds.from_pages(bounds)
+    clone = lambda c: CompactBounds(c.qmin.clone(), c.qmax.clone(), c.scale.clone())
+    page_sets = [pages] + [clone(pages) for _ in range(rotations - 1)]
+    supers = {g: build_super_bounds(bounds, table, num_pages, g) for g, _ in variants}
+    super_sets = {g: [s] + [clone(s) for _ in range(rotations - 1)] for g, s in supers.items()}
+    forced = score_compact_pages(queries[0], pages, table, num_pages)
+    forced[:, :, max_pages - 1] = float("inf")
+    finite = forced[forced.isfinite()].abs().max().item()
+    d2d = ceil["d2d_bytes_per_s"]
+    box = 2 * DIM + 4  # int8 qmin + qmax, fp32 scale
+    tag = f"ctx={ctx} B={batch}"
+    rows = []
+    for top_k in top_ks:
+        sels = [random_selection(gen, max_pages, batch, top_k, device) for _ in range(rotations)]
+        sparse_ms = graph_ms([
+            (lambda q=q, s=s: kernel_attention(q, k_cache, v_cache, table, seq_lens, s, DIM**-0.5))
+            for q, s in zip(queries, sels)
+        ])
+        flat_ms = graph_ms([(lambda q=q, k=top_k: kernels.score_and_select(
+            q, bounds, table, num_pages, k)) for q in queries])
+        row = {"ctx": ctx, "batch": batch, "top_k": top_k, "sparse_ms": sparse_ms,
+               "flat_fp32_ms": flat_ms, "flat_fp32_bytes": 2 * batch * NUM_KV * max_pages * DIM * 4,
+               "flat_fp32_frac_of_sparse": flat_ms / RERANK_INTERVAL / sparse_ms, "variants": []}
+        for group, per_k in variants:
+            num_super = default_num_super(top_k, group, per_k)
+            name = f"{tag} K={top_k} G={group} M={num_super}"
+            got = kernels.hier_select(queries[0], pages, supers[group], table, num_pages, top_k,
+                                      group, num_super)
+            ref = hier_select(queries[0], pages, supers[group], table, num_pages, top_k, group,
+                              num_super)
+            checks.true(f"hier {name}: ids valid, counts equal",
+                        bool(((got >= 0) & (got < max_pages)).all())
+                        and torch.equal((got >= 0).sum(2), (ref >= 0).sum(2)))
+            got_set = forced.gather(2, got.clamp_min(0)).sort(dim=2).values
+            ref_set = forced.gather(2, ref.clamp_min(0)).sort(dim=2).values
+            checks.bound(f"hier {name}: score sets",
+                         (got_set - ref_set).nan_to_num(posinf=0.0).abs().max().item(),
+                         1e-5 * finite + 1e-3)
+            g_ms = graph_ms([
+                (lambda q=q, p=p, s=s, k=top_k, g=group, m=num_super: kernels.hier_select(
+                    q, p, s, table, num_pages, k, g, m))
+                for q, p, s in zip(queries, page_sets, super_sets[group])
+            ])
+            boxes = num_super_pages(max_pages, group) + min(num_super * group, max_pages)
+            nbytes = batch * NUM_KV * boxes * box
+            row["variants"].append({
+                "group": group, "candidates_per_k": per_k, "num_super": num_super,
+                "graph_ms": g_ms, "bytes": nbytes, "floor_ms": nbytes / d2d * 1e3,
+                "frac_of_sparse": g_ms / RERANK_INTERVAL / sparse_ms,
+            })
+        rows.append(row)
+    return rows
+
+
+def write_hier_markdown(path: Path, result: dict) -> None:
+    """Replace (or add) the two-level section at the end of the kernels' markdown."""
+    hier = result["hier_select"]
+    variants = [(v["group"], v["candidates_per_k"]) for v in hier["rows"][0]["variants"]]
+    head = " | ".join(f"G={g}, {r}K cand. ms / %" for g, r in variants)
+    lines = [
+        HIER_MARKER,
+        "",
+        ("Rerank selection amortised over R = 16 steps as a share of a sparse decode step "
+         "(both re-measured in this run; medians of graph replays over 8 rotating inputs). "
+         "Flat: `score_and_select` on fp32 bounds (before). Two-level: `hier_select` on int8 "
+         "bounds, super-pages of G pages, top M = r K / G super-pages, top-K of their r K "
+         "pages (after; G = 8, r = 4 is the default). Checks: every timed size against the "
+         f"torch reference ({hier['checks']} checks, {hier['failed']} failed)."),
+        "",
+        f"| ctx | batch | K | sparse ms | flat fp32 ms / % | {head} |",
+        "|---|---|---|---|---|" + "---|" * len(variants),
+    ]
+    for r in hier["rows"]:
+        cells = " | ".join(f"{v['graph_ms']:.4f} / {100 * v['frac_of_sparse']:.1f}"
+                           for v in r["variants"])
+        lines.append(f"| {r['ctx']} | {r['batch']} | {r['top_k']} | {r['sparse_ms']:.4f} | "
+                     f"{r['flat_fp32_ms']:.4f} / {100 * r['flat_fp32_frac_of_sparse']:.0f} | "
+                     f"{cells} |")
+    old = path.read_text().split(HIER_MARKER)[0].rstrip() if path.exists() else ""
+    path.write_text((old + "\n\n" if old else "") + "\n".join(lines) + "\n")
+
+
 def bench_configs(ctx: int, batches: list[int], top_k: int, device: torch.device,
                   gen: torch.Generator, checks: Checks, rotations: int) -> list[dict]:
     """Launch-shape sweep (tile, programs per SM, warps, stages) at one context and K.
@@ -373,11 +487,46 @@ def write_markdown(path: Path, result: dict) -> None:
     path.write_text("\n".join(lines))
 
 
+def run_hier(out_dir: Path, name: str, contexts: list[int], batches: list[int],
+             top_ks: list[int], ceil: dict, checks: Checks, device: torch.device,
+             gen: torch.Generator, rotations: int, quick: bool) -> None:
+    """The two-level section alone, merged into ``<name>.json`` and ``<name>.md``."""
+    variants = [(4, 2)] if quick else list(HIER_VARIANTS)
+    path = out_dir / f"{name}.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    rows: list[dict] = []
+    for ctx in contexts:
+        for batch in batches:
+            rows += bench_hier(ctx, batch, top_ks, variants, ceil, checks, device, gen, rotations)
+            console.print(f"hier ctx={ctx} batch={batch}: checks failed so far "
+                          f"{len(checks.failed)}")
+            result["hier_select"] = {"ceilings": ceil, "rows": rows, "checks": checks.count,
+                                     "failed": len(checks.failed), "failures": checks.failed}
+            path.write_text(json.dumps(result, indent=1))  # after each size: a crash keeps it
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    table = Table(title="rerank selection / 16 as % of the sparse step")
+    for col in ("ctx", "B", "K", "sparse ms", "flat fp32 %",
+                *(f"G{v[0]} r{v[1]} %" for v in variants)):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["ctx"]), str(r["batch"]), str(r["top_k"]), f"{r['sparse_ms']:.4f}",
+                      f"{100 * r['flat_fp32_frac_of_sparse']:.1f}",
+                      *(f"{100 * v['frac_of_sparse']:.1f}" for v in r["variants"]))
+    console.print(table)
+    console.print(f"checks: {checks.count} run, failed: {checks.failed or 'none'}")
+    write_hier_markdown(out_dir / f"{name}.md", result)
+    if checks.failed:
+        raise typer.Exit(1)
+
+
 @app.command()
 def main(
     quick: bool = typer.Option(False, help="Tiny sizes: a smoke run (works under the interpreter)."),
     out_dir: Path = typer.Option(Path("benchmarks/results"), help="Where JSON and markdown go."),
     seed: int = typer.Option(0, help="Seed of every random input."),
+    hier_only: bool = typer.Option(
+        False, help="Only the two-level selection section (merged into the existing results)."),
 ) -> None:
     """Check and time every kernel; print a table; write gpu_kernels.json and gpu_kernels.md."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -395,6 +544,10 @@ def main(
     rotations = 1 if quick else ROTATIONS
     checks = Checks()
     ceil = measure_ceilings(device, quick)
+    if hier_only:
+        run_hier(out_dir, name, contexts, batches, top_ks, ceil, checks, device, gen, rotations,
+                 quick)
+        return
     result: dict = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
         "torch": torch.__version__, "seed": seed, "ceilings": ceil, "attention": [],

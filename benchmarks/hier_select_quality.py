@@ -32,7 +32,7 @@ from transformers import AutoTokenizer
 from kvhead.bounds_compact import CompactBounds, build_super_bounds, hier_select, num_super_pages
 from kvhead.evaluation.inputs import corpus_window
 from kvhead.pages import page_mask, score_pages, select_top_k
-from kvhead.policy import LayerSelection, SelectionPolicy
+from kvhead.policy import LayerSelection
 from kvhead.runner import PagedKVCache, ReferenceRunner
 
 MODEL = Path("/root/.cache/kvhead/models/smollm2-135m-instruct")

@@ -18,7 +18,11 @@ if not torch.cuda.is_available():
 
 from kvhead import kernels
 from kvhead.bounds_compact import (
-    CompactBounds, build_super_bounds, hier_select, num_super_pages, score_compact_pages,
+    CompactBounds,
+    build_super_bounds,
+    hier_select,
+    num_super_pages,
+    score_compact_pages,
 )
 from kvhead.pages import PageBounds, score_pages, select_top_k
 
@@ -169,7 +173,7 @@ def test_kernel_matches_reference(seed, group, num_super, top_k, max_pages):
     pages = CompactBounds.from_pages(bounds)
     supers = build_super_bounds(bounds, table, num_pages, group)
     ref = hier_select(query, pages, supers, table, num_pages, top_k, group, num_super)
-    to = lambda c: CompactBounds(*(t.to(DEVICE) for t in (c.qmin, c.qmax, c.scale)))  # noqa: E731
+    to = lambda c: CompactBounds(*(t.to(DEVICE) for t in (c.qmin, c.qmax, c.scale)))
     got = kernels.hier_select(query.to(DEVICE), to(pages), to(supers), table.to(DEVICE),
                               num_pages.to(DEVICE), top_k, group, num_super).cpu()
     assert got.shape == ref.shape and got.dtype == torch.int64
