@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import random
+import resource
 import statistics
 import string
 import subprocess
@@ -64,6 +65,17 @@ def make_batch(spec: HeadPageSpec, n: int, seed: int) -> tuple[PageKeys, torch.T
     return keys, k, v
 
 
+def server_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc, 10 ms ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def rb_rps(port: int, depth: int, requests: int, *args: str) -> dict[str, float]:
     """requests/s per test of one redis-benchmark run (one connection, ``depth`` pipelined)."""
     out = subprocess.run(
@@ -75,21 +87,33 @@ def rb_rps(port: int, depth: int, requests: int, *args: str) -> dict[str, float]
     return {r[0].split()[0].lower(): float(r[1]) for r in rows}
 
 
-def redis_benchmark(client: redis.Redis, port: int, value_bytes: int, key_len: int, depth: int,
-                    pages: int, ttl_ms: int) -> dict[str, float]:
-    """requests/s of redis-benchmark doing what the tier does, on the same server.
+def redis_benchmark(client: redis.Redis, server_pid: int, port: int, value_bytes: int,
+                    key_len: int, depth: int, pages: int, ttl_ms: int) -> dict[str, float]:
+    """requests/s (and CPU microseconds per request) of redis-benchmark doing what the tier
+    does, on the same server.
 
     ``set``: ``SET key value PX ttl`` into an empty database, every key distinct (``-r`` far
-    larger than ``-n``), keys as long as the tier's. ``get``: ``GET key`` over a prefilled
-    key space of ``pages`` distinct keys holding ``value_bytes`` each (every read hits, as every
-    tier read does). ``set_hot`` / ``get_hot``: redis-benchmark's default ``-t set,get`` (one
-    key, overwritten in place; what the first benchmark compared against), for reference only.
+    larger than ``-n``), keys as long as the tier's. ``get``: ``GET key`` over a prefilled key
+    space of ``pages`` distinct keys holding ``value_bytes`` each (every read hits, as every
+    tier read does). ``*_client_cpu_us`` includes redis-benchmark's own start-up (a few ms),
+    ``*_server_cpu_us`` is redis-server's CPU during the run. References only: ``get_mget`` --
+    pages/s of ``MGET`` with ``depth`` random keys, one command per round trip (the tier's own
+    command, from a C client); ``set_hot`` / ``get_hot`` -- redis-benchmark's default
+    ``-t set,get`` (one key, overwritten in place; what the first version of this benchmark
+    compared against).
     """
     value = "".join(random.Random(value_bytes).choices(string.ascii_letters, k=value_bytes))
     key = f"{FINGERPRINT}:" + "0" * (key_len - len(FINGERPRINT) - 1 - 12) + "__rand_int__"
+    result: dict[str, float] = {}
+
+    def timed(op: str, *args: str) -> None:
+        client_0, server_0 = children_cpu_s(), server_cpu_s(server_pid)
+        result[op] = rb_rps(port, depth, pages, *args)[op]
+        result[f"{op}_client_cpu_us"] = (children_cpu_s() - client_0) / pages * 1e6
+        result[f"{op}_server_cpu_us"] = (server_cpu_s(server_pid) - server_0) / pages * 1e6
+
     client.flushall()
-    result = {"set": rb_rps(port, depth, pages, "-r", str(10**9), "SET", key, value, "PX",
-                            str(ttl_ms))["set"]}
+    timed("set", "-r", str(10**9), "SET", key, value, "PX", str(ttl_ms))
     client.flushall()
     pipe = client.pipeline(transaction=False)
     for i in range(pages):
@@ -99,7 +123,7 @@ def redis_benchmark(client: redis.Redis, port: int, value_bytes: int, key_len: i
     pipe.execute()
     if client.dbsize() != pages:
         raise RuntimeError("prefilling the redis-benchmark GET key space failed")
-    result["get"] = rb_rps(port, depth, pages, "-r", str(pages), "GET", key)["get"]
+    timed("get", "-r", str(pages), "GET", key)
     mget = rb_rps(port, 1, pages // depth, "-r", str(pages), "MGET", *[key] * depth)["mget"]
     result["get_mget"] = mget * depth  # pages/s
     client.flushall()
@@ -108,21 +132,24 @@ def redis_benchmark(client: redis.Redis, port: int, value_bytes: int, key_len: i
     return result
 
 
-def kvstore_round(tier: RedisTier, batches: list, check: bool) -> dict[str, float]:
-    """pages/s of RedisTier.put and .get over ``batches``."""
-    start = time.perf_counter()
-    for keys, k, v in batches:
-        if not bool(tier.put(keys, k, v).all()):
-            raise RuntimeError("redis refused pages during the benchmark")
-    put_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for keys, k, v in batches:
-        got = tier.get(keys)
-        if check and not (bool(got.found.all()) and torch.equal(got.k, k)):
-            raise RuntimeError("redis tier returned wrong or missing pages")
-    get_s = time.perf_counter() - start
+def kvstore_round(tier: RedisTier, server_pid: int, batches: list, check: bool
+                  ) -> dict[str, float]:
+    """pages/s (and CPU microseconds per page) of RedisTier.put and .get over ``batches``."""
     n = sum(len(b[0]) for b in batches)
-    return {"set": n / put_s, "get": n / get_s}
+    out: dict[str, float] = {}
+    for op in ("set", "get"):
+        start, cpu, server = time.perf_counter(), time.process_time(), server_cpu_s(server_pid)
+        for keys, k, v in batches:
+            if op == "set" and not bool(tier.put(keys, k, v).all()):
+                raise RuntimeError("redis refused pages during the benchmark")
+            if op == "get":
+                got = tier.get(keys)
+                if check and not (bool(got.found.all()) and torch.equal(got.k, k)):
+                    raise RuntimeError("redis tier returned wrong or missing pages")
+        out[op] = n / (time.perf_counter() - start)
+        out[f"{op}_client_cpu_us"] = (time.process_time() - cpu) / n * 1e6
+        out[f"{op}_server_cpu_us"] = (server_cpu_s(server_pid) - server) / n * 1e6
+    return out
 
 
 def bench_redis(head_dim: int, pages: int, batch: int, depth: int, rounds: int) -> dict:
@@ -138,11 +165,14 @@ def bench_redis(head_dim: int, pages: int, batch: int, depth: int, rounds: int) 
         key_len = round(statistics.mean(map(len, names)))
         ttl_ms = int(tier.config.ttl_seconds or 0) * 1000
         ours, theirs = [], []
+        if server.proc is None:
+            raise RuntimeError("redis-server did not start")
+        pid = server.proc.pid
         for r in range(rounds):
             tier.client.flushall()
-            ours.append(kvstore_round(tier, batches, check=r == 0))
-            theirs.append(redis_benchmark(tier.client, server.port, value_bytes, key_len, depth,
-                                          pages, ttl_ms))
+            ours.append(kvstore_round(tier, pid, batches, check=r == 0))
+            theirs.append(redis_benchmark(tier.client, pid, server.port, value_bytes, key_len,
+                                          depth, pages, ttl_ms))
         result = {"head_dim": head_dim, "value_bytes": value_bytes, "key_bytes": key_len,
                   "pipeline_depth": depth, "connections": 1, "ttl_ms": ttl_ms, "pages": pages,
                   "batch": batch, "rounds": rounds}
@@ -153,6 +183,10 @@ def bench_redis(head_dim: int, pages: int, batch: int, depth: int, rounds: int) 
             paired = statistics.median(x[op] / y[op] for x, y in zip(ours, theirs))
             result[op] = {"kvstore_pages_s": a, "redis_benchmark_rps": b, "ratio": a / b,
                           "paired_ratio": paired,
+                          **{f"{side}_{part}_cpu_us": statistics.median(
+                              x[f"{op}_{part}_cpu_us"] for x in runs)
+                             for side, runs in (("kvstore", ours), ("redis_benchmark", theirs))
+                             for part in ("client", "server")},
                           "kvstore_mb_s": a * value_bytes / 1e6,
                           "redis_benchmark_hot_key_rps": hot,
                           **({"redis_benchmark_mget_pages_s": statistics.median(
@@ -230,6 +264,18 @@ def markdown(results: dict) -> str:
                          f"{x['redis_benchmark_rps']:,.0f} | {x['ratio']:.2f} | "
                          f"{x['paired_ratio']:.2f} | {'' if mget is None else f'{mget:,.0f}'} | "
                          f"{x['redis_benchmark_hot_key_rps']:,.0f} |")
+    lines += ["", ("CPU microseconds per page (medians; client = the Python process running the "
+                   "tier, or redis-benchmark including its start-up; server = redis-server, 10 ms "
+                   "ticks):"), "",
+              ("| geometry | op | kvstore client | redis-benchmark client | server (kvstore) | "
+               "server (redis-benchmark) |"), "|---|---|---|---|---|---|"]
+    for name, r in results["redis"].items():
+        for op in ("set", "get"):
+            x = r[op]
+            lines.append(f"| {name} | {op} | {x['kvstore_client_cpu_us']:.2f} | "
+                         f"{x['redis_benchmark_client_cpu_us']:.2f} | "
+                         f"{x['kvstore_server_cpu_us']:.2f} | "
+                         f"{x['redis_benchmark_server_cpu_us']:.2f} |")
     lines += ["", "## Host arena vs a plain tensor copy (same bytes)", "",
               "| geometry | batch | put GB/s | index_copy_ GB/s | get GB/s | index_select GB/s |",
               "|---|---|---|---|---|---|"]

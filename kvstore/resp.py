@@ -16,6 +16,7 @@ Key text is ``{fingerprint}:{prefix hex}:{layer}:{head}:{page}``, byte for byte 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import socket
 import threading
@@ -203,11 +204,13 @@ class Shape:
         self.tail_arr = np.frombuffer(tail, dtype=np.uint8)
 
 
+@functools.lru_cache(maxsize=64)
 def ok_replies(count: int) -> Shape:
     """``count`` pipelined ``SET`` replies that all say ``+OK``."""
     return Shape(b"", b"+OK\r\n", 0, b"", count)
 
 
+@functools.lru_cache(maxsize=64)
 def full_mget(count: int, value_bytes: int) -> Shape:
     """An ``MGET`` reply in which every one of ``count`` keys holds ``value_bytes`` bytes."""
     return Shape(b"*%d\r\n" % count, b"$%d\r\n" % value_bytes, value_bytes, b"\r\n", count)
