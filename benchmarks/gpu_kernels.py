@@ -31,13 +31,16 @@ from kvhead.bounds_compact import (
     CompactBounds,
     build_super_bounds,
     default_num_super,
-    hier_select,
     num_super_pages,
     score_compact_pages,
+    select_in_super_pages,
+    select_super_pages,
+    super_page_scores,
 )
 from kvhead.helix import combine_partials as ref_combine
 from kvhead.kernels.attention import DEFAULT_CONFIG, LaunchConfig
 from kvhead.kernels.attention import sparse_decode_attention as kernel_attention
+from kvhead.kernels.select_hier import hier_select_stages
 from kvhead.kernels.timing import graph_ms, median_ms, wall_ms
 from kvhead.pages import PageBounds, all_pages, score_pages
 
@@ -363,18 +366,28 @@ def bench_hier(ctx: int, batch: int, top_ks: list[int], variants: list[tuple[int
         for group, per_k in variants:
             num_super = default_num_super(top_k, group, per_k)
             name = f"{tag} K={top_k} G={group} M={num_super}"
-            got = kernels.hier_select(queries[0], pages, supers[group], table, num_pages, top_k,
-                                      group, num_super)
-            ref = hier_select(queries[0], pages, supers[group], table, num_pages, top_k, group,
-                              num_super)
+            # Each level against the reference: the super-page score set, then the pages chosen
+            # inside the kernel's super-pages (a near-tie at the M-th super-page may pick
+            # another super-page of equal score; the pages must then follow from it).
+            got, got_sup = hier_select_stages(queries[0], pages, supers[group], table,
+                                              num_pages, top_k, group, num_super)
+            ref_sup = select_super_pages(queries[0], supers[group], num_pages, group, num_super)
+            sup_scores = super_page_scores(queries[0], supers[group], num_pages, group)
+            sup_finite = sup_scores[sup_scores.isfinite()].abs().max().item()
+            ref = select_in_super_pages(queries[0], pages, got_sup, table, num_pages, top_k, group)
             checks.true(f"hier {name}: ids valid, counts equal",
                         bool(((got >= 0) & (got < max_pages)).all())
-                        and torch.equal((got >= 0).sum(2), (ref >= 0).sum(2)))
-            got_set = forced.gather(2, got.clamp_min(0)).sort(dim=2).values
-            ref_set = forced.gather(2, ref.clamp_min(0)).sort(dim=2).values
-            checks.bound(f"hier {name}: score sets",
-                         (got_set - ref_set).nan_to_num(posinf=0.0).abs().max().item(),
-                         1e-5 * finite + 1e-3)
+                        and torch.equal((got >= 0).sum(2), (ref >= 0).sum(2))
+                        and torch.equal((got_sup >= 0).sum(2), (ref_sup >= 0).sum(2)))
+            for level, values, a, b, scale in (
+                ("super-page", sup_scores, got_sup, ref_sup, sup_finite),
+                ("page", forced, got, ref, finite),
+            ):
+                a_set = values.gather(2, a.clamp_min(0)).sort(dim=2).values
+                b_set = values.gather(2, b.clamp_min(0)).sort(dim=2).values
+                checks.bound(f"hier {name}: {level} score sets",
+                             (a_set - b_set).nan_to_num(posinf=0.0).abs().max().item(),
+                             1e-5 * scale + 1e-3)
             g_ms = graph_ms([
                 (lambda q=q, p=p, s=s, k=top_k, g=group, m=num_super: kernels.hier_select(
                     q, p, s, table, num_pages, k, g, m))

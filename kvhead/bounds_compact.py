@@ -179,21 +179,43 @@ def hier_select(
     pages (newest forced) among the pages of those super-pages.
     """
     check_hier_args(query, pages, supers, block_table, num_pages, top_k, group, num_super)
-    max_pages = block_table.shape[1]
-    num_groups = (num_pages.long() + group - 1) // group
-    sup_scores = _bound_scores(query, supers.qmin, supers.qmax, supers.scale)  # [B, Hkv, S]
-    valid = torch.arange(sup_scores.shape[2], device=query.device) < num_groups.view(-1, 1)
-    sup_scores = sup_scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
-    sup_ids = select_top_k(sup_scores, num_super, num_groups)  # newest group forced; [B, Hkv, M]
+    sup_ids = select_super_pages(query, supers, num_pages, group, num_super)
+    return select_in_super_pages(query, pages, sup_ids, block_table, num_pages, top_k, group)
 
+
+def super_page_scores(query: torch.Tensor, supers: CompactBounds, num_pages: torch.Tensor,
+                      group: int) -> torch.Tensor:
+    """Bound scores ``[B, Hkv, S]`` of the super-pages; past the sequence -inf, newest +inf."""
+    num_groups = (num_pages.long() + group - 1) // group
+    scores = _bound_scores(query, supers.qmin, supers.qmax, supers.scale)
+    valid = torch.arange(scores.shape[2], device=query.device) < num_groups.view(-1, 1)
+    scores = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
+    newest = (num_groups - 1).clamp_min(0).view(-1, 1, 1).expand(-1, scores.shape[1], 1)
+    return scores.scatter(2, newest, float("inf"))
+
+
+def select_super_pages(query: torch.Tensor, supers: CompactBounds, num_pages: torch.Tensor,
+                       group: int, num_super: int) -> torch.Tensor:
+    """First level: top-``num_super`` super-page ids ``[B, Hkv, M]``, ascending, -1 padded."""
+    num_groups = (num_pages.long() + group - 1) // group
+    return select_top_k(super_page_scores(query, supers, num_pages, group), num_super, num_groups)
+
+
+def select_in_super_pages(
+    query: torch.Tensor, pages: CompactBounds, sup_ids: torch.Tensor, block_table: torch.Tensor,
+    num_pages: torch.Tensor, top_k: int, group: int,
+) -> torch.Tensor:
+    """Second level: top-``top_k`` pages among those of the super-pages ``sup_ids``."""
+    max_pages = block_table.shape[1]
     cand = sup_ids.unsqueeze(-1) * group + torch.arange(group, device=query.device)
     cand = cand.flatten(2)  # [B, Hkv, M*G] ascending logical pages
     ok = (sup_ids.unsqueeze(-1) >= 0).expand(-1, -1, -1, group).flatten(2)
     ok = ok & (cand < num_pages.view(-1, 1, 1))
     table = block_table.long().clamp_min(0)
     blocks = table.gather(1, cand.clamp(0, max_pages - 1).flatten(1)).view(cand.shape)
-    scores = _bound_scores(query, pages.qmin[blocks, _heads(blocks)],
-                           pages.qmax[blocks, _heads(blocks)], pages.scale[blocks, _heads(blocks)])
+    heads = _heads(blocks)
+    scores = _bound_scores(query, pages.qmin[blocks, heads], pages.qmax[blocks, heads],
+                           pages.scale[blocks, heads])
     scores = scores.masked_fill(~ok, float("-inf"))
     scores = scores.masked_fill(cand == (num_pages.view(-1, 1, 1) - 1), float("inf"))
     k = min(top_k, max_pages, scores.shape[2])

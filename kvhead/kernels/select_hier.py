@@ -138,6 +138,16 @@ def hier_select(
     num_pages: torch.Tensor, top_k: int, group: int, num_super: int,
 ) -> torch.Tensor:
     """Two-level top-K pages ``[B, Hkv, min(top_k, max_pages)]``, ascending, -1 padded."""
+    return hier_select_stages(query, pages, supers, block_table, num_pages, top_k, group,
+                              num_super)[0]
+
+
+def hier_select_stages(
+    query: torch.Tensor, pages: CompactBounds, supers: CompactBounds, block_table: torch.Tensor,
+    num_pages: torch.Tensor, top_k: int, group: int, num_super: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`hier_select` plus the chosen super-pages ``[B, Hkv, M]`` (for checks: a near-tie
+    at the M-th super-page may pick another of equal score, and the pages follow from it)."""
     check_hier_args(query, pages, supers, block_table, num_pages, top_k, group, num_super)
     batch, num_q_heads, head_dim = query.shape
     num_kv_heads = pages.qmin.shape[1]
@@ -148,8 +158,9 @@ def hier_select(
     rows = batch * num_kv_heads
     dev = query.device
     ids = torch.empty(batch, num_kv_heads, k, dtype=torch.int64, device=dev)
+    sup_ids = torch.empty(rows, m, dtype=torch.int64, device=dev)
     if rows == 0 or max_pages == 0:
-        return ids
+        return ids, sup_ids.view(batch, num_kv_heads, m)
     query = query if query.stride(2) == 1 else query.contiguous()
     block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
     num_pages = num_pages.contiguous()
@@ -165,7 +176,6 @@ def hier_select(
         sq[2].stride(0), sq[2].stride(1), sup_scores.stride(0),
         GROUP=gqa, BLOCK_S=TILE, BLOCK_D=block_d, num_warps=4,
     )
-    sup_ids = torch.empty(rows, m, dtype=torch.int64, device=dev)
     block_s = triton.next_power_of_2(groups)
     _select_kernel[(rows,)](
         sup_scores, sup_ids, groups, m, sup_scores.stride(0), m,
@@ -187,4 +197,4 @@ def hier_select(
         BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k),
         num_warps=max(4, min(16, block_n // 512)),
     )
-    return ids
+    return ids, sup_ids.view(batch, num_kv_heads, m)
