@@ -210,7 +210,9 @@ def main(
                         "--gen", str(gen)], check=True)
         raw[mode] = json.loads(path.read_text())
     summary = _summarise(raw["stock"], raw["kvhead"])
-    name = "vllm_throughput_quick" if quick else "vllm_throughput"
+    default = (contexts, batches, gen) == ("2048,4096,7936", "4,8", GEN)
+    name = "vllm_throughput" if default else (
+        f"vllm_throughput_c{contexts.replace(',', '-')}_b{batches.replace(',', '-')}_g{gen}")
     (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1))
     console = Console(record=True, width=160)
     console.print(_table(summary))
