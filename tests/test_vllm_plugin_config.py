@@ -11,7 +11,11 @@ from kvhead.models.tiny import build_tiny_llama
 from kvhead.stability import HeadProfile, model_fingerprint
 from kvhead.vllm_plugin import BACKEND_PATH, register
 from kvhead.vllm_plugin.config import (
-    FlexiCacheConfigError, HeadSplit, check_arena, check_model, settings_from_additional_config,
+    FlexiCacheConfigError,
+    HeadSplit,
+    check_arena,
+    check_model,
+    settings_from_additional_config,
 )
 
 
@@ -31,7 +35,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _check(profile: Path, model_dir: Path, **overrides) -> HeadProfile:
     settings = settings_from_additional_config({"kvhead": {"profile": str(profile), **overrides}})
-    args = dict(num_layers=2, num_kv_heads=4, block_size=16, prefix_caching=False)
+    args = {"num_layers": 2, "num_kv_heads": 4, "block_size": 16, "prefix_caching": False}
     return check_model(settings, model_dir, **args)
 
 

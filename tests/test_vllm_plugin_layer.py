@@ -38,9 +38,9 @@ class Setup:
         self.table = perm[: 2 * width].view(2, width).int()
         for b, n in enumerate(seq_lens):
             self.append(b, torch.arange(n))
-        policy_args = dict(mode=Mode.flexicache, num_layers=1, num_kv_heads=HKV, page_size=P,
-                           top_k=top_k, rerank_interval=4,
-                           unstable=torch.tensor([[False, True, False]]))
+        policy_args = {"mode": Mode.flexicache, "num_layers": 1, "num_kv_heads": HKV, "page_size": P,
+                           "top_k": top_k, "rerank_interval": 4,
+                           "unstable": torch.tensor([[False, True, False]])}
         self.policy = SelectionPolicy(**policy_args)
         self.oracle = SelectionPolicy(**policy_args)
         self.oracle_bounds = PageBounds.empty(NB, HKV, D)

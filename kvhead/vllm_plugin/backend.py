@@ -15,12 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionLayer, CommonAttentionMetadata, MultipleOf
 from vllm.v1.attention.backends.cpu_attn import (
-    CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder, _get_attn_isa,
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadataBuilder,
+    _get_attn_isa,
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 

@@ -91,7 +91,7 @@ class HeadSplit:
         return self.stable.shape[1]
 
     @classmethod
-    def from_profile(cls, profile: HeadProfile, width: int | None = None) -> "HeadSplit":
+    def from_profile(cls, profile: HeadProfile, width: int | None = None) -> HeadSplit:
         """Resident heads per layer: ``width`` of them (default: the busiest layer's count),
         unstable ones first, then by instability."""
         mask = profile.unstable_mask()

@@ -13,6 +13,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -23,11 +24,11 @@ def engine_kwargs(model: str, kvhead: dict | None, *, block_size: int, max_model
                   max_num_seqs: int, kv_cache_bytes: int | None, dtype: str = "auto",
                   in_process: bool = False) -> dict:
     """Arguments for ``vllm.LLM``: identical for stock and kvhead apart from the backend."""
-    kwargs = dict(
-        model=model, dtype=dtype, block_size=block_size, max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs, enforce_eager=True, enable_prefix_caching=False,
-        seed=0, max_num_batched_tokens=max(max_model_len, 2048),
-    )
+    kwargs = {
+        "model": model, "dtype": dtype, "block_size": block_size, "max_model_len": max_model_len,
+        "max_num_seqs": max_num_seqs, "enforce_eager": True, "enable_prefix_caching": False,
+        "seed": 0, "max_num_batched_tokens": max(max_model_len, 2048),
+    }
     if in_process:  # the worker runs here, so the FlexiCache runtime can be read afterwards
         kwargs["distributed_executor_backend"] = "uni"
     if kv_cache_bytes is not None:
@@ -41,7 +42,9 @@ def engine_kwargs(model: str, kvhead: dict | None, *, block_size: int, max_model
 @app.command()
 def main(
     model: Path, prompts: Path, out: Path,
-    kvhead: Path = typer.Option(None, help="JSON file with the kvhead settings; stock if absent."),
+    kvhead: Annotated[
+        Path | None, typer.Option(help="JSON file with the kvhead settings; stock if absent.")
+    ] = None,
     max_tokens: int = typer.Option(16, help="Tokens generated per prompt (greedy)."),
     block_size: int = typer.Option(16, help="vLLM block size = FlexiCache page size."),
     max_model_len: int = typer.Option(1024),

@@ -13,7 +13,6 @@ of a second attention implementation.
 from __future__ import annotations
 
 import torch
-
 from vllm import _custom_ops as ops
 from vllm import envs
 

@@ -18,14 +18,18 @@ import torch
 from kvhead.policy import Mode, SelectionPolicy
 from kvhead.spec import HeadPageSpec
 from kvhead.vllm_plugin.config import (
-    FlexiCacheSettings, HeadSplit, check_arena, check_model, settings_from_additional_config,
+    FlexiCacheSettings,
+    HeadSplit,
+    check_arena,
+    check_model,
+    settings_from_additional_config,
 )
 from kvhead.vllm_plugin.layer import FlexiLayer
 from kvstore import HostArena, HostArenaConfig
 
 logger = logging.getLogger(__name__)
 
-_RUNTIME: "FlexiRuntime | None" = None
+_RUNTIME: FlexiRuntime | None = None
 
 
 @dataclass(frozen=True)
