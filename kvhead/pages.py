@@ -65,18 +65,25 @@ class PageBounds:
 
 def score_pages(
     query: torch.Tensor, bounds: PageBounds, block_table: torch.Tensor, num_pages: torch.Tensor,
+    kv_heads: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Upper-bound scores ``[B, Hkv, max_pages]`` for decode queries ``[B, Hq, D]``.
 
     Pages past ``num_pages[b]`` score -inf. The bound splits q into its positive and negative
-    parts: ``max(q*kmax, q*kmin) = relu(q)*kmax + min(q, 0)*kmin`` elementwise.
+    parts: ``max(q*kmax, q*kmin) = relu(q)*kmax + min(q, 0)*kmin`` elementwise. ``kv_heads``
+    restricts scoring (and the bounds read) to those KV heads: the result is ``[B, h, max_pages]``.
     """
     batch, num_q_heads, head_dim = query.shape
     num_kv_heads = bounds.kmin.shape[1]
     q = query.to(bounds.kmin.dtype).view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
     table = block_table.long().clamp_min(0)
-    kmax = bounds.kmax[table].permute(0, 2, 3, 1)  # [B, Hkv, D, N]
-    kmin = bounds.kmin[table].permute(0, 2, 3, 1)
+    if kv_heads is None:
+        kmax, kmin = bounds.kmax[table], bounds.kmin[table]  # [B, N, Hkv, D]
+    else:
+        q = q[:, kv_heads]
+        kmax = bounds.kmax[table.unsqueeze(-1), kv_heads]
+        kmin = bounds.kmin[table.unsqueeze(-1), kv_heads]
+    kmax, kmin = kmax.permute(0, 2, 3, 1), kmin.permute(0, 2, 3, 1)  # [B, h, D, N]
     scores = q.clamp_min(0) @ kmax + q.clamp_max(0) @ kmin  # [B, Hkv, G, N]
     scores = scores.amax(dim=2)
     valid = torch.arange(table.shape[1], device=table.device) < num_pages.view(-1, 1)

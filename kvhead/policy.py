@@ -21,19 +21,30 @@ from enum import Enum
 
 import torch
 
-from kvhead.pages import PageBounds, all_pages, mask_to_page_ids, page_mask, score_pages, select_top_k
+from kvhead.pages import (
+    PAD, PageBounds, all_pages, mask_to_page_ids, page_mask, score_pages, select_top_k,
+)
 
 
 def _score_and_select(
     query: torch.Tensor, bounds: PageBounds, block_table: torch.Tensor, num_pages: torch.Tensor,
-    top_k: int,
+    top_k: int, kv_heads: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fused Triton scoring + top-K on CUDA; the torch reference elsewhere."""
+    """Top-K page ids ``[B, Hkv, K]``; heads outside ``kv_heads`` (when given) get all -1.
+
+    Fused Triton scoring + top-K on CUDA (which scores every head: it is cheap there); the torch
+    reference elsewhere, reading only the bounds of the heads asked for.
+    """
     if query.is_cuda:
         from kvhead.kernels import score_and_select
 
         return score_and_select(query, bounds, block_table, num_pages, top_k)
-    return select_top_k(score_pages(query, bounds, block_table, num_pages), top_k, num_pages)
+    if kv_heads is None:
+        return select_top_k(score_pages(query, bounds, block_table, num_pages), top_k, num_pages)
+    part = select_top_k(score_pages(query, bounds, block_table, num_pages, kv_heads), top_k, num_pages)
+    full = part.new_full((part.shape[0], bounds.kmin.shape[1], part.shape[2]), PAD)
+    full[:, kv_heads] = part
+    return full
 
 
 class Mode(str, Enum):
@@ -47,7 +58,8 @@ class LayerSelection:
     """One layer's decision for one decode step."""
 
     page_ids: torch.Tensor  # [B, Hkv, W] logical pages to attend to, ascending, -1 padded
-    top_k_ids: torch.Tensor | None  # [B, Hkv, K] this step's top-K (None in dense mode)
+    top_k_ids: torch.Tensor | None  # [B, Hkv, K] this step's top-K; -1 rows for heads not
+    # scored this step (stable heads between reranks); None in dense mode
     resident: torch.Tensor  # [B, Hkv] pages each head keeps on device after this step
     num_pages: torch.Tensor  # [B] pages each sequence has
     promoted: torch.Tensor  # [B, Hkv] pages fetched into the device pool by this step's rerank
@@ -113,6 +125,7 @@ class SelectionPolicy:
     unstable: torch.Tensor | None = None  # [L, Hkv] bool; required for flexicache
     stats: PolicyStats = field(init=False)
     _state: dict[int, _LayerState] = field(init=False, default_factory=dict)
+    _unstable_heads: list[torch.Tensor] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.mode = Mode(self.mode)
@@ -129,6 +142,8 @@ class SelectionPolicy:
                     f"model has {(self.num_layers, self.num_kv_heads)}"
                 )
         self.stats = PolicyStats.zeros(self.num_layers, self.num_kv_heads)
+        if self.unstable is not None:
+            self._unstable_heads = [row.nonzero().flatten() for row in self.unstable]
 
     def reset(self) -> None:
         """Start a new batch: forget selections; statistics keep accumulating."""
@@ -146,12 +161,16 @@ class SelectionPolicy:
         if self.mode is Mode.dense:
             ids = all_pages(num_pages, self.num_kv_heads, width)
             sel = LayerSelection(ids, None, every_page, num_pages, none, none.bool())
-        else:
+        elif self.mode is Mode.quest:
             top = _score_and_select(query, bounds, block_table, num_pages, self.top_k)
-            if self.mode is Mode.quest:
-                sel = LayerSelection(top, top, every_page, num_pages, none, torch.ones_like(none).bool())
-            else:
-                sel = self._flexicache(layer, top, num_pages, width)
+            sel = LayerSelection(top, top, every_page, num_pages, none, torch.ones_like(none).bool())
+        else:
+            state = self._state.get(layer)
+            due = state is None or state.steps % self.rerank_interval == 0
+            # Between reranks only unstable heads need scores: stable ones reuse their set.
+            heads = None if due else self._unstable_heads[layer]
+            top = _score_and_select(query, bounds, block_table, num_pages, self.top_k, heads)
+            sel = self._flexicache(layer, top, num_pages, width)
         self.stats.record(layer, sel)
         return sel
 

@@ -108,3 +108,29 @@ def test_flexicache_requires_a_matching_mask():
         SelectionPolicy("sparse", num_layers=1, num_kv_heads=3)
     with pytest.raises(ValueError, match="top_k"):
         _policy("quest", top_k=0)
+
+
+def test_stable_heads_are_not_scored_between_reranks():
+    seq = _Sequence(prompt=60)
+    policy = _policy("flexicache", top_k=3, rerank_interval=4)
+    tops = []
+    for _ in range(5):
+        seq.append(1)
+        sel = policy.select(0, seq.query(), seq.bounds, seq.table, torch.tensor([seq.length]))
+        tops.append(sel.top_k_ids[0])
+    assert (tops[0] >= 0).all() and (tops[4] >= 0).all()  # rerank steps score every head
+    for top in tops[1:4]:
+        assert (top[0] >= 0).all() and (top[1:] == -1).all()  # only the unstable head 0
+
+
+def test_a_layer_without_unstable_heads_works_between_reranks():
+    seq = _Sequence(prompt=62)
+    policy = SelectionPolicy(
+        "flexicache", num_layers=1, num_kv_heads=3, page_size=4, top_k=3, rerank_interval=4,
+        unstable=torch.zeros(1, 3, dtype=torch.bool),
+    )
+    for _ in range(3):
+        seq.append(1)
+        sel = policy.select(0, seq.query(), seq.bounds, seq.table, torch.tensor([seq.length]))
+    # top-3 (with page 15, newest at the rerank) + page 16, opened since
+    assert (sel.page_ids[0] >= 0).sum(-1).tolist() == [4, 4, 4]
