@@ -57,14 +57,13 @@ def _score_kernel(
 
 
 @triton.jit
-def _select_kernel(
-    scores_ptr, ids_ptr, max_pages, top_k, stride_sr, stride_ir,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_N)
-    score = tl.load(scores_ptr + row * stride_sr + offs, mask=offs < max_pages,
-                    other=float("-inf"))
+def _top_k_positions(score, top_k):
+    """Which lanes of a row of scores are in its top-``top_k`` (-inf lanes never are).
+
+    Returns ``(chosen, slot, wanted)``: the lane mask, each chosen lane's rank in ascending lane
+    order (its output slot) and how many lanes were chosen. Shared by the flat and the two-level
+    selection kernels.
+    """
     valid = score > float("-inf")
     # Flip the magnitude bits of negative floats: signed-integer order then equals float order.
     bits = score.to(tl.int32, bitcast=True)
@@ -83,10 +82,29 @@ def _select_kernel(
     tie_rank = tl.cumsum(tied.to(tl.int32), 0) - 1
     chosen = above | (tied & (tie_rank < wanted - tl.sum(above.to(tl.int32), 0)))
     slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
-    tl.store(ids_ptr + row * stride_ir + slot, offs.to(tl.int64), mask=chosen)
+    return chosen, slot, wanted
+
+
+@triton.jit
+def _pad_ids(ids_row_ptr, wanted, top_k, BLOCK_K: tl.constexpr):
+    """Fill output slots ``wanted .. top_k-1`` of one row with -1."""
     offs_k = tl.arange(0, BLOCK_K)
-    tl.store(ids_ptr + row * stride_ir + offs_k, tl.full([BLOCK_K], -1, tl.int64),
+    tl.store(ids_row_ptr + offs_k, tl.full([BLOCK_K], -1, tl.int64),
              mask=(offs_k >= wanted) & (offs_k < top_k))
+
+
+@triton.jit
+def _select_kernel(
+    scores_ptr, ids_ptr, max_pages, top_k, stride_sr, stride_ir,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    score = tl.load(scores_ptr + row * stride_sr + offs, mask=offs < max_pages,
+                    other=float("-inf"))
+    chosen, slot, wanted = _top_k_positions(score, top_k)
+    tl.store(ids_ptr + row * stride_ir + slot, offs.to(tl.int64), mask=chosen)
+    _pad_ids(ids_ptr + row * stride_ir, wanted, top_k, BLOCK_K)
 
 
 def score_and_select(

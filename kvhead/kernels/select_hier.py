@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from kvhead.bounds_compact import CompactBounds, check_hier_args
-from kvhead.kernels.select import _select_kernel
+from kvhead.kernels.select import _pad_ids, _select_kernel, _top_k_positions
 
 TILE = 32  # boxes per scoring program: 8 KiB of int8 bounds at head dim 128
 
@@ -110,27 +110,10 @@ def _select_cand_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     score = tl.load(cand_ptr + row * stride_cr + offs, mask=offs < num_cand, other=float("-inf"))
-    valid = score > float("-inf")
-    bits = score.to(tl.int32, bitcast=True)
-    key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)
-    wanted = tl.minimum(tl.sum(valid.to(tl.int32), 0), top_k)
-    lo = tl.full([1], -2147483648, tl.int64)
-    hi = tl.full([1], 2147483647, tl.int64)
-    for _ in range(32):
-        mid = (lo + hi + 1) >> 1
-        enough = tl.sum((valid & (key >= mid)).to(tl.int32), 0) >= wanted
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
-    above = valid & (key > lo)
-    tied = valid & (key == lo)
-    tie_rank = tl.cumsum(tied.to(tl.int32), 0) - 1
-    chosen = above | (tied & (tie_rank < wanted - tl.sum(above.to(tl.int32), 0)))
-    slot = tl.cumsum(chosen.to(tl.int32), 0) - 1
+    chosen, slot, wanted = _top_k_positions(score, top_k)
     sup = tl.load(sup_ptr + row * stride_ur + offs // group, mask=chosen, other=0)
     tl.store(ids_ptr + row * stride_ir + slot, sup * group + offs % group, mask=chosen)
-    offs_k = tl.arange(0, BLOCK_K)
-    tl.store(ids_ptr + row * stride_ir + offs_k, tl.full([BLOCK_K], -1, tl.int64),
-             mask=(offs_k >= wanted) & (offs_k < top_k))
+    _pad_ids(ids_ptr + row * stride_ir, wanted, top_k, BLOCK_K)
 
 
 def hier_select(
