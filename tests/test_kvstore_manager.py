@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import torch
 from redis_server import redis_srv  # noqa: F401  (fixture)
 
@@ -81,8 +83,15 @@ def test_unnamed_pages_evicted_without_an_address_are_counted_as_lost(redis_srv)
 def test_write_behind_drops_instead_of_blocking_when_the_queue_is_full(redis_srv):
     s = make(redis_srv.url, capacity=256, write_queue_pages=8)
     try:
-        for seed in range(20):
-            s.put(*request(seed, 4))  # 8 pages per put, a queue of 8: some must drop
+        # Freeze Redis while putting, so the writer is stuck on its first batch however fast the
+        # machine is: the 8-page queue then must overflow (only for milliseconds, far below any
+        # socket timeout, so nothing else changes).
+        redis_srv.proc.send_signal(signal.SIGSTOP)
+        try:
+            for seed in range(20):
+                s.put(*request(seed, 4))  # 8 pages per put, a queue of 8: some must drop
+        finally:
+            redis_srv.proc.send_signal(signal.SIGCONT)
         assert s.flush(10)
         dropped = s.stats().put_failures
         assert dropped > 0
