@@ -170,12 +170,12 @@ class SelectionPolicy:
             # Between reranks only unstable heads need scores: stable ones reuse their set.
             heads = None if due else self._unstable_heads[layer]
             top = _score_and_select(query, bounds, block_table, num_pages, self.top_k, heads)
-            sel = self._flexicache(layer, top, num_pages, width)
+            sel = self._flexicache(layer, top, num_pages, width, due)
         self.stats.record(layer, sel)
         return sel
 
     def _flexicache(
-        self, layer: int, top: torch.Tensor, num_pages: torch.Tensor, width: int,
+        self, layer: int, top: torch.Tensor, num_pages: torch.Tensor, width: int, due: bool,
     ) -> LayerSelection:
         batch = top.shape[0]
         unstable = self.unstable[layer].to(top.device).view(1, -1).expand(batch, -1)
@@ -184,11 +184,9 @@ class SelectionPolicy:
         if state is None:
             state = _LayerState(selected=top_mask, anchor=num_pages.view(-1, 1).expand_as(unstable))
             resident_before = torch.zeros_like(top_mask)
-            rerank = torch.ones_like(unstable)
         else:
             resident_before = state.selected | self._tail(state.anchor, num_pages, width)
-            due = state.steps % self.rerank_interval == 0
-            rerank = unstable | due
+        rerank = unstable | due
         state.selected = torch.where(rerank.unsqueeze(-1), top_mask, state.selected)
         state.anchor = torch.where(rerank, num_pages.view(-1, 1), state.anchor)
         state.steps += 1
