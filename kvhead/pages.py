@@ -29,7 +29,7 @@ class PageBounds:
     def empty(
         cls, num_blocks: int, num_kv_heads: int, head_dim: int, *,
         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-    ) -> "PageBounds":
+    ) -> PageBounds:
         shape = (num_blocks, num_kv_heads, head_dim)
         return cls(
             kmin=torch.full(shape, float("inf"), dtype=dtype, device=device),

@@ -22,7 +22,13 @@ from enum import Enum
 import torch
 
 from kvhead.pages import (
-    PAD, PageBounds, all_pages, mask_to_page_ids, page_mask, score_pages, select_top_k,
+    PAD,
+    PageBounds,
+    all_pages,
+    mask_to_page_ids,
+    page_mask,
+    score_pages,
+    select_top_k,
 )
 
 
@@ -77,8 +83,8 @@ class PolicyStats:
     steps: int = 0
 
     @classmethod
-    def zeros(cls, num_layers: int, num_kv_heads: int) -> "PolicyStats":
-        z = lambda: torch.zeros(num_layers, num_kv_heads, dtype=torch.float64)  # noqa: E731
+    def zeros(cls, num_layers: int, num_kv_heads: int) -> PolicyStats:
+        z = lambda: torch.zeros(num_layers, num_kv_heads, dtype=torch.float64)
         return cls(resident_pages=z(), total_pages=z(), promoted_pages=z(), reranks=z())
 
     def record(self, layer: int, sel: LayerSelection) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -90,7 +91,7 @@ class HeadProfile(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check_shapes(self) -> "HeadProfile":
+    def _check_shapes(self) -> HeadProfile:
         if len(self.instability) != self.num_layers or any(
             len(row) != self.num_kv_heads for row in self.instability
         ):
@@ -103,7 +104,7 @@ class HeadProfile(BaseModel):
     @classmethod
     def from_scores(
         cls, instability: torch.Tensor, *, fraction: float, per_layer: bool = False, **meta,
-    ) -> "HeadProfile":
+    ) -> HeadProfile:
         """Rank heads by instability and mark the top ``fraction`` unstable.
 
         The count rounds down, so the device-resident share never exceeds the request.
@@ -127,7 +128,7 @@ class HeadProfile(BaseModel):
             picked = [(int(i) // num_heads, int(i) % num_heads) for i in order]
         return cls(
             num_layers=num_layers, num_kv_heads=num_heads,
-            instability=[[None if v != v else v for v in row] for row in instability.tolist()],
+            instability=[[None if math.isnan(v) else v for v in row] for row in instability.tolist()],
             unstable_fraction=fraction,
             unstable=picked, per_layer=per_layer, **meta,
         )
@@ -150,7 +151,7 @@ class HeadProfile(BaseModel):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "HeadProfile":
+    def load(cls, path: str | Path) -> HeadProfile:
         return cls.model_validate_json(Path(path).read_text())
 
 

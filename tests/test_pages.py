@@ -5,7 +5,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvhead.pages import (
-    PageBounds, all_pages, mask_to_page_ids, page_mask, rerank_diff, score_pages, select_top_k,
+    PageBounds,
+    all_pages,
+    mask_to_page_ids,
+    page_mask,
+    rerank_diff,
+    score_pages,
+    select_top_k,
 )
 
 

@@ -28,14 +28,14 @@ def test_identical_sets_have_zero_instability():
 def test_random_sets_have_instability_near_one():
     g = torch.Generator().manual_seed(0)
     acc = StabilityAccumulator(num_layers=1, num_kv_heads=3, top_k=8, window=16)
-    rand = lambda step: torch.stack([torch.randperm(256, generator=g)[:8] for _ in range(3)])  # noqa: E731
+    rand = lambda step: torch.stack([torch.randperm(256, generator=g)[:8] for _ in range(3)])
     _observe_sequence(acc, rand, 160, 256)
     assert torch.all(acc.instability() > 0.9)
 
 
 def test_half_overlap_sits_between():
     acc = StabilityAccumulator(num_layers=1, num_kv_heads=1, top_k=8, window=2)
-    ids = lambda step: torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]]) + (4 if step % 2 else 0)  # noqa: E731
+    ids = lambda step: torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]]) + (4 if step % 2 else 0)
     _observe_sequence(acc, ids, 10, 100)
     expected = 1 - (0.5 - 0.08) / (1 - 0.08)
     assert acc.instability().item() == pytest.approx(expected, rel=1e-6)
@@ -48,7 +48,7 @@ def test_windows_with_all_pages_selected_are_skipped():
 
 
 def _profile(scores, **kw):
-    meta = dict(model_fingerprint="abc", page_size=16, top_k=64, window=16)
+    meta = {"model_fingerprint": "abc", "page_size": 16, "top_k": 64, "window": 16}
     return HeadProfile.from_scores(torch.tensor(scores), **meta, **kw)
 
 

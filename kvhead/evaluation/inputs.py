@@ -45,7 +45,7 @@ def passkey_prompt(tokenizer, num_tokens: int, depth: float, passkey: int) -> to
     """About ``num_tokens`` tokens of filler with the passkey stated at ``depth`` in [0, 1]."""
     if not 0 <= depth <= 1:
         raise ValueError(f"passkey depth must be in [0, 1], got {depth}")
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     needle = encode(f"\nThe pass key is {passkey}. Remember it. {passkey} is the pass key.\n")
     question = encode(QUESTION)
     filler = encode(FILLER)

@@ -89,7 +89,7 @@ def _kvhead_attention(module, query, key, value, attention_mask, scaling=None, d
 
 def _no_mask(*args, **kwargs) -> None:
     """kvhead attention builds its own causal structure; skip transformers' mask."""
-    return None
+    return
 
 
 AttentionInterface.register(ATTN_NAME, _kvhead_attention)
@@ -117,7 +117,7 @@ class ReferenceRunner:
     def from_pretrained(
         cls, model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
         page_size: int = 16,
-    ) -> "ReferenceRunner":
+    ) -> ReferenceRunner:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
         return cls(model, page_size=page_size)
 
