@@ -12,9 +12,29 @@ of a second attention implementation.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from vllm import _custom_ops as ops
 from vllm import envs
+
+
+@contextmanager
+def one_thread() -> Iterator[int]:
+    """Run the enclosed torch ops on one thread; yields the caller's thread count.
+
+    A decode step of one layer is dozens of tiny ops (page bookkeeping, policy scoring, pool
+    copies): with OpenMP each pays a fork/join that costs more than it saves, many times over on
+    a busy machine. The attention kernel itself still gets the caller's threads (see
+    :func:`paged_attention`).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield before
+    finally:
+        torch.set_num_threads(before)
 
 
 def split_kv(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,11 +66,13 @@ def paged_attention(
     block_table: torch.Tensor,
     scale: float,
     isa: str,
+    threads: int | None = None,
 ) -> None:
     """Causal attention of ``query [T, Hq, D]`` over ``cache``, written into ``out [T, Hq, D]``.
 
     ``query_start_loc [R+1]`` splits the tokens into R rows; row r attends to the first
-    ``seq_lens[r]`` tokens of the blocks in ``block_table[r]``.
+    ``seq_lens[r]`` tokens of the blocks in ``block_table[r]``. ``threads`` (when given) is the
+    OpenMP thread count for the kernel, e.g. the caller's inside :func:`one_thread`.
     """
     num_rows = seq_lens.shape[0]
     if num_rows == 0:
@@ -58,15 +80,22 @@ def paged_attention(
     key_cache, value_cache = split_kv(cache)
     seq_lens = seq_lens.to(torch.int32)
     query_start_loc = query_start_loc.to(torch.int32)
-    meta = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=num_rows, num_heads=query.shape[1], num_kv_heads=cache.shape[1],
-        head_dim=query.shape[2], seq_lens=seq_lens, dtype=query.dtype,
-        query_start_loc=query_start_loc, causal=True, sliding_window_size=-1, isa=isa,
-        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-    )
-    ops.cpu_attention_with_kv_cache(
-        query=query, key_cache=key_cache, value_cache=value_cache, output=out,
-        query_start_loc=query_start_loc, seq_lens=seq_lens, scale=scale, causal=True,
-        alibi_slopes=None, sliding_window=-1, block_table=block_table.to(torch.int32),
-        softcap=0.0, scheduler_metadata=meta, s_aux=None,
-    )
+    block_table = block_table.to(torch.int32)
+    inner = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:  # the scheduler splits work by the thread count, so it runs under the same one
+        meta = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=num_rows, num_heads=query.shape[1], num_kv_heads=cache.shape[1],
+            head_dim=query.shape[2], seq_lens=seq_lens, dtype=query.dtype,
+            query_start_loc=query_start_loc, causal=True, sliding_window_size=-1, isa=isa,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+        )
+        ops.cpu_attention_with_kv_cache(
+            query=query, key_cache=key_cache, value_cache=value_cache, output=out,
+            query_start_loc=query_start_loc, seq_lens=seq_lens, scale=scale, causal=True,
+            alibi_slopes=None, sliding_window=-1, block_table=block_table,
+            softcap=0.0, scheduler_metadata=meta, s_aux=None,
+        )
+    finally:
+        torch.set_num_threads(inner)

@@ -18,8 +18,11 @@ import torch
 from kvhead.pages import PageBounds, page_mask
 from kvhead.policy import SelectionPolicy
 from kvhead.vllm_plugin.hot_pool import HotPool
-from kvhead.vllm_plugin.kernels import paged_attention, single_head_view, write_cache
+from kvhead.vllm_plugin.kernels import one_thread, paged_attention, single_head_view, write_cache
 from kvstore import PageKeys, PageStore
+
+_THREADED_WRITE = 512  # tokens per write from which OpenMP threads pay off (prefill chunks)
+_ARENA_BATCH = 256  # stable-head tokens staged before one read-modify-write of the arena
 
 
 @dataclass
@@ -47,6 +50,12 @@ class FlexiLayer:
         self.pool = HotPool(pool_pages, num_blocks, len(stable), page_size, head_dim, dtype)
         self.arena = arena
         self.stats = LayerStats()
+        # Stable-head tokens not yet in the arena: (key, value, flat slot) per write. The arena
+        # stores whole pages, so every write is a read-modify-write of its pages; staging turns
+        # one per step into one per _ARENA_BATCH tokens. Decode reads the newest pages from the
+        # hot pool (written at once), and every arena read flushes first.
+        self._staged: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._staged_tokens = 0
 
     # -- writes ------------------------------------------------------------------------------
     def write(
@@ -54,6 +63,15 @@ class FlexiLayer:
     ) -> None:
         """Store new tokens ``[T, Hkv, D]`` at vLLM slots: resident heads to vLLM's cache,
         stable heads to the arena (and to the hot pool where their page is resident)."""
+        if slots.numel() > _THREADED_WRITE:  # prefill: big copies, let them use the threads
+            self._write(key, value, slots, cache)
+            return
+        with one_thread():
+            self._write(key, value, slots, cache)
+
+    def _write(
+        self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor,
+    ) -> None:
         key, value = key[: slots.numel()], value[: slots.numel()]
         keep = slots >= 0
         key, value, slots = key[keep], value[keep], slots[keep].long()
@@ -64,8 +82,28 @@ class FlexiLayer:
         blocks, offsets = slots // self.page_size, slots % self.page_size
         self.pool.release_blocks(blocks[offsets == 0])  # a reused block: old pages are stale
         self.bounds.update(key, slots, self.page_size)
-        self._write_arena(key[:, self.stable], value[:, self.stable], blocks, offsets)
+        self._stage_arena(key[:, self.stable], value[:, self.stable], slots)
         self._write_pool(key[:, self.stable], value[:, self.stable], blocks, offsets)
+
+    def _stage_arena(self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+        """Queue stable-head tokens for the arena; a slot written twice flushes the first write
+        (writes to distinct slots commute, so only a rewrite needs the order kept)."""
+        if self._staged:
+            pending = torch.cat([staged for _, _, staged in self._staged])
+            if bool(torch.isin(slots, pending).any()):
+                self.flush_arena()
+        self._staged.append((key, value, slots))
+        self._staged_tokens += slots.numel()
+        if self._staged_tokens >= _ARENA_BATCH:
+            self.flush_arena()
+
+    def flush_arena(self) -> None:
+        """Write every staged token to the arena (before anything reads it)."""
+        if not self._staged:
+            return
+        key, value, slots = (torch.cat(parts) for parts in zip(*self._staged, strict=True))
+        self._staged, self._staged_tokens = [], 0
+        self._write_arena(key, value, slots // self.page_size, slots % self.page_size)
 
     def _write_arena(
         self, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
@@ -76,7 +114,7 @@ class FlexiLayer:
         keys = self._keys(uniq)
         old = self.arena.get(keys)
         shape = (len(uniq), num_stable, self.page_size, self.head_dim)
-        k, v = old.k.reshape(shape).clone(), old.v.reshape(shape).clone()
+        k, v = old.k.view(shape), old.v.view(shape)  # get() returned a fresh copy: edit in place
         k[inverse, :, offsets] = key.to(k.dtype)
         v[inverse, :, offsets] = value.to(v.dtype)
         stored = self.arena.put(keys, k.flatten(0, 1), v.flatten(0, 1))
@@ -122,6 +160,7 @@ class FlexiLayer:
         # Stable heads: stage each row's pages from the arena into a scratch cache.
         num_pages = (seq_lens + self.page_size - 1) // self.page_size
         blocks = torch.cat([block_table[r, : int(n)].long() for r, n in enumerate(num_pages)])
+        self.flush_arena()
         staged = self.arena.get(self._keys(blocks))
         scratch = torch.empty(len(blocks) * len(self.stable), 1, self.page_size,
                               2 * self.head_dim, dtype=cache.dtype)
@@ -145,6 +184,15 @@ class FlexiLayer:
         policy: SelectionPolicy,
     ) -> None:
         """One decode step for rows whose single query token is ``rows_token[r]``."""
+        with one_thread() as threads:
+            self._decode(query, out, rows_token, seq_lens, block_table, cache, scale, policy,
+                         threads)
+
+    def _decode(
+        self, query: torch.Tensor, out: torch.Tensor, rows_token: torch.Tensor,
+        seq_lens: torch.Tensor, block_table: torch.Tensor, cache: torch.Tensor, scale: float,
+        policy: SelectionPolicy, threads: int,
+    ) -> None:
         q4, o4 = self._heads(query), self._heads(out)
         q_dec = query[rows_token]
         sel = policy.select(self.layer, q_dec, self.bounds, block_table, seq_lens)
@@ -158,33 +206,38 @@ class FlexiLayer:
         res_blocks = blocks[:, self.resident] * len(self.resident) + torch.arange(
             len(self.resident)).view(1, -1, 1)
         self._run_batch(q4, o4, rows_token, self.resident, res_blocks, valid[:, self.resident],
-                        lens[:, self.resident], single_head_view(cache), scale)
+                        lens[:, self.resident], single_head_view(cache), scale, threads)
 
         stable_blocks = blocks[:, self.stable]
         stable_valid = valid[:, self.stable]
         slots = self._make_resident(stable_blocks, stable_valid, block_table, sel.num_pages,
-                                    ids[:, self.stable])
+                                    ids[:, self.stable], bool(sel.reranked[:, self.stable].any()))
         self._run_batch(q4, o4, rows_token, self.stable, slots, stable_valid,
-                        lens[:, self.stable], self.pool.pages, scale)
+                        lens[:, self.stable], self.pool.pages, scale, threads)
         self.stats.decode_steps += 1
         self.stats.attended_pages["resident"] += int(valid[:, self.resident].sum())
         self.stats.attended_pages["stable"] += int(stable_valid.sum())
 
     def _make_resident(
         self, blocks: torch.Tensor, valid: torch.Tensor, block_table: torch.Tensor,
-        num_pages: torch.Tensor, ids: torch.Tensor,
+        num_pages: torch.Tensor, ids: torch.Tensor, reranked: bool,
     ) -> torch.Tensor:
         """Hot-pool slots ``[B, S, W]`` of the attended stable pages: drop pages no longer
-        attended, copy in only the ones that were not resident."""
-        width = block_table.shape[1]
+        attended, copy in only the ones that were not resident.
+
+        Pages leave the attended set only when a stable head reranks (between reranks the set
+        only gains tail pages), so the drop scan runs on rerank steps alone.
+        """
         heads = torch.arange(len(self.stable)).view(1, -1, 1)
-        wanted = page_mask(ids.masked_fill(~valid, -1), width)  # [B, S, width]
-        owned = torch.arange(width).view(1, -1) < num_pages.view(-1, 1)
-        table = block_table.long().clamp_min(0)
-        held = self.pool.slot_of[table].permute(0, 2, 1)  # [B, S, width]
-        drop = (held >= 0) & owned.unsqueeze(1) & ~wanted
-        self.pool.release(held[drop])
-        self.stats.demoted_pages += int(drop.sum())
+        if reranked:
+            width = block_table.shape[1]
+            wanted = page_mask(ids.masked_fill(~valid, -1), width)  # [B, S, width]
+            owned = torch.arange(width).view(1, -1) < num_pages.view(-1, 1)
+            table = block_table.long().clamp_min(0)
+            held = self.pool.slot_of[table].permute(0, 2, 1)  # [B, S, width]
+            drop = (held >= 0) & owned.unsqueeze(1) & ~wanted
+            self.pool.release(held[drop])
+            self.stats.demoted_pages += int(drop.sum())
 
         slots = self.pool.slot_of[blocks, heads.expand_as(blocks)]
         missing = valid & (slots < 0)
@@ -192,6 +245,7 @@ class FlexiLayer:
             need_blocks = blocks[missing]
             need_heads = heads.expand_as(blocks)[missing]
             fresh = self.pool.allocate(need_blocks, need_heads)
+            self.flush_arena()
             got = self.arena.get(PageKeys(self.layer, need_blocks, self.stable[need_heads]))
             flat = (fresh.view(-1, 1) * self.page_size + torch.arange(self.page_size)).flatten()
             dtype = self.pool.pages.dtype
@@ -208,7 +262,7 @@ class FlexiLayer:
     def _run_batch(
         self, q4: torch.Tensor, o4: torch.Tensor, rows_token: torch.Tensor, heads: torch.Tensor,
         blocks: torch.Tensor, valid: torch.Tensor, lens: torch.Tensor, cache: torch.Tensor,
-        scale: float,
+        scale: float, threads: int,
     ) -> None:
         """Decode pseudo-rows (row, head): one query token over that head's listed blocks."""
         batch, num_heads, width = blocks.shape
@@ -219,7 +273,7 @@ class FlexiLayer:
         q = q4[tok, head].contiguous()  # [B*H, G, D]
         o = torch.empty_like(q)
         starts = torch.arange(batch * num_heads + 1)
-        paged_attention(q, cache, o, starts, lens.flatten(), table, scale, self.isa)
+        paged_attention(q, cache, o, starts, lens.flatten(), table, scale, self.isa, threads)
         o4[tok, head] = o
 
     def _run_rows(
