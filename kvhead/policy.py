@@ -161,6 +161,10 @@ class SelectionPolicy:
     ) -> LayerSelection:
         """Pages to attend to for decode queries ``[B, Hq, D]`` of ``layer``."""
         num_pages = (seq_lens.long() + self.page_size - 1) // self.page_size
+        if not block_table.is_cuda:
+            # Engines pad block tables to the longest possible sequence; scoring and masks only
+            # need the pages that exist (the host sync this costs is free on CPU).
+            block_table = block_table[:, : max(int(num_pages.max()), 1)]
         batch, width = block_table.shape
         every_page = num_pages.view(-1, 1).expand(batch, self.num_kv_heads)
         none = torch.zeros_like(every_page)
@@ -191,6 +195,12 @@ class SelectionPolicy:
             state = _LayerState(selected=top_mask, anchor=num_pages.view(-1, 1).expand_as(unstable))
             resident_before = torch.zeros_like(top_mask)
         else:
+            # The table width follows the longest sequence; pages outside it do not exist.
+            grown = width - state.selected.shape[-1]
+            state.selected = (
+                torch.nn.functional.pad(state.selected, (0, grown)) if grown > 0
+                else state.selected[..., :width]
+            )
             resident_before = state.selected | self._tail(state.anchor, num_pages, width)
         rerank = unstable | due
         state.selected = torch.where(rerank.unsqueeze(-1), top_mask, state.selected)
