@@ -10,8 +10,6 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from kvhead.models.store import kvhead_home
 from kvhead.stability import HeadProfile, model_fingerprint
 
@@ -37,7 +35,7 @@ def load_profile(path: str | Path) -> HeadProfile:
         raise ProfileError(f"head profile {path} does not exist")
     try:
         return HeadProfile.load(path)
-    except (ValidationError, ValueError) as err:
+    except ValueError as err:  # pydantic.ValidationError is a ValueError
         raise ProfileError(f"head profile {path} is not a valid kvhead profile: {err}") from None
 
 
@@ -55,7 +53,7 @@ def profile_for_model(model_dir: str | Path, path: str | Path | None = None) -> 
     for candidate in reversed(_candidates()):
         try:
             profile = HeadProfile.load(candidate)
-        except (ValidationError, ValueError):
+        except ValueError:
             continue
         if profile.model_fingerprint == fingerprint:
             return profile
