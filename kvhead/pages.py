@@ -90,18 +90,30 @@ def score_pages(
     return scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
 
 
-def select_top_k(scores: torch.Tensor, top_k: int, num_pages: torch.Tensor) -> torch.Tensor:
+def select_top_k(
+    scores: torch.Tensor, top_k: int, num_pages: torch.Tensor, *,
+    sink_pages: int = 0, recent_pages: int = 1,
+) -> torch.Tensor:
     """Top-``top_k`` logical pages per (sequence, kv head), ascending, padded with -1.
 
-    The newest page is always kept: it is still being written, its bounds describe only the
-    tokens so far, and the query's own recent context lives there.
+    The newest ``recent_pages`` (at least the newest, still being written: its bounds describe
+    only the tokens so far, and the query's own recent context lives there) and the first
+    ``sink_pages`` (StreamingLLM's attention sinks, which soak up most of the softmax mass in
+    many heads) are always kept; they count inside the ``top_k`` budget.
     """
     if top_k <= 0:
         raise ValueError(f"top_k must be positive, got {top_k}")
-    batch, num_kv_heads, max_pages = scores.shape
+    if recent_pages < 1 or sink_pages < 0 or sink_pages + recent_pages > top_k:
+        raise ValueError(
+            f"need recent_pages >= 1, sink_pages >= 0 and their sum <= top_k ({top_k}), "
+            f"got {recent_pages} and {sink_pages}"
+        )
+    batch, _, max_pages = scores.shape
     k = min(top_k, max_pages)
-    newest = (num_pages.long() - 1).clamp_min(0).view(batch, 1, 1).expand(batch, num_kv_heads, 1)
-    forced = scores.scatter(2, newest, float("inf"))
+    pos = torch.arange(max_pages, device=scores.device).view(1, 1, -1)
+    num_pages = num_pages.long().view(batch, 1, 1)
+    keep = ((pos < sink_pages) | (pos >= num_pages - recent_pages)) & (pos < num_pages)
+    forced = scores.masked_fill(keep, float("inf"))
     values, ids = forced.topk(k, dim=2)
     ids = ids.masked_fill(values == float("-inf"), PAD)
     ids = torch.where(ids == PAD, torch.iinfo(ids.dtype).max, ids).sort(dim=2).values

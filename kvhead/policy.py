@@ -10,6 +10,15 @@ Three modes share one code path so their numbers are comparable:
   newest context visible between reranks. Only stable heads save device memory; their resident
   set is ``top-K ∪ tail`` and a rerank fetches just the pages that were not resident before.
 
+Options beyond the spec, all off by default (the defaults are the spec's selection):
+
+* ``sink_pages`` / ``recent_pages``: pages at the start / end of the sequence that every top-K
+  set keeps (StreamingLLM's attention sinks and a local window), inside the K budget.
+* ``dense_layers``: the first layers attend to every page (Quest leaves its first two layers
+  dense: their attention is broad, not sparse); they count as fully resident.
+* ``unstable_dense``: in ``flexicache``, unstable heads attend to every page. Their pages are all
+  resident anyway, so this costs compute but no device memory, and they need no scoring.
+
 The policy keeps per-layer state for one batch of sequences that decode in lock-step; call
 :meth:`SelectionPolicy.reset` when a new batch starts.
 """
@@ -34,20 +43,27 @@ from kvhead.pages import (
 
 def _score_and_select(
     query: torch.Tensor, bounds: PageBounds, block_table: torch.Tensor, num_pages: torch.Tensor,
-    top_k: int, kv_heads: torch.Tensor | None = None,
+    top_k: int, kv_heads: torch.Tensor | None = None, *, sink_pages: int = 0, recent_pages: int = 1,
 ) -> torch.Tensor:
     """Top-K page ids ``[B, Hkv, K]``; heads outside ``kv_heads`` (when given) get all -1.
 
-    Fused Triton scoring + top-K on CUDA (which scores every head: it is cheap there); the torch
-    reference elsewhere, reading only the bounds of the heads asked for.
+    Fused Triton scoring + top-K on CUDA (which scores every head: it is cheap there) for the
+    spec's selection; the torch reference elsewhere, and for sink/window pages, which the
+    kernel does not force. The reference reads only the bounds of the heads asked for.
     """
-    if query.is_cuda:
+    if query.is_cuda and sink_pages == 0 and recent_pages == 1:
         from kvhead.kernels import score_and_select
 
         return score_and_select(query, bounds, block_table, num_pages, top_k)
+    forced = {"sink_pages": sink_pages, "recent_pages": recent_pages}
+    if kv_heads is not None and kv_heads.numel() == 0:
+        width = min(top_k, block_table.shape[1])
+        return torch.full((query.shape[0], bounds.kmin.shape[1], width), PAD, device=query.device)
     if kv_heads is None:
-        return select_top_k(score_pages(query, bounds, block_table, num_pages), top_k, num_pages)
-    part = select_top_k(score_pages(query, bounds, block_table, num_pages, kv_heads), top_k, num_pages)
+        scores = score_pages(query, bounds, block_table, num_pages)
+        return select_top_k(scores, top_k, num_pages, **forced)
+    scores = score_pages(query, bounds, block_table, num_pages, kv_heads)
+    part = select_top_k(scores, top_k, num_pages, **forced)
     full = part.new_full((part.shape[0], bounds.kmin.shape[1], part.shape[2]), PAD)
     full[:, kv_heads] = part
     return full
@@ -129,9 +145,14 @@ class SelectionPolicy:
     top_k: int = 64
     rerank_interval: int = 16
     unstable: torch.Tensor | None = None  # [L, Hkv] bool; required for flexicache
+    sink_pages: int = 0  # first pages every top-K set keeps
+    recent_pages: int = 1  # newest pages every top-K set keeps (the partial page at least)
+    dense_layers: int = 0  # first layers attend to every page
+    unstable_dense: bool = False  # flexicache: unstable heads attend to every (resident) page
     stats: PolicyStats = field(init=False)
     _state: dict[int, _LayerState] = field(init=False, default_factory=dict)
     _unstable_heads: list[torch.Tensor] = field(init=False, default_factory=list)
+    _stable_heads: list[torch.Tensor] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.mode = Mode(self.mode)
@@ -139,6 +160,13 @@ class SelectionPolicy:
             raise ValueError(f"top_k must be positive, got {self.top_k}")
         if self.rerank_interval <= 0:
             raise ValueError(f"rerank_interval must be positive, got {self.rerank_interval}")
+        if self.recent_pages < 1 or self.sink_pages < 0 or self.sink_pages + self.recent_pages > self.top_k:
+            raise ValueError(
+                f"need recent_pages >= 1, sink_pages >= 0 and sink + recent <= top_k ({self.top_k}), "
+                f"got recent {self.recent_pages}, sink {self.sink_pages}"
+            )
+        if not 0 <= self.dense_layers <= self.num_layers:
+            raise ValueError(f"dense_layers must be in [0, {self.num_layers}], got {self.dense_layers}")
         if self.mode is Mode.flexicache:
             if self.unstable is None:
                 raise ValueError("flexicache mode needs the unstable-head mask of a head profile")
@@ -150,6 +178,7 @@ class SelectionPolicy:
         self.stats = PolicyStats.zeros(self.num_layers, self.num_kv_heads)
         if self.unstable is not None:
             self._unstable_heads = [row.nonzero().flatten() for row in self.unstable]
+            self._stable_heads = [(~row).nonzero().flatten() for row in self.unstable]
 
     def reset(self) -> None:
         """Start a new batch: forget selections; statistics keep accumulating."""
@@ -168,18 +197,23 @@ class SelectionPolicy:
         batch, width = block_table.shape
         every_page = num_pages.view(-1, 1).expand(batch, self.num_kv_heads)
         none = torch.zeros_like(every_page)
-        if self.mode is Mode.dense:
+        forced = {"sink_pages": self.sink_pages, "recent_pages": self.recent_pages}
+        if self.mode is Mode.dense or layer < self.dense_layers:
             ids = all_pages(num_pages, self.num_kv_heads, width)
             sel = LayerSelection(ids, None, every_page, num_pages, none, none.bool())
         elif self.mode is Mode.quest:
-            top = _score_and_select(query, bounds, block_table, num_pages, self.top_k)
+            top = _score_and_select(query, bounds, block_table, num_pages, self.top_k, **forced)
             sel = LayerSelection(top, top, every_page, num_pages, none, torch.ones_like(none).bool())
         else:
             state = self._state.get(layer)
             due = state is None or state.steps % self.rerank_interval == 0
-            # Between reranks only unstable heads need scores: stable ones reuse their set.
-            heads = None if due else self._unstable_heads[layer]
-            top = _score_and_select(query, bounds, block_table, num_pages, self.top_k, heads)
+            # Between reranks only unstable heads need scores: stable ones reuse their set;
+            # unstable heads that attend densely need none at all.
+            if self.unstable_dense:
+                heads = self._stable_heads[layer] if due else self._unstable_heads[layer][:0]
+            else:
+                heads = None if due else self._unstable_heads[layer]
+            top = _score_and_select(query, bounds, block_table, num_pages, self.top_k, heads, **forced)
             sel = self._flexicache(layer, top, num_pages, width, due)
         self.stats.record(layer, sel)
         return sel
@@ -209,7 +243,11 @@ class SelectionPolicy:
         self._state[layer] = state
 
         stable_attend = state.selected | self._tail(state.anchor, num_pages, width)
-        attend = torch.where(unstable.unsqueeze(-1), top_mask, stable_attend)
+        unstable_attend = (
+            torch.arange(width, device=top.device).view(1, 1, -1) < num_pages.view(-1, 1, 1)
+            if self.unstable_dense else top_mask
+        )
+        attend = torch.where(unstable.unsqueeze(-1), unstable_attend, stable_attend)
         resident = torch.where(unstable, num_pages.view(-1, 1), stable_attend.sum(-1))
         promoted = (rerank & ~unstable).unsqueeze(-1) & state.selected & ~resident_before
         return LayerSelection(

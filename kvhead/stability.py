@@ -137,10 +137,20 @@ class HeadProfile(BaseModel):
         """``[num_layers, num_kv_heads]`` float scores, NaN where never measured."""
         return torch.tensor([[float("nan") if v is None else v for v in row] for row in self.instability])
 
-    def unstable_mask(self) -> torch.Tensor:
-        """Boolean ``[num_layers, num_kv_heads]``: True where a head keeps all pages resident."""
+    def unstable_mask(self, leading_layers: int = 0) -> torch.Tensor:
+        """Boolean ``[num_layers, num_kv_heads]``: True where a head keeps all pages resident.
+
+        ``leading_layers`` marks every head of the first layers unstable inside the same head
+        budget (the least unstable of the profile's other picks give way): early layers attend
+        broadly, so a top-K set loses much of their mass whatever their page-set drift.
+        """
+        if not 0 <= leading_layers <= self.num_layers:
+            raise ValueError(f"leading_layers must be in [0, {self.num_layers}], got {leading_layers}")
         mask = torch.zeros(self.num_layers, self.num_kv_heads, dtype=torch.bool)
-        for layer, head in self.unstable:
+        mask[:leading_layers] = True
+        budget = len(self.unstable) - int(mask.sum())
+        rest = [(layer, head) for layer, head in self.unstable if layer >= leading_layers]
+        for layer, head in rest[: max(budget, 0)]:
             mask[layer, head] = True
         return mask
 

@@ -91,3 +91,25 @@ def test_rerank_diff_promoted_and_demoted():
     assert mask_to_page_ids(diff.promoted).tolist() == [[[4, 5]]]
     assert mask_to_page_ids(diff.demoted).tolist() == [[[0, 2]]]
     assert diff.num_promoted.tolist() == [[2]] and diff.num_demoted.tolist() == [[2]]
+
+
+def test_sink_and_recent_pages_are_forced_inside_the_budget():
+    scores = torch.arange(10.0).flip(0).view(1, 1, 10)  # page 0 best ... page 9 worst
+    scores = torch.cat([scores, -scores], dim=1)  # head 1 prefers the newest pages
+    scores[..., 9] = float("-inf")  # page 9 does not exist (score_pages marks it so)
+    num_pages = torch.tensor([9])
+    ids = select_top_k(scores, 4, num_pages, sink_pages=1, recent_pages=2)
+    assert ids[0, 0].tolist() == [0, 1, 7, 8]  # sink 0, window 7-8, best other: 1
+    assert ids[0, 1].tolist() == [0, 6, 7, 8]  # window 7-8 and sink 0 despite its low score
+    default = select_top_k(scores, 4, num_pages)
+    assert default[0, 0].tolist() == [0, 1, 2, 8]  # only the newest page is forced
+
+
+def test_forced_pages_must_fit_the_budget():
+    scores = torch.zeros(1, 1, 8)
+    for sink, recent in ((3, 2), (0, 0), (-1, 1)):
+        try:
+            select_top_k(scores, 4, torch.tensor([8]), sink_pages=sink, recent_pages=recent)
+        except ValueError:
+            continue
+        raise AssertionError(f"sink={sink} recent={recent} was accepted")

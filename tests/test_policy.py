@@ -134,3 +134,53 @@ def test_a_layer_without_unstable_heads_works_between_reranks():
         sel = policy.select(0, seq.query(), seq.bounds, seq.table, torch.tensor([seq.length]))
     # top-3 (with page 15, newest at the rerank) + page 16, opened since
     assert (sel.page_ids[0] >= 0).sum(-1).tolist() == [4, 4, 4]
+
+
+def test_sink_and_window_pages_are_always_attended():
+    seq = _Sequence(prompt=120, blocks=80)  # 30 pages
+    for mode in ("quest", "flexicache"):
+        policy = _policy(mode, top_k=5, rerank_interval=4, sink_pages=1, recent_pages=2)
+        for _ in range(6):
+            seq.append(1)
+            sel = policy.select(0, seq.query(), seq.bounds, seq.table, torch.tensor([seq.length]))
+            newest = int(sel.num_pages[0]) - 1
+            for head in range(3):
+                ids = set(sel.page_ids[0, head].tolist())
+                assert {0, newest - 1, newest} <= ids, (mode, head, ids)
+                assert len(ids - {-1}) <= 5 + (0 if mode == "quest" else 2)  # + a stable head's tail
+
+
+def test_dense_layers_attend_exactly_to_everything():
+    seq = _Sequence(prompt=120, blocks=80)
+    policy = SelectionPolicy("quest", num_layers=2, num_kv_heads=3, page_size=4, top_k=3,
+                             dense_layers=1)
+    seq.append(1)
+    lens = torch.tensor([seq.length])
+    q = seq.query()
+    dense_sel = policy.select(0, q, seq.bounds, seq.table, lens)
+    sparse_sel = policy.select(1, q, seq.bounds, seq.table, lens)
+    out, _ = sparse_decode_attention(q, seq.k, seq.v, seq.table, lens, dense_sel.page_ids, 0.3)
+    ref, _ = dense_decode_attention(q, seq.k, seq.v, seq.table, lens, 0.3)
+    assert (out - ref).abs().max() <= 1e-5
+    assert (sparse_sel.page_ids[0] >= 0).sum(-1).tolist() == [3, 3, 3]
+    with pytest.raises(ValueError, match="dense_layers"):
+        SelectionPolicy("quest", num_layers=2, num_kv_heads=3, dense_layers=3)
+
+
+def test_unstable_dense_heads_see_every_page_without_more_residency():
+    seq = _Sequence(prompt=120, blocks=80)
+    spec = _policy("flexicache", top_k=4, rerank_interval=4)
+    wide = _policy("flexicache", top_k=4, rerank_interval=4, unstable_dense=True)
+    for step in range(6):
+        seq.append(1)
+        q, lens = seq.query(), torch.tensor([seq.length])
+        a = spec.select(0, q, seq.bounds, seq.table, lens)
+        b = wide.select(0, q, seq.bounds, seq.table, lens)
+        pages = int(b.num_pages[0])
+        assert b.page_ids[0, 0].tolist()[:pages] == list(range(pages))  # unstable head 0: all
+        assert (a.page_ids[0, 0] >= 0).sum() == 4  # the spec's unstable head: top-K only
+        assert torch.equal(a.page_ids[0, 1:, : b.page_ids.shape[-1]], b.page_ids[0, 1:, : a.page_ids.shape[-1]])
+        assert torch.equal(a.resident, b.resident)
+        if step % 4:  # between reranks nothing is scored: unstable heads need no scores
+            assert (b.top_k_ids == -1).all()
+    assert spec.stats.resident_fraction == wide.stats.resident_fraction
