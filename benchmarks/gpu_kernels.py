@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import platform
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -28,10 +28,14 @@ from rich.table import Table
 from kvhead import kernels
 from kvhead.attention import sparse_decode_attention as ref_attention
 from kvhead.bounds_compact import (
+    DEFAULT_CANDIDATES_PER_K,
+    DEFAULT_GROUP,
     CompactBounds,
     build_super_bounds,
     default_num_super,
+    flat_select,
     num_super_pages,
+    plan_selection,
     score_compact_pages,
     select_in_super_pages,
     select_super_pages,
@@ -48,7 +52,7 @@ NUM_Q, NUM_KV, DIM, PAGE = 32, 8, 128, 16
 RERANK_INTERVAL = 16
 ROTATIONS = 8  # input sets per graph, so repeated calls read HBM rather than the L2 (1 if quick)
 REL_TOL = 1e-2  # bf16 operands, fp32 accumulation
-HIER_VARIANTS = ((8, 4), (8, 2), (4, 4))  # (super-page size G, candidate pages per K); first: default
+HIER_VARIANTS = ((8, 4),)  # (super-page size G, candidate pages per K); first: the default
 HIER_MARKER = "## Two-level int8 selection (super-pages), rerank cost"
 console = Console()
 app = typer.Typer(add_completion=False)
@@ -116,22 +120,62 @@ def random_selection(gen: torch.Generator, num_pages: int, batch: int, top_k: in
     return torch.cat([older, newest], dim=2).sort(dim=2).values
 
 
+@dataclass
+class PagedProblem:
+    """One (context, batch) of random bf16 KV in vLLM's paged layout, with rotating queries.
+
+    The block table is the identity, so dense SDPA can read the same memory as a strided view;
+    the newest page is partial (``seq_len = ctx - tail_gap``), so its masked tail is part of
+    every check.
+    """
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    table: torch.Tensor
+    seq_len: int
+    seq_lens: torch.Tensor
+    num_pages: torch.Tensor
+    queries: list[torch.Tensor]
+
+    @property
+    def max_pages(self) -> int:
+        return self.table.shape[1]
+
+    @classmethod
+    def random(cls, ctx: int, batch: int, device: torch.device, gen: torch.Generator,
+               rotations: int, tail_gap: int = 5) -> PagedProblem:
+        max_pages = ctx // PAGE
+        num_blocks = batch * max_pages
+        k_cache = torch.randn(num_blocks, PAGE, NUM_KV, DIM, device=device, dtype=torch.bfloat16,
+                              generator=gen)
+        v_cache = torch.randn(k_cache.shape, device=device, dtype=torch.bfloat16, generator=gen)
+        table = torch.arange(num_blocks, device=device, dtype=torch.int32).view(batch, max_pages)
+        seq_len = ctx - tail_gap
+        return cls(
+            k_cache=k_cache, v_cache=v_cache, table=table, seq_len=seq_len,
+            seq_lens=torch.full((batch,), seq_len, device=device, dtype=torch.int32),
+            num_pages=torch.full((batch,), max_pages, device=device, dtype=torch.int64),
+            queries=[torch.randn(batch, NUM_Q, DIM, device=device, dtype=torch.bfloat16,
+                                 generator=gen) for _ in range(rotations)],
+        )
+
+    def sparse_ms(self, sels: list[torch.Tensor]) -> float:
+        """Graph-replayed sparse attention over rotating (query, selection) pairs."""
+        k_cache, v_cache, table, seq_lens = self.k_cache, self.v_cache, self.table, self.seq_lens
+        return graph_ms([
+            (lambda q=q, s=s: kernel_attention(q, k_cache, v_cache, table, seq_lens, s,
+                                               DIM**-0.5))
+            for q, s in zip(self.queries, sels)
+        ])
+
+
 def bench_context(ctx: int, batch: int, top_ks: list[int], ceil: dict, checks: Checks,
                   device: torch.device, gen: torch.Generator, rotations: int,
                   ) -> tuple[list, dict, dict]:
     """Dense, sparse, selection and append for one (context, batch); returns result rows."""
-    max_pages = ctx // PAGE
-    num_blocks = batch * max_pages
-    k_cache = torch.randn(num_blocks, PAGE, NUM_KV, DIM, device=device, dtype=torch.bfloat16,
-                          generator=gen)
-    v_cache = torch.randn(k_cache.shape, device=device, dtype=torch.bfloat16, generator=gen)
-    # Identity block table: dense SDPA can then read the very same memory as a strided view.
-    table = torch.arange(num_blocks, device=device, dtype=torch.int32).view(batch, max_pages)
-    seq_len = ctx - 5  # newest page partial: its masked tail is part of every check
-    seq_lens = torch.full((batch,), seq_len, device=device, dtype=torch.int32)
-    num_pages = torch.full((batch,), max_pages, device=device, dtype=torch.int64)
-    queries = [torch.randn(batch, NUM_Q, DIM, device=device, dtype=torch.bfloat16, generator=gen)
-               for _ in range(rotations)]
+    prob = PagedProblem.random(ctx, batch, device, gen, rotations)
+    k_cache, v_cache, table, seq_lens = prob.k_cache, prob.v_cache, prob.table, prob.seq_lens
+    seq_len, num_pages, queries, max_pages = prob.seq_len, prob.num_pages, prob.queries, prob.max_pages
     scale = DIM**-0.5
     d2d = ceil["d2d_bytes_per_s"]
 
@@ -318,27 +362,28 @@ def bench_copy(batch: int, ctx: int, top_k: int, device: torch.device,
     return rows
 
 
+def score_set_gap(values: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest gap between the sorted score sets that two id selections pick from ``values``
+    (+inf, the forced pages, counts as equal; NaN propagates and fails the bound)."""
+    a_set = values.gather(2, a.clamp_min(0)).sort(dim=2).values
+    b_set = values.gather(2, b.clamp_min(0)).sort(dim=2).values
+    return (a_set - b_set).nan_to_num(posinf=0.0).abs().max().item()
+
+
 def bench_hier(ctx: int, batch: int, top_ks: list[int], variants: list[tuple[int, int]],
                ceil: dict, checks: Checks, device: torch.device, gen: torch.Generator,
                rotations: int) -> list[dict]:
-    """Two-level int8 selection vs flat fp32 scoring, both as a share of the sparse step.
+    """Rerank selection as a share of the sparse step: flat fp32 (before), flat int8, two-level
+    int8, and the one ``kernels.select_pages`` dispatches to.
 
     The sparse step and the flat fp32 selection are re-measured here exactly as in
-    :func:`bench_context`. The two-level kernel's bounds are cloned per rotation, so that its
-    (small) bounds do not sit in the L2 between calls; the flat fp32 timing keeps the old method
-    (one bounds tensor; at 32k and beyond it exceeds the L2 anyway).
+    :func:`bench_context`. The int8 bounds are cloned per rotation, so that these (small) bounds
+    do not sit in the L2 between calls; the flat fp32 timing keeps the old method (one bounds
+    tensor; at 32k and beyond it exceeds the L2 anyway).
     """
-    max_pages = ctx // PAGE
-    num_blocks = batch * max_pages
-    k_cache = torch.randn(num_blocks, PAGE, NUM_KV, DIM, device=device, dtype=torch.bfloat16,
-                          generator=gen)
-    v_cache = torch.randn(k_cache.shape, device=device, dtype=torch.bfloat16, generator=gen)
-    table = torch.arange(num_blocks, device=device, dtype=torch.int32).view(batch, max_pages)
-    seq_len = ctx - 5
-    seq_lens = torch.full((batch,), seq_len, device=device, dtype=torch.int32)
-    num_pages = torch.full((batch,), max_pages, device=device, dtype=torch.int64)
-    queries = [torch.randn(batch, NUM_Q, DIM, device=device, dtype=torch.bfloat16, generator=gen)
-               for _ in range(rotations)]
+    prob = PagedProblem.random(ctx, batch, device, gen, rotations)
+    k_cache, table, num_pages, queries = prob.k_cache, prob.table, prob.num_pages, prob.queries
+    max_pages = prob.max_pages
     bounds = PageBounds(kmin=k_cache.amin(dim=1).float(), kmax=k_cache.amax(dim=1).float())
     pages = CompactBounds.from_pages(bounds)
     clone = lambda c: CompactBounds(c.qmin.clone(), c.qmax.clone(), c.scale.clone())
@@ -354,15 +399,28 @@ def bench_hier(ctx: int, batch: int, top_ks: list[int], variants: list[tuple[int
     rows = []
     for top_k in top_ks:
         sels = [random_selection(gen, max_pages, batch, top_k, device) for _ in range(rotations)]
-        sparse_ms = graph_ms([
-            (lambda q=q, s=s: kernel_attention(q, k_cache, v_cache, table, seq_lens, s, DIM**-0.5))
-            for q, s in zip(queries, sels)
-        ])
+        sparse_ms = prob.sparse_ms(sels)
         flat_ms = graph_ms([(lambda q=q, k=top_k: kernels.score_and_select(
             q, bounds, table, num_pages, k)) for q in queries])
+        # Flat int8: every page scored from its int8 box (the dispatch's path for few pages).
+        got = kernels.flat_select(queries[0], pages, table, num_pages, top_k)
+        ref = flat_select(queries[0], pages, table, num_pages, top_k)
+        checks.true(f"flat int8 {tag} K={top_k}: ids valid, counts equal",
+                    bool(((got >= 0) & (got < max_pages)).all())
+                    and torch.equal((got >= 0).sum(2), (ref >= 0).sum(2)))
+        checks.bound(f"flat int8 {tag} K={top_k}: score sets", score_set_gap(forced, got, ref),
+                     1e-5 * finite + 1e-3)
+        int8_ms = graph_ms([(lambda q=q, p=p, k=top_k: kernels.flat_select(
+            q, p, table, num_pages, k)) for q, p in zip(queries, page_sets)])
+        int8_bytes = batch * NUM_KV * max_pages * box
+        auto = plan_selection(max_pages, top_k)
         row = {"ctx": ctx, "batch": batch, "top_k": top_k, "sparse_ms": sparse_ms,
                "flat_fp32_ms": flat_ms, "flat_fp32_bytes": 2 * batch * NUM_KV * max_pages * DIM * 4,
-               "flat_fp32_frac_of_sparse": flat_ms / RERANK_INTERVAL / sparse_ms, "variants": []}
+               "flat_fp32_frac_of_sparse": flat_ms / RERANK_INTERVAL / sparse_ms,
+               "flat_int8_ms": int8_ms, "flat_int8_bytes": int8_bytes,
+               "flat_int8_frac_of_sparse": int8_ms / RERANK_INTERVAL / sparse_ms,
+               "auto": "flat int8" if auto is None else f"G={DEFAULT_GROUP} M={auto}",
+               "variants": []}
         for group, per_k in variants:
             num_super = default_num_super(top_k, group, per_k)
             name = f"{tag} K={top_k} G={group} M={num_super}"
@@ -383,10 +441,7 @@ def bench_hier(ctx: int, batch: int, top_ks: list[int], variants: list[tuple[int
                 ("super-page", sup_scores, got_sup, ref_sup, sup_finite),
                 ("page", forced, got, ref, finite),
             ):
-                a_set = values.gather(2, a.clamp_min(0)).sort(dim=2).values
-                b_set = values.gather(2, b.clamp_min(0)).sort(dim=2).values
-                checks.bound(f"hier {name}: {level} score sets",
-                             (a_set - b_set).nan_to_num(posinf=0.0).abs().max().item(),
+                checks.bound(f"hier {name}: {level} score sets", score_set_gap(values, a, b),
                              1e-5 * scale + 1e-3)
             g_ms = graph_ms([
                 (lambda q=q, p=p, s=s, k=top_k, g=group, m=num_super: kernels.hier_select(
@@ -400,6 +455,10 @@ def bench_hier(ctx: int, batch: int, top_ks: list[int], variants: list[tuple[int
                 "graph_ms": g_ms, "bytes": nbytes, "floor_ms": nbytes / d2d * 1e3,
                 "frac_of_sparse": g_ms / RERANK_INTERVAL / sparse_ms,
             })
+        default = next((v for v in row["variants"] if v["group"] == DEFAULT_GROUP
+                        and v["candidates_per_k"] == DEFAULT_CANDIDATES_PER_K), row["variants"][0])
+        row["auto_ms"] = int8_ms if auto is None else default["graph_ms"]
+        row["auto_frac_of_sparse"] = row["auto_ms"] / RERANK_INTERVAL / sparse_ms
         rows.append(row)
     return rows
 
@@ -414,20 +473,23 @@ def write_hier_markdown(path: Path, result: dict) -> None:
         "",
         ("Rerank selection amortised over R = 16 steps as a share of a sparse decode step "
          "(both re-measured in this run; medians of graph replays over 8 rotating inputs). "
-         "Flat: `score_and_select` on fp32 bounds (before). Two-level: `hier_select` on int8 "
-         "bounds, super-pages of G pages, top M = r K / G super-pages, top-K of their r K "
-         "pages (after; G = 8, r = 4 is the default). Checks: every timed size against the "
-         f"torch reference ({hier['checks']} checks, {hier['failed']} failed)."),
+         "Flat fp32: `score_and_select` on fp32 bounds (before). Flat int8: `flat_select`, "
+         "every page scored from int8 bounds. Two-level: `hier_select` on int8 bounds, "
+         "super-pages of G pages, top M = r K / G super-pages, top-K of their r K pages. "
+         "Auto: the path `kernels.select_pages` takes at this size. Checks: every timed size "
+         f"against the torch reference ({hier['checks']} checks, {hier['failed']} failed)."),
         "",
-        f"| ctx | batch | K | sparse ms | flat fp32 ms / % | {head} |",
-        "|---|---|---|---|---|" + "---|" * len(variants),
+        (f"| ctx | batch | K | sparse ms | flat fp32 ms / % | flat int8 ms / % | {head} | "
+         "auto | auto % |"),
+        "|---|---|---|---|---|---|" + "---|" * len(variants) + "---|---|",
     ]
     for r in hier["rows"]:
         cells = " | ".join(f"{v['graph_ms']:.4f} / {100 * v['frac_of_sparse']:.1f}"
                            for v in r["variants"])
         lines.append(f"| {r['ctx']} | {r['batch']} | {r['top_k']} | {r['sparse_ms']:.4f} | "
                      f"{r['flat_fp32_ms']:.4f} / {100 * r['flat_fp32_frac_of_sparse']:.0f} | "
-                     f"{cells} |")
+                     f"{r['flat_int8_ms']:.4f} / {100 * r['flat_int8_frac_of_sparse']:.1f} | "
+                     f"{cells} | {r['auto']} | {100 * r['auto_frac_of_sparse']:.1f} |")
     old = path.read_text().split(HIER_MARKER)[0].rstrip() if path.exists() else ""
     path.write_text((old + "\n\n" if old else "") + "\n".join(lines) + "\n")
 
@@ -446,12 +508,9 @@ def bench_configs(ctx: int, batches: list[int], top_k: int, device: torch.device
     max_pages = ctx // PAGE
     rows = []
     for batch in batches:
-        k_cache = torch.randn(batch * max_pages, PAGE, NUM_KV, DIM, device=device,
-                              dtype=torch.bfloat16, generator=gen)
-        v_cache = torch.randn(k_cache.shape, device=device, dtype=torch.bfloat16, generator=gen)
-        table = torch.arange(batch * max_pages, device=device, dtype=torch.int32).view(batch, -1)
-        seq_lens = torch.full((batch,), ctx, device=device, dtype=torch.int32)
-        query = torch.randn(batch, NUM_Q, DIM, device=device, dtype=torch.bfloat16, generator=gen)
+        prob = PagedProblem.random(ctx, batch, device, gen, 1, tail_gap=0)
+        k_cache, v_cache, table, seq_lens = prob.k_cache, prob.v_cache, prob.table, prob.seq_lens
+        query = prob.queries[0]
         sels = [random_selection(gen, max_pages, batch, top_k, device) for _ in range(rotations)]
         base, _ = kernel_attention(query, k_cache, v_cache, table, seq_lens, sels[0], 0.1)
         for config in configs:
@@ -519,13 +578,15 @@ def run_hier(out_dir: Path, name: str, contexts: list[int], batches: list[int],
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     table = Table(title="rerank selection / 16 as % of the sparse step")
-    for col in ("ctx", "B", "K", "sparse ms", "flat fp32 %",
-                *(f"G{v[0]} r{v[1]} %" for v in variants)):
+    for col in ("ctx", "B", "K", "sparse ms", "flat fp32 %", "flat int8 %",
+                *(f"G{v[0]} r{v[1]} %" for v in variants), "auto %"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(str(r["ctx"]), str(r["batch"]), str(r["top_k"]), f"{r['sparse_ms']:.4f}",
                       f"{100 * r['flat_fp32_frac_of_sparse']:.1f}",
-                      *(f"{100 * v['frac_of_sparse']:.1f}" for v in r["variants"]))
+                      f"{100 * r['flat_int8_frac_of_sparse']:.1f}",
+                      *(f"{100 * v['frac_of_sparse']:.1f}" for v in r["variants"]),
+                      f"{100 * r['auto_frac_of_sparse']:.1f}")
     console.print(table)
     console.print(f"checks: {checks.count} run, failed: {checks.failed or 'none'}")
     write_hier_markdown(out_dir / f"{name}.md", result)

@@ -13,8 +13,8 @@ keys and its fp32 page bounds and compares, per KV head:
 Metrics: overlap with the exact set (|A n exact| / |exact|), and the share of the true softmax
 attention mass (dense weights, averaged over query heads) that falls in the selected pages.
 
-Run: ``python benchmarks/hier_select_quality.py`` (a few minutes on 2 cores); writes
-``benchmarks/results/hier_select.json`` and ``hier_select.md``.
+Run: ``python benchmarks/hier_select_quality.py`` (a few minutes on 2 cores at 4k); writes
+``benchmarks/results/<name>.json`` and ``<name>.md`` (``--name``, default ``hier_select``).
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ def main(
     ratios: str = typer.Option("1,2,4", help="Comma-separated r: r x K pages get page scores."),
     out_dir: Path = typer.Option(Path("benchmarks/results"), help="Where JSON and markdown go."),
     threads: int = typer.Option(2, help="CPU threads for the prefill."),
+    name: str = typer.Option("hier_select", help="Result file stem (JSON and markdown)."),
 ) -> None:
     """Overlap with the exact top-K and attention mass covered, per selection variant."""
     torch.set_num_threads(threads)
@@ -146,7 +147,7 @@ def main(
               "page_size": runner.spec.page_size, "num_layers": runner.num_layers,
               "num_kv_heads": runner.spec.num_kv_heads, "summary": summary}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "hier_select.json").write_text(json.dumps(result, indent=1))
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
     lines = [
         "# Two-level int8 page selection: quality on real attention",
         "",
@@ -165,7 +166,7 @@ def main(
     lines += [f"| {s['top_k']} | {s['variant']} | {s['overlap_mean']:.3f} | "
               f"{s['overlap_min']:.3f} | {s['mass_mean']:.3f} | {s['mass_min']:.3f} |"
               for s in summary]
-    (out_dir / "hier_select.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ from kvhead.pages import PAD, PageBounds, select_top_k
 # 1.4-3.7 points, and G = 16 at 4 x K loses 2-2.4. Bytes per head: N/8 + 4K boxes.
 DEFAULT_GROUP = 8
 DEFAULT_CANDIDATES_PER_K = 4
+# Pages per head up to which the flat int8 selection runs instead of two levels: there the
+# first level saves few bytes and costs one more launch and a second radix select. Set from the
+# H200 timings in benchmarks/results/gpu_kernels.md (two-level section).
+FLAT_MAX_PAGES = 1024
 QMAX = 127  # symmetric int8 grid; -128 is never used, so negation stays on the grid
 _SCALE_PAD = 1.0 + 2.0**-20  # makes 127 * scale > max |bound| despite fp32 rounding
 
@@ -97,6 +101,20 @@ def default_num_super(top_k: int, group: int = DEFAULT_GROUP,
     return max(1, -(-candidates_per_k * top_k // group))
 
 
+def plan_selection(max_pages: int, top_k: int, group: int = DEFAULT_GROUP,
+                   candidates_per_k: int = DEFAULT_CANDIDATES_PER_K,
+                   flat_max_pages: int = FLAT_MAX_PAGES) -> int | None:
+    """Super-pages to keep for a two-level selection over ``max_pages`` pages, or None: flat.
+
+    Flat when the pages per head are few, or when the kept super-pages would hold every page
+    anyway (the two-level result would then equal the flat one at more cost).
+    """
+    num_super = default_num_super(top_k, group, candidates_per_k)
+    if max_pages <= flat_max_pages or num_super * group >= max_pages:
+        return None
+    return num_super
+
+
 def build_super_bounds(
     bounds: PageBounds, block_table: torch.Tensor, num_pages: torch.Tensor, group: int,
 ) -> CompactBounds:
@@ -146,6 +164,13 @@ def score_compact_pages(
     scores = _bound_scores(query, qmin, qmax, scale)
     valid = torch.arange(table.shape[1], device=table.device) < num_pages.view(-1, 1)
     return scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
+
+
+def flat_select(query: torch.Tensor, pages: CompactBounds, block_table: torch.Tensor,
+                num_pages: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Top-K pages by int8 bound, every page scored (newest forced), like ``select_top_k``."""
+    return select_top_k(score_compact_pages(query, pages, block_table, num_pages), top_k,
+                        num_pages)
 
 
 def check_hier_args(query: torch.Tensor, pages: CompactBounds, supers: CompactBounds,

@@ -233,3 +233,62 @@ def test_kernel_stages_match_reference_levels():
     assert torch.equal(sup.cpu(), ref_sup)
     ref = select_in_super_pages(query, pages, ref_sup, table, num_pages, 8, 8)
     assert torch.equal(ids.cpu(), ref)
+
+
+def _on_device(c: CompactBounds) -> CompactBounds:
+    return CompactBounds(*(t.to(DEVICE) for t in (c.qmin, c.qmax, c.scale)))
+
+
+@pytest.mark.parametrize("seed,top_k,max_pages", [(31, 6, 37), (32, 16, 64), (33, 40, 33)])
+def test_flat_int8_kernel_matches_reference(seed, top_k, max_pages):
+    from kvhead.bounds_compact import flat_select
+
+    query, bounds, table, num_pages = _problem(seed, max_pages=max_pages)
+    num_pages[1] = 0  # an empty sequence selects nothing
+    pages = CompactBounds.from_pages(bounds)
+    ref = flat_select(query, pages, table, num_pages, top_k)
+    got = kernels.flat_select(query.to(DEVICE), _on_device(pages), table.to(DEVICE),
+                              num_pages.to(DEVICE), top_k).cpu()
+    assert got.shape == ref.shape == (3, 2, min(top_k, max_pages))
+    assert torch.equal((got >= 0).sum(2), (ref >= 0).sum(2))
+    assert torch.all(got[1] == -1)
+    scores = score_compact_pages(query, pages, table, num_pages)
+    newest = (num_pages - 1).clamp_min(0).view(-1, 1, 1).expand(-1, 2, 1)
+    forced = scores.scatter(2, newest, float("inf"))
+    torch.testing.assert_close(_score_set(forced, got), _score_set(forced, ref), equal_nan=True,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_plan_selection_goes_two_level_only_where_it_saves_pages():
+    from kvhead.bounds_compact import plan_selection
+
+    assert plan_selection(512, 64) is None  # few pages per head: flat
+    assert plan_selection(8192, 64) == 32  # 4 x 64 candidates in 32 super-pages of 8
+    assert plan_selection(8192, 64, flat_max_pages=10_000) is None
+    assert plan_selection(2000, 512, flat_max_pages=16) is None  # 4 K candidates cover all
+
+
+@pytest.mark.parametrize("max_pages,two_level", [(40, False), (96, True)])
+def test_select_pages_dispatches_by_pages_per_head(max_pages, two_level):
+    from kvhead.bounds_compact import flat_select, plan_selection
+
+    query, bounds, table, num_pages = _problem(41, max_pages=max_pages)
+    pages = CompactBounds.from_pages(bounds)
+    group, top_k, limit = 4, 4, 64
+    supers = build_super_bounds(bounds, table, num_pages, group)
+    num_super = plan_selection(max_pages, top_k, group, flat_max_pages=limit)
+    assert (num_super is not None) == two_level
+    ref = (hier_select(query, pages, supers, table, num_pages, top_k, group, num_super)
+           if two_level else flat_select(query, pages, table, num_pages, top_k))
+    args = (query.to(DEVICE), _on_device(pages), _on_device(supers), table.to(DEVICE),
+            num_pages.to(DEVICE), top_k, group, limit)
+    got = kernels.select_pages(*args).cpu()
+    scores = score_compact_pages(query, pages, table, num_pages)
+    forced = scores.scatter(2, (num_pages - 1).view(-1, 1, 1).expand(-1, 2, 1), float("inf"))
+    torch.testing.assert_close(_score_set(forced, got), _score_set(forced, ref), equal_nan=True,
+                               rtol=1e-5, atol=1e-5)
+    if two_level:  # the two-level path cannot run without super-page bounds
+        with pytest.raises(ValueError, match="super-page bounds"):
+            kernels.select_pages(args[0], args[1], None, *args[3:])
+    else:  # the flat path never reads super-page bounds
+        assert torch.equal(kernels.select_pages(args[0], args[1], None, *args[3:]).cpu(), got)

@@ -9,6 +9,8 @@ Every function here computes the same function as its reference in the core pack
 ``combine_partials``         :func:`kvhead.helix.combine_partials`
 ``copy_pages_async``         promoted-page copy, pinned host arena -> device pool (no reference)
 ``hier_select``              :func:`kvhead.bounds_compact.hier_select` (int8, two-level)
+``flat_select``              :func:`kvhead.bounds_compact.flat_select` (int8, every page)
+``select_pages``             one of the two above, by pages per head (the rerank entry)
 =========================  ==============================================================
 
 Dispatch: Triton runs when the tensors are on CUDA, or anywhere when Triton's interpreter is on
@@ -32,8 +34,10 @@ from kvhead.kernels.transfer import copy_pages_async
 __all__ = [
     "combine_partials",
     "copy_pages_async",
+    "flat_select",
     "hier_select",
     "score_and_select",
+    "select_pages",
     "sparse_decode_attention",
     "triton_active",
     "update_bounds",
@@ -100,6 +104,47 @@ def hier_select(
     from kvhead.kernels.select_hier import hier_select as kernel
 
     return kernel(query, pages, supers, block_table, num_pages, top_k, group, num_super)
+
+
+def flat_select(
+    query: torch.Tensor, pages: _ref_compact.CompactBounds, block_table: torch.Tensor,
+    num_pages: torch.Tensor, top_k: int,
+) -> torch.Tensor:
+    """Top-``top_k`` pages by int8 bound, every page scored; newest page always kept."""
+    if not triton_active(query):
+        return _ref_compact.flat_select(query, pages, block_table, num_pages, top_k)
+    from kvhead.kernels.select_hier import flat_select as kernel
+
+    return kernel(query, pages, block_table, num_pages, top_k)
+
+
+def select_pages(
+    query: torch.Tensor,
+    pages: _ref_compact.CompactBounds,
+    supers: _ref_compact.CompactBounds | None,
+    block_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    top_k: int,
+    group: int = _ref_compact.DEFAULT_GROUP,
+    flat_max_pages: int = _ref_compact.FLAT_MAX_PAGES,
+) -> torch.Tensor:
+    """Rerank selection over int8 bounds: flat for few pages per head, two-level for many.
+
+    The path follows :func:`kvhead.bounds_compact.plan_selection` on the block table's width
+    (a static shape, so the choice needs no host sync and is stable across graph replays).
+    ``supers`` (super-page bounds of ``group`` pages) are read only on the two-level path;
+    callers that keep them only when ``plan_selection`` says so may pass None otherwise.
+    """
+    num_super = _ref_compact.plan_selection(block_table.shape[1], top_k, group,
+                                            flat_max_pages=flat_max_pages)
+    if num_super is None:
+        return flat_select(query, pages, block_table, num_pages, top_k)
+    if supers is None:
+        raise ValueError(
+            f"{block_table.shape[1]} pages per head take the two-level path: pass super-page "
+            f"bounds of {group} pages (kvhead.bounds_compact.build_super_bounds)"
+        )
+    return hier_select(query, pages, supers, block_table, num_pages, top_k, group, num_super)
 
 
 def update_bounds(

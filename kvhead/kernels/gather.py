@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 GATHER_PROGRAMS = 32
 
 

@@ -1,20 +1,26 @@
-"""Triton two-level page selection over int8 bounds (see :mod:`kvhead.bounds_compact`).
+"""Triton page selection over int8 bounds (see :mod:`kvhead.bounds_compact`): two-level and flat.
 
-Same function as :func:`kvhead.bounds_compact.hier_select`. Four launches, each small:
+Same functions as :func:`kvhead.bounds_compact.hier_select` and, for the flat variant,
+``select_top_k(score_compact_pages(...), top_k, num_pages)``. Two-level, three launches:
 
-1. score super-pages ``[B, Hkv, S]`` from their int8 boxes (split over page tiles, like the
-   flat scoring kernel, so batch 1 still spreads over the SMs); newest super-page forced;
-2. top-M super-pages per (sequence, KV head): the flat selection kernel (bisection on
-   order-preserving integer keys), which writes them in ascending order;
-3. score the M x G candidate pages of the chosen super-pages through the block table;
-   the newest page forced;
-4. top-K of the candidates, mapping candidate slot -> logical page on the way out. Candidates
-   are laid out super-page by super-page, in ascending order, so ascending slots are ascending
-   page ids and the output needs no sort.
+1. score super-pages ``[B, Hkv, S]`` from their int8 boxes, split over tiles of super-pages so
+   that batch 1 still spreads over the SMs; newest super-page forced;
+2. per (sequence, KV head, candidate tile): find the top-M super-pages of the row (a radix
+   select on the row's S scores, recomputed by every tile of the row: S is small and an extra
+   launch costs more than the repeat), then score this tile's candidate pages through the block
+   table; newest page forced;
+3. top-K of the M x G candidates, mapping candidate slot -> logical page on the way out.
+   Candidates are laid out super-page by super-page in ascending order, so ascending slots are
+   ascending page ids and the output needs no sort.
 
-Bytes read per (sequence, KV head): (N/G + M x G) x (2 D + 4) instead of N x 8 D for the flat
-fp32 scoring. Ties at the M-th or K-th score go to lower ids (torch's topk may choose others of
-equal score).
+The flat variant (for few pages per head, where a first level saves nothing) is launches 2
+and 3 with every page a candidate. Launches, not bytes, bound these kernels below about 64
+sequences: the device work of each is a few microseconds, so the count of dependent launches
+and of block-wide barriers (one per radix pass) sets the time.
+
+Bytes read per (sequence, KV head): (N/G + M x G) x (2 D + 4) for two levels, N x (2 D + 4)
+flat, instead of N x 8 D for the fp32 scoring. Ties at the M-th or K-th score go to lower ids
+(torch's topk may choose others of equal score).
 """
 
 from __future__ import annotations
@@ -24,9 +30,12 @@ import triton
 import triton.language as tl
 
 from kvhead.bounds_compact import CompactBounds, check_hier_args
-from kvhead.kernels.select import _pad_ids, _select_kernel, _top_k_positions
+from kvhead.kernels.select import _pad_ids, _select_kernel, _top_k_positions, radix_bits
 
-TILE = 32  # boxes per scoring program: 8 KiB of int8 bounds at head dim 128
+TILE = 32  # boxes per scoring chunk: 8 KiB of int8 bounds at head dim 128
+WAVE_PROGRAMS = 512  # candidate programs to aim for: about 4 per SM on an H200 (132 SMs)
+MAX_CHUNKS = 8
+FUSE_MAX_PROGRAMS = 1024  # above this many candidate tiles the first level gets its own launch
 
 
 @triton.jit
@@ -65,54 +74,77 @@ def _super_score_kernel(
     best = _box_scores(q_ptr + b * stride_qb, stride_qh, h, qmin, qmax, scale, offs_d, d_mask,
                        GROUP)
     best = tl.where(valid, best, float("-inf"))
-    best = tl.where(offs_s == tl.maximum(num_groups - 1, 0), float("inf"), best)
+    best = tl.where(offs_s == num_groups - 1, float("inf"), best)
     tl.store(scores_ptr + bh * stride_sr + offs_s, best, mask=offs_s < num_groups_max)
 
 
 @triton.jit
-def _cand_score_kernel(
-    q_ptr, qmin_ptr, qmax_ptr, scale_ptr, table_ptr, num_pages_ptr, sup_ptr, cand_ptr,
-    num_cand, num_kv_heads, head_dim, group,
-    stride_qb, stride_qh, stride_mb, stride_mh, stride_sb, stride_tb, stride_ur, stride_cr,
-    GROUP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+def _cand_kernel(
+    q_ptr, qmin_ptr, qmax_ptr, scale_ptr, table_ptr, num_pages_ptr, sup_scores_ptr, sup_ptr,
+    cand_ptr, num_cand, num_groups_max, num_super, num_kv_heads, head_dim, group,
+    stride_qb, stride_qh, stride_mb, stride_mh, stride_sb, stride_tb, stride_gr, stride_ur,
+    stride_cr,
+    GROUP: tl.constexpr, FLAT: tl.constexpr, FUSED: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BITS: tl.constexpr, TILE_C: tl.constexpr, CHUNKS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // num_kv_heads
     h = bh % num_kv_heads
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    num_pages = tl.load(num_pages_ptr + b)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
-    in_range = offs_c < num_cand
-    sup = tl.load(sup_ptr + bh * stride_ur + offs_c // group, mask=in_range, other=-1)
-    page = sup * group + offs_c % group
-    num_pages = tl.load(num_pages_ptr + b)
-    valid = in_range & (sup >= 0) & (page < num_pages)
-    block = tl.load(table_ptr + b * stride_tb + page, mask=valid, other=0)
-    block = tl.maximum(block, 0).to(tl.int64)
-    box = block * stride_mb + h * stride_mh
-    mask = valid[:, None] & d_mask[None, :]
-    qmax = tl.load(qmax_ptr + box[:, None] + offs_d[None, :], mask=mask, other=0).to(tl.float32)
-    qmin = tl.load(qmin_ptr + box[:, None] + offs_d[None, :], mask=mask, other=0).to(tl.float32)
-    scale = tl.load(scale_ptr + block * stride_sb + h, mask=valid, other=0.0)
-    best = _box_scores(q_ptr + b * stride_qb, stride_qh, h, qmin, qmax, scale, offs_d, d_mask,
-                       GROUP)
-    best = tl.where(valid, best, float("-inf"))
-    best = tl.where(valid & (page == num_pages - 1), float("inf"), best)
-    tl.store(cand_ptr + bh * stride_cr + offs_c, best, mask=in_range)
+    if FUSED:
+        # First level: the row's top-M super-pages, ascending. Every tile of the row computes
+        # the same set and writes the same ids; the barrier makes this program's writes
+        # visible to all of its threads before they read candidate -> super-page back.
+        offs_s = tl.arange(0, BLOCK_S)
+        sup_score = tl.load(sup_scores_ptr + bh * stride_gr + offs_s,
+                            mask=offs_s < num_groups_max, other=float("-inf"))
+        chosen, slot, wanted = _top_k_positions(sup_score, num_super, BITS)
+        tl.store(sup_ptr + bh * stride_ur + slot, offs_s.to(tl.int64), mask=chosen)
+        _pad_ids(sup_ptr + bh * stride_ur, wanted, num_super, BLOCK_M)
+        tl.debug_barrier()
+    for chunk in tl.static_range(CHUNKS):
+        offs_c = (tl.program_id(1) * CHUNKS + chunk) * TILE_C + tl.arange(0, TILE_C)
+        in_range = offs_c < num_cand
+        if FLAT:
+            page = offs_c.to(tl.int64)
+            valid = in_range & (page < num_pages)
+        else:
+            sup = tl.load(sup_ptr + bh * stride_ur + offs_c // group, mask=in_range, other=-1)
+            page = sup * group + offs_c % group
+            valid = in_range & (sup >= 0) & (page < num_pages)
+        block = tl.load(table_ptr + b * stride_tb + page, mask=valid, other=0)
+        block = tl.maximum(block, 0).to(tl.int64)
+        box = block * stride_mb + h * stride_mh
+        mask = valid[:, None] & d_mask[None, :]
+        qmax = tl.load(qmax_ptr + box[:, None] + offs_d[None, :], mask=mask, other=0)
+        qmin = tl.load(qmin_ptr + box[:, None] + offs_d[None, :], mask=mask, other=0)
+        scale = tl.load(scale_ptr + block * stride_sb + h, mask=valid, other=0.0)
+        best = _box_scores(q_ptr + b * stride_qb, stride_qh, h, qmin.to(tl.float32),
+                           qmax.to(tl.float32), scale, offs_d, d_mask, GROUP)
+        best = tl.where(valid, best, float("-inf"))
+        best = tl.where(valid & (page == num_pages - 1), float("inf"), best)
+        tl.store(cand_ptr + bh * stride_cr + offs_c, best, mask=in_range)
 
 
 @triton.jit
 def _select_cand_kernel(
     cand_ptr, sup_ptr, ids_ptr, num_cand, top_k, group, stride_cr, stride_ur, stride_ir,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FLAT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
 ):
-    """Top-K candidate slots by bisection (as in the flat kernel), written as logical pages."""
+    """Top-K candidate slots (radix select, as in the flat kernel), written as logical pages."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     score = tl.load(cand_ptr + row * stride_cr + offs, mask=offs < num_cand, other=float("-inf"))
-    chosen, slot, wanted = _top_k_positions(score, top_k)
-    sup = tl.load(sup_ptr + row * stride_ur + offs // group, mask=chosen, other=0)
-    tl.store(ids_ptr + row * stride_ir + slot, sup * group + offs % group, mask=chosen)
+    chosen, slot, wanted = _top_k_positions(score, top_k, BITS)
+    if FLAT:
+        page = offs.to(tl.int64)
+    else:
+        page = tl.load(sup_ptr + row * stride_ur + offs // group, mask=chosen, other=0) * group
+        page += offs % group
+    tl.store(ids_ptr + row * stride_ir + slot, page, mask=chosen)
     _pad_ids(ids_ptr + row * stride_ir, wanted, top_k, BLOCK_K)
 
 
@@ -125,6 +157,16 @@ def hier_select(
                               num_super)[0]
 
 
+def flat_select(
+    query: torch.Tensor, pages: CompactBounds, block_table: torch.Tensor, num_pages: torch.Tensor,
+    top_k: int,
+) -> torch.Tensor:
+    """Top-K pages by their int8 bound, every page scored: same output format as above."""
+    if top_k <= 0:
+        raise ValueError(f"top_k must be positive, got {top_k}")
+    return _launch(query, pages, None, block_table, num_pages, top_k, 1, 0)[0]
+
+
 def hier_select_stages(
     query: torch.Tensor, pages: CompactBounds, supers: CompactBounds, block_table: torch.Tensor,
     num_pages: torch.Tensor, top_k: int, group: int, num_super: int,
@@ -132,11 +174,29 @@ def hier_select_stages(
     """:func:`hier_select` plus the chosen super-pages ``[B, Hkv, M]`` (for checks: a near-tie
     at the M-th super-page may pick another of equal score, and the pages follow from it)."""
     check_hier_args(query, pages, supers, block_table, num_pages, top_k, group, num_super)
+    return _launch(query, pages, supers, block_table, num_pages, top_k, group, num_super)
+
+
+def _chunks(rows: int, tiles: int) -> int:
+    """Candidate tiles per program: 1 while the grid is small (latency: spread over the SMs),
+    more once it would exceed a few programs per SM (each program repeats the first level)."""
+    chunks = 1
+    while chunks < MAX_CHUNKS and chunks < tiles and rows * tiles // (2 * chunks) >= WAVE_PROGRAMS:
+        chunks *= 2
+    return chunks
+
+
+def _launch(
+    query: torch.Tensor, pages: CompactBounds, supers: CompactBounds | None,
+    block_table: torch.Tensor, num_pages: torch.Tensor, top_k: int, group: int, num_super: int,
+    *, fuse: bool | None = None, chunks: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     batch, num_q_heads, head_dim = query.shape
     num_kv_heads = pages.qmin.shape[1]
     max_pages = block_table.shape[1]
-    groups = supers.qmin.shape[2]
-    m = min(num_super, groups)
+    flat = supers is None
+    groups = max_pages if flat else supers.qmin.shape[2]
+    m = 1 if flat else min(num_super, groups)
     k = min(top_k, max_pages)
     rows = batch * num_kv_heads
     dev = query.device
@@ -148,36 +208,44 @@ def hier_select_stages(
     block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
     num_pages = num_pages.contiguous()
     pq = [t.contiguous() for t in (pages.qmin, pages.qmax, pages.scale)]
-    sq = [t.contiguous() for t in (supers.qmin, supers.qmax, supers.scale)]
     block_d = triton.next_power_of_2(head_dim)
     gqa = num_q_heads // num_kv_heads
 
-    sup_scores = torch.empty(rows, groups, dtype=torch.float32, device=dev)
-    _super_score_kernel[(rows, triton.cdiv(groups, TILE))](
-        query, sq[0], sq[1], sq[2], num_pages, sup_scores, groups, num_kv_heads, head_dim, group,
-        query.stride(0), query.stride(1), sq[0].stride(0), sq[0].stride(1), sq[0].stride(2),
-        sq[2].stride(0), sq[2].stride(1), sup_scores.stride(0),
-        GROUP=gqa, BLOCK_S=TILE, BLOCK_D=block_d, num_warps=4,
-    )
-    block_s = triton.next_power_of_2(groups)
-    _select_kernel[(rows,)](
-        sup_scores, sup_ids, groups, m, sup_scores.stride(0), m,
-        BLOCK_N=block_s, BLOCK_K=triton.next_power_of_2(m),
-        num_warps=max(4, min(16, block_s // 512)),
-    )
-    num_cand = m * group
+    sup_scores = sup_ids  # placeholder pointer when flat: never read
+    if not flat:
+        sq = [t.contiguous() for t in (supers.qmin, supers.qmax, supers.scale)]
+        sup_scores = torch.empty(rows, groups, dtype=torch.float32, device=dev)
+        _super_score_kernel[(rows, triton.cdiv(groups, TILE))](
+            query, sq[0], sq[1], sq[2], num_pages, sup_scores, groups, num_kv_heads, head_dim,
+            group, query.stride(0), query.stride(1), sq[0].stride(0), sq[0].stride(1),
+            sq[0].stride(2), sq[2].stride(0), sq[2].stride(1), sup_scores.stride(0),
+            GROUP=gqa, BLOCK_S=TILE, BLOCK_D=block_d, num_warps=4,
+        )
+    num_cand = max_pages if flat else m * group
     cand = torch.empty(rows, num_cand, dtype=torch.float32, device=dev)
-    _cand_score_kernel[(rows, triton.cdiv(num_cand, TILE))](
-        query, pq[0], pq[1], pq[2], block_table, num_pages, sup_ids, cand,
-        num_cand, num_kv_heads, head_dim, group,
+    tiles = triton.cdiv(num_cand, TILE)
+    chunks = _chunks(rows, tiles) if chunks is None else chunks
+    block_s = 1 if flat else triton.next_power_of_2(groups)
+    fused = not flat and (rows * tiles <= FUSE_MAX_PROGRAMS if fuse is None else fuse)
+    if not flat and not fused:
+        _select_kernel[(rows,)](
+            sup_scores, sup_ids, groups, m, sup_scores.stride(0), sup_ids.stride(0),
+            BLOCK_N=block_s, BLOCK_K=triton.next_power_of_2(m), BITS=radix_bits(block_s),
+            num_warps=max(4, min(16, block_s // 512)),
+        )
+    _cand_kernel[(rows, triton.cdiv(tiles, chunks))](
+        query, pq[0], pq[1], pq[2], block_table, num_pages, sup_scores, sup_ids, cand,
+        num_cand, groups, m, num_kv_heads, head_dim, group,
         query.stride(0), query.stride(1), pq[0].stride(0), pq[0].stride(1), pq[2].stride(0),
-        block_table.stride(0), sup_ids.stride(0), cand.stride(0),
-        GROUP=gqa, BLOCK_C=TILE, BLOCK_D=block_d, num_warps=4,
+        block_table.stride(0), sup_scores.stride(0), sup_ids.stride(0), cand.stride(0),
+        GROUP=gqa, FLAT=flat, FUSED=fused, BLOCK_S=block_s, BLOCK_M=triton.next_power_of_2(m),
+        BITS=radix_bits(block_s), TILE_C=TILE, CHUNKS=chunks, BLOCK_D=block_d,
+        num_warps=8 if fused and block_s >= 1024 else 4,
     )
     block_n = triton.next_power_of_2(num_cand)
     _select_cand_kernel[(rows,)](
         cand, sup_ids, ids, num_cand, k, group, cand.stride(0), sup_ids.stride(0), k,
-        BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k),
+        FLAT=flat, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), BITS=radix_bits(block_n),
         num_warps=max(4, min(16, block_n // 512)),
     )
     return ids, sup_ids.view(batch, num_kv_heads, m)
