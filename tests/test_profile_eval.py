@@ -74,3 +74,20 @@ def test_passkey_prompt_holds_the_key_at_depth(tiny):
     assert text.count("48213") == 2 and text.rstrip().endswith("The pass key is")
     assert 0.3 < text.index("48213") / len(text) < 0.7
     assert abs(ids.numel() - 300) <= 2
+
+
+def test_leading_layers_join_the_unstable_budget():
+    import torch
+
+    from kvhead.stability import HeadProfile
+
+    scores = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.9, 0.8], [0.7, 0.6]])
+    profile = HeadProfile.from_scores(
+        scores, fraction=0.5, model_fingerprint="x", page_size=4, top_k=2, window=4
+    )
+    assert profile.unstable_mask().nonzero().tolist() == [[2, 0], [2, 1], [3, 0], [3, 1]]
+    lead = profile.unstable_mask(leading_layers=1)
+    assert lead.sum() == 4  # same head budget
+    assert lead.nonzero().tolist() == [[0, 0], [0, 1], [2, 0], [2, 1]]  # layer 3 gives way
+    with pytest.raises(ValueError, match="leading_layers"):
+        profile.unstable_mask(leading_layers=5)
