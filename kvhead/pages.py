@@ -65,13 +65,19 @@ class PageBounds:
 
 def score_pages(
     query: torch.Tensor, bounds: PageBounds, block_table: torch.Tensor, num_pages: torch.Tensor,
-    kv_heads: torch.Tensor | None = None,
+    kv_heads: torch.Tensor | None = None, group_score: str = "max",
 ) -> torch.Tensor:
     """Upper-bound scores ``[B, Hkv, max_pages]`` for decode queries ``[B, Hq, D]``.
 
     Pages past ``num_pages[b]`` score -inf. The bound splits q into its positive and negative
     parts: ``max(q*kmax, q*kmin) = relu(q)*kmax + min(q, 0)*kmin`` elementwise. ``kv_heads``
     restricts scoring (and the bounds read) to those KV heads: the result is ``[B, h, max_pages]``.
+
+    ``group_score`` combines the query heads of a GQA group: ``"max"`` (the spec) takes the
+    largest bound; ``"softmax"`` sums each query head's softmax of its bounds over the pages
+    (scaled by 1/sqrt(D), as attention is), an estimate of the attention mass the group puts on
+    each page. With ``max`` one query head with large logits ranks the pages for the whole group;
+    the softmax gives each query head a normalized say.
     """
     batch, num_q_heads, head_dim = query.shape
     num_kv_heads = bounds.kmin.shape[1]
@@ -85,9 +91,16 @@ def score_pages(
         kmin = bounds.kmin[table.unsqueeze(-1), kv_heads]
     kmax, kmin = kmax.permute(0, 2, 3, 1), kmin.permute(0, 2, 3, 1)  # [B, h, D, N]
     scores = q.clamp_min(0) @ kmax + q.clamp_max(0) @ kmin  # [B, Hkv, G, N]
-    scores = scores.amax(dim=2)
-    valid = torch.arange(table.shape[1], device=table.device) < num_pages.view(-1, 1)
-    return scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
+    invalid = (torch.arange(table.shape[1], device=table.device) >= num_pages.view(-1, 1))
+    invalid = invalid.view(batch, 1, 1, -1)
+    if group_score == "max":
+        scores = scores.amax(dim=2)
+    elif group_score == "softmax":
+        scaled = (scores * head_dim**-0.5).masked_fill(invalid, float("-inf"))
+        scores = scaled.softmax(dim=-1).nan_to_num(0.0).sum(dim=2)
+    else:
+        raise ValueError(f"group_score must be 'max' or 'softmax', got {group_score!r}")
+    return scores.masked_fill(invalid[:, :, 0], float("-inf"))
 
 
 def select_top_k(

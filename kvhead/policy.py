@@ -16,6 +16,8 @@ Options beyond the spec, all off by default (the defaults are the spec's selecti
   set keeps (StreamingLLM's attention sinks and a local window), inside the K budget.
 * ``dense_layers``: the first layers attend to every page (Quest leaves its first two layers
   dense: their attention is broad, not sparse); they count as fully resident.
+* ``group_score="softmax"``: rank pages by the summed per-query-head softmax of the bounds
+  instead of their maximum over the GQA group (see :func:`kvhead.pages.score_pages`).
 * ``unstable_dense``: in ``flexicache``, unstable heads attend to every page. Their pages are all
   resident anyway, so this costs compute but no device memory, and they need no scoring.
 
@@ -44,14 +46,16 @@ from kvhead.pages import (
 def _score_and_select(
     query: torch.Tensor, bounds: PageBounds, block_table: torch.Tensor, num_pages: torch.Tensor,
     top_k: int, kv_heads: torch.Tensor | None = None, *, sink_pages: int = 0, recent_pages: int = 1,
+    group_score: str = "max",
 ) -> torch.Tensor:
     """Top-K page ids ``[B, Hkv, K]``; heads outside ``kv_heads`` (when given) get all -1.
 
     Fused Triton scoring + top-K on CUDA (which scores every head: it is cheap there) for the
-    spec's selection; the torch reference elsewhere, and for sink/window pages, which the
-    kernel does not force. The reference reads only the bounds of the heads asked for.
+    spec's selection; the torch reference elsewhere, and for the options the kernel lacks
+    (sink/window pages, softmax group scores). The reference reads only the bounds of the
+    heads asked for.
     """
-    if query.is_cuda and sink_pages == 0 and recent_pages == 1:
+    if query.is_cuda and sink_pages == 0 and recent_pages == 1 and group_score == "max":
         from kvhead.kernels import score_and_select
 
         return score_and_select(query, bounds, block_table, num_pages, top_k)
@@ -60,9 +64,9 @@ def _score_and_select(
         width = min(top_k, block_table.shape[1])
         return torch.full((query.shape[0], bounds.kmin.shape[1], width), PAD, device=query.device)
     if kv_heads is None:
-        scores = score_pages(query, bounds, block_table, num_pages)
+        scores = score_pages(query, bounds, block_table, num_pages, group_score=group_score)
         return select_top_k(scores, top_k, num_pages, **forced)
-    scores = score_pages(query, bounds, block_table, num_pages, kv_heads)
+    scores = score_pages(query, bounds, block_table, num_pages, kv_heads, group_score)
     part = select_top_k(scores, top_k, num_pages, **forced)
     full = part.new_full((part.shape[0], bounds.kmin.shape[1], part.shape[2]), PAD)
     full[:, kv_heads] = part
@@ -149,6 +153,7 @@ class SelectionPolicy:
     recent_pages: int = 1  # newest pages every top-K set keeps (the partial page at least)
     dense_layers: int = 0  # first layers attend to every page
     unstable_dense: bool = False  # flexicache: unstable heads attend to every (resident) page
+    group_score: str = "max"  # "max" over the GQA group (spec) or "softmax" (see score_pages)
     stats: PolicyStats = field(init=False)
     _state: dict[int, _LayerState] = field(init=False, default_factory=dict)
     _unstable_heads: list[torch.Tensor] = field(init=False, default_factory=list)
@@ -165,6 +170,8 @@ class SelectionPolicy:
                 f"need recent_pages >= 1, sink_pages >= 0 and sink + recent <= top_k ({self.top_k}), "
                 f"got recent {self.recent_pages}, sink {self.sink_pages}"
             )
+        if self.group_score not in ("max", "softmax"):
+            raise ValueError(f"group_score must be 'max' or 'softmax', got {self.group_score!r}")
         if not 0 <= self.dense_layers <= self.num_layers:
             raise ValueError(f"dense_layers must be in [0, {self.num_layers}], got {self.dense_layers}")
         if self.mode is Mode.flexicache:
@@ -197,12 +204,15 @@ class SelectionPolicy:
         batch, width = block_table.shape
         every_page = num_pages.view(-1, 1).expand(batch, self.num_kv_heads)
         none = torch.zeros_like(every_page)
-        forced = {"sink_pages": self.sink_pages, "recent_pages": self.recent_pages}
+        options = {
+            "sink_pages": self.sink_pages, "recent_pages": self.recent_pages,
+            "group_score": self.group_score,
+        }
         if self.mode is Mode.dense or layer < self.dense_layers:
             ids = all_pages(num_pages, self.num_kv_heads, width)
             sel = LayerSelection(ids, None, every_page, num_pages, none, none.bool())
         elif self.mode is Mode.quest:
-            top = _score_and_select(query, bounds, block_table, num_pages, self.top_k, **forced)
+            top = _score_and_select(query, bounds, block_table, num_pages, self.top_k, **options)
             sel = LayerSelection(top, top, every_page, num_pages, none, torch.ones_like(none).bool())
         else:
             state = self._state.get(layer)
@@ -213,7 +223,7 @@ class SelectionPolicy:
                 heads = self._stable_heads[layer] if due else self._unstable_heads[layer][:0]
             else:
                 heads = None if due else self._unstable_heads[layer]
-            top = _score_and_select(query, bounds, block_table, num_pages, self.top_k, heads, **forced)
+            top = _score_and_select(query, bounds, block_table, num_pages, self.top_k, heads, **options)
             sel = self._flexicache(layer, top, num_pages, width, due)
         self.stats.record(layer, sel)
         return sel

@@ -113,3 +113,30 @@ def test_forced_pages_must_fit_the_budget():
         except ValueError:
             continue
         raise AssertionError(f"sink={sink} recent={recent} was accepted")
+
+
+def _point_pages(keys: torch.Tensor) -> tuple[PageBounds, torch.Tensor]:
+    """One key per page (kmin = kmax), so a page's bound is exactly q . key."""
+    bounds = PageBounds(kmin=keys.unsqueeze(1).clone(), kmax=keys.unsqueeze(1).clone())
+    return bounds, torch.arange(keys.shape[0]).unsqueeze(0)
+
+
+def test_softmax_group_score_gives_each_query_head_a_say():
+    keys = torch.tensor([[20.0, 0.0], [19.5, 0.0], [0.0, 8.0], [0.0, 0.0], [0.0, 0.0]])
+    bounds, table = _point_pages(keys)
+    query = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # one KV head, a group of two query heads
+    num_pages = torch.tensor([5])
+    by_max = select_top_k(score_pages(query, bounds, table, num_pages), 2, num_pages)
+    by_softmax = select_top_k(score_pages(query, bounds, table, num_pages, group_score="softmax"), 2, num_pages)
+    assert by_max[0, 0].tolist() == [0, 4]  # head 0's large logits decide alone
+    assert by_softmax[0, 0].tolist() == [2, 4]  # head 1's only page beats head 0's split mass
+    assert score_pages(query, bounds, table, torch.tensor([3]), group_score="softmax")[0, 0, 3:].isinf().all()
+
+
+def test_softmax_group_score_of_one_query_head_ranks_like_max():
+    keys, table, _, bounds = _filled(7)
+    q = torch.randn(1, 2, 8, generator=torch.Generator().manual_seed(3))  # group of one
+    num_pages = torch.tensor([table.shape[1]])
+    a = select_top_k(score_pages(q, bounds, table, num_pages), 4, num_pages)
+    b = select_top_k(score_pages(q, bounds, table, num_pages, group_score="softmax"), 4, num_pages)
+    assert torch.equal(a, b)
