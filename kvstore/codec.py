@@ -98,6 +98,17 @@ class PageCodec:
         self._template["fingerprint"] = fp
         self._template["payload_bytes"] = self.payload_bytes
 
+    @property
+    def weights(self) -> np.ndarray:
+        """``[value_bytes / 8]`` uint64 checksum weights (part of the format)."""
+        return self._weights
+
+    def template(self, layer: int) -> np.ndarray:
+        """``[80]`` uint8 header of ``layer``'s pages with head, page, prefix and checksum zero:
+        the part of every header that is the same for a whole batch."""
+        zero = np.zeros(1, dtype=np.int64)
+        return self._headers(layer, zero, zero, np.zeros((1, 2), np.int64)).view(np.uint8).copy()
+
     def _headers(self, layer: int, heads: np.ndarray, pages: np.ndarray, prefix: np.ndarray
                  ) -> np.ndarray:
         """Headers of one batch (checksum 0), built with numpy only (no torch threads)."""

@@ -11,7 +11,7 @@ caller. After a connection failure the tier answers at once with misses for ``re
 (so decode never waits on a dead server), then tries again; the first success logs the
 reconnection. Writes are pipelined ``SET ... PX ttl`` commands, reads one ``MGET`` per
 ``pipeline_depth`` keys, one round trip per ``pipeline_depth`` pages, through a bounded blocking
-connection pool. Commands are built and replies checked with numpy (:mod:`kvstore.resp`).
+connection pool. Commands are built and replies checked by compiled loops (:mod:`kvstore.wire`).
 """
 
 from __future__ import annotations
@@ -33,19 +33,12 @@ from kvstore.base import PageBatch, PageKeys, PageStore, TierStats
 from kvstore.codec import PageCodec, page_bytes
 from kvstore.config import RedisTierConfig
 from kvstore.prefix import prefix_hex
-from kvstore.resp import (
-    Chunks,
-    KeyPlan,
-    ReplyReader,
-    Scratch,
-    Shape,
-    build_rows,
-    full_mget,
-    ok_replies,
-)
+from kvstore.resp import ReplyReader, Scratch
+from kvstore.wire import verify_pages, write_mget, write_sets
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_KEY_ROOM = 32 + 20 + 1 + 20 + 32  # prefix hex, head, ":", page, framing and length digits
 
 
 class RedisTier(PageStore):
@@ -139,41 +132,54 @@ class RedisTier(PageStore):
                                      keys.pages.tolist())
         ]
 
-    def _exchange(self, count: int, build: Callable[[int], memoryview | bytes],
-                  shape: Callable[[int], Shape], replies: Callable[[int], int],
-                  on_reply: Callable[[int, np.ndarray | list], None]) -> None:
+    def _exchange(self, count: int, build: Callable[[int, np.ndarray], int],
+                  replies: Callable[[int], int], expect: Callable[[int], int],
+                  on_reply: Callable[[int, ReplyReader, int | list], None], send_size: int,
+                  least: Callable[[int], int] = lambda i: 1) -> None:
         """Send ``count`` chunks, one round trip each, at most one chunk outstanding.
 
-        redis-py owns the connection (pool, AUTH, TLS, SELECT); we write the packed chunks to
-        its socket and read the replies with :class:`ReplyReader`. Chunk ``i + 1`` is *built*
-        while the server works on chunk ``i`` and *sent* before ``on_reply(i, ...)`` runs, so
-        both the encoding and the decoding overlap the server's work while no more than
-        ``pipeline_depth`` commands are ever in flight (the same pipelining as redis-benchmark
-        ``-P``). Error replies (an OOM-refused SET) arrive as exception values, not raised.
+        redis-py owns the connection (pool, AUTH, TLS, SELECT); we write the chunks that
+        ``build(i, buf)`` packs into ``buf`` to its socket and read the replies with
+        :class:`ReplyReader`. Chunk ``i + 1`` is *built* while the server works on chunk ``i``
+        and *sent* before ``on_reply(i, ...)`` runs, so both the encoding and the decoding overlap
+        the server's work while no more than ``pipeline_depth`` commands are ever in flight (the
+        same pipelining as redis-benchmark ``-P``). Error replies (an OOM-refused SET) arrive as
+        exception values, not raised. ``least(i)``: the fewest bytes chunk ``i``'s replies can
+        take (the reader sleeps until they are there).
         """
         conn = self.pool.get_connection()
         try:
             sock = conn._sock
             if sock is None:
                 raise redis.ConnectionError("connection closed")
-            reader = ReplyReader(sock, shape(0).size, self._scratch)
-            sock.sendall(build(0))
+            reader = ReplyReader(sock, self.config.pipeline_depth, self._scratch)
+            buf = self._scratch.get("send", send_size)
+            view = memoryview(buf)
+            sock.sendall(view[: build(0, buf)])
             for i in range(count):
-                nxt = build(i + 1) if i + 1 < count else None
-                reply = reader.read(shape(i), replies(i))
-                if nxt is not None:
-                    sock.sendall(nxt)
-                on_reply(i, reply)
+                size = build(i + 1, buf) if i + 1 < count else 0  # sendall returned: buf is free
+                reply = reader.read(replies(i), expect(i), least(i))
+                if size:
+                    sock.sendall(view[:size])
+                on_reply(i, reader, reply)
+            reader.close()
         except BaseException:
             conn.disconnect()  # replies may be half-read: never reuse this connection
             raise
         finally:
             self.pool.release(conn)
 
-    def _plan(self, keys: PageKeys) -> KeyPlan:
+    def _key_parts(self, keys: PageKeys) -> tuple[np.ndarray, ...]:
+        """``stem``, ``mid``, ``prefix [n, 16]``, ``heads``, ``pages`` for :mod:`kvstore.wire`."""
         assert keys.prefix is not None and keys.pages is not None
-        return KeyPlan(self.fingerprint, keys.layer, keys.prefix.numpy(), keys.heads.numpy(),
-                       keys.pages.numpy())
+        return (np.frombuffer(f"{self.fingerprint}:".encode(), dtype=np.uint8),
+                np.frombuffer(f":{keys.layer}:".encode(), dtype=np.uint8),
+                keys.prefix.contiguous().numpy().view(np.uint8).reshape(-1, 16),
+                keys.heads.contiguous().numpy(), keys.pages.contiguous().numpy())
+
+    def _chunks(self, n: int) -> tuple[int, Callable[[int], tuple[int, int]]]:
+        depth = self.config.pipeline_depth
+        return (n + depth - 1) // depth, lambda i: (i * depth, min(n, (i + 1) * depth))
 
     # -- PageStore --------------------------------------------------------------------------
     def supports_shared_keys(self) -> bool:
@@ -185,36 +191,37 @@ class RedisTier(PageStore):
         stored = np.zeros(n, dtype=bool)
         if keys.prefix is None or keys.pages is None or n == 0:
             return torch.from_numpy(stored)
-        plan, codec = self._plan(keys), self.codec
-        layer, heads, pages = keys.layer, keys.heads.numpy(), keys.pages.numpy()
-        prefix, kb, vb = keys.prefix.numpy(), page_bytes(k), page_bytes(v)
+        codec, parts = self.codec, self._key_parts(keys)
+        template, kb, vb = codec.template(keys.layer), page_bytes(k), page_bytes(v)
+        if kb.shape[1] % 8:  # K alone is not whole words: checksum K|V as one payload
+            kb, vb = np.concatenate([kb, vb], axis=1), np.empty((n, 0), dtype=np.uint8)
         ttl_ms = None if self.config.ttl_seconds is None else self.config.ttl_seconds * 1000
-        end = b"\r\n" if ttl_ms is None else b"\r\n$2\r\nPX\r\n$%d\r\n%d\r\n" % (
-            len(str(ttl_ms)), ttl_ms)
-        argc = b"*3" if ttl_ms is None else b"*5"
-        mid = b"\r\n$%d\r\n" % codec.value_bytes
+        tail = _bytes(b"\r\n" if ttl_ms is None else b"\r\n$2\r\nPX\r\n$%d\r\n%d\r\n" % (
+            len(str(ttl_ms)), ttl_ms))
+        cmd = _bytes((b"*3" if ttl_ms is None else b"*5") + b"\r\n$3\r\nSET\r\n$")
+        value_head = _bytes(b"\r\n$%d\r\n" % codec.value_bytes)
+        row_bytes = len(cmd) + len(value_head) + codec.value_bytes + len(tail) + _KEY_ROOM + len(
+            parts[0]) + len(parts[1])
+        chunks, rows = self._chunks(n)
 
-        def fill(dst: np.ndarray, rows: slice | np.ndarray) -> None:
-            codec.encode_into(dst, layer, heads[rows], pages[rows], prefix[rows], kb[rows],
-                              vb[rows])
-
-        chunks = Chunks(n, self.config.pipeline_depth, lambda lo, hi: build_rows(
-            plan, lo, hi, lambda klen: b"%s\r\n$3\r\nSET\r\n$%d\r\n" % (argc, klen), mid,
-            codec.value_bytes, fill, end, self._scratch))
+        def build(i: int, buf: np.ndarray) -> int:
+            return write_sets(buf, *rows(i), *parts, template, kb, vb, kb.view("<u8"),
+                              vb.view("<u8"), codec.weights, cmd, value_head, tail)
 
         refused: list = []
 
-        def on_reply(i: int, reply: np.ndarray | list) -> None:
-            lo, hi = chunks.rows(i)
-            if isinstance(reply, np.ndarray):
-                stored[plan.rows(lo, hi)] = True
+        def on_reply(i: int, reader: ReplyReader, reply: int | list) -> None:
+            lo, hi = rows(i)
+            if isinstance(reply, int):  # every reply was +OK
+                stored[lo:hi] = True
             else:
-                stored[plan.rows(lo, hi)] = [r == b"OK" for r in reply]
+                stored[lo:hi] = [r == b"OK" for r in reply]
                 refused.extend(r for r in reply if isinstance(r, Exception))
 
         self._call("put", lambda: self._exchange(
-            len(chunks), chunks.__getitem__, lambda i: ok_replies(len(range(*chunks.rows(i)))),
-            lambda i: len(range(*chunks.rows(i))), on_reply), default=None)
+            chunks, build, lambda i: len(range(*rows(i))), lambda i: 5 * len(range(*rows(i))),
+            on_reply, self.config.pipeline_depth * row_bytes,
+            least=lambda i: 5 * len(range(*rows(i)))), default=None)  # "+OK\r\n"; errors longer
         done = int(stored.sum())
         with self._lock:
             self._stats.puts += done
@@ -229,32 +236,32 @@ class RedisTier(PageStore):
         if keys.prefix is None or keys.pages is None or n == 0:
             pages = torch.zeros((n, 2, *self.page_shape), dtype=self.spec.dtype)
             return PageBatch(pages[:, 0], pages[:, 1], torch.zeros(n, dtype=torch.bool))
-        plan, codec = self._plan(keys), self.codec
-
-        args = Chunks(n, self.config.pipeline_depth, lambda lo, hi: build_rows(  # keys only:
-            plan, lo, hi, lambda klen: b"$%d\r\n" % klen, b"\r\n", 0, None, b"",  # small,
-            self._scratch), span=n)  # so all of them in one step
-
-        def build(i: int) -> bytes:
-            lo, hi = args.rows(i)
-            return b"*%d\r\n$4\r\nMGET\r\n%b" % (hi - lo + 1, args[i])
-
+        codec, parts = self.codec, self._key_parts(keys)
+        chunks, rows = self._chunks(n)
         want = codec.expected(keys)
+        want_words = np.ascontiguousarray(want).view("<u8")
         out = np.empty((n, codec.payload_bytes), dtype=np.uint8)
         ok, corrupt = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        element = len(b"$%d\r\n\r\n" % codec.value_bytes) + codec.value_bytes
 
-        def on_reply(i: int, reply: np.ndarray | list) -> None:
-            lo, hi = args.rows(i)
-            rows = plan.rows(lo, hi)
-            if isinstance(reply, np.ndarray):  # every key held a value of the page size
-                good = codec.verify_into(reply, want[rows], out, rows)
-                ok[rows], corrupt[rows] = good, ~good
-            else:
-                ok[rows], corrupt[rows] = codec.decode_into(reply[0], want[rows], out, rows)
+        def build(i: int, buf: np.ndarray) -> int:
+            return write_mget(buf, *rows(i), *parts)
+
+        def on_reply(i: int, reader: ReplyReader, reply: int | list) -> None:
+            lo, hi = rows(i)
+            if isinstance(reply, int):
+                verify_pages(reader.buf, reader.starts, reader.lens, reply, lo, want_words,
+                             codec.weights, out, out.view("<u8"), ok, corrupt)
+            elif isinstance(reply[0], Exception):  # the server refused the whole MGET
+                raise reply[0]
+            else:  # a value of another size or another surprise: the numpy reference path
+                ok[lo:hi], corrupt[lo:hi] = codec.decode_into(reply[0], want[lo:hi], out,
+                                                              slice(lo, hi))
 
         self._call("get", lambda: self._exchange(
-            len(args), build, lambda i: full_mget(len(range(*args.rows(i))), codec.value_bytes),
-            lambda i: 1, on_reply), default=None)
+            chunks, build, lambda i: 1, lambda i: 16 + element * len(range(*rows(i))), on_reply,
+            32 + self.config.pipeline_depth * (_KEY_ROOM + len(parts[0]) + len(parts[1]))),
+            default=None)
         decoded = codec.finish(out, ok, corrupt)
         bad = np.flatnonzero(corrupt).tolist()
         if bad:  # never serve, and repair: the next writer replaces it
@@ -296,6 +303,10 @@ class RedisTier(PageStore):
 
     def close(self) -> None:
         self.pool.disconnect()
+
+
+def _bytes(text: bytes) -> np.ndarray:
+    return np.frombuffer(text, dtype=np.uint8)
 
 
 def _safe_url(url: str) -> str:
