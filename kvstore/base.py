@@ -108,6 +108,7 @@ class TierStats:
     errors: int = 0  # remote operations that failed (connection, timeout, server error)
     bytes_in: int = 0  # payload bytes written into the tier
     bytes_out: int = 0  # payload bytes served from the tier
+    available: bool = True  # False while a remote tier is unreachable (calls return misses)
     op_seconds: dict[str, float] = field(default_factory=dict)  # total wall time per operation
     op_calls: dict[str, int] = field(default_factory=dict)
 

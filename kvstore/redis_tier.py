@@ -299,7 +299,8 @@ class RedisTier(PageStore):
     def stats(self) -> TierStats:
         with self._lock:
             return TierStats(**{**vars(self._stats), "op_seconds": dict(self._stats.op_seconds),
-                                "op_calls": dict(self._stats.op_calls)})
+                                "op_calls": dict(self._stats.op_calls),
+                                "available": not self._down})
 
     def close(self) -> None:
         self.pool.disconnect()
