@@ -101,14 +101,25 @@ def eval_(
     passkey_depths: Annotated[str, typer.Option(help="Needle depths, comma-separated.")] = "0.1,0.3,0.5,0.7,0.9",
     seed: int = 0,
     output: Annotated[Path, typer.Option(help="JSON results file.")] = Path("benchmarks/results/accuracy.json"),
+    modes: Annotated[str, typer.Option(help="Sparse modes: quest, flexicache, quest+, flexicache+.")] = "quest,flexicache",
+    sink_pages: Annotated[int, typer.Option(help="+ modes: first pages always selected.")] = 0,
+    recent_pages: Annotated[int, typer.Option(help="+ modes: newest pages always selected.")] = 1,
+    group_score: Annotated[str, typer.Option(help="+ modes: GQA page score, max or softmax.")] = "max",
+    leading_layers: Annotated[int, typer.Option(help="+ modes: first layers attend densely.")] = 0,
+    unstable_dense: Annotated[bool, typer.Option(help="flexicache+: unstable heads attend densely.")] = False,
 ) -> None:
     """Accuracy of quest and flexicache decoding against dense, per context length."""
-    from kvhead.evaluation.harness import EvalConfig, evaluate
+    from kvhead.evaluation.harness import EvalConfig, SelectionOptions, evaluate
 
     try:
+        options = SelectionOptions(
+            sink_pages=sink_pages, recent_pages=recent_pages, group_score=group_score,
+            leading_layers=leading_layers, unstable_dense=unstable_dense,
+        )
         cfg = EvalConfig(
             contexts=_ints(contexts), gen_tokens=gen_tokens, top_k=top_k, page_size=page_size,
             rerank_interval=rerank_interval, passkey_depths=_floats(passkey_depths), seed=seed,
+            modes=[m.strip() for m in modes.split(",") if m.strip()], options=options,
         )
         for context in cfg.contexts:
             cfg.prompt_tokens(context)

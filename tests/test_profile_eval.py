@@ -91,3 +91,23 @@ def test_leading_layers_join_the_unstable_budget():
     assert lead.nonzero().tolist() == [[0, 0], [0, 1], [2, 0], [2, 1]]  # layer 3 gives way
     with pytest.raises(ValueError, match="leading_layers"):
         profile.unstable_mask(leading_layers=5)
+
+
+def test_plus_modes_with_spec_options_match_the_spec_modes(tiny):
+    from kvhead.evaluation.harness import SelectionOptions
+
+    model_dir, runner, tok = tiny
+    profile = profile_heads(runner, tok, model_dir, PROFILE)
+    cfg = EvalConfig(contexts=[320], gen_tokens=12, top_k=4, page_size=8, rerank_interval=4,
+                     passkey_depths=[0.2], modes=["quest", "flexicache", "quest+", "flexicache+"])
+    (result,) = evaluate(runner, tok, profile, cfg, model="tiny").results
+    assert result.modes["quest+"] == result.modes["quest"]
+    assert result.modes["flexicache+"] == result.modes["flexicache"]
+    wide = cfg.model_copy(update={"modes": ["flexicache+"], "options": SelectionOptions(
+        sink_pages=1, recent_pages=2, group_score="softmax", leading_layers=1, unstable_dense=True)})
+    (plus,) = evaluate(runner, tok, profile, wide, model="tiny").results
+    # layer 0 joins the unstable budget: as many heads resident, so about the same memory
+    assert plus.modes["flexicache+"].resident_fraction == pytest.approx(
+        result.modes["flexicache"].resident_fraction, abs=0.05)
+    with pytest.raises(ValueError, match="modes"):
+        EvalConfig(modes=["quest", "sparse"])

@@ -1,5 +1,9 @@
 """``kvhead eval``: accuracy of quest and flexicache against dense, per context length.
 
+The modes are the spec's ``quest`` and ``flexicache`` and, on request, ``quest+`` and
+``flexicache+``: the same policies with the selection options of :class:`SelectionOptions`
+(sink/window pages, dense leading layers, softmax group scores, unstable heads attending densely).
+
 Per context length, for each sparse mode, following DESIGN.md's agreed definitions:
 token agreement (teacher-forced on dense's greedy continuation), free-running match (first
 divergence and identical share), perplexity ratio on held-out corpus text, passkey accuracy,
@@ -11,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field, field_validator
@@ -21,8 +26,27 @@ from kvhead.policy import Mode, SelectionPolicy
 from kvhead.runner import ReferenceRunner
 from kvhead.stability import HeadProfile
 
-SPARSE_MODES = (Mode.quest, Mode.flexicache)
+SPEC_MODES = ("quest", "flexicache")
+EXTRA_MODES = ("quest+", "flexicache+")
 PASSKEY_TOKENS = 8  # enough for a five-digit answer under any tokenizer
+
+
+class SelectionOptions(BaseModel):
+    """Selection options of the ``+`` modes (see :mod:`kvhead.policy`); defaults are the spec's."""
+
+    sink_pages: int = Field(default=0, ge=0, description="First pages every top-K set keeps.")
+    recent_pages: int = Field(default=1, ge=1, description="Newest pages every top-K set keeps.")
+    group_score: Literal["max", "softmax"] = Field(
+        default="max", description="How a GQA group's query heads combine page scores."
+    )
+    leading_layers: int = Field(
+        default=0, ge=0,
+        description="First layers attending to every page: in flexicache+ they take the place of "
+        "the profile's least unstable heads (same head budget); in quest+ they are simply dense.",
+    )
+    unstable_dense: bool = Field(
+        default=False, description="flexicache+: unstable heads attend to every (resident) page."
+    )
 
 
 class EvalConfig(BaseModel):
@@ -40,6 +64,20 @@ class EvalConfig(BaseModel):
         default=[0.1, 0.3, 0.5, 0.7, 0.9], description="Needle positions as prompt fractions."
     )
     seed: int = Field(default=0, description="Seeds passkeys and text offsets.")
+    modes: list[str] = Field(
+        default=list(SPEC_MODES), description="Sparse modes to compare with dense, in order."
+    )
+    options: SelectionOptions = Field(
+        default_factory=SelectionOptions, description="Selection options of the + modes."
+    )
+
+    @field_validator("modes")
+    @classmethod
+    def _known_modes(cls, value: list[str]) -> list[str]:
+        unknown = [m for m in value if m not in SPEC_MODES + EXTRA_MODES]
+        if not value or unknown or len(set(value)) != len(value):
+            raise ValueError(f"modes must be distinct names from {SPEC_MODES + EXTRA_MODES}, got {value}")
+        return value
 
     @field_validator("contexts")
     @classmethod
@@ -89,11 +127,22 @@ class EvalReport(BaseModel):
     results: list[ContextResult]
 
 
-def _policy(runner: ReferenceRunner, mode: Mode, cfg: EvalConfig, profile: HeadProfile) -> SelectionPolicy:
-    unstable = profile.unstable_mask() if mode is Mode.flexicache else None
-    return runner.policy(
-        mode, top_k=cfg.top_k, rerank_interval=cfg.rerank_interval, unstable=unstable
-    )
+def _policy(runner: ReferenceRunner, mode: str, cfg: EvalConfig, profile: HeadProfile) -> SelectionPolicy:
+    """The policy of a mode name; ``+`` modes carry ``cfg.options``."""
+    base = Mode(mode.rstrip("+"))
+    kwargs = {"top_k": cfg.top_k, "rerank_interval": cfg.rerank_interval}
+    if mode.endswith("+"):
+        opt = cfg.options
+        kwargs |= {"sink_pages": opt.sink_pages, "recent_pages": opt.recent_pages,
+                   "group_score": opt.group_score}
+        if base is Mode.flexicache:
+            kwargs |= {"unstable": profile.unstable_mask(opt.leading_layers),
+                       "unstable_dense": opt.unstable_dense}
+        else:
+            kwargs["dense_layers"] = opt.leading_layers
+    elif base is Mode.flexicache:
+        kwargs["unstable"] = profile.unstable_mask()
+    return runner.policy(base, **kwargs)
 
 
 def _passkey_correct(runner, tokenizer, pre, policy, passkey: int) -> bool:
@@ -108,8 +157,8 @@ def evaluate_context(
     """All metrics for one prompt length; prefills are dense and shared by every mode."""
     start = time.perf_counter()
     gen = cfg.gen_tokens
-    dense = _policy(runner, Mode.dense, cfg, profile)
-    sparse = {m: _policy(runner, m, cfg, profile) for m in SPARSE_MODES}
+    dense = _policy(runner, Mode.dense.value, cfg, profile)
+    sparse = {m: _policy(runner, m, cfg, profile) for m in cfg.modes}
 
     length = cfg.prompt_tokens(context)
     prompt = corpus_window(tokenizer, length, offset=cfg.seed * 997)
@@ -126,33 +175,33 @@ def evaluate_context(
     targets = text[length:].tolist()
     nll = {
         mode: sum(teacher_forced(runner, pre, targets, policy)[1]) / gen
-        for mode, policy in [(Mode.dense, dense), *sparse.items()]
+        for mode, policy in [("dense", dense), *sparse.items()]
     }
 
     rng = torch.Generator().manual_seed(cfg.seed + context)
-    hits = {m: 0 for m in (Mode.dense, *SPARSE_MODES)}
+    hits = {m: 0 for m in ("dense", *cfg.modes)}
     for depth in cfg.passkey_depths:
         passkey = int(torch.randint(10_000, 100_000, (1,), generator=rng))
         pre = prefill(runner, passkey_prompt(tokenizer, context - PASSKEY_TOKENS, depth, passkey), PASSKEY_TOKENS)
-        for mode, policy in [(Mode.dense, dense), *sparse.items()]:
+        for mode, policy in [("dense", dense), *sparse.items()]:
             hits[mode] += _passkey_correct(runner, tokenizer, pre, policy, passkey)
     depths = len(cfg.passkey_depths)
 
     modes = {}
     for mode, policy in sparse.items():
-        modes[mode.value] = ModeResult(
+        modes[mode] = ModeResult(
             token_agreement=agreement[mode],
             free_match=sum(a == b for a, b in zip(free[mode], reference)) / gen,
             first_divergence=first_divergence(free[mode], reference),
             perplexity=math.exp(nll[mode]),
-            perplexity_ratio=math.exp(nll[mode] - nll[Mode.dense]),
+            perplexity_ratio=math.exp(nll[mode] - nll["dense"]),
             passkey_accuracy=hits[mode] / depths if depths else float("nan"),
             resident_fraction=policy.stats.resident_fraction,
             promoted_per_rerank=policy.stats.promoted_per_rerank,
         )
     return ContextResult(
-        context=context, dense_perplexity=math.exp(nll[Mode.dense]),
-        dense_passkey_accuracy=hits[Mode.dense] / depths if depths else float("nan"),
+        context=context, dense_perplexity=math.exp(nll["dense"]),
+        dense_passkey_accuracy=hits["dense"] / depths if depths else float("nan"),
         modes=modes, seconds=time.perf_counter() - start,
     )
 
