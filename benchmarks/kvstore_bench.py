@@ -6,7 +6,9 @@ same work on the same freshly started redis-server: the same value size (header 
 same pipeline depth, one connection each, the same number of *distinct* keys of the same length,
 ``SET key value PX ttl`` into an empty database and ``GET`` over a prefilled key space (see
 :func:`redis_benchmark`). Rounds alternate between the two so load from other processes on the
-machine hits both alike; medians of the rounds and the median per-round ratio are reported.
+machine hits both alike; medians of the rounds and the median per-round ratio (with its
+min–max) are reported, with the 1-minute load average around each round. The tier's first put
+and get (numba compiling, or loading its cached code) run once before the timed rounds.
 Geometries: SmolLM2 (16 tokens x 64 dims x K and V, bf16: 4 KiB) and Llama-8B (x 128 dims:
 8 KiB).
 
@@ -168,21 +170,29 @@ def bench_redis(head_dim: int, pages: int, batch: int, depth: int, rounds: int) 
         if server.proc is None:
             raise RuntimeError("redis-server did not start")
         pid = server.proc.pid
+        start = time.perf_counter()  # first calls compile (or load cached) numba code: untimed
+        tier.put(*batches[0])
+        tier.get(batches[0][0])
+        warmup_s = time.perf_counter() - start
+        load = [os.getloadavg()[0]]
         for r in range(rounds):
             tier.client.flushall()
             ours.append(kvstore_round(tier, pid, batches, check=r == 0))
             theirs.append(redis_benchmark(tier.client, pid, server.port, value_bytes, key_len,
                                           depth, pages, ttl_ms))
+            load.append(os.getloadavg()[0])
         result = {"head_dim": head_dim, "value_bytes": value_bytes, "key_bytes": key_len,
                   "pipeline_depth": depth, "connections": 1, "ttl_ms": ttl_ms, "pages": pages,
-                  "batch": batch, "rounds": rounds}
+                  "batch": batch, "rounds": rounds, "warmup_s": warmup_s,
+                  "load_1min_per_round": load}
         for op in ("set", "get"):
             a = statistics.median(x[op] for x in ours)
             b = statistics.median(x[op] for x in theirs)
             hot = statistics.median(x[f"{op}_hot"] for x in theirs)
-            paired = statistics.median(x[op] / y[op] for x, y in zip(ours, theirs))
+            per_round = [x[op] / y[op] for x, y in zip(ours, theirs)]
             result[op] = {"kvstore_pages_s": a, "redis_benchmark_rps": b, "ratio": a / b,
-                          "paired_ratio": paired,
+                          "paired_ratio": statistics.median(per_round),
+                          "paired_ratio_min": min(per_round), "paired_ratio_max": max(per_round),
                           **{f"{side}_{part}_cpu_us": statistics.median(
                               x[f"{op}_{part}_cpu_us"] for x in runs)
                              for side, runs in (("kvstore", ours), ("redis_benchmark", theirs))
@@ -239,7 +249,10 @@ def markdown(results: dict) -> str:
     lines = [
         "# kvstore benchmark", "",
         (f"Machine: {results['machine']}; {first['rounds']} rounds alternating kvstore and "
-         "redis-benchmark on one fresh redis-server per geometry; medians."), "",
+         "redis-benchmark on one fresh redis-server per geometry; medians. 1-minute load "
+         "average before/after each round: " + "; ".join(
+             f"{name} " + ", ".join(f"{x:.2f}" for x in r["load_1min_per_round"])
+             for name, r in results["redis"].items()) + "."), "",
         "## Redis tier vs redis-benchmark", "",
         ("Both sides, per geometry: the same value size (80-byte header + K|V payload), "
         f"{first['pipeline_depth']} pages per round trip with one round trip outstanding "
@@ -251,10 +264,10 @@ def markdown(results: dict) -> str:
         "prefilled key space; kvstore: one `MGET` of `depth` keys per round trip plus header, "
         "checksum and copy into a tensor). `ratio` = median kvstore / median redis-benchmark; "
         "`paired` = median of the per-round ratios (each round runs both back to back, so "
-        "machine load mostly cancels)."), "",
+        "machine load mostly cancels), with their min–max."), "",
         ("| geometry | value bytes | op | kvstore pages/s | redis-benchmark req/s | ratio | "
-         "paired | rb MGET pages/s | rb one hot key req/s |"),
-        "|---|---|---|---|---|---|---|---|---|",
+         "paired | paired min–max | rb MGET pages/s | rb one hot key req/s |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results["redis"].items():
         for op in ("set", "get"):
@@ -262,7 +275,9 @@ def markdown(results: dict) -> str:
             mget = x.get("redis_benchmark_mget_pages_s")
             lines.append(f"| {name} | {r['value_bytes']} | {op} | {x['kvstore_pages_s']:,.0f} | "
                          f"{x['redis_benchmark_rps']:,.0f} | {x['ratio']:.2f} | "
-                         f"{x['paired_ratio']:.2f} | {'' if mget is None else f'{mget:,.0f}'} | "
+                         f"{x['paired_ratio']:.2f} | "
+                         f"{x['paired_ratio_min']:.2f}–{x['paired_ratio_max']:.2f} | "
+                         f"{'' if mget is None else f'{mget:,.0f}'} | "
                          f"{x['redis_benchmark_hot_key_rps']:,.0f} |")
     lines += ["", ("CPU microseconds per page (medians; client = the Python process running the "
                    "tier, or redis-benchmark including its start-up; server = redis-server, 10 ms "
@@ -290,7 +305,7 @@ def main(
     pages: int = typer.Option(16384, help="Pages per Redis round (and redis-benchmark -n)."),
     batch: int = typer.Option(1024, help="Pages per RedisTier call."),
     depth: int = typer.Option(64, help="Pipeline depth for both clients."),
-    rounds: int = typer.Option(5, help="Alternating rounds; the median is reported."),
+    rounds: int = typer.Option(7, help="Alternating rounds; the median is reported."),
     arena_batch: int = typer.Option(4096, help="Pages per host-arena call."),
     quick: bool = typer.Option(False, help="Tiny smoke run."),
     out: Path = typer.Option(Path("benchmarks/results"), help="Output folder."),
