@@ -218,8 +218,10 @@ def test_fp32_flat_selection_is_unchanged_by_int8_on_separated_pages():
     assert torch.equal(hier_select(query, pages, supers, table, num_pages, 4, 2, 2), flat)
 
 
-def test_kernel_stages_match_reference_levels():
-    """The kernel's super-pages are the reference's first level; its pages the second level."""
+@pytest.mark.parametrize("fuse", [True, False])
+def test_kernel_stages_match_reference_levels(fuse):
+    """The kernel's super-pages are the reference's first level; its pages the second level,
+    whether the first level runs inside the candidate kernel or in its own launch."""
     from kvhead.bounds_compact import select_in_super_pages, select_super_pages
     from kvhead.kernels.select_hier import hier_select_stages
 
@@ -228,7 +230,7 @@ def test_kernel_stages_match_reference_levels():
     supers = build_super_bounds(bounds, table, num_pages, 8)
     to = lambda c: CompactBounds(*(t.to(DEVICE) for t in (c.qmin, c.qmax, c.scale)))
     ids, sup = hier_select_stages(query.to(DEVICE), to(pages), to(supers), table.to(DEVICE),
-                                  num_pages.to(DEVICE), 8, 8, 3)
+                                  num_pages.to(DEVICE), 8, 8, 3, fuse=fuse)
     ref_sup = select_super_pages(query, supers, num_pages, 8, 3)
     assert torch.equal(sup.cpu(), ref_sup)
     ref = select_in_super_pages(query, pages, ref_sup, table, num_pages, 8, 8)

@@ -1,22 +1,23 @@
 """Triton page selection over int8 bounds (see :mod:`kvhead.bounds_compact`): two-level and flat.
 
 Same functions as :func:`kvhead.bounds_compact.hier_select` and, for the flat variant,
-``select_top_k(score_compact_pages(...), top_k, num_pages)``. Two-level, three launches:
+:func:`kvhead.bounds_compact.flat_select`. Two-level:
 
 1. score super-pages ``[B, Hkv, S]`` from their int8 boxes, split over tiles of super-pages so
    that batch 1 still spreads over the SMs; newest super-page forced;
-2. per (sequence, KV head, candidate tile): find the top-M super-pages of the row (a radix
-   select on the row's S scores, recomputed by every tile of the row: S is small and an extra
-   launch costs more than the repeat), then score this tile's candidate pages through the block
-   table; newest page forced;
-3. top-K of the M x G candidates, mapping candidate slot -> logical page on the way out.
-   Candidates are laid out super-page by super-page in ascending order, so ascending slots are
-   ascending page ids and the output needs no sort.
+2. top-M super-pages per (sequence, KV head) by a radix select. On small grids (few sequences)
+   this runs inside launch 3: every candidate tile of a row repeats it, which is cheaper than a
+   launch (H200, 128k tokens, batch 1: 18 us fused vs 19.5 us separate). On large grids the
+   repeats cost more than the launch (batch 64: 162 vs 143 us), so it gets its own launch;
+3. score the M x G candidate pages of the chosen super-pages through the block table; newest
+   page forced;
+4. top-K of the candidates, mapping candidate slot -> logical page on the way out. Candidates
+   are laid out super-page by super-page in ascending order, so ascending slots are ascending
+   page ids and the output needs no sort.
 
-The flat variant (for few pages per head, where a first level saves nothing) is launches 2
-and 3 with every page a candidate. Launches, not bytes, bound these kernels below about 64
-sequences: the device work of each is a few microseconds, so the count of dependent launches
-and of block-wide barriers (one per radix pass) sets the time.
+The flat variant (for few pages per head, where a first level saves little) is launches 3 and
+4 with every page a candidate. Below about 64 sequences these kernels are bound by latency, not
+bytes: each launch costs 2-4 us in a CUDA graph, and each radix pass a block-wide barrier.
 
 Bytes read per (sequence, KV head): (N/G + M x G) x (2 D + 4) for two levels, N x (2 D + 4)
 flat, instead of N x 8 D for the fp32 scoring. Ties at the M-th or K-th score go to lower ids
@@ -33,9 +34,9 @@ from kvhead.bounds_compact import CompactBounds, check_hier_args
 from kvhead.kernels.select import _pad_ids, _select_kernel, _top_k_positions, radix_bits
 
 TILE = 32  # boxes per scoring chunk: 8 KiB of int8 bounds at head dim 128
-WAVE_PROGRAMS = 512  # candidate programs to aim for: about 4 per SM on an H200 (132 SMs)
+WAVE_PROGRAMS = 1024  # candidate programs to aim for: about 8 per SM on an H200 (132 SMs)
 MAX_CHUNKS = 8
-FUSE_MAX_PROGRAMS = 1024  # above this many candidate tiles the first level gets its own launch
+FUSE_MAX_PROGRAMS = 256  # above this many candidate tiles the first level gets its own launch
 
 
 @triton.jit
@@ -169,17 +170,22 @@ def flat_select(
 
 def hier_select_stages(
     query: torch.Tensor, pages: CompactBounds, supers: CompactBounds, block_table: torch.Tensor,
-    num_pages: torch.Tensor, top_k: int, group: int, num_super: int,
+    num_pages: torch.Tensor, top_k: int, group: int, num_super: int, *, fuse: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`hier_select` plus the chosen super-pages ``[B, Hkv, M]`` (for checks: a near-tie
-    at the M-th super-page may pick another of equal score, and the pages follow from it)."""
+    at the M-th super-page may pick another of equal score, and the pages follow from it).
+
+    ``fuse`` forces the first level into the candidate kernel (True) or into its own launch
+    (False); None chooses by grid size, as :func:`hier_select` does.
+    """
     check_hier_args(query, pages, supers, block_table, num_pages, top_k, group, num_super)
-    return _launch(query, pages, supers, block_table, num_pages, top_k, group, num_super)
+    return _launch(query, pages, supers, block_table, num_pages, top_k, group, num_super,
+                   fuse=fuse)
 
 
 def _chunks(rows: int, tiles: int) -> int:
     """Candidate tiles per program: 1 while the grid is small (latency: spread over the SMs),
-    more once it would exceed a few programs per SM (each program repeats the first level)."""
+    more once it would exceed several programs per SM (fewer, longer programs then win)."""
     chunks = 1
     while chunks < MAX_CHUNKS and chunks < tiles and rows * tiles // (2 * chunks) >= WAVE_PROGRAMS:
         chunks *= 2
@@ -189,7 +195,7 @@ def _chunks(rows: int, tiles: int) -> int:
 def _launch(
     query: torch.Tensor, pages: CompactBounds, supers: CompactBounds | None,
     block_table: torch.Tensor, num_pages: torch.Tensor, top_k: int, group: int, num_super: int,
-    *, fuse: bool | None = None, chunks: int | None = None,
+    *, fuse: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, num_q_heads, head_dim = query.shape
     num_kv_heads = pages.qmin.shape[1]
@@ -224,7 +230,7 @@ def _launch(
     num_cand = max_pages if flat else m * group
     cand = torch.empty(rows, num_cand, dtype=torch.float32, device=dev)
     tiles = triton.cdiv(num_cand, TILE)
-    chunks = _chunks(rows, tiles) if chunks is None else chunks
+    chunks = _chunks(rows, tiles)
     block_s = 1 if flat else triton.next_power_of_2(groups)
     fused = not flat and (rows * tiles <= FUSE_MAX_PROGRAMS if fuse is None else fuse)
     if not flat and not fused:
