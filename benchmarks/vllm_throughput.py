@@ -6,7 +6,8 @@ attention backend), run through every (context, batch) pair with greedy decoding
 * decode throughput (generated tokens/s once every request has its first token) and time per
   output token, from timestamps of vLLM engine steps; end-to-end tokens/s including prefill;
 * peak device-KV bytes of the batch: stock = its blocks of all heads; kvhead = its blocks of the
-  resident heads + page bounds of those blocks + the hot pool's peak (the host arena is host);
+  resident heads + int8 page bounds (2 x D + 4 bytes per page and head, every head) of those
+  blocks + the hot pool's peak (the host arena is host);
 * how many 8k requests one fixed KV budget admits: vLLM's own block count (allocator view) and,
   for kvhead, the budget divided by everything a request holds on the device (honest view);
 * free-running greedy agreement of kvhead's tokens with stock's.
@@ -38,7 +39,7 @@ GEN = 256  # generated tokens per request; --gen overrides it for shorter runs
 KV_BUDGET = 3 * 2**29  # 1.5 GiB: stock's 8 x 8k requests fit
 STOCK_BLOCK, KVHEAD_PAGE = 32, 16  # stock CPU kernels need multiples of 32; kvhead pages are 16
 KVHEAD = {"profile": str(PROFILE), "top_k": 64, "rerank_interval": 16, "page_size": KVHEAD_PAGE,
-          "resident_heads_per_layer": 1, "host_arena_gib": 3.25}
+          "host_arena_gib": 5.0}  # the arena holds every stable page of vLLM's ~17.9k blocks
 
 
 def _prompts(model_dir: Path, context: int, batch: int) -> list[list[int]]:
@@ -101,6 +102,7 @@ def worker(mode: str, out: Path, contexts: str, batches: str, gen: int = GEN) ->
     hf = config.model_config.hf_text_config
     result = {
         "mode": mode, "num_gpu_blocks": config.cache_config.num_gpu_blocks,
+        "load_average": {"start": os.getloadavg()},
         "block_size": config.cache_config.block_size, "num_layers": hf.num_hidden_layers,
         "num_kv_heads": hf.num_key_value_heads, "head_dim": config.model_config.get_head_size(),
         "runs": [],
@@ -120,6 +122,7 @@ def worker(mode: str, out: Path, contexts: str, batches: str, gen: int = GEN) ->
                 run["resident_page_fraction"] = (
                     after["resident_page_steps"] - before["resident_page_steps"]) / steps
                 run["promoted_pages"] = after["promoted_pages"] - before["promoted_pages"]
+            run["load_average_after"] = os.getloadavg()
             result["runs"].append(run)
             out.write_text(json.dumps(result))  # after every configuration: long runs
             print(mode, ctx, batch, {k: v for k, v in run.items() if k not in ("tokens", "kvhead")},
@@ -134,8 +137,8 @@ def _device_bytes(raw: dict, run: dict, tokens: int, batch: int) -> int:
     if raw["mode"] == "stock":
         return pages * layers * heads * block * 2 * dim * 2
     rep = run["kvhead"]
-    resident = pages * layers * rep["resident_heads_per_layer"] * block * 2 * dim * 2
-    bounds = pages * layers * heads * 2 * dim * 4  # fp32 min and max per page and head
+    resident = pages * rep["resident_heads"] * block * 2 * dim * 2
+    bounds = pages * layers * heads * (2 * dim + 4)  # int8 max and min + fp32 scale
     return resident + bounds + rep["hot_pool_peak_bytes"]
 
 
@@ -159,11 +162,13 @@ def _summarise(stock: dict, kvhead: dict) -> dict:
             "decode_speedup": k["decode_tokens_per_s"] / s["decode_tokens_per_s"],
             "device_kv_ratio": kb / sb,
             "greedy_match": sum(match) / len(match), "first_divergence": first,
+            "load_average_after": {"stock": s["load_average_after"],
+                                   "kvhead": k["load_average_after"]},
         })
     need = 8192  # an 8k request fills SmolLM2's whole window (prompt + generated tokens)
     last = kvhead["runs"][-1]["kvhead"]
     per_request_kvhead = _device_bytes(kvhead, {"kvhead": {
-        **last, "hot_pool_peak_bytes": kvhead["num_layers"] * last["stable_heads_per_layer"]
+        **last, "hot_pool_peak_bytes": last["stable_heads"]
         * (KVHEAD["top_k"] + 2) * KVHEAD_PAGE * 2 * kvhead["head_dim"] * 2}}, need, 1)
     admitted = {
         "kv_budget_bytes": KV_BUDGET, "context": need,
@@ -172,7 +177,9 @@ def _summarise(stock: dict, kvhead: dict) -> dict:
         "kvhead_with_pool_and_bounds": KV_BUDGET // per_request_kvhead,
     }
     return {"rows": rows, "admitted_8k": admitted, "settings": KVHEAD,
-            "stock_block_size": STOCK_BLOCK}
+            "stock_block_size": STOCK_BLOCK,
+            "load_average": {mode: raw["load_average"] for mode, raw in
+                             (("stock", stock), ("kvhead", kvhead))}}
 
 
 def _table(summary: dict) -> Table:

@@ -17,6 +17,7 @@ from kvhead.vllm_plugin.config import (
     check_model,
     settings_from_additional_config,
 )
+from kvhead.vllm_plugin.kv_spec import per_layer_specs
 
 
 def _profile(model_dir: Path, path: Path, scores: list[list[float]], *, per_layer: bool,
@@ -78,20 +79,43 @@ def test_arena_too_small_is_refused() -> None:
         check_arena(settings, 257, 4096)
 
 
-def test_head_split_pads_global_profiles_to_one_width(model_dir: Path, tmp_path: Path) -> None:
+def test_head_split_keeps_exactly_the_unstable_heads_per_layer(model_dir: Path,
+                                                                 tmp_path: Path) -> None:
     scores = [[0.9, 0.8, 0.1, 0.3], [0.1, 0.2, 0.05, 0.7]]
     profile = HeadProfile.load(_profile(model_dir, tmp_path / "g.json", scores,
                                         per_layer=False, fraction=0.375))
-    split = HeadSplit.from_profile(profile)  # unstable: (0,0) (0,1) (1,3) -> width 2
-    assert split.resident.tolist() == [[0, 1], [1, 3]]  # layer 1 pads with its next head (1)
-    assert split.stable.tolist() == [[2, 3], [0, 2]]
-    narrow = HeadSplit.from_profile(profile, width=1)  # layer 0 demotes its unstable head 1
-    assert narrow.resident.tolist() == [[0], [3]]
-    assert narrow.stable.tolist() == [[1, 2, 3], [0, 1, 2]]
+    split = HeadSplit.from_profile(profile)  # unstable: (0,0) (0,1) (1,3)
+    assert [split.resident(i).tolist() for i in range(2)] == [[0, 1], [3]]
+    assert [split.stable(i).tolist() for i in range(2)] == [[2, 3], [0, 1, 2]]
+    assert split.resident_per_layer == [2, 1] and split.num_stable == 5
+    capped = HeadSplit.from_profile(profile, cap=1)  # layer 0 demotes its less unstable head 1
+    assert [capped.resident(i).tolist() for i in range(2)] == [[0], [3]]
     everything = HeadProfile.load(_profile(model_dir, tmp_path / "all.json", scores,
                                            per_layer=True, fraction=1.0))
     with pytest.raises(FlexiCacheConfigError, match="no stable head"):
         HeadSplit.from_profile(everything)
+    with pytest.raises(FlexiCacheConfigError, match="no unstable head"):
+        HeadSplit.from_profile(profile, cap=0)
+
+
+def test_layers_without_resident_heads_share_another_layers_cache() -> None:
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    split = HeadSplit(torch.tensor([[False, False], [True, False], [True, True]]))
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(3)]
+    layers = {n: type("Layer", (), {"kv_sharing_target_layer_name": None})() for n in names}
+    shared: dict[str, str] = {}
+    out = per_layer_specs(dict.fromkeys(names, spec), split, shared, layers)
+    assert list(out) == names[1:]
+    assert [s.num_kv_heads for s in out.values()] == [1, 2]
+    assert shared == {names[0]: names[1]}
+    assert layers[names[0]].kv_sharing_target_layer_name == names[1]
+    # one KV-cache group whose block holds exactly the resident heads of every layer
+    from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
+
+    group = UniformTypeKVCacheSpecs.from_specs(out)
+    assert group is not None and group.page_size_bytes == 3 * spec.page_size_bytes // 2
 
 
 def test_register_points_custom_at_flexicache_and_keeps_stock_cpu_choice() -> None:

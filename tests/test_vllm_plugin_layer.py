@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from kvhead.attention import dense_decode_attention, sparse_decode_attention
-from kvhead.pages import PageBounds
-from kvhead.policy import Mode, SelectionPolicy
+from kvhead.policy import Mode
 from kvhead.spec import HeadPageSpec
 from kvhead.vllm_plugin.hot_pool import HotPool, HotPoolFullError
 from kvhead.vllm_plugin.layer import FlexiLayer
+from kvhead.vllm_plugin.selection import CompactSelectionPolicy
 from kvstore import HostArena, HostArenaConfig
 
 P, D, HKV, G, NB = 16, 32, 3, 2, 64
@@ -28,7 +28,8 @@ class Setup:
                                                 num_blocks=NB))
         self.layer = FlexiLayer(0, RESIDENT, STABLE, num_kv_heads=HKV, group=G, num_blocks=NB,
                                 page_size=P, head_dim=D, dtype=torch.float32, isa="vec16",
-                                arena=arena, pool_pages=NB * len(STABLE))
+                                arena=arena, pool_pages=NB * len(STABLE),
+                                open_pages=8)
         self.cache = torch.zeros(NB, len(RESIDENT), P, 2 * D)
         self.k_ref = torch.zeros(NB, P, HKV, D)
         self.v_ref = torch.zeros(NB, P, HKV, D)
@@ -41,9 +42,8 @@ class Setup:
         policy_args = {"mode": Mode.flexicache, "num_layers": 1, "num_kv_heads": HKV, "page_size": P,
                            "top_k": top_k, "rerank_interval": 4,
                            "unstable": torch.tensor([[False, True, False]])}
-        self.policy = SelectionPolicy(**policy_args)
-        self.oracle = SelectionPolicy(**policy_args)
-        self.oracle_bounds = PageBounds.empty(NB, HKV, D)
+        self.policy = CompactSelectionPolicy(**policy_args)
+        self.oracle = CompactSelectionPolicy(**policy_args)
 
     def append(self, b: int, positions: torch.Tensor) -> None:
         slots = self.table[b, positions // P].long() * P + positions % P
@@ -61,8 +61,7 @@ class Setup:
         out = torch.zeros_like(q)
         self.layer.decode(q, out, torch.arange(2), self.seq_lens, self.table, self.cache, SCALE,
                           self.policy)
-        self.oracle_bounds.kmin, self.oracle_bounds.kmax = self.layer.bounds.kmin, self.layer.bounds.kmax
-        sel = self.oracle.select(0, q, self.oracle_bounds, self.table, self.seq_lens)
+        sel = self.oracle.select(0, q, self.layer.bounds, self.table, self.seq_lens)
         ref, _ = sparse_decode_attention(q, self.k_ref, self.v_ref, self.table, self.seq_lens,
                                          sel.page_ids, SCALE)
         return out, ref, q

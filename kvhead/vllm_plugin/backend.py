@@ -1,18 +1,19 @@
 """The FLEXICACHE attention backend: vLLM's CPU attention with head-aware KV placement.
 
 It subclasses vLLM's CPU backend so every capability probe, block-size rule and ISA choice stays
-vLLM's, and changes three things:
+vLLM's, and changes two things:
 
-* ``customize_spec`` (asked by the model runner for every attention layer) shrinks the layer's
-  KV spec to the resident heads, so vLLM's allocator sizes blocks for them only and admits more
-  sequences into the same KV budget;
-* ``do_kv_cache_update`` splits each new token's heads between vLLM's cache and the arena;
-* ``forward`` runs prefill rows densely and decode rows through the FlexiCache policy.
+* ``forward`` first splits each new token's heads between vLLM's cache and the arena (the
+  backend declares ``forward_includes_kv_cache_update``: layers that keep no head in vLLM's cache
+  are registered as sharing another layer's cache, and vLLM skips the separate update for those),
+  then runs prefill rows densely and decode rows through the FlexiCache policy;
+* the per-layer KV spec is cut to the layer's resident heads by :mod:`kvhead.vllm_plugin.kv_spec`
+  (vLLM's ``customize_spec`` hook does not say which layer it is asked about).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
@@ -37,6 +38,7 @@ class FlexiMetadata:
     query_start_loc: torch.Tensor  # [R+1] int32
     seq_lens: torch.Tensor  # [R]
     block_table: torch.Tensor  # [R, max_pages]
+    slot_mapping: torch.Tensor  # [num_actual_tokens] flat cache slot of each new token
 
 
 class FlexiCacheMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -52,7 +54,7 @@ class FlexiCacheMetadataBuilder(CPUAttentionMetadataBuilder):
         m = common_attn_metadata
         return FlexiMetadata(
             num_actual_tokens=m.num_actual_tokens, query_start_loc=m.query_start_loc,
-            seq_lens=m.seq_lens, block_table=m.block_table_tensor,
+            seq_lens=m.seq_lens, block_table=m.block_table_tensor, slot_mapping=m.slot_mapping,
         )
 
 
@@ -69,11 +71,6 @@ class FlexiCacheImpl(CPUAttentionBackendImpl):
         isa = _get_attn_isa(config.model_config.dtype, config.cache_config.block_size, head_size)
         self.runtime: FlexiRuntime = init_runtime(config, isa)
 
-    def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
-                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        index = extract_layer_index(layer.layer_name)
-        self.runtime.layer(index, kv_cache.shape[0]).write(key, value, slot_mapping, kv_cache)
-
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: FlexiMetadata | None,
                 output: torch.Tensor, output_scale: torch.Tensor | None = None,
@@ -82,6 +79,7 @@ class FlexiCacheImpl(CPUAttentionBackendImpl):
             return output
         flexi = self.runtime.layer(extract_layer_index(layer.layer_name), kv_cache.shape[0])
         count = attn_metadata.num_actual_tokens
+        flexi.write(key[:count], value[:count], attn_metadata.slot_mapping[:count], kv_cache)
         q, out = query[:count], output[:count]
         starts = attn_metadata.query_start_loc.long()
         qlens = starts[1:] - starts[:-1]
@@ -110,6 +108,8 @@ def _fixed_width(block_table: torch.Tensor, width: int) -> torch.Tensor:
 class FlexiCacheBackend(CPUAttentionBackend):
     """Registered as vLLM's CUSTOM attention backend by :func:`kvhead.vllm_plugin.register`."""
 
+    forward_includes_kv_cache_update = True
+
     @staticmethod
     def get_name() -> str:
         return "CUSTOM"
@@ -127,13 +127,6 @@ class FlexiCacheBackend(CPUAttentionBackend):
     @classmethod
     def supports_sliding_window(cls) -> bool:
         return False
-
-    @classmethod
-    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        runtime = current()
-        if runtime is None:
-            return spec
-        return replace(spec, num_kv_heads=runtime.split.num_resident)
 
     @staticmethod
     def get_impl_cls() -> type[FlexiCacheImpl]:

@@ -38,12 +38,12 @@ class FlexiCacheSettings(BaseModel):
     host_arena_gib: float = Field(
         default=4.0, gt=0, description="Host arena for stable-head pages, GiB (all layers)."
     )
-    resident_heads_per_layer: int | None = Field(
-        default=None, gt=0,
-        description="KV heads per layer kept in vLLM's cache. None: the most unstable heads of "
-        "the busiest layer's count (every unstable head stays resident). A smaller value "
-        "treats a crowded layer's least unstable extra heads as stable, trading accuracy for "
-        "memory: vLLM needs one count for all layers.",
+    max_resident_heads_per_layer: int | None = Field(
+        default=None, ge=0,
+        description="Cap on the KV heads a layer keeps in vLLM's cache. None: exactly the "
+        "profile's unstable heads (layers may differ; a layer with none keeps no cache). A "
+        "smaller value treats a crowded layer's least unstable extra heads as stable, trading "
+        "accuracy for memory.",
     )
     hot_pool_pages: int | None = Field(
         default=None, gt=0,
@@ -74,45 +74,59 @@ def settings_from_additional_config(additional: dict | object) -> FlexiCacheSett
 class HeadSplit:
     """Which KV heads of each layer stay in vLLM's cache (resident) and which are stable.
 
-    vLLM's allocator needs one spec for all layers, so every layer keeps the same number of
-    resident heads: a layer with fewer unstable heads than the busiest layer keeps its most
-    unstable stable heads resident too (padding costs memory, never accuracy).
+    Layers may keep different numbers of heads: vLLM 0.32 puts full-attention layers whose specs
+    differ only in head count into one KV-cache group (one block table, per-layer page sizes), and
+    a layer with no resident head allocates nothing (it is declared as reading another layer's
+    cache, see :mod:`kvhead.vllm_plugin.kv_spec`), so no layer pays for padding heads.
     """
 
-    resident: torch.Tensor  # [L, U] kv head indices kept in vLLM's cache, ascending
-    stable: torch.Tensor  # [L, S] kv head indices in the host arena / hot pool, ascending
+    resident_mask: torch.Tensor  # [L, Hkv] bool: kept in vLLM's cache
+
+    def resident(self, layer: int) -> torch.Tensor:
+        """Ascending kv head indices of ``layer`` kept in vLLM's cache."""
+        return self.resident_mask[layer].nonzero().flatten()
+
+    def stable(self, layer: int) -> torch.Tensor:
+        """Ascending kv head indices of ``layer`` served by the arena and hot pool."""
+        return (~self.resident_mask[layer]).nonzero().flatten()
+
+    @property
+    def resident_per_layer(self) -> list[int]:
+        return self.resident_mask.sum(dim=1).tolist()
 
     @property
     def num_resident(self) -> int:
-        return self.resident.shape[1]
+        """Resident kv heads over all layers."""
+        return int(self.resident_mask.sum())
 
     @property
     def num_stable(self) -> int:
-        return self.stable.shape[1]
+        """Stable kv heads over all layers."""
+        return int((~self.resident_mask).sum())
 
     @classmethod
-    def from_profile(cls, profile: HeadProfile, width: int | None = None) -> HeadSplit:
-        """Resident heads per layer: ``width`` of them (default: the busiest layer's count),
-        unstable ones first, then by instability."""
-        mask = profile.unstable_mask()
+    def from_profile(cls, profile: HeadProfile, cap: int | None = None) -> HeadSplit:
+        """The profile's unstable heads, at most ``cap`` per layer (the most unstable kept)."""
+        mask = profile.unstable_mask().bool()
         scores = torch.nan_to_num(torch.tensor(profile.instability, dtype=torch.float64), nan=1e9)
-        width = width or max(1, int(mask.sum(dim=1).max()))
-        if width >= profile.num_kv_heads:
+        if cap is not None:
+            ranked = scores.masked_fill(~mask, float("-inf")).argsort(dim=1, descending=True)
+            keep = torch.zeros_like(mask)
+            keep.scatter_(1, ranked[:, :cap], True)
+            mask = mask & keep
+        if bool(mask.all()):
             raise FlexiCacheConfigError(
-                f"the head profile leaves no stable head in some layer ({width} of "
-                f"{profile.num_kv_heads} kv heads resident): FlexiCache would save nothing; "
-                "use a profile with a smaller unstable fraction or set kvhead "
-                "resident_heads_per_layer"
+                "the head profile leaves no stable head: FlexiCache would save nothing; use a "
+                "profile with a smaller unstable fraction or set kvhead "
+                "max_resident_heads_per_layer"
             )
-        resident, stable = [], []
-        for layer in range(profile.num_layers):
-            order = sorted(
-                range(profile.num_kv_heads),
-                key=lambda h: (not bool(mask[layer, h]), -float(scores[layer, h])),
+        if not bool(mask.any()):
+            raise FlexiCacheConfigError(
+                "the head profile marks no unstable head, so vLLM's cache would hold nothing and "
+                "vLLM would treat the model as attention-free; profile with a larger unstable "
+                "fraction"
             )
-            resident.append(sorted(order[:width]))
-            stable.append(sorted(order[width:]))
-        return cls(torch.tensor(resident), torch.tensor(stable))
+        return cls(mask)
 
 
 def check_model(

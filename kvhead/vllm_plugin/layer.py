@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvhead.pages import PageBounds, page_mask
+from kvhead.pages import page_mask
 from kvhead.policy import SelectionPolicy
+from kvhead.vllm_plugin.bounds import DeviceBounds
 from kvhead.vllm_plugin.hot_pool import HotPool
 from kvhead.vllm_plugin.kernels import one_thread, paged_attention, single_head_view, write_cache
 from kvstore import PageKeys, PageStore
@@ -41,12 +42,12 @@ class FlexiLayer:
     def __init__(
         self, layer: int, resident: torch.Tensor, stable: torch.Tensor, *, num_kv_heads: int,
         group: int, num_blocks: int, page_size: int, head_dim: int, dtype: torch.dtype,
-        isa: str, arena: PageStore, pool_pages: int,
+        isa: str, arena: PageStore, pool_pages: int, open_pages: int,
     ) -> None:
         self.layer, self.isa, self.page_size, self.group = layer, isa, page_size, group
         self.resident, self.stable = resident.long(), stable.long()
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.bounds = PageBounds.empty(num_blocks, num_kv_heads, head_dim)
+        self.bounds = DeviceBounds(num_blocks, num_kv_heads, head_dim, open_pages)
         self.pool = HotPool(pool_pages, num_blocks, len(stable), page_size, head_dim, dtype)
         self.arena = arena
         self.stats = LayerStats()
@@ -77,11 +78,14 @@ class FlexiLayer:
         key, value, slots = key[keep], value[keep], slots[keep].long()
         if not slots.numel():
             return
-        write_cache(cache, key[:, self.resident].contiguous(),
-                    value[:, self.resident].contiguous(), slots, self.isa)
+        if len(self.resident):
+            write_cache(cache, key[:, self.resident].contiguous(),
+                        value[:, self.resident].contiguous(), slots, self.isa)
+        self.bounds.update(key, slots, self.page_size)
+        if not len(self.stable):
+            return
         blocks, offsets = slots // self.page_size, slots % self.page_size
         self.pool.release_blocks(blocks[offsets == 0])  # a reused block: old pages are stale
-        self.bounds.update(key, slots, self.page_size)
         self._stage_arena(key[:, self.stable], value[:, self.stable], slots)
         self._write_pool(key[:, self.stable], value[:, self.stable], blocks, offsets)
 
@@ -149,6 +153,15 @@ class FlexiLayer:
         starts = torch.zeros(len(tokens) + 1, dtype=torch.int64)
         starts[1:] = qlens.cumsum(0)
         all_tokens = torch.cat(tokens)
+        if len(self.resident):
+            self._prefill_resident(q4, o4, all_tokens, starts, seq_lens, block_table, cache, scale)
+        if len(self.stable):
+            self._prefill_stable(q4, o4, tokens, seq_lens, block_table, cache, scale)
+
+    def _prefill_resident(
+        self, q4: torch.Tensor, o4: torch.Tensor, all_tokens: torch.Tensor, starts: torch.Tensor,
+        seq_lens: torch.Tensor, block_table: torch.Tensor, cache: torch.Tensor, scale: float,
+    ) -> None:
         num_res = len(self.resident)
         q_res = q4[all_tokens][:, self.resident].reshape(-1, num_res * self.group, self.head_dim)
         o_res = torch.empty_like(q_res)
@@ -157,7 +170,11 @@ class FlexiLayer:
         o4[all_tokens.view(-1, 1), self.resident.view(1, -1)] = o_res.view(
             -1, num_res, self.group, self.head_dim)
 
-        # Stable heads: stage each row's pages from the arena into a scratch cache.
+    def _prefill_stable(
+        self, q4: torch.Tensor, o4: torch.Tensor, tokens: list[torch.Tensor],
+        seq_lens: torch.Tensor, block_table: torch.Tensor, cache: torch.Tensor, scale: float,
+    ) -> None:
+        """Stable heads: stage each row's pages from the arena into a scratch cache."""
         num_pages = (seq_lens + self.page_size - 1) // self.page_size
         blocks = torch.cat([block_table[r, : int(n)].long() for r, n in enumerate(num_pages)])
         self.flush_arena()
@@ -203,19 +220,22 @@ class FlexiLayer:
         last = sel.num_pages.view(-1, 1) - 1
         lens = (valid.sum(-1) - 1) * self.page_size + (seq_lens.view(-1, 1) - last * self.page_size)
 
-        res_blocks = blocks[:, self.resident] * len(self.resident) + torch.arange(
-            len(self.resident)).view(1, -1, 1)
-        self._run_batch(q4, o4, rows_token, self.resident, res_blocks, valid[:, self.resident],
-                        lens[:, self.resident], single_head_view(cache), scale, threads)
-
+        if len(self.resident):
+            res_blocks = blocks[:, self.resident] * len(self.resident) + torch.arange(
+                len(self.resident)).view(1, -1, 1)
+            self._run_batch(q4, o4, rows_token, self.resident, res_blocks,
+                            valid[:, self.resident], lens[:, self.resident],
+                            single_head_view(cache), scale, threads)
+        self.stats.decode_steps += 1
+        self.stats.attended_pages["resident"] += int(valid[:, self.resident].sum())
+        if not len(self.stable):
+            return
         stable_blocks = blocks[:, self.stable]
         stable_valid = valid[:, self.stable]
         slots = self._make_resident(stable_blocks, stable_valid, block_table, sel.num_pages,
                                     ids[:, self.stable], bool(sel.reranked[:, self.stable].any()))
         self._run_batch(q4, o4, rows_token, self.stable, slots, stable_valid,
                         lens[:, self.stable], self.pool.pages, scale, threads)
-        self.stats.decode_steps += 1
-        self.stats.attended_pages["resident"] += int(valid[:, self.resident].sum())
         self.stats.attended_pages["stable"] += int(stable_valid.sum())
 
     def _make_resident(
@@ -266,8 +286,7 @@ class FlexiLayer:
     ) -> None:
         """Decode pseudo-rows (row, head): one query token over that head's listed blocks."""
         batch, num_heads, width = blocks.shape
-        order = valid.long().argsort(dim=-1, descending=True, stable=True)  # listed pages first
-        table = torch.gather(blocks.masked_fill(~valid, 0), 2, order).view(-1, width)
+        table = blocks.masked_fill(~valid, 0).view(-1, width)  # page lists are -1 padded at the end
         tok = rows_token.view(-1, 1).expand(batch, num_heads).flatten()
         head = heads.view(1, -1).expand(batch, num_heads).flatten()
         q = q4[tok, head].contiguous()  # [B*H, G, D]

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvhead.policy import Mode, SelectionPolicy
+from kvhead.policy import Mode
 from kvhead.spec import HeadPageSpec
+from kvhead.vllm_plugin import kv_spec
 from kvhead.vllm_plugin.config import (
     FlexiCacheSettings,
     HeadSplit,
@@ -25,6 +26,7 @@ from kvhead.vllm_plugin.config import (
     settings_from_additional_config,
 )
 from kvhead.vllm_plugin.layer import FlexiLayer
+from kvhead.vllm_plugin.selection import CompactSelectionPolicy
 from kvstore import HostArena, HostArenaConfig
 
 logger = logging.getLogger(__name__)
@@ -55,19 +57,16 @@ class FlexiRuntime:
         self.arena: HostArena | None = None
         self.layers: dict[int, FlexiLayer] = {}
         self.max_pages = math.ceil(geo.max_model_len / geo.page_size)
-        resident = torch.zeros(geo.num_layers, geo.num_kv_heads, dtype=torch.bool)
-        resident.scatter_(1, split.resident, True)
-        self.resident_mask = resident
         self._cohort: tuple[int, ...] | None = None
         self.policy = self._new_policy()
         self._retired_pages = [0.0, 0.0]  # resident, total page-steps of replaced policies
         self.peak_live_blocks = 0
 
-    def _new_policy(self) -> SelectionPolicy:
-        return SelectionPolicy(
+    def _new_policy(self) -> CompactSelectionPolicy:
+        return CompactSelectionPolicy(
             Mode.flexicache, self.geo.num_layers, self.geo.num_kv_heads,
             page_size=self.geo.page_size, top_k=self.settings.top_k,
-            rerank_interval=self.settings.rerank_interval, unstable=self.resident_mask,
+            rerank_interval=self.settings.rerank_interval, unstable=self.split.resident_mask,
         )
 
     # -- sizing ------------------------------------------------------------------------------
@@ -76,17 +75,23 @@ class FlexiRuntime:
         """Pages a stable head can write between reranks, plus the page partial at the rerank."""
         return math.ceil(self.settings.rerank_interval / self.geo.page_size) + 1
 
-    def pool_pages(self, num_blocks: int) -> int:
+    def pool_pages(self, num_blocks: int, num_stable: int) -> int:
+        """Hot-pool pages of a layer with ``num_stable`` stable heads."""
         if self.settings.hot_pool_pages is not None:
-            return self.settings.hot_pool_pages
+            return self.settings.hot_pool_pages if num_stable else 0
         per_seq = min(self.settings.top_k + self.tail_pages, self.max_pages)
-        return min(self.geo.max_num_seqs * self.split.num_stable * per_seq,
-                   num_blocks * self.split.num_stable)
+        return min(self.geo.max_num_seqs * num_stable * per_seq, num_blocks * num_stable)
+
+    @property
+    def open_pages(self) -> int:
+        """Entries of the exact-bounds table of pages being written (see DeviceBounds): a few
+        per running sequence keeps collisions rare."""
+        return 4 * self.geo.max_num_seqs
 
     def ensure_arena(self, num_blocks: int) -> HostArena:
         """Create the host arena for ``num_blocks`` vLLM blocks (refusing one that is too small)."""
         if self.arena is None:
-            need = num_blocks * self.geo.num_layers * self.split.num_stable
+            need = num_blocks * self.split.num_stable
             capacity = check_arena(self.settings, need, self.spec.head_page_bytes)
             self.arena = HostArena(self.spec, HostArenaConfig(
                 capacity_pages=capacity, num_layers=self.geo.num_layers, num_blocks=num_blocks))
@@ -94,18 +99,19 @@ class FlexiRuntime:
 
     def layer(self, index: int, num_blocks: int) -> FlexiLayer:
         if index not in self.layers:
+            stable = self.split.stable(index)
             self.layers[index] = FlexiLayer(
-                index, self.split.resident[index], self.split.stable[index],
+                index, self.split.resident(index), stable,
                 num_kv_heads=self.geo.num_kv_heads,
                 group=self.geo.num_q_heads // self.geo.num_kv_heads, num_blocks=num_blocks,
                 page_size=self.geo.page_size, head_dim=self.geo.head_dim, dtype=self.geo.dtype,
                 isa=self.isa, arena=self.ensure_arena(num_blocks),
-                pool_pages=self.pool_pages(num_blocks),
+                pool_pages=self.pool_pages(num_blocks, len(stable)), open_pages=self.open_pages,
             )
         return self.layers[index]
 
     # -- per step ----------------------------------------------------------------------------
-    def policy_for(self, block_table: torch.Tensor) -> SelectionPolicy:
+    def policy_for(self, block_table: torch.Tensor) -> CompactSelectionPolicy:
         """The selection policy of this decode batch.
 
         The policy keeps lock-step state for a fixed list of sequences. vLLM's batch changes as
@@ -140,10 +146,11 @@ class FlexiRuntime:
         resident, total = self._page_steps()
         layers = list(self.layers.values())
         page = self.spec.head_page_bytes
-        meta = sum(l.bounds.kmin.numel() * l.bounds.kmin.element_size() * 2 for l in layers)
+        meta = sum(l.bounds.nbytes for l in layers)
         return {
-            "resident_heads_per_layer": self.split.num_resident,
-            "stable_heads_per_layer": self.split.num_stable,
+            "resident_heads_per_layer": self.split.resident_per_layer,
+            "resident_heads": self.split.num_resident,
+            "stable_heads": self.split.num_stable,
             "resident_page_fraction": resident / total if total else 1.0,
             "resident_page_steps": resident,
             "total_page_steps": total,
@@ -182,10 +189,11 @@ def init_runtime(vllm_config, isa: str) -> FlexiRuntime:
         settings, model.model, num_layers=geo.num_layers, num_kv_heads=geo.num_kv_heads,
         block_size=cache.block_size, prefix_caching=bool(cache.enable_prefix_caching),
     )
-    split = HeadSplit.from_profile(profile, settings.resident_heads_per_layer)
+    split = HeadSplit.from_profile(profile, settings.max_resident_heads_per_layer)
     _RUNTIME = FlexiRuntime(settings, split, geo, isa)
+    kv_spec.install()
     logger.warning(
-        "kvhead FlexiCache: %d resident + %d stable kv heads per layer, K=%d, R=%d, page %d",
+        "kvhead FlexiCache: %d resident + %d stable kv heads (all layers), K=%d, R=%d, page %d",
         _RUNTIME.split.num_resident, _RUNTIME.split.num_stable, settings.top_k,
         settings.rerank_interval, geo.page_size,
     )

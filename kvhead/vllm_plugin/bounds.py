@@ -1,0 +1,144 @@
+"""Page bounds as the device keeps them: int8 boxes with one fp32 scale per (page, kv head).
+
+fp32 min/max bounds cost ``8 x D`` bytes per page and head, 1/8 of a 16-token bf16 page of that
+head. :class:`kvhead.bounds_compact.CompactBounds` stores ``2 x D + 4`` (int8 rounded outwards,
+so the box still holds every key and the Quest score stays an upper bound of ``q . k``).
+
+Folding a new key into an int8 box re-rounds it outwards each time, so a page written one token
+at a time would drift loose. Only pages still being written grow (one per running sequence), so
+their exact fp32 box is kept in a small fully associative table (``open_slots`` entries, tag =
+block id, least recently used entry replaced, entry freed when the page's last slot is written).
+A page without an entry (evicted, e.g. a finished request's partial page) folds into its
+dequantised int8 box instead: that box contains the exact one, so the result is looser but still
+an upper bound; correctness never depends on the table, only tightness does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvhead.bounds_compact import CompactBounds
+from kvhead.pages import PAD, select_top_k
+
+
+class DeviceBounds:
+    """int8 page bounds of one layer, head-major and indexed by vLLM block id.
+
+    ``box[h, block]`` is ``qmax`` then ``qmin`` (``2 x D`` int8) and ``scale[h, block]`` their
+    step: scoring reads one contiguous row per (head, page), and between reranks only the
+    unstable heads' rows.
+    """
+
+    def __init__(self, num_blocks: int, num_kv_heads: int, head_dim: int, open_slots: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.head_dim = head_dim
+        self.box = torch.zeros(num_kv_heads, num_blocks, 2 * head_dim, dtype=torch.int8,
+                               device=device)
+        self.scale = torch.zeros(num_kv_heads, num_blocks, device=device)
+        open_shape = (open_slots, num_kv_heads, head_dim)
+        self.open_min = torch.zeros(open_shape, device=device)
+        self.open_max = torch.zeros(open_shape, device=device)
+        self.open_tag = torch.full((open_slots,), -1, dtype=torch.int64, device=device)
+        self.open_used = torch.zeros(open_slots, dtype=torch.int64, device=device)  # LRU clock
+        self._clock = 0
+
+    @property
+    def nbytes(self) -> int:
+        parts = (self.box, self.scale, self.open_min, self.open_max, self.open_tag,
+                 self.open_used)
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    def update(self, keys: torch.Tensor, slots: torch.Tensor, page_size: int) -> None:
+        """Fold keys ``[T, Hkv, D]`` written at flat ``slots`` (>= 0) into their pages' boxes.
+
+        A write at offset 0 starts the page afresh: vLLM handed the block to a new request.
+        """
+        blocks = slots // page_size
+        touched, local = torch.unique(blocks, return_inverse=True)
+        fresh = torch.zeros(touched.shape[0], dtype=torch.bool, device=blocks.device)
+        fresh[local[slots % page_size == 0]] = True
+        k = keys.float()
+        index = local.view(-1, 1, 1).expand_as(k).contiguous()
+        shape = (touched.shape[0], *k.shape[1:])
+        new_min = k.new_full(shape, float("inf")).scatter_reduce_(0, index, k, "amin")
+        new_max = k.new_full(shape, float("-inf")).scatter_reduce_(0, index, k, "amax")
+
+        entry = self._entries(touched)
+        exact = (entry >= 0).view(-1, 1, 1)
+        old_max, old_min = self.boxes(touched)
+        at = entry.clamp_min(0)
+        old_min = torch.where(exact, self.open_min[at], old_min)
+        old_max = torch.where(exact, self.open_max[at], old_max)
+        keep = ~fresh.view(-1, 1, 1)
+        box_min = torch.where(keep, torch.minimum(old_min, new_min), new_min)
+        box_max = torch.where(keep, torch.maximum(old_max, new_max), new_max)
+
+        compact = CompactBounds.quantize(box_min, box_max)
+        self.box[:, touched] = torch.cat([compact.qmax, compact.qmin], dim=-1).transpose(0, 1)
+        self.scale[:, touched] = compact.scale.t()
+        # Open pages keep their exact box; a page whose last slot was written closes for good.
+        last = torch.zeros_like(touched).scatter_reduce_(0, local, slots % page_size, "amax")
+        closed = last == page_size - 1
+        held = self._claim(touched, entry, ~closed)
+        ok = held >= 0
+        self.open_min[held[ok]], self.open_max[held[ok]] = box_min[ok], box_max[ok]
+        free = entry[closed & (entry >= 0)]
+        self.open_tag[free], self.open_used[free] = -1, 0
+
+    def boxes(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantised ``(kmax, kmin)`` boxes ``[n, Hkv, D]`` of ``blocks``."""
+        scale = self.scale[:, blocks].t().unsqueeze(-1)
+        box = self.box[:, blocks].transpose(0, 1).float() * scale
+        return box[..., : self.head_dim], box[..., self.head_dim :]
+
+    def _entries(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Table entry holding each block's exact box, -1 if none."""
+        match = self.open_tag.view(1, -1) == blocks.view(-1, 1)  # [n, C]
+        return torch.where(match.any(1), match.long().argmax(1), -1)
+
+    def _claim(self, blocks: torch.Tensor, entry: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+        """Entries for the ``want`` blocks: kept where they have one, else the least recently
+        used entries not in use this step (blocks beyond the table's size get -1)."""
+        self._clock += 1
+        held = torch.where(want, entry, -1)
+        self.open_used[held[held >= 0]] = self._clock
+        need = (want & (entry < 0)).nonzero().flatten()
+        if need.numel():
+            lru = self.open_used.argsort()[: need.numel()]
+            lru = lru[self.open_used[lru] < self._clock]  # never steal this step's entries
+            need = need[: lru.numel()]
+            held[need] = lru
+            self.open_tag[lru], self.open_used[lru] = blocks[need], self._clock
+        return held
+
+    def select(self, query: torch.Tensor, block_table: torch.Tensor, num_pages: torch.Tensor,
+               top_k: int, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """Top-K logical pages ``[B, Hkv, K]`` of decode queries ``[B, Hq, D]`` (newest forced,
+        ascending, -1 padded); only ``heads`` (when given) are scored, the others get -1 rows."""
+        batch, num_q_heads, head_dim = query.shape
+        num_kv_heads = self.box.shape[0]
+        k = min(top_k, block_table.shape[1])
+        if heads is not None and heads.numel() == 0:
+            return torch.full((batch, num_kv_heads, k), PAD, dtype=torch.int64,
+                              device=query.device)
+        q = query.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+        table = block_table.long().clamp_min(0)
+        pages = table.flatten()
+        if heads is None:
+            box, scale = self.box[:, pages], self.scale[:, pages]
+        else:
+            q = q[:, heads]
+            box, scale = self.box[heads.view(-1, 1), pages], self.scale[heads.view(-1, 1), pages]
+        num_heads, width = q.shape[1], table.shape[1]
+        # Quest bound relu(q).kmax + min(q, 0).kmin as one product with the concatenated box.
+        q2 = torch.cat([q.clamp_min(0), q.clamp_max(0)], dim=-1).permute(1, 0, 3, 2)  # [h,B,2D,G]
+        raw = box.view(num_heads, batch, width, 2 * head_dim).float() @ q2  # [h, B, N, G]
+        scores = (raw.amax(-1) * scale.view(num_heads, batch, width)).transpose(0, 1)
+        valid = torch.arange(width, device=table.device) < num_pages.view(-1, 1)
+        scores = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
+        top = select_top_k(scores, top_k, num_pages)
+        if heads is None:
+            return top
+        full = top.new_full((batch, num_kv_heads, top.shape[2]), PAD)
+        full[:, heads] = top
+        return full
