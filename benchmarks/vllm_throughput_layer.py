@@ -43,7 +43,7 @@ class Harness:
     """30 layers, ``batch`` sequences of ``context`` tokens in random physical blocks."""
 
     def __init__(self, context: int, batch: int, top_k: int, rerank: int, isa: str,
-                 stock_isa: str) -> None:
+                 stock_isa: str, kernel_threads: int) -> None:
         torch.manual_seed(0)
         self.isa, self.stock_isa, self.batch = isa, stock_isa, batch
         self.split = HeadSplit.from_profile(HeadProfile.load(PROFILE))
@@ -62,7 +62,8 @@ class Harness:
             self.layers.append(FlexiLayer(
                 i, resident, stable, num_kv_heads=HKV, group=HQ // HKV,
                 num_blocks=self.num_blocks, page_size=P, head_dim=D, dtype=DTYPE, isa=isa,
-                arena=arena, pool_pages=batch * len(stable) * (top_k + 3), open_pages=4 * batch))
+                arena=arena, pool_pages=batch * len(stable) * (top_k + 3), open_pages=4 * batch,
+                kernel_threads=kernel_threads))
             self.caches.append(torch.zeros(self.num_blocks, max(len(resident), 1), P, 2 * D,
                                            dtype=DTYPE))
             self.stock.append(torch.zeros(stock_blocks, HKV, STOCK_BLOCK, 2 * D, dtype=DTYPE))
@@ -125,16 +126,21 @@ def _time(harness: Harness, steps: int) -> tuple[float, float]:
 
 @app.command()
 def main(context: int = 7936, batch: int = 4, steps: int = 32, top_k: int = 64, rerank: int = 16,
+         threads: int = typer.Option(0, help="OpenMP threads for both paths (0: torch's)."),
+         kernel_threads: int = typer.Option(1, help="FlexiCache decode-kernel threads."),
          profile_out: Path | None = None, out: Path | None = None) -> None:
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
+    if threads:
+        torch.set_num_threads(threads)
     if torch.cpu._is_amx_tile_supported():
         torch.cpu._init_amx()  # as vLLM's CPU worker does before its AMX kernels run
     harness = Harness(context, batch, top_k, rerank, _get_attn_isa(DTYPE, P, D),
-                      _get_attn_isa(DTYPE, STOCK_BLOCK, D))
+                      _get_attn_isa(DTYPE, STOCK_BLOCK, D), kernel_threads)
     stock_ms, kvhead_ms = _time(harness, steps)
     result = {"context": context, "batch": batch, "steps": steps, "top_k": top_k,
               "rerank_interval": rerank, "threads": torch.get_num_threads(),
+              "kernel_threads": kernel_threads,
               "isa": {"stock": harness.stock_isa, "kvhead": harness.isa},
               "load_average": os.getloadavg(),
               "stock_attention_ms_per_step": stock_ms, "kvhead_attention_ms_per_step": kvhead_ms,

@@ -36,7 +36,7 @@ def _boxes(bounds: DeviceBounds, blocks: torch.Tensor) -> tuple[torch.Tensor, to
 
 def test_boxes_hold_every_key_and_match_the_exact_box_rounded_once() -> None:
     bounds, fp32, _, blocks = _setup(open_slots=8)
-    used = blocks[:, :7].flatten()  # 100 tokens fill pages 0..6
+    used = blocks[:, :6].flatten()  # 100 tokens close pages 0..5 (page 6, open, is never ranked)
     lo, hi = _boxes(bounds, used)
     assert bool((lo <= fp32.kmin[used]).all()) and bool((hi >= fp32.kmax[used]).all())
     # with a table entry per open page the box is the exact one rounded once: within one step
@@ -47,25 +47,24 @@ def test_boxes_hold_every_key_and_match_the_exact_box_rounded_once() -> None:
 
 def test_colliding_open_pages_stay_upper_bounds() -> None:
     bounds, fp32, keys, blocks = _setup(open_slots=1)  # both sequences fight for one entry
-    used = blocks[:, :7].flatten()
+    used = blocks[:, :6].flatten()
     lo, hi = _boxes(bounds, used)
     assert bool((lo <= fp32.kmin[used]).all()) and bool((hi >= fp32.kmax[used]).all())
     q = torch.randn(2, HKV, D)
     for b in range(2):
-        for page in range(7):
+        for page in range(6):
             k = keys[b, page * P : (page + 1) * P]  # [P, Hkv, D]
             true = torch.einsum("hd,thd->ht", q[b], k).amax(-1)
-            bound = (q[b].clamp_min(0) * hi[b * 7 + page] + q[b].clamp_max(0)
-                     * lo[b * 7 + page]).sum(-1)
+            bound = (q[b].clamp_min(0) * hi[b * 6 + page] + q[b].clamp_max(0)
+                     * lo[b * 6 + page]).sum(-1)
             assert bool((bound >= true - 1e-4).all())
 
 
 def test_a_reused_block_starts_afresh() -> None:
     bounds = DeviceBounds(NB, HKV, D, 4)
-    big = torch.full((1, HKV, D), 100.0)
-    bounds.update(big, torch.tensor([5 * P]), P)
-    small = torch.ones(1, HKV, D)
-    bounds.update(small, torch.tensor([5 * P]), P)  # offset 0 again: a new request's page
+    slots = torch.arange(5 * P, 6 * P)
+    bounds.update(torch.full((P, HKV, D), 100.0), slots, P)  # a whole page: closed, settled
+    bounds.update(torch.ones(P, HKV, D), slots, P)  # offset 0 again: a new request's page
     lo, hi = _boxes(bounds, torch.tensor([5]))
     assert float(hi.max()) < 1.1 and float(lo.min()) > 0.9
 

@@ -8,9 +8,12 @@ Folding a new key into an int8 box re-rounds it outwards each time, so a page wr
 at a time would drift loose. Only pages still being written grow (one per running sequence), so
 their exact fp32 box is kept in a small fully associative table (``open_slots`` entries, tag =
 block id, least recently used entry replaced, entry freed when the page's last slot is written).
-A page without an entry (evicted, e.g. a finished request's partial page) folds into its
-dequantised int8 box instead: that box contains the exact one, so the result is looser but still
-an upper bound; correctness never depends on the table, only tightness does.
+The int8 box of a page in the table is settled (rounded once) when the page closes or leaves the
+table; until then it is stale, which is safe because scoring never ranks it: a page is open only
+while it is its sequence's newest, and the newest page is always selected. A page without an
+entry (evicted, e.g. a finished request's partial page) folds into its settled int8 box instead:
+that box contains the exact one, so the result is looser but still an upper bound; correctness
+never depends on the table's size, only tightness does.
 """
 
 from __future__ import annotations
@@ -64,19 +67,17 @@ class DeviceBounds:
         new_max = k.new_full(shape, float("-inf")).scatter_reduce_(0, index, k, "amax")
 
         entry = self._entries(touched)
-        exact = (entry >= 0).view(-1, 1, 1)
-        old_max, old_min = self.boxes(touched)
         at = entry.clamp_min(0)
-        old_min = torch.where(exact, self.open_min[at], old_min)
-        old_max = torch.where(exact, self.open_max[at], old_max)
+        old_min, old_max = self.open_min[at], self.open_max[at]
+        loose = (entry < 0) & ~fresh  # no exact box: fold into the int8 one (it contains it)
+        if bool(loose.any()):
+            kmax, kmin = self.boxes(touched)
+            old_min = torch.where(loose.view(-1, 1, 1), kmin, old_min)
+            old_max = torch.where(loose.view(-1, 1, 1), kmax, old_max)
         keep = ~fresh.view(-1, 1, 1)
         box_min = torch.where(keep, torch.minimum(old_min, new_min), new_min)
         box_max = torch.where(keep, torch.maximum(old_max, new_max), new_max)
 
-        compact = CompactBounds.quantize(box_min, box_max)
-        self.box[:, touched] = torch.cat([compact.qmax, compact.qmin], dim=-1).transpose(0, 1)
-        self.scale[:, touched] = compact.scale.t()
-        # Open pages keep their exact box; a page whose last slot was written closes for good.
         last = torch.zeros_like(touched).scatter_reduce_(0, local, slots % page_size, "amax")
         closed = last == page_size - 1
         held = self._claim(touched, entry, ~closed)
@@ -84,6 +85,14 @@ class DeviceBounds:
         self.open_min[held[ok]], self.open_max[held[ok]] = box_min[ok], box_max[ok]
         free = entry[closed & (entry >= 0)]
         self.open_tag[free], self.open_used[free] = -1, 0
+        if not bool(ok.all()):  # closed pages and pages the table cannot hold settle now
+            self._settle(touched[~ok], box_min[~ok], box_max[~ok])
+
+    def _settle(self, blocks: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> None:
+        """Round exact boxes ``[n, Hkv, D]`` outwards into the int8 bounds of ``blocks``."""
+        compact = CompactBounds.quantize(kmin, kmax)
+        self.box[:, blocks] = torch.cat([compact.qmax, compact.qmin], dim=-1).transpose(0, 1)
+        self.scale[:, blocks] = compact.scale.t()
 
     def boxes(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Dequantised ``(kmax, kmin)`` boxes ``[n, Hkv, D]`` of ``blocks``."""
@@ -107,6 +116,10 @@ class DeviceBounds:
             lru = self.open_used.argsort()[: need.numel()]
             lru = lru[self.open_used[lru] < self._clock]  # never steal this step's entries
             need = need[: lru.numel()]
+            evicted = lru[self.open_tag[lru] >= 0]
+            if evicted.numel():  # their pages lose the exact box: settle it first
+                self._settle(self.open_tag[evicted], self.open_min[evicted],
+                             self.open_max[evicted])
             held[need] = lru
             self.open_tag[lru], self.open_used[lru] = blocks[need], self._clock
         return held

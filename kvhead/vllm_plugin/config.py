@@ -45,6 +45,12 @@ class FlexiCacheSettings(BaseModel):
         "smaller value treats a crowded layer's least unstable extra heads as stable, trading "
         "accuracy for memory.",
     )
+    decode_kernel_threads: int | None = Field(
+        default=1, gt=0,
+        description="OpenMP threads for decode attention calls (None: vLLM's). One by default: "
+        "a decode call reads about K pages per head, too little to pay for a parallel region, "
+        "and on a busy host a thread team waits at every barrier for a free core.",
+    )
     hot_pool_pages: int | None = Field(
         default=None, gt=0,
         description="Device hot-pool pages per layer (None: max_num_seqs * stable heads * "

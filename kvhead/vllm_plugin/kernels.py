@@ -26,8 +26,7 @@ def one_thread() -> Iterator[int]:
 
     A decode step of one layer is dozens of tiny ops (page bookkeeping, policy scoring, pool
     copies): with OpenMP each pays a fork/join that costs more than it saves, many times over on
-    a busy machine. The attention kernel itself still gets the caller's threads (see
-    :func:`paged_attention`).
+    a busy machine. The attention kernel's thread count is passed to :func:`paged_attention`.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -43,6 +43,7 @@ class FlexiLayer:
         self, layer: int, resident: torch.Tensor, stable: torch.Tensor, *, num_kv_heads: int,
         group: int, num_blocks: int, page_size: int, head_dim: int, dtype: torch.dtype,
         isa: str, arena: PageStore, pool_pages: int, open_pages: int,
+        kernel_threads: int | None = 1,
     ) -> None:
         self.layer, self.isa, self.page_size, self.group = layer, isa, page_size, group
         self.resident, self.stable = resident.long(), stable.long()
@@ -50,6 +51,7 @@ class FlexiLayer:
         self.bounds = DeviceBounds(num_blocks, num_kv_heads, head_dim, open_pages)
         self.pool = HotPool(pool_pages, num_blocks, len(stable), page_size, head_dim, dtype)
         self.arena = arena
+        self.kernel_threads = kernel_threads  # decode attention threads (None: the caller's)
         self.stats = LayerStats()
         # Stable-head tokens not yet in the arena: (key, value, flat slot) per write. The arena
         # stores whole pages, so every write is a read-modify-write of its pages; staging turns
@@ -203,7 +205,7 @@ class FlexiLayer:
         """One decode step for rows whose single query token is ``rows_token[r]``."""
         with one_thread() as threads:
             self._decode(query, out, rows_token, seq_lens, block_table, cache, scale, policy,
-                         threads)
+                         self.kernel_threads or threads)
 
     def _decode(
         self, query: torch.Tensor, out: torch.Tensor, rows_token: torch.Tensor,

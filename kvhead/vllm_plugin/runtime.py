@@ -107,6 +107,7 @@ class FlexiRuntime:
                 page_size=self.geo.page_size, head_dim=self.geo.head_dim, dtype=self.geo.dtype,
                 isa=self.isa, arena=self.ensure_arena(num_blocks),
                 pool_pages=self.pool_pages(num_blocks, len(stable)), open_pages=self.open_pages,
+                kernel_threads=self.settings.decode_kernel_threads,
             )
         return self.layers[index]
 
