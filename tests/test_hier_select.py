@@ -294,3 +294,20 @@ def test_select_pages_dispatches_by_pages_per_head(max_pages, two_level):
             kernels.select_pages(args[0], args[1], None, *args[3:])
     else:  # the flat path never reads super-page bounds
         assert torch.equal(kernels.select_pages(args[0], args[1], None, *args[3:]).cpu(), got)
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_two_tiles_per_program_change_nothing(monkeypatch, flat):
+    """Large grids give each candidate program two tiles; force that on a small problem."""
+    from kvhead.kernels import select_hier
+
+    query, bounds, table, num_pages = _problem(51, max_pages=80)
+    pages = CompactBounds.from_pages(bounds)
+    supers = build_super_bounds(bounds, table, num_pages, 4)
+    args = (query.to(DEVICE), _on_device(pages), table.to(DEVICE), num_pages.to(DEVICE))
+    run = (lambda: select_hier.flat_select(*args, 8)) if flat else (
+        lambda: select_hier.hier_select(args[0], args[1], _on_device(supers), *args[2:], 8, 4, 9))
+    one = run()
+    monkeypatch.setattr(select_hier, "LARGE_GRID", 1)
+    assert select_hier._chunks(1, 2) == 2
+    assert torch.equal(run(), one)
