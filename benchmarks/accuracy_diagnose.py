@@ -23,6 +23,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import typer
@@ -161,7 +162,8 @@ def main(
     variants: str = typer.Option("quest,flexicache", help="Comma-separated variant names."),
     mass: bool = typer.Option(True, help="Run the attention-mass probe."),
     depths: str = typer.Option("0.1,0.3,0.5,0.7,0.9", help="Passkey depths ('' for none)."),
-    output: Path = typer.Option(Path("benchmarks/results/accuracy_diagnose.json")),
+    output: Annotated[Path, typer.Option(help="JSON results file.")] = Path(
+        "benchmarks/results/accuracy_diagnose.json"),
 ) -> None:
     """Attention mass per selection rule, and accuracy of decode variants, at one context."""
     start = time.perf_counter()

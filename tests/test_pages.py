@@ -134,7 +134,7 @@ def test_softmax_group_score_gives_each_query_head_a_say():
 
 
 def test_softmax_group_score_of_one_query_head_ranks_like_max():
-    keys, table, _, bounds = _filled(7)
+    _, table, _, bounds = _filled(7)
     q = torch.randn(1, 2, 8, generator=torch.Generator().manual_seed(3))  # group of one
     num_pages = torch.tensor([table.shape[1]])
     a = select_top_k(score_pages(q, bounds, table, num_pages), 4, num_pages)
