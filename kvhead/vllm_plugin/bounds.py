@@ -136,21 +136,24 @@ class DeviceBounds:
                               device=query.device)
         q = query.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
         table = block_table.long().clamp_min(0)
-        pages = table.flatten()
         if heads is None:
-            box, scale = self.box[:, pages], self.scale[:, pages]
+            heads = torch.arange(num_kv_heads, device=query.device)
         else:
             q = q[:, heads]
-            box, scale = self.box[heads.view(-1, 1), pages], self.scale[heads.view(-1, 1), pages]
-        num_heads, width = q.shape[1], table.shape[1]
+        num_heads, width, num_blocks = heads.numel(), table.shape[1], self.box.shape[1]
+        # One flat row gather (index_select) per (head, page): much cheaper than 2-d indexing.
+        rows = (heads.view(-1, 1) * num_blocks + table.flatten().view(1, -1)).flatten()
+        box = self.box.view(-1, 2 * head_dim).index_select(0, rows).float()
+        scale = self.scale.view(-1).index_select(0, rows).view(num_heads, batch, width)
         # Quest bound relu(q).kmax + min(q, 0).kmin as one product with the concatenated box.
-        q2 = torch.cat([q.clamp_min(0), q.clamp_max(0)], dim=-1).permute(1, 0, 3, 2)  # [h,B,2D,G]
-        raw = box.view(num_heads, batch, width, 2 * head_dim).float() @ q2  # [h, B, N, G]
-        scores = (raw.amax(-1) * scale.view(num_heads, batch, width)).transpose(0, 1)
+        q2 = torch.cat([q.clamp_min(0), q.clamp_max(0)], dim=-1).transpose(0, 1)  # [h,B,G,2D]
+        raw = torch.bmm(q2.reshape(num_heads * batch, -1, 2 * head_dim),
+                        box.view(num_heads * batch, width, 2 * head_dim).transpose(1, 2))
+        scores = (raw.amax(1).view(num_heads, batch, width) * scale).transpose(0, 1)
         valid = torch.arange(width, device=table.device) < num_pages.view(-1, 1)
         scores = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
         top = select_top_k(scores, top_k, num_pages)
-        if heads is None:
+        if num_heads == num_kv_heads:
             return top
         full = top.new_full((batch, num_kv_heads, top.shape[2]), PAD)
         full[:, heads] = top
