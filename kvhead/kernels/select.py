@@ -63,8 +63,8 @@ def radix_bits(block_n: int) -> int:
 
     Each pass counts ``2**bits`` thresholds at once, a ``[block_n, 2**bits]`` comparison held in
     registers, and ends in one block-wide reduction. Measured on an H200 (top-32 of 1024 lanes,
-    graph replay): 1 bit (a plain bisection, 32 passes) 10.5 us, 2 bits 8.0 us, 4 bits 8.5 us
-    at 8 rows and 27 us at 512 rows (the wider comparison costs more than the saved passes).
+    graph replay, 8 / 512 rows): 1 bit (a plain bisection, 32 passes) 10.5 / 15.3 us, 2 bits
+    8.0 / 14.6 us, 4 bits 8.5 / 26.9 us (the wider comparison costs more than the saved passes).
     """
     return 2 if block_n <= 4096 else 1
 
