@@ -89,7 +89,6 @@ def worker(mode: str, out: Path, contexts: str, batches: str, gen: int = GEN) ->
 
     from kvhead.models.resolve import resolve_model
     from kvhead.vllm_plugin.generate import engine_kwargs
-    from kvhead.vllm_plugin.runtime import current
 
     model_dir = resolve_model(MODEL)
     ctxs, bs = [int(c) for c in contexts.split(",")], [int(b) for b in batches.split(",")]
@@ -98,6 +97,10 @@ def worker(mode: str, out: Path, contexts: str, batches: str, gen: int = GEN) ->
         str(model_dir), kvhead, block_size=KVHEAD_PAGE if kvhead else STOCK_BLOCK,
         max_model_len=max(ctxs) + gen, max_num_seqs=max(bs), kv_cache_bytes=KV_BUDGET,
         in_process=True))
+    # Imported after the engine exists: the runtime pulls in kvstore, whose numba/llvmlite
+    # objects break vLLM's scan of loaded modules when it registers its CPU Triton kernels.
+    from kvhead.vllm_plugin.runtime import current
+
     config = llm.llm_engine.vllm_config
     hf = config.model_config.hf_text_config
     result = {

@@ -20,6 +20,16 @@ from vllm import _custom_ops as ops
 from vllm import envs
 
 
+def _set_threads(count: int) -> None:
+    """Set torch's OpenMP thread count even inside vLLM's CPU worker.
+
+    The worker pins its OpenMP threads to cores and then replaces ``torch.set_num_threads`` with
+    a stub that only logs a warning, so going through it would silently keep every thread (and
+    log once per call). The team shrinks and grows back to the same pinned threads here.
+    """
+    torch._C.set_num_threads(count)
+
+
 @contextmanager
 def one_thread() -> Iterator[int]:
     """Run the enclosed torch ops on one thread; yields the caller's thread count.
@@ -29,11 +39,11 @@ def one_thread() -> Iterator[int]:
     a busy machine. The attention kernel's thread count is passed to :func:`paged_attention`.
     """
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    _set_threads(1)
     try:
         yield before
     finally:
-        torch.set_num_threads(before)
+        _set_threads(before)
 
 
 def split_kv(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +92,7 @@ def paged_attention(
     block_table = block_table.to(torch.int32)
     inner = torch.get_num_threads()
     if threads is not None:
-        torch.set_num_threads(threads)
+        _set_threads(threads)
     try:  # the scheduler splits work by the thread count, so it runs under the same one
         meta = ops.cpu_attn_get_scheduler_metadata(
             num_reqs=num_rows, num_heads=query.shape[1], num_kv_heads=cache.shape[1],
@@ -97,4 +107,4 @@ def paged_attention(
             softcap=0.0, scheduler_metadata=meta, s_aux=None,
         )
     finally:
-        torch.set_num_threads(inner)
+        _set_threads(inner)
