@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import redis
@@ -33,8 +33,9 @@ from kvstore.base import PageBatch, PageKeys, PageStore, TierStats
 from kvstore.codec import PageCodec, page_bytes
 from kvstore.config import RedisTierConfig
 from kvstore.prefix import prefix_hex
-from kvstore.resp import ReplyReader, Scratch
-from kvstore.wire import verify_pages, write_mget, write_sets
+
+if TYPE_CHECKING:
+    from kvstore.resp import ReplyReader
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,7 +65,12 @@ class RedisTier(PageStore):
         )
         self.client = redis.Redis(connection_pool=self.pool)
         self._lock = threading.Lock()
-        self._scratch = Scratch()
+        # numba loads only when a Redis tier is built, never at ``import kvstore``: loading
+        # numba/llvmlite early broke vLLM's scan of loaded modules when it registers its CPU
+        # kernels, and host-only runs (the vLLM plugin's arena) never need it.
+        from kvstore import resp, wire
+        self._resp, self._wire = resp, wire
+        self._scratch = resp.Scratch()
         self._stats = TierStats(self.name)
         self._down_until = 0.0
         self._down = False
@@ -152,7 +158,7 @@ class RedisTier(PageStore):
             sock = conn._sock
             if sock is None:
                 raise redis.ConnectionError("connection closed")
-            reader = ReplyReader(sock, self.config.pipeline_depth, self._scratch)
+            reader = self._resp.ReplyReader(sock, self.config.pipeline_depth, self._scratch)
             buf = self._scratch.get("send", send_size)
             view = memoryview(buf)
             sock.sendall(view[: build(0, buf)])
@@ -205,7 +211,7 @@ class RedisTier(PageStore):
         chunks, rows = self._chunks(n)
 
         def build(i: int, buf: np.ndarray) -> int:
-            return write_sets(buf, *rows(i), *parts, template, kb, vb, kb.view("<u8"),
+            return self._wire.write_sets(buf, *rows(i), *parts, template, kb, vb, kb.view("<u8"),
                               vb.view("<u8"), codec.weights, cmd, value_head, tail)
 
         refused: list = []
@@ -245,13 +251,14 @@ class RedisTier(PageStore):
         element = len(b"$%d\r\n\r\n" % codec.value_bytes) + codec.value_bytes
 
         def build(i: int, buf: np.ndarray) -> int:
-            return write_mget(buf, *rows(i), *parts)
+            return self._wire.write_mget(buf, *rows(i), *parts)
 
         def on_reply(i: int, reader: ReplyReader, reply: int | list) -> None:
             lo, hi = rows(i)
             if isinstance(reply, int):
-                verify_pages(reader.buf, reader.starts, reader.lens, reply, lo, want_words,
-                             codec.weights, out, out.view("<u8"), ok, corrupt)
+                self._wire.verify_pages(reader.buf, reader.starts, reader.lens, reply, lo,
+                                        want_words, codec.weights, out, out.view("<u8"), ok,
+                                        corrupt)
             elif isinstance(reply[0], Exception):  # the server refused the whole MGET
                 raise reply[0]
             else:  # a value of another size or another surprise: the numpy reference path

@@ -3,6 +3,9 @@ numpy codec, hiredis' parser; and the fast path end to end on odd geometries."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import hiredis
 import numpy as np
 import pytest
@@ -132,3 +135,11 @@ def test_payloads_whose_halves_are_not_whole_words_round_trip(redis_srv, head_di
     assert got.found.all() and torch.equal(got.k, k) and torch.equal(got.v, v)
     ref = PageCodec(spec, FP).decode(keys, [tier.client.get(x) for x in tier.key_names(keys)])
     assert ref.ok.all() and not ref.corrupt.any()  # the numpy reference accepts them too
+
+
+def test_importing_kvstore_does_not_load_numba():
+    """Only building a Redis tier loads numba: vLLM's kernel registration scans loaded modules
+    and broke on numba/llvmlite objects when the plugin imported kvstore for its host arena."""
+    code = "import sys, kvstore, kvhead.metrics; print('numba' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
