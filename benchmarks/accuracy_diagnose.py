@@ -206,7 +206,7 @@ def main(
             hits += bool(digits) and digits[0] == str(key)
         return hits
 
-    result["dense_passkey"] = passkey_hits(runner.policy("dense"))
+    result["dense_passkey"] = passkey_hits(runner.policy("dense")) if passkeys else None
     result["variants"] = {}
     for name, policy in _variants(runner, profile, top_k, [v for v in variants.split(",") if v]).items():
         logits = _teacher_forced(runner, pre, reference, policy)
@@ -221,7 +221,7 @@ def main(
             "mean_kl": kl.mean().item(),
             "miss_dense_margins": [round(margins[i], 3) for i in miss],
             "perplexity_ratio": math.exp((nll - dense_nll).mean().item()),
-            "passkey": passkey_hits(policy) / max(len(passkeys), 1),
+            "passkey": passkey_hits(policy) / len(passkeys) if passkeys else None,
             "resident_fraction": policy.stats.resident_fraction,
         }
         result["variants"][name] = row
