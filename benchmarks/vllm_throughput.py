@@ -209,6 +209,8 @@ def main(
     contexts: str = typer.Option("2048,4096,7936", help="Prompt lengths, comma-separated."),
     batches: str = typer.Option("4,8", help="Batch sizes, comma-separated."),
     gen: int = typer.Option(GEN, help="Greedy tokens generated per request."),
+    omp_bind: str = typer.Option("auto", help="VLLM_CPU_OMP_THREADS_BIND for both engines "
+                                 "(e.g. '0': one thread on core 0)."),
 ) -> None:
     if quick:
         contexts, batches, gen = "512,1024", "2", 32
@@ -217,12 +219,14 @@ def main(
     for mode in ("stock", "kvhead"):
         path = RESULTS / f"vllm_throughput.{mode}.raw.json"
         subprocess.run([sys.executable, __file__, "worker", mode, str(path), contexts, batches,
-                        "--gen", str(gen)], check=True)
+                        "--gen", str(gen)], check=True,
+                       env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": omp_bind})
         raw[mode] = json.loads(path.read_text())
-    summary = _summarise(raw["stock"], raw["kvhead"])
-    default = (contexts, batches, gen) == ("2048,4096,7936", "4,8", GEN)
+    summary = _summarise(raw["stock"], raw["kvhead"]) | {"omp_bind": omp_bind}
+    default = (contexts, batches, gen, omp_bind) == ("2048,4096,7936", "4,8", GEN, "auto")
     name = "vllm_throughput" if default else (
-        f"vllm_throughput_c{contexts.replace(',', '-')}_b{batches.replace(',', '-')}_g{gen}")
+        f"vllm_throughput_c{contexts.replace(',', '-')}_b{batches.replace(',', '-')}_g{gen}"
+        + ("" if omp_bind == "auto" else f"_bind{omp_bind.replace(',', '-')}"))
     (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1))
     console = Console(record=True, width=160)
     console.print(_table(summary))
