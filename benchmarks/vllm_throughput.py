@@ -97,8 +97,9 @@ def worker(mode: str, out: Path, contexts: str, batches: str, gen: int = GEN) ->
         str(model_dir), kvhead, block_size=KVHEAD_PAGE if kvhead else STOCK_BLOCK,
         max_model_len=max(ctxs) + gen, max_num_seqs=max(bs), kv_cache_bytes=KV_BUDGET,
         in_process=True))
-    # Imported after the engine exists: the runtime pulls in kvstore, whose numba/llvmlite
-    # objects break vLLM's scan of loaded modules when it registers its CPU Triton kernels.
+    # Imported after the engine exists, so nothing the runtime pulls in (kvstore and what it
+    # loads) is in sys.modules when vLLM's worker scans loaded modules to register its CPU
+    # Triton-kernel overrides (numba/llvmlite objects once broke that scan).
     from kvhead.vllm_plugin.runtime import current
 
     config = llm.llm_engine.vllm_config
