@@ -71,6 +71,7 @@ class RedisTier(PageStore):
         from kvstore import resp, wire
         self._resp, self._wire = resp, wire
         self._scratch = resp.Scratch()
+        self._compile()
         self._stats = TierStats(self.name)
         self._down_until = 0.0
         self._down = False
@@ -187,6 +188,69 @@ class RedisTier(PageStore):
         depth = self.config.pipeline_depth
         return (n + depth - 1) // depth, lambda i: (i * depth, min(n, (i + 1) * depth))
 
+    def _set_commands(self, keys: PageKeys, k: torch.Tensor, v: torch.Tensor
+                      ) -> tuple[int, Callable[[int], tuple[int, int]],
+                                 Callable[[int, np.ndarray], int], int]:
+        """``(chunks, rows, build, send_size)`` for pipelined ``SET [PX]`` of these pages:
+        ``build(i, buf)`` packs chunk ``i`` (key, header, checksum, payload) into ``buf``."""
+        codec, parts = self.codec, self._key_parts(keys)
+        template, kb, vb = codec.template(keys.layer), page_bytes(k), page_bytes(v)
+        if kb.shape[1] % 8:  # K alone is not whole words: checksum K|V as one payload
+            kb, vb = np.concatenate([kb, vb], axis=1), np.empty((len(keys), 0), dtype=np.uint8)
+        ttl_ms = None if self.config.ttl_seconds is None else self.config.ttl_seconds * 1000
+        tail = _bytes(b"\r\n" if ttl_ms is None else b"\r\n$2\r\nPX\r\n$%d\r\n%d\r\n" % (
+            len(str(ttl_ms)), ttl_ms))
+        cmd = _bytes((b"*3" if ttl_ms is None else b"*5") + b"\r\n$3\r\nSET\r\n$")
+        value_head = _bytes(b"\r\n$%d\r\n" % codec.value_bytes)
+        row_bytes = len(cmd) + len(value_head) + codec.value_bytes + len(tail) + _KEY_ROOM + len(
+            parts[0]) + len(parts[1])
+        chunks, rows = self._chunks(len(keys))
+
+        def build(i: int, buf: np.ndarray) -> int:
+            return self._wire.write_sets(buf, *rows(i), *parts, template, kb, vb, kb.view("<u8"),
+                                         vb.view("<u8"), codec.weights, cmd, value_head, tail)
+
+        return chunks, rows, build, self.config.pipeline_depth * row_bytes
+
+    def _mget_commands(self, keys: PageKeys) -> tuple[int, Callable[[int], tuple[int, int]],
+                                                      Callable[[int, np.ndarray], int], int]:
+        """``(chunks, rows, build, send_size)`` for one ``MGET`` per ``pipeline_depth`` keys."""
+        parts = self._key_parts(keys)
+        chunks, rows = self._chunks(len(keys))
+
+        def build(i: int, buf: np.ndarray) -> int:
+            return self._wire.write_mget(buf, *rows(i), *parts)
+
+        return chunks, rows, build, 32 + self.config.pipeline_depth * (
+            _KEY_ROOM + len(parts[0]) + len(parts[1]))
+
+    def _compile(self) -> None:
+        """Compile :mod:`kvstore.wire`'s loops now, for this tier's argument types, by encoding
+        one page and checking it as if Redis had sent it back, with no server involved.
+
+        numba compiles on first call (seconds on a fresh machine; later runs load its on-disk
+        cache in well under one). Paying that inside the first ``put`` would stall the
+        write-behind thread, and inside the first ``get`` a decode step.
+        """
+        one = torch.zeros(1, dtype=torch.long)
+        keys = PageKeys(0, one, one, torch.zeros((1, 2), dtype=torch.int64), one)
+        page = torch.zeros((1, *self.page_shape), dtype=self.spec.dtype)
+        _, _, build, size = self._set_commands(keys, page, page)
+        build(0, self._scratch.get("send", size))
+        _, _, build, size = self._mget_commands(keys)
+        build(0, self._scratch.get("send", size))
+        value = bytes(self.codec.encode(keys, page, page)[0])
+        reply = np.frombuffer(b"*1\r\n$%d\r\n%s\r\n" % (len(value), value), np.uint8).copy()
+        starts, lens = np.empty(1, dtype=np.int64), np.empty(1, dtype=np.int64)
+        _, count = self._wire.scan(reply, reply.size, 1, starts, lens)
+        want = np.ascontiguousarray(self.codec.expected(keys)).view("<u8")
+        out = np.empty((1, self.codec.payload_bytes), dtype=np.uint8)
+        ok, corrupt = np.zeros(1, dtype=bool), np.zeros(1, dtype=bool)
+        self._wire.verify_pages(reply, starts, lens, count, 0, want, self.codec.weights, out,
+                                out.view("<u8"), ok, corrupt)
+        if not ok.all():
+            raise RuntimeError("kvstore: the compiled Redis wire path failed its own round trip")
+
     # -- PageStore --------------------------------------------------------------------------
     def supports_shared_keys(self) -> bool:
         return True
@@ -197,23 +261,7 @@ class RedisTier(PageStore):
         stored = np.zeros(n, dtype=bool)
         if keys.prefix is None or keys.pages is None or n == 0:
             return torch.from_numpy(stored)
-        codec, parts = self.codec, self._key_parts(keys)
-        template, kb, vb = codec.template(keys.layer), page_bytes(k), page_bytes(v)
-        if kb.shape[1] % 8:  # K alone is not whole words: checksum K|V as one payload
-            kb, vb = np.concatenate([kb, vb], axis=1), np.empty((n, 0), dtype=np.uint8)
-        ttl_ms = None if self.config.ttl_seconds is None else self.config.ttl_seconds * 1000
-        tail = _bytes(b"\r\n" if ttl_ms is None else b"\r\n$2\r\nPX\r\n$%d\r\n%d\r\n" % (
-            len(str(ttl_ms)), ttl_ms))
-        cmd = _bytes((b"*3" if ttl_ms is None else b"*5") + b"\r\n$3\r\nSET\r\n$")
-        value_head = _bytes(b"\r\n$%d\r\n" % codec.value_bytes)
-        row_bytes = len(cmd) + len(value_head) + codec.value_bytes + len(tail) + _KEY_ROOM + len(
-            parts[0]) + len(parts[1])
-        chunks, rows = self._chunks(n)
-
-        def build(i: int, buf: np.ndarray) -> int:
-            return self._wire.write_sets(buf, *rows(i), *parts, template, kb, vb, kb.view("<u8"),
-                              vb.view("<u8"), codec.weights, cmd, value_head, tail)
-
+        chunks, rows, build, send_size = self._set_commands(keys, k, v)
         refused: list = []
 
         def on_reply(i: int, reader: ReplyReader, reply: int | list) -> None:
@@ -226,13 +274,13 @@ class RedisTier(PageStore):
 
         self._call("put", lambda: self._exchange(
             chunks, build, lambda i: len(range(*rows(i))), lambda i: 5 * len(range(*rows(i))),
-            on_reply, self.config.pipeline_depth * row_bytes,
+            on_reply, send_size,
             least=lambda i: 5 * len(range(*rows(i)))), default=None)  # "+OK\r\n"; errors longer
         done = int(stored.sum())
         with self._lock:
             self._stats.puts += done
             self._stats.put_failures += n - done
-            self._stats.bytes_in += done * codec.payload_bytes
+            self._stats.bytes_in += done * self.codec.payload_bytes
         if refused:  # e.g. OOM under noeviction: a refused write, not an outage
             log.debug("kvstore: Redis refused %d writes: %s", len(refused), refused[0])
         return torch.from_numpy(stored)
@@ -242,16 +290,13 @@ class RedisTier(PageStore):
         if keys.prefix is None or keys.pages is None or n == 0:
             pages = torch.zeros((n, 2, *self.page_shape), dtype=self.spec.dtype)
             return PageBatch(pages[:, 0], pages[:, 1], torch.zeros(n, dtype=torch.bool))
-        codec, parts = self.codec, self._key_parts(keys)
-        chunks, rows = self._chunks(n)
+        codec = self.codec
+        chunks, rows, build, send_size = self._mget_commands(keys)
         want = codec.expected(keys)
         want_words = np.ascontiguousarray(want).view("<u8")
         out = np.empty((n, codec.payload_bytes), dtype=np.uint8)
         ok, corrupt = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         element = len(b"$%d\r\n\r\n" % codec.value_bytes) + codec.value_bytes
-
-        def build(i: int, buf: np.ndarray) -> int:
-            return self._wire.write_mget(buf, *rows(i), *parts)
 
         def on_reply(i: int, reader: ReplyReader, reply: int | list) -> None:
             lo, hi = rows(i)
@@ -267,8 +312,7 @@ class RedisTier(PageStore):
 
         self._call("get", lambda: self._exchange(
             chunks, build, lambda i: 1, lambda i: 16 + element * len(range(*rows(i))), on_reply,
-            32 + self.config.pipeline_depth * (_KEY_ROOM + len(parts[0]) + len(parts[1]))),
-            default=None)
+            send_size), default=None)
         decoded = codec.finish(out, ok, corrupt)
         bad = np.flatnonzero(corrupt).tolist()
         if bad:  # never serve, and repair: the next writer replaces it
