@@ -130,6 +130,6 @@ def running_redis(*args: str, password: str | None = None, tls: bool = False
 
 @pytest.fixture
 def redis_srv() -> Iterator[RedisServer]:
-    """A fresh redis-server per test (import this fixture into a test module to use it)."""
+    """A fresh redis-server per test (tests/conftest.py makes it available everywhere)."""
     with running_redis() as server:
         yield server

@@ -11,7 +11,7 @@ import time
 
 import redis
 import torch
-from redis_server import RedisServer, free_port, redis_srv, running_redis  # noqa: F401
+from redis_server import RedisServer, free_port, running_redis
 
 from kvhead.spec import HeadPageSpec
 from kvstore import (
@@ -181,7 +181,7 @@ def test_two_writers_of_one_page_readers_see_one_complete_version(redis_srv):
         try:
             while not stop.is_set():
                 t.put(keys, k, v)
-        except BaseException as exc:  # surfaced by the assertion below
+        except BaseException as exc:  # noqa: BLE001  (surfaced by the assertion below)
             errors.append(exc)
 
     threads = [threading.Thread(target=writer, args=kv) for kv in ((k_a, v_a), (k_b, v_b))]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 
 import torch
-from redis_server import redis_srv  # noqa: F401  (fixture)
 
 from kvhead.spec import HeadPageSpec
 from kvstore import (

@@ -7,7 +7,7 @@ import logging
 import pytest
 import redis
 import torch
-from redis_server import RedisServer, redis_srv, running_redis  # noqa: F401  (fixture)
+from redis_server import RedisServer, running_redis
 
 from kvhead.spec import HeadPageSpec
 from kvstore import PageKeys, RedisTier, RedisTierConfig, prefix_hashes, prefix_hex

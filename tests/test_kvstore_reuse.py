@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from redis_server import redis_srv  # noqa: F401  (fixture)
 
 PAGE = 16
 
