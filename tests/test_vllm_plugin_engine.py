@@ -75,8 +75,9 @@ def test_all_pages_selected_matches_stock_vllm(tiny: dict) -> None:
     assert run["tokens"] == stock["tokens"]
     gap = max(abs(a - b) for x, y in zip(run["logprobs"], stock["logprobs"]) for a, b in zip(x, y))
     assert gap < 1e-4
-    # one of two kv heads per layer stays in vLLM's cache: twice the blocks in the same budget
-    assert run["num_gpu_blocks"] == 2 * stock["num_gpu_blocks"]
+    # one of two kv heads per layer stays in vLLM's cache, so a block costs half of stock's; the
+    # plugin's bounds and hot pool come out of the same budget (exact split: test_vllm_plugin_budget)
+    assert stock["num_gpu_blocks"] < run["num_gpu_blocks"] < 2 * stock["num_gpu_blocks"]
 
 
 def test_sparse_selection_moves_only_promoted_pages(tiny: dict) -> None:
@@ -169,14 +170,19 @@ def test_smollm2_all_pages_matches_stock_with_only_unstable_heads_cached(tmp_pat
     prompts.write_text(json.dumps([tokenizer(t)["input_ids"] * 8 for t in texts]))
     profile = Path(__file__).parents[1] / "kvhead" / "profiles" / "smollm2-135m-instruct.json"
     settings = {"profile": str(profile), "top_k": 1000, "host_arena_gib": 1.0}
-    args = ("--dtype", "float32", "--max-tokens", "16")
+    args = ("--dtype", "float32", "--max-tokens", "16", "--max-num-seqs", "2")
     stock = _generate(tmp_path, "stock", model, prompts, None, *args, kv_bytes=2**27)
     run = _generate(tmp_path, "kvhead", model, prompts, settings, *args, kv_bytes=2**27)
     assert run["tokens"] == stock["tokens"]
     gap = max(abs(a - b) for x, y in zip(run["logprobs"], stock["logprobs"]) for a, b in zip(x, y))
     assert gap < 1e-3
     # only the profile's 22 unstable heads of 90 stay in vLLM's cache (16 of 30 layers keep none
-    # and read another layer's cache entry): a block costs 22 head pages, stock's 90
+    # and read another layer's cache entry): a block costs 22 head pages, stock's 90, plus the
+    # plugin's int8 bounds of all 90 heads and pool index of the 68 stable ones; the hot pool
+    # (2 sequences x 68 heads x 16 pages, K covers the 512-token window) and the open-page table
+    # (8 entries x 3 heads x fp32 min and max, per layer) come off the top
     head_page = 32 * 2 * 64 * 4  # tokens x (K, V) x head_dim x fp32
     assert stock["num_gpu_blocks"] == 2**27 // (90 * head_page)
-    assert run["num_gpu_blocks"] == 2**27 // (22 * head_page)
+    fixed = 2 * 68 * 16 * (head_page + 16) + 30 * 8 * (2 * 3 * 64 * 4 + 16)
+    per_block = 22 * head_page + 90 * (2 * 64 + 4) + 68 * 8
+    assert run["num_gpu_blocks"] == (2**27 - fixed) // per_block

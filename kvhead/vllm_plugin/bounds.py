@@ -51,6 +51,16 @@ class DeviceBounds:
                  self.open_used)
         return sum(t.numel() * t.element_size() for t in parts)
 
+    @staticmethod
+    def bytes_per_block(num_kv_heads: int, head_dim: int) -> int:
+        """Bytes one vLLM block adds: an int8 box and an fp32 scale per head (start-up budget)."""
+        return num_kv_heads * (2 * head_dim + 4)
+
+    @staticmethod
+    def fixed_bytes(open_slots: int, num_kv_heads: int, head_dim: int) -> int:
+        """Bytes that do not grow with blocks: the exact-box table of open pages."""
+        return open_slots * (2 * num_kv_heads * head_dim * 4 + 2 * 8)
+
     def update(self, keys: torch.Tensor, slots: torch.Tensor, page_size: int) -> None:
         """Fold keys ``[T, Hkv, D]`` written at flat ``slots`` (>= 0) into their pages' boxes.
 

@@ -73,6 +73,7 @@ def main(
         "seconds": seconds,
         "num_gpu_blocks": config.cache_config.num_gpu_blocks,
         "kvhead": _runtime_report(),
+        "vllm_kv_cache_bytes": vllm_kv_cache_bytes(llm) if in_process else None,
     }
     out.write_text(json.dumps(report))
 
@@ -80,6 +81,16 @@ def main(
 def _chosen(step: dict) -> float:
     """Log-probability of the sampled token (greedy: the top one)."""
     return max(entry.logprob for entry in step.values())
+
+
+def vllm_kv_cache_bytes(llm) -> int:
+    """Bytes of the KV-cache tensors vLLM's in-process worker allocated (shared storage once)."""
+    worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
+    storages = {}
+    for cache in worker.model_runner.kv_caches:
+        storage = cache.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def _runtime_report() -> dict | None:

@@ -37,7 +37,19 @@ class HotPool:
 
     @property
     def nbytes(self) -> int:
-        return self.pages.numel() * self.pages.element_size()
+        """Device bytes allocated: pages plus the slot index and free list."""
+        parts = (self.pages, self.slot_of, self._owner, self._free)
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    @staticmethod
+    def bytes_per_block(num_stable: int) -> int:
+        """Bytes one vLLM block adds (its ``slot_of`` row), for the start-up budget."""
+        return 8 * num_stable
+
+    @staticmethod
+    def fixed_bytes(capacity: int, page_bytes: int) -> int:
+        """Bytes of ``capacity`` pages of ``page_bytes`` each, plus their owner and free lists."""
+        return capacity * (page_bytes + 2 * 8)
 
     def allocate(self, blocks: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         """Slots for pages ``(blocks[i], heads[i])`` that have none yet (distinct pairs)."""

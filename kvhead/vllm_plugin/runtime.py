@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 from kvhead.policy import Mode
 from kvhead.spec import HeadPageSpec
-from kvhead.vllm_plugin import kv_spec
+from kvhead.vllm_plugin import budget, kv_spec
+from kvhead.vllm_plugin.bounds import DeviceBounds
+from kvhead.vllm_plugin.budget import BudgetSplit
 from kvhead.vllm_plugin.config import (
     FlexiCacheSettings,
     HeadSplit,
@@ -25,6 +27,7 @@ from kvhead.vllm_plugin.config import (
     check_model,
     settings_from_additional_config,
 )
+from kvhead.vllm_plugin.hot_pool import HotPool
 from kvhead.vllm_plugin.layer import FlexiLayer
 from kvhead.vllm_plugin.selection import CompactSelectionPolicy
 from kvstore import HostArena, HostArenaConfig
@@ -61,6 +64,7 @@ class FlexiRuntime:
         self.policy = self._new_policy()
         self._retired_pages = [0.0, 0.0]  # resident, total page-steps of replaced policies
         self.peak_live_blocks = 0
+        self.budget_split: BudgetSplit | None = None  # set when vLLM sizes its cache
 
     def _new_policy(self) -> CompactSelectionPolicy:
         return CompactSelectionPolicy(
@@ -75,12 +79,31 @@ class FlexiRuntime:
         """Pages a stable head can write between reranks, plus the page partial at the rerank."""
         return math.ceil(self.settings.rerank_interval / self.geo.page_size) + 1
 
-    def pool_pages(self, num_blocks: int, num_stable: int) -> int:
-        """Hot-pool pages of a layer with ``num_stable`` stable heads."""
+    def pool_capacity(self, num_stable: int) -> int:
+        """Hot-pool pages of a layer with ``num_stable`` stable heads, before the block cap."""
         if self.settings.hot_pool_pages is not None:
             return self.settings.hot_pool_pages if num_stable else 0
         per_seq = min(self.settings.top_k + self.tail_pages, self.max_pages)
-        return min(self.geo.max_num_seqs * num_stable * per_seq, num_blocks * num_stable)
+        return self.geo.max_num_seqs * num_stable * per_seq
+
+    def pool_pages(self, num_blocks: int, num_stable: int) -> int:
+        """Hot-pool pages of a layer: never more than its stable pages of every block."""
+        if self.settings.hot_pool_pages is not None:
+            return self.pool_capacity(num_stable)
+        return min(self.pool_capacity(num_stable), num_blocks * num_stable)
+
+    def split_budget(self, budget: int) -> BudgetSplit:
+        """Share a device KV budget between vLLM's cache and this plugin (see budget.py)."""
+        fixed = per_block = 0
+        heads, dim = self.geo.num_kv_heads, self.geo.head_dim
+        for index in range(self.geo.num_layers):
+            stable = len(self.split.stable(index))
+            per_block += DeviceBounds.bytes_per_block(heads, dim) + HotPool.bytes_per_block(stable)
+            fixed += (DeviceBounds.fixed_bytes(self.open_pages, heads, dim)
+                      + HotPool.fixed_bytes(self.pool_capacity(stable), self.spec.head_page_bytes))
+        return BudgetSplit.solve(
+            budget, kv_bytes_per_block=self.split.num_resident * self.spec.head_page_bytes,
+            plugin_bytes_per_block=per_block, plugin_fixed_bytes=fixed)
 
     @property
     def open_pages(self) -> int:
@@ -161,6 +184,7 @@ class FlexiRuntime:
             "hot_pool_peak_bytes": sum(l.pool.peak_in_use for l in layers) * page,
             "page_meta_bytes": meta,
             "arena_pages_capacity": self.arena.config.capacity_pages if self.arena else 0,
+            "budget_split": asdict(self.budget_split) if self.budget_split else None,
         }
 
 
@@ -193,6 +217,7 @@ def init_runtime(vllm_config, isa: str) -> FlexiRuntime:
     split = HeadSplit.from_profile(profile, settings.max_resident_heads_per_layer)
     _RUNTIME = FlexiRuntime(settings, split, geo, isa)
     kv_spec.install()
+    budget.install()
     logger.warning(
         "kvhead FlexiCache: %d resident + %d stable kv heads (all layers), K=%d, R=%d, page %d",
         _RUNTIME.split.num_resident, _RUNTIME.split.num_stable, settings.top_k,
