@@ -8,13 +8,17 @@ attention backend), run through every (context, batch) pair with greedy decoding
 * peak device-KV bytes of the batch: stock = its blocks of all heads; kvhead = its blocks of the
   resident heads + int8 page bounds (2 x D + 4 bytes per page and head, every head) of those
   blocks + the hot pool's peak (the host arena is host);
-* how many 8k requests one fixed KV budget admits: vLLM's own block count (allocator view) and,
-  for kvhead, the budget divided by everything a request holds on the device (honest view);
+* how many 8k requests one fixed KV budget admits, from the engine's own block count (blocks /
+  blocks per 8k request). kvhead's plugin memory (int8 bounds per block, hot pool sized from
+  max_num_seqs) comes out of that budget at start-up, so kvhead's count is the largest
+  max_num_seqs N whose engine gets blocks for N 8k requests, checked by starting engines with N
+  and N + 1 (``admission`` command);
 * free-running greedy agreement of kvhead's tokens with stock's.
 
 SmolLM2 allows 8192 positions, so the "8k" context is 8192 - 256 prompt tokens.
-Run: ``python benchmarks/vllm_throughput.py`` (``--quick`` for a short smoke run).
-Writes ``benchmarks/results/vllm_throughput.json`` and ``.md``.
+Run: ``python benchmarks/vllm_throughput.py main`` (``--quick`` for a short smoke run); writes
+``benchmarks/results/vllm_throughput.json`` and ``.md``. ``... admission`` runs only the 8k
+admission probes and writes ``vllm_admission.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +43,7 @@ PROFILE = Path(__file__).parents[1] / "kvhead" / "profiles" / f"{MODEL}.json"
 GEN = 256  # generated tokens per request; --gen overrides it for shorter runs
 KV_BUDGET = 3 * 2**29  # 1.5 GiB: stock's 8 x 8k requests fit
 STOCK_BLOCK, KVHEAD_PAGE = 32, 16  # stock CPU kernels need multiples of 32; kvhead pages are 16
+ADMIT_TOKENS = 8192  # an 8k request fills SmolLM2's whole window (prompt + generated tokens)
 KVHEAD = {"profile": str(PROFILE), "top_k": 64, "rerank_interval": 16, "page_size": KVHEAD_PAGE,
           "host_arena_gib": 5.0}  # the arena holds every stable page of vLLM's ~17.9k blocks
 
@@ -88,7 +94,7 @@ def worker(mode: str, out: Path, contexts: str, batches: str, gen: int = GEN) ->
     from vllm import LLM
 
     from kvhead.models.resolve import resolve_model
-    from kvhead.vllm_plugin.generate import engine_kwargs
+    from kvhead.vllm_plugin.generate import engine_kwargs, vllm_kv_cache_bytes
 
     model_dir = resolve_model(MODEL)
     ctxs, bs = [int(c) for c in contexts.split(",")], [int(b) for b in batches.split(",")]
@@ -106,6 +112,7 @@ def worker(mode: str, out: Path, contexts: str, batches: str, gen: int = GEN) ->
     hf = config.model_config.hf_text_config
     result = {
         "mode": mode, "num_gpu_blocks": config.cache_config.num_gpu_blocks,
+        "vllm_kv_cache_bytes": vllm_kv_cache_bytes(llm),
         "load_average": {"start": os.getloadavg()},
         "block_size": config.cache_config.block_size, "num_layers": hf.num_hidden_layers,
         "num_kv_heads": hf.num_key_value_heads, "head_dim": config.model_config.get_head_size(),
@@ -133,6 +140,65 @@ def worker(mode: str, out: Path, contexts: str, batches: str, gen: int = GEN) ->
                   flush=True)
 
 
+@app.command()
+def probe(max_num_seqs: int, out: Path) -> None:
+    """Start a kvhead engine at the admission settings, run one short request (the plugin
+    allocates its bounds and pools on the first forward) and write what the engine allocated."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM, SamplingParams
+
+    from kvhead.models.resolve import resolve_model
+    from kvhead.vllm_plugin.generate import engine_kwargs, vllm_kv_cache_bytes
+
+    llm = LLM(**engine_kwargs(
+        str(resolve_model(MODEL)), KVHEAD, block_size=KVHEAD_PAGE, max_model_len=ADMIT_TOKENS,
+        max_num_seqs=max_num_seqs, kv_cache_bytes=KV_BUDGET, in_process=True))
+    llm.generate([{"prompt_token_ids": list(range(100, 140))}],
+                 SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
+    from kvhead.vllm_plugin.runtime import current
+
+    report = current().report()
+    out.write_text(json.dumps({
+        "max_num_seqs": max_num_seqs,
+        "num_gpu_blocks": llm.llm_engine.vllm_config.cache_config.num_gpu_blocks,
+        "vllm_kv_cache_bytes": vllm_kv_cache_bytes(llm),
+        "plugin_device_bytes": report["page_meta_bytes"] + report["hot_pool_bytes_allocated"],
+        "budget_split": report["budget_split"],
+    }))
+
+
+def _probe(max_num_seqs: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.json"
+        subprocess.run([sys.executable, __file__, "probe", str(max_num_seqs), str(path)],
+                       check=True)
+        return json.loads(path.read_text())
+
+
+def _admission(stock_blocks: int, stock_block_size: int) -> dict:
+    """8k requests one KV budget admits, from engine block counts.
+
+    kvhead's fixed device memory grows with max_num_seqs (a hot pool and open-page entries per
+    running sequence), so admitting N requests needs an engine started with max_num_seqs = N
+    whose block count covers N requests. One probe gives the fixed bytes per sequence; the
+    predicted N is then checked by starting engines at N (must fit) and N + 1 (must not).
+    """
+    per_request = math.ceil(ADMIT_TOKENS / KVHEAD_PAGE)
+    split = _probe(8)["budget_split"]
+    fixed_per_seq = split["plugin_fixed_bytes"] / 8
+    per_block = split["kv_bytes_per_block"] + split["plugin_bytes_per_block"]
+    guess = max(n for n in range(1, 1000)
+                if (KV_BUDGET - n * fixed_per_seq) // per_block >= n * per_request)
+    fits, over = _probe(guess), _probe(guess + 1)
+    assert fits["num_gpu_blocks"] // per_request >= guess, fits
+    assert over["num_gpu_blocks"] // per_request < guess + 1, over
+    return {
+        "kv_budget_bytes": KV_BUDGET, "context": ADMIT_TOKENS,
+        "stock": stock_blocks // math.ceil(ADMIT_TOKENS / stock_block_size),
+        "kvhead": guess, "kvhead_engine": fits, "kvhead_engine_one_more": over,
+    }
+
+
 def _device_bytes(raw: dict, run: dict, tokens: int, batch: int) -> int:
     """Device KV bytes a batch of ``batch`` requests of ``tokens`` tokens holds (bf16 pages)."""
     layers, heads, dim, block = raw["num_layers"], raw["num_kv_heads"], raw["head_dim"], \
@@ -146,7 +212,7 @@ def _device_bytes(raw: dict, run: dict, tokens: int, batch: int) -> int:
     return resident + bounds + rep["hot_pool_peak_bytes"]
 
 
-def _summarise(stock: dict, kvhead: dict) -> dict:
+def _summarise(stock: dict, kvhead: dict, admitted: dict) -> dict:
     rows = []
     for s, k in zip(stock["runs"], kvhead["runs"], strict=True):
         gen = s["gen"]
@@ -169,17 +235,6 @@ def _summarise(stock: dict, kvhead: dict) -> dict:
             "load_average_after": {"stock": s["load_average_after"],
                                    "kvhead": k["load_average_after"]},
         })
-    need = 8192  # an 8k request fills SmolLM2's whole window (prompt + generated tokens)
-    last = kvhead["runs"][-1]["kvhead"]
-    per_request_kvhead = _device_bytes(kvhead, {"kvhead": {
-        **last, "hot_pool_peak_bytes": last["stable_heads"]
-        * (KVHEAD["top_k"] + 2) * KVHEAD_PAGE * 2 * kvhead["head_dim"] * 2}}, need, 1)
-    admitted = {
-        "kv_budget_bytes": KV_BUDGET, "context": need,
-        "stock": stock["num_gpu_blocks"] // math.ceil(need / stock["block_size"]),
-        "kvhead_allocator": kvhead["num_gpu_blocks"] // math.ceil(need / kvhead["block_size"]),
-        "kvhead_with_pool_and_bounds": KV_BUDGET // per_request_kvhead,
-    }
     return {"rows": rows, "admitted_8k": admitted, "settings": KVHEAD,
             "stock_block_size": STOCK_BLOCK,
             "load_average": {mode: raw["load_average"] for mode, raw in
@@ -223,7 +278,8 @@ def main(
                         "--gen", str(gen)], check=True,
                        env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": omp_bind})
         raw[mode] = json.loads(path.read_text())
-    summary = _summarise(raw["stock"], raw["kvhead"]) | {"omp_bind": omp_bind}
+    admitted = _admission(raw["stock"]["num_gpu_blocks"], raw["stock"]["block_size"])
+    summary = _summarise(raw["stock"], raw["kvhead"], admitted) | {"omp_bind": omp_bind}
     default = (contexts, batches, gen, omp_bind) == ("2048,4096,7936", "4,8", GEN, "auto")
     name = "vllm_throughput" if default else (
         f"vllm_throughput_c{contexts.replace(',', '-')}_b{batches.replace(',', '-')}_g{gen}"
@@ -231,8 +287,32 @@ def main(
     (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1))
     console = Console(record=True, width=160)
     console.print(_table(summary))
-    console.print(f"8k requests admitted into {KV_BUDGET / 2**30:.1f} GiB: {summary['admitted_8k']}")
+    console.print(_admission_line(admitted))
     (RESULTS / f"{name}.md").write_text(console.export_text())
+
+
+@app.command()
+def admission() -> None:
+    """Only the 8k admission count (stock's block count from the last stock worker's raw JSON);
+    writes ``vllm_admission.json``."""
+    stock = json.loads((RESULTS / "vllm_throughput.stock.raw.json").read_text())
+    admitted = _admission(stock["num_gpu_blocks"], stock["block_size"])
+    (RESULTS / "vllm_admission.json").write_text(json.dumps(admitted, indent=1))
+    Console().print(_admission_line(admitted))
+
+
+def _admission_line(admitted: dict) -> str:
+    fits = admitted["kvhead_engine"]
+    split = fits["budget_split"]
+    return (
+        f"8k requests admitted into {KV_BUDGET / 2**30:.1f} GiB (engine block counts): stock "
+        f"{admitted['stock']}, kvhead {admitted['kvhead']} (max_num_seqs {fits['max_num_seqs']}: "
+        f"{fits['num_gpu_blocks']} blocks, vLLM cache {fits['vllm_kv_cache_bytes'] / 2**20:.0f} "
+        f"MiB + plugin {fits['plugin_device_bytes'] / 2**20:.0f} MiB allocated; "
+        f"{split['kv_bytes_per_block'] + split['plugin_bytes_per_block']} B per block; "
+        f"max_num_seqs {fits['max_num_seqs'] + 1} gets "
+        f"{admitted['kvhead_engine_one_more']['num_gpu_blocks']} blocks, too few)"
+    )
 
 
 if __name__ == "__main__":
