@@ -27,13 +27,12 @@ Run: ``python benchmarks/hier_select_long.py`` (about 10 min on 2 cores); writes
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
 import torch
 import typer
 from rich.console import Console
-from rich.table import Table
+from selection_report import report, summarize
 
 from kvhead.bounds_compact import (
     CompactBounds,
@@ -49,6 +48,7 @@ NUM_KV, GROUP_Q, DIM, PAGE = 8, 4, 128, 16
 ROPE_THETA = 500_000.0
 console = Console()
 app = typer.Typer(add_completion=False)
+BY = ("ctx", "top_k", "variant")
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -124,21 +124,6 @@ def measure(ctx: int, keys: torch.Tensor, query: torch.Tensor, top_ks: list[int]
     return rows
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    keys = sorted({(r["ctx"], r["top_k"], r["variant"]) for r in rows})
-    out = []
-    for ctx, top_k, variant in keys:
-        sel = [r for r in rows if (r["ctx"], r["top_k"], r["variant"]) == (ctx, top_k, variant)]
-        out.append({
-            "ctx": ctx, "top_k": top_k, "variant": variant, "samples": len(sel),
-            "overlap_mean": statistics.fmean(r["overlap"] for r in sel),
-            "overlap_min": min(r["overlap"] for r in sel),
-            "mass_mean": statistics.fmean(r["mass"] for r in sel),
-            "mass_min": min(r["mass"] for r in sel),
-        })
-    return out
-
-
 @app.command()
 def main(
     contexts: str = typer.Option("8192,32768,131072", help="Comma-separated context lengths."),
@@ -165,38 +150,23 @@ def main(
             keys, query = synthetic_step(ctx, segment, needles, temperature, gen)
             rows += measure(ctx, keys, query, ks, pairs)
         console.print(f"ctx={ctx} done")
-    summary = summarize(rows)
-    table = Table(title=f"synthetic keys, {queries} queries x {NUM_KV} KV heads per context")
-    for col in ("ctx", "K", "variant", "overlap mean", "overlap min", "mass mean", "mass min"):
-        table.add_column(col, justify="right")
-    for s in summary:
-        table.add_row(str(s["ctx"]), str(s["top_k"]), s["variant"], f"{s['overlap_mean']:.3f}",
-                      f"{s['overlap_min']:.3f}", f"{s['mass_mean']:.3f}", f"{s['mass_min']:.3f}")
-    console.print(table)
+    summary = summarize(rows, BY)
     params = {"segment": segment, "needles": needles, "temperature": temperature,
               "queries": queries, "seed": seed, "num_kv_heads": NUM_KV, "group_q": GROUP_Q,
               "head_dim": DIM, "page": PAGE}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps({"params": params, "summary": summary},
-                                                     indent=1))
-    lines = [
-        "# Two-level int8 page selection at long context: synthetic keys",
-        "",
-        ("Synthetic keys and queries (not a model's; generator and its parameters in "
-         f"`benchmarks/hier_select_long.py`: {json.dumps(params)}). Llama-8B head shape, "
-         "16-token pages. Per KV head and query, averaged (and worst case). `exact`: flat "
-         "top-K on fp32 bounds; `int8`: flat top-K on int8 bounds; `Gg/rr`: super-pages of "
-         "g pages, top r*K/g kept, top-K of their r*K pages; `auto`: what "
-         "`kernels.select_pages` runs at that size; `oracle`: top-K by true attention mass."),
-        "",
-        "| ctx | K | variant | overlap mean | overlap min | mass mean | mass min |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines += [f"| {s['ctx']} | {s['top_k']} | {s['variant']} | {s['overlap_mean']:.3f} | "
-              f"{s['overlap_min']:.3f} | {s['mass_mean']:.3f} | {s['mass_min']:.3f} |"
-              for s in summary]
-    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
-
+    report(
+        summary, BY, console=console, result={"params": params, "summary": summary},
+        out_dir=out_dir, name=name,
+        title=f"synthetic keys, {queries} queries x {NUM_KV} KV heads per context",
+        heading="Two-level int8 page selection at long context: synthetic keys",
+        description=(
+            "Synthetic keys and queries (not a model's; generator and its parameters in "
+            f"`benchmarks/hier_select_long.py`: {json.dumps(params)}). Llama-8B head shape, "
+            "16-token pages. Per KV head and query, averaged (and worst case). `exact`: flat "
+            "top-K on fp32 bounds; `int8`: flat top-K on int8 bounds; `Gg/rr`: super-pages of "
+            "g pages, top r*K/g kept, top-K of their r*K pages; `auto`: what "
+            "`kernels.select_pages` runs at that size; `oracle`: top-K by true attention mass."),
+    )
 
 if __name__ == "__main__":
     app()

@@ -19,14 +19,12 @@ Run: ``python benchmarks/hier_select_quality.py`` (a few minutes on 2 cores at 4
 
 from __future__ import annotations
 
-import json
-import statistics
 from pathlib import Path
 
 import torch
 import typer
 from rich.console import Console
-from rich.table import Table
+from selection_report import report, summarize
 from transformers import AutoTokenizer
 
 from kvhead.bounds_compact import CompactBounds, build_super_bounds, hier_select, num_super_pages
@@ -38,6 +36,7 @@ from kvhead.runner import PagedKVCache, ReferenceRunner
 MODEL = Path("/root/.cache/kvhead/models/smollm2-135m-instruct")
 console = Console()
 app = typer.Typer(add_completion=False)
+BY = ("top_k", "variant")
 
 
 class QualityProbe:
@@ -94,21 +93,6 @@ class QualityProbe:
                                   "overlap": overlap, "mass": covered})
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    keys = sorted({(r["top_k"], r["variant"]) for r in rows}, key=lambda k: (k[0], k[1]))
-    out = []
-    for top_k, variant in keys:
-        sel = [r for r in rows if r["top_k"] == top_k and r["variant"] == variant]
-        out.append({
-            "top_k": top_k, "variant": variant, "samples": len(sel),
-            "overlap_mean": statistics.fmean(r["overlap"] for r in sel),
-            "overlap_min": min(r["overlap"] for r in sel),
-            "mass_mean": statistics.fmean(r["mass"] for r in sel),
-            "mass_min": min(r["mass"] for r in sel),
-        })
-    return out
-
-
 @app.command()
 def main(
     context: int = typer.Option(4096, help="Prefilled corpus tokens."),
@@ -134,40 +118,25 @@ def main(
     runner.forward(cache, tokens[:context])
     for step in range(steps):
         runner.forward(cache, tokens[context + step: context + step + 1], policy=probe)
-    summary = summarize(probe.rows)
-    table = Table(title=f"selection quality, SmolLM2-135M, {context} tokens, {steps} steps x "
-                        f"{runner.num_layers} layers x {runner.spec.num_kv_heads} KV heads")
-    for col in ("K", "variant", "overlap mean", "overlap min", "mass mean", "mass min"):
-        table.add_column(col, justify="right")
-    for s in summary:
-        table.add_row(str(s["top_k"]), s["variant"], f"{s['overlap_mean']:.3f}",
-                      f"{s['overlap_min']:.3f}", f"{s['mass_mean']:.3f}", f"{s['mass_min']:.3f}")
-    console.print(table)
+    summary = summarize(probe.rows, BY)
     result = {"model": MODEL.name, "context": context, "steps": steps,
               "page_size": runner.spec.page_size, "num_layers": runner.num_layers,
               "num_kv_heads": runner.spec.num_kv_heads, "summary": summary}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
-    lines = [
-        "# Two-level int8 page selection: quality on real attention",
-        "",
-        (f"SmolLM2-135M-Instruct, {context}-token corpus window ({context // 16} pages of 16), "
-         f"{steps} teacher-forced decode steps x {runner.num_layers} layers; per KV head, "
-         "averaged (and worst case) over steps, layers and heads. `exact`: flat top-K on fp32 "
-         "bounds (the reference selection); `int8`: flat top-K on int8 bounds; `Gg/rr`: "
-         "super-pages of g pages, top r*K/g super-pages kept, top-K of their r*K pages; "
-         "`oracle`: top-K pages by true attention mass. Overlap: share of the exact set chosen; "
-         "mass: share of the softmax attention mass in the chosen pages. "
-         "Produced by `benchmarks/hier_select_quality.py`."),
-        "",
-        "| K | variant | overlap mean | overlap min | mass mean | mass min |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [f"| {s['top_k']} | {s['variant']} | {s['overlap_mean']:.3f} | "
-              f"{s['overlap_min']:.3f} | {s['mass_mean']:.3f} | {s['mass_min']:.3f} |"
-              for s in summary]
-    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
-
+    report(
+        summary, BY, console=console, result=result, out_dir=out_dir, name=name,
+        title=(f"selection quality, SmolLM2-135M, {context} tokens, {steps} steps x "
+               f"{runner.num_layers} layers x {runner.spec.num_kv_heads} KV heads"),
+        heading="Two-level int8 page selection: quality on real attention",
+        description=(
+            f"SmolLM2-135M-Instruct, {context}-token corpus window ({context // 16} pages of 16), "
+            f"{steps} teacher-forced decode steps x {runner.num_layers} layers; per KV head, "
+            "averaged (and worst case) over steps, layers and heads. `exact`: flat top-K on fp32 "
+            "bounds (the reference selection); `int8`: flat top-K on int8 bounds; `Gg/rr`: "
+            "super-pages of g pages, top r*K/g super-pages kept, top-K of their r*K pages; "
+            "`oracle`: top-K pages by true attention mass. Overlap: share of the exact set chosen; "
+            "mass: share of the softmax attention mass in the chosen pages. "
+            "Produced by `benchmarks/hier_select_quality.py`."),
+    )
 
 if __name__ == "__main__":
     app()
