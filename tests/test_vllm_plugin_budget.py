@@ -31,6 +31,22 @@ def test_split_solves_for_blocks_and_stays_in_budget() -> None:
         split.vllm_bytes + split.plugin_bytes + 125)
 
 
+def test_hot_pool_never_costs_more_than_every_stable_page_of_every_block() -> None:
+    # pool sized for 100 blocks' pages: more blocks than that fit, so it is a fixed 100 x 50
+    large = BudgetSplit.solve(100_000, kv_bytes_per_block=100, plugin_bytes_per_block=25,
+                              plugin_fixed_bytes=1_000, pool_bytes_per_block=50,
+                              pool_max_blocks=100)
+    assert large.num_blocks == (100_000 - 1_000 - 5_000) // 125 == 752
+    assert large.pool_bytes == 5_000
+    # a small budget holds fewer blocks than the pool is sized for: it costs 50 per block
+    small = BudgetSplit.solve(10_000, kv_bytes_per_block=100, plugin_bytes_per_block=25,
+                              plugin_fixed_bytes=1_000, pool_bytes_per_block=50,
+                              pool_max_blocks=100)
+    assert small.num_blocks == 9_000 // 175 == 51
+    assert small.vllm_bytes + small.plugin_bytes <= 10_000 < (
+        small.vllm_bytes + small.plugin_bytes + 175)
+
+
 def test_budget_below_fixed_memory_is_a_clear_error() -> None:
     with pytest.raises(FlexiCacheConfigError, match="raise the KV budget"):
         BudgetSplit.solve(1_100, kv_bytes_per_block=100, plugin_bytes_per_block=25,
@@ -71,8 +87,9 @@ def test_engine_allocates_the_solved_block_count_within_budget(tmp_path: Path) -
     assert stock["num_gpu_blocks"] == BUDGET // stock_block
     assert stock["vllm_kv_cache_bytes"] == stock["num_gpu_blocks"] * stock_block
 
-    # hot pool: 8 sequences x 1 stable head x (K=4 + 2 tail pages), page + owner + free entry;
-    # open-page table: 4 x 8 entries x (fp32 min and max of 2 heads + tag and clock)
+    # hot pool: 8 sequences x 1 stable head x (K=4 + 2 tail pages), page + owner + free entry
+    # (fewer than the blocks, so a fixed size); open-page table: 4 x 8 entries x (fp32 min and
+    # max of 2 heads + tag and clock)
     fixed = layers * (8 * 6 * (head_page + 16) + 32 * (2 * kv_heads * dim * 4 + 16))
     kv_block = layers * 1 * head_page
     plugin_block = layers * (kv_heads * (2 * dim + 4) + 1 * 8)  # int8 boxes + scales, pool index

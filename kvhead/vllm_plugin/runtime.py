@@ -79,37 +79,43 @@ class FlexiRuntime:
         """Pages a stable head can write between reranks, plus the page partial at the rerank."""
         return math.ceil(self.settings.rerank_interval / self.geo.page_size) + 1
 
-    def pool_capacity(self, num_stable: int) -> int:
-        """Hot-pool pages of a layer with ``num_stable`` stable heads, before the block cap."""
-        if self.settings.hot_pool_pages is not None:
-            return self.settings.hot_pool_pages if num_stable else 0
+    @property
+    def pool_blocks(self) -> int:
+        """Blocks' worth of stable pages the pool is sized for: each running sequence's K + tail."""
         per_seq = min(self.settings.top_k + self.tail_pages, self.max_pages)
-        return self.geo.max_num_seqs * num_stable * per_seq
+        return self.geo.max_num_seqs * per_seq
 
     def pool_pages(self, num_blocks: int, num_stable: int) -> int:
-        """Hot-pool pages of a layer: never more than its stable pages of every block."""
+        """Hot-pool pages of a layer with ``num_stable`` stable heads (never more than its
+        stable pages of every block, unless set explicitly)."""
         if self.settings.hot_pool_pages is not None:
-            return self.pool_capacity(num_stable)
-        return min(self.pool_capacity(num_stable), num_blocks * num_stable)
-
-    def split_budget(self, budget: int) -> BudgetSplit:
-        """Share a device KV budget between vLLM's cache and this plugin (see budget.py)."""
-        fixed = per_block = 0
-        heads, dim = self.geo.num_kv_heads, self.geo.head_dim
-        for index in range(self.geo.num_layers):
-            stable = len(self.split.stable(index))
-            per_block += DeviceBounds.bytes_per_block(heads, dim) + HotPool.bytes_per_block(stable)
-            fixed += (DeviceBounds.fixed_bytes(self.open_pages, heads, dim)
-                      + HotPool.fixed_bytes(self.pool_capacity(stable), self.spec.head_page_bytes))
-        return BudgetSplit.solve(
-            budget, kv_bytes_per_block=self.split.num_resident * self.spec.head_page_bytes,
-            plugin_bytes_per_block=per_block, plugin_fixed_bytes=fixed)
+            return self.settings.hot_pool_pages if num_stable else 0
+        return min(self.pool_blocks, num_blocks) * num_stable
 
     @property
     def open_pages(self) -> int:
         """Entries of the exact-bounds table of pages being written (see DeviceBounds): a few
         per running sequence keeps collisions rare."""
         return 4 * self.geo.max_num_seqs
+
+    def split_budget(self, budget: int) -> BudgetSplit:
+        """Share a device KV budget between vLLM's cache and this plugin (see budget.py)."""
+        heads, dim, page = self.geo.num_kv_heads, self.geo.head_dim, self.spec.head_page_bytes
+        num_stable = self.split.num_stable
+        fixed = self.geo.num_layers * DeviceBounds.fixed_bytes(self.open_pages, heads, dim)
+        per_block = (self.geo.num_layers * DeviceBounds.bytes_per_block(heads, dim)
+                     + HotPool.bytes_per_block(num_stable))
+        pool_per_block = pool_blocks = 0
+        if self.settings.hot_pool_pages is None:
+            pool_per_block = HotPool.fixed_bytes(num_stable, page)  # a block's stable pages
+            pool_blocks = self.pool_blocks
+        else:
+            fixed += sum(HotPool.fixed_bytes(self.pool_pages(0, len(self.split.stable(i))), page)
+                         for i in range(self.geo.num_layers))
+        return BudgetSplit.solve(
+            budget, kv_bytes_per_block=self.split.num_resident * page,
+            plugin_bytes_per_block=per_block, plugin_fixed_bytes=fixed,
+            pool_bytes_per_block=pool_per_block, pool_max_blocks=pool_blocks)
 
     def ensure_arena(self, num_blocks: int) -> HostArena:
         """Create the host arena for ``num_blocks`` vLLM blocks (refusing one that is too small)."""
