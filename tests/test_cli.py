@@ -37,11 +37,22 @@ def test_profile_then_eval(tiny_dir, tmp_path, monkeypatch):
     assert set(report["results"][0]["modes"]) == {"quest", "flexicache"}
     assert "results:" in result.output
 
+    result = runner.invoke(app, [
+        "eval", "--model", str(tiny_dir), "--contexts", "160", "--gen-tokens", "16",
+        "--modes", "flexicache+", "--leading-layers", "3", "--output", str(out), *small,
+    ])
+    assert result.exit_code == 2 and "exceeds the model's 2 layers" in result.output
+    assert set(json.loads(out.read_text())["results"][0]["modes"]) == {"quest", "flexicache"}
+
 
 @pytest.mark.parametrize("args, message", [
     (["eval", "--top-k", "0"], "top_k"),
     (["eval", "--contexts", "100", "--gen-tokens", "256"], "no room"),
     (["eval", "--passkey-depths", "2"], "depths"),
+    (["eval", "--modes", "bogus"], "modes must be"),
+    (["eval", "--unstable-dense"], "apply only to the modes"),
+    (["eval", "--modes", "flexicache+", "--sink-pages", "70"], "must fit in top_k"),
+    (["eval", "--modes", "quest+", "--group-score", "mean"], "group_score"),
     (["eval", "--model", "no-such-model"], "unknown model"),
     (["profile", "--unstable-fraction", "1.5"], "unstable_fraction"),
     (["profile", "--model", "/no/such/dir"], "no such file"),

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from kvhead.evaluation.inputs import corpus_window, passkey_prompt
 from kvhead.evaluation.tasks import first_divergence, greedy, prefill, teacher_forced
@@ -70,6 +70,19 @@ class EvalConfig(BaseModel):
     options: SelectionOptions = Field(
         default_factory=SelectionOptions, description="Selection options of the + modes."
     )
+
+    @model_validator(mode="after")
+    def _options_fit(self) -> EvalConfig:
+        """Options only act in the ``+`` modes: given without one they would be silently ignored."""
+        opt = self.options
+        if opt != SelectionOptions() and not any(m in EXTRA_MODES for m in self.modes):
+            raise ValueError(f"selection options apply only to the modes {EXTRA_MODES}; add one to modes")
+        if opt.sink_pages + opt.recent_pages > self.top_k:
+            raise ValueError(
+                f"sink_pages + recent_pages ({opt.sink_pages} + {opt.recent_pages}) must fit in "
+                f"top_k ({self.top_k})"
+            )
+        return self
 
     @field_validator("modes")
     @classmethod
@@ -210,6 +223,10 @@ def evaluate(
     runner: ReferenceRunner, tokenizer, profile: HeadProfile, cfg: EvalConfig, *, model: str,
     on_context: Callable[[ContextResult], None] | None = None,
 ) -> EvalReport:
+    if cfg.options.leading_layers > runner.num_layers:
+        raise ValueError(
+            f"leading_layers {cfg.options.leading_layers} exceeds the model's {runner.num_layers} layers"
+        )
     results = []
     for context in cfg.contexts:
         result = evaluate_context(runner, tokenizer, profile, cfg, context)
