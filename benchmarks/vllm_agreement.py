@@ -1,0 +1,236 @@
+"""Teacher-forced greedy-token agreement of vLLM + kvhead with stock vLLM (issue #3, Must show 2).
+
+The reference runner's agreement (``kvhead eval``, DESIGN.md "Measuring accuracy") feeds dense's
+greedy continuation back and counts the steps where the sparse run's argmax equals it. This does
+the same through vLLM's real decode path: stock vLLM decodes ``gen`` tokens greedily (the
+reference); then each engine runs the same prompt again with :class:`ForcedTokens`, a vLLM v1
+logits processor that at every step records the model's own argmax and then masks every logit
+but the reference token's, so the sequence (and every later step's KV) is the reference's.
+Agreement = share of steps whose recorded argmax is the reference token. Stock's own forced run
+must give 1.0: that is the check that forcing changes nothing but the sampled token.
+
+Engines run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``uni`` executor), so the
+processor's records are read straight from the class after ``generate``. Prompts are the
+reference runner's corpus windows (``corpus_window(tokenizer, context - gen, offset=0)``) and
+both engines run in float32 like the runner, so the numbers sit beside ``accuracy.json``.
+
+Run: ``python benchmarks/vllm_agreement.py main`` (``--contexts 512`` for a short run); writes
+``benchmarks/results/vllm_agreement.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, ClassVar
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+
+app = typer.Typer(add_completion=False)
+RESULTS = Path(__file__).parent / "results"
+MODEL = "smollm2-135m-instruct"
+PROFILE = Path(__file__).parents[1] / "kvhead" / "profiles" / f"{MODEL}.json"
+GEN = 256
+KV_BUDGET = 2**29  # fp32: stock's one 8k request takes 384 MiB (block 32, 90 heads)
+STOCK_BLOCK, KVHEAD_PAGE = 32, 16  # stock CPU kernels need multiples of 32; kvhead pages are 16
+KVHEAD = {"profile": str(PROFILE), "top_k": 64, "rerank_interval": 16, "page_size": KVHEAD_PAGE,
+          "host_arena_gib": 2.0}  # fp32 stable pages of the ~2.8k blocks 512 MiB buys kvhead
+ARG = "kvhead_forced"  # SamplingParams.extra_args key: {"tag": str, "tokens": [int, ...]}
+
+
+class ForcedTokens(LogitsProcessor):
+    """Records each step's argmax, then forces the request's given token at that step.
+
+    A request opts in through ``extra_args[ARG]``; others pass through untouched. The step is
+    the number of tokens the request has produced so far (vLLM hands the processor a live
+    reference to that list), so a prefill chunk that vLLM samples and discards only rewrites
+    step 0 before the full prompt's row does. ``records`` is class-level because vLLM builds the
+    instance inside the worker; engines here run in-process, so the caller reads it afterwards.
+    """
+
+    records: ClassVar[dict[str, dict[int, int]]] = {}
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
+        self.active: dict[int, tuple[str, list[int], list[int]]] = {}
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # it decides the sampled token
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        process_dict_updates(self.active, batch_update, self._entry)
+
+    @classmethod
+    def _entry(cls, params, prompt_ids, output_ids: list[int]):
+        spec = (params.extra_args or {}).get(ARG)
+        if spec is None:
+            return None
+        cls.records[spec["tag"]] = {}
+        return spec["tag"], list(spec["tokens"]), output_ids
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return logits
+        argmax = logits.argmax(dim=-1).tolist()
+        for row, (tag, tokens, output_ids) in self.active.items():
+            step = len(output_ids)
+            self.records[tag][step] = argmax[row]
+            if step < len(tokens):
+                forced = logits[row, tokens[step]].clone()
+                logits[row].fill_(float("-inf"))
+                logits[row, tokens[step]] = forced
+        return logits
+
+
+def _forced_run(llm, prompt: list[int], tokens: list[int], tag: str) -> dict:
+    """Generate under forcing; the model's argmax per step and what the engine emitted."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=len(tokens), ignore_eos=True,
+                            extra_args={ARG: {"tag": tag, "tokens": tokens}})
+    out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+    record = ForcedTokens.records.pop(tag)
+    argmax = [record[i] for i in range(len(tokens))]
+    return {"argmax": argmax, "output": list(out.outputs[0].token_ids),
+            "agreement": sum(a == t for a, t in zip(argmax, tokens)) / len(tokens)}
+
+
+@app.command()
+def worker(
+    mode: str, model: Path, prompts: Path, out: Path,
+    references: Annotated[Path | None, typer.Option(
+        help="JSON token lists to force; else stock's greedy output.")] = None,
+    kvhead: Annotated[Path | None, typer.Option(help="JSON kvhead settings (mode kvhead).")] = None,
+    gen: int = typer.Option(GEN), block_size: int = typer.Option(STOCK_BLOCK),
+    max_model_len: int = typer.Option(8192), kv_cache_bytes: int = typer.Option(KV_BUDGET),
+) -> None:
+    """One in-process engine: per prompt, the greedy reference (unless given) and a forced run."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM, SamplingParams
+
+    from kvhead.vllm_plugin.generate import engine_kwargs
+
+    settings = json.loads(kvhead.read_text()) if kvhead else None
+    if (mode == "kvhead") != (settings is not None):
+        raise typer.BadParameter("mode kvhead needs --kvhead settings, mode stock none")
+    kwargs = engine_kwargs(str(model), settings, block_size=block_size,
+                           max_model_len=max_model_len, max_num_seqs=1,
+                           kv_cache_bytes=kv_cache_bytes, dtype="float32", in_process=True)
+    llm = LLM(**kwargs, logits_processors=[ForcedTokens])
+    token_prompts = json.loads(prompts.read_text())
+    refs = json.loads(references.read_text()) if references else None
+    runs = []
+    for i, prompt in enumerate(token_prompts):
+        if refs is None:
+            params = SamplingParams(temperature=0.0, max_tokens=gen, ignore_eos=True)
+            result = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+            reference = list(result.outputs[0].token_ids)
+        else:
+            reference = refs[i]
+        runs.append({"prompt_tokens": len(prompt), "reference": reference}
+                    | _forced_run(llm, prompt, reference, f"{mode}-{i}"))
+        print(mode, len(prompt), "agreement", runs[-1]["agreement"], flush=True)
+    # imported after the engine exists, like vllm_throughput.py (vLLM's module scan at start-up)
+    from kvhead.vllm_plugin.runtime import current
+
+    runtime = current()
+    report = runtime.report() if runtime is not None else None
+    out.write_text(json.dumps({"mode": mode, "runs": runs, "kvhead": report}))
+
+
+def _prompts(contexts: list[int], gen: int) -> list[list[int]]:
+    """The reference runner's prompts: corpus windows of ``context - gen`` tokens at offset 0."""
+    from transformers import AutoTokenizer
+
+    from kvhead.evaluation.inputs import corpus_window
+    from kvhead.models.resolve import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(MODEL))
+    return [corpus_window(tokenizer, c - gen, offset=0).tolist() for c in contexts]
+
+
+def _runner_agreement(context: int) -> float | None:
+    """flexicache's token agreement at ``context`` in the reference runner's accuracy.json."""
+    report = json.loads((RESULTS / "accuracy.json").read_text())
+    for result in report["results"]:
+        if result["context"] == context:
+            return result["modes"]["flexicache"]["token_agreement"]
+    return None
+
+
+def _table(rows: list[dict]) -> Table:
+    table = Table(title="Teacher-forced greedy-token agreement with stock vLLM (SmolLM2, fp32)")
+    for col in ("context", "gen", "stock self", "kvhead vs stock", "runner flexicache",
+                "difference", "forced = ref"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        runner = r["runner_flexicache"]
+        table.add_row(str(r["context"]), str(r["gen"]), f"{r['stock_self']:.4f}",
+                      f"{r['kvhead']:.4f}", "-" if runner is None else f"{runner:.4f}",
+                      "-" if runner is None else f"{r['difference']:+.4f}",
+                      str(r["forced_output_is_reference"]))
+    return table
+
+
+@app.command()
+def main(
+    contexts: str = typer.Option("4096,8192", help="Contexts (prompt + gen), comma-separated."),
+    gen: int = typer.Option(GEN, help="Reference tokens per prompt."),
+) -> None:
+    """Stock then kvhead, each in its own process; table, JSON and Markdown to results/."""
+    from kvhead.models.resolve import resolve_model
+
+    torch.manual_seed(0)  # nothing here is random; seeded for the benchmark convention
+    ctxs = [int(c) for c in contexts.split(",")]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "vllm_agreement" if (contexts, gen) == ("4096,8192", GEN) else \
+        f"vllm_agreement_c{contexts.replace(',', '-')}_g{gen}"
+    tmp = Path(tempfile.mkdtemp(prefix="vllm_agreement_"))
+    prompts = tmp / "prompts.json"
+    prompts.write_text(json.dumps(_prompts(ctxs, gen)))
+    model = str(resolve_model(MODEL))
+    common = ["--gen", str(gen), "--max-model-len", str(max(ctxs))]
+    stock_path, kvhead_path = RESULTS / f"{name}.stock.raw.json", RESULTS / f"{name}.kvhead.raw.json"
+    subprocess.run([sys.executable, __file__, "worker", "stock", model, str(prompts),
+                    str(stock_path), *common], check=True)
+    stock = json.loads(stock_path.read_text())
+    refs = tmp / "references.json"
+    refs.write_text(json.dumps([r["reference"] for r in stock["runs"]]))
+    settings = tmp / "settings.json"
+    settings.write_text(json.dumps(KVHEAD))
+    subprocess.run([sys.executable, __file__, "worker", "kvhead", model, str(prompts),
+                    str(kvhead_path), "--references", str(refs), "--kvhead", str(settings),
+                    "--block-size", str(KVHEAD_PAGE), *common], check=True)
+    kvh = json.loads(kvhead_path.read_text())
+    rows = []
+    for ctx, s, k in zip(ctxs, stock["runs"], kvh["runs"], strict=True):
+        runner = _runner_agreement(ctx)
+        rows.append({
+            "context": ctx, "gen": gen, "prompt_tokens": s["prompt_tokens"],
+            "stock_self": s["agreement"], "kvhead": k["agreement"],
+            "runner_flexicache": runner,
+            "difference": None if runner is None else k["agreement"] - runner,
+            "forced_output_is_reference": s["output"] == s["reference"]
+            and k["output"] == k["reference"],
+        })
+    report = kvh["kvhead"]
+    summary = {"rows": rows, "settings": KVHEAD,
+               "kvhead_resident_heads": report["resident_heads"],
+               "kvhead_resident_page_fraction": report["resident_page_fraction"],
+               "stock_block_size": STOCK_BLOCK, "kv_cache_bytes": KV_BUDGET, "dtype": "float32"}
+    (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1))
+    console = Console(record=True, width=140)
+    console.print(_table(rows))
+    (RESULTS / f"{name}.md").write_text(console.export_text())
+
+
+if __name__ == "__main__":
+    app()
