@@ -184,8 +184,9 @@ def _admission(stock_blocks: int, stock_block_size: int) -> dict:
     predicted N is then checked by starting engines at N (must fit) and N + 1 (must not).
     """
     per_request = math.ceil(ADMIT_TOKENS / KVHEAD_PAGE)
-    split = _probe(8)["budget_split"]
-    fixed_per_seq = split["plugin_fixed_bytes"] / 8
+    split = _probe(8)["budget_split"]  # 8 sequences' pools are far below the block count
+    fixed_per_seq = (split["plugin_fixed_bytes"]
+                     + split["pool_max_blocks"] * split["pool_bytes_per_block"]) / 8
     per_block = split["kv_bytes_per_block"] + split["plugin_bytes_per_block"]
     guess = max(n for n in range(1, 1000)
                 if (KV_BUDGET - n * fixed_per_seq) // per_block >= n * per_request)
