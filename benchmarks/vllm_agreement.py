@@ -180,36 +180,42 @@ def _table(rows: list[dict]) -> Table:
     return table
 
 
+def _run_engines(ctxs: list[int], gen: int, name: str) -> tuple[dict, dict]:
+    """Stock (references + its own forced run), then kvhead forced on stock's references."""
+    from kvhead.models.resolve import resolve_model
+
+    model = str(resolve_model(MODEL))
+    common = ["--gen", str(gen), "--max-model-len", str(max(ctxs))]
+    stock_path, kvhead_path = RESULTS / f"{name}.stock.raw.json", RESULTS / f"{name}.kvhead.raw.json"
+    with tempfile.TemporaryDirectory(prefix="vllm_agreement_") as tmp:
+        prompts, refs, settings = (Path(tmp) / f for f in ("prompts.json", "refs.json", "kvhead.json"))
+        prompts.write_text(json.dumps(_prompts(ctxs, gen)))
+        subprocess.run([sys.executable, __file__, "worker", "stock", model, str(prompts),
+                        str(stock_path), *common], check=True)
+        stock = json.loads(stock_path.read_text())
+        refs.write_text(json.dumps([r["reference"] for r in stock["runs"]]))
+        settings.write_text(json.dumps(KVHEAD))
+        subprocess.run([sys.executable, __file__, "worker", "kvhead", model, str(prompts),
+                        str(kvhead_path), "--references", str(refs), "--kvhead", str(settings),
+                        "--block-size", str(KVHEAD_PAGE), *common], check=True)
+    return stock, json.loads(kvhead_path.read_text())
+
+
 @app.command()
 def main(
     contexts: str = typer.Option("4096,8192", help="Contexts (prompt + gen), comma-separated."),
     gen: int = typer.Option(GEN, help="Reference tokens per prompt."),
 ) -> None:
-    """Stock then kvhead, each in its own process; table, JSON and Markdown to results/."""
-    from kvhead.models.resolve import resolve_model
+    """Stock then kvhead, each in its own process; table, JSON and Markdown to results/.
 
-    torch.manual_seed(0)  # nothing here is random; seeded for the benchmark convention
+    Nothing is random: greedy decoding, engines seeded (``engine_kwargs`` passes seed 0), fixed
+    corpus windows.
+    """
     ctxs = [int(c) for c in contexts.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "vllm_agreement" if (contexts, gen) == ("4096,8192", GEN) else \
         f"vllm_agreement_c{contexts.replace(',', '-')}_g{gen}"
-    tmp = Path(tempfile.mkdtemp(prefix="vllm_agreement_"))
-    prompts = tmp / "prompts.json"
-    prompts.write_text(json.dumps(_prompts(ctxs, gen)))
-    model = str(resolve_model(MODEL))
-    common = ["--gen", str(gen), "--max-model-len", str(max(ctxs))]
-    stock_path, kvhead_path = RESULTS / f"{name}.stock.raw.json", RESULTS / f"{name}.kvhead.raw.json"
-    subprocess.run([sys.executable, __file__, "worker", "stock", model, str(prompts),
-                    str(stock_path), *common], check=True)
-    stock = json.loads(stock_path.read_text())
-    refs = tmp / "references.json"
-    refs.write_text(json.dumps([r["reference"] for r in stock["runs"]]))
-    settings = tmp / "settings.json"
-    settings.write_text(json.dumps(KVHEAD))
-    subprocess.run([sys.executable, __file__, "worker", "kvhead", model, str(prompts),
-                    str(kvhead_path), "--references", str(refs), "--kvhead", str(settings),
-                    "--block-size", str(KVHEAD_PAGE), *common], check=True)
-    kvh = json.loads(kvhead_path.read_text())
+    stock, kvh = _run_engines(ctxs, gen, name)
     rows = []
     for ctx, s, k in zip(ctxs, stock["runs"], kvh["runs"], strict=True):
         runner = _runner_agreement(ctx)
