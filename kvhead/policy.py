@@ -204,15 +204,11 @@ class SelectionPolicy:
         batch, width = block_table.shape
         every_page = num_pages.view(-1, 1).expand(batch, self.num_kv_heads)
         none = torch.zeros_like(every_page)
-        options = {
-            "sink_pages": self.sink_pages, "recent_pages": self.recent_pages,
-            "group_score": self.group_score,
-        }
         if self.mode is Mode.dense or layer < self.dense_layers:
             ids = all_pages(num_pages, self.num_kv_heads, width)
             sel = LayerSelection(ids, None, every_page, num_pages, none, none.bool())
         elif self.mode is Mode.quest:
-            top = _score_and_select(query, bounds, block_table, num_pages, self.top_k, **options)
+            top = self._top_k(query, bounds, block_table, num_pages, None)
             sel = LayerSelection(top, top, every_page, num_pages, none, torch.ones_like(none).bool())
         else:
             state = self._state.get(layer)
@@ -223,10 +219,24 @@ class SelectionPolicy:
                 heads = self._stable_heads[layer] if due else self._unstable_heads[layer][:0]
             else:
                 heads = None if due else self._unstable_heads[layer]
-            top = _score_and_select(query, bounds, block_table, num_pages, self.top_k, heads, **options)
+            top = self._top_k(query, bounds, block_table, num_pages, heads)
             sel = self._flexicache(layer, top, num_pages, width, due)
         self.stats.record(layer, sel)
         return sel
+
+    def _top_k(
+        self, query: torch.Tensor, bounds: PageBounds, block_table: torch.Tensor,
+        num_pages: torch.Tensor, heads: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Top-K page ids ``[B, Hkv, K]`` of ``heads`` (``None``: every head; the others -1).
+
+        The one scoring step of every mode: a subclass that keeps its page bounds in another
+        form (the vLLM plugin's int8 boxes) replaces this and inherits every selection rule.
+        """
+        return _score_and_select(
+            query, bounds, block_table, num_pages, self.top_k, heads, sink_pages=self.sink_pages,
+            recent_pages=self.recent_pages, group_score=self.group_score,
+        )
 
     def _flexicache(
         self, layer: int, top: torch.Tensor, num_pages: torch.Tensor, width: int, due: bool,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvhead.pages import PageBounds, score_pages, select_top_k
 from kvhead.vllm_plugin.bounds import DeviceBounds
+from kvhead.vllm_plugin.selection import CompactSelectionPolicy
 
 P, D, HKV, NB = 16, 32, 3, 64
 
@@ -89,3 +91,25 @@ def test_selection_matches_fp32_bounds_selection() -> None:
     only = bounds.select(q, blocks, num_pages, top_k=3, heads=heads)
     assert bool((only[:, [0, 2]] == -1).all())
     assert torch.equal(only[:, 1], bounds.select(q, blocks, num_pages, top_k=3)[:, 1])
+
+
+def test_compact_policy_keeps_flexicache_rules_and_refuses_options_int8_boxes_lack():
+    """Scoring is the only step the int8 policy replaces: stable heads keep their set between
+    reranks while unstable ones rerank, exactly as in kvhead.policy; options it cannot score
+    are refused at construction."""
+    bounds, _, _, blocks = _setup(open_slots=8)
+    unstable = torch.tensor([[True, False, False]])
+    args = {"mode": "flexicache", "num_layers": 1, "num_kv_heads": HKV, "page_size": P,
+            "top_k": 2, "rerank_interval": 4, "unstable": unstable}
+    policy = CompactSelectionPolicy(**args)
+    seq_lens = torch.tensor([100, 100])
+    selections = [policy.select(0, torch.randn(2, 6, D), bounds, blocks, seq_lens)
+                  for _ in range(3)]
+    assert selections[0].reranked.all()  # the first step ranks every head
+    for sel in selections[1:]:  # then only the unstable head, until the next rerank
+        assert sel.reranked[:, 0].all() and not sel.reranked[:, 1:].any()
+        assert torch.equal(sel.page_ids[:, 1:], selections[0].page_ids[:, 1:])
+        assert (sel.resident[:, 0] == 7).all()  # the unstable head keeps all 7 pages
+    for bad in ({"sink_pages": 1}, {"recent_pages": 2}, {"group_score": "softmax"}):
+        with pytest.raises(ValueError, match="spec's selection"):
+            CompactSelectionPolicy(**args, **bad)
