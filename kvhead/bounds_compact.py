@@ -123,6 +123,13 @@ def build_super_bounds(
     Pages past ``num_pages[b]`` are left out of their group. A serving engine folds appended keys
     into the open group instead of rebuilding (min/max folds commute); this builds them in bulk.
     """
+    return CompactBounds.quantize(*fold_super_boxes(bounds, block_table, num_pages, group))
+
+
+def fold_super_boxes(
+    bounds: PageBounds, block_table: torch.Tensor, num_pages: torch.Tensor, group: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact fp32 super-page boxes ``(kmin, kmax)`` ``[B, Hkv, S, D]`` (what gets quantised)."""
     if group <= 0:
         raise ValueError(f"super-page group must be positive, got {group}")
     batch, max_pages = block_table.shape
@@ -138,9 +145,8 @@ def build_super_bounds(
         v = v.amin(2) if reduce == "min" else v.amax(2)
         return v.permute(0, 2, 1, 3)  # [B, Hkv, S, D]
 
-    kmin = fold(bounds.kmin.float(), float("inf"), "min")
-    kmax = fold(bounds.kmax.float(), float("-inf"), "max")
-    return CompactBounds.quantize(kmin, kmax)
+    return fold(bounds.kmin.float(), float("inf"), "min"), fold(bounds.kmax.float(),
+                                                                 float("-inf"), "max")
 
 
 def _bound_scores(query: torch.Tensor, qmin: torch.Tensor, qmax: torch.Tensor,

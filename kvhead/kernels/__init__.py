@@ -11,6 +11,7 @@ Every function here computes the same function as its reference in the core pack
 ``hier_select``              :func:`kvhead.bounds_compact.hier_select` (int8, two-level)
 ``flat_select``              :func:`kvhead.bounds_compact.flat_select` (int8, every page)
 ``select_pages``             one of the two above, by pages per head (the rerank entry)
+``append_bounds``            :meth:`kvhead.bounds_live.LiveBounds.append` (int8 bounds on append)
 =========================  ==============================================================
 
 Dispatch: Triton runs when the tensors are on CUDA, or anywhere when Triton's interpreter is on
@@ -28,10 +29,12 @@ import torch
 from kvhead import attention as _ref_attention
 from kvhead import bounds_compact as _ref_compact
 from kvhead import helix as _ref_helix
+from kvhead import bounds_live as _ref_live
 from kvhead import pages as _ref_pages
 from kvhead.kernels.transfer import copy_pages_async
 
 __all__ = [
+    "append_bounds",
     "combine_partials",
     "copy_pages_async",
     "flat_select",
@@ -161,6 +164,18 @@ def update_bounds(
     from kvhead.kernels.bounds import update_bounds as kernel
 
     kernel(bounds.kmin, bounds.kmax, keys, slot_mapping, page_size)
+
+
+def append_bounds(live: _ref_live.LiveBounds, keys: torch.Tensor, slots: torch.Tensor,
+                  positions: torch.Tensor) -> None:
+    """Fold one decode key per row ``[B, Hkv, D]`` into ``live``'s open boxes (in place); pages
+    and groups the key closes get their int8 bounds, bit-identical to a build from scratch."""
+    if not triton_active(keys):
+        live.append(keys, slots, positions)
+        return
+    from kvhead.kernels.bounds_live import append_bounds as kernel
+
+    kernel(live, keys, slots, positions)
 
 
 def combine_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
