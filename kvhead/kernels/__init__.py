@@ -28,8 +28,8 @@ import torch
 
 from kvhead import attention as _ref_attention
 from kvhead import bounds_compact as _ref_compact
-from kvhead import helix as _ref_helix
 from kvhead import bounds_live as _ref_live
+from kvhead import helix as _ref_helix
 from kvhead import pages as _ref_pages
 from kvhead.kernels.transfer import copy_pages_async
 
