@@ -48,14 +48,17 @@ def _floats(text: str) -> list[float]:
         raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _load(model: str, page_size: int):
+def _load(model: str, page_size: int, device: str = "cpu"):
     """Resolve a model spec to a folder and build the reference runner and tokenizer."""
+    import torch
     from transformers import AutoTokenizer
 
     from kvhead.runner import ReferenceRunner
 
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
     model_dir = resolve_model(model)
-    runner = ReferenceRunner.from_pretrained(model_dir, page_size=page_size)
+    runner = ReferenceRunner.from_pretrained(model_dir, page_size=page_size, device=device)
     return model_dir, runner, AutoTokenizer.from_pretrained(model_dir)
 
 
@@ -92,6 +95,36 @@ def profile(
     console.print(f"profile: {out}\nheatmap: {png}\nunstable heads: {len(result.unstable)}")
 
 
+@app.command()
+def coverage(
+    model: Annotated[str, typer.Option(help="Registry name, HF folder or .gguf file.")] = DEFAULT_MODEL,
+    profile_path: Annotated[Path | None, typer.Option("--profile", help="Head profile JSON to extend.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where to write (default: the --profile file).")] = None,
+    prompts: int = 2, context: int = 8192, steps: int = 32, step_pages: int = 8, page_size: int = 16,
+    group_score: str = "softmax", sink_pages: int = 1, recent_pages: int = 4, seed: int = 1,
+    device: Annotated[str, typer.Option(help="torch device: cpu or cuda.")] = "cpu",
+) -> None:
+    """Calibrate head-adaptive budgets: add per-head attention-mass coverage to a head profile."""
+    from kvhead.profiler import CoverageConfig, measure_coverage
+
+    try:
+        cfg = CoverageConfig(
+            prompts=prompts, context=context, steps=steps, step_pages=step_pages,
+            group_score=group_score, sink_pages=sink_pages, recent_pages=recent_pages, seed=seed,
+        )
+        model_dir, runner, tokenizer = _load(model, page_size, device)
+        head_profile = profile_for_model(model_dir, profile_path)
+        if head_profile.page_size != page_size:
+            raise ValueError(f"profile pages hold {head_profile.page_size} tokens, not {page_size}")
+        with console.status(f"coverage: {cfg.prompts} prompts of {cfg.context} tokens"):
+            head_profile.coverage = measure_coverage(runner, tokenizer, cfg)
+    except USER_ERRORS as err:
+        _fail(err)
+    target = out or profile_path or user_profile_dir() / f"{Path(model_dir).name}-{head_profile.model_fingerprint}.json"
+    head_profile.save(target)
+    console.print(f"profile with coverage: {target}")
+
+
 @app.command("eval")
 def eval_(
     model: Annotated[str, typer.Option(help="Registry name, HF folder or .gguf file.")] = DEFAULT_MODEL,
@@ -107,6 +140,9 @@ def eval_(
     group_score: Annotated[str, typer.Option(help="+ modes: GQA page score, max or softmax.")] = "max",
     leading_layers: Annotated[int, typer.Option(help="+ modes: first layers attend densely.")] = 0,
     unstable_dense: Annotated[bool, typer.Option(help="flexicache+: unstable heads attend densely.")] = False,
+    head_budgets: Annotated[bool, typer.Option(help="+ modes: per-head budgets from the profile's coverage.")] = False,
+    prompts: Annotated[int, typer.Option(help="Corpus windows per context (agreement, perplexity).")] = 1,
+    device: Annotated[str, typer.Option(help="torch device: cpu or cuda.")] = "cpu",
 ) -> None:
     """Accuracy of quest and flexicache decoding against dense, per context length."""
     from kvhead.evaluation.harness import EvalConfig, SelectionOptions, evaluate
@@ -114,37 +150,40 @@ def eval_(
     try:
         options = SelectionOptions(
             sink_pages=sink_pages, recent_pages=recent_pages, group_score=group_score,
-            leading_layers=leading_layers, unstable_dense=unstable_dense,
+            leading_layers=leading_layers, unstable_dense=unstable_dense, head_budgets=head_budgets,
         )
         cfg = EvalConfig(
             contexts=_ints(contexts), gen_tokens=gen_tokens, top_k=top_k, page_size=page_size,
             rerank_interval=rerank_interval, passkey_depths=_floats(passkey_depths), seed=seed,
-            modes=[m.strip() for m in modes.split(",") if m.strip()], options=options,
+            prompts=prompts, modes=[m.strip() for m in modes.split(",") if m.strip()], options=options,
         )
         for context in cfg.contexts:
             cfg.prompt_tokens(context)
-        model_dir, runner, tokenizer = _load(model, page_size)
+        model_dir, runner, tokenizer = _load(model, page_size, device)
         head_profile = profile_for_model(model_dir, profile_path)
-        report = evaluate(
-            runner, tokenizer, head_profile, cfg, model=Path(model_dir).name,
-            on_context=lambda r: console.print(f"context {r.context}: done in {r.seconds:.0f} s"),
-        )
+        output.parent.mkdir(parents=True, exist_ok=True)
+
+        def save(partial) -> None:
+            output.write_text(json.dumps(partial.model_dump(mode="json"), indent=1))
+            last = partial.results[-1]
+            console.print(f"context {last.context}: done in {last.seconds:.0f} s")
+
+        report = evaluate(runner, tokenizer, head_profile, cfg, model=Path(model_dir).name, on_context=save)
     except USER_ERRORS as err:
         _fail(err)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report.model_dump(mode="json"), indent=1))
     console.print(accuracy_table(report))
     console.print(f"results: {output}")
 
 
 def accuracy_table(report) -> Table:
     table = Table(title=f"{report.model}: sparse decoding vs dense (K={report.config.top_k} pages)")
-    for column in ("context", "mode", "token agr.", "free match", "PPL ratio", "passkey", "dense passkey", "resident"):
+    for column in ("context", "mode", "token agr.", "± s.e.", "free match", "PPL ratio", "passkey", "dense passkey", "resident"):
         table.add_column(column, justify="right")
     for result in report.results:
         for mode, m in result.modes.items():
             table.add_row(
-                str(result.context), mode, f"{m.token_agreement:.3f}", f"{m.free_match:.3f}",
+                str(result.context), mode, f"{m.token_agreement:.3f}", f"{m.agreement_stderr:.3f}",
+                f"{m.free_match:.3f}",
                 f"{m.perplexity_ratio:.4f}", f"{m.passkey_accuracy:.2f}",
                 f"{result.dense_passkey_accuracy:.2f}", f"{m.resident_fraction:.3f}",
             )

@@ -104,7 +104,7 @@ def score_pages(
 
 
 def select_top_k(
-    scores: torch.Tensor, top_k: int, num_pages: torch.Tensor, *,
+    scores: torch.Tensor, top_k: int | torch.Tensor, num_pages: torch.Tensor, *,
     sink_pages: int = 0, recent_pages: int = 1,
 ) -> torch.Tensor:
     """Top-``top_k`` logical pages per (sequence, kv head), ascending, padded with -1.
@@ -113,21 +113,32 @@ def select_top_k(
     only the tokens so far, and the query's own recent context lives there) and the first
     ``sink_pages`` (StreamingLLM's attention sinks, which soak up most of the softmax mass in
     many heads) are always kept; they count inside the ``top_k`` budget.
+
+    ``top_k`` may be a tensor ``[Hkv]`` of per-head budgets (head-adaptive selection): each head
+    keeps its own best ``top_k[h]`` pages; rows are padded to the largest budget.
     """
-    if top_k <= 0:
-        raise ValueError(f"top_k must be positive, got {top_k}")
-    if recent_pages < 1 or sink_pages < 0 or sink_pages + recent_pages > top_k:
+    per_head = isinstance(top_k, torch.Tensor)
+    smallest = int(top_k.min()) if per_head else top_k
+    largest = int(top_k.max()) if per_head else top_k
+    if smallest <= 0:
+        raise ValueError(f"top_k must be positive, got {smallest}")
+    if recent_pages < 1 or sink_pages < 0 or sink_pages + recent_pages > smallest:
         raise ValueError(
-            f"need recent_pages >= 1, sink_pages >= 0 and their sum <= top_k ({top_k}), "
+            f"need recent_pages >= 1, sink_pages >= 0 and their sum <= top_k ({smallest}), "
             f"got {recent_pages} and {sink_pages}"
         )
-    batch, _, max_pages = scores.shape
-    k = min(top_k, max_pages)
+    batch, num_heads, max_pages = scores.shape
+    k = min(largest, max_pages)
     pos = torch.arange(max_pages, device=scores.device).view(1, 1, -1)
     num_pages = num_pages.long().view(batch, 1, 1)
     keep = ((pos < sink_pages) | (pos >= num_pages - recent_pages)) & (pos < num_pages)
     forced = scores.masked_fill(keep, float("inf"))
     values, ids = forced.topk(k, dim=2)
+    if per_head:
+        if top_k.shape != (num_heads,):
+            raise ValueError(f"per-head top_k has shape {tuple(top_k.shape)}, scores have {num_heads} heads")
+        rank = torch.arange(k, device=scores.device).view(1, 1, -1)
+        values = values.masked_fill(rank >= top_k.to(scores.device).view(1, -1, 1), float("-inf"))
     ids = ids.masked_fill(values == float("-inf"), PAD)
     ids = torch.where(ids == PAD, torch.iinfo(ids.dtype).max, ids).sort(dim=2).values
     return ids.masked_fill(ids == torch.iinfo(ids.dtype).max, PAD)

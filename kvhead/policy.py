@@ -20,6 +20,8 @@ Options beyond the spec, all off by default (the defaults are the spec's selecti
   instead of their maximum over the GQA group (see :func:`kvhead.pages.score_pages`).
 * ``unstable_dense``: in ``flexicache``, unstable heads attend to every page. Their pages are all
   resident anyway, so this costs compute but no device memory, and they need no scoring.
+* ``head_top_k``: a per-(layer, head) page budget in place of the one ``top_k`` (head-adaptive
+  selection, see :mod:`kvhead.budgets`): broad heads get more pages, concentrated ones fewer.
 
 The policy keeps per-layer state for one batch of sequences that decode in lock-step; call
 :meth:`SelectionPolicy.reset` when a new batch starts.
@@ -45,29 +47,31 @@ from kvhead.pages import (
 
 def _score_and_select(
     query: torch.Tensor, bounds: PageBounds, block_table: torch.Tensor, num_pages: torch.Tensor,
-    top_k: int, kv_heads: torch.Tensor | None = None, *, sink_pages: int = 0, recent_pages: int = 1,
-    group_score: str = "max",
+    top_k: int | torch.Tensor, kv_heads: torch.Tensor | None = None, *, sink_pages: int = 0,
+    recent_pages: int = 1, group_score: str = "max",
 ) -> torch.Tensor:
     """Top-K page ids ``[B, Hkv, K]``; heads outside ``kv_heads`` (when given) get all -1.
 
     Fused Triton scoring + top-K on CUDA (which scores every head: it is cheap there) for the
     spec's selection; the torch reference elsewhere, and for the options the kernel lacks
-    (sink/window pages, softmax group scores). The reference reads only the bounds of the
-    heads asked for.
+    (sink/window pages, softmax group scores, per-head budgets ``top_k [Hkv]``). The reference
+    reads only the bounds of the heads asked for.
     """
-    if query.is_cuda and sink_pages == 0 and recent_pages == 1 and group_score == "max":
+    per_head = isinstance(top_k, torch.Tensor)
+    spec = sink_pages == 0 and recent_pages == 1 and group_score == "max" and not per_head
+    if query.is_cuda and spec:
         from kvhead.kernels import score_and_select
 
         return score_and_select(query, bounds, block_table, num_pages, top_k)
     forced = {"sink_pages": sink_pages, "recent_pages": recent_pages}
     if kv_heads is not None and kv_heads.numel() == 0:
-        width = min(top_k, block_table.shape[1])
+        width = min(int(top_k.max()) if per_head else top_k, block_table.shape[1])
         return torch.full((query.shape[0], bounds.kmin.shape[1], width), PAD, device=query.device)
     if kv_heads is None:
         scores = score_pages(query, bounds, block_table, num_pages, group_score=group_score)
         return select_top_k(scores, top_k, num_pages, **forced)
     scores = score_pages(query, bounds, block_table, num_pages, kv_heads, group_score)
-    part = select_top_k(scores, top_k, num_pages, **forced)
+    part = select_top_k(scores, top_k[kv_heads] if per_head else top_k, num_pages, **forced)
     full = part.new_full((part.shape[0], bounds.kmin.shape[1], part.shape[2]), PAD)
     full[:, kv_heads] = part
     return full
@@ -154,10 +158,12 @@ class SelectionPolicy:
     dense_layers: int = 0  # first layers attend to every page
     unstable_dense: bool = False  # flexicache: unstable heads attend to every (resident) page
     group_score: str = "max"  # "max" over the GQA group (spec) or "softmax" (see score_pages)
+    head_top_k: torch.Tensor | None = None  # [L, Hkv] per-head budgets replacing top_k
     stats: PolicyStats = field(init=False)
     _state: dict[int, _LayerState] = field(init=False, default_factory=dict)
     _unstable_heads: list[torch.Tensor] = field(init=False, default_factory=list)
     _stable_heads: list[torch.Tensor] = field(init=False, default_factory=list)
+    _layer: int = field(init=False, default=0)  # layer being selected (for per-head budgets)
 
     def __post_init__(self) -> None:
         self.mode = Mode(self.mode)
@@ -170,6 +176,8 @@ class SelectionPolicy:
                 f"need recent_pages >= 1, sink_pages >= 0 and sink + recent <= top_k ({self.top_k}), "
                 f"got recent {self.recent_pages}, sink {self.sink_pages}"
             )
+        if self.head_top_k is not None:
+            self._check_head_top_k()
         if self.group_score not in ("max", "softmax"):
             raise ValueError(f"group_score must be 'max' or 'softmax', got {self.group_score!r}")
         if not 0 <= self.dense_layers <= self.num_layers:
@@ -187,6 +195,21 @@ class SelectionPolicy:
             self._unstable_heads = [row.nonzero().flatten() for row in self.unstable]
             self._stable_heads = [(~row).nonzero().flatten() for row in self.unstable]
 
+    def _check_head_top_k(self) -> None:
+        budgets = self.head_top_k
+        if tuple(budgets.shape) != (self.num_layers, self.num_kv_heads):
+            raise ValueError(
+                f"head_top_k has shape {tuple(budgets.shape)}, model has {(self.num_layers, self.num_kv_heads)}"
+            )
+        if int(budgets.min()) < self.sink_pages + self.recent_pages:
+            raise ValueError(
+                f"every head budget must hold sink + recent pages ({self.sink_pages + self.recent_pages}), "
+                f"smallest is {int(budgets.min())}"
+            )
+        if type(self)._top_k is not SelectionPolicy._top_k:
+            raise ValueError(f"{type(self).__name__} scores pages itself and has no per-head budgets")
+        self.head_top_k = budgets.long()
+
     def reset(self) -> None:
         """Start a new batch: forget selections; statistics keep accumulating."""
         self._state.clear()
@@ -196,6 +219,7 @@ class SelectionPolicy:
         block_table: torch.Tensor, seq_lens: torch.Tensor,
     ) -> LayerSelection:
         """Pages to attend to for decode queries ``[B, Hq, D]`` of ``layer``."""
+        self._layer = layer
         num_pages = (seq_lens.long() + self.page_size - 1) // self.page_size
         if not block_table.is_cuda:
             # Engines pad block tables to the longest possible sequence; scoring and masks only
@@ -233,8 +257,9 @@ class SelectionPolicy:
         The one scoring step of every mode: a subclass that keeps its page bounds in another
         form (the vLLM plugin's int8 boxes) replaces this and inherits every selection rule.
         """
+        top_k = self.top_k if self.head_top_k is None else self.head_top_k[self._layer].to(query.device)
         return _score_and_select(
-            query, bounds, block_table, num_pages, self.top_k, heads, sink_pages=self.sink_pages,
+            query, bounds, block_table, num_pages, top_k, heads, sink_pages=self.sink_pages,
             recent_pages=self.recent_pages, group_score=self.group_score,
         )
 

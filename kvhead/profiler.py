@@ -9,14 +9,17 @@ the same profile.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field
 
+from kvhead.budgets import PageCoverage
 from kvhead.evaluation.inputs import corpus_window
 from kvhead.evaluation.tasks import greedy, prefill
+from kvhead.pages import PageBounds, score_pages
 from kvhead.policy import LayerSelection
-from kvhead.runner import ReferenceRunner
+from kvhead.runner import PagedKVCache, ReferenceRunner
 from kvhead.stability import HeadProfile, StabilityAccumulator, model_fingerprint
 
 
@@ -55,6 +58,84 @@ def profile_heads(
         acc.instability(), fraction=cfg.unstable_fraction, per_layer=cfg.per_layer,
         model_fingerprint=model_fingerprint(model_dir), page_size=cfg.page_size,
         top_k=cfg.top_k, window=cfg.window,
+    )
+
+
+class CoverageConfig(BaseModel):
+    """Calibration of head-adaptive budgets (``kvhead profile --coverage``)."""
+
+    prompts: int = Field(default=2, gt=0, description="Corpus windows to decode from.")
+    context: int = Field(default=8192, ge=64, description="Sequence length (prompt + steps).")
+    steps: int = Field(default=32, gt=0, description="Dense decode steps measured per prompt.")
+    step_pages: int = Field(default=8, gt=0, description="Grid spacing of k in pages.")
+    group_score: Literal["max", "softmax"] = Field(default="softmax", description="GQA page score ranking the pages.")
+    sink_pages: int = Field(default=1, ge=0, description="First pages always ranked first.")
+    recent_pages: int = Field(default=4, ge=1, description="Newest pages always ranked first.")
+    seed: int = Field(default=1, description="Seeds the corpus windows (eval uses other offsets).")
+
+
+class _CoverageProbe:
+    """Stands in for the dense policy: measures each layer's covered mass, then attends densely."""
+
+    def __init__(self, runner: ReferenceRunner, cache: PagedKVCache, cfg: CoverageConfig, grid: list[int]) -> None:
+        self.dense = runner.policy("dense")
+        self.cache, self.spec, self.cfg = cache, runner.spec, cfg
+        self.grid = torch.tensor(grid) - 1
+        self.total = torch.zeros(runner.num_layers, runner.spec.num_kv_heads, len(grid), dtype=torch.float64)
+        self.count = 0
+
+    def reset(self) -> None:
+        self.dense.reset()
+
+    def select(self, layer, query, bounds: PageBounds, block_table, seq_lens) -> LayerSelection:
+        self._measure(layer, query, bounds, block_table, seq_lens)
+        if layer == 0:
+            self.count += 1
+        return self.dense.select(layer, query, bounds, block_table, seq_lens)
+
+    def _measure(self, layer, query, bounds, block_table, seq_lens) -> None:
+        spec, cfg, total = self.spec, self.cfg, int(seq_lens[0])
+        num_pages = (seq_lens.long() + spec.page_size - 1) // spec.page_size
+        width = int(num_pages[0])
+        keys, _ = self.cache.keys_values(layer, total)
+        q = query[0].float().view(spec.num_kv_heads, -1, spec.head_dim)
+        weights = (torch.einsum("hgd,thd->hgt", q, keys.float()) * spec.head_dim**-0.5).softmax(-1)
+        weights = torch.nn.functional.pad(weights.mean(1), (0, width * spec.page_size - total))
+        mass = weights.view(spec.num_kv_heads, width, spec.page_size).sum(-1)  # [Hkv, N]
+        scores = score_pages(query, bounds, block_table[:, :width], num_pages, group_score=cfg.group_score)
+        # every page, best first; forced pages rank first, as the policy keeps them
+        pos = torch.arange(width, device=query.device).view(1, -1)
+        keep = (pos < cfg.sink_pages) | (pos >= width - cfg.recent_pages)
+        order = scores[0].masked_fill(keep, float("inf")).argsort(dim=-1, descending=True, stable=True)
+        covered = mass.gather(1, order).cumsum(-1)
+        self.total[layer] += covered[:, self.grid.clamp_max(width - 1).to(covered.device)].double().cpu()
+
+
+def measure_coverage(runner: ReferenceRunner, tokenizer, cfg: CoverageConfig) -> PageCoverage:
+    """Mean attention mass covered by each head's k best-ranked pages, k every ``step_pages``.
+
+    Decoding is dense (the model's own greedy continuation of calibration windows), so the
+    curves describe the model, not a sparse run's drift; ranking uses the policy's scoring
+    options, so a budget of k pages keeps what the curve says.
+    """
+    pages = runner.spec.num_pages(cfg.context)
+    grid = list(range(cfg.step_pages, pages + 1, cfg.step_pages))
+    if not grid:
+        raise ValueError(f"context {cfg.context} holds fewer than {cfg.step_pages} pages")
+    rng = torch.Generator().manual_seed(cfg.seed)
+    probe = None
+    for _ in range(cfg.prompts):
+        offset = int(torch.randint(0, 1 << 20, (1,), generator=rng))
+        pre = prefill(runner, corpus_window(tokenizer, cfg.context - cfg.steps, offset), cfg.steps)
+        if probe is None:
+            probe = _CoverageProbe(runner, pre.cache, cfg, grid)
+        probe.cache = pre.cache
+        greedy(runner, pre, cfg.steps + 1, probe)
+    mass = (probe.total / max(probe.count, 1)).clamp_max(1.0)
+    return PageCoverage(
+        context=cfg.context, prompts=cfg.prompts, steps=cfg.steps, group_score=cfg.group_score,
+        sink_pages=cfg.sink_pages, recent_pages=cfg.recent_pages, pages=grid,
+        mass=[[[round(v, 6) for v in row] for row in layer] for layer in mass.tolist()],
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field, model_validator
 
+from kvhead.budgets import PageCoverage
 from kvhead.pages import page_mask
 
 
@@ -89,6 +90,10 @@ class HeadProfile(BaseModel):
         default=False,
         description="Unstable heads were chosen per layer (same count in every layer).",
     )
+    coverage: PageCoverage | None = Field(
+        default=None,
+        description="Calibration of head-adaptive budgets (kvhead.budgets); absent: uniform top-K.",
+    )
 
     @model_validator(mode="after")
     def _check_shapes(self) -> HeadProfile:
@@ -99,6 +104,9 @@ class HeadProfile(BaseModel):
         for layer, head in self.unstable:
             if not (0 <= layer < self.num_layers and 0 <= head < self.num_kv_heads):
                 raise ValueError(f"unstable head ({layer}, {head}) is out of range")
+        cov = self.coverage
+        if cov is not None and (len(cov.mass), len(cov.mass[0])) != (self.num_layers, self.num_kv_heads):
+            raise ValueError("coverage must be [num_layers][num_kv_heads][grid]")
         return self
 
     @classmethod

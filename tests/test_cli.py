@@ -44,6 +44,23 @@ def test_profile_then_eval(tiny_dir, tmp_path, monkeypatch):
     assert result.exit_code == 2 and "exceeds the model's 2 layers" in result.output
     assert set(json.loads(out.read_text())["results"][0]["modes"]) == {"quest", "flexicache"}
 
+    budgets = ["eval", "--model", str(tiny_dir), "--contexts", "160", "--gen-tokens", "8",
+               "--rerank-interval", "4", "--passkey-depths", "", "--modes", "flexicache+",
+               "--head-budgets", "--prompts", "2", "--output", str(out), *small]
+    result = runner.invoke(app, budgets)
+    assert result.exit_code == 2 and "needs a profile with coverage" in result.output
+    result = runner.invoke(app, [
+        "coverage", "--model", str(tiny_dir), "--profile", str(profiles[0]), "--context", "160",
+        "--steps", "4", "--step-pages", "2", "--group-score", "max", "--sink-pages", "0",
+        "--recent-pages", "1", "--page-size", "8",
+    ])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(profiles[0].read_text())["coverage"]["pages"]) == 10  # 20 pages, every 2
+    result = runner.invoke(app, budgets)
+    assert result.exit_code == 0, result.output
+    mode = json.loads(out.read_text())["results"][0]["modes"]["flexicache+"]
+    assert mode["scored_tokens"] == 16 and 0 <= mode["agreement_stderr"] <= 0.5
+
 
 @pytest.mark.parametrize("args, message", [
     (["eval", "--top-k", "0"], "top_k"),
@@ -54,10 +71,13 @@ def test_profile_then_eval(tiny_dir, tmp_path, monkeypatch):
     (["eval", "--modes", "flexicache+", "--sink-pages", "70"], "must fit in top_k"),
     (["eval", "--modes", "quest+", "--group-score", "mean"], "group_score"),
     (["eval", "--model", "no-such-model"], "unknown model"),
+    (["eval", "--device", "cuda"], "no CUDA device"),
+    (["coverage", "--group-score", "mean"], "group_score"),
     (["profile", "--unstable-fraction", "1.5"], "unstable_fraction"),
     (["profile", "--model", "/no/such/dir"], "no such file"),
 ])
-def test_bad_input_is_one_clear_line(args, message):
+def test_bad_input_is_one_clear_line(args, message, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output

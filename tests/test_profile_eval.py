@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from kvhead.evaluation.harness import EvalConfig, evaluate
@@ -111,3 +112,32 @@ def test_plus_modes_with_spec_options_match_the_spec_modes(tiny):
         result.modes["flexicache"].resident_fraction, abs=0.05)
     with pytest.raises(ValueError, match="modes"):
         EvalConfig(modes=["quest", "sparse"])
+
+
+def test_coverage_curves_rise_to_one_and_drive_budgets(tiny):
+    from kvhead.evaluation.harness import SelectionOptions
+    from kvhead.profiler import CoverageConfig, measure_coverage
+
+    model_dir, runner, tok = tiny
+    cov = measure_coverage(runner, tok, CoverageConfig(prompts=1, context=256, steps=6, step_pages=2,
+                                                       group_score="max", sink_pages=0, recent_pages=1))
+    mass = torch.tensor(cov.mass)
+    assert cov.pages == list(range(2, 33, 2)) and mass.shape == (2, 2, 16)
+    assert (mass.diff(dim=-1) >= -1e-6).all() and (mass[..., -1] > 0.999).all() and (mass[..., 0] < 0.9).all()
+
+    profile = profile_heads(runner, tok, model_dir, PROFILE).model_copy(update={"coverage": cov})
+    cfg = EvalConfig(contexts=[320], gen_tokens=12, top_k=4, page_size=8, rerank_interval=4,
+                     passkey_depths=[0.2], modes=["flexicache", "flexicache+"], prompts=2,
+                     options=SelectionOptions(head_budgets=True))
+    (result,) = evaluate(runner, tok, profile, cfg, model="tiny").results
+    spec, adaptive = result.modes["flexicache"], result.modes["flexicache+"]
+    assert spec.scored_tokens == adaptive.scored_tokens == 24
+    p = spec.token_agreement
+    assert spec.agreement_stderr == pytest.approx(math.sqrt(p * (1 - p) / 24))
+    # same pool of pages for the stable heads: resident share within a page or two per step
+    assert adaptive.resident_fraction == pytest.approx(spec.resident_fraction, abs=0.05)
+    with pytest.raises(ValueError, match="options differ"):
+        evaluate(runner, tok, profile, cfg.model_copy(update={"options": SelectionOptions(
+            head_budgets=True, sink_pages=1)}), model="tiny")
+    with pytest.raises(ValueError, match="coverage"):
+        evaluate(runner, tok, profile.model_copy(update={"coverage": None}), cfg, model="tiny")

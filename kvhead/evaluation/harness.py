@@ -2,17 +2,21 @@
 
 The modes are the spec's ``quest`` and ``flexicache`` and, on request, ``quest+`` and
 ``flexicache+``: the same policies with the selection options of :class:`SelectionOptions`
-(sink/window pages, dense leading layers, softmax group scores, unstable heads attending densely).
+(sink/window pages, dense leading layers, softmax group scores, unstable heads attending densely,
+head-adaptive page budgets from the profile's coverage calibration).
 
 Per context length, for each sparse mode, following DESIGN.md's agreed definitions:
 token agreement (teacher-forced on dense's greedy continuation), free-running match (first
 divergence and identical share), perplexity ratio on held-out corpus text, passkey accuracy,
 and the resident-page fraction with promoted pages per rerank over all of that mode's decode steps.
+With ``prompts > 1`` agreement and perplexity pool several corpus windows per context; the
+agreement's binomial standard error says how far one run's number can be trusted.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -20,6 +24,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from kvhead.budgets import allocate_budgets
 from kvhead.evaluation.inputs import corpus_window, passkey_prompt
 from kvhead.evaluation.tasks import first_divergence, greedy, prefill, teacher_forced
 from kvhead.policy import Mode, SelectionPolicy
@@ -47,6 +52,11 @@ class SelectionOptions(BaseModel):
     unstable_dense: bool = Field(
         default=False, description="flexicache+: unstable heads attend to every (resident) page."
     )
+    head_budgets: bool = Field(
+        default=False,
+        description="Spread the sparse heads' pages (count x top_k) by the profile's coverage "
+        "curves instead of top_k each (see kvhead.budgets).",
+    )
 
 
 class EvalConfig(BaseModel):
@@ -64,6 +74,9 @@ class EvalConfig(BaseModel):
         default=[0.1, 0.3, 0.5, 0.7, 0.9], description="Needle positions as prompt fractions."
     )
     seed: int = Field(default=0, description="Seeds passkeys and text offsets.")
+    prompts: int = Field(
+        default=1, gt=0, description="Corpus windows per context for agreement and perplexity."
+    )
     modes: list[str] = Field(
         default=list(SPEC_MODES), description="Sparse modes to compare with dense, in order."
     )
@@ -122,6 +135,8 @@ class ModeResult(BaseModel):
     passkey_accuracy: float
     resident_fraction: float = Field(description="Device-resident share of KV pages.")
     promoted_per_rerank: float = Field(description="Pages fetched per stable-head rerank.")
+    scored_tokens: int = Field(description="Teacher-forced positions behind the agreement.")
+    agreement_stderr: float = Field(description="Binomial standard error of the agreement.")
 
 
 class ContextResult(BaseModel):
@@ -137,6 +152,10 @@ class EvalReport(BaseModel):
     model_fingerprint: str
     config: EvalConfig
     unstable_fraction: float
+    device: str = Field(default="cpu", description="torch device the runner decoded on.")
+    load_average: list[float] = Field(
+        default_factory=list, description="Host 1/5/15-minute load when the run ended."
+    )
     results: list[ContextResult]
 
 
@@ -151,11 +170,29 @@ def _policy(runner: ReferenceRunner, mode: str, cfg: EvalConfig, profile: HeadPr
         if base is Mode.flexicache:
             kwargs |= {"unstable": profile.unstable_mask(opt.leading_layers),
                        "unstable_dense": opt.unstable_dense}
+            sparse = ~kwargs["unstable"]
         else:
             kwargs["dense_layers"] = opt.leading_layers
+            sparse = torch.ones(profile.num_layers, profile.num_kv_heads, dtype=torch.bool)
+            sparse[: opt.leading_layers] = False
+        if opt.head_budgets:
+            kwargs["head_top_k"] = _head_budgets(profile, opt, sparse, cfg.top_k)
     elif base is Mode.flexicache:
         kwargs["unstable"] = profile.unstable_mask()
     return runner.policy(base, **kwargs)
+
+
+def _head_budgets(profile: HeadProfile, opt: SelectionOptions, sparse: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Budgets of the heads that select pages, from coverage ranked exactly as they rank."""
+    cov = profile.coverage
+    if cov is None:
+        raise ValueError("head_budgets needs a profile with coverage (kvhead profile --coverage)")
+    if not cov.matches(group_score=opt.group_score, sink_pages=opt.sink_pages, recent_pages=opt.recent_pages):
+        raise ValueError(
+            f"the profile's coverage was ranked with group_score={cov.group_score}, sink_pages="
+            f"{cov.sink_pages}, recent_pages={cov.recent_pages}; the options differ"
+        )
+    return allocate_budgets(cov, sparse, top_k)
 
 
 def _passkey_correct(runner, tokenizer, pre, policy, passkey: int) -> bool:
@@ -174,22 +211,27 @@ def evaluate_context(
     sparse = {m: _policy(runner, m, cfg, profile) for m in cfg.modes}
 
     length = cfg.prompt_tokens(context)
-    prompt = corpus_window(tokenizer, length, offset=cfg.seed * 997)
-    pre = prefill(runner, prompt, gen)
-    reference = greedy(runner, pre, gen, dense)
-    agreement, free = {}, {}
-    for mode, policy in sparse.items():
-        argmax, _ = teacher_forced(runner, pre, reference, policy)
-        agreement[mode] = sum(a == r for a, r in zip(argmax, reference)) / gen
-        free[mode] = greedy(runner, pre, gen, policy)
+    agree, free, first = {m: 0 for m in sparse}, {m: 0 for m in sparse}, {m: gen for m in sparse}
+    nll = {m: 0.0 for m in ("dense", *sparse)}
+    for i in range(cfg.prompts):
+        # Window 0 is the one every earlier report used; more windows step through the corpus.
+        prompt = corpus_window(tokenizer, length, offset=cfg.seed * 997 + i * 7919)
+        pre = prefill(runner, prompt, gen)
+        reference = greedy(runner, pre, gen, dense)
+        for mode, policy in sparse.items():
+            argmax, _ = teacher_forced(runner, pre, reference, policy)
+            agree[mode] += sum(a == r for a, r in zip(argmax, reference))
+            decoded = greedy(runner, pre, gen, policy)
+            free[mode] += sum(a == b for a, b in zip(decoded, reference))
+            first[mode] = min(first[mode], first_divergence(decoded, reference))
 
-    text = corpus_window(tokenizer, context, offset=context * 3 + cfg.seed * 131)
-    pre = prefill(runner, text[:length], gen)
-    targets = text[length:].tolist()
-    nll = {
-        mode: sum(teacher_forced(runner, pre, targets, policy)[1]) / gen
-        for mode, policy in [("dense", dense), *sparse.items()]
-    }
+        text = corpus_window(tokenizer, context, offset=context * 3 + cfg.seed * 131 + i * 6007)
+        pre = prefill(runner, text[:length], gen)
+        targets = text[length:].tolist()
+        for mode, policy in [("dense", dense), *sparse.items()]:
+            nll[mode] += sum(teacher_forced(runner, pre, targets, policy)[1])
+    scored = gen * cfg.prompts
+    nll = {mode: total / scored for mode, total in nll.items()}
 
     rng = torch.Generator().manual_seed(cfg.seed + context)
     hits = {m: 0 for m in ("dense", *cfg.modes)}
@@ -202,15 +244,18 @@ def evaluate_context(
 
     modes = {}
     for mode, policy in sparse.items():
+        agreement = agree[mode] / scored
         modes[mode] = ModeResult(
-            token_agreement=agreement[mode],
-            free_match=sum(a == b for a, b in zip(free[mode], reference)) / gen,
-            first_divergence=first_divergence(free[mode], reference),
+            token_agreement=agreement,
+            free_match=free[mode] / scored,
+            first_divergence=first[mode],
             perplexity=math.exp(nll[mode]),
             perplexity_ratio=math.exp(nll[mode] - nll["dense"]),
             passkey_accuracy=hits[mode] / depths if depths else float("nan"),
             resident_fraction=policy.stats.resident_fraction,
             promoted_per_rerank=policy.stats.promoted_per_rerank,
+            scored_tokens=scored,
+            agreement_stderr=math.sqrt(agreement * (1 - agreement) / scored),
         )
     return ContextResult(
         context=context, dense_perplexity=math.exp(nll["dense"]),
@@ -221,20 +266,22 @@ def evaluate_context(
 
 def evaluate(
     runner: ReferenceRunner, tokenizer, profile: HeadProfile, cfg: EvalConfig, *, model: str,
-    on_context: Callable[[ContextResult], None] | None = None,
+    on_context: Callable[[EvalReport], None] | None = None,
 ) -> EvalReport:
+    """Every context of ``cfg``; ``on_context`` sees the report so far after each one (so a run
+    cut short still leaves the contexts it finished)."""
     if cfg.options.leading_layers > runner.num_layers:
         raise ValueError(
             f"leading_layers {cfg.options.leading_layers} exceeds the model's {runner.num_layers} layers"
         )
-    results = []
-    for context in cfg.contexts:
-        result = evaluate_context(runner, tokenizer, profile, cfg, context)
-        results.append(result)
-        if on_context is not None:
-            on_context(result)
-    return EvalReport(
+    report = EvalReport(
         model=model, model_fingerprint=profile.model_fingerprint, config=cfg,
         unstable_fraction=len(profile.unstable) / (profile.num_layers * profile.num_kv_heads),
-        results=results,
+        device=str(runner.device), results=[],
     )
+    for context in cfg.contexts:
+        report.results.append(evaluate_context(runner, tokenizer, profile, cfg, context))
+        report.load_average = [round(x, 2) for x in os.getloadavg()]
+        if on_context is not None:
+            on_context(report)
+    return report
