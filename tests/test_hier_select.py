@@ -16,6 +16,9 @@ from hypothesis import strategies as st
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+import triton
+import triton.language as tl
+
 from kvhead import kernels
 from kvhead.bounds_compact import (
     CompactBounds,
@@ -24,6 +27,7 @@ from kvhead.bounds_compact import (
     num_super_pages,
     score_compact_pages,
 )
+from kvhead.kernels.box_score import box_scores, box_scores_mma, query_digits
 from kvhead.pages import PageBounds, score_pages, select_top_k
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -218,19 +222,21 @@ def test_fp32_flat_selection_is_unchanged_by_int8_on_separated_pages():
     assert torch.equal(hier_select(query, pages, supers, table, num_pages, 4, 2, 2), flat)
 
 
-@pytest.mark.parametrize("fuse", [True, False])
-def test_kernel_stages_match_reference_levels(fuse):
+@pytest.mark.parametrize("layout", ["row", "fused", "split"])
+@pytest.mark.parametrize("mma", [False, True])
+def test_kernel_stages_match_reference_levels(layout, mma):
     """The kernel's super-pages are the reference's first level; its pages the second level,
-    whether the first level runs inside the candidate kernel or in its own launch."""
+    in every launch layout, scored on CUDA cores or as int8 digits on tensor cores."""
     from kvhead.bounds_compact import select_in_super_pages, select_super_pages
-    from kvhead.kernels.select_hier import hier_select_stages
+    from kvhead.kernels.select_hier import Plan, Scoring, hier_select_stages
 
-    query, bounds, table, num_pages = _problem(21, max_pages=70)
+    query, bounds, table, num_pages = _problem(21, max_pages=70, dim=64)  # int8 dots: D >= 32
     pages = CompactBounds.from_pages(bounds)
     supers = build_super_bounds(bounds, table, num_pages, 8)
     to = lambda c: CompactBounds(*(t.to(DEVICE) for t in (c.qmin, c.qmax, c.scale)))
     ids, sup = hier_select_stages(query.to(DEVICE), to(pages), to(supers), table.to(DEVICE),
-                                  num_pages.to(DEVICE), 8, 8, 3, fuse=fuse)
+                                  num_pages.to(DEVICE), 8, 8, 3,
+                                  plan=Plan(layout, Scoring(mma=mma, super_tile=16)))
     ref_sup = select_super_pages(query, supers, num_pages, 8, 3)
     assert torch.equal(sup.cpu(), ref_sup)
     ref = select_in_super_pages(query, pages, ref_sup, table, num_pages, 8, 8)
@@ -311,3 +317,51 @@ def test_two_tiles_per_program_change_nothing(monkeypatch, flat):
     monkeypatch.setattr(select_hier, "LARGE_GRID", 1)
     assert select_hier._chunks(1, 2) == 2
     assert torch.equal(run(), one)
+
+
+@pytest.mark.parametrize("layout", ["row", "split"])
+@pytest.mark.parametrize("mma", [False, True])
+def test_flat_layouts_and_scorings_match_reference(layout, mma):
+    from kvhead.bounds_compact import flat_select
+    from kvhead.kernels.select_hier import Plan, Scoring
+    from kvhead.kernels.select_hier import flat_select as kernel
+
+    query, bounds, table, num_pages = _problem(61, max_pages=45, dim=64)
+    num_pages[2] = 0
+    pages = CompactBounds.from_pages(bounds)
+    ref = flat_select(query, pages, table, num_pages, 7)
+    got = kernel(query.to(DEVICE), _on_device(pages), table.to(DEVICE), num_pages.to(DEVICE), 7,
+                 Plan(layout, Scoring(mma=mma, super_tile=16))).cpu()
+    assert torch.equal(got, ref)
+
+
+@triton.jit
+def _both_scorings(q_ptr, qmin_ptr, qmax_ptr, scale_ptr, out_ptr, D: tl.constexpr, N: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, N)
+    box = offs_n[:, None] * D + offs_d[None, :]
+    qmin, qmax = tl.load(qmin_ptr + box), tl.load(qmax_ptr + box)
+    scale = tl.load(scale_ptr + offs_n)
+    d_mask = offs_d < D
+    pos, neg, rs = query_digits(q_ptr, D, 0, offs_d, d_mask, 3, 4)
+    tl.store(out_ptr + offs_n, box_scores_mma(pos, neg, rs, qmin, qmax, scale, 3, 4, N))
+    tl.store(out_ptr + N + offs_n, box_scores(q_ptr, D, 0, qmin.to(tl.float32),
+                                               qmax.to(tl.float32), scale, offs_d, d_mask, 3))
+
+
+def test_int8_digit_scores_match_fp32_scores():
+    """The tensor-core scoring (three int8 digits of the query) is fp32-exact in practice."""
+    gen = torch.Generator().manual_seed(71)
+    query = torch.randn(3, 64, generator=gen) * torch.logspace(-3, 2, 64)  # wide magnitudes
+    qmin = torch.randint(-127, 50, (32, 64), generator=gen, dtype=torch.int8)
+    qmax = (qmin.int() + torch.randint(0, 77, (32, 64), generator=gen)).to(torch.int8)
+    scale = torch.rand(32, generator=gen)
+    out = torch.empty(64)
+    args = [t.to(DEVICE) for t in (query, qmin, qmax, scale, out)]
+    _both_scorings[(1,)](*args, D=64, N=32)
+    mma, fp32 = args[-1].cpu().view(2, 32)
+    ref = (query.clamp_min(0).double() @ qmax.double().T + query.clamp_max(0).double()
+           @ qmin.double().T).amax(0) * scale.double()
+    ulp = 2.0**-23 * ref.abs().max()  # one fp32 step at the largest score
+    for got in (mma, fp32):  # both within a few fp32 steps of the fp64 score
+        assert (got.double() - ref).abs().max() <= 8 * ulp

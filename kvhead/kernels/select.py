@@ -85,14 +85,20 @@ def _top_k_positions(score, top_k, BITS: tl.constexpr):
     wanted = tl.minimum(tl.sum(valid.to(tl.int32), 0), top_k)
     # Radix search for the wanted-th largest key, BITS bits per pass: the invariant is that at
     # least `wanted` keys are >= lo and fewer than `wanted` are >= lo + 2**(shift + BITS).
+    # The search stops early once exactly `wanted` keys are >= lo: lo then separates the
+    # top-K from the rest whatever the lower bits (typically after 8-11 of 16 passes).
     digits = tl.arange(0, 1 << BITS).to(tl.uint32)
     lo = tl.zeros([1], tl.uint32)
-    for p in tl.static_range(32 // BITS):
-        shift = 32 - BITS * (p + 1)
-        steps = lo + (digits << shift)
+    shift = tl.zeros([], tl.int32) + (32 - BITS)
+    count = wanted + 1
+    while (shift >= 0) & (count != wanted):
+        steps = lo + (digits << shift.to(tl.uint32))
         hits = valid[:, None] & (key[:, None] >= steps[None, :])
-        enough = tl.sum(hits.to(tl.int32), 0) >= wanted
-        lo = lo + (tl.max(tl.where(enough, digits, 0), 0) << shift)
+        counts = tl.sum(hits.to(tl.int32), 0)
+        enough = counts >= wanted
+        lo = lo + (tl.max(tl.where(enough, digits, 0), 0) << shift.to(tl.uint32))
+        count = tl.min(tl.where(enough, counts, 2147483647), 0)
+        shift -= BITS
     above = valid & (key > lo)
     tied = valid & (key == lo)
     tie_rank = tl.cumsum(tied.to(tl.int32), 0) - 1

@@ -26,116 +26,131 @@ flat, instead of N x 8 D for the fp32 scoring. Ties at the M-th or K-th score go
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from kvhead.bounds_compact import CompactBounds, check_hier_args
+from kvhead.kernels.box_score import box_scores, box_scores_mma, query_digits
 from kvhead.kernels.select import _pad_ids, _select_kernel, _top_k_positions, radix_bits
 
 TILE = 32  # boxes per scoring chunk: 8 KiB of int8 bounds at head dim 128
 LARGE_GRID = 4096  # candidate tiles from which a program takes two (see _chunks)
 FUSE_MAX_PROGRAMS = 256  # above this many candidate tiles the first level gets its own launch
+ROW_MAX_ROWS = 8  # (sequence, KV head) rows up to which one program per row does everything
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How the int8 kernels score boxes (see :mod:`kvhead.kernels.box_score`).
+
+    ``mma``: int8 tensor-core dots instead of fp32 CUDA-core arithmetic. ``super_tile``: boxes
+    per super-page scoring step; ``super_steps``: steps per program (a loop, pipelined over
+    ``stages`` loads), so that fewer, longer programs keep loads in flight.
+    """
+
+    mma: bool = False
+    super_tile: int = TILE
+    super_steps: int = 1
+    stages: int = 1
+
+
+DEFAULT_SCORING = Scoring()
 
 
 @triton.jit
-def _box_scores(q_ptr, stride_qh, h, qmin, qmax, scale, offs_d, d_mask, GROUP: tl.constexpr):
-    """Max over the GQA group of the dequantised Quest bound of each box (rows of qmin/qmax)."""
-    best = tl.zeros_like(scale) + float("-inf")
-    for g in tl.static_range(GROUP):
-        q = tl.load(q_ptr + (h * GROUP + g) * stride_qh + offs_d, mask=d_mask, other=0.0)
-        q = q.to(tl.float32)
-        raw = tl.sum(tl.maximum(q, 0.0)[None, :] * qmax + tl.minimum(q, 0.0)[None, :] * qmin, 1)
-        best = tl.maximum(best, raw * scale)
-    return best
+def _score_tile(q_ptr, stride_qh, h, qmin_ptr, qmax_ptr, box, scale, offs_d, d_mask, mask,
+                pos, neg, row_scale, GROUP: tl.constexpr, GP: tl.constexpr,
+                MMA: tl.constexpr, BLOCK: tl.constexpr):
+    """Scores of one tile of boxes (row offsets ``box``) by the chosen arithmetic."""
+    qmax = tl.load(qmax_ptr + box[:, None] + offs_d[None, :], mask=mask, other=0)
+    qmin = tl.load(qmin_ptr + box[:, None] + offs_d[None, :], mask=mask, other=0)
+    if MMA:
+        return box_scores_mma(pos, neg, row_scale, qmin, qmax, scale, GROUP, GP, BLOCK)
+    return box_scores(q_ptr, stride_qh, h, qmin.to(tl.float32), qmax.to(tl.float32), scale,
+                      offs_d, d_mask, GROUP)
 
 
 @triton.jit
-def _super_score_kernel(
-    q_ptr, qmin_ptr, qmax_ptr, scale_ptr, num_pages_ptr, scores_ptr,
-    num_groups_max, num_kv_heads, head_dim, group,
-    stride_qb, stride_qh, stride_mb, stride_mh, stride_ms, stride_sb, stride_sh, stride_sr,
-    GROUP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+def _digits(q_ptr, stride_qh, h, offs_d, d_mask, GROUP: tl.constexpr, GP: tl.constexpr,
+            MMA: tl.constexpr):
+    """The query's int8 digit rows when scoring on tensor cores (placeholders otherwise)."""
+    if MMA:
+        return query_digits(q_ptr, stride_qh, h, offs_d, d_mask, GROUP, GP)
+    zero = tl.zeros([1], tl.int8)
+    return zero, zero, tl.zeros([1], tl.float32)
+
+
+@triton.jit
+def super_tile_scores(
+    q_ptr, qmin_ptr, qmax_ptr, scale_ptr, scores_ptr, b, h, bh, offs_s, num_groups,
+    num_groups_max, stride_qh, stride_mb, stride_mh, stride_ms, stride_sb, stride_sh,
+    stride_sr, offs_d, d_mask, pos, neg, row_scale,
+    GROUP: tl.constexpr, GP: tl.constexpr, MMA: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    b = bh // num_kv_heads
-    h = bh % num_kv_heads
-    offs_s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < head_dim
-    num_groups = (tl.load(num_pages_ptr + b) + group - 1) // group
+    """Score super-pages ``offs_s`` of row ``bh`` (newest forced) into ``scores``."""
     valid = offs_s < num_groups
     box = (b.to(tl.int64) * stride_mb + h * stride_mh + offs_s.to(tl.int64) * stride_ms)
-    mask = valid[:, None] & d_mask[None, :]
-    qmax = tl.load(qmax_ptr + box[:, None] + offs_d[None, :], mask=mask, other=0).to(tl.float32)
-    qmin = tl.load(qmin_ptr + box[:, None] + offs_d[None, :], mask=mask, other=0).to(tl.float32)
     scale = tl.load(scale_ptr + b.to(tl.int64) * stride_sb + h * stride_sh + offs_s,
                     mask=valid, other=0.0)
-    best = _box_scores(q_ptr + b * stride_qb, stride_qh, h, qmin, qmax, scale, offs_d, d_mask,
-                       GROUP)
+    best = _score_tile(q_ptr, stride_qh, h, qmin_ptr, qmax_ptr, box, scale, offs_d, d_mask,
+                       valid[:, None] & d_mask[None, :], pos, neg, row_scale, GROUP, GP, MMA,
+                       BLOCK_S)
     best = tl.where(valid, best, float("-inf"))
     best = tl.where(offs_s == num_groups - 1, float("inf"), best)
     tl.store(scores_ptr + bh * stride_sr + offs_s, best, mask=offs_s < num_groups_max)
 
 
 @triton.jit
-def _cand_kernel(
-    q_ptr, qmin_ptr, qmax_ptr, scale_ptr, table_ptr, num_pages_ptr, sup_scores_ptr, sup_ptr,
-    cand_ptr, num_cand, num_groups_max, num_super, num_kv_heads, head_dim, group,
-    stride_qb, stride_qh, stride_mb, stride_mh, stride_sb, stride_tb, stride_gr, stride_ur,
-    stride_cr,
-    GROUP: tl.constexpr, FLAT: tl.constexpr, FUSED: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_M: tl.constexpr, BITS: tl.constexpr, TILE_C: tl.constexpr, CHUNKS: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+def cand_tile_scores(
+    q_ptr, qmin_ptr, qmax_ptr, scale_ptr, table_ptr, sup_ptr, cand_ptr, b, h, bh, offs_c,
+    num_cand, num_pages, group, stride_qh, stride_mb, stride_mh, stride_sb, stride_tb,
+    stride_ur, stride_cr, offs_d, d_mask, pos, neg, row_scale,
+    GROUP: tl.constexpr, GP: tl.constexpr, MMA: tl.constexpr, FLAT: tl.constexpr,
+    TILE_C: tl.constexpr,
 ):
-    bh = tl.program_id(0)
-    b = bh // num_kv_heads
-    h = bh % num_kv_heads
-    num_pages = tl.load(num_pages_ptr + b)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < head_dim
-    if FUSED:
-        # First level: the row's top-M super-pages, ascending. Every tile of the row computes
-        # the same set and writes the same ids; the barrier makes this program's writes
-        # visible to all of its threads before they read candidate -> super-page back.
-        offs_s = tl.arange(0, BLOCK_S)
-        sup_score = tl.load(sup_scores_ptr + bh * stride_gr + offs_s,
-                            mask=offs_s < num_groups_max, other=float("-inf"))
-        chosen, slot, wanted = _top_k_positions(sup_score, num_super, BITS)
-        tl.store(sup_ptr + bh * stride_ur + slot, offs_s.to(tl.int64), mask=chosen)
-        _pad_ids(sup_ptr + bh * stride_ur, wanted, num_super, BLOCK_M)
-        tl.debug_barrier()
-    for chunk in tl.static_range(CHUNKS):
-        offs_c = (tl.program_id(1) * CHUNKS + chunk) * TILE_C + tl.arange(0, TILE_C)
-        in_range = offs_c < num_cand
-        if FLAT:
-            page = offs_c.to(tl.int64)
-            valid = in_range & (page < num_pages)
-        else:
-            sup = tl.load(sup_ptr + bh * stride_ur + offs_c // group, mask=in_range, other=-1)
-            page = sup * group + offs_c % group
-            valid = in_range & (sup >= 0) & (page < num_pages)
-        block = tl.load(table_ptr + b * stride_tb + page, mask=valid, other=0)
-        block = tl.maximum(block, 0).to(tl.int64)
-        box = block * stride_mb + h * stride_mh
-        mask = valid[:, None] & d_mask[None, :]
-        qmax = tl.load(qmax_ptr + box[:, None] + offs_d[None, :], mask=mask, other=0)
-        qmin = tl.load(qmin_ptr + box[:, None] + offs_d[None, :], mask=mask, other=0)
-        scale = tl.load(scale_ptr + block * stride_sb + h, mask=valid, other=0.0)
-        best = _box_scores(q_ptr + b * stride_qb, stride_qh, h, qmin.to(tl.float32),
-                           qmax.to(tl.float32), scale, offs_d, d_mask, GROUP)
-        best = tl.where(valid, best, float("-inf"))
-        best = tl.where(valid & (page == num_pages - 1), float("inf"), best)
-        tl.store(cand_ptr + bh * stride_cr + offs_c, best, mask=in_range)
+    """Score candidate slots ``offs_c`` (pages of the chosen super-pages, or every page when
+    ``FLAT``) through the block table; newest page forced."""
+    in_range = offs_c < num_cand
+    if FLAT:
+        page = offs_c.to(tl.int64)
+        valid = in_range & (page < num_pages)
+    else:
+        sup = tl.load(sup_ptr + bh * stride_ur + offs_c // group, mask=in_range, other=-1)
+        page = sup * group + offs_c % group
+        valid = in_range & (sup >= 0) & (page < num_pages)
+    block = tl.load(table_ptr + b * stride_tb + page, mask=valid, other=0)
+    block = tl.maximum(block, 0).to(tl.int64)
+    scale = tl.load(scale_ptr + block * stride_sb + h, mask=valid, other=0.0)
+    best = _score_tile(q_ptr, stride_qh, h, qmin_ptr, qmax_ptr, block * stride_mb + h * stride_mh,
+                       scale, offs_d, d_mask, valid[:, None] & d_mask[None, :], pos, neg,
+                       row_scale, GROUP, GP, MMA, TILE_C)
+    best = tl.where(valid, best, float("-inf"))
+    best = tl.where(valid & (page == num_pages - 1), float("inf"), best)
+    tl.store(cand_ptr + bh * stride_cr + offs_c, best, mask=in_range)
 
 
 @triton.jit
-def _select_cand_kernel(
-    cand_ptr, sup_ptr, ids_ptr, num_cand, top_k, group, stride_cr, stride_ur, stride_ir,
-    FLAT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
-):
-    """Top-K candidate slots (radix select, as in the flat kernel), written as logical pages."""
-    row = tl.program_id(0).to(tl.int64)
+def select_super(sup_scores_ptr, sup_ptr, bh, num_groups_max, num_super, stride_gr,
+                 stride_ur, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BITS: tl.constexpr):
+    """First level: the row's top-M super-pages, ascending, written to ``sup_ptr``."""
+    offs_s = tl.arange(0, BLOCK_S)
+    sup_score = tl.load(sup_scores_ptr + bh * stride_gr + offs_s,
+                        mask=offs_s < num_groups_max, other=float("-inf"))
+    chosen, slot, wanted = _top_k_positions(sup_score, num_super, BITS)
+    tl.store(sup_ptr + bh * stride_ur + slot, offs_s.to(tl.int64), mask=chosen)
+    _pad_ids(sup_ptr + bh * stride_ur, wanted, num_super, BLOCK_M)
+
+
+@triton.jit
+def select_cands(cand_ptr, sup_ptr, ids_ptr, row, num_cand, top_k, group, stride_cr,
+                 stride_ur, stride_ir, FLAT: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BITS: tl.constexpr):
+    """Top-K candidate slots (radix select), written as logical pages. Candidates are laid
+    out super-page by super-page in ascending order, so ascending slots are ascending pages."""
     offs = tl.arange(0, BLOCK_N)
     score = tl.load(cand_ptr + row * stride_cr + offs, mask=offs < num_cand, other=float("-inf"))
     chosen, slot, wanted = _top_k_positions(score, top_k, BITS)
@@ -148,38 +163,118 @@ def _select_cand_kernel(
     _pad_ids(ids_ptr + row * stride_ir, wanted, top_k, BLOCK_K)
 
 
+@triton.jit
+def _super_score_kernel(
+    q_ptr, qmin_ptr, qmax_ptr, scale_ptr, num_pages_ptr, scores_ptr,
+    num_groups_max, num_kv_heads, head_dim, group,
+    stride_qb, stride_qh, stride_mb, stride_mh, stride_ms, stride_sb, stride_sh, stride_sr,
+    GROUP: tl.constexpr, GP: tl.constexpr, MMA: tl.constexpr, BLOCK_S: tl.constexpr,
+    STEPS: tl.constexpr, STAGES: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // num_kv_heads
+    h = bh % num_kv_heads
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    num_groups = (tl.load(num_pages_ptr + b) + group - 1) // group
+    q_row = q_ptr + b * stride_qb
+    pos, neg, row_scale = _digits(q_row, stride_qh, h, offs_d, d_mask, GROUP, GP, MMA)
+    for step in tl.range(0, STEPS, num_stages=STAGES):
+        offs_s = (tl.program_id(1) * STEPS + step) * BLOCK_S + tl.arange(0, BLOCK_S)
+        super_tile_scores(q_row, qmin_ptr, qmax_ptr, scale_ptr, scores_ptr, b, h, bh, offs_s,
+                          num_groups, num_groups_max, stride_qh, stride_mb, stride_mh,
+                          stride_ms, stride_sb, stride_sh, stride_sr, offs_d, d_mask, pos,
+                          neg, row_scale, GROUP, GP, MMA, BLOCK_S)
+
+
+@triton.jit
+def _cand_kernel(
+    q_ptr, qmin_ptr, qmax_ptr, scale_ptr, table_ptr, num_pages_ptr, sup_scores_ptr, sup_ptr,
+    cand_ptr, num_cand, num_groups_max, num_super, num_kv_heads, head_dim, group,
+    stride_qb, stride_qh, stride_mb, stride_mh, stride_sb, stride_tb, stride_gr, stride_ur,
+    stride_cr,
+    GROUP: tl.constexpr, GP: tl.constexpr, MMA: tl.constexpr, FLAT: tl.constexpr,
+    FUSED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BITS: tl.constexpr,
+    TILE_C: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // num_kv_heads
+    h = bh % num_kv_heads
+    num_pages = tl.load(num_pages_ptr + b)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    q_row = q_ptr + b * stride_qb
+    if FUSED:
+        # First level: every tile of the row computes the same set and writes the same ids;
+        # the barrier makes this program's writes visible to all of its threads before they
+        # read candidate -> super-page back.
+        select_super(sup_scores_ptr, sup_ptr, bh, num_groups_max, num_super, stride_gr,
+                     stride_ur, BLOCK_S, BLOCK_M, BITS)
+        tl.debug_barrier()
+    pos, neg, row_scale = _digits(q_row, stride_qh, h, offs_d, d_mask, GROUP, GP, MMA)
+    for chunk in tl.static_range(CHUNKS):
+        offs_c = (tl.program_id(1) * CHUNKS + chunk) * TILE_C + tl.arange(0, TILE_C)
+        cand_tile_scores(q_row, qmin_ptr, qmax_ptr, scale_ptr, table_ptr, sup_ptr, cand_ptr, b,
+                         h, bh, offs_c, num_cand, num_pages, group, stride_qh, stride_mb,
+                         stride_mh, stride_sb, stride_tb, stride_ur, stride_cr, offs_d, d_mask,
+                         pos, neg, row_scale, GROUP, GP, MMA, FLAT, TILE_C)
+
+
+@triton.jit
+def _select_cand_kernel(
+    cand_ptr, sup_ptr, ids_ptr, num_cand, top_k, group, stride_cr, stride_ur, stride_ir,
+    FLAT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
+):
+    select_cands(cand_ptr, sup_ptr, ids_ptr, tl.program_id(0).to(tl.int64), num_cand, top_k,
+                 group, stride_cr, stride_ur, stride_ir, FLAT, BLOCK_N, BLOCK_K, BITS)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Launch plan of one selection call (benchmarks sweep these; None: chosen by grid size).
+
+    ``layout``: "row" runs everything in one program per (sequence, KV head), one launch
+    (:mod:`kvhead.kernels.select_row`); "fused" repeats the first level inside every candidate
+    program (3 launches); "split" gives it its own launch (4). Flat selection has no first
+    level: "fused" and "split" are its 2 launches.
+    """
+
+    layout: str | None = None
+    scoring: Scoring = DEFAULT_SCORING
+    row_warps: int = 8
+
+    def __post_init__(self) -> None:
+        if self.layout not in (None, "row", "fused", "split"):
+            raise ValueError(f"unknown layout {self.layout!r}")
+
+
 def hier_select(
     query: torch.Tensor, pages: CompactBounds, supers: CompactBounds, block_table: torch.Tensor,
-    num_pages: torch.Tensor, top_k: int, group: int, num_super: int,
+    num_pages: torch.Tensor, top_k: int, group: int, num_super: int, plan: Plan | None = None,
 ) -> torch.Tensor:
     """Two-level top-K pages ``[B, Hkv, min(top_k, max_pages)]``, ascending, -1 padded."""
     return hier_select_stages(query, pages, supers, block_table, num_pages, top_k, group,
-                              num_super)[0]
+                              num_super, plan=plan)[0]
 
 
 def flat_select(
     query: torch.Tensor, pages: CompactBounds, block_table: torch.Tensor, num_pages: torch.Tensor,
-    top_k: int,
+    top_k: int, plan: Plan | None = None,
 ) -> torch.Tensor:
     """Top-K pages by their int8 bound, every page scored: same output format as above."""
     if top_k <= 0:
         raise ValueError(f"top_k must be positive, got {top_k}")
-    return _launch(query, pages, None, block_table, num_pages, top_k, 1, 0)[0]
+    return _launch(query, pages, None, block_table, num_pages, top_k, 1, 0, plan)[0]
 
 
 def hier_select_stages(
     query: torch.Tensor, pages: CompactBounds, supers: CompactBounds, block_table: torch.Tensor,
-    num_pages: torch.Tensor, top_k: int, group: int, num_super: int, *, fuse: bool | None = None,
+    num_pages: torch.Tensor, top_k: int, group: int, num_super: int, *, plan: Plan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`hier_select` plus the chosen super-pages ``[B, Hkv, M]`` (for checks: a near-tie
-    at the M-th super-page may pick another of equal score, and the pages follow from it).
-
-    ``fuse`` forces the first level into the candidate kernel (True) or into its own launch
-    (False); None chooses by grid size, as :func:`hier_select` does.
-    """
+    at the M-th super-page may pick another of equal score, and the pages follow from it)."""
     check_hier_args(query, pages, supers, block_table, num_pages, top_k, group, num_super)
-    return _launch(query, pages, supers, block_table, num_pages, top_k, group, num_super,
-                   fuse=fuse)
+    return _launch(query, pages, supers, block_table, num_pages, top_k, group, num_super, plan)
 
 
 def _chunks(rows: int, tiles: int) -> int:
@@ -190,11 +285,21 @@ def _chunks(rows: int, tiles: int) -> int:
     return 2 if rows * tiles >= LARGE_GRID else 1
 
 
+def auto_layout(rows: int, cand_tiles: int) -> str:
+    """Layout by grid size: one program per row while rows are few (latency-bound), then the
+    first level inside the candidate programs, then in its own launch."""
+    if rows <= ROW_MAX_ROWS:
+        return "row"
+    return "fused" if rows * cand_tiles <= FUSE_MAX_PROGRAMS else "split"
+
+
 def _launch(
     query: torch.Tensor, pages: CompactBounds, supers: CompactBounds | None,
     block_table: torch.Tensor, num_pages: torch.Tensor, top_k: int, group: int, num_super: int,
-    *, fuse: bool | None = None,
+    plan: Plan | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    plan = plan or Plan()
+    sc = plan.scoring
     batch, num_q_heads, head_dim = query.shape
     num_kv_heads = pages.qmin.shape[1]
     max_pages = block_table.shape[1]
@@ -212,25 +317,37 @@ def _launch(
     block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
     num_pages = num_pages.contiguous()
     pq = [t.contiguous() for t in (pages.qmin, pages.qmax, pages.scale)]
+    sq = pq if flat else [t.contiguous() for t in (supers.qmin, supers.qmax, supers.scale)]
     block_d = triton.next_power_of_2(head_dim)
     gqa = num_q_heads // num_kv_heads
+    gp = max(4, triton.next_power_of_2(gqa))  # 4 digit parts x gp rows >= 16: a dot's M
+    mma = sc.mma and block_d >= 32  # int8 dots take K in steps of 32
+    num_cand = max_pages if flat else m * group
+    cand = torch.empty(rows, num_cand, dtype=torch.float32, device=dev)
+    sup_scores = cand if flat else torch.empty(rows, groups, dtype=torch.float32, device=dev)
+    tiles = triton.cdiv(num_cand, TILE)
+    layout = plan.layout or auto_layout(rows, tiles)
+    block_s = 1 if flat else triton.next_power_of_2(groups)
+    block_n = triton.next_power_of_2(num_cand)
+    common = {"GROUP": gqa, "GP": gp, "MMA": mma, "BLOCK_D": block_d}
+    if layout == "row":
+        from kvhead.kernels.select_row import launch_row
 
-    sup_scores = sup_ids  # placeholder pointer when flat: never read
+        launch_row(query, sq, pq, block_table, num_pages, sup_scores, sup_ids, cand, ids,
+                   groups, m, num_cand, k, num_kv_heads, head_dim, group, flat, sc,
+                   plan.row_warps, **common)
+        return ids, sup_ids.view(batch, num_kv_heads, m)
     if not flat:
-        sq = [t.contiguous() for t in (supers.qmin, supers.qmax, supers.scale)]
-        sup_scores = torch.empty(rows, groups, dtype=torch.float32, device=dev)
-        _super_score_kernel[(rows, triton.cdiv(groups, TILE))](
+        grid_s = triton.cdiv(groups, sc.super_tile * sc.super_steps)
+        _super_score_kernel[(rows, grid_s)](
             query, sq[0], sq[1], sq[2], num_pages, sup_scores, groups, num_kv_heads, head_dim,
             group, query.stride(0), query.stride(1), sq[0].stride(0), sq[0].stride(1),
             sq[0].stride(2), sq[2].stride(0), sq[2].stride(1), sup_scores.stride(0),
-            GROUP=gqa, BLOCK_S=TILE, BLOCK_D=block_d, num_warps=4,
+            BLOCK_S=sc.super_tile, STEPS=sc.super_steps, STAGES=sc.stages, num_warps=4,
+            **common,
         )
-    num_cand = max_pages if flat else m * group
-    cand = torch.empty(rows, num_cand, dtype=torch.float32, device=dev)
-    tiles = triton.cdiv(num_cand, TILE)
     chunks = _chunks(rows, tiles)
-    block_s = 1 if flat else triton.next_power_of_2(groups)
-    fused = not flat and (rows * tiles <= FUSE_MAX_PROGRAMS if fuse is None else fuse)
+    fused = not flat and layout == "fused"
     if not flat and not fused:
         _select_kernel[(rows,)](
             sup_scores, sup_ids, groups, m, sup_scores.stride(0), sup_ids.stride(0),
@@ -242,11 +359,10 @@ def _launch(
         num_cand, groups, m, num_kv_heads, head_dim, group,
         query.stride(0), query.stride(1), pq[0].stride(0), pq[0].stride(1), pq[2].stride(0),
         block_table.stride(0), sup_scores.stride(0), sup_ids.stride(0), cand.stride(0),
-        GROUP=gqa, FLAT=flat, FUSED=fused, BLOCK_S=block_s, BLOCK_M=triton.next_power_of_2(m),
-        BITS=radix_bits(block_s), TILE_C=TILE, CHUNKS=chunks, BLOCK_D=block_d,
-        num_warps=8 if fused and block_s >= 1024 else 4,
+        FLAT=flat, FUSED=fused, BLOCK_S=block_s, BLOCK_M=triton.next_power_of_2(m),
+        BITS=radix_bits(block_s), TILE_C=TILE, CHUNKS=chunks,
+        num_warps=8 if fused and block_s >= 1024 else 4, **common,
     )
-    block_n = triton.next_power_of_2(num_cand)
     _select_cand_kernel[(rows,)](
         cand, sup_ids, ids, num_cand, k, group, cand.stride(0), sup_ids.stride(0), k,
         FLAT=flat, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), BITS=radix_bits(block_n),
