@@ -22,8 +22,8 @@ class PageCoverage(BaseModel):
     """Attention mass covered by each head's top-k pages, k on a grid, from calibration decoding."""
 
     context: int = Field(gt=0, description="Calibration sequence length in tokens.")
-    prompts: int = Field(gt=0, description="Calibration corpus windows decoded.")
-    steps: int = Field(gt=0, description="Dense decode steps measured per prompt.")
+    offsets: list[int] = Field(description="Corpus token offsets of the calibration windows.")
+    steps: int = Field(gt=0, description="Dense decode steps measured per window.")
     group_score: str = Field(description="GQA page score that ranked the pages (see score_pages).")
     sink_pages: int = Field(ge=0, description="First pages always ranked first.")
     recent_pages: int = Field(ge=1, description="Newest pages always ranked first.")

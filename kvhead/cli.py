@@ -100,8 +100,9 @@ def coverage(
     model: Annotated[str, typer.Option(help="Registry name, HF folder or .gguf file.")] = DEFAULT_MODEL,
     profile_path: Annotated[Path | None, typer.Option("--profile", help="Head profile JSON to extend.")] = None,
     out: Annotated[Path | None, typer.Option(help="Where to write (default: the --profile file).")] = None,
-    prompts: int = 2, context: int = 8192, steps: int = 32, step_pages: int = 8, page_size: int = 16,
-    group_score: str = "softmax", sink_pages: int = 1, recent_pages: int = 4, seed: int = 1,
+    offsets: Annotated[str, typer.Option(help="Corpus offsets of the calibration windows.")] = "16384",
+    context: int = 8192, steps: int = 64, step_pages: int = 8, page_size: int = 16,
+    group_score: str = "softmax", sink_pages: int = 1, recent_pages: int = 4,
     device: Annotated[str, typer.Option(help="torch device: cpu or cuda.")] = "cpu",
 ) -> None:
     """Calibrate head-adaptive budgets: add per-head attention-mass coverage to a head profile."""
@@ -109,14 +110,14 @@ def coverage(
 
     try:
         cfg = CoverageConfig(
-            prompts=prompts, context=context, steps=steps, step_pages=step_pages,
-            group_score=group_score, sink_pages=sink_pages, recent_pages=recent_pages, seed=seed,
+            offsets=_ints(offsets), context=context, steps=steps, step_pages=step_pages,
+            group_score=group_score, sink_pages=sink_pages, recent_pages=recent_pages,
         )
         model_dir, runner, tokenizer = _load(model, page_size, device)
         head_profile = profile_for_model(model_dir, profile_path)
         if head_profile.page_size != page_size:
             raise ValueError(f"profile pages hold {head_profile.page_size} tokens, not {page_size}")
-        with console.status(f"coverage: {cfg.prompts} prompts of {cfg.context} tokens"):
+        with console.status(f"coverage: {len(cfg.offsets)} windows of {cfg.context} tokens"):
             head_profile.coverage = measure_coverage(runner, tokenizer, cfg)
     except USER_ERRORS as err:
         _fail(err)

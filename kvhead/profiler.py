@@ -64,14 +64,19 @@ def profile_heads(
 class CoverageConfig(BaseModel):
     """Calibration of head-adaptive budgets (``kvhead profile --coverage``)."""
 
-    prompts: int = Field(default=2, gt=0, description="Corpus windows to decode from.")
+    offsets: list[int] = Field(
+        default=[16384], min_length=1,
+        description="Corpus token offsets of the calibration windows. The default window, "
+        "16384-24575, is one no default `kvhead eval` window touches (agreement reads from 0, "
+        "perplexity 6144-8191, 12288-16383 and 24576 on at 2k/4k/8k), so budgets are not fitted "
+        "to the text they are scored on.",
+    )
     context: int = Field(default=8192, ge=64, description="Sequence length (prompt + steps).")
-    steps: int = Field(default=32, gt=0, description="Dense decode steps measured per prompt.")
+    steps: int = Field(default=64, gt=0, description="Dense decode steps measured per window.")
     step_pages: int = Field(default=8, gt=0, description="Grid spacing of k in pages.")
     group_score: Literal["max", "softmax"] = Field(default="softmax", description="GQA page score ranking the pages.")
     sink_pages: int = Field(default=1, ge=0, description="First pages always ranked first.")
     recent_pages: int = Field(default=4, ge=1, description="Newest pages always ranked first.")
-    seed: int = Field(default=1, description="Seeds the corpus windows (eval uses other offsets).")
 
 
 class _CoverageProbe:
@@ -122,10 +127,8 @@ def measure_coverage(runner: ReferenceRunner, tokenizer, cfg: CoverageConfig) ->
     grid = list(range(cfg.step_pages, pages + 1, cfg.step_pages))
     if not grid:
         raise ValueError(f"context {cfg.context} holds fewer than {cfg.step_pages} pages")
-    rng = torch.Generator().manual_seed(cfg.seed)
     probe = None
-    for _ in range(cfg.prompts):
-        offset = int(torch.randint(0, 1 << 20, (1,), generator=rng))
+    for offset in cfg.offsets:
         pre = prefill(runner, corpus_window(tokenizer, cfg.context - cfg.steps, offset), cfg.steps)
         if probe is None:
             probe = _CoverageProbe(runner, pre.cache, cfg, grid)
@@ -133,7 +136,7 @@ def measure_coverage(runner: ReferenceRunner, tokenizer, cfg: CoverageConfig) ->
         greedy(runner, pre, cfg.steps + 1, probe)
     mass = (probe.total / max(probe.count, 1)).clamp_max(1.0)
     return PageCoverage(
-        context=cfg.context, prompts=cfg.prompts, steps=cfg.steps, group_score=cfg.group_score,
+        context=cfg.context, offsets=cfg.offsets, steps=cfg.steps, group_score=cfg.group_score,
         sink_pages=cfg.sink_pages, recent_pages=cfg.recent_pages, pages=grid,
         mass=[[[round(v, 6) for v in row] for row in layer] for layer in mass.tolist()],
     )

@@ -10,7 +10,7 @@ from kvhead.policy import SelectionPolicy
 
 def _coverage(curves, step=8, **kw) -> PageCoverage:
     grid = [step * (i + 1) for i in range(len(curves[0][0]))]
-    meta = {"context": 1024, "prompts": 1, "steps": 1, "group_score": "max", "sink_pages": 0, "recent_pages": 1}
+    meta = {"context": 1024, "offsets": [0], "steps": 1, "group_score": "max", "sink_pages": 0, "recent_pages": 1}
     return PageCoverage(pages=grid, mass=curves, **(meta | kw))
 
 
@@ -81,7 +81,7 @@ def test_allocation_keeps_the_pool_and_feeds_broad_heads():
 
 
 def test_allocation_rejects_a_sparse_grid_and_too_small_top_k():
-    cov = PageCoverage(context=64, prompts=1, steps=1, group_score="max", sink_pages=0, recent_pages=1,
+    cov = PageCoverage(context=64, offsets=[0], steps=1, group_score="max", sink_pages=0, recent_pages=1,
                        pages=[8, 24], mass=[[[0.5, 1.0]]])
     with pytest.raises(ValueError, match="multiple"):
         allocate_budgets(cov, torch.ones(1, 1, dtype=torch.bool), top_k=8)

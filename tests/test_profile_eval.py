@@ -119,7 +119,7 @@ def test_coverage_curves_rise_to_one_and_drive_budgets(tiny):
     from kvhead.profiler import CoverageConfig, measure_coverage
 
     model_dir, runner, tok = tiny
-    cov = measure_coverage(runner, tok, CoverageConfig(prompts=1, context=256, steps=6, step_pages=2,
+    cov = measure_coverage(runner, tok, CoverageConfig(offsets=[0, 500], context=256, steps=6, step_pages=2,
                                                        group_score="max", sink_pages=0, recent_pages=1))
     mass = torch.tensor(cov.mass)
     assert cov.pages == list(range(2, 33, 2)) and mass.shape == (2, 2, 16)
