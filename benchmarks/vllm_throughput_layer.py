@@ -24,13 +24,11 @@ from pathlib import Path
 import torch
 import typer
 
-from kvhead.policy import Mode
 from kvhead.spec import HeadPageSpec
 from kvhead.stability import HeadProfile
 from kvhead.vllm_plugin.config import HeadSplit
 from kvhead.vllm_plugin.kernels import paged_attention, write_cache
 from kvhead.vllm_plugin.layer import FlexiLayer
-from kvhead.vllm_plugin.selection import CompactSelectionPolicy
 from kvstore import HostArena, HostArenaConfig
 
 app = typer.Typer(add_completion=False)
@@ -63,13 +61,10 @@ class Harness:
                 i, resident, stable, num_kv_heads=HKV, group=HQ // HKV,
                 num_blocks=self.num_blocks, page_size=P, head_dim=D, dtype=DTYPE, isa=isa,
                 arena=arena, pool_pages=batch * len(stable) * (top_k + 3), open_pages=4 * batch,
-                kernel_threads=kernel_threads))
+                top_k=top_k, rerank_interval=rerank, kernel_threads=kernel_threads or None))
             self.caches.append(torch.zeros(self.num_blocks, max(len(resident), 1), P, 2 * D,
                                            dtype=DTYPE))
             self.stock.append(torch.zeros(stock_blocks, HKV, STOCK_BLOCK, 2 * D, dtype=DTYPE))
-        self.policy = CompactSelectionPolicy(
-            Mode.flexicache, LAYERS, HKV, page_size=P, top_k=top_k, rerank_interval=rerank,
-            unstable=self.split.resident_mask)
         self.seq_lens = torch.zeros(batch, dtype=torch.int64)
         for start in range(0, context, 1024):
             self._write(torch.arange(start, min(start + 1024, context)))
@@ -103,7 +98,7 @@ class Harness:
             if kvhead:
                 layer.write(k, v, slots, self.caches[i])
                 layer.decode(q, out, torch.arange(self.batch), lens, self.table, self.caches[i],
-                             D**-0.5, self.policy)
+                             D**-0.5)
             else:
                 write_cache(self.stock[i], k, v, slots, self.stock_isa)
                 paged_attention(q, self.stock[i], out, starts, lens, table, D**-0.5,
@@ -127,7 +122,7 @@ def _time(harness: Harness, steps: int) -> tuple[float, float]:
 @app.command()
 def main(context: int = 7936, batch: int = 4, steps: int = 32, top_k: int = 64, rerank: int = 16,
          threads: int = typer.Option(0, help="OpenMP threads for both paths (0: torch's)."),
-         kernel_threads: int = typer.Option(1, help="FlexiCache decode-kernel threads."),
+         kernel_threads: int = typer.Option(0, help="FlexiCache decode threads (0: torch's)."),
          profile_out: Path | None = None, out: Path | None = None) -> None:
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 

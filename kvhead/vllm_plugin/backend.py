@@ -29,16 +29,23 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from kvhead.vllm_plugin.runtime import FlexiRuntime, current, init_runtime
 
+PREFILL_BLOCK = 32  # stock vLLM's CPU block size; its AMX attention kernel needs multiples of it
+
 
 @dataclass
 class FlexiMetadata:
-    """Per-step batch layout; kernels build their own schedules per head split."""
+    """Per-step batch layout, split into prefill and decode rows once for all layers."""
 
     num_actual_tokens: int
-    query_start_loc: torch.Tensor  # [R+1] int32
-    seq_lens: torch.Tensor  # [R]
-    block_table: torch.Tensor  # [R, max_pages]
     slot_mapping: torch.Tensor  # [num_actual_tokens] flat cache slot of each new token
+    seq_lens: torch.Tensor  # [R] int64
+    block_table: torch.Tensor  # [R, max_pages] int32, cut or padded to the model's pages
+    prefill_rows: torch.Tensor  # rows with more than one query token
+    prefill_tokens: list[torch.Tensor]  # their token indices
+    decode_rows: torch.Tensor  # rows with one query token
+    decode_tokens: torch.Tensor  # that token's index
+    decode_table: torch.Tensor  # [decode rows, max_pages] int32, contiguous
+    decode_seq_lens: torch.Tensor  # [decode rows] int64, contiguous
 
 
 class FlexiCacheMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -52,9 +59,23 @@ class FlexiCacheMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> FlexiMetadata:
         m = common_attn_metadata
+        runtime = current()
+        starts = m.query_start_loc.long()
+        qlens = starts[1:] - starts[:-1]
+        seq_lens = m.seq_lens.long()
+        table = _fixed_width(m.block_table_tensor.to(torch.int32), runtime.max_pages)
+        decode = (qlens == 1).nonzero().flatten()
+        prefill = (qlens > 1).nonzero().flatten()
+        decode_table = table[decode].contiguous()
+        if decode.numel():
+            runtime.track_batch(decode_table)
         return FlexiMetadata(
-            num_actual_tokens=m.num_actual_tokens, query_start_loc=m.query_start_loc,
-            seq_lens=m.seq_lens, block_table=m.block_table_tensor, slot_mapping=m.slot_mapping,
+            num_actual_tokens=m.num_actual_tokens, slot_mapping=m.slot_mapping,
+            seq_lens=seq_lens, block_table=table, prefill_rows=prefill,
+            prefill_tokens=[torch.arange(int(starts[r]), int(starts[r + 1]))
+                            for r in prefill.tolist()],
+            decode_rows=decode, decode_tokens=starts[decode], decode_table=decode_table,
+            decode_seq_lens=seq_lens[decode].contiguous(),
         )
 
 
@@ -68,8 +89,12 @@ class FlexiCacheImpl(CPUAttentionBackendImpl):
         if self.sliding_window != -1 or self.alibi_slopes is not None or self.sinks is not None:
             raise ValueError("kvhead FlexiCache supports plain causal attention only "
                              "(no sliding window, ALiBi or sinks)")
-        isa = _get_attn_isa(config.model_config.dtype, config.cache_config.block_size, head_size)
-        self.runtime: FlexiRuntime = init_runtime(config, isa)
+        dtype, block = config.model_config.dtype, config.cache_config.block_size
+        isa = _get_attn_isa(dtype, block, head_size)
+        # prefill stages into scratch blocks of stock's CPU size (32: vLLM's AMX kernel)
+        prefill_block = PREFILL_BLOCK if PREFILL_BLOCK % block == 0 else block
+        self.runtime: FlexiRuntime = init_runtime(
+            config, isa, (_get_attn_isa(dtype, prefill_block, head_size), prefill_block))
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: FlexiMetadata | None,
@@ -78,27 +103,22 @@ class FlexiCacheImpl(CPUAttentionBackendImpl):
         if attn_metadata is None:  # vLLM's warm-up and profiling runs carry no metadata
             return output
         flexi = self.runtime.layer(extract_layer_index(layer.layer_name), kv_cache.shape[0])
-        count = attn_metadata.num_actual_tokens
-        flexi.write(key[:count], value[:count], attn_metadata.slot_mapping[:count], kv_cache)
+        m = attn_metadata
+        count = m.num_actual_tokens
+        flexi.write(key[:count], value[:count], m.slot_mapping[:count], kv_cache)
         q, out = query[:count], output[:count]
-        starts = attn_metadata.query_start_loc.long()
-        qlens = starts[1:] - starts[:-1]
-        seq_lens = attn_metadata.seq_lens.long()
-        table = _fixed_width(attn_metadata.block_table, self.runtime.max_pages)
-        decode = (qlens == 1).nonzero().flatten()
-        prefill = (qlens > 1).nonzero().flatten()
-        if prefill.numel():
-            tokens = [torch.arange(int(starts[r]), int(starts[r + 1])) for r in prefill.tolist()]
-            flexi.prefill(q, out, tokens, seq_lens[prefill], table[prefill], kv_cache, self.scale)
-        if decode.numel():
-            rows = table[decode]
-            flexi.decode(q, out, starts[decode], seq_lens[decode], rows, kv_cache, self.scale,
-                         self.runtime.policy_for(rows))
+        if m.prefill_tokens:
+            rows = m.prefill_rows
+            flexi.prefill(q, out, m.prefill_tokens, m.seq_lens[rows], m.block_table[rows],
+                          kv_cache, self.scale)
+        if m.decode_rows.numel():
+            flexi.decode(q, out, m.decode_tokens, m.decode_seq_lens, m.decode_table, kv_cache,
+                         self.scale)
         return output
 
 
 def _fixed_width(block_table: torch.Tensor, width: int) -> torch.Tensor:
-    """The block table cut or padded to the model's page count, so policy state keeps its shape."""
+    """The block table cut or padded to the model's page count: one width for every step."""
     if block_table.shape[1] >= width:
         return block_table[:, :width]
     pad = block_table.new_zeros(block_table.shape[0], width - block_table.shape[1])

@@ -43,7 +43,7 @@ class DeviceBounds:
         self.open_max = torch.zeros(open_shape, device=device)
         self.open_tag = torch.full((open_slots,), -1, dtype=torch.int64, device=device)
         self.open_used = torch.zeros(open_slots, dtype=torch.int64, device=device)  # LRU clock
-        self._clock = 0
+        self.clock = 0
 
     @property
     def nbytes(self) -> int:
@@ -93,7 +93,9 @@ class DeviceBounds:
         held = self._claim(touched, entry, ~closed)
         ok = held >= 0
         self.open_min[held[ok]], self.open_max[held[ok]] = box_min[ok], box_max[ok]
-        free = entry[closed & (entry >= 0)]
+        gone = closed & (entry >= 0)
+        free = entry[gone]
+        free = free[self.open_tag[free] == touched[gone]]  # unless _claim gave it to another page
         self.open_tag[free], self.open_used[free] = -1, 0
         if not bool(ok.all()):  # closed pages and pages the table cannot hold settle now
             self._settle(touched[~ok], box_min[~ok], box_max[~ok])
@@ -118,20 +120,20 @@ class DeviceBounds:
     def _claim(self, blocks: torch.Tensor, entry: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
         """Entries for the ``want`` blocks: kept where they have one, else the least recently
         used entries not in use this step (blocks beyond the table's size get -1)."""
-        self._clock += 1
+        self.clock += 1
         held = torch.where(want, entry, -1)
-        self.open_used[held[held >= 0]] = self._clock
+        self.open_used[held[held >= 0]] = self.clock
         need = (want & (entry < 0)).nonzero().flatten()
         if need.numel():
             lru = self.open_used.argsort()[: need.numel()]
-            lru = lru[self.open_used[lru] < self._clock]  # never steal this step's entries
+            lru = lru[self.open_used[lru] < self.clock]  # never steal this step's entries
             need = need[: lru.numel()]
             evicted = lru[self.open_tag[lru] >= 0]
             if evicted.numel():  # their pages lose the exact box: settle it first
                 self._settle(self.open_tag[evicted], self.open_min[evicted],
                              self.open_max[evicted])
             held[need] = lru
-            self.open_tag[lru], self.open_used[lru] = blocks[need], self._clock
+            self.open_tag[lru], self.open_used[lru] = blocks[need], self.clock
         return held
 
     def select(self, query: torch.Tensor, block_table: torch.Tensor, num_pages: torch.Tensor,

@@ -46,10 +46,14 @@ class FlexiCacheSettings(BaseModel):
         "accuracy for memory.",
     )
     decode_kernel_threads: int | None = Field(
-        default=1, gt=0,
-        description="OpenMP threads for decode attention calls (None: vLLM's). One by default: "
-        "a decode call reads about K pages per head, too little to pay for a parallel region, "
-        "and on a busy host a thread team waits at every barrier for a free core.",
+        default=None, gt=0,
+        description="Threads for the native decode step of a layer (None: vLLM's, the cores "
+        "its CPU worker pins). The step runs (sequence, kv head) pairs in parallel.",
+    )
+    unstable_dense: bool = Field(
+        default=False,
+        description="Unstable heads attend to every page (all of them are resident anyway) "
+        "instead of their top-K: no device memory, more reads, no scoring; closer to dense.",
     )
     hot_pool_pages: int | None = Field(
         default=None, gt=0,

@@ -5,8 +5,11 @@ top-K pages every step with all pages kept. Stable heads live in the host arena 
 by (layer, vLLM block id, head)); at decode they attend through the device hot pool, which holds
 exactly the pages the policy selects (top-K at the last rerank plus the tail written since), so
 only pages that were not resident are copied in. Prefill of stable heads reads the whole
-sequence from the arena, as a GPU host would stage it. Page selection is
-:class:`kvhead.policy.SelectionPolicy`; this module only moves pages and runs kernels.
+sequence from the arena, as a GPU host would stage it. Selection follows
+:class:`kvhead.policy.SelectionPolicy`'s flexicache rules (its int8-bounds form,
+:class:`~kvhead.vllm_plugin.selection.CompactSelectionPolicy`, is the tests' oracle); the
+per-step scoring, top-K, attention and writes run in the native kernels (:mod:`native`), and
+this module keeps the rerank schedule and moves pages.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ from dataclasses import dataclass, field
 import torch
 
 from kvhead.pages import page_mask
-from kvhead.policy import SelectionPolicy
+from kvhead.vllm_plugin import native
 from kvhead.vllm_plugin.bounds import DeviceBounds
 from kvhead.vllm_plugin.hot_pool import HotPool
-from kvhead.vllm_plugin.kernels import one_thread, paged_attention, single_head_view, write_cache
+from kvhead.vllm_plugin.kernels import one_thread, paged_attention, set_threads, write_cache
 from kvstore import PageKeys, PageStore
 
 _THREADED_WRITE = 512  # tokens per write from which OpenMP threads pay off (prefill chunks)
@@ -33,7 +36,17 @@ class LayerStats:
     promoted_pages: int = 0  # stable pages copied arena -> hot pool
     demoted_pages: int = 0  # stable pages dropped from the hot pool
     decode_steps: int = 0
-    attended_pages: dict[str, int] = field(default_factory=lambda: {"resident": 0, "stable": 0})
+    # (sequence, head) pages resident on the device / existing, summed over decode steps
+    page_steps: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.float64))
+
+
+@dataclass
+class DecodeState:
+    """The flexicache selection state of one layer for the running batch (lock-step rows)."""
+
+    selected: torch.Tensor  # [B, Hkv, K] stable heads' top-K at their last rerank, -1 padded
+    anchor: torch.Tensor  # [B, Hkv] pages each sequence had at that rerank
+    steps: int = 0
 
 
 class FlexiLayer:
@@ -42,23 +55,39 @@ class FlexiLayer:
     def __init__(
         self, layer: int, resident: torch.Tensor, stable: torch.Tensor, *, num_kv_heads: int,
         group: int, num_blocks: int, page_size: int, head_dim: int, dtype: torch.dtype,
-        isa: str, arena: PageStore, pool_pages: int, open_pages: int,
-        kernel_threads: int | None = 1,
+        isa: str, arena: PageStore, pool_pages: int, open_pages: int, top_k: int,
+        rerank_interval: int, resident_dense: bool = False, kernel_threads: int | None = None,
+        prefill_isa: str | None = None, prefill_block: int | None = None,
     ) -> None:
         self.layer, self.isa, self.page_size, self.group = layer, isa, page_size, group
         self.resident, self.stable = resident.long(), stable.long()
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        self.top_k, self.rerank_interval = top_k, rerank_interval
+        # prefill runs vLLM's kernel on a scratch cache of its own block size (stock's 32 for AMX)
+        self.prefill_isa, self.prefill_block = prefill_isa or isa, prefill_block or page_size
+        self.resident_dense = resident_dense  # resident heads attend to all pages, unscored
+        self.res_index = torch.full((num_kv_heads,), -1, dtype=torch.int64)
+        self.res_index[self.resident] = torch.arange(len(resident))
+        self.stable_index = torch.full((num_kv_heads,), -1, dtype=torch.int64)
+        self.stable_index[self.stable] = torch.arange(len(stable))
         self.bounds = DeviceBounds(num_blocks, num_kv_heads, head_dim, open_pages)
         self.pool = HotPool(pool_pages, num_blocks, len(stable), page_size, head_dim, dtype)
         self.arena = arena
-        self.kernel_threads = kernel_threads  # decode attention threads (None: the caller's)
+        self.kernel_threads = kernel_threads  # decode threads (None: torch's, i.e. vLLM's)
         self.stats = LayerStats()
+        self.state: DecodeState | None = None
+        native.check_layout(isa, dtype, page_size, head_dim)
+        self._native = native.kernels()
         # Stable-head tokens not yet in the arena: (key, value, flat slot) per write. The arena
         # stores whole pages, so every write is a read-modify-write of its pages; staging turns
         # one per step into one per _ARENA_BATCH tokens. Decode reads the newest pages from the
         # hot pool (written at once), and every arena read flushes first.
         self._staged: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._staged_tokens = 0
+        self._staged_slots: set[int] = set()
+
+    def begin_batch(self) -> None:
+        """A new set of running sequences: forget selections, every head reranks next step."""
+        self.state = None
 
     # -- writes ------------------------------------------------------------------------------
     def write(
@@ -66,16 +95,16 @@ class FlexiLayer:
     ) -> None:
         """Store new tokens ``[T, Hkv, D]`` at vLLM slots: resident heads to vLLM's cache,
         stable heads to the arena (and to the hot pool where their page is resident)."""
-        if slots.numel() > _THREADED_WRITE:  # prefill: big copies, let them use the threads
-            self._write(key, value, slots, cache)
-            return
-        with one_thread():
-            self._write(key, value, slots, cache)
+        key, value = key[: slots.numel()], value[: slots.numel()]
+        if slots.numel() > _THREADED_WRITE:  # prefill: big vectorised copies on every thread
+            self._write_prefill(key, value, slots, cache)
+        else:
+            with one_thread():
+                self._write_decode(key, value, slots, cache)
 
-    def _write(
+    def _write_prefill(
         self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor,
     ) -> None:
-        key, value = key[: slots.numel()], value[: slots.numel()]
         keep = slots >= 0
         key, value, slots = key[keep], value[keep], slots[keep].long()
         if not slots.numel():
@@ -91,16 +120,46 @@ class FlexiLayer:
         self._stage_arena(key[:, self.stable], value[:, self.stable], slots)
         self._write_pool(key[:, self.stable], value[:, self.stable], blocks, offsets)
 
-    def _stage_arena(self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+    def _write_decode(
+        self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor,
+    ) -> None:
+        """A few tokens (one per decoding sequence): native writes; a stable page that opens
+        here gets its hot-pool slot now, since a newest page is always attended. The slots are
+        few, so the bookkeeping runs on Python ints rather than tiny tensor ops."""
+        listed = slots.tolist()
+        if min(listed, default=-1) < 0:  # vLLM pads with -1
+            keep = slots >= 0
+            key, value, listed = key[keep], value[keep], [s for s in listed if s >= 0]
+            if not listed:
+                return
+        slots = torch.tensor(listed, dtype=torch.int64)
+        key, value = key.contiguous(), value.contiguous()
+        b = self.bounds
+        b.clock += 1
+        self._native.update_bounds(key, slots, self.page_size, b.box, b.scale, b.open_min,
+                                   b.open_max, b.open_tag, b.open_used, b.clock)
+        num_stable = len(self.stable)
+        opened = [s // self.page_size for s in listed if s % self.page_size == 0]
+        if num_stable and opened:  # a reused block: its old pages are stale
+            blocks = torch.tensor(opened, dtype=torch.int64)
+            self.pool.release_blocks(blocks)
+            self.pool.allocate(blocks.repeat_interleave(num_stable),
+                               torch.arange(num_stable).repeat(len(opened)))
+        self._native.write_tokens(key, value, slots, cache, self.res_index, self.pool.pages,
+                                  self.pool.slot_of, self.stable_index)
+        if num_stable:
+            self._stage_arena(key[:, self.stable], value[:, self.stable], slots, listed)
+
+    def _stage_arena(self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
+                     listed: list[int] | None = None) -> None:
         """Queue stable-head tokens for the arena; a slot written twice flushes the first write
         (writes to distinct slots commute, so only a rewrite needs the order kept)."""
-        if self._staged:
-            pending = torch.cat([staged for _, _, staged in self._staged])
-            if bool(torch.isin(slots, pending).any()):
-                self.flush_arena()
+        listed = slots.tolist() if listed is None else listed
+        if not self._staged_slots.isdisjoint(listed):
+            self.flush_arena()
         self._staged.append((key, value, slots))
-        self._staged_tokens += slots.numel()
-        if self._staged_tokens >= _ARENA_BATCH:
+        self._staged_slots.update(listed)
+        if len(self._staged_slots) >= _ARENA_BATCH:
             self.flush_arena()
 
     def flush_arena(self) -> None:
@@ -108,7 +167,7 @@ class FlexiLayer:
         if not self._staged:
             return
         key, value, slots = (torch.cat(parts) for parts in zip(*self._staged, strict=True))
-        self._staged, self._staged_tokens = [], 0
+        self._staged, self._staged_slots = [], set()
         self._write_arena(key, value, slots // self.page_size, slots % self.page_size)
 
     def _write_arena(
@@ -149,117 +208,130 @@ class FlexiLayer:
         self, query: torch.Tensor, out: torch.Tensor, tokens: list[torch.Tensor],
         seq_lens: torch.Tensor, block_table: torch.Tensor, cache: torch.Tensor, scale: float,
     ) -> None:
-        """Dense causal attention for prefill rows; ``tokens[r]`` are row r's token indices."""
-        q4, o4 = self._heads(query), self._heads(out)
-        qlens = torch.tensor([len(t) for t in tokens])
+        """Dense causal attention for prefill rows; ``tokens[r]`` are row r's token indices.
+
+        Every head of each row's whole sequence so far (resident heads from vLLM's cache,
+        stable ones from the arena) is staged into a scratch cache of ``prefill_block``-token
+        blocks, and one call of vLLM's kernel attends all query heads, as stock vLLM does: with
+        32-token blocks that is its AMX kernel on CPUs that have it, several times faster than
+        16-token blocks. Staging reads O(sequence) bytes per chunk; the attention is
+        O(sequence x chunk) work.
+        """
+        page, block = self.page_size, self.prefill_block
+        num_pages = ((seq_lens + page - 1) // page).tolist()
+        blocks = torch.cat([block_table[r, :n].long() for r, n in enumerate(num_pages)])
+        k, v = self._stage_pages(blocks, cache)  # [N, P, Hkv, D]
+        # Row r's tokens start at a scratch block boundary: block_base[r] * block.
+        row_blocks = [(n * page + block - 1) // block for n in num_pages]
+        base = [0]
+        for count in row_blocks:
+            base.append(base[-1] + count)
+        slots = torch.cat([base[r] * block + torch.arange(n * page)
+                           for r, n in enumerate(num_pages)])
+        scratch = torch.empty(base[-1], self.num_kv_heads, block, 2 * self.head_dim,
+                              dtype=cache.dtype)
+        write_cache(scratch, k.flatten(0, 1), v.flatten(0, 1), slots, self.prefill_isa)
+        width = max(row_blocks)
+        table = torch.zeros(len(tokens), width, dtype=torch.int32)
+        for r, count in enumerate(row_blocks):
+            table[r, :count] = torch.arange(base[r], base[r] + count)
         starts = torch.zeros(len(tokens) + 1, dtype=torch.int64)
-        starts[1:] = qlens.cumsum(0)
+        starts[1:] = torch.tensor([len(t) for t in tokens]).cumsum(0)
         all_tokens = torch.cat(tokens)
-        if len(self.resident):
-            self._prefill_resident(q4, o4, all_tokens, starts, seq_lens, block_table, cache, scale)
+        q = query[all_tokens].reshape(len(all_tokens), -1, self.head_dim).contiguous()
+        o = torch.empty_like(q)
+        paged_attention(q, scratch, o, starts, seq_lens, table, scale, self.prefill_isa)
+        out[all_tokens] = o.view(len(all_tokens), *out.shape[1:])
+
+    def _stage_pages(self, blocks: torch.Tensor, cache: torch.Tensor,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[N, P, Hkv, D]`` of every head of ``blocks``."""
+        n, page, dim = len(blocks), self.page_size, self.head_dim
+        k = torch.empty(n, page, self.num_kv_heads, dim, dtype=cache.dtype)
+        v = torch.empty_like(k)
+        if len(self.resident):  # vLLM's layout: keys [D][P] then values [P][D] per block, head
+            held = cache[blocks].view(n, len(self.resident), 2, page * dim)
+            k[:, :, self.resident] = held[:, :, 0].view(n, -1, dim, page).permute(0, 3, 1, 2)
+            v[:, :, self.resident] = held[:, :, 1].view(n, -1, page, dim).transpose(1, 2)
         if len(self.stable):
-            self._prefill_stable(q4, o4, tokens, seq_lens, block_table, cache, scale)
-
-    def _prefill_resident(
-        self, q4: torch.Tensor, o4: torch.Tensor, all_tokens: torch.Tensor, starts: torch.Tensor,
-        seq_lens: torch.Tensor, block_table: torch.Tensor, cache: torch.Tensor, scale: float,
-    ) -> None:
-        num_res = len(self.resident)
-        q_res = q4[all_tokens][:, self.resident].reshape(-1, num_res * self.group, self.head_dim)
-        o_res = torch.empty_like(q_res)
-        paged_attention(q_res.contiguous(), cache, o_res, starts, seq_lens, block_table,
-                        scale, self.isa)
-        o4[all_tokens.view(-1, 1), self.resident.view(1, -1)] = o_res.view(
-            -1, num_res, self.group, self.head_dim)
-
-    def _prefill_stable(
-        self, q4: torch.Tensor, o4: torch.Tensor, tokens: list[torch.Tensor],
-        seq_lens: torch.Tensor, block_table: torch.Tensor, cache: torch.Tensor, scale: float,
-    ) -> None:
-        """Stable heads: stage each row's pages from the arena into a scratch cache."""
-        num_pages = (seq_lens + self.page_size - 1) // self.page_size
-        blocks = torch.cat([block_table[r, : int(n)].long() for r, n in enumerate(num_pages)])
-        self.flush_arena()
-        staged = self.arena.get(self._keys(blocks))
-        scratch = torch.empty(len(blocks) * len(self.stable), 1, self.page_size,
-                              2 * self.head_dim, dtype=cache.dtype)
-        flat = torch.arange(scratch.shape[0] * self.page_size)
-        write_cache(scratch, staged.k.reshape(-1, 1, self.head_dim).to(cache.dtype),
-                    staged.v.reshape(-1, 1, self.head_dim).to(cache.dtype), flat, self.isa)
-        rows_tok, rows_head, tables, lens = [], [], [], []
-        first_page = 0
-        for r, n in enumerate(num_pages.tolist()):
-            for s, head in enumerate(self.stable.tolist()):
-                rows_tok.append(tokens[r])
-                rows_head.append(torch.full_like(tokens[r], head))
-                tables.append((first_page + torch.arange(n)) * len(self.stable) + s)
-                lens.append(int(seq_lens[r]))
-            first_page += n
-        self._run_rows(q4, o4, rows_tok, rows_head, tables, lens, scratch, scale)
+            self.flush_arena()
+            got = self.arena.get(self._keys(blocks))
+            shape = (n, len(self.stable), page, dim)
+            k[:, :, self.stable] = got.k.view(shape).transpose(1, 2).to(k.dtype)
+            v[:, :, self.stable] = got.v.view(shape).transpose(1, 2).to(v.dtype)
+        return k, v
 
     def decode(
         self, query: torch.Tensor, out: torch.Tensor, rows_token: torch.Tensor,
         seq_lens: torch.Tensor, block_table: torch.Tensor, cache: torch.Tensor, scale: float,
-        policy: SelectionPolicy,
     ) -> None:
-        """One decode step for rows whose single query token is ``rows_token[r]``."""
-        with one_thread() as threads:
-            self._decode(query, out, rows_token, seq_lens, block_table, cache, scale, policy,
-                         self.kernel_threads or threads)
+        """One decode step for rows whose single query token is ``rows_token[r]``.
 
-    def _decode(
-        self, query: torch.Tensor, out: torch.Tensor, rows_token: torch.Tensor,
-        seq_lens: torch.Tensor, block_table: torch.Tensor, cache: torch.Tensor, scale: float,
-        policy: SelectionPolicy, threads: int,
-    ) -> None:
-        q4, o4 = self._heads(query), self._heads(out)
-        q_dec = query[rows_token]
-        sel = policy.select(self.layer, q_dec, self.bounds, block_table, seq_lens)
-        ids = sel.page_ids.long()  # [B, Hkv, W] ascending, newest page last, -1 padded
+        ``block_table`` is int32 ``[B, W]``, ``seq_lens`` int64 ``[B]`` (contiguous). Resident
+        heads pick their top-K every step inside the native call; stable heads rerank every R
+        steps here (scored natively, then pages move in the hot pool) and otherwise attend to
+        their last top-K plus their tail.
+        """
+        with one_thread() as threads:
+            batch = seq_lens.shape[0]
+            every = batch == query.shape[0]  # a pure decode batch: rows are tokens 0..B-1
+            q = (query if every else query[rows_token]).reshape(batch, -1, self.head_dim)
+            q = q.contiguous()
+            state = self.state
+            if state is None or state.selected.shape[0] != batch:
+                width = min(self.top_k, block_table.shape[1])
+                state = self.state = DecodeState(
+                    selected=torch.full((batch, self.num_kv_heads, width), -1, dtype=torch.int64),
+                    anchor=torch.zeros(batch, self.num_kv_heads, dtype=torch.int64))
+            if len(self.stable) and state.steps % self.rerank_interval == 0:
+                self._rerank(q, seq_lens, block_table, state)
+            direct = every and out.is_contiguous()
+            o = out.view(batch, -1, self.head_dim) if direct else torch.empty_like(q)
+            b = self.bounds
+            set_threads(self.kernel_threads or threads)
+            lost = self._native.decode_step(
+                q, o, cache, self.res_index, self.pool.pages, self.pool.slot_of,
+                self.stable_index, block_table, seq_lens, b.box, b.scale, state.selected,
+                state.anchor, self.top_k, self.resident_dense, scale, self.stats.page_steps)
+            set_threads(1)
+            if lost:
+                raise RuntimeError(f"kvhead: layer {self.layer}: {lost} attended stable pages "
+                                   "are not in the hot pool (bookkeeping bug)")
+            if not direct:
+                out[rows_token] = o.view(batch, *out.shape[1:])
+            state.steps += 1
+            self.stats.decode_steps += 1
+
+    def _rerank(self, q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                state: DecodeState) -> None:
+        """Stable heads pick a new top-K; the pool drops pages no longer attended and copies in
+        only the new ones (their tail is just the newest page, part of the new top-K)."""
+        num_pages = (seq_lens + self.page_size - 1) // self.page_size
+        b = self.bounds
+        self._native.select_pages(q, b.box, b.scale, block_table, num_pages, self.stable,
+                                  state.selected)
+        state.anchor[:, self.stable] = num_pages.view(-1, 1)
+        ids = state.selected[:, self.stable]
         valid = ids >= 0
         blocks = torch.gather(block_table.long().unsqueeze(1).expand(-1, ids.shape[1], -1), 2,
                               ids.clamp_min(0))
-        last = sel.num_pages.view(-1, 1) - 1
-        lens = (valid.sum(-1) - 1) * self.page_size + (seq_lens.view(-1, 1) - last * self.page_size)
-
-        if len(self.resident):
-            res_blocks = blocks[:, self.resident] * len(self.resident) + torch.arange(
-                len(self.resident)).view(1, -1, 1)
-            self._run_batch(q4, o4, rows_token, self.resident, res_blocks,
-                            valid[:, self.resident], lens[:, self.resident],
-                            single_head_view(cache), scale, threads)
-        self.stats.decode_steps += 1
-        self.stats.attended_pages["resident"] += int(valid[:, self.resident].sum())
-        if not len(self.stable):
-            return
-        stable_blocks = blocks[:, self.stable]
-        stable_valid = valid[:, self.stable]
-        slots = self._make_resident(stable_blocks, stable_valid, block_table, sel.num_pages,
-                                    ids[:, self.stable], bool(sel.reranked[:, self.stable].any()))
-        self._run_batch(q4, o4, rows_token, self.stable, slots, stable_valid,
-                        lens[:, self.stable], self.pool.pages, scale, threads)
-        self.stats.attended_pages["stable"] += int(stable_valid.sum())
+        self._make_resident(blocks, valid, block_table, num_pages, ids)
 
     def _make_resident(
         self, blocks: torch.Tensor, valid: torch.Tensor, block_table: torch.Tensor,
-        num_pages: torch.Tensor, ids: torch.Tensor, reranked: bool,
-    ) -> torch.Tensor:
-        """Hot-pool slots ``[B, S, W]`` of the attended stable pages: drop pages no longer
-        attended, copy in only the ones that were not resident.
-
-        Pages leave the attended set only when a stable head reranks (between reranks the set
-        only gains tail pages), so the drop scan runs on rerank steps alone.
-        """
+        num_pages: torch.Tensor, ids: torch.Tensor,
+    ) -> None:
+        """Make the hot pool hold exactly the pages ``ids [B, S, K]`` of stable heads (and no
+        older page of these sequences): drop the others, copy in only the missing ones."""
         heads = torch.arange(len(self.stable)).view(1, -1, 1)
-        if reranked:
-            width = block_table.shape[1]
-            wanted = page_mask(ids.masked_fill(~valid, -1), width)  # [B, S, width]
-            owned = torch.arange(width).view(1, -1) < num_pages.view(-1, 1)
-            table = block_table.long().clamp_min(0)
-            held = self.pool.slot_of[table].permute(0, 2, 1)  # [B, S, width]
-            drop = (held >= 0) & owned.unsqueeze(1) & ~wanted
-            self.pool.release(held[drop])
-            self.stats.demoted_pages += int(drop.sum())
+        width = int(num_pages.max())
+        wanted = page_mask(ids.masked_fill(~valid, -1), width)  # [B, S, width]
+        owned = torch.arange(width).view(1, -1) < num_pages.view(-1, 1)
+        table = block_table[:, :width].long().clamp_min(0)
+        held = self.pool.slot_of[table].permute(0, 2, 1)  # [B, S, width]
+        drop = (held >= 0) & owned.unsqueeze(1) & ~wanted
+        self.pool.release(held[drop])
+        self.stats.demoted_pages += int(drop.sum())
 
         slots = self.pool.slot_of[blocks, heads.expand_as(blocks)]
         missing = valid & (slots < 0)
@@ -273,44 +345,4 @@ class FlexiLayer:
             dtype = self.pool.pages.dtype
             write_cache(self.pool.pages, got.k.reshape(-1, 1, self.head_dim).to(dtype),
                         got.v.reshape(-1, 1, self.head_dim).to(dtype), flat, self.isa)
-            slots = self.pool.slot_of[blocks, heads.expand_as(blocks)]
             self.stats.promoted_pages += int(missing.sum())
-        return slots
-
-    # -- kernel plumbing ---------------------------------------------------------------------
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(x.shape[0], self.num_kv_heads, self.group, self.head_dim)
-
-    def _run_batch(
-        self, q4: torch.Tensor, o4: torch.Tensor, rows_token: torch.Tensor, heads: torch.Tensor,
-        blocks: torch.Tensor, valid: torch.Tensor, lens: torch.Tensor, cache: torch.Tensor,
-        scale: float, threads: int,
-    ) -> None:
-        """Decode pseudo-rows (row, head): one query token over that head's listed blocks."""
-        batch, num_heads, width = blocks.shape
-        table = blocks.masked_fill(~valid, 0).view(-1, width)  # page lists are -1 padded at the end
-        tok = rows_token.view(-1, 1).expand(batch, num_heads).flatten()
-        head = heads.view(1, -1).expand(batch, num_heads).flatten()
-        q = q4[tok, head].contiguous()  # [B*H, G, D]
-        o = torch.empty_like(q)
-        starts = torch.arange(batch * num_heads + 1)
-        paged_attention(q, cache, o, starts, lens.flatten(), table, scale, self.isa, threads)
-        o4[tok, head] = o
-
-    def _run_rows(
-        self, q4: torch.Tensor, o4: torch.Tensor, rows_tok: list[torch.Tensor],
-        rows_head: list[torch.Tensor], tables: list[torch.Tensor], lens: list[int],
-        cache: torch.Tensor, scale: float,
-    ) -> None:
-        """Prefill pseudo-rows of any query length over single-head blocks."""
-        tok, head = torch.cat(rows_tok), torch.cat(rows_head)
-        width = max(len(t) for t in tables)
-        table = torch.zeros(len(tables), width, dtype=torch.int64)
-        for r, t in enumerate(tables):
-            table[r, : len(t)] = t
-        starts = torch.zeros(len(rows_tok) + 1, dtype=torch.int64)
-        starts[1:] = torch.tensor([len(t) for t in rows_tok]).cumsum(0)
-        q = q4[tok, head].contiguous()
-        o = torch.empty_like(q)
-        paged_attention(q, cache, o, starts, torch.tensor(lens), table, scale, self.isa)
-        o4[tok, head] = o

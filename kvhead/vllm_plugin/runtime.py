@@ -1,4 +1,4 @@
-"""The per-process FlexiCache runtime: settings, head split, host arena, layers and policy.
+"""The per-process FlexiCache runtime: settings, head split, host arena and layers.
 
 vLLM builds attention layers, specs and metadata builders in separate places that share no
 object we control, so the worker keeps one runtime per process. It is created when the first
@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kvhead.policy import Mode
 from kvhead.spec import HeadPageSpec
 from kvhead.vllm_plugin import budget, kv_spec
 from kvhead.vllm_plugin.bounds import DeviceBounds
@@ -29,7 +28,6 @@ from kvhead.vllm_plugin.config import (
 )
 from kvhead.vllm_plugin.hot_pool import HotPool
 from kvhead.vllm_plugin.layer import FlexiLayer
-from kvhead.vllm_plugin.selection import CompactSelectionPolicy
 from kvstore import HostArena, HostArenaConfig
 
 logger = logging.getLogger(__name__)
@@ -53,25 +51,17 @@ class FlexiRuntime:
     """Everything FlexiCache keeps for one vLLM worker process."""
 
     def __init__(self, settings: FlexiCacheSettings, split: HeadSplit, geo: ModelGeometry,
-                 isa: str) -> None:
+                 isa: str, prefill: tuple[str, int] | None = None) -> None:
         self.settings, self.split, self.geo, self.isa = settings, split, geo, isa
+        self.prefill_isa, self.prefill_block = prefill or (isa, geo.page_size)
         self.spec = HeadPageSpec(geo.num_q_heads, geo.num_kv_heads, geo.head_dim,
                                  geo.page_size, geo.dtype)
         self.arena: HostArena | None = None
         self.layers: dict[int, FlexiLayer] = {}
         self.max_pages = math.ceil(geo.max_model_len / geo.page_size)
         self._cohort: tuple[int, ...] | None = None
-        self.policy = self._new_policy()
-        self._retired_pages = [0.0, 0.0]  # resident, total page-steps of replaced policies
         self.peak_live_blocks = 0
         self.budget_split: BudgetSplit | None = None  # set when vLLM sizes its cache
-
-    def _new_policy(self) -> CompactSelectionPolicy:
-        return CompactSelectionPolicy(
-            Mode.flexicache, self.geo.num_layers, self.geo.num_kv_heads,
-            page_size=self.geo.page_size, top_k=self.settings.top_k,
-            rerank_interval=self.settings.rerank_interval, unstable=self.split.resident_mask,
-        )
 
     # -- sizing ------------------------------------------------------------------------------
     @property
@@ -136,35 +126,37 @@ class FlexiRuntime:
                 page_size=self.geo.page_size, head_dim=self.geo.head_dim, dtype=self.geo.dtype,
                 isa=self.isa, arena=self.ensure_arena(num_blocks),
                 pool_pages=self.pool_pages(num_blocks, len(stable)), open_pages=self.open_pages,
+                top_k=self.settings.top_k, rerank_interval=self.settings.rerank_interval,
+                resident_dense=self.settings.unstable_dense,
                 kernel_threads=self.settings.decode_kernel_threads,
+                prefill_isa=self.prefill_isa, prefill_block=self.prefill_block,
             )
         return self.layers[index]
 
     # -- per step ----------------------------------------------------------------------------
-    def policy_for(self, block_table: torch.Tensor) -> CompactSelectionPolicy:
-        """The selection policy of this decode batch.
+    def track_batch(self, block_table: torch.Tensor) -> None:
+        """Note the decode batch of this step; a changed batch restarts every layer's selection.
 
-        The policy keeps lock-step state for a fixed list of sequences. vLLM's batch changes as
-        requests join and finish, so a changed batch (keyed by each request's first block) gets
-        a fresh policy: every head reranks once, which is always correct, and the hot pool
-        copies only pages it does not already hold.
+        Selection state is lock-step per row, and vLLM's batch changes as requests join and
+        finish, so a changed batch (keyed by each request's first block) makes every head
+        rerank once, which is always correct; the hot pool copies only pages it does not hold.
         """
         cohort = tuple(block_table[:, 0].tolist())
-        if cohort != self._cohort:
-            self._retired_pages = self._page_steps()
-            self.policy = self._new_policy()
-            self._cohort = cohort
-            live = torch.unique(block_table[block_table >= 0].long())
-            self.peak_live_blocks = max(self.peak_live_blocks, int(live.numel()))
-            for layer in self.layers.values():
-                layer.pool.release_unreferenced(live)
-        return self.policy
+        if cohort == self._cohort:
+            return
+        self._cohort = cohort
+        live = torch.unique(block_table[block_table >= 0].long())
+        self.peak_live_blocks = max(self.peak_live_blocks, int(live.numel()))
+        for layer in self.layers.values():
+            layer.begin_batch()
+            layer.pool.release_unreferenced(live)
 
     # -- reporting ---------------------------------------------------------------------------
     def _page_steps(self) -> list[float]:
-        stats = self.policy.stats
-        return [self._retired_pages[0] + stats.resident_pages.sum().item(),
-                self._retired_pages[1] + stats.total_pages.sum().item()]
+        """(resident, existing) (sequence, head) pages summed over layers and decode steps."""
+        totals = sum((l.stats.page_steps for l in self.layers.values()), torch.zeros(2,
+                     dtype=torch.float64))
+        return totals.tolist()
 
     def reset_peaks(self) -> None:
         """Start a new measurement window for the hot-pool peak."""
@@ -198,7 +190,7 @@ def current() -> FlexiRuntime | None:
     return _RUNTIME
 
 
-def init_runtime(vllm_config, isa: str) -> FlexiRuntime:
+def init_runtime(vllm_config, isa: str, prefill: tuple[str, int] | None = None) -> FlexiRuntime:
     """Create (once per process) the runtime from vLLM's config; raises on bad settings."""
     global _RUNTIME
     if _RUNTIME is not None:
@@ -221,7 +213,7 @@ def init_runtime(vllm_config, isa: str) -> FlexiRuntime:
         block_size=cache.block_size, prefix_caching=bool(cache.enable_prefix_caching),
     )
     split = HeadSplit.from_profile(profile, settings.max_resident_heads_per_layer)
-    _RUNTIME = FlexiRuntime(settings, split, geo, isa)
+    _RUNTIME = FlexiRuntime(settings, split, geo, isa, prefill)
     kv_spec.install()
     budget.install()
     logger.warning(

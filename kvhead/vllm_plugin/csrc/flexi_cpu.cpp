@@ -1,0 +1,583 @@
+// FlexiCache decode step of one layer on the CPU, in one call per job instead of dozens of torch
+// ops: page scoring from int8 boxes, top-K, sparse attention over vLLM-layout caches (keys
+// transposed [D][P], then values [P][D], per block and head), cache writes and the page-bound
+// update of decode tokens. The Python side (kvhead/vllm_plugin/native.py) owns the rules that
+// change rarely (reranks of stable heads, hot-pool promotion); these loops run every step.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr float kMasked = -1.0e30f;  // finite "minus infinity" (built with -ffast-math)
+constexpr double kQmax = 127.0;
+constexpr double kScalePad = 1.0 + 1.0 / 1048576.0;  // bounds_compact._SCALE_PAD
+
+inline float to_float(float x) { return x; }
+inline float to_float(at::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+inline float to_float(at::Half x) { return static_cast<float>(x); }
+
+template <typename T> inline T from_float(float x) { return static_cast<T>(x); }
+
+// Geometry shared by every call of one layer.
+struct Shape {
+  int64_t batch, kv_heads, group, dim, page, width;
+};
+
+// Quest upper bound of q.k for every page 0..n-1 of one (sequence, kv head), max over the group.
+void score_pages(const float* q, int64_t group, int64_t dim, const int8_t* box_rows,
+                 const float* scale_row, const int32_t* table, int64_t n, float* scores) {
+  for (int64_t p = 0; p < n; ++p) {
+    const int8_t* row = box_rows + static_cast<int64_t>(table[p]) * 2 * dim;
+    float best = kMasked;
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q + g * dim;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t d = 0; d < dim; ++d) {
+        float hi = qg[d] * static_cast<float>(row[d]);
+        float lo = qg[d] * static_cast<float>(row[dim + d]);
+        acc += hi > lo ? hi : lo;
+      }
+      best = acc > best ? acc : best;
+    }
+    scores[p] = best * scale_row[table[p]];
+  }
+}
+
+// Top-k of n scored pages with the newest (n-1) always kept; ascending ids into `out` (k slots,
+// -1 padded). Returns how many ids were written.
+int64_t top_k_pages(const float* scores, int64_t n, int64_t k, std::vector<int32_t>& order,
+                    int64_t* out) {
+  int64_t take = std::min(n, k);
+  if (n <= k) {
+    for (int64_t p = 0; p < n; ++p) out[p] = p;
+  } else {
+    order.resize(n - 1);
+    std::iota(order.begin(), order.end(), 0);
+    auto better = [scores](int32_t a, int32_t b) {
+      return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
+    };
+    std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), better);
+    std::sort(order.begin(), order.begin() + (k - 1));
+    for (int64_t i = 0; i < k - 1; ++i) out[i] = order[i];
+    out[k - 1] = n - 1;
+  }
+  for (int64_t i = take; i < k; ++i) out[i] = -1;
+  return take;
+}
+
+// Online-softmax attention of `group` query rows over a list of pages of one head.
+// `page_ptr(i)` gives page i's block base (keys [D][P] then values [P][D]); `page_len(i)` its
+// written tokens.
+template <typename T, typename PagePtr, typename PageLen>
+void attend(const float* q, int64_t group, int64_t dim, int64_t page, int64_t count,
+            PagePtr page_ptr, PageLen page_len, float* acc, float* kbuf, float* vbuf,
+            float* sbuf) {
+  std::vector<float> m(group, kMasked), l(group, 0.f);
+  std::fill(acc, acc + group * dim, 0.f);
+  for (int64_t i = 0; i < count; ++i) {
+    const T* base = page_ptr(i);
+    const int64_t len = page_len(i);
+#pragma omp simd
+    for (int64_t e = 0; e < dim * page; ++e) kbuf[e] = to_float(base[e]);
+#pragma omp simd
+    for (int64_t e = 0; e < len * dim; ++e) vbuf[e] = to_float(base[dim * page + e]);
+    for (int64_t g = 0; g < group; ++g) {
+      float* s = sbuf;
+      const float* qg = q + g * dim;
+      for (int64_t t = 0; t < page; ++t) s[t] = 0.f;
+      for (int64_t d = 0; d < dim; ++d) {
+        const float qd = qg[d];
+        const float* kd = kbuf + d * page;
+#pragma omp simd
+        for (int64_t t = 0; t < page; ++t) s[t] += qd * kd[t];
+      }
+      float mx = m[g];
+      for (int64_t t = 0; t < len; ++t) mx = s[t] > mx ? s[t] : mx;
+      const float corr = std::exp(m[g] - mx);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < len; ++t) {
+        s[t] = std::exp(s[t] - mx);
+        sum += s[t];
+      }
+      float* ag = acc + g * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) ag[d] *= corr;
+      for (int64_t t = 0; t < len; ++t) {
+        const float w = s[t];
+        const float* vt = vbuf + t * dim;
+#pragma omp simd
+        for (int64_t d = 0; d < dim; ++d) ag[d] += w * vt[d];
+      }
+      l[g] = l[g] * corr + sum;
+      m[g] = mx;
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] *= inv;
+  }
+}
+
+template <typename T>
+void load_query(const T* src, int64_t rows, int64_t dim, float mul, float* dst) {
+  for (int64_t e = 0; e < rows * dim; ++e) dst[e] = to_float(src[e]) * mul;
+}
+
+void check_int(const torch::Tensor& t, c10::ScalarType type, const char* name) {
+  TORCH_CHECK(t.scalar_type() == type && t.is_contiguous(), "kvhead native: ", name,
+              " must be a contiguous ", c10::toString(type), " tensor");
+}
+
+#if defined(__AVX512F__)
+// AVX-512 path for 16-token pages: one zmm holds a page's 16 scores of one query row (keys are
+// stored transposed, [D][16]), and G x D/16 accumulators stay in registers across pages.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// e^x for x <= 0 (Cephes expf: range reduction by ln 2, degree-5 polynomial, 2^n by scalef).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <typename T, int G, int C, typename PagePtr, typename PageLen>
+void attend16(const float* q, int64_t count, PagePtr page_ptr, PageLen page_len, float* out) {
+  constexpr int D = 16 * C;
+  __m512 acc[G][C];
+  float m[G], l[G];
+  for (int g = 0; g < G; ++g) {
+    m[g] = kMasked;
+    l[g] = 0.f;
+    for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+  }
+  alignas(64) float w[G][16];
+  for (int64_t i = 0; i < count; ++i) {
+    const T* base = page_ptr(i);
+    const int64_t len = page_len(i);
+    const __mmask16 valid = len >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << len) - 1u);
+    __m512 s[G];
+    for (int g = 0; g < G; ++g) s[g] = _mm512_setzero_ps();
+    for (int d = 0; d < D; ++d) {
+      const __m512 kd = load16(base + d * 16);
+      for (int g = 0; g < G; ++g) s[g] = _mm512_fmadd_ps(_mm512_set1_ps(q[g * D + d]), kd, s[g]);
+    }
+    for (int g = 0; g < G; ++g) {
+      const __m512 sg = _mm512_mask_mov_ps(_mm512_set1_ps(kMasked), valid, s[g]);
+      const float mx = std::max(m[g], _mm512_reduce_max_ps(sg));
+      const float corr = std::exp(m[g] - mx);
+      const __m512 pg = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(sg, _mm512_set1_ps(mx))));
+      l[g] = l[g] * corr + _mm512_reduce_add_ps(pg);
+      m[g] = mx;
+      _mm512_store_ps(w[g], pg);
+      const __m512 cv = _mm512_set1_ps(corr);
+      for (int c = 0; c < C; ++c) acc[g][c] = _mm512_mul_ps(acc[g][c], cv);
+    }
+    const T* values = base + 16 * D;
+    for (int64_t t = 0; t < len; ++t) {
+      for (int c = 0; c < C; ++c) {
+        const __m512 v = load16(values + t * D + c * 16);
+        for (int g = 0; g < G; ++g)
+          acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(w[g][t]), v, acc[g][c]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const __m512 inv = _mm512_set1_ps(l[g] > 0.f ? 1.f / l[g] : 0.f);
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * D + c * 16, _mm512_mul_ps(acc[g][c], inv));
+  }
+}
+
+// Quest bounds of n pages from int8 rows (qmax then qmin, D each): relu(q).hi + min(q,0).lo.
+template <int G, int C>
+void score16(const float* q, const int8_t* box_rows, const float* scale_row, const int32_t* table,
+             int64_t n, float* scores) {
+  constexpr int D = 16 * C;
+  __m512 qp[G][C], qn[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) {
+      const __m512 v = _mm512_loadu_ps(q + g * D + c * 16);
+      qp[g][c] = _mm512_max_ps(v, _mm512_setzero_ps());
+      qn[g][c] = _mm512_min_ps(v, _mm512_setzero_ps());
+    }
+  for (int64_t p = 0; p < n; ++p) {
+    const int8_t* row = box_rows + static_cast<int64_t>(table[p]) * 2 * D;
+    __m512 acc[G];
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c) {
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 16))));
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + D + c * 16))));
+      for (int g = 0; g < G; ++g)
+        acc[g] = _mm512_fmadd_ps(qp[g][c], hi, _mm512_fmadd_ps(qn[g][c], lo, acc[g]));
+    }
+    float best = kMasked;
+    for (int g = 0; g < G; ++g) best = std::max(best, _mm512_reduce_add_ps(acc[g]));
+    scores[p] = best * scale_row[table[p]];
+  }
+}
+#endif
+
+// The (group, D/16) shapes with a specialised AVX-512 path; others run the portable loops.
+#define KVHEAD_SHAPES(X) X(1, 4) X(2, 2) X(2, 4) X(3, 4) X(4, 4) X(4, 8) X(8, 8) X(2, 8) X(1, 8)
+
+template <typename T, typename PagePtr, typename PageLen>
+void attend_any(const float* q, int64_t group, int64_t dim, int64_t page, int64_t count,
+                PagePtr page_ptr, PageLen page_len, float* acc, float* kbuf, float* vbuf,
+                float* sbuf) {
+#if defined(__AVX512F__)
+  if constexpr (!std::is_same_v<T, double>) {
+   if (page == 16) {
+#define KVHEAD_ATTEND(G, C)                                              \
+    if (group == G && dim == 16 * C) {                                   \
+      attend16<T, G, C>(q, count, page_ptr, page_len, acc);              \
+      return;                                                            \
+    }
+    KVHEAD_SHAPES(KVHEAD_ATTEND)
+#undef KVHEAD_ATTEND
+   }
+  }
+#endif
+  attend<T>(q, group, dim, page, count, page_ptr, page_len, acc, kbuf, vbuf, sbuf);
+}
+
+void score_any(const float* q, int64_t group, int64_t dim, const int8_t* box_rows,
+               const float* scale_row, const int32_t* table, int64_t n, float* scores) {
+#if defined(__AVX512F__)
+#define KVHEAD_SCORE(G, C)                                               \
+  if (group == G && dim == 16 * C) {                                     \
+    score16<G, C>(q, box_rows, scale_row, table, n, scores);             \
+    return;                                                              \
+  }
+  KVHEAD_SHAPES(KVHEAD_SCORE)
+#undef KVHEAD_SCORE
+#endif
+  score_pages(q, group, dim, box_rows, scale_row, table, n, scores);
+}
+
+}  // namespace
+
+// Top-k ascending page ids [B, Hkv, k] (newest kept, -1 padded) for the kv heads in `heads`;
+// rows of other heads are left as they are. q: [B, Hkv*G, D]; box: [Hkv, blocks, 2D] int8
+// (qmax then qmin); scale: [Hkv, blocks]; table: [B, W] int32; num_pages: [B] int64.
+void select_pages(torch::Tensor q, torch::Tensor box, torch::Tensor scale, torch::Tensor table,
+                  torch::Tensor num_pages, torch::Tensor heads, torch::Tensor out) {
+  check_int(box, torch::kInt8, "box");
+  check_int(table, torch::kInt32, "block table");
+  check_int(num_pages, torch::kInt64, "num_pages");
+  check_int(heads, torch::kInt64, "heads");
+  check_int(out, torch::kInt64, "out");
+  const int64_t batch = q.size(0), kv = box.size(0), dim = q.size(2);
+  const int64_t group = q.size(1) / kv, blocks = box.size(1), width = table.size(1);
+  const int64_t k = out.size(2), nheads = heads.numel();
+  auto qf = q.to(torch::kFloat32).contiguous();
+  const float* qp = qf.data_ptr<float>();
+  const int8_t* bp = box.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const int32_t* tp = table.data_ptr<int32_t>();
+  const int64_t* np = num_pages.data_ptr<int64_t>();
+  const int64_t* hp = heads.data_ptr<int64_t>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, batch * nheads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(width);
+    std::vector<int32_t> order;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nheads, h = hp[task % nheads];
+      const int64_t n = std::min(np[b], width);
+      score_any(qp + (b * kv + h) * group * dim, group, dim, bp + h * blocks * 2 * dim,
+                  sp + h * blocks, tp + b * width, n, scores.data());
+      top_k_pages(scores.data(), n, k, order, op + (b * kv + h) * k);
+    }
+  });
+}
+
+// One decode step of every (sequence, kv head) of a layer, written into out [B, Hkv*G, D].
+//  * resident heads (res_index[h] >= 0): pages of vLLM's cache [blocks, R, P, 2D]; every page
+//    when `resident_dense`, else their top-k scored now from the int8 boxes;
+//  * stable heads (stable_index[h] >= 0): pages sel[b, h, :] (their last rerank's top-k) and
+//    every page from anchor[b, h] - 1 on, read from the hot pool [slots, 1, P, 2D] at
+//    slot_of[block, stable_index]. A missing pool page is an error (returned count > 0).
+// page_steps [2] (float64) accumulates resident and total (sequence, head) pages of the step.
+// Returns the number of stable pages that were not in the pool (0 when all is well).
+int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, torch::Tensor res_index,
+                    torch::Tensor pool, torch::Tensor slot_of, torch::Tensor stable_index,
+                    torch::Tensor table, torch::Tensor seq_lens, torch::Tensor box,
+                    torch::Tensor scale, torch::Tensor sel, torch::Tensor anchor, int64_t top_k,
+                    bool resident_dense, double softmax_scale, torch::Tensor page_steps) {
+  check_int(table, torch::kInt32, "block table");
+  check_int(seq_lens, torch::kInt64, "seq_lens");
+  check_int(res_index, torch::kInt64, "res_index");
+  check_int(stable_index, torch::kInt64, "stable_index");
+  check_int(slot_of, torch::kInt64, "slot_of");
+  check_int(sel, torch::kInt64, "sel");
+  check_int(anchor, torch::kInt64, "anchor");
+  TORCH_CHECK(q.is_contiguous() && out.is_contiguous() && cache.is_contiguous() &&
+                  pool.is_contiguous(), "kvhead native: q, out and caches must be contiguous");
+  TORCH_CHECK(cache.scalar_type() == pool.scalar_type() && q.scalar_type() == cache.scalar_type(),
+              "kvhead native: query and caches must share a dtype");
+  const int64_t batch = q.size(0), kv = box.size(0), dim = q.size(2), group = q.size(1) / kv;
+  const int64_t page = pool.size(2), width = table.size(1), blocks = box.size(1);
+  const int64_t res_heads = cache.size(1), num_stable = slot_of.size(1), k = sel.size(2);
+  const int64_t* rp = res_index.data_ptr<int64_t>();
+  const int64_t* stp = stable_index.data_ptr<int64_t>();
+  const int64_t* sop = slot_of.data_ptr<int64_t>();
+  const int32_t* tp = table.data_ptr<int32_t>();
+  const int64_t* lp = seq_lens.data_ptr<int64_t>();
+  const int8_t* bp = box.data_ptr<int8_t>();
+  const float* scp = scale.data_ptr<float>();
+  const int64_t* selp = sel.data_ptr<int64_t>();
+  const int64_t* ap = anchor.data_ptr<int64_t>();
+  std::vector<double> resident(batch * kv, 0.0), total(batch * kv, 0.0);
+  std::vector<int64_t> missing(batch * kv, 0);
+  const int64_t block_elems = page * 2 * dim;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_step", [&] {
+    using T = scalar_t;
+    const T* qp = q.data_ptr<T>();
+    T* outp = out.data_ptr<T>();
+    const T* cp = res_heads ? cache.data_ptr<T>() : nullptr;
+    const T* pp = pool.numel() ? pool.data_ptr<T>() : nullptr;
+    at::parallel_for(0, batch * kv, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qf(group * dim), acc(group * dim), kbuf(dim * page), vbuf(page * dim);
+      std::vector<float> sbuf(page), scores(width);
+      std::vector<int32_t> order;
+      std::vector<int64_t> ids(std::max(width, k));
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / kv, h = task % kv;
+        const int64_t len = lp[b];
+        const int64_t n = std::min((len + page - 1) / page, width);
+        const int32_t* row = tp + b * width;
+        load_query(qp + (b * kv + h) * group * dim, group, dim,
+                   static_cast<float>(softmax_scale), qf.data());
+        auto page_len = [&](int64_t p) { return std::min(page, len - p * page); };
+        int64_t count = 0;
+        if (rp[h] >= 0) {
+          if (resident_dense) {
+            for (int64_t p = 0; p < n; ++p) ids[p] = p;
+            count = n;
+          } else {
+            score_any(qf.data(), group, dim, bp + h * blocks * 2 * dim, scp + h * blocks, row,
+                        n, scores.data());
+            count = top_k_pages(scores.data(), n, std::min(top_k, width), order, ids.data());
+          }
+          const int64_t ri = rp[h];
+          attend_any<T>(qf.data(), group, dim, page, count,
+                    [&](int64_t i) { return cp + (row[ids[i]] * res_heads + ri) * block_elems; },
+                    [&](int64_t i) { return page_len(ids[i]); }, acc.data(), kbuf.data(),
+                    vbuf.data(), sbuf.data());
+          resident[task] = static_cast<double>(n);
+        } else {
+          const int64_t si = stp[h];
+          const int64_t* chosen = selp + (b * kv + h) * k;
+          // the tail: pages written since the rerank, from the one that was partial then
+          const int64_t from = std::max<int64_t>(ap[b * kv + h] - 1, 0);
+          for (int64_t i = 0; i < k && chosen[i] >= 0 && chosen[i] < from; ++i) ids[count++] = chosen[i];
+          for (int64_t p = from; p < n; ++p) ids[count++] = p;
+          int64_t lost = 0;
+          for (int64_t i = 0; i < count; ++i)
+            if (sop[static_cast<int64_t>(row[ids[i]]) * num_stable + si] < 0) ++lost;
+          missing[task] = lost;
+          if (lost == 0) {
+            attend_any<T>(qf.data(), group, dim, page, count,
+                      [&](int64_t i) {
+                        return pp + sop[static_cast<int64_t>(row[ids[i]]) * num_stable + si] *
+                                        block_elems;
+                      },
+                      [&](int64_t i) { return page_len(ids[i]); }, acc.data(), kbuf.data(),
+                      vbuf.data(), sbuf.data());
+          }
+          resident[task] = static_cast<double>(count);
+        }
+        total[task] = static_cast<double>(n);
+        T* og = outp + (b * kv + h) * group * dim;
+        for (int64_t e = 0; e < group * dim; ++e) og[e] = from_float<T>(acc[e]);
+      }
+    });
+  });
+  double* ps = page_steps.data_ptr<double>();
+  for (int64_t t = 0; t < batch * kv; ++t) {
+    ps[0] += resident[t];
+    ps[1] += total[t];
+  }
+  return std::accumulate(missing.begin(), missing.end(), int64_t{0});
+}
+
+// Decode tokens key/value [T, Hkv, D] at flat slots [T] (block * P + offset, >= 0): resident
+// heads into vLLM's cache, stable heads into their hot-pool page where it has one.
+void write_tokens(torch::Tensor key, torch::Tensor value, torch::Tensor slots, torch::Tensor cache,
+                  torch::Tensor res_index, torch::Tensor pool, torch::Tensor slot_of,
+                  torch::Tensor stable_index) {
+  check_int(slots, torch::kInt64, "slots");
+  TORCH_CHECK(key.is_contiguous() && value.is_contiguous(), "kvhead native: key/value layout");
+  const int64_t tokens = slots.numel(), kv = key.size(1), dim = key.size(2);
+  const int64_t page = pool.size(2), res_heads = cache.size(1), num_stable = slot_of.size(1);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* rp = res_index.data_ptr<int64_t>();
+  const int64_t* stp = stable_index.data_ptr<int64_t>();
+  const int64_t* sop = slot_of.data_ptr<int64_t>();
+  const int64_t block_elems = page * 2 * dim;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cache.scalar_type(), "write_tokens", [&] {
+    using T = scalar_t;
+    auto kf = key.to(cache.scalar_type()).contiguous();
+    auto vf = value.to(cache.scalar_type()).contiguous();
+    const T* kp = kf.data_ptr<T>();
+    const T* vp = vf.data_ptr<T>();
+    T* cp = res_heads ? cache.data_ptr<T>() : nullptr;
+    T* pp = pool.numel() ? pool.data_ptr<T>() : nullptr;
+    for (int64_t t = 0; t < tokens; ++t) {
+      const int64_t block = sp[t] / page, off = sp[t] % page;
+      for (int64_t h = 0; h < kv; ++h) {
+        T* base = nullptr;
+        if (rp[h] >= 0) {
+          base = cp + (block * res_heads + rp[h]) * block_elems;
+        } else {
+          const int64_t slot = sop[block * num_stable + stp[h]];
+          if (slot < 0) continue;
+          base = pp + slot * block_elems;
+        }
+        const T* kt = kp + (t * kv + h) * dim;
+        const T* vt = vp + (t * kv + h) * dim;
+        for (int64_t d = 0; d < dim; ++d) base[d * page + off] = kt[d];
+        std::memcpy(base + dim * page + off * dim, vt, dim * sizeof(T));
+      }
+    }
+  });
+}
+
+namespace {
+
+// Round an exact box [Hkv, D] outwards onto block `block`'s int8 row (bounds_compact.quantize).
+void settle(const float* lo, const float* hi, int64_t kv, int64_t dim, int64_t blocks,
+            int64_t block, int8_t* box, float* scale) {
+  for (int64_t h = 0; h < kv; ++h) {
+    const float* l = lo + h * dim;
+    const float* u = hi + h * dim;
+    double amax = 0.0;
+    for (int64_t d = 0; d < dim; ++d)
+      amax = std::max(amax, std::max(std::fabs(double(l[d])), std::fabs(double(u[d]))));
+    const float stored = static_cast<float>(amax / kQmax * kScalePad);
+    const double s = std::max(static_cast<double>(stored), static_cast<double>(FLT_MIN));
+    int8_t* row = box + (h * blocks + block) * 2 * dim;
+    for (int64_t d = 0; d < dim; ++d) {
+      double qmax = std::ceil(double(u[d]) / s), qmin = std::floor(double(l[d]) / s);
+      if (qmax * s < double(u[d])) qmax += 1;
+      if (qmin * s > double(l[d])) qmin -= 1;
+      row[d] = static_cast<int8_t>(std::clamp(qmax, -kQmax, kQmax));
+      row[dim + d] = static_cast<int8_t>(std::clamp(qmin, -kQmax, kQmax));
+    }
+    scale[h * blocks + block] = stored;
+  }
+}
+
+}  // namespace
+
+// Fold decode keys [T, Hkv, D] at slots [T] into the page bounds, token by token, with the same
+// rules as DeviceBounds.update: a write at offset 0 starts the page afresh; an open page keeps an
+// exact fp32 box in the LRU table (tag = block, used = clock; entries used at this `clock` are
+// never taken); a page settles into its int8 row when its last slot is written or it finds no
+// entry; a page without an entry folds into its int8 box.
+void update_bounds(torch::Tensor keys, torch::Tensor slots, int64_t page, torch::Tensor box,
+                   torch::Tensor scale, torch::Tensor open_min, torch::Tensor open_max,
+                   torch::Tensor open_tag, torch::Tensor open_used, int64_t clock) {
+  check_int(slots, torch::kInt64, "slots");
+  check_int(open_tag, torch::kInt64, "open_tag");
+  check_int(open_used, torch::kInt64, "open_used");
+  auto kf = keys.to(torch::kFloat32).contiguous();
+  const int64_t tokens = slots.numel(), kv = kf.size(1), dim = kf.size(2);
+  const int64_t blocks = box.size(1), entries = open_tag.numel();
+  const float* kp = kf.data_ptr<float>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  int8_t* bp = box.data_ptr<int8_t>();
+  float* scp = scale.data_ptr<float>();
+  float* mn = open_min.data_ptr<float>();
+  float* mx = open_max.data_ptr<float>();
+  int64_t* tag = open_tag.data_ptr<int64_t>();
+  int64_t* used = open_used.data_ptr<int64_t>();
+  std::vector<float> lo(kv * dim), hi(kv * dim);
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t block = sp[t] / page, off = sp[t] % page;
+    const float* key = kp + t * kv * dim;
+    int64_t entry = -1;
+    for (int64_t e = 0; e < entries; ++e)
+      if (tag[e] == block) { entry = e; break; }
+    if (off == 0) {
+      std::copy(key, key + kv * dim, lo.begin());
+      std::copy(key, key + kv * dim, hi.begin());
+    } else if (entry >= 0) {
+      for (int64_t i = 0; i < kv * dim; ++i) {
+        lo[i] = std::min(mn[entry * kv * dim + i], key[i]);
+        hi[i] = std::max(mx[entry * kv * dim + i], key[i]);
+      }
+    } else {
+      for (int64_t h = 0; h < kv; ++h) {
+        const int8_t* row = bp + (h * blocks + block) * 2 * dim;
+        const float s = scp[h * blocks + block];
+        for (int64_t d = 0; d < dim; ++d) {
+          const int64_t i = h * dim + d;
+          hi[i] = std::max(static_cast<float>(row[d]) * s, key[i]);
+          lo[i] = std::min(static_cast<float>(row[dim + d]) * s, key[i]);
+        }
+      }
+    }
+    if (off == page - 1) {
+      settle(lo.data(), hi.data(), kv, dim, blocks, block, bp, scp);
+      if (entry >= 0) { tag[entry] = -1; used[entry] = 0; }
+      continue;
+    }
+    if (entry < 0) {
+      for (int64_t e = 0; e < entries; ++e)
+        if (used[e] < clock && (entry < 0 || used[e] < used[entry])) entry = e;
+      if (entry >= 0 && tag[entry] >= 0)  // evict: its page settles with its exact box
+        settle(mn + entry * kv * dim, mx + entry * kv * dim, kv, dim, blocks, tag[entry], bp, scp);
+    }
+    if (entry < 0) {
+      settle(lo.data(), hi.data(), kv, dim, blocks, block, bp, scp);
+      continue;
+    }
+    tag[entry] = block;
+    used[entry] = clock;
+    std::copy(lo.begin(), lo.end(), mn + entry * kv * dim);
+    std::copy(hi.begin(), hi.end(), mx + entry * kv * dim);
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("select_pages", &select_pages, "top-k pages of chosen kv heads from int8 boxes");
+  m.def("decode_step", &decode_step, "sparse decode attention of one layer");
+  m.def("write_tokens", &write_tokens, "decode tokens into vLLM's cache and the hot pool");
+  m.def("update_bounds", &update_bounds, "fold decode keys into the page bounds");
+}
