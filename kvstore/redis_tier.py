@@ -11,16 +11,21 @@ caller. After a connection failure the tier answers at once with misses for ``re
 (so decode never waits on a dead server), then tries again; the first success logs the
 reconnection. Writes are pipelined ``SET ... PX ttl`` commands, reads one ``MGET`` per
 ``pipeline_depth`` keys, one round trip per ``pipeline_depth`` pages, through a bounded blocking
-connection pool. Commands are built and replies checked by compiled loops (:mod:`kvstore.wire`).
+connection pool. On plain TCP and Unix sockets one compiled loop per call builds the commands,
+moves the bytes and checks the replies (:mod:`kvstore.netio`, :mod:`kvstore.wire`); over TLS the
+same commands go through redis-py pipelines and the numpy codec.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import redis
@@ -33,9 +38,6 @@ from kvstore.base import PageBatch, PageKeys, PageStore, TierStats
 from kvstore.codec import PageCodec, page_bytes
 from kvstore.config import RedisTierConfig
 from kvstore.prefix import prefix_hex
-
-if TYPE_CHECKING:
-    from kvstore.resp import ReplyReader
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -68,9 +70,12 @@ class RedisTier(PageStore):
         # numba loads only when a Redis tier is built, never at ``import kvstore``: loading
         # numba/llvmlite early broke vLLM's scan of loaded modules when it registers its CPU
         # kernels, and host-only runs (the vLLM plugin's arena) never need it.
-        from kvstore import resp, wire
-        self._resp, self._wire = resp, wire
+        from kvstore import netio, resp, wire
+        self._netio, self._resp, self._wire = netio, resp, wire
         self._scratch = resp.Scratch()
+        self._timeout_ms = max(1, math.ceil(config.socket_timeout_s * 1000))
+        self._ttl_ms = None if config.ttl_seconds is None else config.ttl_seconds * 1000
+        self._tls = config.url.startswith("rediss://")  # the compiled loops need plain sockets
         self._compile()
         self._stats = TierStats(self.name)
         self._down_until = 0.0
@@ -139,42 +144,37 @@ class RedisTier(PageStore):
                                      keys.pages.tolist())
         ]
 
-    def _exchange(self, count: int, build: Callable[[int, np.ndarray], int],
-                  replies: Callable[[int], int], expect: Callable[[int], int],
-                  on_reply: Callable[[int, ReplyReader, int | list], None], send_size: int,
-                  least: Callable[[int], int] = lambda i: 1) -> None:
-        """Send ``count`` chunks, one round trip each, at most one chunk outstanding.
+    def _pipelined(self, sock: socket.socket, run: Callable[..., int], chunks: int,
+                   replies: Callable[[int], int], on_slow: Callable[[int, list], None],
+                   send_size: int, recv_size: int) -> None:
+        """Run a compiled chunk loop (:mod:`kvstore.netio`) on ``sock``.
 
-        redis-py owns the connection (pool, AUTH, TLS, SELECT); we write the chunks that
-        ``build(i, buf)`` packs into ``buf`` to its socket and read the replies with
-        :class:`ReplyReader`. Chunk ``i + 1`` is *built* while the server works on chunk ``i``
-        and *sent* before ``on_reply(i, ...)`` runs, so both the encoding and the decoding overlap
-        the server's work while no more than ``pipeline_depth`` commands are ever in flight (the
-        same pipelining as redis-benchmark ``-P``). Error replies (an OOM-refused SET) arrive as
-        exception values, not raised. ``least(i)``: the fewest bytes chunk ``i``'s replies can
-        take (the reader sleeps until they are there).
+        redis-py owns the connection (pool, AUTH, SELECT, reconnects); the loop only moves the
+        chunks' bytes. ``run(fd, lowat, first, sbuf, rbuf, starts, lens, state)`` handles
+        chunks ``first...``; when it stops at a chunk whose replies it does not recognise,
+        ``on_slow(i, replies)`` gets that chunk's replies parsed by hiredis and the loop goes on
+        from ``i + 1``.
         """
-        conn = self.pool.get_connection()
-        try:
-            sock = conn._sock
-            if sock is None:
-                raise redis.ConnectionError("connection closed")
-            reader = self._resp.ReplyReader(sock, self.config.pipeline_depth, self._scratch)
-            buf = self._scratch.get("send", send_size)
-            view = memoryview(buf)
-            sock.sendall(view[: build(0, buf)])
-            for i in range(count):
-                size = build(i + 1, buf) if i + 1 < count else 0  # sendall returned: buf is free
-                reply = reader.read(replies(i), expect(i), least(i))
-                if size:
-                    sock.sendall(view[:size])
-                on_reply(i, reader, reply)
-            reader.close()
-        except BaseException:
-            conn.disconnect()  # replies may be half-read: never reuse this connection
-            raise
-        finally:
-            self.pool.release(conn)
+        netio, depth = self._netio, self.config.pipeline_depth
+        lowat = sock.family in (socket.AF_INET, socket.AF_INET6)
+        bufs = (self._scratch.get("send", send_size), self._scratch.get("recv", recv_size),
+                np.empty(depth, np.int64), np.empty(depth, np.int64), np.zeros(3, np.int64))
+        first = 0
+        while first < chunks:
+            status = run(sock.fileno(), lowat, first, *bufs)
+            if status == netio.DONE:
+                return
+            chunk, got, err = (int(x) for x in bufs[4])
+            if status == netio.TIMEOUT:
+                raise redis.TimeoutError("Redis did not answer in time")
+            if status == netio.FAILED:
+                raise redis.ConnectionError(os.strerror(err))
+            if status != netio.FALLBACK:
+                raise redis.ConnectionError(
+                    "Redis closed the connection" if status == netio.CLOSED
+                    else "Redis sent bytes after the last expected reply")
+            on_slow(chunk, self._resp.read_rest(sock, bufs[1], got, replies(chunk)))
+            first = chunk + 1
 
     def _key_parts(self, keys: PageKeys) -> tuple[np.ndarray, ...]:
         """``stem``, ``mid``, ``prefix [n, 16]``, ``heads``, ``pages`` for :mod:`kvstore.wire`."""
@@ -184,49 +184,68 @@ class RedisTier(PageStore):
                 keys.prefix.contiguous().numpy().view(np.uint8).reshape(-1, 16),
                 keys.heads.contiguous().numpy(), keys.pages.contiguous().numpy())
 
-    def _chunks(self, n: int) -> tuple[int, Callable[[int], tuple[int, int]]]:
+    def _rows(self, n: int) -> tuple[int, Callable[[int], tuple[int, int]]]:
+        """``(chunks, rows)``: ``rows(i)`` is chunk ``i``'s ``[lo, hi)`` of ``n`` rows."""
         depth = self.config.pipeline_depth
         return (n + depth - 1) // depth, lambda i: (i * depth, min(n, (i + 1) * depth))
 
-    def _set_commands(self, keys: PageKeys, k: torch.Tensor, v: torch.Tensor
-                      ) -> tuple[int, Callable[[int], tuple[int, int]],
-                                 Callable[[int, np.ndarray], int], int]:
-        """``(chunks, rows, build, send_size)`` for pipelined ``SET [PX]`` of these pages:
-        ``build(i, buf)`` packs chunk ``i`` (key, header, checksum, payload) into ``buf``."""
+    def _set_encoder(self, keys: PageKeys, k: torch.Tensor, v: torch.Tensor
+                     ) -> tuple[tuple, int]:
+        """``(enc, send_size)``: :func:`kvstore.wire.write_sets`' arguments after ``lo, hi``
+        for these pages, and the most bytes one chunk of their ``SET [PX]`` commands takes."""
         codec, parts = self.codec, self._key_parts(keys)
         template, kb, vb = codec.template(keys.layer), page_bytes(k), page_bytes(v)
         if kb.shape[1] % 8:  # K alone is not whole words: checksum K|V as one payload
             kb, vb = np.concatenate([kb, vb], axis=1), np.empty((len(keys), 0), dtype=np.uint8)
-        ttl_ms = None if self.config.ttl_seconds is None else self.config.ttl_seconds * 1000
+        ttl_ms = self._ttl_ms
         tail = _bytes(b"\r\n" if ttl_ms is None else b"\r\n$2\r\nPX\r\n$%d\r\n%d\r\n" % (
             len(str(ttl_ms)), ttl_ms))
         cmd = _bytes((b"*3" if ttl_ms is None else b"*5") + b"\r\n$3\r\nSET\r\n$")
         value_head = _bytes(b"\r\n$%d\r\n" % codec.value_bytes)
         row_bytes = len(cmd) + len(value_head) + codec.value_bytes + len(tail) + _KEY_ROOM + len(
             parts[0]) + len(parts[1])
-        chunks, rows = self._chunks(len(keys))
+        enc = (*parts, template, kb, vb, kb.view("<u8"), vb.view("<u8"), codec.weights, cmd,
+               value_head, tail)
+        return enc, self.config.pipeline_depth * row_bytes
 
-        def build(i: int, buf: np.ndarray) -> int:
-            return self._wire.write_sets(buf, *rows(i), *parts, template, kb, vb, kb.view("<u8"),
-                                         vb.view("<u8"), codec.weights, cmd, value_head, tail)
+    def _put_loop(self, keys: PageKeys, k: torch.Tensor, v: torch.Tensor, stored: np.ndarray,
+                  on_slow: Callable[[int, list], None]) -> Callable[[socket.socket], None]:
+        """Pipelined ``SET`` of these pages over a plain socket (see :meth:`_pipelined`)."""
+        n, depth, timeout = len(keys), self.config.pipeline_depth, self._timeout_ms
+        chunks, rows = self._rows(n)
+        enc, send_size = self._set_encoder(keys, k, v)
 
-        return chunks, rows, build, self.config.pipeline_depth * row_bytes
+        def run(fd: int, lowat: bool, first: int, *bufs: np.ndarray) -> int:
+            return self._netio.put_chunks(fd, timeout, lowat, first, n, depth, *bufs, stored,
+                                          enc)
 
-    def _mget_commands(self, keys: PageKeys) -> tuple[int, Callable[[int], tuple[int, int]],
-                                                      Callable[[int, np.ndarray], int], int]:
-        """``(chunks, rows, build, send_size)`` for one ``MGET`` per ``pipeline_depth`` keys."""
+        return lambda sock: self._pipelined(sock, run, chunks, lambda i: len(range(*rows(i))),
+                                            on_slow, send_size, 5 * depth)
+
+    def _get_loop(self, keys: PageKeys, want: np.ndarray, out: np.ndarray, ok: np.ndarray,
+                  corrupt: np.ndarray, on_slow: Callable[[int, list], None]
+                  ) -> Callable[[socket.socket], None]:
+        """One verified ``MGET`` per ``pipeline_depth`` keys over a plain socket."""
+        n, depth, timeout, codec = len(keys), self.config.pipeline_depth, self._timeout_ms, \
+            self.codec
+        chunks, _ = self._rows(n)
         parts = self._key_parts(keys)
-        chunks, rows = self._chunks(len(keys))
+        check = (np.ascontiguousarray(want).view("<u8"), codec.weights, out, out.view("<u8"),
+                 ok, corrupt)
+        element = len(b"$%d\r\n\r\n" % codec.value_bytes) + codec.value_bytes
 
-        def build(i: int, buf: np.ndarray) -> int:
-            return self._wire.write_mget(buf, *rows(i), *parts)
+        def run(fd: int, lowat: bool, first: int, *bufs: np.ndarray) -> int:
+            return self._netio.get_chunks(fd, timeout, lowat, first, n, depth, *bufs, parts,
+                                          check)
 
-        return chunks, rows, build, 32 + self.config.pipeline_depth * (
-            _KEY_ROOM + len(parts[0]) + len(parts[1]))
+        send_size = 32 + depth * (_KEY_ROOM + len(parts[0]) + len(parts[1]))
+        return lambda sock: self._pipelined(sock, run, chunks, lambda i: 1, on_slow, send_size,
+                                            16 + element * depth)
 
     def _compile(self) -> None:
-        """Compile :mod:`kvstore.wire`'s loops now, for this tier's argument types, by encoding
-        one page and checking it as if Redis had sent it back, with no server involved.
+        """Compile the loops of :mod:`kvstore.netio` and :mod:`kvstore.wire` now, for this
+        tier's argument types: one page ``SET`` and read back over a socket pair whose other
+        end answers as Redis would, with no server involved.
 
         numba compiles on first call (seconds on a fresh machine; later runs load its on-disk
         cache in well under one). Paying that inside the first ``put`` would stall the
@@ -235,21 +254,30 @@ class RedisTier(PageStore):
         one = torch.zeros(1, dtype=torch.long)
         keys = PageKeys(0, one, one, torch.zeros((1, 2), dtype=torch.int64), one)
         page = torch.zeros((1, *self.page_shape), dtype=self.spec.dtype)
-        _, _, build, size = self._set_commands(keys, page, page)
-        build(0, self._scratch.get("send", size))
-        _, _, build, size = self._mget_commands(keys)
-        build(0, self._scratch.get("send", size))
         value = bytes(self.codec.encode(keys, page, page)[0])
-        reply = np.frombuffer(b"*1\r\n$%d\r\n%s\r\n" % (len(value), value), np.uint8).copy()
-        starts, lens = np.empty(1, dtype=np.int64), np.empty(1, dtype=np.int64)
-        _, count = self._wire.scan(reply, reply.size, 1, starts, lens)
-        want = np.ascontiguousarray(self.codec.expected(keys)).view("<u8")
+        stored, ok, corrupt = (np.zeros(1, dtype=bool) for _ in range(3))
         out = np.empty((1, self.codec.payload_bytes), dtype=np.uint8)
-        ok, corrupt = np.zeros(1, dtype=bool), np.zeros(1, dtype=bool)
-        self._wire.verify_pages(reply, starts, lens, count, 0, want, self.codec.weights, out,
-                                out.view("<u8"), ok, corrupt)
-        if not ok.all():
+        ours, redis_end = socket.socketpair()
+        with ours, redis_end:
+            redis_end.sendall(b"+OK\r\n")
+            self._put_loop(keys, page, page, stored, _no_fallback)(ours)
+            redis_end.sendall(b"*1\r\n$%d\r\n%s\r\n" % (len(value), value))
+            self._get_loop(keys, self.codec.expected(keys), out, ok, corrupt, _no_fallback)(ours)
+        if not (stored.all() and ok.all()):
             raise RuntimeError("kvstore: the compiled Redis wire path failed its own round trip")
+
+    def _on_connection(self, fn: Callable[[socket.socket], None]) -> None:
+        """``fn(sock)`` on a pooled connection's socket; a failure drops the connection."""
+        conn = self.pool.get_connection()
+        try:
+            if conn._sock is None:
+                raise redis.ConnectionError("connection closed")
+            fn(conn._sock)
+        except BaseException:
+            conn.disconnect()  # replies may be half-read: never reuse this connection
+            raise
+        finally:
+            self.pool.release(conn)
 
     # -- PageStore --------------------------------------------------------------------------
     def supports_shared_keys(self) -> bool:
@@ -261,21 +289,24 @@ class RedisTier(PageStore):
         stored = np.zeros(n, dtype=bool)
         if keys.prefix is None or keys.pages is None or n == 0:
             return torch.from_numpy(stored)
-        chunks, rows, build, send_size = self._set_commands(keys, k, v)
+        chunks, rows = self._rows(n)
         refused: list = []
 
-        def on_reply(i: int, reader: ReplyReader, reply: int | list) -> None:
+        def on_slow(i: int, replies: list) -> None:
             lo, hi = rows(i)
-            if isinstance(reply, int):  # every reply was +OK
-                stored[lo:hi] = True
-            else:
-                stored[lo:hi] = [r == b"OK" for r in reply]
-                refused.extend(r for r in reply if isinstance(r, Exception))
+            stored[lo:hi] = [r is True or r == b"OK" for r in replies]  # redis-py says True
+            refused.extend(r for r in replies if isinstance(r, Exception))
 
-        self._call("put", lambda: self._exchange(
-            chunks, build, lambda i: len(range(*rows(i))), lambda i: 5 * len(range(*rows(i))),
-            on_reply, send_size,
-            least=lambda i: 5 * len(range(*rows(i)))), default=None)  # "+OK\r\n"; errors longer
+        def over_tls() -> None:
+            names, values = self.key_names(keys), self.codec.encode(keys, k, v)
+            for i in range(chunks):
+                pipe = self.client.pipeline(transaction=False)
+                for j in range(*rows(i)):
+                    pipe.set(names[j], values[j], px=self._ttl_ms)
+                on_slow(i, pipe.execute(raise_on_error=False))
+
+        self._call("put", over_tls if self._tls else lambda: self._on_connection(
+            self._put_loop(keys, k, v, stored, on_slow)), default=None)
         done = int(stored.sum())
         with self._lock:
             self._stats.puts += done
@@ -291,28 +322,25 @@ class RedisTier(PageStore):
             pages = torch.zeros((n, 2, *self.page_shape), dtype=self.spec.dtype)
             return PageBatch(pages[:, 0], pages[:, 1], torch.zeros(n, dtype=torch.bool))
         codec = self.codec
-        chunks, rows, build, send_size = self._mget_commands(keys)
+        chunks, rows = self._rows(n)
         want = codec.expected(keys)
-        want_words = np.ascontiguousarray(want).view("<u8")
         out = np.empty((n, codec.payload_bytes), dtype=np.uint8)
         ok, corrupt = np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
-        element = len(b"$%d\r\n\r\n" % codec.value_bytes) + codec.value_bytes
 
-        def on_reply(i: int, reader: ReplyReader, reply: int | list) -> None:
-            lo, hi = rows(i)
-            if isinstance(reply, int):
-                self._wire.verify_pages(reader.buf, reader.starts, reader.lens, reply, lo,
-                                        want_words, codec.weights, out, out.view("<u8"), ok,
-                                        corrupt)
-            elif isinstance(reply[0], Exception):  # the server refused the whole MGET
-                raise reply[0]
-            else:  # a value of another size or another surprise: the numpy reference path
-                ok[lo:hi], corrupt[lo:hi] = codec.decode_into(reply[0], want[lo:hi], out,
-                                                              slice(lo, hi))
+        def on_slow(i: int, replies: list) -> None:
+            if isinstance(replies[0], Exception):  # the server refused the whole MGET
+                raise replies[0]
+            lo, hi = rows(i)  # a value of another size or another surprise: the numpy codec
+            ok[lo:hi], corrupt[lo:hi] = codec.decode_into(replies[0], want[lo:hi], out,
+                                                          slice(lo, hi))
 
-        self._call("get", lambda: self._exchange(
-            chunks, build, lambda i: 1, lambda i: 16 + element * len(range(*rows(i))), on_reply,
-            send_size), default=None)
+        def over_tls() -> None:
+            names = self.key_names(keys)
+            for i in range(chunks):
+                on_slow(i, [self.client.mget(names[slice(*rows(i))])])
+
+        self._call("get", over_tls if self._tls else lambda: self._on_connection(
+            self._get_loop(keys, want, out, ok, corrupt, on_slow)), default=None)
         decoded = codec.finish(out, ok, corrupt)
         bad = np.flatnonzero(corrupt).tolist()
         if bad:  # never serve, and repair: the next writer replaces it
@@ -355,6 +383,10 @@ class RedisTier(PageStore):
 
     def close(self) -> None:
         self.pool.disconnect()
+
+
+def _no_fallback(i: int, replies: list) -> None:
+    raise RuntimeError(f"kvstore: unexpected replies in the compile round trip: {replies}")
 
 
 def _bytes(text: bytes) -> np.ndarray:

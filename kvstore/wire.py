@@ -203,10 +203,18 @@ def _line_int(buf: np.ndarray, p: int, end: int) -> tuple[int, int]:
 @_jit
 def _bulk(buf: np.ndarray, p: int, end: int, starts: np.ndarray, lens: np.ndarray, i: int
           ) -> int:
-    """Scan one bulk string (``$n`` or nil) at ``p`` into element ``i``; next position, -1 when
-    incomplete, -2 when it is something else."""
+    """Scan one bulk string or nil (``$n``, ``$-1``, RESP3's ``_``) at ``p`` into element
+    ``i``: the position after it, which lies beyond ``end`` while its body is still arriving;
+    -1 while its header line is incomplete, -2 when it is something else."""
     if p >= end:
         return -1
+    if buf[p] == 95:  # "_"
+        if p + 3 > end:
+            return -1
+        if buf[p + 1] != 13 or buf[p + 2] != 10:
+            return -2
+        starts[i], lens[i] = -1, -1
+        return p + 3
     if buf[p] != 36:  # "$"
         return -2
     n, p = _line_int(buf, p + 1, end)
@@ -216,7 +224,7 @@ def _bulk(buf: np.ndarray, p: int, end: int, starts: np.ndarray, lens: np.ndarra
         starts[i], lens[i] = -1, -1
         return p if n == -1 else -2
     if p + n + 2 > end:
-        return -1
+        return p + n + 2
     if buf[p + n] != 13 or buf[p + n + 1] != 10:
         return -2
     starts[i], lens[i] = p, n
@@ -225,48 +233,59 @@ def _bulk(buf: np.ndarray, p: int, end: int, starts: np.ndarray, lens: np.ndarra
 
 @_jit
 def scan(buf: np.ndarray, end: int, replies: int, starts: np.ndarray, lens: np.ndarray
-         ) -> tuple[int, int]:
-    """Framing of ``replies`` replies in ``buf[:end]``: ``(status, elements)``.
+         ) -> tuple[int, int, int]:
+    """Framing of ``replies`` replies in ``buf[:end]``: ``(status, elements, need)``.
 
     Recognised: ``+OK`` (no element), bulk strings and nils, and arrays of those (an ``MGET``
-    reply), whose offsets and lengths (-1 = nil) go to ``starts``/``lens``. ``SCAN_OTHER`` for
-    anything else (an error reply such as OOM, another type, bad framing): the caller hands the
-    bytes to hiredis. ``SCAN_EXTRA`` when bytes follow the last reply (a protocol violation).
+    reply, RESP2 or RESP3), whose offsets and lengths (-1 = nil) go to ``starts``/``lens``.
+    ``SCAN_OTHER`` for anything else (an error reply such as OOM, another type, bad framing):
+    the caller hands the bytes to hiredis. ``SCAN_EXTRA`` when bytes follow the last reply (a
+    protocol violation).
+
+    ``need`` (``SCAN_INCOMPLETE`` only): the fewest bytes still to come if the rest has the
+    shape begun -- the rest of a value whose length is known, 3 per array element behind it
+    (``_\\r\\n``), 5 per reply not begun; the reader sleeps until that many have arrived
+    (``SO_RCVLOWAT``). Every reply Redis sends to ``SET`` (``+OK``, an error with its message)
+    or to an ``MGET`` of at least one key is at least that long, so a wait can never stall.
     """
     p, count = 0, 0
-    for _ in range(replies):
+    for r in range(replies):
+        after = replies - r - 1
         if p >= end:
-            return SCAN_INCOMPLETE, count
+            return SCAN_INCOMPLETE, count, 5 * (after + 1)
         t = buf[p]
         if t == 43:  # "+"
             if p + 5 > end:
-                return SCAN_INCOMPLETE, count
+                return SCAN_INCOMPLETE, count, p + 5 - end + 5 * after
             if buf[p + 1] != 79 or buf[p + 2] != 75 or buf[p + 3] != 13 or buf[p + 4] != 10:
-                return SCAN_OTHER, count
+                return SCAN_OTHER, count, 0
             p += 5
-        elif t == 36:  # "$"
-            if count >= starts.shape[0]:
-                return SCAN_OTHER, count
-            p = _bulk(buf, p, end, starts, lens, count)
-            count += 1
-        elif t == 42:  # "*"
-            n, p = _line_int(buf, p + 1, end)
-            if p == -1:
-                return SCAN_INCOMPLETE, count
-            if p < 0 or n < 0 or count + n > starts.shape[0]:
-                return SCAN_OTHER, count
-            for _ in range(n):
-                p = _bulk(buf, p, end, starts, lens, count)
-                if p < 0:
-                    break
-                count += 1
+            continue
+        if t == 42:  # "*"
+            n, q = _line_int(buf, p + 1, end)
+            if q == -1:  # at least its "\r\n" is missing
+                return SCAN_INCOMPLETE, count, 1 + 5 * after
+            if q < 0 or n < 0:
+                return SCAN_OTHER, count, 0
+            p = q
+        elif t == 36:  # "$": one bulk string, scanned as an array of one
+            n = 1
         else:
-            return SCAN_OTHER, count
-        if p == -1:
-            return SCAN_INCOMPLETE, count
-        if p < 0:
-            return SCAN_OTHER, count
-    return (SCAN_DONE if p == end else SCAN_EXTRA), count
+            return SCAN_OTHER, count, 0
+        if count + n > starts.shape[0]:
+            return SCAN_OTHER, count, 0
+        for e in range(n):
+            q = _bulk(buf, p, end, starts, lens, count)
+            behind = 3 * (n - e - 1) + 5 * after
+            if q == -1:
+                return SCAN_INCOMPLETE, count, (3 if p >= end else 1) + behind
+            if q < 0:
+                return SCAN_OTHER, count, 0
+            if q > end:
+                return SCAN_INCOMPLETE, count, q - end + behind
+            p = q
+            count += 1
+    return (SCAN_DONE if p == end else SCAN_EXTRA), count, 0
 
 
 @_jit

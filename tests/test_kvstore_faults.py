@@ -6,6 +6,8 @@ CI runs this file three times in a row; every test starts its own servers on fre
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 
@@ -204,3 +206,27 @@ def test_two_writers_of_one_page_readers_see_one_complete_version(redis_srv):
             th.join()
     assert not errors and reader.stats().corrupt == 0
     assert seen["a"] > 0 and seen["b"] > 0
+
+
+def test_a_redis_that_stops_answering_times_out_into_misses_never_a_hang():
+    """SIGSTOP: connections stay open and no reply ever comes. Each call waits at most the
+    socket timeout, then the tier is down (misses at once) until Redis answers again."""
+    server = RedisServer().start()
+    assert server.proc is not None
+    t = RedisTier(SPEC, RedisTierConfig(url=server.url, pipeline_depth=3, **FAST), FP)
+    keys, k, v = step_batch(7)
+    try:
+        assert t.put(keys, k, v).all()
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            assert not t.get(keys).found.any()
+            assert not t.put(*step_batch(8)).any()
+            assert time.monotonic() - start < 2 * FAST["socket_timeout_s"]
+            assert t.is_down and t.stats().errors == 1
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert wait_until(lambda: bool(t.get(keys).found.all()))
+        assert torch.equal(t.get(keys).k, k) and not t.is_down
+    finally:
+        server.cleanup()

@@ -82,18 +82,52 @@ def test_scan_waits_for_complete_replies_and_hands_others_to_hiredis():
     starts, lens = np.zeros(8, np.int64), np.zeros(8, np.int64)
     for cut in range(len(reply)):  # every proper prefix is incomplete, never misread
         assert scan(reply[:cut], cut, 1, starts, lens)[0] == SCAN_INCOMPLETE
-    assert scan(reply, len(reply), 1, starts, lens) == (SCAN_DONE, 4)
+    assert scan(reply, len(reply), 1, starts, lens) == (SCAN_DONE, 4, 0)
     got = [None if n < 0 else bytes(reply[s : s + n]) for s, n in zip(starts[:4], lens[:4])]
     assert got == values
 
     oks = np.frombuffer(b"+OK\r\n" * 3, np.uint8)
-    assert scan(oks, 15, 3, starts, lens) == (SCAN_DONE, 0)
+    assert scan(oks, 15, 3, starts, lens) == (SCAN_DONE, 0, 0)
     assert scan(oks, 14, 3, starts, lens)[0] == SCAN_INCOMPLETE
     assert scan(oks, 15, 2, starts, lens)[0] == SCAN_EXTRA
     oom = np.frombuffer(b"+OK\r\n-OOM command not allowed\r\n", np.uint8)
     assert scan(oom, len(oom), 2, starts, lens)[0] == SCAN_OTHER
     bad = np.frombuffer(b"$3\r\nabcXY", np.uint8)  # no CRLF after the body
     assert scan(bad, len(bad), 1, starts, lens)[0] == SCAN_OTHER
+
+
+def test_scan_need_never_exceeds_the_bytes_still_to_come():
+    """The reader sleeps (SO_RCVLOWAT) until ``need`` more bytes are there: an overestimate for
+    any cut of a reply Redis can send to the loops' ``SET`` or ``MGET`` (of at least one key)
+    would stall a read until the timeout."""
+    values = [b"v" * 300, None, b"", b"w" * 12, None]
+    body = b"".join(b"$-1\r\n" if x is None else b"$%d\r\n%s\r\n" % (len(x), x) for x in values)
+    replies = [
+        (b"*5\r\n" + body, 1),
+        (b"*2\r\n$-1\r\n$-1\r\n", 1),
+        (b"*3\r\n_\r\n$2\r\nab\r\n_\r\n", 1),  # RESP3 nils
+        (b"$5\r\nhello\r\n", 1),
+        (b"+OK\r\n" * 4, 4),
+        (b"+OK\r\n-OOM command not allowed when used memory > 'maxmemory'.\r\n+OK\r\n", 3),
+        (b"-ERR wrong number of arguments\r\n", 1),
+    ]
+    starts, lens = np.zeros(8, np.int64), np.zeros(8, np.int64)
+    for reply, count in replies:
+        buf = np.frombuffer(reply, np.uint8)
+        incomplete = 0
+        for cut in range(len(reply)):
+            status, _, need = scan(buf[:cut], cut, count, starts, lens)
+            if status == SCAN_INCOMPLETE:
+                incomplete += 1
+                assert 1 <= need <= len(reply) - cut, (reply, cut, need)
+            else:
+                assert status == SCAN_OTHER  # only error replies stop early
+        assert incomplete > 0
+    resp3 = np.frombuffer(b"*3\r\n_\r\n$2\r\nab\r\n_\r\n", np.uint8)
+    assert scan(resp3, len(resp3), 1, starts, lens) == (SCAN_DONE, 3, 0)
+    assert lens[:3].tolist() == [-1, 2, -1]
+    buf = np.frombuffer(b"*5\r\n" + body, np.uint8)  # mid-value: the rest of it, 3 per element
+    assert scan(buf, 10, 1, starts, lens)[2] == len(b"*5\r\n$300\r\n") + 300 + 2 - 10 + 3 * 4
 
 
 def test_verify_refuses_every_kind_of_wrong_page():
@@ -109,7 +143,7 @@ def test_verify_refuses_every_kind_of_wrong_page():
                                  for x in wire)
     buf = np.frombuffer(reply, np.uint8)
     starts, lens = np.zeros(6, np.int64), np.zeros(6, np.int64)
-    assert scan(buf, len(buf), 1, starts, lens) == (SCAN_DONE, 6)
+    assert scan(buf, len(buf), 1, starts, lens) == (SCAN_DONE, 6, 0)
     out = np.zeros((6, codec.payload_bytes), np.uint8)
     ok, corrupt = np.zeros(6, bool), np.zeros(6, bool)
     want = np.ascontiguousarray(codec.expected(keys)).view("<u8")
