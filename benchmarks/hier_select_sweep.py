@@ -3,7 +3,7 @@
 For each (context, batch, K) of the selection table in ``gpu_kernels.py``, every plan of
 :class:`kvhead.kernels.select_hier.Plan` listed below is checked against the torch reference
 (each level's score set, NaN fails) and timed as a share of the sparse decode step, amortised
-over R = 16 steps. Plans: the layout (one program per row / first level fused into the
+over R = 16 steps. Plans: the layout (one cooperative launch / first level fused into the
 candidate programs / first level in its own launch) and the scoring (CUDA-core fp32 or int8
 tensor-core digits, tile, tiles per program, pipeline stages). "before" is the layout rule of
 the previous default with CUDA-core scoring.
@@ -58,24 +58,26 @@ console = Console()
 app = typer.Typer(add_completion=False)
 
 MMA = Scoring(mma=True)
-PLANS: dict[str, tuple[str | None, Scoring, int]] = {  # name: (layout, scoring, row warps)
-    "before": ("old", Scoring(), 8),
-    "grid mma": ("old", MMA, 8),
-    "grid mma t64x2 s2": ("old", Scoring(True, 64, 2, 2), 8),
-    "grid mma t32x4 s3": ("old", Scoring(True, 32, 4, 3), 8),
-    "row fp32 w8": ("row", Scoring(), 8),
-    "row mma w4": ("row", MMA, 4),
-    "row mma w8": ("row", MMA, 8),
-    "row mma t64 s2 w8": ("row", Scoring(True, 64, 1, 2), 8),
+T64 = Scoring(True, 64, 2, 2)
+PLANS: dict[str, tuple[str, Scoring]] = {  # name: (layout, scoring)
+    "before": ("old", Scoring()),
+    "grid mma": ("old", MMA),
+    "grid mma t64x2 s2": ("old", T64),
+    "fused mma t64x2 s2": ("fused", T64),
+    "split mma t64x2 s2": ("split", T64),
+    "grid mma t128": ("old", Scoring(True, 128, 1, 1)),
+    "coop fp32": ("coop", Scoring()),
+    "coop mma": ("coop", MMA),
+    "coop mma t64": ("coop", Scoring(True, 64, 1, 1)),
 }
-ROW_MAX_BATCH = 8  # row plans are timed up to this batch (one program per row: few SMs)
+COOP_MAX_BATCH = 1  # cooperative plans: one program per SM at most, so batch 1 only
 
 
 def _plan(name: str, rows: int, cand_tiles: int) -> Plan:
-    layout, scoring, warps = PLANS[name]
+    layout, scoring = PLANS[name]
     if layout == "old":  # the previous rule: fused first level on small grids, else split
         layout = "fused" if rows * cand_tiles <= 256 else "split"
-    return Plan(layout, scoring, warps)
+    return Plan(layout, scoring)
 
 
 def sweep_point(ctx: int, batch: int, top_ks: list[int], checks: Checks, device: torch.device,
@@ -107,7 +109,10 @@ def sweep_point(ctx: int, batch: int, top_ks: list[int], checks: Checks, device:
             sup_scores = super_page_scores(queries[0], supers, num_pages, DEFAULT_GROUP)
             sup_finite = sup_scores[sup_scores.isfinite()].abs().max().item()
         for name in PLANS:
-            if PLANS[name][0] == "row" and batch > ROW_MAX_BATCH:
+            if PLANS[name][0] == "coop" and (batch > COOP_MAX_BATCH or flat
+                                            or device.type != "cuda"):
+                continue
+            if PLANS[name][0] in ("fused", "split") and flat:
                 continue
             plan = _plan(name, batch * NUM_KV, -(-num_cand // 32))
             if flat:
@@ -180,23 +185,25 @@ def main(
     out: Path = typer.Option(Path("benchmarks/results/hier_select_sweep.json"),
                              help="Where the JSON goes."),
     seed: int = typer.Option(0, help="Seed of every random input."),
+    contexts: str = typer.Option("8192,32768,131072", help="Comma-separated contexts."),
+    batches: str = typer.Option("1,8,64", help="Comma-separated batch sizes."),
 ) -> None:
     """Check and time every plan; print the best per point; write the JSON."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator(device=device).manual_seed(seed)
     checks = Checks()
-    contexts = [32768] if quick else [8192, 32768, 131072]
-    batches = [1] if quick else [1, 8, 64]
+    ctx_list = [32768] if quick else [int(c) for c in contexts.split(",")]
+    batch_list = [1] if quick else [int(b) for b in batches.split(",")]
     top_ks = [8] if quick else [32, 64, 128]
     rotations = 1 if quick else 8
     result: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                    "loadavg": os.getloadavg(), "plans": {n: [p[0], p[1].__dict__, p[2]]
+                    "loadavg": os.getloadavg(), "plans": {n: [p[0], p[1].__dict__]
                                                           for n, p in PLANS.items()},
-                    "append": [time_append(b, contexts[-1], checks, device, gen)
-                               for b in batches], "rows": []}
+                    "append": [time_append(b, ctx_list[-1], checks, device, gen)
+                               for b in batch_list], "rows": []}
     console.print(result["append"])
-    for ctx in contexts:
-        for batch in batches:
+    for ctx in ctx_list:
+        for batch in batch_list:
             result["rows"] += sweep_point(ctx, batch, top_ks, checks, device, gen, rotations)
             result["checks"] = {"count": checks.count, "failed": checks.failed}
             out.write_text(json.dumps(result, indent=1))

@@ -39,7 +39,7 @@ from kvhead.kernels.select import _pad_ids, _select_kernel, _top_k_positions, ra
 TILE = 32  # boxes per scoring chunk: 8 KiB of int8 bounds at head dim 128
 LARGE_GRID = 4096  # candidate tiles from which a program takes two (see _chunks)
 FUSE_MAX_PROGRAMS = 256  # above this many candidate tiles the first level gets its own launch
-ROW_MAX_ROWS = 8  # (sequence, KV head) rows up to which one program per row does everything
+COOP_MAX_ROWS = 8  # (sequence, KV head) rows up to which the two levels run in one launch
 
 
 @dataclass(frozen=True)
@@ -68,9 +68,11 @@ def _score_tile(q_ptr, stride_qh, h, qmin_ptr, qmax_ptr, box, scale, offs_d, d_m
     qmax = tl.load(qmax_ptr + box[:, None] + offs_d[None, :], mask=mask, other=0)
     qmin = tl.load(qmin_ptr + box[:, None] + offs_d[None, :], mask=mask, other=0)
     if MMA:
-        return box_scores_mma(pos, neg, row_scale, qmin, qmax, scale, GROUP, GP, BLOCK)
-    return box_scores(q_ptr, stride_qh, h, qmin.to(tl.float32), qmax.to(tl.float32), scale,
-                      offs_d, d_mask, GROUP)
+        best = box_scores_mma(pos, neg, row_scale, qmin, qmax, scale, GROUP, GP, BLOCK)
+    else:
+        best = box_scores(q_ptr, stride_qh, h, qmin.to(tl.float32), qmax.to(tl.float32), scale,
+                          offs_d, d_mask, GROUP)
+    return best
 
 
 @triton.jit
@@ -78,9 +80,12 @@ def _digits(q_ptr, stride_qh, h, offs_d, d_mask, GROUP: tl.constexpr, GP: tl.con
             MMA: tl.constexpr):
     """The query's int8 digit rows when scoring on tensor cores (placeholders otherwise)."""
     if MMA:
-        return query_digits(q_ptr, stride_qh, h, offs_d, d_mask, GROUP, GP)
-    zero = tl.zeros([1], tl.int8)
-    return zero, zero, tl.zeros([1], tl.float32)
+        pos, neg, row_scale = query_digits(q_ptr, stride_qh, h, offs_d, d_mask, GROUP, GP)
+    else:  # one return statement: compiled Triton wants equal types on every return
+        pos = tl.zeros([1], tl.int8)
+        neg = pos
+        row_scale = tl.zeros([1], tl.float32)
+    return pos, neg, row_scale
 
 
 @triton.jit
@@ -138,8 +143,9 @@ def select_super(sup_scores_ptr, sup_ptr, bh, num_groups_max, num_super, stride_
                  BITS: tl.constexpr):
     """First level: the row's top-M super-pages, ascending, written to ``sup_ptr``."""
     offs_s = tl.arange(0, BLOCK_S)
-    sup_score = tl.load(sup_scores_ptr + bh * stride_gr + offs_s,
-                        mask=offs_s < num_groups_max, other=float("-inf"))
+    # .cg (L2, not L1): in the cooperative layout other programs wrote these in this launch.
+    sup_score = tl.load(sup_scores_ptr + bh * stride_gr + offs_s, mask=offs_s < num_groups_max,
+                        other=float("-inf"), cache_modifier=".cg")
     chosen, slot, wanted = _top_k_positions(sup_score, num_super, BITS)
     tl.store(sup_ptr + bh * stride_ur + slot, offs_s.to(tl.int64), mask=chosen)
     _pad_ids(sup_ptr + bh * stride_ur, wanted, num_super, BLOCK_M)
@@ -152,12 +158,14 @@ def select_cands(cand_ptr, sup_ptr, ids_ptr, row, num_cand, top_k, group, stride
     """Top-K candidate slots (radix select), written as logical pages. Candidates are laid
     out super-page by super-page in ascending order, so ascending slots are ascending pages."""
     offs = tl.arange(0, BLOCK_N)
-    score = tl.load(cand_ptr + row * stride_cr + offs, mask=offs < num_cand, other=float("-inf"))
+    score = tl.load(cand_ptr + row * stride_cr + offs, mask=offs < num_cand, other=float("-inf"),
+                    cache_modifier=".cg")
     chosen, slot, wanted = _top_k_positions(score, top_k, BITS)
     if FLAT:
         page = offs.to(tl.int64)
     else:
-        page = tl.load(sup_ptr + row * stride_ur + offs // group, mask=chosen, other=0) * group
+        page = tl.load(sup_ptr + row * stride_ur + offs // group, mask=chosen, other=0,
+                       cache_modifier=".cg") * group
         page += offs % group
     tl.store(ids_ptr + row * stride_ir + slot, page, mask=chosen)
     _pad_ids(ids_ptr + row * stride_ir, wanted, top_k, BLOCK_K)
@@ -233,18 +241,18 @@ def _select_cand_kernel(
 class Plan:
     """Launch plan of one selection call (benchmarks sweep these; None: chosen by grid size).
 
-    ``layout``: "row" runs everything in one program per (sequence, KV head), one launch
-    (:mod:`kvhead.kernels.select_row`); "fused" repeats the first level inside every candidate
-    program (3 launches); "split" gives it its own launch (4). Flat selection has no first
-    level: "fused" and "split" are its 2 launches.
+    ``layout``: "coop" runs both levels in one cooperative launch with grid barriers
+    (:mod:`kvhead.kernels.select_coop`; two-level, compiled CUDA, grids of at most one program
+    per SM); "fused" repeats the first level inside every candidate program (3 launches);
+    "split" gives it its own launch (4). Flat selection has no first level: "fused" and
+    "split" are its 2 launches.
     """
 
     layout: str | None = None
     scoring: Scoring = DEFAULT_SCORING
-    row_warps: int = 8
 
     def __post_init__(self) -> None:
-        if self.layout not in (None, "row", "fused", "split"):
+        if self.layout not in (None, "coop", "fused", "split"):
             raise ValueError(f"unknown layout {self.layout!r}")
 
 
@@ -286,10 +294,8 @@ def _chunks(rows: int, tiles: int) -> int:
 
 
 def auto_layout(rows: int, cand_tiles: int) -> str:
-    """Layout by grid size: one program per row while rows are few (latency-bound), then the
-    first level inside the candidate programs, then in its own launch."""
-    if rows <= ROW_MAX_ROWS:
-        return "row"
+    """Multi-launch layout by grid size: the first level inside the candidate programs while
+    the grid is small, in its own launch above (the repeats would cost more than a launch)."""
     return "fused" if rows * cand_tiles <= FUSE_MAX_PROGRAMS else "split"
 
 
@@ -326,17 +332,22 @@ def _launch(
     cand = torch.empty(rows, num_cand, dtype=torch.float32, device=dev)
     sup_scores = cand if flat else torch.empty(rows, groups, dtype=torch.float32, device=dev)
     tiles = triton.cdiv(num_cand, TILE)
-    layout = plan.layout or auto_layout(rows, tiles)
+    common = {"GROUP": gqa, "GP": gp, "MMA": mma, "BLOCK_D": block_d}
+    layout = plan.layout
+    if layout == "coop" or (layout is None and not flat and rows <= COOP_MAX_ROWS):
+        from kvhead.kernels.select_coop import coop_fits, launch_coop
+
+        if not flat and coop_fits(query, rows, groups, num_cand, sc.super_tile):
+            launch_coop(query, sq, pq, block_table, num_pages, sup_scores, sup_ids, cand, ids,
+                        groups, m, num_cand, k, num_kv_heads, head_dim, group, sc, **common)
+            return ids, sup_ids.view(batch, num_kv_heads, m)
+        if layout == "coop":
+            raise ValueError("the cooperative layout needs compiled CUDA, two levels and at most "
+                             "one program per SM")
+        layout = None
+    layout = layout or auto_layout(rows, tiles)
     block_s = 1 if flat else triton.next_power_of_2(groups)
     block_n = triton.next_power_of_2(num_cand)
-    common = {"GROUP": gqa, "GP": gp, "MMA": mma, "BLOCK_D": block_d}
-    if layout == "row":
-        from kvhead.kernels.select_row import launch_row
-
-        launch_row(query, sq, pq, block_table, num_pages, sup_scores, sup_ids, cand, ids,
-                   groups, m, num_cand, k, num_kv_heads, head_dim, group, flat, sc,
-                   plan.row_warps, **common)
-        return ids, sup_ids.view(batch, num_kv_heads, m)
     if not flat:
         grid_s = triton.cdiv(groups, sc.super_tile * sc.super_steps)
         _super_score_kernel[(rows, grid_s)](
