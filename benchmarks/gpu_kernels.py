@@ -41,6 +41,7 @@ from kvhead.bounds_compact import (
     select_super_pages,
     super_page_scores,
 )
+from kvhead.bounds_live import LiveBounds
 from kvhead.helix import combine_partials as ref_combine
 from kvhead.kernels.attention import DEFAULT_CONFIG, LaunchConfig
 from kvhead.kernels.attention import sparse_decode_attention as kernel_attention
@@ -279,8 +280,30 @@ def bench_context(ctx: int, batch: int, top_ks: list[int], ceil: dict, checks: C
     checks.true(f"update_bounds {tag} exact",
                 torch.equal(ref.kmin, bounds.kmin) and torch.equal(ref.kmax, bounds.kmax))
     upd_ms = graph_ms([lambda: kernels.update_bounds(bounds, new_keys, slots, PAGE)], repeat=8)
-    upd_row = {"ctx": ctx, "batch": batch, "graph_ms": upd_ms}
+    upd_row = {"ctx": ctx, "batch": batch, "graph_ms": upd_ms,
+               "append_int8_ms": bench_append(bounds, table, seq_lens, new_keys, checks, tag)}
     return rows, {"dense": dense_row, "update": upd_row}, {"select": sel_rows}
+
+
+def bench_append(bounds: PageBounds, table: torch.Tensor, seq_lens: torch.Tensor,
+                 keys: torch.Tensor, checks: Checks, tag: str) -> float:
+    """The int8 path's per-step update (``kernels.append_bounds``): one key per sequence that
+    closes its page and its super-page (the case that rounds and stores both), checked
+    bit-for-bit against ``LiveBounds.append``; returns graph-replay ms per call."""
+    live = LiveBounds.from_bounds(bounds, table, seq_lens, PAGE, DEFAULT_GROUP)
+    ref = LiveBounds(*(CompactBounds(c.qmin.clone(), c.qmax.clone(), c.scale.clone())
+                       for c in (live.pages, live.supers)), live.open_min.clone(),
+                     live.open_max.clone(), PAGE, DEFAULT_GROUP)
+    pos = torch.full_like(seq_lens, table.shape[1] * PAGE - 1)  # last slot of the last group
+    slots = table[:, -1].long() * PAGE + PAGE - 1
+    ref.append(keys, slots, pos)
+    kernels.append_bounds(live, keys, slots, pos)
+    pairs = [(getattr(a, n), getattr(b, n)) for a, b in ((live.pages, ref.pages),
+                                                         (live.supers, ref.supers))
+             for n in ("qmin", "qmax", "scale")]
+    pairs += [(live.open_min, ref.open_min), (live.open_max, ref.open_max)]
+    checks.true(f"append_bounds {tag} bit-exact", all(torch.equal(a, b) for a, b in pairs))
+    return graph_ms([lambda: kernels.append_bounds(live, keys, slots, pos)], repeat=8)
 
 
 def bench_combine(batch: int, shards: int, checks: Checks, device: torch.device,
@@ -555,7 +578,13 @@ def write_markdown(path: Path, result: dict) -> None:
             f"{100 * s['bf16_amortized_frac_of_sparse']:.0f} |"
         )
     checks = result["checks"]
-    lines += ["", f"Checks: {checks['count']} run, {len(checks['failed'])} failed.", ""]
+    lines += ["", f"Checks: {checks['count']} run, {len(checks['failed'])} failed.", "",
+              ("Bounds update per decode step, one token per sequence (graph replay, us): fp32 "
+               "`update_bounds` (2 launches) / int8 `append_bounds` (1 launch, page and "
+               "super-page closing): " + "; ".join(
+                   f"{u['ctx']} B={u['batch']}: {1e3 * u['graph_ms']:.1f} / "
+                   f"{1e3 * u['append_int8_ms']:.1f}" for u in result["update"]
+                   if "append_int8_ms" in u)), ""]
     path.write_text("\n".join(lines))
 
 

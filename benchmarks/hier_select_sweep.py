@@ -3,8 +3,8 @@
 For each (context, batch, K) of the selection table in ``gpu_kernels.py``, every plan of
 :class:`kvhead.kernels.select_hier.Plan` listed below is checked against the torch reference
 (each level's score set, NaN fails) and timed as a share of the sparse decode step, amortised
-over R = 16 steps. Plans: the layout (one cooperative launch / first level fused into the
-candidate programs / first level in its own launch) and the scoring (CUDA-core fp32 or int8
+over R = 16 steps. Plans: the layout (first level fused into the candidate programs or in
+its own launch) and the scoring (CUDA-core fp32 or int8
 tensor-core digits, tile, tiles per program, pipeline stages). "before" is the layout rule of
 the previous default with CUDA-core scoring.
 
@@ -66,11 +66,7 @@ PLANS: dict[str, tuple[str, Scoring]] = {  # name: (layout, scoring)
     "fused mma t64x2 s2": ("fused", T64),
     "split mma t64x2 s2": ("split", T64),
     "grid mma t128": ("old", Scoring(True, 128, 1, 1)),
-    "coop fp32": ("coop", Scoring()),
-    "coop mma": ("coop", MMA),
-    "coop mma t64": ("coop", Scoring(True, 64, 1, 1)),
 }
-COOP_MAX_BATCH = 1  # cooperative plans: one program per SM at most, so batch 1 only
 
 
 def _plan(name: str, rows: int, cand_tiles: int) -> Plan:
@@ -109,9 +105,6 @@ def sweep_point(ctx: int, batch: int, top_ks: list[int], checks: Checks, device:
             sup_scores = super_page_scores(queries[0], supers, num_pages, DEFAULT_GROUP)
             sup_finite = sup_scores[sup_scores.isfinite()].abs().max().item()
         for name in PLANS:
-            if PLANS[name][0] == "coop" and (batch > COOP_MAX_BATCH or flat
-                                            or device.type != "cuda"):
-                continue
             if PLANS[name][0] in ("fused", "split") and flat:
                 continue
             plan = _plan(name, batch * NUM_KV, -(-num_cand // 32))

@@ -222,12 +222,11 @@ def test_fp32_flat_selection_is_unchanged_by_int8_on_separated_pages():
     assert torch.equal(hier_select(query, pages, supers, table, num_pages, 4, 2, 2), flat)
 
 
-@pytest.mark.parametrize("layout", ["coop", "fused", "split"])
+@pytest.mark.parametrize("layout", ["fused", "split"])
 @pytest.mark.parametrize("mma", [False, True])
 def test_kernel_stages_match_reference_levels(layout, mma):
     """The kernel's super-pages are the reference's first level; its pages the second level,
-    in every launch layout, scored on CUDA cores or as int8 digits on tensor cores. The
-    cooperative layout (grid barriers) needs compiled CUDA: the interpreter refuses it."""
+    in every launch layout, scored on CUDA cores or as int8 digits on tensor cores."""
     from kvhead.bounds_compact import select_in_super_pages, select_super_pages
     from kvhead.kernels.select_hier import Plan, Scoring, hier_select_stages
 
@@ -237,11 +236,7 @@ def test_kernel_stages_match_reference_levels(layout, mma):
     to = lambda c: CompactBounds(*(t.to(DEVICE) for t in (c.qmin, c.qmax, c.scale)))
     run = lambda: hier_select_stages(query.to(DEVICE), to(pages), to(supers), table.to(DEVICE),
                                      num_pages.to(DEVICE), 8, 8, 3,
-                                     plan=Plan(layout, Scoring(mma=mma, super_tile=16)))
-    if layout == "coop" and DEVICE.type != "cuda":
-        with pytest.raises(ValueError, match="cooperative"):
-            run()
-        return
+                                     plan=Plan(layout, Scoring(mma, 16, 2, 2)))
     ids, sup = run()
     ref_sup = select_super_pages(query, supers, num_pages, 8, 3)
     assert torch.equal(sup.cpu(), ref_sup)
@@ -271,6 +266,13 @@ def test_flat_int8_kernel_matches_reference(seed, top_k, max_pages):
     forced = scores.scatter(2, newest, float("inf"))
     torch.testing.assert_close(_score_set(forced, got), _score_set(forced, ref), equal_nan=True,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_default_scoring_uses_tensor_cores_for_large_passes_only():
+    from kvhead.kernels.select_hier import MMA_MIN_BOXES, default_scoring
+
+    assert not default_scoring(8 * 1024).mma  # batch 1 at 128k: latency-bound
+    assert default_scoring(64 * 1024).mma and default_scoring(MMA_MIN_BOXES).super_steps == 2
 
 
 def test_plan_selection_goes_two_level_only_where_it_saves_pages():

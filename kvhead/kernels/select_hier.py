@@ -39,7 +39,7 @@ from kvhead.kernels.select import _pad_ids, _select_kernel, _top_k_positions, ra
 TILE = 32  # boxes per scoring chunk: 8 KiB of int8 bounds at head dim 128
 LARGE_GRID = 4096  # candidate tiles from which a program takes two (see _chunks)
 FUSE_MAX_PROGRAMS = 256  # above this many candidate tiles the first level gets its own launch
-COOP_MAX_ROWS = 8  # (sequence, KV head) rows up to which the two levels run in one launch
+MMA_MIN_BOXES = 32768  # boxes in the first scoring pass from which tensor cores score them
 
 
 @dataclass(frozen=True)
@@ -143,9 +143,8 @@ def select_super(sup_scores_ptr, sup_ptr, bh, num_groups_max, num_super, stride_
                  BITS: tl.constexpr):
     """First level: the row's top-M super-pages, ascending, written to ``sup_ptr``."""
     offs_s = tl.arange(0, BLOCK_S)
-    # .cg (L2, not L1): in the cooperative layout other programs wrote these in this launch.
     sup_score = tl.load(sup_scores_ptr + bh * stride_gr + offs_s, mask=offs_s < num_groups_max,
-                        other=float("-inf"), cache_modifier=".cg")
+                        other=float("-inf"))
     chosen, slot, wanted = _top_k_positions(sup_score, num_super, BITS)
     tl.store(sup_ptr + bh * stride_ur + slot, offs_s.to(tl.int64), mask=chosen)
     _pad_ids(sup_ptr + bh * stride_ur, wanted, num_super, BLOCK_M)
@@ -158,14 +157,12 @@ def select_cands(cand_ptr, sup_ptr, ids_ptr, row, num_cand, top_k, group, stride
     """Top-K candidate slots (radix select), written as logical pages. Candidates are laid
     out super-page by super-page in ascending order, so ascending slots are ascending pages."""
     offs = tl.arange(0, BLOCK_N)
-    score = tl.load(cand_ptr + row * stride_cr + offs, mask=offs < num_cand, other=float("-inf"),
-                    cache_modifier=".cg")
+    score = tl.load(cand_ptr + row * stride_cr + offs, mask=offs < num_cand, other=float("-inf"))
     chosen, slot, wanted = _top_k_positions(score, top_k, BITS)
     if FLAT:
         page = offs.to(tl.int64)
     else:
-        page = tl.load(sup_ptr + row * stride_ur + offs // group, mask=chosen, other=0,
-                       cache_modifier=".cg") * group
+        page = tl.load(sup_ptr + row * stride_ur + offs // group, mask=chosen, other=0) * group
         page += offs % group
     tl.store(ids_ptr + row * stride_ir + slot, page, mask=chosen)
     _pad_ids(ids_ptr + row * stride_ir, wanted, top_k, BLOCK_K)
@@ -239,21 +236,32 @@ def _select_cand_kernel(
 
 @dataclass(frozen=True)
 class Plan:
-    """Launch plan of one selection call (benchmarks sweep these; None: chosen by grid size).
+    """Launch plan of one selection call (benchmarks sweep these; None: chosen by size).
 
-    ``layout``: "coop" runs both levels in one cooperative launch with grid barriers
-    (:mod:`kvhead.kernels.select_coop`; two-level, compiled CUDA, grids of at most one program
-    per SM); "fused" repeats the first level inside every candidate program (3 launches);
-    "split" gives it its own launch (4). Flat selection has no first level: "fused" and
-    "split" are its 2 launches.
+    ``layout``: "fused" repeats the first level inside every candidate program (3 launches);
+    "split" gives it its own launch (4). Flat selection has no first level: both are its 2
+    launches. ``scoring``: see :class:`Scoring`.
     """
 
     layout: str | None = None
-    scoring: Scoring = DEFAULT_SCORING
+    scoring: Scoring | None = None
 
     def __post_init__(self) -> None:
-        if self.layout not in (None, "coop", "fused", "split"):
+        if self.layout not in (None, "fused", "split"):
             raise ValueError(f"unknown layout {self.layout!r}")
+
+
+def default_scoring(boxes: int) -> Scoring:
+    """Scoring for a pass over ``boxes`` int8 boxes (rows x first-level boxes per row).
+
+    Tensor cores, 64-box tiles, two tiles per program, once the pass is large enough to be
+    throughput-bound. H200 sweep (``results/hier_select_sweep.json``): 128k tokens, batch 8
+    (65536 super-page boxes), K = 64: 34.1 -> 27.1 us; batch 64: 140.7 -> 81.2 us; but 32k,
+    batch 8 (16384): 17.9 -> 19.8 us at K = 32, and at batch 1 CUDA cores are as fast or
+    faster (latency-bound: fewer, longer programs do not help).
+    """
+    return Scoring(mma=True, super_tile=64, super_steps=2, stages=2) if boxes >= MMA_MIN_BOXES \
+        else DEFAULT_SCORING
 
 
 def hier_select(
@@ -304,8 +312,6 @@ def _launch(
     block_table: torch.Tensor, num_pages: torch.Tensor, top_k: int, group: int, num_super: int,
     plan: Plan | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    plan = plan or Plan()
-    sc = plan.scoring
     batch, num_q_heads, head_dim = query.shape
     num_kv_heads = pages.qmin.shape[1]
     max_pages = block_table.shape[1]
@@ -314,6 +320,8 @@ def _launch(
     m = 1 if flat else min(num_super, groups)
     k = min(top_k, max_pages)
     rows = batch * num_kv_heads
+    plan = plan or Plan()
+    sc = plan.scoring or default_scoring(rows * groups)
     dev = query.device
     ids = torch.empty(batch, num_kv_heads, k, dtype=torch.int64, device=dev)
     sup_ids = torch.empty(rows, m, dtype=torch.int64, device=dev)
@@ -333,19 +341,7 @@ def _launch(
     sup_scores = cand if flat else torch.empty(rows, groups, dtype=torch.float32, device=dev)
     tiles = triton.cdiv(num_cand, TILE)
     common = {"GROUP": gqa, "GP": gp, "MMA": mma, "BLOCK_D": block_d}
-    layout = plan.layout
-    if layout == "coop" or (layout is None and not flat and rows <= COOP_MAX_ROWS):
-        from kvhead.kernels.select_coop import coop_fits, launch_coop
-
-        if not flat and coop_fits(query, rows, groups, num_cand, sc.super_tile):
-            launch_coop(query, sq, pq, block_table, num_pages, sup_scores, sup_ids, cand, ids,
-                        groups, m, num_cand, k, num_kv_heads, head_dim, group, sc, **common)
-            return ids, sup_ids.view(batch, num_kv_heads, m)
-        if layout == "coop":
-            raise ValueError("the cooperative layout needs compiled CUDA, two levels and at most "
-                             "one program per SM")
-        layout = None
-    layout = layout or auto_layout(rows, tiles)
+    layout = plan.layout or auto_layout(rows, tiles)
     block_s = 1 if flat else triton.next_power_of_2(groups)
     block_n = triton.next_power_of_2(num_cand)
     if not flat:
