@@ -233,10 +233,12 @@ class RedisTier(PageStore):
         check = (np.ascontiguousarray(want).view("<u8"), codec.weights, out, out.view("<u8"),
                  ok, corrupt)
         element = len(b"$%d\r\n\r\n" % codec.value_bytes) + codec.value_bytes
+        header = codec.value_bytes - codec.payload_bytes
+        image = self._scratch.get("image", 32 + depth * (header + 32))  # framing and headers
 
         def run(fd: int, lowat: bool, first: int, *bufs: np.ndarray) -> int:
-            return self._netio.get_chunks(fd, timeout, lowat, first, n, depth, *bufs, parts,
-                                          check)
+            return self._netio.get_chunks(fd, timeout, lowat, first, n, depth, *bufs, image,
+                                          parts, check)
 
         send_size = 32 + depth * (_KEY_ROOM + len(parts[0]) + len(parts[1]))
         return lambda sock: self._pipelined(sock, run, chunks, lambda i: 1, on_slow, send_size,

@@ -290,14 +290,16 @@ def scan(buf: np.ndarray, end: int, replies: int, starts: np.ndarray, lens: np.n
 
 @_jit
 def verify_pages(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray, count: int, row0: int,
-                 want: np.ndarray, weights: np.ndarray, out: np.ndarray, out_words: np.ndarray,
-                 ok: np.ndarray, corrupt: np.ndarray) -> None:
+                 placed: bool, want: np.ndarray, weights: np.ndarray, out: np.ndarray,
+                 out_words: np.ndarray, ok: np.ndarray, corrupt: np.ndarray) -> None:
     """Check elements ``[0, count)`` of a scanned reply as pages of rows ``row0 + i``.
 
     A nil is a miss; a value of the wrong size, a header that differs from ``want [n, 9]``
-    (uint64 words: the 72 header bytes of the key asked for) or a wrong checksum marks the row corrupt; a good page's payload goes
-    to ``out [n, payload]`` (``out_words``: the same rows as uint64, summed right after the copy,
-    from L1). Rows that are not ok are left for ``PageCodec.finish`` to zero.
+    (uint64 words: the 72 header bytes of the key asked for) or a wrong checksum marks the row
+    corrupt; a good page's payload goes to ``out [n, payload]`` (``out_words``: the same rows as
+    uint64, summed right after the copy, from L1). ``placed``: the payloads were received
+    straight into ``out`` and ``buf`` holds only the headers. Rows that are not ok are left for
+    ``PageCodec.finish`` to zero.
     """
     hw = weights.shape[0] - out_words.shape[1]
     words = np.empty(hw, dtype=np.uint64)
@@ -315,7 +317,8 @@ def verify_pages(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray, count: i
         for j in range(_CHECKED // 8):
             good &= words[j] == want[r, j]
         if good:
-            _copy(out[r], 0, buf, s + hb, pb)
+            if not placed:
+                _copy(out[r], 0, buf, s + hb, pb)
             total = _checksum(words, weights, 0) + _checksum(out_words[r], weights, hw)
             good = total == words[_CHECKED // 8]
         if good:

@@ -143,7 +143,8 @@ def test_corrupt_or_foreign_pages_are_detected_dropped_counted_never_used(redis_
 
 def test_out_of_memory_is_refused_writes_and_misses_never_errors():
     with running_redis("--maxmemory", "2mb", "--maxmemory-policy", "noeviction") as server:
-        t = RedisTier(SPEC, RedisTierConfig(url=server.url, ttl_seconds=None, **FAST), FP)
+        t = RedisTier(SPEC, RedisTierConfig(url=server.url, ttl_seconds=None, pipeline_depth=3,
+                                            **FAST), FP)  # refusals start mid-batch, too
         stored_all = []
         for step in range(400):  # ~8 MB of pages into 2 MB
             keys, k, v = step_batch(step, n=8)
@@ -151,9 +152,12 @@ def test_out_of_memory_is_refused_writes_and_misses_never_errors():
         stored = torch.cat(stored_all)
         assert 0 < int(stored.sum()) < len(stored)
         assert t.stats().put_failures == len(stored) - int(stored.sum())
-        assert not t.is_down  # OOM is a refusal, not an outage
-        keys = step_batch(399, n=8)[0]
-        assert not t.get(keys).found.any()
+        assert not t.is_down and t.stats().errors == 0  # OOM is a refusal, not an outage
+        for step in range(0, 400, 3):  # exactly the pages it took are there (noeviction)
+            keys, k, _ = step_batch(step, n=8)
+            got = t.get(keys)
+            assert torch.equal(got.found, stored_all[step])
+            assert torch.equal(got.k[got.found], k[got.found])
 
 
 def test_evicting_redis_gives_misses_and_only_exact_pages():
