@@ -220,7 +220,7 @@ def test_scattered_reads_survive_any_split_and_any_surprise(resp3, piece):
         out = np.zeros((7, codec.payload_bytes), np.uint8)
         ok, corrupt = np.zeros(7, bool), np.zeros(7, bool)
         with ours:
-            tier._get_loop(keys, codec.expected(keys), out, ok, corrupt,
+            tier._pipe.get(keys, codec.expected(keys), out, ok, corrupt,
                            lambda i, r: slow.append(r))(ours)
         server.join()
         theirs.close()
