@@ -18,6 +18,11 @@ Same functions as :func:`kvhead.bounds_compact.hier_select` and, for the flat va
 The flat variant (for few pages per head, where a first level saves little) is launches 3 and
 4 with every page a candidate. Below about 64 sequences these kernels are bound by latency, not
 bytes: each launch costs 2-4 us in a CUDA graph, and each radix pass a block-wide barrier.
+Doing both levels in one launch (one program per row; one cooperative launch with per-row grid
+barriers) was measured slower at batch 1 on an H200, not faster (``benchmarks/GPU_NOTES.md``).
+
+Boxes are scored on CUDA cores (fp32) or on tensor cores (the query as int8 digits,
+:mod:`kvhead.kernels.box_score`); :func:`default_scoring` picks by the size of the first pass.
 
 Bytes read per (sequence, KV head): (N/G + M x G) x (2 D + 4) for two levels, N x (2 D + 4)
 flat, instead of N x 8 D for the fp32 scoring. Ties at the M-th or K-th score go to lower ids
