@@ -248,7 +248,8 @@ def markdown(results: dict) -> str:
     first = next(iter(results["redis"].values()))
     lines = [
         "# kvstore benchmark", "",
-        (f"Machine: {results['machine']}; {first['rounds']} rounds alternating kvstore and "
+        (f"Machine: {results['machine']}; code {results['commit']}, started "
+         f"{results['started_utc']} UTC; {first['rounds']} rounds alternating kvstore and "
          "redis-benchmark on one fresh redis-server per geometry; medians. 1-minute load "
          "average before/after each round: " + "; ".join(
              f"{name} " + ", ".join(f"{x:.2f}" for x in r["load_1min_per_round"])
@@ -317,7 +318,11 @@ def main(
         raise typer.BadParameter("pages must be a multiple of batch")
     machine = (f"{platform.machine()}, {os.cpu_count()} cores (shared), "
                f"{torch.get_num_threads()} torch thread")
-    results: dict = {"machine": machine, "redis": {}, "arena": {}}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False,
+                            capture_output=True, text=True).stdout.strip()
+    results: dict = {"machine": machine, "commit": commit,
+                     "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                     "redis": {}, "arena": {}}
     for name, dim in GEOMETRIES.items():
         console.print(f"[bold]{name}[/]: Redis tier vs redis-benchmark ...")
         results["redis"][name] = bench_redis(dim, pages, batch, depth, rounds)
