@@ -59,7 +59,7 @@ class Harness:
             resident, stable = self.split.resident(i), self.split.stable(i)
             self.layers.append(FlexiLayer(
                 i, resident, stable, num_kv_heads=HKV, group=HQ // HKV,
-                num_blocks=self.num_blocks, page_size=P, head_dim=D, dtype=DTYPE, isa=isa,
+                num_blocks=self.num_blocks, page_size=P, head_dim=D, dtype=DTYPE, prefill_isa=isa,
                 arena=arena, pool_pages=batch * len(stable) * (top_k + 3), open_pages=4 * batch,
                 top_k=top_k, rerank_interval=rerank, kernel_threads=kernel_threads or None))
             self.caches.append(torch.zeros(self.num_blocks, max(len(resident), 1), P, 2 * D,

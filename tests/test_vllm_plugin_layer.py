@@ -29,12 +29,11 @@ class Setup:
         arena = HostArena(spec, HostArenaConfig(capacity_pages=NB * HKV, num_layers=1,
                                                 num_blocks=NB))
         self.layer = FlexiLayer(0, RESIDENT, STABLE, num_kv_heads=HKV, group=G, num_blocks=NB,
-                                page_size=P, head_dim=D, dtype=torch.float32, isa="vec16",
+                                page_size=P, head_dim=D, dtype=torch.float32,
                                 arena=arena, pool_pages=NB * len(STABLE),
                                 open_pages=8, top_k=top_k, rerank_interval=4,
                                 prefill_block=prefill_block,
-                                prefill_isa=prefill_block and _get_attn_isa(torch.float32,
-                                                                            prefill_block, D))
+                                prefill_isa=_get_attn_isa(torch.float32, prefill_block or P, D))
         self.cache = torch.zeros(NB, len(RESIDENT), P, 2 * D)
         self.k_ref = torch.zeros(NB, P, HKV, D)
         self.v_ref = torch.zeros(NB, P, HKV, D)

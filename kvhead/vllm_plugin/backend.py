@@ -90,11 +90,10 @@ class FlexiCacheImpl(CPUAttentionBackendImpl):
             raise ValueError("kvhead FlexiCache supports plain causal attention only "
                              "(no sliding window, ALiBi or sinks)")
         dtype, block = config.model_config.dtype, config.cache_config.block_size
-        isa = _get_attn_isa(dtype, block, head_size)
         # prefill stages into scratch blocks of stock's CPU size (32: vLLM's AMX kernel)
         prefill_block = PREFILL_BLOCK if PREFILL_BLOCK % block == 0 else block
         self.runtime: FlexiRuntime = init_runtime(
-            config, isa, (_get_attn_isa(dtype, prefill_block, head_size), prefill_block))
+            config, _get_attn_isa(dtype, prefill_block, head_size), prefill_block)
 
     def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: FlexiMetadata | None,

@@ -55,16 +55,18 @@ class FlexiLayer:
     def __init__(
         self, layer: int, resident: torch.Tensor, stable: torch.Tensor, *, num_kv_heads: int,
         group: int, num_blocks: int, page_size: int, head_dim: int, dtype: torch.dtype,
-        isa: str, arena: PageStore, pool_pages: int, open_pages: int, top_k: int,
+        prefill_isa: str, arena: PageStore, pool_pages: int, open_pages: int, top_k: int,
         rerank_interval: int, resident_dense: bool = False, kernel_threads: int | None = None,
-        prefill_isa: str | None = None, prefill_block: int | None = None,
+        prefill_block: int | None = None,
     ) -> None:
-        self.layer, self.isa, self.page_size, self.group = layer, isa, page_size, group
+        self.layer, self.page_size, self.group = layer, page_size, group
         self.resident, self.stable = resident.long(), stable.long()
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.top_k, self.rerank_interval = top_k, rerank_interval
-        # prefill runs vLLM's kernel on a scratch cache of its own block size (stock's 32 for AMX)
-        self.prefill_isa, self.prefill_block = prefill_isa or isa, prefill_block or page_size
+        # Prefill runs vLLM's kernel on a scratch cache of ``prefill_block``-token blocks (stock's
+        # 32 for AMX) with the matching ISA. Decode never hands vLLM's cache to vLLM's kernels:
+        # the native kernels write and read it (and the hot pool) in their own layout.
+        self.prefill_isa, self.prefill_block = prefill_isa, prefill_block or page_size
         self.resident_dense = resident_dense  # resident heads attend to all pages, unscored
         self.res_index = torch.full((num_kv_heads,), -1, dtype=torch.int64)
         self.res_index[self.resident] = torch.arange(len(resident))
@@ -76,7 +78,6 @@ class FlexiLayer:
         self.kernel_threads = kernel_threads  # decode threads (None: torch's, i.e. vLLM's)
         self.stats = LayerStats()
         self.state: DecodeState | None = None
-        native.check_layout(isa, dtype, page_size, head_dim)
         self._native = native.kernels()
         # Stable-head tokens not yet in the arena: (key, value, flat slot) per write. The arena
         # stores whole pages, so every write is a read-modify-write of its pages; staging turns
@@ -106,19 +107,16 @@ class FlexiLayer:
         self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor,
     ) -> None:
         keep = slots >= 0
-        key, value, slots = key[keep], value[keep], slots[keep].long()
+        key, value, slots = key[keep].contiguous(), value[keep].contiguous(), slots[keep].long()
         if not slots.numel():
             return
-        if len(self.resident):
-            write_cache(cache, key[:, self.resident].contiguous(),
-                        value[:, self.resident].contiguous(), slots, self.isa)
         self.bounds.update(key, slots, self.page_size)
-        if not len(self.stable):
-            return
-        blocks, offsets = slots // self.page_size, slots % self.page_size
-        self.pool.release_blocks(blocks[offsets == 0])  # a reused block: old pages are stale
-        self._stage_arena(key[:, self.stable], value[:, self.stable], slots)
-        self._write_pool(key[:, self.stable], value[:, self.stable], blocks, offsets)
+        if len(self.stable):  # a reused block: its old pool pages are stale
+            self.pool.release_blocks(slots[slots % self.page_size == 0] // self.page_size)
+        self._native.write_tokens(key, value, slots, cache, self.res_index, self.pool.pages,
+                                  self.pool.slot_of, self.stable_index)
+        if len(self.stable):
+            self._stage_arena(key[:, self.stable], value[:, self.stable], slots)
 
     def _write_decode(
         self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor,
@@ -185,17 +183,6 @@ class FlexiLayer:
         stored = self.arena.put(keys, k.flatten(0, 1), v.flatten(0, 1))
         if not bool(stored.all()):
             raise RuntimeError(f"kvhead: host arena refused {int((~stored).sum())} pages")
-
-    def _write_pool(
-        self, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
-    ) -> None:
-        slots = self.pool.slot_of[blocks]  # [T, S]
-        hit = slots >= 0
-        if not bool(hit.any()):
-            return
-        flat = slots[hit] * self.page_size + offsets.view(-1, 1).expand_as(slots)[hit]
-        write_cache(self.pool.pages, key[hit].unsqueeze(1).contiguous(),
-                    value[hit].unsqueeze(1).contiguous(), flat, self.isa)
 
     def _keys(self, blocks: torch.Tensor) -> PageKeys:
         """Arena keys of every stable head of ``blocks``, block-major."""
@@ -341,8 +328,7 @@ class FlexiLayer:
             fresh = self.pool.allocate(need_blocks, need_heads)
             self.flush_arena()
             got = self.arena.get(PageKeys(self.layer, need_blocks, self.stable[need_heads]))
-            flat = (fresh.view(-1, 1) * self.page_size + torch.arange(self.page_size)).flatten()
-            dtype = self.pool.pages.dtype
-            write_cache(self.pool.pages, got.k.reshape(-1, 1, self.head_dim).to(dtype),
-                        got.v.reshape(-1, 1, self.head_dim).to(dtype), flat, self.isa)
+            pages = self.pool.pages.view(self.pool.capacity, 2, -1)  # keys [D][P], values [P][D]
+            pages[fresh, 0] = got.k.transpose(1, 2).reshape(len(fresh), -1).to(pages.dtype)
+            pages[fresh, 1] = got.v.reshape(len(fresh), -1).to(pages.dtype)
             self.stats.promoted_pages += int(missing.sum())

@@ -8,9 +8,11 @@ per-step work in three calls per layer and runs sequences x heads on torch's own
 
 The module is compiled with torch's extension builder (g++ and ninja, ~1 min once) into
 ``$KVHEAD_HOME/torch_extensions`` and reused by every later process; ``-march=native`` because it
-is built on the machine that runs it. It reads vLLM's CPU cache layout for 16-token blocks
-(per block and head: keys transposed ``[D][P]``, then values ``[P][D]``); :func:`check_layout`
-proves that layout against vLLM's own cache-write op before the first use.
+is built on the machine that runs it. The kernels own the layout of every cache they touch
+(vLLM's allocation for the resident heads, the hot pool): per block and head, keys transposed
+``[D][P]`` then values ``[P][D]`` (vLLM's own CPU layout for 16-token blocks, which keeps one
+page's 16 scores of a query row in one AVX-512 register). vLLM's kernels never read those
+caches: prefill stages them into a scratch cache vLLM writes itself.
 """
 
 from __future__ import annotations
@@ -46,29 +48,3 @@ def kernels() -> ModuleType:
             f"kvhead: building the FlexiCache CPU kernels ({_SOURCE.name}) failed: {exc}. "
             "They need g++ and ninja (scripts/setup.sh installs both)."
         ) from exc
-
-
-@functools.cache
-def check_layout(isa: str, dtype: torch.dtype, page_size: int, head_dim: int) -> None:
-    """Raise unless vLLM's cache write for ``isa`` stores keys ``[D][P]`` then values ``[P][D]``.
-
-    The kernels index caches vLLM writes (prefill) and read; a vLLM build with another layout
-    would make them read garbage, so this compares vLLM's op with the native writer once.
-    """
-    from kvhead.vllm_plugin.kernels import write_cache
-
-    heads, blocks = 2, 3
-    key = torch.randn(page_size, heads, head_dim).to(dtype)
-    value = torch.randn(page_size, heads, head_dim).to(dtype)
-    slots = torch.arange(page_size) + page_size  # block 1
-    theirs = torch.zeros(blocks, heads, page_size, 2 * head_dim, dtype=dtype)
-    write_cache(theirs, key, value, slots, isa)
-    ours = torch.zeros_like(theirs)
-    none = torch.full((heads,), -1, dtype=torch.int64)
-    kernels().write_tokens(key, value, slots, ours, torch.arange(heads), ours[:0],
-                           torch.zeros(blocks, 0, dtype=torch.int64), none)
-    if not torch.equal(theirs, ours):
-        raise RuntimeError(
-            f"kvhead: vLLM's CPU cache layout for isa {isa!r}, {dtype}, page {page_size} is not "
-            "the one the FlexiCache kernels read (keys [D][P] then values [P][D] per block)"
-        )

@@ -51,9 +51,9 @@ class FlexiRuntime:
     """Everything FlexiCache keeps for one vLLM worker process."""
 
     def __init__(self, settings: FlexiCacheSettings, split: HeadSplit, geo: ModelGeometry,
-                 isa: str, prefill: tuple[str, int] | None = None) -> None:
-        self.settings, self.split, self.geo, self.isa = settings, split, geo, isa
-        self.prefill_isa, self.prefill_block = prefill or (isa, geo.page_size)
+                 prefill_isa: str, prefill_block: int) -> None:
+        self.settings, self.split, self.geo = settings, split, geo
+        self.prefill_isa, self.prefill_block = prefill_isa, prefill_block
         self.spec = HeadPageSpec(geo.num_q_heads, geo.num_kv_heads, geo.head_dim,
                                  geo.page_size, geo.dtype)
         self.arena: HostArena | None = None
@@ -124,12 +124,12 @@ class FlexiRuntime:
                 num_kv_heads=self.geo.num_kv_heads,
                 group=self.geo.num_q_heads // self.geo.num_kv_heads, num_blocks=num_blocks,
                 page_size=self.geo.page_size, head_dim=self.geo.head_dim, dtype=self.geo.dtype,
-                isa=self.isa, arena=self.ensure_arena(num_blocks),
+                prefill_isa=self.prefill_isa, arena=self.ensure_arena(num_blocks),
                 pool_pages=self.pool_pages(num_blocks, len(stable)), open_pages=self.open_pages,
                 top_k=self.settings.top_k, rerank_interval=self.settings.rerank_interval,
                 resident_dense=self.settings.unstable_dense,
                 kernel_threads=self.settings.decode_kernel_threads,
-                prefill_isa=self.prefill_isa, prefill_block=self.prefill_block,
+                prefill_block=self.prefill_block,
             )
         return self.layers[index]
 
@@ -190,7 +190,7 @@ def current() -> FlexiRuntime | None:
     return _RUNTIME
 
 
-def init_runtime(vllm_config, isa: str, prefill: tuple[str, int] | None = None) -> FlexiRuntime:
+def init_runtime(vllm_config, prefill_isa: str, prefill_block: int) -> FlexiRuntime:
     """Create (once per process) the runtime from vLLM's config; raises on bad settings."""
     global _RUNTIME
     if _RUNTIME is not None:
@@ -213,7 +213,7 @@ def init_runtime(vllm_config, isa: str, prefill: tuple[str, int] | None = None) 
         block_size=cache.block_size, prefix_caching=bool(cache.enable_prefix_caching),
     )
     split = HeadSplit.from_profile(profile, settings.max_resident_heads_per_layer)
-    _RUNTIME = FlexiRuntime(settings, split, geo, isa, prefill)
+    _RUNTIME = FlexiRuntime(settings, split, geo, prefill_isa, prefill_block)
     kv_spec.install()
     budget.install()
     logger.warning(
