@@ -3,19 +3,21 @@
 Why: after :mod:`kvstore.wire` made encoding and checking cheap, what was left of the tier's
 client CPU above redis-benchmark's was the Python around each 64-page chunk -- a dozen calls
 per round trip (build, sendall, poll, recv, scan, verify, bookkeeping), each with numpy and
-numba dispatch -- and for reads, waking for every piece of a reply. Here one ``nogil`` loop
-per ``put`` or ``get`` does what redis-benchmark's C loop does: build chunk ``i + 1`` while the
-server works on chunk ``i``, wait for chunk ``i``'s replies, send chunk ``i + 1``, then check
-chunk ``i``'s replies (at most one chunk in flight, as with ``-P``). It calls libc's ``send``,
-``recv``, ``poll`` and ``setsockopt`` directly (declared as external symbols, so numba's disk
-cache keeps working). Each wait sets ``SO_RCVLOWAT`` to the fewest bytes the replies can still
-take (:func:`kvstore.wire.scan`'s ``need``), so the reader wakes about once per chunk instead
-of once per piece the server writes.
+numba dispatch -- and, for reads, copying every payload out of the receive buffer. Here one
+``nogil`` loop per ``put`` or ``get`` does what redis-benchmark's C loop does: build chunk
+``i + 1`` while the server works on chunk ``i``, wait for chunk ``i``'s replies, send chunk
+``i + 1``, then check chunk ``i``'s replies (at most one chunk in flight, as with ``-P``). It
+calls libc's ``send``, ``recv``, ``recvmsg``, ``poll`` and ``setsockopt`` directly (declared as
+external symbols, so numba's disk cache keeps working). Each wait sets ``SO_RCVLOWAT`` to the
+fewest bytes the replies can still take, so the reader sleeps through partial replies. Reads
+scatter each payload straight into the caller's result (:func:`_hits_layout`) and fall back to
+a plain byte stream at the first byte that is not the all-hits layout.
 
 Plain TCP and Unix sockets only (a TLS socket's bytes are not the protocol's); Linux only
-(``__errno_location``, ``MSG_NOSIGNAL``). Replies the scanner does not recognise (an OOM error,
-a value of another size) stop the loop with :data:`FALLBACK` before the next chunk is sent:
-the caller parses that chunk with hiredis and calls again from the next chunk.
+(``__errno_location``, ``MSG_NOSIGNAL``, the ``msghdr`` layout). Replies the scanner does not
+recognise (an OOM error, a value too big for the buffer) stop the loop with :data:`FALLBACK`
+before the next chunk is sent: the caller parses that chunk with hiredis and calls again from
+the next chunk.
 """
 
 from __future__ import annotations

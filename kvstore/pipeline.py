@@ -104,25 +104,23 @@ class Pipeline:
         return enc, self.depth * row_bytes
 
     def put(self, keys: PageKeys, k: torch.Tensor, v: torch.Tensor, stored: np.ndarray,
-                  on_slow: OnSlow) -> Callable[[socket.socket], None]:
+            on_slow: OnSlow) -> Callable[[socket.socket], None]:
         """Pipelined ``SET`` of these pages over a plain socket (see :meth:`_run`)."""
         n, depth, timeout = len(keys), self.depth, self._timeout_ms
         chunks, rows = self.rows(n)
         enc, send_size = self._set_encoder(keys, k, v)
 
         def run(fd: int, lowat: bool, first: int, *bufs: np.ndarray) -> int:
-            return netio.put_chunks(fd, timeout, lowat, first, n, depth, *bufs, stored,
-                                          enc)
+            return netio.put_chunks(fd, timeout, lowat, first, n, depth, *bufs, stored, enc)
 
         return lambda sock: self._run(sock, run, chunks, lambda i: len(range(*rows(i))),
-                                            on_slow, send_size, 5 * depth)
+                                      on_slow, send_size, 5 * depth)
 
     def get(self, keys: PageKeys, want: np.ndarray, out: np.ndarray, ok: np.ndarray,
-                  corrupt: np.ndarray, on_slow: OnSlow
-                  ) -> Callable[[socket.socket], None]:
-        """One verified ``MGET`` per ``pipeline_depth`` keys over a plain socket."""
-        n, depth, timeout, codec = len(keys), self.depth, self._timeout_ms, \
-            self.codec
+            corrupt: np.ndarray, on_slow: OnSlow) -> Callable[[socket.socket], None]:
+        """One verified ``MGET`` per ``pipeline_depth`` keys over a plain socket: good pages'
+        payloads into ``out``, ``ok`` / ``corrupt`` per row (see :meth:`_run`)."""
+        n, depth, timeout, codec = len(keys), self.depth, self._timeout_ms, self.codec
         chunks, _ = self.rows(n)
         parts = self._key_parts(keys)
         check = (np.ascontiguousarray(want).view("<u8"), codec.weights, out, out.view("<u8"),
@@ -132,12 +130,12 @@ class Pipeline:
         image = self._scratch.get("image", 32 + depth * (header + 32))  # framing and headers
 
         def run(fd: int, lowat: bool, first: int, *bufs: np.ndarray) -> int:
-            return netio.get_chunks(fd, timeout, lowat, first, n, depth, *bufs, image,
-                                          parts, check)
+            return netio.get_chunks(fd, timeout, lowat, first, n, depth, *bufs, image, parts,
+                                    check)
 
         send_size = 32 + depth * (_KEY_ROOM + len(parts[0]) + len(parts[1]))
         return lambda sock: self._run(sock, run, chunks, lambda i: 1, on_slow, send_size,
-                                            16 + element * depth)
+                                      16 + element * depth)
 
     def compile(self, page_shape: tuple[int, ...], dtype: torch.dtype) -> None:
         """Compile the loops of :mod:`kvstore.netio` and :mod:`kvstore.wire` now, for this
