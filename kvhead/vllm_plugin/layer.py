@@ -25,7 +25,6 @@ from kvhead.vllm_plugin.hot_pool import HotPool
 from kvhead.vllm_plugin.kernels import one_thread, paged_attention, set_threads, write_cache
 from kvstore import PageKeys, PageStore
 
-_THREADED_WRITE = 512  # tokens per write from which OpenMP threads pay off (prefill chunks)
 _ARENA_BATCH = 256  # stable-head tokens staged before one read-modify-write of the arena
 
 
@@ -95,54 +94,40 @@ class FlexiLayer:
         self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor,
     ) -> None:
         """Store new tokens ``[T, Hkv, D]`` at vLLM slots: resident heads to vLLM's cache,
-        stable heads to the arena (and to the hot pool where their page is resident)."""
+        stable heads to the arena and to their hot-pool page where it has one.
+
+        A stable page that opens here and is still open afterwards (a decode token, or the
+        partial last page of a prefill chunk) is its sequence's newest page, which is always
+        attended, so it gets its pool slot now. Slot bookkeeping runs on Python ints: decode
+        writes a handful of tokens, and even an 8k prefill chunk is a few milliseconds of it,
+        while tiny tensor ops each pay an OpenMP fork/join.
+        """
         key, value = key[: slots.numel()], value[: slots.numel()]
-        if slots.numel() > _THREADED_WRITE:  # prefill: big vectorised copies on every thread
-            self._write_prefill(key, value, slots, cache)
-        else:
-            with one_thread():
-                self._write_decode(key, value, slots, cache)
-
-    def _write_prefill(
-        self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor,
-    ) -> None:
-        keep = slots >= 0
-        key, value, slots = key[keep].contiguous(), value[keep].contiguous(), slots[keep].long()
-        if not slots.numel():
-            return
-        self.bounds.update(key, slots, self.page_size)
-        if len(self.stable):  # a reused block: its old pool pages are stale
-            self.pool.release_blocks(slots[slots % self.page_size == 0] // self.page_size)
-        self._native.write_tokens(key, value, slots, cache, self.res_index, self.pool.pages,
-                                  self.pool.slot_of, self.stable_index)
-        if len(self.stable):
-            self._stage_arena(key[:, self.stable], value[:, self.stable], slots)
-
-    def _write_decode(
-        self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor,
-    ) -> None:
-        """A few tokens (one per decoding sequence): native writes; a stable page that opens
-        here gets its hot-pool slot now, since a newest page is always attended. The slots are
-        few, so the bookkeeping runs on Python ints rather than tiny tensor ops."""
         listed = slots.tolist()
         if min(listed, default=-1) < 0:  # vLLM pads with -1
             keep = slots >= 0
             key, value, listed = key[keep], value[keep], [s for s in listed if s >= 0]
             if not listed:
                 return
+        with one_thread():
+            self._write(key.contiguous(), value.contiguous(), listed, cache)
+
+    def _write(self, key: torch.Tensor, value: torch.Tensor, listed: list[int],
+               cache: torch.Tensor) -> None:
+        page, num_stable = self.page_size, len(self.stable)
         slots = torch.tensor(listed, dtype=torch.int64)
-        key, value = key.contiguous(), value.contiguous()
         b = self.bounds
         b.clock += 1
-        self._native.update_bounds(key, slots, self.page_size, b.box, b.scale, b.open_min,
-                                   b.open_max, b.open_tag, b.open_used, b.clock)
-        num_stable = len(self.stable)
-        opened = [s // self.page_size for s in listed if s % self.page_size == 0]
+        self._native.update_bounds(key, slots, page, b.box, b.scale, b.open_min, b.open_max,
+                                   b.open_tag, b.open_used, b.clock)
+        opened = {s // page for s in listed if s % page == 0}
         if num_stable and opened:  # a reused block: its old pages are stale
-            blocks = torch.tensor(opened, dtype=torch.int64)
-            self.pool.release_blocks(blocks)
-            self.pool.allocate(blocks.repeat_interleave(num_stable),
-                               torch.arange(num_stable).repeat(len(opened)))
+            self.pool.release_blocks(torch.tensor(sorted(opened), dtype=torch.int64))
+            newest = sorted(opened - {s // page for s in listed if s % page == page - 1})
+            if newest:
+                blocks = torch.tensor(newest, dtype=torch.int64)
+                self.pool.allocate(blocks.repeat_interleave(num_stable),
+                                   torch.arange(num_stable).repeat(len(newest)))
         self._native.write_tokens(key, value, slots, cache, self.res_index, self.pool.pages,
                                   self.pool.slot_of, self.stable_index)
         if num_stable:
