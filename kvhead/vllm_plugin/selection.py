@@ -1,9 +1,10 @@
-"""The FlexiCache policy scoring pages from the device's int8 bounds.
+"""The FlexiCache policy over the device's int8 bounds, in torch: the native decode's oracle.
 
 :class:`kvhead.policy.SelectionPolicy` owns the flexicache rules (unstable heads rerank every
-step, stable heads every R steps and keep their tail); it scores fp32 ``PageBounds``. Inside vLLM
-the device holds only :class:`~kvhead.vllm_plugin.bounds.DeviceBounds`, so this subclass replaces
-the scoring step (``_top_k``) and inherits every rule of the parent.
+step, stable heads every R steps and keep their tail); it scores fp32 ``PageBounds``. This
+subclass replaces only the scoring step (``_top_k``) with the int8 boxes of
+:class:`~kvhead.vllm_plugin.bounds.DeviceBounds` and inherits every rule. The plugin's decode
+runs the same rules in C++ (:mod:`kvhead.vllm_plugin.native`); tests hold it to this policy.
 """
 
 from __future__ import annotations
