@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass
 
 from kvhead.vllm_plugin.config import FlexiCacheConfigError
+from kvhead.vllm_plugin.patching import wrap_once
 
 logger = logging.getLogger(__name__)
 
@@ -91,21 +92,20 @@ def install() -> None:
         from vllm.v1.worker.cpu_worker import CPUWorker as worker_cls
     else:
         from vllm.v1.worker.gpu_worker import Worker as worker_cls
-    original = worker_cls.determine_available_memory
-    if getattr(original, "_kvhead_wrapped", False):
-        return
 
-    def determine_available_memory(self) -> int:
-        from kvhead.vllm_plugin.runtime import current
+    def wrap(original):
+        def determine_available_memory(self) -> int:
+            from kvhead.vllm_plugin.runtime import current
 
-        budget = original(self)
-        runtime = current()
-        if runtime is None:
-            return budget
-        split = runtime.split_budget(budget)
-        runtime.budget_split = split
-        logger.warning(split.describe())
-        return split.vllm_bytes
+            budget = original(self)
+            runtime = current()
+            if runtime is None:
+                return budget
+            split = runtime.split_budget(budget)
+            runtime.budget_split = split
+            logger.warning(split.describe())
+            return split.vllm_bytes
 
-    determine_available_memory._kvhead_wrapped = True
-    worker_cls.determine_available_memory = determine_available_memory
+        return determine_available_memory
+
+    wrap_once(worker_cls, "determine_available_memory", wrap)

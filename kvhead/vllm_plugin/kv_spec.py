@@ -25,38 +25,37 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.kv_cache_interface import FullAttentionSpec, UniformTypeKVCacheSpecs
 
 from kvhead.vllm_plugin.config import HeadSplit
+from kvhead.vllm_plugin.patching import wrap_once
 
 
 def install() -> None:
     """Wrap the model runner's ``get_kv_cache_spec`` once per process (worker side)."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    original = GPUModelRunner.get_kv_cache_spec
-    if getattr(original, "_kvhead_wrapped", False):
-        return
+    def wrap_spec(original):
+        def get_kv_cache_spec(self) -> dict:
+            from kvhead.vllm_plugin.runtime import current
 
-    def get_kv_cache_spec(self) -> dict:
-        from kvhead.vllm_plugin.runtime import current
+            specs = original(self)
+            runtime = current()
+            if runtime is None:
+                return specs
+            return per_layer_specs(specs, runtime.split, self.shared_kv_cache_layers,
+                                   _flexicache_layers(self.vllm_config))
 
-        specs = original(self)
-        runtime = current()
-        if runtime is None:
-            return specs
-        return per_layer_specs(specs, runtime.split, self.shared_kv_cache_layers,
-                               _flexicache_layers(self.vllm_config))
+        return get_kv_cache_spec
 
-    add_sharing = GPUModelRunner.maybe_add_kv_sharing_layers_to_kv_cache_groups
+    def wrap_sharing(add_sharing):
+        def maybe_add_kv_sharing_layers_to_kv_cache_groups(self, kv_cache_config) -> None:
+            add_sharing(self, kv_cache_config)
+            for group in kv_cache_config.kv_cache_groups:
+                if isinstance(group.kv_cache_spec, UniformTypeKVCacheSpecs):
+                    describe_sharing_layers(group.kv_cache_spec, self.shared_kv_cache_layers)
 
-    def maybe_add_kv_sharing_layers_to_kv_cache_groups(self, kv_cache_config) -> None:
-        add_sharing(self, kv_cache_config)
-        for group in kv_cache_config.kv_cache_groups:
-            if isinstance(group.kv_cache_spec, UniformTypeKVCacheSpecs):
-                describe_sharing_layers(group.kv_cache_spec, self.shared_kv_cache_layers)
+        return maybe_add_kv_sharing_layers_to_kv_cache_groups
 
-    get_kv_cache_spec._kvhead_wrapped = True
-    GPUModelRunner.get_kv_cache_spec = get_kv_cache_spec
-    GPUModelRunner.maybe_add_kv_sharing_layers_to_kv_cache_groups = (
-        maybe_add_kv_sharing_layers_to_kv_cache_groups)
+    wrap_once(GPUModelRunner, "get_kv_cache_spec", wrap_spec)
+    wrap_once(GPUModelRunner, "maybe_add_kv_sharing_layers_to_kv_cache_groups", wrap_sharing)
 
 
 def describe_sharing_layers(group: UniformTypeKVCacheSpecs, shared: dict[str, str]) -> None:
