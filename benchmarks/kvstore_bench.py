@@ -5,10 +5,12 @@ checksum, pipelined SET ... PX / MGET, decode and verify) against ``redis-benchm
 same work on the same freshly started redis-server: the same value size (header + payload), the
 same pipeline depth, one connection each, the same number of *distinct* keys of the same length,
 ``SET key value PX ttl`` into an empty database and ``GET`` over a prefilled key space (see
-:func:`redis_benchmark`). Rounds alternate between the two so load from other processes on the
-machine hits both alike; medians of the rounds and the median per-round ratio (with its
-min–max) are reported, with the 1-minute load average around each round. The tier's first put
-and get (numba compiling, or loading its cached code) run once before the timed rounds.
+:func:`redis_benchmark`). Each round runs both back to back, who goes first alternating, so
+load from other processes on the machine hits both alike; medians of the rounds and the median
+per-round ratio (with its min–max) are reported, with the 1-minute load average around each
+round. One untimed round of each comes first (numba compiling or loading its cache; the
+server's first touch of memory). Set-up traffic (FLUSHALL, redis-benchmark's GET key space)
+goes through a connection of its own, never through the tier's pool.
 Geometries: SmolLM2 (16 tokens x 64 dims x K and V, bf16: 4 KiB) and Llama-8B (x 128 dims:
 8 KiB).
 
@@ -159,6 +161,10 @@ def bench_redis(head_dim: int, pages: int, batch: int, depth: int, rounds: int) 
     server = RedisServer().start()
     try:
         tier = RedisTier(spec, RedisTierConfig(url=server.url, pipeline_depth=depth), FINGERPRINT)
+        # set-up traffic (FLUSHALL, redis-benchmark's GET key space) on a connection of its own,
+        # never the tier's: through the tier's pool it slowed the tier's next writes (Llama-8B
+        # set 0.73-0.77x of redis-benchmark with it, 0.84-1.00x without, same window)
+        admin = redis.Redis.from_url(server.url)
         batches = [make_batch(spec, batch, seed) for seed in range(pages // batch)]
         value_bytes = tier.codec.value_bytes
         names = [name for keys, _, _ in batches for name in tier.key_names(keys)]
@@ -170,16 +176,29 @@ def bench_redis(head_dim: int, pages: int, batch: int, depth: int, rounds: int) 
         if server.proc is None:
             raise RuntimeError("redis-server did not start")
         pid = server.proc.pid
-        start = time.perf_counter()  # first calls compile (or load cached) numba code: untimed
-        tier.put(*batches[0])
-        tier.get(batches[0][0])
+        def ours_round(check: bool) -> dict[str, float]:
+            admin.flushall()
+            return kvstore_round(tier, pid, batches, check)
+
+        def theirs_round() -> dict[str, float]:
+            return redis_benchmark(admin, pid, server.port, value_bytes, key_len, depth, pages,
+                                   ttl_ms)
+
+        # Untimed warm-up of both: numba code (compiled or loaded from its cache), and the
+        # server's first touch of memory for a round's values (on this VM the first one or two
+        # rounds on a fresh redis-server ran up to 10x slower for the client that went first,
+        # which was always the tier before rounds alternated and began with a warm-up).
+        start = time.perf_counter()
+        ours_round(check=True)
+        theirs_round()
         warmup_s = time.perf_counter() - start
         load = [os.getloadavg()[0]]
-        for r in range(rounds):
-            tier.client.flushall()
-            ours.append(kvstore_round(tier, pid, batches, check=r == 0))
-            theirs.append(redis_benchmark(tier.client, pid, server.port, value_bytes, key_len,
-                                          depth, pages, ttl_ms))
+        for r in range(rounds):  # alternate who goes first
+            if r % 2:
+                theirs.append(theirs_round())
+            ours.append(ours_round(check=False))
+            if not r % 2:
+                theirs.append(theirs_round())
             load.append(os.getloadavg()[0])
         result = {"head_dim": head_dim, "value_bytes": value_bytes, "key_bytes": key_len,
                   "pipeline_depth": depth, "connections": 1, "ttl_ms": ttl_ms, "pages": pages,
@@ -204,6 +223,7 @@ def bench_redis(head_dim: int, pages: int, batch: int, depth: int, rounds: int) 
                           "kvstore_rounds": [x[op] for x in ours],
                           "redis_benchmark_rounds": [x[op] for x in theirs]}
         tier.close()
+        admin.close()
         return result
     finally:
         server.cleanup()
@@ -249,8 +269,10 @@ def markdown(results: dict) -> str:
     lines = [
         "# kvstore benchmark", "",
         (f"Machine: {results['machine']}; code {results['commit']}, started "
-         f"{results['started_utc']} UTC; {first['rounds']} rounds alternating kvstore and "
-         "redis-benchmark on one fresh redis-server per geometry; medians. 1-minute load "
+         f"{results['started_utc']} UTC; {first['rounds']} rounds of kvstore and "
+         "redis-benchmark back to back (who goes first alternates) on one fresh redis-server "
+         "per geometry, after one untimed round of each; FLUSHALL and redis-benchmark's GET "
+         "key space go through a connection of their own; medians. 1-minute load "
          "average before/after each round: " + "; ".join(
              f"{name} " + ", ".join(f"{x:.2f}" for x in r["load_1min_per_round"])
              for name, r in results["redis"].items()) + "."), "",
