@@ -21,8 +21,6 @@ import functools
 from pathlib import Path
 from types import ModuleType
 
-import torch
-
 from kvhead.models.store import kvhead_home
 
 _SOURCE = Path(__file__).parent / "csrc" / "flexi_cpu.cpp"
