@@ -108,6 +108,24 @@ def _top_k_positions(score, top_k, BITS: tl.constexpr):
 
 
 @triton.jit
+def select_cands(cand_ptr, sup_ptr, ids_ptr, row, num_cand, top_k, group, stride_cr,
+                 stride_ur, stride_ir, FLAT: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BITS: tl.constexpr):
+    """Top-K candidate slots (radix select), written as logical pages. Candidates are laid
+    out super-page by super-page in ascending order, so ascending slots are ascending pages."""
+    offs = tl.arange(0, BLOCK_N)
+    score = tl.load(cand_ptr + row * stride_cr + offs, mask=offs < num_cand, other=float("-inf"))
+    chosen, slot, wanted = _top_k_positions(score, top_k, BITS)
+    if FLAT:
+        page = offs.to(tl.int64)
+    else:
+        page = tl.load(sup_ptr + row * stride_ur + offs // group, mask=chosen, other=0) * group
+        page += offs % group
+    tl.store(ids_ptr + row * stride_ir + slot, page, mask=chosen)
+    _pad_ids(ids_ptr + row * stride_ir, wanted, top_k, BLOCK_K)
+
+
+@triton.jit
 def _pad_ids(ids_row_ptr, wanted, top_k, BLOCK_K: tl.constexpr):
     """Fill output slots ``wanted .. top_k-1`` of one row with -1."""
     offs_k = tl.arange(0, BLOCK_K)
@@ -120,13 +138,9 @@ def _select_kernel(
     scores_ptr, ids_ptr, max_pages, top_k, stride_sr, stride_ir,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_N)
-    score = tl.load(scores_ptr + row * stride_sr + offs, mask=offs < max_pages,
-                    other=float("-inf"))
-    chosen, slot, wanted = _top_k_positions(score, top_k, BITS)
-    tl.store(ids_ptr + row * stride_ir + slot, offs.to(tl.int64), mask=chosen)
-    _pad_ids(ids_ptr + row * stride_ir, wanted, top_k, BLOCK_K)
+    # the flat case of select_cands: positions are the pages (no super-page table is read)
+    select_cands(scores_ptr, scores_ptr, ids_ptr, tl.program_id(0).to(tl.int64), max_pages,
+                 top_k, 1, stride_sr, 0, stride_ir, True, BLOCK_N, BLOCK_K, BITS)
 
 
 def score_and_select(

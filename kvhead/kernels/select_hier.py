@@ -39,7 +39,11 @@ import triton.language as tl
 
 from kvhead.bounds_compact import CompactBounds, check_hier_args
 from kvhead.kernels.box_score import box_scores, box_scores_mma, query_digits
-from kvhead.kernels.select import _pad_ids, _select_kernel, _top_k_positions, radix_bits
+from kvhead.kernels.select import (
+    _select_kernel,
+    radix_bits,
+    select_cands,
+)
 
 TILE = 32  # boxes per scoring chunk: 8 KiB of int8 bounds at head dim 128
 LARGE_GRID = 4096  # candidate tiles from which a program takes two (see _chunks)
@@ -146,31 +150,10 @@ def cand_tile_scores(
 def select_super(sup_scores_ptr, sup_ptr, bh, num_groups_max, num_super, stride_gr,
                  stride_ur, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
                  BITS: tl.constexpr):
-    """First level: the row's top-M super-pages, ascending, written to ``sup_ptr``."""
-    offs_s = tl.arange(0, BLOCK_S)
-    sup_score = tl.load(sup_scores_ptr + bh * stride_gr + offs_s, mask=offs_s < num_groups_max,
-                        other=float("-inf"))
-    chosen, slot, wanted = _top_k_positions(sup_score, num_super, BITS)
-    tl.store(sup_ptr + bh * stride_ur + slot, offs_s.to(tl.int64), mask=chosen)
-    _pad_ids(sup_ptr + bh * stride_ur, wanted, num_super, BLOCK_M)
-
-
-@triton.jit
-def select_cands(cand_ptr, sup_ptr, ids_ptr, row, num_cand, top_k, group, stride_cr,
-                 stride_ur, stride_ir, FLAT: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BITS: tl.constexpr):
-    """Top-K candidate slots (radix select), written as logical pages. Candidates are laid
-    out super-page by super-page in ascending order, so ascending slots are ascending pages."""
-    offs = tl.arange(0, BLOCK_N)
-    score = tl.load(cand_ptr + row * stride_cr + offs, mask=offs < num_cand, other=float("-inf"))
-    chosen, slot, wanted = _top_k_positions(score, top_k, BITS)
-    if FLAT:
-        page = offs.to(tl.int64)
-    else:
-        page = tl.load(sup_ptr + row * stride_ur + offs // group, mask=chosen, other=0) * group
-        page += offs % group
-    tl.store(ids_ptr + row * stride_ir + slot, page, mask=chosen)
-    _pad_ids(ids_ptr + row * stride_ir, wanted, top_k, BLOCK_K)
+    """First level: the row's top-M super-pages, ascending, written to ``sup_ptr`` (the flat
+    case of :func:`select_cands`: positions are super-page ids)."""
+    select_cands(sup_scores_ptr, sup_scores_ptr, sup_ptr, bh, num_groups_max, num_super, 1,
+                 stride_gr, 0, stride_ur, True, BLOCK_S, BLOCK_M, BITS)
 
 
 @triton.jit
