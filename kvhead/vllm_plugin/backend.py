@@ -42,8 +42,7 @@ class FlexiMetadata:
     block_table: torch.Tensor  # [R, max_pages] int32, cut or padded to the model's pages
     prefill_rows: torch.Tensor  # rows with more than one query token
     prefill_tokens: list[torch.Tensor]  # their token indices
-    decode_rows: torch.Tensor  # rows with one query token
-    decode_tokens: torch.Tensor  # that token's index
+    decode_tokens: torch.Tensor  # the query token of each row with one (decode rows)
     decode_table: torch.Tensor  # [decode rows, max_pages] int32, contiguous
     decode_seq_lens: torch.Tensor  # [decode rows] int64, contiguous
 
@@ -74,7 +73,7 @@ class FlexiCacheMetadataBuilder(CPUAttentionMetadataBuilder):
             seq_lens=seq_lens, block_table=table, prefill_rows=prefill,
             prefill_tokens=[torch.arange(int(starts[r]), int(starts[r + 1]))
                             for r in prefill.tolist()],
-            decode_rows=decode, decode_tokens=starts[decode], decode_table=decode_table,
+            decode_tokens=starts[decode], decode_table=decode_table,
             decode_seq_lens=seq_lens[decode].contiguous(),
         )
 
@@ -110,7 +109,7 @@ class FlexiCacheImpl(CPUAttentionBackendImpl):
             rows = m.prefill_rows
             flexi.prefill(q, out, m.prefill_tokens, m.seq_lens[rows], m.block_table[rows],
                           kv_cache, self.scale)
-        if m.decode_rows.numel():
+        if m.decode_tokens.numel():
             flexi.decode(q, out, m.decode_tokens, m.decode_seq_lens, m.decode_table, kv_cache,
                          self.scale)
         return output

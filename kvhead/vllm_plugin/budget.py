@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 
 from kvhead.vllm_plugin.config import FlexiCacheConfigError
-from kvhead.vllm_plugin.patching import wrap_once
+from kvhead.vllm_plugin.patching import adjust_result
 
 logger = logging.getLogger(__name__)
 
@@ -93,19 +93,9 @@ def install() -> None:
     else:
         from vllm.v1.worker.gpu_worker import Worker as worker_cls
 
-    def wrap(original):
-        def determine_available_memory(self) -> int:
-            from kvhead.vllm_plugin.runtime import current
+    def split(worker, budget: int, runtime) -> int:
+        runtime.budget_split = runtime.split_budget(budget)
+        logger.warning(runtime.budget_split.describe())
+        return runtime.budget_split.vllm_bytes
 
-            budget = original(self)
-            runtime = current()
-            if runtime is None:
-                return budget
-            split = runtime.split_budget(budget)
-            runtime.budget_split = split
-            logger.warning(split.describe())
-            return split.vllm_bytes
-
-        return determine_available_memory
-
-    wrap_once(worker_cls, "determine_available_memory", wrap)
+    adjust_result(worker_cls, "determine_available_memory", split)

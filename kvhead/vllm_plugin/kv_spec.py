@@ -25,25 +25,16 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.kv_cache_interface import FullAttentionSpec, UniformTypeKVCacheSpecs
 
 from kvhead.vllm_plugin.config import HeadSplit
-from kvhead.vllm_plugin.patching import wrap_once
+from kvhead.vllm_plugin.patching import adjust_result, wrap_once
 
 
 def install() -> None:
     """Wrap the model runner's ``get_kv_cache_spec`` once per process (worker side)."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    def wrap_spec(original):
-        def get_kv_cache_spec(self) -> dict:
-            from kvhead.vllm_plugin.runtime import current
-
-            specs = original(self)
-            runtime = current()
-            if runtime is None:
-                return specs
-            return per_layer_specs(specs, runtime.split, self.shared_kv_cache_layers,
-                                   _flexicache_layers(self.vllm_config))
-
-        return get_kv_cache_spec
+    def per_layer(runner, specs: dict, runtime) -> dict:
+        return per_layer_specs(specs, runtime.split, runner.shared_kv_cache_layers,
+                               _flexicache_layers(runner.vllm_config))
 
     def wrap_sharing(add_sharing):
         def maybe_add_kv_sharing_layers_to_kv_cache_groups(self, kv_cache_config) -> None:
@@ -54,7 +45,7 @@ def install() -> None:
 
         return maybe_add_kv_sharing_layers_to_kv_cache_groups
 
-    wrap_once(GPUModelRunner, "get_kv_cache_spec", wrap_spec)
+    adjust_result(GPUModelRunner, "get_kv_cache_spec", per_layer)
     wrap_once(GPUModelRunner, "maybe_add_kv_sharing_layers_to_kv_cache_groups", wrap_sharing)
 
 

@@ -134,10 +134,10 @@ class FlexiLayer:
             self._stage_arena(key[:, self.stable], value[:, self.stable], slots, listed)
 
     def _stage_arena(self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
-                     listed: list[int] | None = None) -> None:
-        """Queue stable-head tokens for the arena; a slot written twice flushes the first write
-        (writes to distinct slots commute, so only a rewrite needs the order kept)."""
-        listed = slots.tolist() if listed is None else listed
+                     listed: list[int]) -> None:
+        """Queue stable-head tokens for the arena (``listed``: ``slots`` as ints); a slot
+        written twice flushes the first write (writes to distinct slots commute, so only a
+        rewrite needs the order kept)."""
         if not self._staged_slots.isdisjoint(listed):
             self.flush_arena()
         self._staged.append((key, value, slots))

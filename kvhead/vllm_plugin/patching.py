@@ -27,3 +27,19 @@ def wrap_once(owner: type, name: str, wrap: Callable[[Callable[..., Any]], Calla
     setattr(wrapped, _MARK, True)
     setattr(owner, name, wrapped)
     return True
+
+
+def adjust_result(owner: type, name: str, adjust: Callable[[Any, Any, Any], Any]) -> bool:
+    """Make ``owner.name`` return ``adjust(self, result, runtime)`` of its own result while this
+    process has a FlexiCache runtime (unchanged otherwise), once per process."""
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def adjusted(self, *args: Any, **kwargs: Any) -> Any:
+            from kvhead.vllm_plugin.runtime import current
+
+            result = original(self, *args, **kwargs)
+            runtime = current()
+            return result if runtime is None else adjust(self, result, runtime)
+
+        return adjusted
+
+    return wrap_once(owner, name, wrap)
