@@ -202,6 +202,9 @@ class FlexiLayer:
                            for r, n in enumerate(num_pages)])
         scratch = torch.empty(base[-1], self.num_kv_heads, block, 2 * self.head_dim,
                               dtype=cache.dtype)
+        # A row's last block is only partly written; vLLM's kernel multiplies its masked tail
+        # by zero weights, so it must hold finite values (0 x NaN garbage is NaN).
+        scratch[torch.tensor(base[1:]) - 1] = 0
         write_cache(scratch, k.flatten(0, 1), v.flatten(0, 1), slots, self.prefill_isa)
         width = max(row_blocks)
         table = torch.zeros(len(tokens), width, dtype=torch.int32)
