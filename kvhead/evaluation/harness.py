@@ -57,6 +57,17 @@ class SelectionOptions(BaseModel):
         description="Spread the sparse heads' pages (count x top_k) by the profile's coverage "
         "curves instead of top_k each (see kvhead.budgets).",
     )
+    context_budgets: bool = Field(
+        default=False,
+        description="With head_budgets: cap each budget at the pages the context holds and hand "
+        "the surplus to the next-best heads (the curves are calibrated at 8k; a no-op there).",
+    )
+
+    @model_validator(mode="after")
+    def _cap_needs_budgets(self) -> SelectionOptions:
+        if self.context_budgets and not self.head_budgets:
+            raise ValueError("context_budgets caps head budgets; it needs head_budgets")
+        return self
 
 
 class EvalConfig(BaseModel):
@@ -137,6 +148,8 @@ class ModeResult(BaseModel):
     promoted_per_rerank: float = Field(description="Pages fetched per stable-head rerank.")
     scored_tokens: int = Field(description="Teacher-forced positions behind the agreement.")
     agreement_stderr: float = Field(description="Binomial standard error of the agreement.")
+    window_agreement: list[float] = Field(description="Token agreement of each corpus window, in order.")
+    window_perplexity_ratio: list[float] = Field(description="Perplexity ratio of each window, in order.")
 
 
 class ContextResult(BaseModel):
@@ -159,8 +172,10 @@ class EvalReport(BaseModel):
     results: list[ContextResult]
 
 
-def _policy(runner: ReferenceRunner, mode: str, cfg: EvalConfig, profile: HeadProfile) -> SelectionPolicy:
-    """The policy of a mode name; ``+`` modes carry ``cfg.options``."""
+def _policy(
+    runner: ReferenceRunner, mode: str, cfg: EvalConfig, profile: HeadProfile, context: int,
+) -> SelectionPolicy:
+    """The policy of a mode name at one context length; ``+`` modes carry ``cfg.options``."""
     base = Mode(mode.rstrip("+"))
     kwargs = {"top_k": cfg.top_k, "rerank_interval": cfg.rerank_interval}
     if mode.endswith("+"):
@@ -176,13 +191,16 @@ def _policy(runner: ReferenceRunner, mode: str, cfg: EvalConfig, profile: HeadPr
             sparse = torch.ones(profile.num_layers, profile.num_kv_heads, dtype=torch.bool)
             sparse[: opt.leading_layers] = False
         if opt.head_budgets:
-            kwargs["head_top_k"] = _head_budgets(profile, opt, sparse, cfg.top_k)
+            cap = -(-context // cfg.page_size) if opt.context_budgets else None
+            kwargs["head_top_k"] = _head_budgets(profile, opt, sparse, cfg.top_k, cap)
     elif base is Mode.flexicache:
         kwargs["unstable"] = profile.unstable_mask()
     return runner.policy(base, **kwargs)
 
 
-def _head_budgets(profile: HeadProfile, opt: SelectionOptions, sparse: torch.Tensor, top_k: int) -> torch.Tensor:
+def _head_budgets(
+    profile: HeadProfile, opt: SelectionOptions, sparse: torch.Tensor, top_k: int, max_pages: int | None,
+) -> torch.Tensor:
     """Budgets of the heads that select pages, from coverage ranked exactly as they rank."""
     cov = profile.coverage
     if cov is None:
@@ -192,7 +210,7 @@ def _head_budgets(profile: HeadProfile, opt: SelectionOptions, sparse: torch.Ten
             f"the profile's coverage was ranked with group_score={cov.group_score}, sink_pages="
             f"{cov.sink_pages}, recent_pages={cov.recent_pages}; the options differ"
         )
-    return allocate_budgets(cov, sparse, top_k)
+    return allocate_budgets(cov, sparse, top_k, max_pages=max_pages)
 
 
 def _passkey_correct(runner, tokenizer, pre, policy, passkey: int) -> bool:
@@ -207,12 +225,13 @@ def evaluate_context(
     """All metrics for one prompt length; prefills are dense and shared by every mode."""
     start = time.perf_counter()
     gen = cfg.gen_tokens
-    dense = _policy(runner, Mode.dense.value, cfg, profile)
-    sparse = {m: _policy(runner, m, cfg, profile) for m in cfg.modes}
+    dense = _policy(runner, Mode.dense.value, cfg, profile, context)
+    sparse = {m: _policy(runner, m, cfg, profile, context) for m in cfg.modes}
 
     length = cfg.prompt_tokens(context)
-    agree, free, first = {m: 0 for m in sparse}, {m: 0 for m in sparse}, {m: gen for m in sparse}
-    nll = {m: 0.0 for m in ("dense", *sparse)}
+    free, first = {m: 0 for m in sparse}, {m: gen for m in sparse}
+    agree: dict[str, list[int]] = {m: [] for m in sparse}  # matches per window
+    nll: dict[str, list[float]] = {m: [] for m in ("dense", *sparse)}  # summed NLL per window
     for i in range(cfg.prompts):
         # Window 0 is the one every earlier report used; more windows step through the corpus.
         prompt = corpus_window(tokenizer, length, offset=cfg.seed * 997 + i * 7919)
@@ -220,7 +239,7 @@ def evaluate_context(
         reference = greedy(runner, pre, gen, dense)
         for mode, policy in sparse.items():
             argmax, _ = teacher_forced(runner, pre, reference, policy)
-            agree[mode] += sum(a == r for a, r in zip(argmax, reference))
+            agree[mode].append(sum(a == r for a, r in zip(argmax, reference)))
             decoded = greedy(runner, pre, gen, policy)
             free[mode] += sum(a == b for a, b in zip(decoded, reference))
             first[mode] = min(first[mode], first_divergence(decoded, reference))
@@ -229,9 +248,9 @@ def evaluate_context(
         pre = prefill(runner, text[:length], gen)
         targets = text[length:].tolist()
         for mode, policy in [("dense", dense), *sparse.items()]:
-            nll[mode] += sum(teacher_forced(runner, pre, targets, policy)[1])
+            nll[mode].append(sum(teacher_forced(runner, pre, targets, policy)[1]))
     scored = gen * cfg.prompts
-    nll = {mode: total / scored for mode, total in nll.items()}
+    mean_nll = {mode: sum(sums) / scored for mode, sums in nll.items()}
 
     rng = torch.Generator().manual_seed(cfg.seed + context)
     hits = {m: 0 for m in ("dense", *cfg.modes)}
@@ -244,21 +263,23 @@ def evaluate_context(
 
     modes = {}
     for mode, policy in sparse.items():
-        agreement = agree[mode] / scored
+        agreement = sum(agree[mode]) / scored
         modes[mode] = ModeResult(
             token_agreement=agreement,
             free_match=free[mode] / scored,
             first_divergence=first[mode],
-            perplexity=math.exp(nll[mode]),
-            perplexity_ratio=math.exp(nll[mode] - nll["dense"]),
+            perplexity=math.exp(mean_nll[mode]),
+            perplexity_ratio=math.exp(mean_nll[mode] - mean_nll["dense"]),
             passkey_accuracy=hits[mode] / depths if depths else float("nan"),
             resident_fraction=policy.stats.resident_fraction,
             promoted_per_rerank=policy.stats.promoted_per_rerank,
             scored_tokens=scored,
             agreement_stderr=math.sqrt(agreement * (1 - agreement) / scored),
+            window_agreement=[n / gen for n in agree[mode]],
+            window_perplexity_ratio=[math.exp((s - d) / gen) for s, d in zip(nll[mode], nll["dense"])],
         )
     return ContextResult(
-        context=context, dense_perplexity=math.exp(nll["dense"]),
+        context=context, dense_perplexity=math.exp(mean_nll["dense"]),
         dense_passkey_accuracy=hits["dense"] / depths if depths else float("nan"),
         modes=modes, seconds=time.perf_counter() - start,
     )
