@@ -42,6 +42,7 @@ def test_eval_with_k_covering_all_pages_matches_dense(tiny):
     for mode in ("quest", "flexicache"):
         m = result.modes[mode]
         assert m.token_agreement == 1.0 and m.free_match == 1.0 and m.first_divergence == 24
+        assert m.mean_kl == pytest.approx(0.0, abs=1e-6) and m.miss_margins == []
         assert m.perplexity_ratio == pytest.approx(1.0, abs=1e-5)
         assert m.passkey_accuracy == result.dense_passkey_accuracy
         assert m.resident_fraction == 1.0  # every page selected: nothing can be offloaded
@@ -139,6 +140,8 @@ def test_coverage_curves_rise_to_one_and_drive_budgets(tiny):
         assert len(m.window_agreement) == len(m.window_perplexity_ratio) == 2
         assert m.token_agreement == pytest.approx(sum(m.window_agreement) / 2)
         assert m.perplexity_ratio == pytest.approx(math.prod(m.window_perplexity_ratio) ** 0.5)
+        assert m.mean_kl == pytest.approx(sum(m.window_kl) / 2) and min(m.window_kl) >= 0
+        assert len(m.miss_margins) == round((1 - m.token_agreement) * 24) and min(m.miss_margins, default=0) >= 0
     # same pool of pages for the stable heads: resident share within a page or two per step
     assert adaptive.resident_fraction == pytest.approx(spec.resident_fraction, abs=0.05)
     capped = cfg.model_copy(update={"options": SelectionOptions(head_budgets=True, context_budgets=True)})

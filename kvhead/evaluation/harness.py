@@ -150,6 +150,14 @@ class ModeResult(BaseModel):
     agreement_stderr: float = Field(description="Binomial standard error of the agreement.")
     window_agreement: list[float] = Field(description="Token agreement of each corpus window, in order.")
     window_perplexity_ratio: list[float] = Field(description="Perplexity ratio of each window, in order.")
+    mean_kl: float = Field(
+        description="Mean KL(dense || sparse) per position of the teacher-forced continuation: "
+        "compares settings far more finely than agreement, whose 256 tokens flip only at near-ties."
+    )
+    window_kl: list[float] = Field(description="Mean KL to dense of each window, in order.")
+    miss_margins: list[float] = Field(
+        description="Dense top-2 log-probability margin at each agreement miss (small: a near-tie)."
+    )
 
 
 class ContextResult(BaseModel):
@@ -213,6 +221,12 @@ def _head_budgets(
     return allocate_budgets(cov, sparse, top_k, max_pages=max_pages)
 
 
+def _margin(logprobs: torch.Tensor) -> float:
+    """Gap between the two most likely tokens (log-probabilities differ as logits do)."""
+    top = logprobs.topk(2).values
+    return float(top[0] - top[1])
+
+
 def _passkey_correct(runner, tokenizer, pre, policy, passkey: int) -> bool:
     answer = tokenizer.decode(greedy(runner, pre, PASSKEY_TOKENS, policy))
     digits = "".join(ch for ch in answer if ch.isdigit() or ch == " ").split()
@@ -231,15 +245,21 @@ def evaluate_context(
     length = cfg.prompt_tokens(context)
     free, first = {m: 0 for m in sparse}, {m: gen for m in sparse}
     agree: dict[str, list[int]] = {m: [] for m in sparse}  # matches per window
+    kl: dict[str, list[float]] = {m: [] for m in sparse}  # mean KL to dense per window
+    margins: dict[str, list[float]] = {m: [] for m in sparse}  # dense top-2 margin at each miss
     nll: dict[str, list[float]] = {m: [] for m in ("dense", *sparse)}  # summed NLL per window
     for i in range(cfg.prompts):
         # Window 0 is the one every earlier report used; more windows step through the corpus.
         prompt = corpus_window(tokenizer, length, offset=cfg.seed * 997 + i * 7919)
         pre = prefill(runner, prompt, gen)
-        reference = greedy(runner, pre, gen, dense)
+        dense_logprobs: list[torch.Tensor] = []
+        reference = greedy(runner, pre, gen, dense, logprobs=dense_logprobs)
         for mode, policy in sparse.items():
-            argmax, _ = teacher_forced(runner, pre, reference, policy)
-            agree[mode].append(sum(a == r for a, r in zip(argmax, reference)))
+            forced = teacher_forced(runner, pre, reference, policy, reference=dense_logprobs)
+            hits = [a == r for a, r in zip(forced.argmax, reference)]
+            agree[mode].append(sum(hits))
+            kl[mode].append(sum(forced.kl) / gen)
+            margins[mode] += [_margin(dense_logprobs[j]) for j, hit in enumerate(hits) if not hit]
             decoded = greedy(runner, pre, gen, policy)
             free[mode] += sum(a == b for a, b in zip(decoded, reference))
             first[mode] = min(first[mode], first_divergence(decoded, reference))
@@ -248,7 +268,7 @@ def evaluate_context(
         pre = prefill(runner, text[:length], gen)
         targets = text[length:].tolist()
         for mode, policy in [("dense", dense), *sparse.items()]:
-            nll[mode].append(sum(teacher_forced(runner, pre, targets, policy)[1]))
+            nll[mode].append(sum(teacher_forced(runner, pre, targets, policy).nll))
     scored = gen * cfg.prompts
     mean_nll = {mode: sum(sums) / scored for mode, sums in nll.items()}
 
@@ -277,6 +297,9 @@ def evaluate_context(
             agreement_stderr=math.sqrt(agreement * (1 - agreement) / scored),
             window_agreement=[n / gen for n in agree[mode]],
             window_perplexity_ratio=[math.exp((s - d) / gen) for s, d in zip(nll[mode], nll["dense"])],
+            mean_kl=sum(kl[mode]) / cfg.prompts,
+            window_kl=kl[mode],
+            miss_margins=[round(m, 4) for m in margins[mode]],
         )
     return ContextResult(
         context=context, dense_perplexity=math.exp(mean_nll["dense"]),

@@ -30,36 +30,57 @@ def prefill(runner: ReferenceRunner, prompt: torch.Tensor, extra_tokens: int) ->
     return Prefilled(cache, prompt.numel(), logits)
 
 
+@dataclass(frozen=True)
+class Forced:
+    """One teacher-forced pass: per position, the argmax, the target's NLL and the KL to a reference."""
+
+    argmax: list[int]
+    nll: list[float]
+    kl: list[float]  # KL(reference || this run) per position; empty without a reference
+
+
 def greedy(
     runner: ReferenceRunner, pre: Prefilled, steps: int, policy: SelectionPolicy,
-    observer: SelectionObserver | None = None,
+    observer: SelectionObserver | None = None, logprobs: list[torch.Tensor] | None = None,
 ) -> list[int]:
-    """Greedy continuation of ``steps`` tokens decoded under ``policy``."""
+    """Greedy continuation of ``steps`` tokens decoded under ``policy``.
+
+    ``logprobs`` collects the log-softmax that predicted each token: a dense greedy run is its own
+    teacher-forced pass, so its distributions serve as the KL reference at no extra cost.
+    """
     pre.cache.rewind(pre.length)
     policy.reset()
-    token = int(pre.next_logits.argmax())
-    out = [token]
-    for _ in range(steps - 1):
-        logits = runner.forward(pre.cache, torch.tensor([token]), policy=policy, observer=observer)
-        token = int(logits[-1].argmax())
-        out.append(token)
+    logits = pre.next_logits
+    out = []
+    for i in range(steps):
+        if logprobs is not None:
+            logprobs.append(torch.log_softmax(logits.float(), dim=-1))
+        out.append(int(logits.argmax()))
+        if i + 1 < steps:
+            logits = runner.forward(pre.cache, torch.tensor([out[-1]]), policy=policy, observer=observer)[-1]
     return out
 
 
 def teacher_forced(
     runner: ReferenceRunner, pre: Prefilled, targets: list[int], policy: SelectionPolicy,
-) -> tuple[list[int], list[float]]:
-    """Feed ``targets`` one by one; return each position's argmax and the NLL of its target."""
+    reference: list[torch.Tensor] | None = None,
+) -> Forced:
+    """Feed ``targets`` one by one: each position's argmax, its target's NLL and, given the
+    reference run's log-probabilities per position, KL(reference || this run)."""
     pre.cache.rewind(pre.length)
     policy.reset()
     logits = pre.next_logits
-    argmax, nll = [], []
+    argmax, nll, kl = [], [], []
     for i, target in enumerate(targets):
+        logp = torch.log_softmax(logits.float(), dim=-1)
         argmax.append(int(logits.argmax()))
-        nll.append(float(-torch.log_softmax(logits, dim=-1)[target]))
+        nll.append(float(-logp[target]))
+        if reference is not None:
+            ref = reference[i]
+            kl.append(float((ref.exp() * (ref - logp)).sum()))
         if i + 1 < len(targets):
             logits = runner.forward(pre.cache, torch.tensor([target]), policy=policy)[-1]
-    return argmax, nll
+    return Forced(argmax, nll, kl)
 
 
 def first_divergence(a: list[int], b: list[int]) -> int:
