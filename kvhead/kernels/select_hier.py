@@ -38,17 +38,19 @@ import triton
 import triton.language as tl
 
 from kvhead.bounds_compact import CompactBounds, check_hier_args
-from kvhead.kernels.box_score import box_scores, box_scores_mma, query_digits
 from kvhead.kernels.select import (
     _select_kernel,
     radix_bits,
     select_cands,
 )
+from kvhead.kernels.select_one import OneShape, default_shape, launch_one
+from kvhead.kernels.select_tiles import cand_tile_scores, group_digits, super_tile_scores
 
 TILE = 32  # boxes per scoring chunk: 8 KiB of int8 bounds at head dim 128
 LARGE_GRID = 4096  # candidate tiles from which a program takes two (see _chunks)
 FUSE_MAX_PROGRAMS = 256  # above this many candidate tiles the first level gets its own launch
 MMA_MIN_BOXES = 32768  # boxes in the first scoring pass from which tensor cores score them
+ONE_MAX_ROWS = 64  # rows (sequences x KV heads) up to which one launch serves (see auto_layout)
 
 
 @dataclass(frozen=True)
@@ -67,83 +69,6 @@ class Scoring:
 
 
 DEFAULT_SCORING = Scoring()
-
-
-@triton.jit
-def _score_tile(q_ptr, stride_qh, h, qmin_ptr, qmax_ptr, box, scale, offs_d, d_mask, mask,
-                pos, neg, row_scale, GROUP: tl.constexpr, GP: tl.constexpr,
-                MMA: tl.constexpr, BLOCK: tl.constexpr):
-    """Scores of one tile of boxes (row offsets ``box``) by the chosen arithmetic."""
-    qmax = tl.load(qmax_ptr + box[:, None] + offs_d[None, :], mask=mask, other=0)
-    qmin = tl.load(qmin_ptr + box[:, None] + offs_d[None, :], mask=mask, other=0)
-    if MMA:
-        best = box_scores_mma(pos, neg, row_scale, qmin, qmax, scale, GROUP, GP, BLOCK)
-    else:
-        best = box_scores(q_ptr, stride_qh, h, qmin.to(tl.float32), qmax.to(tl.float32), scale,
-                          offs_d, d_mask, GROUP)
-    return best
-
-
-@triton.jit
-def _digits(q_ptr, stride_qh, h, offs_d, d_mask, GROUP: tl.constexpr, GP: tl.constexpr,
-            MMA: tl.constexpr):
-    """The query's int8 digit rows when scoring on tensor cores (placeholders otherwise)."""
-    if MMA:
-        pos, neg, row_scale = query_digits(q_ptr, stride_qh, h, offs_d, d_mask, GROUP, GP)
-    else:  # one return statement: compiled Triton wants equal types on every return
-        pos = tl.zeros([1], tl.int8)
-        neg = pos
-        row_scale = tl.zeros([1], tl.float32)
-    return pos, neg, row_scale
-
-
-@triton.jit
-def super_tile_scores(
-    q_ptr, qmin_ptr, qmax_ptr, scale_ptr, scores_ptr, b, h, bh, offs_s, num_groups,
-    num_groups_max, stride_qh, stride_mb, stride_mh, stride_ms, stride_sb, stride_sh,
-    stride_sr, offs_d, d_mask, pos, neg, row_scale,
-    GROUP: tl.constexpr, GP: tl.constexpr, MMA: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    """Score super-pages ``offs_s`` of row ``bh`` (newest forced) into ``scores``."""
-    valid = offs_s < num_groups
-    box = (b.to(tl.int64) * stride_mb + h * stride_mh + offs_s.to(tl.int64) * stride_ms)
-    scale = tl.load(scale_ptr + b.to(tl.int64) * stride_sb + h * stride_sh + offs_s,
-                    mask=valid, other=0.0)
-    best = _score_tile(q_ptr, stride_qh, h, qmin_ptr, qmax_ptr, box, scale, offs_d, d_mask,
-                       valid[:, None] & d_mask[None, :], pos, neg, row_scale, GROUP, GP, MMA,
-                       BLOCK_S)
-    best = tl.where(valid, best, float("-inf"))
-    best = tl.where(offs_s == num_groups - 1, float("inf"), best)
-    tl.store(scores_ptr + bh * stride_sr + offs_s, best, mask=offs_s < num_groups_max)
-
-
-@triton.jit
-def cand_tile_scores(
-    q_ptr, qmin_ptr, qmax_ptr, scale_ptr, table_ptr, sup_ptr, cand_ptr, b, h, bh, offs_c,
-    num_cand, num_pages, group, stride_qh, stride_mb, stride_mh, stride_sb, stride_tb,
-    stride_ur, stride_cr, offs_d, d_mask, pos, neg, row_scale,
-    GROUP: tl.constexpr, GP: tl.constexpr, MMA: tl.constexpr, FLAT: tl.constexpr,
-    TILE_C: tl.constexpr,
-):
-    """Score candidate slots ``offs_c`` (pages of the chosen super-pages, or every page when
-    ``FLAT``) through the block table; newest page forced."""
-    in_range = offs_c < num_cand
-    if FLAT:
-        page = offs_c.to(tl.int64)
-        valid = in_range & (page < num_pages)
-    else:
-        sup = tl.load(sup_ptr + bh * stride_ur + offs_c // group, mask=in_range, other=-1)
-        page = sup * group + offs_c % group
-        valid = in_range & (sup >= 0) & (page < num_pages)
-    block = tl.load(table_ptr + b * stride_tb + page, mask=valid, other=0)
-    block = tl.maximum(block, 0).to(tl.int64)
-    scale = tl.load(scale_ptr + block * stride_sb + h, mask=valid, other=0.0)
-    best = _score_tile(q_ptr, stride_qh, h, qmin_ptr, qmax_ptr, block * stride_mb + h * stride_mh,
-                       scale, offs_d, d_mask, valid[:, None] & d_mask[None, :], pos, neg,
-                       row_scale, GROUP, GP, MMA, TILE_C)
-    best = tl.where(valid, best, float("-inf"))
-    best = tl.where(valid & (page == num_pages - 1), float("inf"), best)
-    tl.store(cand_ptr + bh * stride_cr + offs_c, best, mask=in_range)
 
 
 @triton.jit
@@ -171,7 +96,7 @@ def _super_score_kernel(
     d_mask = offs_d < head_dim
     num_groups = (tl.load(num_pages_ptr + b) + group - 1) // group
     q_row = q_ptr + b * stride_qb
-    pos, neg, row_scale = _digits(q_row, stride_qh, h, offs_d, d_mask, GROUP, GP, MMA)
+    pos, neg, row_scale = group_digits(q_row, stride_qh, h, offs_d, d_mask, GROUP, GP, MMA)
     for step in tl.range(0, STEPS, num_stages=STAGES):
         offs_s = (tl.program_id(1) * STEPS + step) * BLOCK_S + tl.arange(0, BLOCK_S)
         super_tile_scores(q_row, qmin_ptr, qmax_ptr, scale_ptr, scores_ptr, b, h, bh, offs_s,
@@ -204,7 +129,7 @@ def _cand_kernel(
         select_super(sup_scores_ptr, sup_ptr, bh, num_groups_max, num_super, stride_gr,
                      stride_ur, BLOCK_S, BLOCK_M, BITS)
         tl.debug_barrier()
-    pos, neg, row_scale = _digits(q_row, stride_qh, h, offs_d, d_mask, GROUP, GP, MMA)
+    pos, neg, row_scale = group_digits(q_row, stride_qh, h, offs_d, d_mask, GROUP, GP, MMA)
     for chunk in tl.static_range(CHUNKS):
         offs_c = (tl.program_id(1) * CHUNKS + chunk) * TILE_C + tl.arange(0, TILE_C)
         cand_tile_scores(q_row, qmin_ptr, qmax_ptr, scale_ptr, table_ptr, sup_ptr, cand_ptr, b,
@@ -228,14 +153,17 @@ class Plan:
 
     ``layout``: "fused" repeats the first level inside every candidate program (3 launches);
     "split" gives it its own launch (4). Flat selection has no first level: both are its 2
-    launches. ``scoring``: see :class:`Scoring`.
+    launches. "one": a single launch whose last program per row merges
+    (:mod:`kvhead.kernels.select_one`, shaped by ``one``). ``scoring``: see :class:`Scoring`
+    (multi-launch layouts).
     """
 
     layout: str | None = None
     scoring: Scoring | None = None
+    one: OneShape | None = None
 
     def __post_init__(self) -> None:
-        if self.layout not in (None, "fused", "split"):
+        if self.layout not in (None, "fused", "split", "one"):
             raise ValueError(f"unknown layout {self.layout!r}")
 
 
@@ -290,8 +218,11 @@ def _chunks(rows: int, tiles: int) -> int:
 
 
 def auto_layout(rows: int, cand_tiles: int) -> str:
-    """Multi-launch layout by grid size: the first level inside the candidate programs while
-    the grid is small, in its own launch above (the repeats would cost more than a launch)."""
+    """Layout by grid size: one launch while the rows cannot fill the GPU (latency-bound);
+    above, the first level inside the candidate programs while the grid is small, in its own
+    launch beyond (the repeats would cost more than a launch)."""
+    if rows <= ONE_MAX_ROWS:
+        return "one"
     return "fused" if rows * cand_tiles <= FUSE_MAX_PROGRAMS else "split"
 
 
@@ -330,6 +261,11 @@ def _launch(
     tiles = triton.cdiv(num_cand, TILE)
     common = {"GROUP": gqa, "GP": gp, "MMA": mma, "BLOCK_D": block_d}
     layout = plan.layout or auto_layout(rows, tiles)
+    if layout == "one":
+        launch_one(query, sq, pq, block_table, num_pages, ids, sup_ids, cand, num_first=groups,
+                   top_first=k if flat else m, top_k=k, group=group, flat=flat,
+                   shape=plan.one or default_shape(groups), GROUP=gqa, GP=gp, BLOCK_D=block_d)
+        return ids, sup_ids.view(batch, num_kv_heads, m)
     block_s = 1 if flat else triton.next_power_of_2(groups)
     block_n = triton.next_power_of_2(num_cand)
     if not flat:
