@@ -45,18 +45,22 @@ def group_digits(q_ptr, stride_qh, h, offs_d, d_mask, GROUP: tl.constexpr, GP: t
 
 @triton.jit
 def super_tile_best(
-    q_ptr, qmin_ptr, qmax_ptr, scale_ptr, b, h, offs_s, num_groups, stride_qh, stride_mb,
-    stride_mh, stride_ms, stride_sb, stride_sh, offs_d, d_mask, pos, neg, row_scale,
+    q_ptr, qmin_ptr, qmax_ptr, scale_ptr, b, h, offs_s, num_groups, bound, stride_qh,
+    stride_mb, stride_mh, stride_ms, stride_sb, stride_sh, offs_d, d_mask, pos, neg, row_scale,
     GROUP: tl.constexpr, GP: tl.constexpr, MMA: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Scores of super-pages ``offs_s`` of row (b, h): -inf past the sequence, newest +inf."""
+    """Scores of super-pages ``offs_s`` of row (b, h): -inf past the sequence, newest +inf.
+
+    Boxes are read below ``bound``: ``num_groups`` reads only the sequence's; the row's width
+    lets the loads start before the page count arrives (latency-bound callers)."""
     valid = offs_s < num_groups
+    loaded = offs_s < bound
     box = (b.to(tl.int64) * stride_mb + h * stride_mh + offs_s.to(tl.int64) * stride_ms)
     scale = tl.load(scale_ptr + b.to(tl.int64) * stride_sb + h * stride_sh + offs_s,
-                    mask=valid, other=0.0)
+                    mask=loaded, other=0.0)
     best = score_tile(q_ptr, stride_qh, h, qmin_ptr, qmax_ptr, box, scale, offs_d, d_mask,
-                       valid[:, None] & d_mask[None, :], pos, neg, row_scale, GROUP, GP, MMA,
-                       BLOCK_S)
+                      loaded[:, None] & d_mask[None, :], pos, neg, row_scale, GROUP, GP, MMA,
+                      BLOCK_S)
     best = tl.where(valid, best, float("-inf"))
     return tl.where(offs_s == num_groups - 1, float("inf"), best)
 
@@ -70,9 +74,27 @@ def super_tile_scores(
 ):
     """Score super-pages ``offs_s`` of row ``bh`` (newest forced) into ``scores``."""
     best = super_tile_best(q_ptr, qmin_ptr, qmax_ptr, scale_ptr, b, h, offs_s, num_groups,
-                           stride_qh, stride_mb, stride_mh, stride_ms, stride_sb, stride_sh,
-                           offs_d, d_mask, pos, neg, row_scale, GROUP, GP, MMA, BLOCK_S)
+                           num_groups, stride_qh, stride_mb, stride_mh, stride_ms, stride_sb,
+                           stride_sh, offs_d, d_mask, pos, neg, row_scale, GROUP, GP, MMA,
+                           BLOCK_S)
     tl.store(scores_ptr + bh * stride_sr + offs_s, best, mask=offs_s < num_groups_max)
+
+
+@triton.jit
+def block_tile_best(
+    q_ptr, qmin_ptr, qmax_ptr, scale_ptr, block, h, page, loaded, valid, num_pages,
+    stride_qh, stride_mb, stride_mh, stride_sb, offs_d, d_mask, pos, neg, row_scale,
+    GROUP: tl.constexpr, GP: tl.constexpr, MMA: tl.constexpr, TILE: tl.constexpr,
+):
+    """Scores of pages ``page`` held in blocks ``block`` (boxes read where ``loaded``):
+    -inf where not ``valid``, the newest page +inf."""
+    block = tl.maximum(block, 0).to(tl.int64)
+    scale = tl.load(scale_ptr + block * stride_sb + h, mask=loaded, other=0.0)
+    best = score_tile(q_ptr, stride_qh, h, qmin_ptr, qmax_ptr, block * stride_mb + h * stride_mh,
+                      scale, offs_d, d_mask, loaded[:, None] & d_mask[None, :], pos, neg,
+                      row_scale, GROUP, GP, MMA, TILE)
+    best = tl.where(valid, best, float("-inf"))
+    return tl.where(valid & (page == num_pages - 1), float("inf"), best)
 
 
 @triton.jit
@@ -94,13 +116,9 @@ def cand_tile_best(
         page = sup * group + offs_c % group
         valid = in_range & (sup >= 0) & (page < num_pages)
     block = tl.load(table_ptr + b * stride_tb + page, mask=valid, other=0)
-    block = tl.maximum(block, 0).to(tl.int64)
-    scale = tl.load(scale_ptr + block * stride_sb + h, mask=valid, other=0.0)
-    best = score_tile(q_ptr, stride_qh, h, qmin_ptr, qmax_ptr, block * stride_mb + h * stride_mh,
-                       scale, offs_d, d_mask, valid[:, None] & d_mask[None, :], pos, neg,
-                       row_scale, GROUP, GP, MMA, TILE_C)
-    best = tl.where(valid, best, float("-inf"))
-    return tl.where(valid & (page == num_pages - 1), float("inf"), best)
+    return block_tile_best(q_ptr, qmin_ptr, qmax_ptr, scale_ptr, block, h, page, valid, valid,
+                           num_pages, stride_qh, stride_mb, stride_mh, stride_sb, offs_d,
+                           d_mask, pos, neg, row_scale, GROUP, GP, MMA, TILE_C)
 
 
 @triton.jit
