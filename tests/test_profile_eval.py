@@ -130,7 +130,9 @@ def test_coverage_curves_rise_to_one_and_drive_budgets(tiny):
     cfg = EvalConfig(contexts=[320], gen_tokens=12, top_k=4, page_size=8, rerank_interval=4,
                      passkey_depths=[0.2], modes=["flexicache", "flexicache+"], prompts=2,
                      options=SelectionOptions(head_budgets=True))
-    (result,) = evaluate(runner, tok, profile, cfg, model="tiny").results
+    report = evaluate(runner, tok, profile, cfg, model="tiny")
+    assert report.coverage == cov.model_dump(exclude={"mass"})  # which calibration set the budgets
+    (result,) = report.results
     spec, adaptive = result.modes["flexicache"], result.modes["flexicache+"]
     assert spec.scored_tokens == adaptive.scored_tokens == 24
     p = spec.token_agreement

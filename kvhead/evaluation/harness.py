@@ -174,6 +174,10 @@ class EvalReport(BaseModel):
     config: EvalConfig
     unstable_fraction: float
     device: str = Field(default="cpu", description="torch device the runner decoded on.")
+    coverage: dict | None = Field(
+        default=None, description="The profile's coverage calibration (curves left out) that set "
+        "head budgets: which context and corpus windows the budgets were fitted on.",
+    )
     load_average: list[float] = Field(
         default_factory=list, description="Host 1/5/15-minute load when the run ended."
     )
@@ -322,6 +326,8 @@ def evaluate(
         model=model, model_fingerprint=profile.model_fingerprint, config=cfg,
         unstable_fraction=len(profile.unstable) / (profile.num_layers * profile.num_kv_heads),
         device=str(runner.device), results=[],
+        coverage=profile.coverage.model_dump(exclude={"mass"})
+        if cfg.options.head_budgets and profile.coverage is not None else None,
     )
     for context in cfg.contexts:
         report.results.append(evaluate_context(runner, tokenizer, profile, cfg, context))
