@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from vllm_tiny import ENGINE_ENV, random_profile, random_prompts
 
 from kvhead.models.tiny import build_tiny_llama
-from kvhead.stability import HeadProfile, model_fingerprint
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "vllm_agreement.py"
-ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-ENV.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the fixed kv_cache_memory_bytes
 GEN = 20
 
 
@@ -26,7 +23,7 @@ def _worker(tmp: Path, mode: str, model: Path, prompts: Path, *extra: str) -> di
     cmd = [sys.executable, str(SCRIPT), "worker", mode, str(model), str(prompts), str(out),
            "--gen", str(GEN), "--block-size", "32", "--max-model-len", "512",
            "--kv-cache-bytes", str(16 * 2**20), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENGINE_ENV, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -34,16 +31,9 @@ def _worker(tmp: Path, mode: str, model: Path, prompts: Path, *extra: str) -> di
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("agreement")
-    model = build_tiny_llama(tmp / "tiny", num_layers=2, num_q_heads=4, num_kv_heads=2,
-                             head_dim=32, hidden=64)
-    gen = torch.Generator().manual_seed(2)
-    prompts = tmp / "prompts.json"
-    prompts.write_text(json.dumps(
-        [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (70, 180)]))
-    scores = torch.rand(2, 2, generator=torch.Generator().manual_seed(0))
-    profile = HeadProfile.from_scores(
-        scores, fraction=0.5, per_layer=True, model_fingerprint=model_fingerprint(model),
-        page_size=32, top_k=2, window=4).save(tmp / "profile.json")
+    model = build_tiny_llama(tmp / "tiny")
+    prompts = random_prompts(tmp / "prompts.json", (70, 180), seed=2)
+    profile = random_profile(model, tmp / "profile.json", 2, 2, fraction=0.5)
     runs = tmp / "runs"
     runs.mkdir()
     stock = _worker(runs, "stock", model, prompts)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -12,24 +11,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
+from vllm_tiny import ENGINE_ENV, random_profile, random_prompts
 
 from kvhead.models.tiny import build_tiny_llama
-from kvhead.stability import HeadProfile, model_fingerprint
 
 pytestmark = pytest.mark.slow
 KV_BYTES = 16 * 2**20  # one fixed KV budget for stock and kvhead runs
-ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-ENV.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override the fixed kv_cache_memory_bytes
-
-
-def _profile(model_dir: Path, path: Path, num_layers: int, num_kv_heads: int,
-             fraction: float) -> Path:
-    scores = torch.rand(num_layers, num_kv_heads, generator=torch.Generator().manual_seed(0))
-    return HeadProfile.from_scores(
-        scores, fraction=fraction, per_layer=True, model_fingerprint=model_fingerprint(model_dir),
-        page_size=32, top_k=2, window=4,
-    ).save(path)
 
 
 def _generate(tmp: Path, name: str, model: Path, prompts: Path, kvhead: dict | None = None,
@@ -43,7 +30,7 @@ def _generate(tmp: Path, name: str, model: Path, prompts: Path, kvhead: dict | N
         settings = tmp / f"{name}-settings.json"
         settings.write_text(json.dumps(kvhead))
         cmd += ["--kvhead", str(settings)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENGINE_ENV, timeout=900, check=False)
     if not check:
         return proc
     assert proc.returncode == 0, "\n".join(
@@ -54,13 +41,9 @@ def _generate(tmp: Path, name: str, model: Path, prompts: Path, kvhead: dict | N
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("engine")
-    model = build_tiny_llama(tmp / "tiny", num_layers=2, num_q_heads=4, num_kv_heads=2,
-                             head_dim=32, hidden=64)
-    prompts = tmp / "prompts.json"
-    gen = torch.Generator().manual_seed(1)
-    prompts.write_text(json.dumps(
-        [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (40, 77, 150)]))
-    profile = _profile(model, tmp / "profile.json", 2, 2, fraction=0.5)
+    model = build_tiny_llama(tmp / "tiny")
+    prompts = random_prompts(tmp / "prompts.json", (40, 77, 150), seed=1)
+    profile = random_profile(model, tmp / "profile.json", 2, 2, fraction=0.5)
     stock = _generate(tmp, "stock", model, prompts, None, "--dtype", "float32",
                       "--max-tokens", "24")
     return {"tmp": tmp, "model": model, "prompts": prompts, "profile": profile, "stock": stock}
@@ -98,7 +81,7 @@ def test_sparse_selection_moves_only_promoted_pages(tiny: dict) -> None:
 def test_profile_of_another_model_stops_startup(tiny: dict) -> None:
     other = build_tiny_llama(tiny["tmp"] / "other", num_layers=2, num_q_heads=4, num_kv_heads=2,
                              head_dim=32, hidden=128)
-    wrong = _profile(other, tiny["tmp"] / "wrong.json", 2, 2, fraction=0.5)
+    wrong = random_profile(other, tiny["tmp"] / "wrong.json", 2, 2, fraction=0.5)
     proc = _generate(tiny["tmp"], "wrong", tiny["model"], tiny["prompts"],
                      {"profile": str(wrong)}, check=False)
     assert proc.returncode != 0
@@ -128,7 +111,7 @@ def test_openai_server_with_plugin_matches_stock_tokens(tiny: dict) -> None:
            "--additional-config", json.dumps({"kvhead": settings})]
     log = tiny["tmp"] / "server.log"
     with log.open("w") as sink:
-        server = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=ENV)
+        server = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=ENGINE_ENV)
     try:
         _wait_ready(port, server, log)
         prompt = json.loads(tiny["prompts"].read_text())[0]
