@@ -1,0 +1,227 @@
+"""Rerank selection cost on the GPU (issue #5: "scoring + top-K amortised over R = 16 steps
+< 10% of a sparse decode step"), per launch plan, every plan checked against the reference.
+
+For each (context, batch, K), Llama-8B attention shape, int8 page bounds of random bf16 keys:
+the sparse decode step (the denominator) and the fp32 flat selection (the "before"), then
+int8 flat and two-level (super-pages of 8, 4K candidates) selection, each in the multi-launch
+layout and in one-launch shapes (``kvhead.kernels.select_one``) at batches up to 8. "auto"
+is the plan ``kernels.select_pages`` takes at that size, looked up among the measured plans.
+Times are medians of CUDA-graph replays over 8 rotating input sets.
+
+Run: ``PYTHONPATH=. python benchmarks/gpu_select.py`` (``--quick``: tiny sizes, also under
+``TRITON_INTERPRET=1`` on CPU). Writes ``benchmarks/results/gpu_select.json`` and ``.md``
+(after every size, so a cut-off run keeps what it measured). Exits 1 if a check failed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import typer
+from gpu_kernels import (
+    NUM_KV,
+    RERANK_INTERVAL,
+    ROTATIONS,
+    Checks,
+    PagedProblem,
+    random_selection,
+    score_set_gap,
+)
+from rich.console import Console
+
+from kvhead import kernels
+from kvhead.bounds_compact import (
+    DEFAULT_GROUP,
+    CompactBounds,
+    build_super_bounds,
+    default_num_super,
+    flat_select,
+    plan_selection,
+    score_compact_pages,
+    select_in_super_pages,
+    select_super_pages,
+    super_page_scores,
+)
+from kvhead.kernels.select_hier import (
+    FUSE_MAX_PROGRAMS,
+    TILE,
+    Plan,
+    auto_layout,
+    hier_select_stages,
+)
+from kvhead.kernels.select_hier import flat_select as kernel_flat
+from kvhead.kernels.select_one import OneShape, default_shape
+from kvhead.kernels.timing import graph_ms
+from kvhead.pages import PageBounds
+
+PLANS: dict[str, OneShape | None] = {  # None: the multi-launch layout (pre-existing rule)
+    "multi": None,
+    "one fp32 t64 c64": OneShape(64, 64, mma=False),
+    "one mma t64 c256": OneShape(64, 256, mma=True),
+    "one mma t128 c256": OneShape(128, 256, mma=True),
+}
+ONE_MAX_BATCH = 8  # one-launch plans are timed up to this batch
+console = Console()
+app = typer.Typer(add_completion=False)
+
+
+def plan_of(name: str, rows: int, cand_tiles: int) -> Plan:
+    shape = PLANS[name]
+    if shape is None:
+        return Plan("fused" if rows * cand_tiles <= FUSE_MAX_PROGRAMS else "split")
+    return Plan("one", one=shape)
+
+
+def auto_name(rows: int, num_first: int, num_cand: int) -> str:
+    """The measured plan that ``kernels.select_pages`` runs at this size ("unmeasured" if its
+    shape is none of PLANS)."""
+    if auto_layout(rows, -(-num_cand // TILE)) != "one":
+        return "multi"
+    shape = default_shape(num_first)
+    return next((n for n, s in PLANS.items() if s == shape), "unmeasured")
+
+
+def bench_point(ctx: int, batch: int, top_ks: list[int], checks: Checks, device: torch.device,
+                gen: torch.Generator, rotations: int) -> list[dict]:
+    prob = PagedProblem.random(ctx, batch, device, gen, rotations)
+    k_cache, table, num_pages, queries = prob.k_cache, prob.table, prob.num_pages, prob.queries
+    max_pages, rows = prob.max_pages, batch * NUM_KV
+    bounds = PageBounds(kmin=k_cache.amin(dim=1).float(), kmax=k_cache.amax(dim=1).float())
+    pages = CompactBounds.from_pages(bounds)
+    supers = build_super_bounds(bounds, table, num_pages, DEFAULT_GROUP)
+    clone = lambda c: CompactBounds(c.qmin.clone(), c.qmax.clone(), c.scale.clone())
+    page_sets = [pages] + [clone(pages) for _ in range(rotations - 1)]
+    super_sets = [supers] + [clone(supers) for _ in range(rotations - 1)]
+    forced = score_compact_pages(queries[0], pages, table, num_pages)
+    forced[:, :, max_pages - 1] = float("inf")
+    finite = forced[forced.isfinite()].abs().max().item()
+    sup_scores = super_page_scores(queries[0], supers, num_pages, DEFAULT_GROUP)
+    sup_finite = sup_scores[sup_scores.isfinite()].abs().max().item()
+    names = [n for n in PLANS if PLANS[n] is None or batch <= ONE_MAX_BATCH]
+    out = []
+    for top_k in top_ks:
+        tag = f"ctx={ctx} B={batch} K={top_k}"
+        sels = [random_selection(gen, max_pages, batch, top_k, device) for _ in range(rotations)]
+        sparse_ms = prob.sparse_ms(sels)
+        fp32_ms = graph_ms([(lambda q=q, k=top_k: kernels.score_and_select(
+            q, bounds, table, num_pages, k)) for q in queries])
+        num_super = default_num_super(top_k, DEFAULT_GROUP)
+        row = {"ctx": ctx, "batch": batch, "top_k": top_k, "sparse_ms": sparse_ms,
+               "flat_fp32_ms": fp32_ms, "flat": {}, "hier": {}, "num_super": num_super}
+        ref_flat = flat_select(queries[0], pages, table, num_pages, top_k)
+        ref_sup = select_super_pages(queries[0], supers, num_pages, DEFAULT_GROUP, num_super)
+        for name in names:
+            flat_plan = plan_of(name, rows, -(-max_pages // TILE))
+            got = kernel_flat(queries[0], pages, table, num_pages, top_k, plan=flat_plan)
+            checks.true(f"flat {name} {tag}: ids valid, counts equal",
+                        bool(((got >= 0) & (got < max_pages)).all())
+                        and torch.equal((got >= 0).sum(2), (ref_flat >= 0).sum(2)))
+            checks.bound(f"flat {name} {tag}: score sets", score_set_gap(forced, got, ref_flat),
+                         1e-5 * finite + 1e-3)
+            ms = graph_ms([(lambda q=q, p=p, k=top_k, pl=flat_plan: kernel_flat(
+                q, p, table, num_pages, k, plan=pl)) for q, p in zip(queries, page_sets)])
+            row["flat"][name] = ms
+            hier_plan = plan_of(name, rows, -(-num_super * DEFAULT_GROUP // TILE))
+            got, got_sup = hier_select_stages(queries[0], pages, supers, table, num_pages,
+                                              top_k, DEFAULT_GROUP, num_super, plan=hier_plan)
+            # pages against the reference's second level inside the kernel's super-pages (a
+            # near-tie at the M-th super-page may pick another one of equal score)
+            ref = select_in_super_pages(queries[0], pages, got_sup, table, num_pages, top_k,
+                                        DEFAULT_GROUP)
+            checks.true(f"hier {name} {tag}: ids valid, counts equal",
+                        bool(((got >= 0) & (got < max_pages)).all())
+                        and torch.equal((got >= 0).sum(2), (ref >= 0).sum(2))
+                        and torch.equal((got_sup >= 0).sum(2), (ref_sup >= 0).sum(2)))
+            checks.bound(f"hier {name} {tag}: super-page score sets",
+                         score_set_gap(sup_scores, got_sup, ref_sup), 1e-5 * sup_finite + 1e-3)
+            checks.bound(f"hier {name} {tag}: page score sets", score_set_gap(forced, got, ref),
+                         1e-5 * finite + 1e-3)
+            ms = graph_ms([(lambda q=q, p=p, s=s, k=top_k, m=num_super, pl=hier_plan:
+                            hier_select_stages(q, p, s, table, num_pages, k, DEFAULT_GROUP, m,
+                                               plan=pl))
+                for q, p, s in zip(queries, page_sets, super_sets)])
+            row["hier"][name] = ms
+        two_level = plan_selection(max_pages, top_k) is not None
+        kind = "hier" if two_level else "flat"
+        first = -(-max_pages // DEFAULT_GROUP) if two_level else max_pages
+        cand = num_super * DEFAULT_GROUP if two_level else max_pages
+        row["auto"] = f"{kind} {auto_name(rows, first, cand)}"
+        row["auto_ms"] = row[kind].get(row["auto"].split(" ", 1)[1], float("nan"))
+        row["auto_frac_of_sparse"] = row["auto_ms"] / RERANK_INTERVAL / sparse_ms
+        out.append(row)
+        console.print(f"{tag}: sparse {1e3 * sparse_ms:.1f} us, auto {row['auto']} "
+                      f"{1e3 * row['auto_ms']:.1f} us = "
+                      f"{100 * row['auto_frac_of_sparse']:.1f}%  flat {row['flat']}  "
+                      f"hier {row['hier']}")
+    return out
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    lines = [
+        "## Rerank selection per launch plan (one-launch vs multi-launch)", "",
+        ("Selection time amortised over R = 16 steps as a share of the sparse decode step "
+         "(same K, re-measured here); medians of graph replays over 8 rotating inputs. Flat "
+         "int8: every page scored; two-level: super-pages of 8, top M = K/2, top-K of their "
+         "4K pages. multi: the multi-launch kernels (2 launches flat, 3-4 two-level); one: "
+         "one launch, last program per row merges (shape: tile of first-pass boxes, tensor "
+         "cores or not, candidate step). auto: what `kernels.select_pages` runs. "
+         f"Checks: {result['checks']} run, {result['failed']} failed."), "",
+        ("| ctx | batch | K | sparse us | flat fp32 % | flat int8 us (multi / best one) | "
+         "two-level us (multi / best one) | auto | auto us | **auto %** |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        cells = []
+        for kind in ("flat", "hier"):
+            ones = {n: v for n, v in r[kind].items() if n != "multi"}
+            best = min(ones, key=ones.get) if ones else None
+            one = f"{1e3 * ones[best]:.1f} ({best[4:]})" if best else "-"
+            cells.append(f"{1e3 * r[kind]['multi']:.1f} / {one}")
+        lines.append(
+            f"| {r['ctx']} | {r['batch']} | {r['top_k']} | {1e3 * r['sparse_ms']:.1f} | "
+            f"{100 * r['flat_fp32_ms'] / RERANK_INTERVAL / r['sparse_ms']:.0f} | {cells[0]} | "
+            f"{cells[1]} | {r['auto']} | {1e3 * r['auto_ms']:.1f} | "
+            f"**{100 * r['auto_frac_of_sparse']:.1f}** |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+@app.command()
+def main(
+    quick: bool = typer.Option(False, help="Tiny sizes: a smoke run (works under the interpreter)."),
+    out_dir: str = typer.Option("benchmarks/results", help="Where JSON and markdown go."),
+    contexts: str = typer.Option("8192,32768,131072", help="Comma-separated contexts."),
+    batches: str = typer.Option("1,8,64", help="Comma-separated batch sizes."),
+    top_ks: str = typer.Option("32,64,128", help="Comma-separated K."),
+    seed: int = typer.Option(0, help="Seed of every random input."),
+) -> None:
+    """Check and time every plan at every size; write gpu_select.json / .md."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = "gpu_select_quick" if quick else "gpu_select"
+    gen = torch.Generator(device=device).manual_seed(seed)
+    parse = lambda s: [int(x) for x in s.split(",")]
+    ctxs, bs, ks = ([2048], [1, 2], [4, 16]) if quick else (parse(contexts), parse(batches),
+                                                            parse(top_ks))
+    rotations = 1 if quick else ROTATIONS
+    checks = Checks()
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "seed": seed, "rows": []}
+    for ctx in ctxs:
+        for batch in bs:
+            result["rows"] += bench_point(ctx, batch, ks, checks, device, gen, rotations)
+            result.update(checks=checks.count, failed=len(checks.failed),
+                          failures=checks.failed)
+            (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
+            write_markdown(out_dir / f"{name}.md", result)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    console.print(f"checks: {checks.count} run, failed: {checks.failed or 'none'}")
+    if checks.failed:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()
