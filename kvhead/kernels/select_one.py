@@ -176,18 +176,18 @@ def _one_kernel(
     if arrived == T - 1:
         tl.debug_barrier()
         lane = tl.arange(0, BLOCK_L)
-        chosen, slot, count = _select_mem(loc_score_ptr + bh * stride_lr, T * LOCAL, top_first,
-                                          BLOCK_L, CHUNK_L, RANK_L, BITS_L)
-        first = tl.load(loc_id_ptr + bh * stride_lr + lane, mask=chosen, other=0,
+        win, wslot, wcount = _select_mem(loc_score_ptr + bh * stride_lr, T * LOCAL, top_first,
+                                           BLOCK_L, CHUNK_L, RANK_L, BITS_L)
+        first = tl.load(loc_id_ptr + bh * stride_lr + lane, mask=win, other=0,
                         cache_modifier=".cg").to(tl.int64)
         if FLAT:
-            tl.store(ids_ptr + bh * stride_ir + slot, first, mask=chosen)
-            _pad_ids(ids_ptr + bh * stride_ir, count, top_k, BLOCK_K)
+            tl.store(ids_ptr + bh * stride_ir + wslot, first, mask=win)
+            _pad_ids(ids_ptr + bh * stride_ir, wcount, top_k, BLOCK_K)
         else:
-            tl.store(sup_ptr + bh * stride_ur + slot, first, mask=chosen)
-            _pad_ids(sup_ptr + bh * stride_ur, count, top_first, BLOCK_M)
+            tl.store(sup_ptr + bh * stride_ur + wslot, first, mask=win)
+            _pad_ids(sup_ptr + bh * stride_ur, wcount, top_first, BLOCK_M)
             _second_level(q_row, pqmin_ptr, pqmax_ptr, pscale_ptr, table_ptr, cand_ptr,
-                          cblock_ptr, cpage_ptr, ids_ptr, b, h, bh, first, chosen, slot, count,
+                          cblock_ptr, cpage_ptr, ids_ptr, b, h, bh, first, win, wslot, wcount,
                           num_pages, num_cand, top_k, group, stride_qh, stride_pmb, stride_pmh,
                           stride_psb, stride_tb, stride_cr, stride_ir, offs_d, d_mask, pos, neg,
                           row_scale, GROUP, GP, MMA, BLOCK_G, TILE_C, C_TILES, BLOCK_C,
