@@ -61,6 +61,9 @@ PLANS: dict[str, OneShape | None] = {  # None: the multi-launch layout (pre-exis
     "one fp32 t64 c64": OneShape(64, 64, mma=False),
     "one mma t64 c256": OneShape(64, 256, mma=True),
     "one mma t128 c256": OneShape(128, 256, mma=True),
+    "one fp32 t64 c64 radix": OneShape(64, 64, mma=False, rank=False),
+    "one mma t64 c256 radix": OneShape(64, 256, mma=True, rank=False),
+    "one mma t128 c256 radix": OneShape(128, 256, mma=True, rank=False),
 }
 ONE_MAX_BATCH = 8  # one-launch plans are timed up to this batch
 console = Console()
