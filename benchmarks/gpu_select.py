@@ -22,6 +22,7 @@ import torch
 import typer
 from gpu_kernels import (
     NUM_KV,
+    PAGE,
     RERANK_INTERVAL,
     ROTATIONS,
     Checks,
@@ -77,13 +78,27 @@ def plan_of(name: str, rows: int, cand_tiles: int) -> Plan:
     return Plan("one", one=shape)
 
 
-def auto_name(rows: int, num_first: int, num_cand: int) -> str:
-    """The measured plan that ``kernels.select_pages`` runs at this size ("unmeasured" if its
-    shape is none of PLANS)."""
-    if auto_layout(rows, -(-num_cand // TILE)) != "one":
-        return "multi"
-    shape = default_shape(num_first)
-    return next((n for n, s in PLANS.items() if s == shape), "unmeasured")
+def auto_name(rows: int, max_pages: int, top_k: int) -> str:
+    """The measured plan that ``kernels.select_pages`` runs at this size, as "flat <plan>" or
+    "hier <plan>" ("unmeasured" if its one-launch shape is none of PLANS)."""
+    two_level = plan_selection(max_pages, top_k, rows=rows) is not None
+    k = min(top_k, max_pages)
+    first = -(-max_pages // DEFAULT_GROUP) if two_level else max_pages
+    cand = default_num_super(top_k, DEFAULT_GROUP) * DEFAULT_GROUP if two_level else max_pages
+    kind = "hier" if two_level else "flat"
+    if auto_layout(rows, -(-cand // TILE), flat=not two_level, first_boxes=first,
+                   top_k=k) != "one":
+        return f"{kind} multi"
+    shape = default_shape(cand)
+    return f"{kind} " + next((n for n, s in PLANS.items() if s == shape), "unmeasured")
+
+
+def set_auto(row: dict) -> None:
+    """Fill a row's auto plan and time from its measured plans (current dispatch rules)."""
+    row["auto"] = auto_name(row["batch"] * NUM_KV, row["ctx"] // PAGE, row["top_k"])
+    kind, name = row["auto"].split(" ", 1)
+    row["auto_ms"] = row[kind].get(name, float("nan"))
+    row["auto_frac_of_sparse"] = row["auto_ms"] / RERANK_INTERVAL / row["sparse_ms"]
 
 
 def bench_point(ctx: int, batch: int, top_ks: list[int], checks: Checks, device: torch.device,
@@ -146,13 +161,7 @@ def bench_point(ctx: int, batch: int, top_ks: list[int], checks: Checks, device:
                                                plan=pl))
                 for q, p, s in zip(queries, page_sets, super_sets)])
             row["hier"][name] = ms
-        two_level = plan_selection(max_pages, top_k) is not None
-        kind = "hier" if two_level else "flat"
-        first = -(-max_pages // DEFAULT_GROUP) if two_level else max_pages
-        cand = num_super * DEFAULT_GROUP if two_level else max_pages
-        row["auto"] = f"{kind} {auto_name(rows, first, cand)}"
-        row["auto_ms"] = row[kind].get(row["auto"].split(" ", 1)[1], float("nan"))
-        row["auto_frac_of_sparse"] = row["auto_ms"] / RERANK_INTERVAL / sparse_ms
+        set_auto(row)
         out.append(row)
         console.print(f"{tag}: sparse {1e3 * sparse_ms:.1f} us, auto {row['auto']} "
                       f"{1e3 * row['auto_ms']:.1f} us = "
@@ -198,8 +207,25 @@ def main(
     batches: str = typer.Option("1,8,64", help="Comma-separated batch sizes."),
     top_ks: str = typer.Option("32,64,128", help="Comma-separated K."),
     seed: int = typer.Option(0, help="Seed of every random input."),
+    rebuild: str = typer.Option("", help="Comma-separated result JSONs: measure nothing, merge "
+                                "their rows (later files win), re-derive auto with the current "
+                                "dispatch rules and write <out-dir>/gpu_select.{json,md}."),
 ) -> None:
     """Check and time every plan at every size; write gpu_select.json / .md."""
+    if rebuild:
+        merged: dict = {}
+        runs = [json.loads(Path(f).read_text()) for f in rebuild.split(",")]
+        for run in runs:
+            for row in run["rows"]:
+                set_auto(row)
+                merged[(row["ctx"], row["batch"], row["top_k"])] = row
+        result = {"device": runs[-1]["device"], "sources": rebuild.split(","),
+                  "rows": [merged[key] for key in sorted(merged, key=lambda t: (t[0], t[1], t[2]))],
+                  "checks": sum(r["checks"] for r in runs),
+                  "failed": sum(r["failed"] for r in runs)}
+        Path(out_dir, "gpu_select.json").write_text(json.dumps(result, indent=1))
+        write_markdown(Path(out_dir, "gpu_select.md"), result)
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,12 @@ DEFAULT_CANDIDATES_PER_K = 4
 # first level saves few bytes and costs one more launch and a second radix select. Set from the
 # H200 timings in benchmarks/results/gpu_kernels.md (two-level section).
 FLAT_MAX_PAGES = 1024
+# Pages of all rows (sequences x KV heads) up to which the flat selection runs however long the
+# rows: a small batch leaves the GPU idle, and the flat one-launch kernel beat two levels there
+# (H200, 32k tokens = 2048 pages, batch 1 = 8 rows: 11.6 / 13.0 / 14.3 us for K = 32 / 64 / 128
+# against 13.6 / 14.3 / 15.5 us; at batch 8 flat took 28.7 us against 18.1;
+# benchmarks/results/gpu_select_run2.json). Flat is also the better selection (every page).
+FLAT_MAX_BOXES = 16384
 QMAX = 127  # symmetric int8 grid; -128 is never used, so negation stays on the grid
 _SCALE_PAD = 1.0 + 2.0**-20  # makes 127 * scale > max |bound| despite fp32 rounding
 
@@ -103,14 +109,18 @@ def default_num_super(top_k: int, group: int = DEFAULT_GROUP,
 
 def plan_selection(max_pages: int, top_k: int, group: int = DEFAULT_GROUP,
                    candidates_per_k: int = DEFAULT_CANDIDATES_PER_K,
-                   flat_max_pages: int = FLAT_MAX_PAGES) -> int | None:
+                   flat_max_pages: int = FLAT_MAX_PAGES, rows: int | None = None,
+                   flat_max_boxes: int = FLAT_MAX_BOXES) -> int | None:
     """Super-pages to keep for a two-level selection over ``max_pages`` pages, or None: flat.
 
-    Flat when the pages per head are few, or when the kept super-pages would hold every page
-    anyway (the two-level result would then equal the flat one at more cost).
+    Flat when the pages per head are few, when the kept super-pages would hold every page
+    anyway (the two-level result would then equal the flat one at more cost), or when
+    ``rows`` (sequences x KV heads, if given) times the pages are at most ``flat_max_boxes``.
     """
     num_super = default_num_super(top_k, group, candidates_per_k)
     if max_pages <= flat_max_pages or num_super * group >= max_pages:
+        return None
+    if rows is not None and rows * max_pages <= flat_max_boxes:
         return None
     return num_super
 

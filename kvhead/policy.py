@@ -34,6 +34,7 @@ from enum import Enum
 
 import torch
 
+from kvhead.bounds_live import LiveBounds
 from kvhead.pages import (
     PAD,
     PageBounds,
@@ -48,21 +49,32 @@ from kvhead.pages import (
 def _score_and_select(
     query: torch.Tensor, bounds: PageBounds, block_table: torch.Tensor, num_pages: torch.Tensor,
     top_k: int | torch.Tensor, kv_heads: torch.Tensor | None = None, *, sink_pages: int = 0,
-    recent_pages: int = 1, group_score: str = "max",
+    recent_pages: int = 1, group_score: str = "max", live: LiveBounds | None = None,
+    use_kernels: bool | None = None,
 ) -> torch.Tensor:
     """Top-K page ids ``[B, Hkv, K]``; heads outside ``kv_heads`` (when given) get all -1.
 
-    Fused Triton scoring + top-K on CUDA (which scores every head: it is cheap there) for the
-    spec's selection; the torch reference elsewhere, and for the options the kernel lacks
-    (sink/window pages, softmax group scores, per-head budgets ``top_k [Hkv]``). The reference
-    reads only the bounds of the heads asked for.
+    Triton kernels (``use_kernels``; default: on CUDA tensors) for the spec's selection: from
+    ``live`` int8 bounds when given (``kernels.select_pages``: flat or two-level by size),
+    else fused fp32 scoring + top-K; both score every head (cheap there), and the heads not
+    asked for are blanked after. The torch reference elsewhere, and for the options the kernels
+    lack (sink/window pages, softmax group scores, per-head budgets ``top_k [Hkv]``); it reads
+    only the bounds of the heads asked for, always the fp32 ``bounds``.
     """
     per_head = isinstance(top_k, torch.Tensor)
     spec = sink_pages == 0 and recent_pages == 1 and group_score == "max" and not per_head
-    if query.is_cuda and spec:
-        from kvhead.kernels import score_and_select
+    if spec and (query.is_cuda if use_kernels is None else use_kernels):
+        from kvhead import kernels
 
-        return score_and_select(query, bounds, block_table, num_pages, top_k)
+        if live is None:
+            ids = kernels.score_and_select(query, bounds, block_table, num_pages, top_k)
+        else:
+            ids = kernels.select_pages(query, live.pages, live.supers, block_table, num_pages,
+                                       top_k, group=live.group)
+        if kv_heads is not None:
+            asked = torch.zeros(ids.shape[1], dtype=torch.bool, device=ids.device)
+            ids = ids.masked_fill(~asked.index_fill(0, kv_heads, True).view(1, -1, 1), PAD)
+        return ids
     forced = {"sink_pages": sink_pages, "recent_pages": recent_pages}
     if kv_heads is not None and kv_heads.numel() == 0:
         width = min(int(top_k.max()) if per_head else top_k, block_table.shape[1])
@@ -159,11 +171,13 @@ class SelectionPolicy:
     unstable_dense: bool = False  # flexicache: unstable heads attend to every (resident) page
     group_score: str = "max"  # "max" over the GQA group (spec) or "softmax" (see score_pages)
     head_top_k: torch.Tensor | None = None  # [L, Hkv] per-head budgets replacing top_k
+    use_kernels: bool | None = None  # Triton selection for the spec case (None: on CUDA)
     stats: PolicyStats = field(init=False)
     _state: dict[int, _LayerState] = field(init=False, default_factory=dict)
     _unstable_heads: list[torch.Tensor] = field(init=False, default_factory=list)
     _stable_heads: list[torch.Tensor] = field(init=False, default_factory=list)
     _layer: int = field(init=False, default=0)  # layer being selected (for per-head budgets)
+    _live: LiveBounds | None = field(init=False, default=None)  # that layer's int8 bounds
 
     def __post_init__(self) -> None:
         self.mode = Mode(self.mode)
@@ -216,14 +230,20 @@ class SelectionPolicy:
 
     def select(
         self, layer: int, query: torch.Tensor, bounds: PageBounds,
-        block_table: torch.Tensor, seq_lens: torch.Tensor,
+        block_table: torch.Tensor, seq_lens: torch.Tensor, live: LiveBounds | None = None,
     ) -> LayerSelection:
-        """Pages to attend to for decode queries ``[B, Hq, D]`` of ``layer``."""
+        """Pages to attend to for decode queries ``[B, Hq, D]`` of ``layer``.
+
+        ``live``: the layer's int8 bounds kept current on append, built for this
+        ``block_table``'s width; the kernel path selects from them (see ``_score_and_select``).
+        """
         self._layer = layer
+        self._live = live
         num_pages = (seq_lens.long() + self.page_size - 1) // self.page_size
-        if not block_table.is_cuda:
+        if not block_table.is_cuda and not self.use_kernels:
             # Engines pad block tables to the longest possible sequence; scoring and masks only
-            # need the pages that exist (the host sync this costs is free on CPU).
+            # need the pages that exist (the host sync this costs is free on CPU). The kernels
+            # keep the full width: ``live`` super-pages are laid out for it.
             block_table = block_table[:, : max(int(num_pages.max()), 1)]
         batch, width = block_table.shape
         every_page = num_pages.view(-1, 1).expand(batch, self.num_kv_heads)
@@ -260,7 +280,8 @@ class SelectionPolicy:
         top_k = self.top_k if self.head_top_k is None else self.head_top_k[self._layer].to(query.device)
         return _score_and_select(
             query, bounds, block_table, num_pages, top_k, heads, sink_pages=self.sink_pages,
-            recent_pages=self.recent_pages, group_score=self.group_score,
+            recent_pages=self.recent_pages, group_score=self.group_score, live=self._live,
+            use_kernels=self.use_kernels,
         )
 
     def _flexicache(

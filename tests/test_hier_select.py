@@ -298,16 +298,17 @@ def test_select_pages_dispatches_by_pages_per_head(max_pages, two_level):
            if two_level else flat_select(query, pages, table, num_pages, top_k))
     args = (query.to(DEVICE), _on_device(pages), _on_device(supers), table.to(DEVICE),
             num_pages.to(DEVICE), top_k, group, limit)
-    got = kernels.select_pages(*args).cpu()
+    got = kernels.select_pages(*args, flat_max_boxes=0).cpu()  # by pages per head alone
     scores = score_compact_pages(query, pages, table, num_pages)
     forced = scores.scatter(2, (num_pages - 1).view(-1, 1, 1).expand(-1, 2, 1), float("inf"))
     torch.testing.assert_close(_score_set(forced, got), _score_set(forced, ref), equal_nan=True,
                                rtol=1e-5, atol=1e-5)
     if two_level:  # the two-level path cannot run without super-page bounds
         with pytest.raises(ValueError, match="super-page bounds"):
-            kernels.select_pages(args[0], args[1], None, *args[3:])
+            kernels.select_pages(args[0], args[1], None, *args[3:], flat_max_boxes=0)
     else:  # the flat path never reads super-page bounds
-        assert torch.equal(kernels.select_pages(args[0], args[1], None, *args[3:]).cpu(), got)
+        assert torch.equal(kernels.select_pages(args[0], args[1], None, *args[3:],
+                                                flat_max_boxes=0).cpu(), got)
 
 
 @pytest.mark.parametrize("flat", [True, False])

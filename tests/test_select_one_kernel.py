@@ -130,11 +130,33 @@ def test_counters_return_to_zero_and_repeated_calls_agree():
     assert int(row_counters(DEVICE, 6)[:6].abs().sum()) == 0
 
 
-def test_auto_layout_takes_one_launch_for_small_grids_only():
-    assert auto_layout(8, 8) == "one"
-    assert auto_layout(ONE_MAX_ROWS, 64) == "one"
-    assert auto_layout(ONE_MAX_ROWS + 1, 2) == "fused"
-    assert auto_layout(512, 32) == "split"
+def test_auto_layout_takes_one_launch_only_where_it_won_on_the_h200():
+    # flat: long rows taken flat for a small batch, K below the tile (local top-K prunes)
+    assert auto_layout(8, 64, flat=True, first_boxes=2048, top_k=64) == "one"
+    assert auto_layout(8, 64, flat=True, first_boxes=2048, top_k=128) == "split"  # 512 tiles
+    assert auto_layout(8, 16, flat=True, first_boxes=512, top_k=32) == "fused"  # 8k: 2 launches
+    # two levels: at most ONE_MAX_SUPERS super-pages per row, at most ONE_MAX_ROWS rows
+    assert auto_layout(ONE_MAX_ROWS, 4, flat=False, first_boxes=256, top_k=32) == "one"
+    assert auto_layout(8, 8, flat=False, first_boxes=1024, top_k=64) == "fused"  # 128k
+    assert auto_layout(ONE_MAX_ROWS + 1, 2, flat=False, first_boxes=256, top_k=32) == "fused"
+    assert auto_layout(512, 32, flat=False, first_boxes=1024, top_k=64) == "split"
+
+
+def test_small_batches_of_long_rows_select_flat():
+    """32k tokens (2048 pages) at batch 1 (8 rows) go flat, at batch 8 two-level."""
+    from kvhead.bounds_compact import FLAT_MAX_BOXES, plan_selection
+
+    assert plan_selection(2048, 64) == 32  # by width alone: two levels
+    assert plan_selection(2048, 64, rows=FLAT_MAX_BOXES // 2048) is None
+    assert plan_selection(2048, 64, rows=64) == 32
+    assert plan_selection(8192, 64, rows=8) == 32
+
+
+def test_default_shape_ranks_only_register_sized_candidate_sets():
+    from kvhead.kernels.select_one import default_shape
+
+    assert default_shape(128).rank and not default_shape(256).rank
+    assert default_shape(2048) == OneShape(128, 256, mma=True, rank=False)
 
 
 def test_bad_tile_is_refused():

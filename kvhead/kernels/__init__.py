@@ -130,16 +130,20 @@ def select_pages(
     top_k: int,
     group: int = _ref_compact.DEFAULT_GROUP,
     flat_max_pages: int = _ref_compact.FLAT_MAX_PAGES,
+    flat_max_boxes: int = _ref_compact.FLAT_MAX_BOXES,
 ) -> torch.Tensor:
     """Rerank selection over int8 bounds: flat for few pages per head, two-level for many.
 
     The path follows :func:`kvhead.bounds_compact.plan_selection` on the block table's width
-    (a static shape, so the choice needs no host sync and is stable across graph replays).
-    ``supers`` (super-page bounds of ``group`` pages) are read only on the two-level path;
-    callers that keep them only when ``plan_selection`` says so may pass None otherwise.
+    and the number of rows (batch x KV heads): static shapes, so the choice needs no host sync
+    and is stable across graph replays. ``supers`` (super-page bounds of ``group`` pages) are
+    read only on the two-level path; callers that keep them only when ``plan_selection`` says
+    so may pass None otherwise.
     """
     num_super = _ref_compact.plan_selection(block_table.shape[1], top_k, group,
-                                            flat_max_pages=flat_max_pages)
+                                            flat_max_pages=flat_max_pages,
+                                            rows=block_table.shape[0] * pages.qmin.shape[1],
+                                            flat_max_boxes=flat_max_boxes)
     if num_super is None:
         return flat_select(query, pages, block_table, num_pages, top_k)
     if supers is None:

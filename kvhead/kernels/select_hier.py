@@ -37,20 +37,21 @@ import torch
 import triton
 import triton.language as tl
 
-from kvhead.bounds_compact import CompactBounds, check_hier_args
+from kvhead.bounds_compact import FLAT_MAX_PAGES, CompactBounds, check_hier_args
 from kvhead.kernels.select import (
     _select_kernel,
     radix_bits,
     select_cands,
 )
-from kvhead.kernels.select_one import OneShape, default_shape, launch_one
+from kvhead.kernels.select_one import ONE_TILE, OneShape, default_shape, launch_one
 from kvhead.kernels.select_tiles import cand_tile_scores, group_digits, super_tile_scores
 
 TILE = 32  # boxes per scoring chunk: 8 KiB of int8 bounds at head dim 128
 LARGE_GRID = 4096  # candidate tiles from which a program takes two (see _chunks)
 FUSE_MAX_PROGRAMS = 256  # above this many candidate tiles the first level gets its own launch
 MMA_MIN_BOXES = 32768  # boxes in the first scoring pass from which tensor cores score them
-ONE_MAX_ROWS = 64  # rows (sequences x KV heads) up to which one launch serves (see auto_layout)
+ONE_MAX_ROWS = 64  # rows (sequences x KV heads) up to which one launch may serve (auto_layout)
+ONE_MAX_SUPERS = 256  # super-pages per row up to which the two-level selection takes one launch
 
 
 @dataclass(frozen=True)
@@ -217,12 +218,25 @@ def _chunks(rows: int, tiles: int) -> int:
     return 2 if rows * tiles >= LARGE_GRID else 1
 
 
-def auto_layout(rows: int, cand_tiles: int) -> str:
-    """Layout by grid size: one launch while the rows cannot fill the GPU (latency-bound);
-    above, the first level inside the candidate programs while the grid is small, in its own
-    launch beyond (the repeats would cost more than a launch)."""
+def auto_layout(rows: int, cand_tiles: int, *, flat: bool, first_boxes: int,
+                top_k: int) -> str:
+    """Layout by size, as measured on an H200 (``benchmarks/results/gpu_select_run*.json``).
+
+    One launch only where it won: flat rows longer than FLAT_MAX_PAGES (taken flat because the
+    batch is small) with K below the one-launch tile, so that each tile's local top-K prunes
+    (32k tokens, batch 1: 11.6 / 13.0 us for K = 32 / 64 against 14.4 / 14.5; at K = 128, 14.3
+    either way); two levels over at most ONE_MAX_SUPERS super-pages per row (32k, batch 8:
+    15.5 / 20.3 / 25.6 us against 18.1 / 22.0 / 27.1). At 128k (1024 super-pages) the
+    one-launch merge lost (batch 1, K = 64: 17.9-30.9 against 17.0 us), and at 8k flat the two
+    launches won (8.0 against 10.3-12.5 us at batch 1). Otherwise multi-launch: the first level
+    inside the candidate programs while the grid is small, in its own launch beyond (the
+    repeats would cost more than a launch).
+    """
     if rows <= ONE_MAX_ROWS:
-        return "one"
+        if flat and first_boxes > FLAT_MAX_PAGES and top_k < ONE_TILE:
+            return "one"
+        if not flat and first_boxes <= ONE_MAX_SUPERS:
+            return "one"
     return "fused" if rows * cand_tiles <= FUSE_MAX_PROGRAMS else "split"
 
 
@@ -260,11 +274,11 @@ def _launch(
     sup_scores = cand if flat else torch.empty(rows, groups, dtype=torch.float32, device=dev)
     tiles = triton.cdiv(num_cand, TILE)
     common = {"GROUP": gqa, "GP": gp, "MMA": mma, "BLOCK_D": block_d}
-    layout = plan.layout or auto_layout(rows, tiles)
+    layout = plan.layout or auto_layout(rows, tiles, flat=flat, first_boxes=groups, top_k=k)
     if layout == "one":
         launch_one(query, sq, pq, block_table, num_pages, ids, sup_ids, cand, num_first=groups,
                    top_first=k if flat else m, top_k=k, group=group, flat=flat,
-                   shape=plan.one or default_shape(groups), GROUP=gqa, GP=gp, BLOCK_D=block_d)
+                   shape=plan.one or default_shape(num_cand), GROUP=gqa, GP=gp, BLOCK_D=block_d)
         return ids, sup_ids.view(batch, num_kv_heads, m)
     block_s = 1 if flat else triton.next_power_of_2(groups)
     block_n = triton.next_power_of_2(num_cand)

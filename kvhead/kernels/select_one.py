@@ -36,6 +36,7 @@ from kvhead.kernels.select_tiles import block_tile_best, group_digits, super_til
 
 RANK_ELEMS = 64  # comparisons per thread and chunk of a ranking by counting (register budget)
 RANK_MAX_LANES = 512  # wider merges use the radix search (a ranking costs lanes^2)
+ONE_TILE = 128  # first-pass boxes per program in the default shape
 REG_FINAL_MAX = 128  # candidate tiles up to this size are ranked in registers (lanes^2 / thread)
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
 
@@ -61,10 +62,14 @@ class OneShape:
                 raise ValueError(f"{name} must be a power of two >= 16, got {value}")
 
 
-def default_shape(first_boxes: int) -> OneShape:
-    """Tensor-core scoring, candidates in steps of 256; first-pass tiles of 64 boxes, or 128
-    for long rows so that the merge sees at most 8 tiles' winners (a ranking costs lanes^2)."""
-    return OneShape(tile=128 if first_boxes > 512 else 64, tile_c=256, mma=True)
+def default_shape(num_cand: int) -> OneShape:
+    """The shape that won on an H200 (``benchmarks/results/gpu_select_run2.json``): tiles of
+    ONE_TILE boxes scored on tensor cores, candidates in steps of 256, radix merges, except
+    rank counting when the final candidates fit one register ranking (<= REG_FINAL_MAX):
+    32k tokens, batch 8, K = 32: 15.5 us ranked, 17.8 us radix. Ranking by counting through
+    memory lost wherever it merged 256 lanes or more (128k, batch 1, K = 64: 30.9 against
+    18.4 us with radix merges)."""
+    return OneShape(tile=ONE_TILE, tile_c=256, mma=True, rank=num_cand <= REG_FINAL_MAX)
 
 
 def row_counters(device: torch.device, rows: int) -> torch.Tensor:

@@ -59,7 +59,8 @@ class _ForwardContext:
         if count == 1 and self.policy is not None:
             seq_lens = torch.tensor([total], device=query.device)
             q = query[:, :, 0]
-            sel = self.policy.select(layer, q, cache.bounds[layer], cache.block_table, seq_lens)
+            sel = self.policy.select(layer, q, cache.bounds[layer], cache.block_table, seq_lens,
+                                     live=cache.live[layer])
             if self.observer is not None:
                 self.observer(layer, sel)
             out, _ = self.decode_kernel(
