@@ -73,9 +73,9 @@ class MassProbe:
     def reset(self) -> None:
         self.dense.reset()
 
-    def select(self, layer, query, bounds, block_table, seq_lens) -> LayerSelection:
+    def select(self, layer, query, bounds, block_table, seq_lens, live=None) -> LayerSelection:
         self._measure(layer, query, bounds, block_table, seq_lens)
-        return self.dense.select(layer, query, bounds, block_table, seq_lens)
+        return self.dense.select(layer, query, bounds, block_table, seq_lens, live)
 
     @torch.no_grad()
     def _measure(self, layer, query, bounds, block_table, seq_lens) -> None:

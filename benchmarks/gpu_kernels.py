@@ -436,7 +436,7 @@ def bench_hier(ctx: int, batch: int, top_ks: list[int], variants: list[tuple[int
         int8_ms = graph_ms([(lambda q=q, p=p, k=top_k: kernels.flat_select(
             q, p, table, num_pages, k)) for q, p in zip(queries, page_sets)])
         int8_bytes = batch * NUM_KV * max_pages * box
-        auto = plan_selection(max_pages, top_k)
+        auto = plan_selection(max_pages, top_k, rows=batch * NUM_KV)
         row = {"ctx": ctx, "batch": batch, "top_k": top_k, "sparse_ms": sparse_ms,
                "flat_fp32_ms": flat_ms, "flat_fp32_bytes": 2 * batch * NUM_KV * max_pages * DIM * 4,
                "flat_fp32_frac_of_sparse": flat_ms / RERANK_INTERVAL / sparse_ms,

@@ -52,9 +52,9 @@ class QualityProbe:
         self.rows: list[dict] = []
 
     def select(self, layer: int, query: torch.Tensor, bounds, block_table: torch.Tensor,
-               seq_lens: torch.Tensor) -> LayerSelection:
+               seq_lens: torch.Tensor, live=None) -> LayerSelection:
         self._measure(layer, query, bounds, block_table, seq_lens)
-        return self.dense.select(layer, query, bounds, block_table, seq_lens)
+        return self.dense.select(layer, query, bounds, block_table, seq_lens, live)
 
     @torch.no_grad()
     def _measure(self, layer, query, bounds, block_table, seq_lens) -> None:

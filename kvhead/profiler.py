@@ -92,11 +92,12 @@ class _CoverageProbe:
     def reset(self) -> None:
         self.dense.reset()
 
-    def select(self, layer, query, bounds: PageBounds, block_table, seq_lens) -> LayerSelection:
+    def select(self, layer, query, bounds: PageBounds, block_table, seq_lens,
+               live=None) -> LayerSelection:
         self._measure(layer, query, bounds, block_table, seq_lens)
         if layer == 0:
             self.count += 1
-        return self.dense.select(layer, query, bounds, block_table, seq_lens)
+        return self.dense.select(layer, query, bounds, block_table, seq_lens, live)
 
     def _measure(self, layer, query, bounds, block_table, seq_lens) -> None:
         spec, cfg, total = self.spec, self.cfg, int(seq_lens[0])

@@ -59,8 +59,10 @@ class _ForwardContext:
         if count == 1 and self.policy is not None:
             seq_lens = torch.tensor([total], device=query.device)
             q = query[:, :, 0]
+            live = cache.live[layer]  # int8 bounds for the kernels (CUDA), else not passed
+            extra = {} if live is None else {"live": live}
             sel = self.policy.select(layer, q, cache.bounds[layer], cache.block_table, seq_lens,
-                                     live=cache.live[layer])
+                                     **extra)
             if self.observer is not None:
                 self.observer(layer, sel)
             out, _ = self.decode_kernel(
