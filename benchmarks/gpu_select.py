@@ -178,7 +178,9 @@ def write_markdown(path: Path, result: dict) -> None:
          "int8: every page scored; two-level: super-pages of 8, top M = K/2, top-K of their "
          "4K pages. multi: the multi-launch kernels (2 launches flat, 3-4 two-level); one: "
          "one launch, last program per row merges (shape: tile of first-pass boxes, tensor "
-         "cores or not, candidate step). auto: what `kernels.select_pages` runs. "
+         "cores or not, candidate step). auto: the plan `kernels.select_pages` takes at this "
+         "size under the current dispatch rules, looked up among the measured plans (a "
+         "--rebuild table derives it after the runs). "
          f"Checks: {result['checks']} run, {result['failed']} failed."), "",
         ("| ctx | batch | K | sparse us | flat fp32 % | flat int8 us (multi / best one) | "
          "two-level us (multi / best one) | auto | auto us | **auto %** |"),
