@@ -18,8 +18,10 @@ Same functions as :func:`kvhead.bounds_compact.hier_select` and, for the flat va
 The flat variant (for few pages per head, where a first level saves little) is launches 3 and
 4 with every page a candidate. Below about 64 sequences these kernels are bound by latency, not
 bytes: each launch costs 2-4 us in a CUDA graph, and each radix pass a block-wide barrier.
-Doing both levels in one launch (one program per row; one cooperative launch with per-row grid
-barriers) was measured slower at batch 1 on an H200, not faster (``benchmarks/GPU_NOTES.md``).
+Doing both levels in one launch was measured on an H200 in three forms: one program per row
+and one cooperative launch with grid barriers (slower), and :mod:`kvhead.kernels.select_one`
+(last program per row merges local top-k's), which :func:`auto_layout` takes where it won
+(``benchmarks/GPU_NOTES.md``).
 
 Boxes are scored on CUDA cores (fp32) or on tensor cores (the query as int8 digits,
 :mod:`kvhead.kernels.box_score`); :func:`default_scoring` picks by the size of the first pass.
