@@ -10,7 +10,7 @@ heads of dim 128, MLP 14336) in bf16 and random KV, because only speed matters h
   path as it stands. Since the fourth session the policy selects on CUDA through
   ``kernels.select_pages`` from int8 bounds the cache keeps current (built at the first decode
   step here, since the context is written straight into the pools); the numbers in
-  ``results/gpu_decode.json`` predate that (fp32 ``score_and_select``).
+  ``results/gpu_decode.json`` predate that.
 * ``layer``: a batched decode step of 4 such layers built directly on the kernels, laid out as
   the design says: unstable heads (a quarter) attend to every page of a device cache; stable
   heads attend to a device hot pool holding their top-K pages plus the newest page, rerank every
