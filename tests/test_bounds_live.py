@@ -6,13 +6,8 @@ The kernel runs through Triton's interpreter on a CPU-only machine and compiled 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from kvhead import kernels
 from kvhead.bounds_compact import CompactBounds, build_super_bounds, hier_select

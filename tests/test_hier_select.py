@@ -1,23 +1,17 @@
 """int8 page bounds and two-level (super-page) selection: reference properties and the kernel.
 
-The kernel tests run through Triton's interpreter on a CPU-only machine (set before triton is
-imported) and as compiled kernels on a GPU.
+The kernel tests run through Triton's interpreter on a CPU-only machine (conftest.py turns it
+on) and as compiled kernels on a GPU.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
 import triton
 import triton.language as tl
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvhead import kernels
 from kvhead.bounds_compact import (

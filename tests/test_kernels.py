@@ -1,18 +1,13 @@
 """Triton kernels against the torch reference (the oracle), on fresh random inputs.
 
-On a machine without CUDA these run through Triton's interpreter on small sizes (the variable is
-set before triton is imported); on a GPU the same tests run the compiled kernels.
+On a machine without CUDA these run through Triton's interpreter on small sizes (conftest.py
+turns it on); on a GPU the same tests run the compiled kernels.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from kvhead import kernels
 from kvhead.attention import dense_decode_attention

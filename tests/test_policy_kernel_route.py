@@ -1,17 +1,12 @@
 """Where the policy's selection runs: the torch reference on CPU, the Triton kernels for the
 spec's selection when asked (by default on CUDA), from int8 live bounds when the cache keeps
-them. Without CUDA the kernel route runs through Triton's interpreter (set before import).
+them. Without CUDA the kernel route runs through Triton's interpreter (conftest.py turns it on).
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from kvhead import kernels
 from kvhead.bounds_compact import DEFAULT_GROUP, flat_select, hier_select, plan_selection

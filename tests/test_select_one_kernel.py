@@ -1,19 +1,14 @@
 """One-launch int8 selection (``kvhead.kernels.select_one``) against the torch reference.
 
-Runs through Triton's interpreter without CUDA (set before triton is imported), compiled on a
+Runs through Triton's interpreter without CUDA (conftest.py turns it on), compiled on a
 GPU. Random keys give distinct scores, so the selections must equal the reference's exactly;
 ties are checked separately (lower ids win, as in the multi-launch kernels).
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from kvhead import kernels
 from kvhead.bounds_compact import (
