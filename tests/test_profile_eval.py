@@ -146,6 +146,11 @@ def test_coverage_curves_rise_to_one_and_drive_budgets(tiny):
         assert len(m.miss_margins) == round((1 - m.token_agreement) * 24) and min(m.miss_margins, default=0) >= 0
     # same pool of pages for the stable heads: resident share within a page or two per step
     assert adaptive.resident_fraction == pytest.approx(spec.resident_fraction, abs=0.05)
+    (later,) = evaluate(runner, tok, profile, cfg.model_copy(update={"prompts": 1, "first_window": 1}),
+                        model="tiny").results  # window 1 alone: the second window of the pooled run
+    for mode, m in later.modes.items():
+        assert m.window_agreement == result.modes[mode].window_agreement[1:]
+        assert m.window_kl == pytest.approx(result.modes[mode].window_kl[1:])
     capped = cfg.model_copy(update={"options": SelectionOptions(head_budgets=True, context_budgets=True)})
     for context, cap in ((40, 6), (96, 12)):  # 5 and 12 pages: grid (steps of 2) cut at 6 and 12
         budgets = _policy(runner, "flexicache+", capped, profile, context).head_top_k

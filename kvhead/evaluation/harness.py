@@ -88,6 +88,11 @@ class EvalConfig(BaseModel):
     prompts: int = Field(
         default=1, gt=0, description="Corpus windows per context for agreement and perplexity."
     )
+    first_window: int = Field(
+        default=0, ge=0,
+        description="Index of the first corpus window: a later run can add windows to an earlier "
+        "one's without repeating them (window i's text depends only on i, seed and context).",
+    )
     modes: list[str] = Field(
         default=list(SPEC_MODES), description="Sparse modes to compare with dense, in order."
     )
@@ -252,7 +257,7 @@ def evaluate_context(
     kl: dict[str, list[float]] = {m: [] for m in sparse}  # mean KL to dense per window
     margins: dict[str, list[float]] = {m: [] for m in sparse}  # dense top-2 margin at each miss
     nll: dict[str, list[float]] = {m: [] for m in ("dense", *sparse)}  # summed NLL per window
-    for i in range(cfg.prompts):
+    for i in range(cfg.first_window, cfg.first_window + cfg.prompts):
         # Window 0 is the one every earlier report used; more windows step through the corpus.
         prompt = corpus_window(tokenizer, length, offset=cfg.seed * 997 + i * 7919)
         pre = prefill(runner, prompt, gen)
