@@ -52,7 +52,6 @@ class PageCoverage(BaseModel):
 
 def allocate_budgets(
     coverage: PageCoverage, eligible: torch.Tensor, top_k: int, *, minimum: int | None = None,
-    max_pages: int | None = None,
 ) -> torch.Tensor:
     """Per-head budgets ``[L, Hkv]`` (long): eligible heads share ``eligible.sum() * top_k`` pages.
 
@@ -62,12 +61,6 @@ def allocate_budgets(
     that are not eligible (unstable or dense heads: every page resident anyway) keep ``top_k``.
     Budgets never exceed the grid's last point, so the pool may be left partly unspent; the total
     never exceeds ``eligible.sum() * top_k``.
-
-    ``max_pages`` (the pages a sequence will hold) truncates the grid at its first point that
-    covers them: the curves come from a longer calibration context, and a budget beyond the pages
-    that exist buys nothing, so that surplus goes to the next-best heads instead of being wasted
-    on a head that already attends to everything. At or above the calibration's page count it
-    changes nothing.
     """
     mass = coverage.tensor()
     grid = coverage.pages
@@ -76,11 +69,8 @@ def allocate_budgets(
         raise ValueError(f"coverage grid must be every multiple of {step} up to {grid[-1]}")
     if tuple(eligible.shape) != tuple(mass.shape[:2]):
         raise ValueError(f"eligible mask {tuple(eligible.shape)} does not match coverage {tuple(mass.shape[:2])}")
-    if max_pages is not None and max_pages <= 0:
-        raise ValueError(f"max_pages must be positive, got {max_pages}")
     floor = minimum if minimum is not None else max(step, coverage.sink_pages + coverage.recent_pages)
     start = -(-floor // step)  # grid index + 1 of each head's first budget
-    last = len(grid) if max_pages is None else max(start, min(len(grid), -(-max_pages // step)))
     heads = [tuple(h) for h in eligible.nonzero().tolist()]
     pool = len(heads) * top_k - len(heads) * start * step
     if pool < 0:
@@ -91,13 +81,13 @@ def allocate_budgets(
         gain = float(mass[h[0], h[1], units[h]] - mass[h[0], h[1], units[h] - 1])
         return -round(gain, 9), units[h], h
 
-    heap = [key(h) for h in heads if units[h] < last]
+    heap = [key(h) for h in heads if units[h] < len(grid)]
     heapq.heapify(heap)
     while pool >= step and heap:
         h = heapq.heappop(heap)[2]
         units[h] += 1
         pool -= step
-        if units[h] < last:
+        if units[h] < len(grid):
             heapq.heappush(heap, key(h))
     budgets = torch.full(eligible.shape, top_k, dtype=torch.long)
     for (layer, head), n in units.items():

@@ -142,7 +142,6 @@ def eval_(
     leading_layers: Annotated[int, typer.Option(help="+ modes: first layers attend densely.")] = 0,
     unstable_dense: Annotated[bool, typer.Option(help="flexicache+: unstable heads attend densely.")] = False,
     head_budgets: Annotated[bool, typer.Option(help="+ modes: per-head budgets from the profile's coverage.")] = False,
-    context_budgets: Annotated[bool, typer.Option(help="With --head-budgets: cap budgets at the context's pages, surplus to other heads.")] = False,
     prompts: Annotated[int, typer.Option(help="Corpus windows per context (agreement, perplexity).")] = 1,
     first_window: Annotated[int, typer.Option(help="Index of the first corpus window.")] = 0,
     device: Annotated[str, typer.Option(help="torch device: cpu or cuda.")] = "cpu",
@@ -154,12 +153,12 @@ def eval_(
         options = SelectionOptions(
             sink_pages=sink_pages, recent_pages=recent_pages, group_score=group_score,
             leading_layers=leading_layers, unstable_dense=unstable_dense, head_budgets=head_budgets,
-            context_budgets=context_budgets,
         )
         cfg = EvalConfig(
             contexts=_ints(contexts), gen_tokens=gen_tokens, top_k=top_k, page_size=page_size,
             rerank_interval=rerank_interval, passkey_depths=_floats(passkey_depths), seed=seed,
-            prompts=prompts, first_window=first_window, modes=[m.strip() for m in modes.split(",") if m.strip()], options=options,
+            prompts=prompts, first_window=first_window,
+            modes=[m.strip() for m in modes.split(",") if m.strip()], options=options,
         )
         for context in cfg.contexts:
             cfg.prompt_tokens(context)

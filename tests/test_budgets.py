@@ -87,30 +87,3 @@ def test_allocation_rejects_a_sparse_grid_and_too_small_top_k():
         allocate_budgets(cov, torch.ones(1, 1, dtype=torch.bool), top_k=8)
     with pytest.raises(ValueError, match="minimum"):
         allocate_budgets(_coverage([[[0.5, 1.0]]], sink_pages=4, recent_pages=8), torch.ones(1, 1, dtype=torch.bool), top_k=8)
-
-
-def test_context_cap_hands_the_surplus_to_the_next_heads():
-    steps = torch.arange(1, 9, dtype=torch.float64)
-    broad = (steps / 8).tolist()  # every step adds 0.125: wins every step while it can
-    sharp = (1 - 0.1**steps).tolist()  # 0.9 with its first 8 pages, then gains of 0.09, 0.009...
-    eligible = torch.ones(1, 2, dtype=torch.bool)
-    cov = _coverage([[broad, sharp]])
-    free = allocate_budgets(cov, eligible, top_k=32)
-    assert free[0].tolist() == [56, 8]  # broad takes every step its gain of 0.125 beats sharp's
-    capped = allocate_budgets(cov, eligible, top_k=32, max_pages=36)  # 36 pages: grid cut at 40
-    assert capped[0].tolist() == [40, 24]  # the cap, and the surplus moves on: same total
-    assert capped.sum() == free.sum() == 64
-    for cap in (64, 100):  # at or beyond the calibration grid: nothing changes
-        assert torch.equal(allocate_budgets(cov, eligible, top_k=32, max_pages=cap), free)
-
-
-def test_context_cap_leaves_a_pool_unspent_rather_than_exceed_the_pages():
-    flat = (torch.arange(1, 9, dtype=torch.float64) / 8).tolist()
-    eligible = torch.tensor([[True, True, False]])
-    budgets = allocate_budgets(_coverage([[flat, flat, flat]]), eligible, top_k=32, max_pages=16)
-    assert budgets[0].tolist() == [16, 16, 32]  # pool 64 > 2 x 16 pages: ineligible head untouched
-    tiny = allocate_budgets(_coverage([[flat, flat, flat]], sink_pages=4, recent_pages=8), eligible,
-                            top_k=32, max_pages=3)
-    assert tiny[0, :2].tolist() == [16, 16]  # never below the floor that holds sink + recent pages
-    with pytest.raises(ValueError, match="max_pages"):
-        allocate_budgets(_coverage([[flat, flat, flat]]), eligible, top_k=32, max_pages=0)

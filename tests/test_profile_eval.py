@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from kvhead.evaluation.harness import EvalConfig, _policy, evaluate
+from kvhead.evaluation.harness import EvalConfig, evaluate
 from kvhead.evaluation.inputs import passkey_prompt
 from kvhead.models.tiny import build_tiny_llama
 from kvhead.profiler import ProfileConfig, profile_heads, save_heatmap
@@ -151,16 +151,6 @@ def test_coverage_curves_rise_to_one_and_drive_budgets(tiny):
     for mode, m in later.modes.items():
         assert m.window_agreement == result.modes[mode].window_agreement[1:]
         assert m.window_kl == pytest.approx(result.modes[mode].window_kl[1:])
-    capped = cfg.model_copy(update={"options": SelectionOptions(head_budgets=True, context_budgets=True)})
-    for context, cap in ((40, 6), (96, 12)):  # 5 and 12 pages: grid (steps of 2) cut at 6 and 12
-        budgets = _policy(runner, "flexicache+", capped, profile, context).head_top_k
-        stable = ~profile.unstable_mask()
-        assert int(budgets[stable].max()) <= cap
-        assert int(budgets[stable].sum()) == min(int(stable.sum()) * 4, int(stable.sum()) * cap)
-    at_320 = _policy(runner, "flexicache+", capped, profile, 320).head_top_k  # 40 pages > grid: no-op
-    assert torch.equal(at_320, _policy(runner, "flexicache+", cfg, profile, 320).head_top_k)
-    with pytest.raises(ValueError, match="needs head_budgets"):
-        SelectionOptions(context_budgets=True)
     with pytest.raises(ValueError, match="options differ"):
         evaluate(runner, tok, profile, cfg.model_copy(update={"options": SelectionOptions(
             head_budgets=True, sink_pages=1)}), model="tiny")

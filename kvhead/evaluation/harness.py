@@ -57,17 +57,6 @@ class SelectionOptions(BaseModel):
         description="Spread the sparse heads' pages (count x top_k) by the profile's coverage "
         "curves instead of top_k each (see kvhead.budgets).",
     )
-    context_budgets: bool = Field(
-        default=False,
-        description="With head_budgets: cap each budget at the pages the context holds and hand "
-        "the surplus to the next-best heads (the curves are calibrated at 8k; a no-op there).",
-    )
-
-    @model_validator(mode="after")
-    def _cap_needs_budgets(self) -> SelectionOptions:
-        if self.context_budgets and not self.head_budgets:
-            raise ValueError("context_budgets caps head budgets; it needs head_budgets")
-        return self
 
 
 class EvalConfig(BaseModel):
@@ -189,10 +178,8 @@ class EvalReport(BaseModel):
     results: list[ContextResult]
 
 
-def _policy(
-    runner: ReferenceRunner, mode: str, cfg: EvalConfig, profile: HeadProfile, context: int,
-) -> SelectionPolicy:
-    """The policy of a mode name at one context length; ``+`` modes carry ``cfg.options``."""
+def _policy(runner: ReferenceRunner, mode: str, cfg: EvalConfig, profile: HeadProfile) -> SelectionPolicy:
+    """The policy of a mode name; ``+`` modes carry ``cfg.options``."""
     base = Mode(mode.rstrip("+"))
     kwargs = {"top_k": cfg.top_k, "rerank_interval": cfg.rerank_interval}
     if mode.endswith("+"):
@@ -208,16 +195,13 @@ def _policy(
             sparse = torch.ones(profile.num_layers, profile.num_kv_heads, dtype=torch.bool)
             sparse[: opt.leading_layers] = False
         if opt.head_budgets:
-            cap = -(-context // cfg.page_size) if opt.context_budgets else None
-            kwargs["head_top_k"] = _head_budgets(profile, opt, sparse, cfg.top_k, cap)
+            kwargs["head_top_k"] = _head_budgets(profile, opt, sparse, cfg.top_k)
     elif base is Mode.flexicache:
         kwargs["unstable"] = profile.unstable_mask()
     return runner.policy(base, **kwargs)
 
 
-def _head_budgets(
-    profile: HeadProfile, opt: SelectionOptions, sparse: torch.Tensor, top_k: int, max_pages: int | None,
-) -> torch.Tensor:
+def _head_budgets(profile: HeadProfile, opt: SelectionOptions, sparse: torch.Tensor, top_k: int) -> torch.Tensor:
     """Budgets of the heads that select pages, from coverage ranked exactly as they rank."""
     cov = profile.coverage
     if cov is None:
@@ -227,7 +211,7 @@ def _head_budgets(
             f"the profile's coverage was ranked with group_score={cov.group_score}, sink_pages="
             f"{cov.sink_pages}, recent_pages={cov.recent_pages}; the options differ"
         )
-    return allocate_budgets(cov, sparse, top_k, max_pages=max_pages)
+    return allocate_budgets(cov, sparse, top_k)
 
 
 def _margin(logprobs: torch.Tensor) -> float:
@@ -248,8 +232,8 @@ def evaluate_context(
     """All metrics for one prompt length; prefills are dense and shared by every mode."""
     start = time.perf_counter()
     gen = cfg.gen_tokens
-    dense = _policy(runner, Mode.dense.value, cfg, profile, context)
-    sparse = {m: _policy(runner, m, cfg, profile, context) for m in cfg.modes}
+    dense = _policy(runner, Mode.dense.value, cfg, profile)
+    sparse = {m: _policy(runner, m, cfg, profile) for m in cfg.modes}
 
     length = cfg.prompt_tokens(context)
     free, first = {m: 0 for m in sparse}, {m: gen for m in sparse}
