@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The 2k agreement study of issue #2: is flexicache+'s 0.984 at 2k the corpus window or the method?
+# Corpus-window noise (issue #2): is flexicache+'s 0.984 at 2k the window or the method, and do the
+# other contexts' single-window numbers hold on more windows?
 #
 # Every run pools four corpus windows (--prompts 4; window 0 is the one all earlier runs used) and
 # reports each window's agreement, perplexity ratio and KL to dense beside the pooled numbers.
