@@ -9,8 +9,9 @@ Per context length, for each sparse mode, following DESIGN.md's agreed definitio
 token agreement (teacher-forced on dense's greedy continuation), free-running match (first
 divergence and identical share), perplexity ratio on held-out corpus text, passkey accuracy,
 and the resident-page fraction with promoted pages per rerank over all of that mode's decode steps.
-With ``prompts > 1`` agreement and perplexity pool several corpus windows per context; the
-agreement's binomial standard error says how far one run's number can be trusted.
+With ``prompts > 1`` agreement and perplexity pool several corpus windows per context (each
+window's own numbers are kept too); the agreement's binomial standard error says how far one run's
+number can be trusted, and the mean KL to dense ranks settings whose agreements tie.
 """
 
 from __future__ import annotations
