@@ -16,15 +16,21 @@ set -euo pipefail
 R=benchmarks/results
 EVAL="kvhead eval --contexts 2048 --prompts 4"
 PLUS="--modes flexicache+ --unstable-dense --leading-layers 2 --sink-pages 1 --recent-pages 4
-      --group-score softmax --head-budgets --top-k 70 --rerank-interval 8"
+      --group-score softmax --head-budgets --top-k 70"
 kvhead coverage --profile kvhead/profiles/smollm2-135m-instruct.json --out $R/accuracy_profile_2k.json \
   --context 2048 --offsets 2000,9800
-$EVAL $PLUS --output $R/accuracy_2k_k70_r8_p4.json
-$EVAL $PLUS --profile $R/accuracy_profile_2k.json --output $R/accuracy_2k_cal2k_p4.json
+$EVAL $PLUS --rerank-interval 8 --output $R/accuracy_2k_k70_r8_p4.json
+$EVAL $PLUS --rerank-interval 8 --profile $R/accuracy_profile_2k.json --output $R/accuracy_2k_cal2k_p4.json
 $EVAL --modes flexicache --output $R/accuracy_2k_spec_p4.json
-kvhead eval --contexts 4096 --first-window 1 --prompts 3 --passkey-depths "" $PLUS \
+kvhead eval --contexts 4096 --first-window 1 --prompts 3 --passkey-depths "" $PLUS --rerank-interval 8 \
   --output $R/accuracy_4k_k70_r8_w123.json
-for w in 1 2 3; do  # one process per window: they run side by side on a multi-core host
-  kvhead eval --contexts 8192 --first-window $w --prompts 1 --passkey-depths "" $PLUS \
+for w in 1 2 3; do  # one window per run (these ran as parallel processes, one core each)
+  kvhead eval --contexts 8192 --first-window $w --prompts 1 --passkey-depths "" $PLUS --rerank-interval 8 \
     --output $R/accuracy_8k_k70_r8_w$w.json
+done
+# Diagnosis of the 8k loss on the two worst windows: the same selection reranked every step
+# (R = 1; fetches pages every step, not a mode to serve) separates staleness from top-K itself.
+for w in 1 3; do
+  kvhead eval --contexts 8192 --first-window $w --prompts 1 --passkey-depths "" $PLUS --rerank-interval 1 \
+    --output $R/accuracy_8k_k70_r1_w$w.json
 done
