@@ -4,8 +4,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from kvhead import kernels
 from kvhead.models.tiny import build_tiny_llama
 from kvhead.runner import ReferenceRunner
+from kvhead.runner.paged_cache import PagedKVCache
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def test_cache_overflow_is_a_clear_error(tiny_dir):
         cache.rewind(5)
 
 
-def _decode_with_kernels(runner, cache, ids, start, policy):
+def _decode_observed(runner, cache, ids, start, policy):
     """Logits and (stable-head) selections of decoding ``ids[start:]`` one token at a time."""
     picks = []
 
@@ -91,9 +93,6 @@ def _decode_with_kernels(runner, cache, ids, start, policy):
 def test_kernel_route_end_to_end(tiny_dir, monkeypatch):
     """The GPU route (int8 live bounds kept by the cache, Triton selection in the policy) run
     through the runner; without CUDA the kernels are interpreted (tests/conftest.py)."""
-    from kvhead import kernels
-    from kvhead.runner.paged_cache import PagedKVCache
-
     calls = []
     select_pages = kernels.select_pages
 
@@ -109,16 +108,16 @@ def test_kernel_route_end_to_end(tiny_dir, monkeypatch):
     runner.forward(cache, ids[:96])
     mask = torch.tensor([[True, False], [False, False]])
     everything = runner.policy("flexicache", top_k=64, unstable=mask, use_kernels=True)
-    covered, _ = _decode_with_kernels(runner, cache, ids[:100], 96, everything)
+    covered, _ = _decode_observed(runner, cache, ids[:100], 96, everything)
     cache.rewind(96)
-    dense, _ = _decode_with_kernels(runner, cache, ids[:100], 96, runner.policy("dense"))
+    dense, _ = _decode_observed(runner, cache, ids[:100], 96, runner.policy("dense"))
     assert (covered - dense).abs().max() <= 1e-5
 
     small = {"top_k": 3, "unstable": mask, "rerank_interval": 2, "use_kernels": True}
     cache.rewind(96)
-    first, picks = _decode_with_kernels(runner, cache, ids, 96, runner.policy("flexicache", **small))
+    first, picks = _decode_observed(runner, cache, ids, 96, runner.policy("flexicache", **small))
     cache.rewind(96)  # rebuilds the live bounds: the same decode must select the same pages
-    again, picks_again = _decode_with_kernels(runner, cache, ids, 96,
+    again, picks_again = _decode_observed(runner, cache, ids, 96,
                                               runner.policy("flexicache", **small))
     assert torch.equal(first, again)
     assert all(torch.equal(a[1], b[1]) for a, b in zip(picks, picks_again))

@@ -59,10 +59,8 @@ class _ForwardContext:
         if count == 1 and self.policy is not None:
             seq_lens = torch.tensor([total], device=query.device)
             q = query[:, :, 0]
-            live = cache.live[layer]  # int8 bounds for the kernels (CUDA), else not passed
-            extra = {} if live is None else {"live": live}
             sel = self.policy.select(layer, q, cache.bounds[layer], cache.block_table, seq_lens,
-                                     **extra)
+                                     live=cache.live[layer])  # int8 bounds (CUDA), else None
             if self.observer is not None:
                 self.observer(layer, sel)
             out, _ = self.decode_kernel(
