@@ -39,7 +39,11 @@ from rich.console import Console
 from rich.table import Table
 
 from kvhead import kernels
+from kvhead.bounds_compact import flat_select as ref_flat_select
+from kvhead.bounds_compact import hier_select as ref_hier_select
+from kvhead.bounds_compact import plan_selection, score_compact_pages
 from kvhead.pages import PageBounds, all_pages
+from kvhead.policy import SelectionPolicy
 
 console = Console()
 app = typer.Typer(add_completion=False)
@@ -278,12 +282,79 @@ def layer_flexicache(shape: Shape, layers: list[Layer], batch: int, ctx: int, st
             "rerank_steps_ms": [t for j, t in enumerate(times) if (j + 2) % shape.rerank == 0]}
 
 
+class CheckedPolicy(SelectionPolicy):
+    """The runner's policy, unchanged, that also checks each kernel selection against the
+    torch reference on the same inputs (the live int8 bounds the cache keeps on CUDA).
+
+    Pages are compared as score sets under the reference's int8 page scores (a near-tie may
+    pick another page of equal score); two-level rows whose first level picked other
+    super-pages than the reference (a near-tie there) count as ``super_ties``, not failures.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls = self.kernel_calls = self.rows_equal = self.rows = self.super_ties = 0
+        self.worst_gap = 0.0
+
+    def _top_k(self, query, bounds, block_table, num_pages, heads):
+        ids = super()._top_k(query, bounds, block_table, num_pages, heads)
+        self.calls += 1
+        live = self._live
+        if live is None or self.head_top_k is not None:
+            return ids
+        self.kernel_calls += 1
+        pages, k = live.pages, self.top_k
+        num_super = plan_selection(block_table.shape[1], k, live.group,
+                                   rows=block_table.shape[0] * self.num_kv_heads)
+        if num_super is None:
+            ref = ref_flat_select(query, pages, block_table, num_pages, k)
+        else:
+            ref = ref_hier_select(query, pages, live.supers, block_table, num_pages, k,
+                                  live.group, num_super)
+        asked = slice(None) if heads is None else heads
+        got, ref = ids[:, asked], ref[:, asked]
+        scores = score_compact_pages(query, pages, block_table, num_pages)[:, asked]
+        scores[..., (num_pages - 1).clamp_min(0)] = float("inf")  # the forced newest page
+        gap = (scores.gather(2, got.clamp_min(0)).sort(2).values
+               - scores.gather(2, ref.clamp_min(0)).sort(2).values).nan_to_num(posinf=0.0)
+        row_gap = gap.abs().amax(2)  # [B, heads]
+        finite = scores[scores.isfinite()].abs().max()
+        bad = row_gap > 1e-5 * finite + 1e-3
+        if num_super is not None and bool(bad.any()):
+            self.super_ties += int(bad.sum())
+            row_gap = row_gap.masked_fill(bad, 0.0)
+        self.rows += got.shape[0] * got.shape[1]
+        self.rows_equal += int((got == ref).all(2).sum())
+        self.worst_gap = max(self.worst_gap, float(row_gap.max()) / float(finite))
+        return ids
+
+
+def live_bytes(cache) -> int:
+    """Device bytes of the int8 live bounds (pages, super-pages, open boxes) of all layers."""
+    total = 0
+    for live in cache.live:
+        if live is None:
+            continue
+        parts = [live.pages] + ([live.supers] if live.supers is not None else [])
+        total += sum(t.numel() * t.element_size() for c in parts
+                     for t in (c.qmin, c.qmax, c.scale))
+        total += sum(t.numel() * t.element_size() for t in (live.open_min, live.open_max))
+    return total
+
+
 def runner_steps(shape: Shape, ctx: int, steps: int, device: torch.device,
-                 gen: torch.Generator) -> dict:
-    """The lead's reference runner, batch 1, dense vs flexicache policies."""
+                 gen: torch.Generator, equal_check: bool) -> dict:
+    """The reference runner, batch 1: dense vs flexicache step time, resident KV, and checks.
+
+    flexicache selects through ``kernels.select_pages`` from the cache's live int8 bounds on
+    CUDA; every selection is checked against the torch reference (:class:`CheckedPolicy`).
+    ``equal_check``: also decode with flexicache at K >= every page, whose logits must equal
+    dense's (same pages, same kernel).
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kvhead.runner import ReferenceRunner
+    from kvhead.runner.paged_cache import PagedKVCache
 
     config = LlamaConfig(
         hidden_size=shape.hidden, intermediate_size=shape.intermediate,
@@ -295,7 +366,10 @@ def runner_steps(shape: Shape, ctx: int, steps: int, device: torch.device,
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     runner = ReferenceRunner(model, page_size=shape.page)
-    cache = runner.new_cache(ctx + steps + 8)
+    # Live int8 bounds and the kernel route as on CUDA also in a CPU smoke run (interpreted
+    # under TRITON_INTERPRET=1, else the kernels' torch fallbacks).
+    cache = PagedKVCache(runner.num_layers, runner.spec, ctx + steps + 8, device=device,
+                         live_bounds=True)
     for layer in range(shape.layers):
         for pool in (cache.k[layer], cache.v[layer]):
             flat = pool.view(-1, shape.num_kv, shape.head_dim)[:ctx]
@@ -306,27 +380,67 @@ def runner_steps(shape: Shape, ctx: int, steps: int, device: torch.device,
     cache.advance(ctx)
     unstable = torch.zeros(shape.layers, shape.num_kv, dtype=torch.bool)
     unstable[:, : shape.num_unstable] = True
-    result = {}
-    for mode in ("dense", "flexicache"):
-        kwargs = {"top_k": shape.top_k, "rerank_interval": shape.rerank}
-        if mode == "flexicache":
-            kwargs["unstable"] = unstable
-        policy = runner.policy(mode, **kwargs)
-        token = torch.tensor([1], device=device)
+    tokens = torch.randint(0, shape.vocab, (steps + 2,), device=device, generator=gen)
+    total = shape.layers * kv_bytes(shape, 1, ctx, shape.num_kv)
+    result = {"fp32_bounds_bytes": sum(2 * b.kmin.numel() * 4 for b in cache.bounds)}
 
-        def step(i: int, token=token, policy=policy) -> None:
-            runner.forward(cache, token, policy=policy)
-
-        times = timed_steps(step, 2, steps)
+    def decode(policy, count: int, logits: list | None = None) -> list[float]:
+        def step(i: int) -> None:
+            out = runner.forward(cache, tokens[i % tokens.numel()].view(1), policy=policy)
+            if logits is not None:
+                logits.append(out)
+        times = timed_steps(step, 2, count - 2) if logits is None else [
+            step(i) for i in range(count)]
         cache.rewind(ctx)
-        total = shape.layers * kv_bytes(shape, 1, ctx, shape.num_kv)
-        result[mode] = {"times_ms": times, "resident_fraction": policy.stats.resident_fraction,
-                        "kv_bytes_resident": policy.stats.resident_fraction * total}
+        return times
+
+    modes = {"dense": {}, "flexicache": {"unstable": unstable}}
+    for mode, extra in modes.items():
+        policy = CheckedPolicy(mode=mode, num_layers=shape.layers, num_kv_heads=shape.num_kv,
+                               page_size=shape.page, top_k=shape.top_k,
+                               rerank_interval=shape.rerank, use_kernels=True, **extra)
+        times = decode(policy, steps)
+        result[mode] = {
+            "times_ms": times, "resident_fraction": policy.stats.resident_fraction,
+            "kv_bytes_resident": policy.stats.resident_fraction * total,
+            "live_bounds_bytes": live_bytes(cache), "selections": policy.calls,
+            "kernel_selections": policy.kernel_calls, "rows_checked": policy.rows,
+            "rows_equal": policy.rows_equal, "super_near_ties": policy.super_ties,
+            "worst_score_gap_rel": policy.worst_gap}
+    if equal_check:
+        dense_logits: list = []
+        every_logits: list = []
+        decode(runner.policy("dense"), 8, dense_logits)
+        every = runner.policy("flexicache", top_k=cache.num_blocks, unstable=unstable,
+                              use_kernels=True)
+        decode(every, 8, every_logits)
+        diff = max(float((a - b).abs().max()) for a, b in zip(dense_logits, every_logits))
+        scale = max(float(a.abs().max()) for a in dense_logits)
+        result["all_pages_equal_dense"] = {"steps": 8, "max_abs_logit_diff": diff,
+                                           "max_abs_logit": scale}
     return result
 
 
 def summary(times: list[float]) -> dict:
     return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times)}
+
+
+def runner_row(ctx: int, res: dict) -> tuple[dict, list[str]]:
+    """JSON row of one context and the names of its failed checks."""
+    row = {"ctx": ctx, **{k: v for k, v in res.items() if k not in ("dense", "flexicache")}}
+    row.update({m: {**summary(res[m]["times_ms"]), **res[m]} for m in ("dense", "flexicache")})
+    flexi, failed = res["flexicache"], []
+    if flexi["kernel_selections"] == 0:
+        failed.append(f"{ctx}: flexicache never selected through the live-bounds kernels")
+    if not flexi["worst_score_gap_rel"] <= 1e-5 + 1e-3:
+        failed.append(f"{ctx}: kernel vs reference score gap {flexi['worst_score_gap_rel']:.3g}")
+    equal = res.get("all_pages_equal_dense")
+    if equal is not None:
+        equal["ok"] = equal["max_abs_logit_diff"] <= 1e-2 * equal["max_abs_logit"]
+        if not equal["ok"]:
+            failed.append(f"{ctx}: flexicache with every page differs from dense by "
+                          f"{equal['max_abs_logit_diff']:.3g}")
+    return row, failed
 
 
 @app.command()
@@ -336,24 +450,28 @@ def main(
     batch: int = typer.Option(8, help="Sequences per decode step in the layer benchmark."),
     seed: int = typer.Option(0, help="Seed of weights and KV."),
     skip_runner: bool = typer.Option(False, help="Only the kernel-level layer benchmark."),
+    skip_layer: bool = typer.Option(False, help="Only the reference runner."),
+    contexts: str = typer.Option("8192,32768,131072", help="Comma-separated contexts."),
+    name: str = typer.Option("gpu_decode", help="Result file name (without .json)."),
 ) -> None:
-    """Decode step time and device KV bytes, dense vs FlexiCache; writes gpu_decode.json."""
+    """Decode step time and device KV bytes, dense vs FlexiCache; writes <name>.json.
+    Exits 1 if a runner check failed."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator(device=device).manual_seed(seed)
     shape = QUICK if quick else Shape()
-    contexts = [256] if quick else [8192, 32768, 131072]
+    contexts = [256] if quick else [int(c) for c in contexts.split(",")]
     steps = 2 * shape.rerank + 1 if quick else 3 * shape.rerank
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / ("gpu_decode_quick.json" if quick else "gpu_decode.json")
+    path = out_dir / (f"{name}_quick.json" if quick else f"{name}.json")
     result: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                     "shape": shape.__dict__, "batch": batch, "steps": steps, "layer": [],
-                    "runner": []}
-    layers = [Layer(shape, device, gen) for _ in range(shape.layers)]
+                    "runner": [], "failed": []}
     table = Table(title=f"decode step, {shape.layers} layers of Llama-8B shape, batch {batch}")
     for col in ("ctx", "dense ms", "flexi ms", "speedup", "dense KV GB", "flexi KV GB",
                 "flexi meta GB", "promoted/rerank"):
         table.add_column(col, justify="right")
-    for ctx in contexts:
+    layers = [] if skip_layer else [Layer(shape, device, gen) for _ in range(shape.layers)]
+    for ctx in [] if skip_layer else contexts:
         dense = layer_dense(shape, layers, batch, ctx, steps, device, gen)
         flexi = layer_flexicache(shape, layers, batch, ctx, steps, device, gen)
         row = {"ctx": ctx, "dense": {**summary(dense["times_ms"]), **dense},
@@ -369,23 +487,36 @@ def main(
                       f"{flexi['promoted_pages_per_layer_rerank']:.0f}")
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    console.print(table)
+    if not skip_layer:
+        console.print(table)
+    del layers
     if not skip_runner:
         run_table = Table(title=f"reference runner, batch 1, {shape.layers} layers")
-        for col in ("ctx", "dense ms", "flexi ms", "flexi resident %"):
+        for col in ("ctx", "dense ms", "flexi ms", "flexi resident %", "flexi KV GB",
+                    "live int8 MB", "rows equal ref", "K=all vs dense"):
             run_table.add_column(col, justify="right")
         for ctx in contexts:
-            res = runner_steps(shape, ctx, steps, device, gen)
-            result["runner"].append({"ctx": ctx, **{m: {**summary(r["times_ms"]), **r}
-                                                    for m, r in res.items()}})
+            res = runner_steps(shape, ctx, steps, device, gen, equal_check=ctx == contexts[0])
+            row, failed = runner_row(ctx, res)
+            result["runner"].append(row)
+            result["failed"] += failed
             path.write_text(json.dumps(result, indent=1))
-            run_table.add_row(str(ctx), f"{statistics.median(res['dense']['times_ms']):.2f}",
-                              f"{statistics.median(res['flexicache']['times_ms']):.2f}",
-                              f"{100 * res['flexicache']['resident_fraction']:.1f}")
+            flexi = row["flexicache"]
+            equal = row.get("all_pages_equal_dense")
+            run_table.add_row(
+                str(ctx), f"{row['dense']['median_ms']:.2f}", f"{flexi['median_ms']:.2f}",
+                f"{100 * flexi['resident_fraction']:.1f}",
+                f"{flexi['kv_bytes_resident'] / 1e9:.3f}",
+                f"{flexi['live_bounds_bytes'] / 1e6:.1f}",
+                f"{flexi['rows_equal']}/{flexi['rows_checked']}",
+                f"{equal['max_abs_logit_diff']:.2g}" if equal else "-")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         console.print(run_table)
     path.write_text(json.dumps(result, indent=1))
+    console.print(f"runner checks failed: {result['failed'] or 'none'}")
+    if result["failed"]:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

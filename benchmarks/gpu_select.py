@@ -4,8 +4,10 @@
 For each (context, batch, K), Llama-8B attention shape, int8 page bounds of random bf16 keys:
 the sparse decode step (the denominator) and the fp32 flat selection (the "before"), then
 int8 flat and two-level (super-pages of 8, 4K candidates) selection, each in the multi-launch
-layout and in one-launch shapes (``kvhead.kernels.select_one``) at batches up to 8. "auto"
-is the plan ``kernels.select_pages`` takes at that size, looked up among the measured plans.
+layout, in one-launch shapes (``kvhead.kernels.select_one``) at batches up to 8 and, two-level
+only, in two-launch shapes (``kvhead.kernels.select_two``) at every batch. "auto" is the plan
+``kernels.select_pages`` takes at that size, looked up among the measured plans; "entry" is
+``kernels.select_pages`` itself, checked and timed (the dispatch as it stands when run).
 Times are medians of CUDA-graph replays over 8 rotating input sets.
 
 Run: ``PYTHONPATH=. python benchmarks/gpu_select.py`` (``--quick``: tiny sizes, also under
@@ -54,17 +56,22 @@ from kvhead.kernels.select_hier import (
 )
 from kvhead.kernels.select_hier import flat_select as kernel_flat
 from kvhead.kernels.select_one import OneShape, default_shape
+from kvhead.kernels.select_two import TwoShape
 from kvhead.kernels.timing import graph_ms
 from kvhead.pages import PageBounds
 
-PLANS: dict[str, OneShape | None] = {  # None: the multi-launch layout (pre-existing rule)
+# None: the multi-launch layout; OneShape: one launch (flat and two-level, batch <= 8);
+# TwoShape: two launches (two-level only, every batch). The one-launch shapes kept are those
+# the dispatch takes or that won somewhere in the fourth session's runs.
+PLANS: dict[str, OneShape | TwoShape | None] = {
     "multi": None,
-    "one fp32 t64 c64": OneShape(64, 64, mma=False),
-    "one mma t64 c256": OneShape(64, 256, mma=True),
     "one mma t128 c256": OneShape(128, 256, mma=True),
-    "one fp32 t64 c64 radix": OneShape(64, 64, mma=False, rank=False),
     "one mma t64 c256 radix": OneShape(64, 256, mma=True, rank=False),
     "one mma t128 c256 radix": OneShape(128, 256, mma=True, rank=False),
+    "two t128 c64": TwoShape(),
+    "two t128 c64 nopdl": TwoShape(pdl=False),
+    "two t128 c128": TwoShape(tile_c=128),
+    "two t64 c64 w4": TwoShape(tile=64, warps=4, warps_c=4),
 }
 ONE_MAX_BATCH = 8  # one-launch plans are timed up to this batch
 console = Console()
@@ -75,7 +82,17 @@ def plan_of(name: str, rows: int, cand_tiles: int) -> Plan:
     shape = PLANS[name]
     if shape is None:
         return Plan("fused" if rows * cand_tiles <= FUSE_MAX_PROGRAMS else "split")
+    if isinstance(shape, TwoShape):
+        return Plan("two", two=shape)
     return Plan("one", one=shape)
+
+
+def plans_for(batch: int, flat: bool) -> list[str]:
+    """Plans timed at this batch: one-launch shapes up to ONE_MAX_BATCH, two-launch shapes
+    for two-level selection only."""
+    return [n for n, s in PLANS.items() if s is None
+            or (isinstance(s, OneShape) and batch <= ONE_MAX_BATCH)
+            or (isinstance(s, TwoShape) and not flat)]
 
 
 def auto_name(rows: int, max_pages: int, top_k: int) -> str:
@@ -86,10 +103,11 @@ def auto_name(rows: int, max_pages: int, top_k: int) -> str:
     first = -(-max_pages // DEFAULT_GROUP) if two_level else max_pages
     cand = default_num_super(top_k, DEFAULT_GROUP) * DEFAULT_GROUP if two_level else max_pages
     kind = "hier" if two_level else "flat"
-    if auto_layout(rows, -(-cand // TILE), flat=not two_level, first_boxes=first,
-                   top_k=k) != "one":
+    layout = auto_layout(rows, -(-cand // TILE), flat=not two_level, first_boxes=first,
+                         top_k=k)
+    if layout not in ("one", "two"):
         return f"{kind} multi"
-    shape = default_shape(cand)
+    shape = default_shape(cand) if layout == "one" else TwoShape()
     return f"{kind} " + next((n for n, s in PLANS.items() if s == shape), "unmeasured")
 
 
@@ -99,6 +117,27 @@ def set_auto(row: dict) -> None:
     kind, name = row["auto"].split(" ", 1)
     row["auto_ms"] = row[kind].get(name, float("nan"))
     row["auto_frac_of_sparse"] = row["auto_ms"] / RERANK_INTERVAL / row["sparse_ms"]
+
+
+def entry_check(row: dict, tag: str, checks: Checks, query: torch.Tensor,
+                pages: CompactBounds, supers: CompactBounds, table: torch.Tensor,
+                num_pages: torch.Tensor, forced: torch.Tensor, finite: float) -> None:
+    """``kernels.select_pages`` against the torch reference of the path it takes."""
+    top_k = row["top_k"]
+    num_super = plan_selection(table.shape[1], top_k, rows=query.shape[0] * NUM_KV)
+    got = kernels.select_pages(query, pages, supers, table, num_pages, top_k)
+    if num_super is None:
+        ref = flat_select(query, pages, table, num_pages, top_k)
+    else:  # second level against the reference inside the kernel's super-pages (near-ties)
+        got_sup = hier_select_stages(query, pages, supers, table, num_pages, top_k,
+                                     DEFAULT_GROUP, num_super)[1]
+        ref = select_in_super_pages(query, pages, got_sup, table, num_pages, top_k,
+                                    DEFAULT_GROUP)
+    checks.true(f"entry {tag}: ids valid, counts equal",
+                bool(((got >= 0) & (got < table.shape[1])).all())
+                and torch.equal((got >= 0).sum(2), (ref >= 0).sum(2)))
+    checks.bound(f"entry {tag}: score sets", score_set_gap(forced, got, ref),
+                 1e-5 * finite + 1e-3)
 
 
 def bench_point(ctx: int, batch: int, top_ks: list[int], checks: Checks, device: torch.device,
@@ -117,7 +156,6 @@ def bench_point(ctx: int, batch: int, top_ks: list[int], checks: Checks, device:
     finite = forced[forced.isfinite()].abs().max().item()
     sup_scores = super_page_scores(queries[0], supers, num_pages, DEFAULT_GROUP)
     sup_finite = sup_scores[sup_scores.isfinite()].abs().max().item()
-    names = [n for n in PLANS if PLANS[n] is None or batch <= ONE_MAX_BATCH]
     out = []
     for top_k in top_ks:
         tag = f"ctx={ctx} B={batch} K={top_k}"
@@ -130,7 +168,7 @@ def bench_point(ctx: int, batch: int, top_ks: list[int], checks: Checks, device:
                "flat_fp32_ms": fp32_ms, "flat": {}, "hier": {}, "num_super": num_super}
         ref_flat = flat_select(queries[0], pages, table, num_pages, top_k)
         ref_sup = select_super_pages(queries[0], supers, num_pages, DEFAULT_GROUP, num_super)
-        for name in names:
+        for name in plans_for(batch, flat=True):
             flat_plan = plan_of(name, rows, -(-max_pages // TILE))
             got = kernel_flat(queries[0], pages, table, num_pages, top_k, plan=flat_plan)
             checks.true(f"flat {name} {tag}: ids valid, counts equal",
@@ -141,6 +179,7 @@ def bench_point(ctx: int, batch: int, top_ks: list[int], checks: Checks, device:
             ms = graph_ms([(lambda q=q, p=p, k=top_k, pl=flat_plan: kernel_flat(
                 q, p, table, num_pages, k, plan=pl)) for q, p in zip(queries, page_sets)])
             row["flat"][name] = ms
+        for name in plans_for(batch, flat=False):
             hier_plan = plan_of(name, rows, -(-num_super * DEFAULT_GROUP // TILE))
             got, got_sup = hier_select_stages(queries[0], pages, supers, table, num_pages,
                                               top_k, DEFAULT_GROUP, num_super, plan=hier_plan)
@@ -161,6 +200,11 @@ def bench_point(ctx: int, batch: int, top_ks: list[int], checks: Checks, device:
                                                plan=pl))
                 for q, p, s in zip(queries, page_sets, super_sets)])
             row["hier"][name] = ms
+        entry_check(row, tag, checks, queries[0], pages, supers, table, num_pages, forced,
+                    finite)
+        row["entry_ms"] = graph_ms([(lambda q=q, p=p, s=s, k=top_k: kernels.select_pages(
+            q, p, s, table, num_pages, k)) for q, p, s in zip(queries, page_sets, super_sets)])
+        row["entry_frac_of_sparse"] = row["entry_ms"] / RERANK_INTERVAL / sparse_ms
         set_auto(row)
         out.append(row)
         console.print(f"{tag}: sparse {1e3 * sparse_ms:.1f} us, auto {row['auto']} "
@@ -170,34 +214,43 @@ def bench_point(ctx: int, batch: int, top_ks: list[int], checks: Checks, device:
     return out
 
 
+def _best(times: dict, prefix: str) -> str:
+    """``"us (plan)"`` of the fastest plan whose name starts with ``prefix``, or "-"."""
+    some = {n: v for n, v in times.items() if n.startswith(prefix)}
+    if not some:
+        return "-"
+    best = min(some, key=some.get)
+    return f"{1e3 * some[best]:.1f} ({best[len(prefix):].strip()})"
+
+
 def write_markdown(path: Path, result: dict) -> None:
     lines = [
-        "## Rerank selection per launch plan (one-launch vs multi-launch)", "",
+        "## Rerank selection per launch plan (multi-launch, one launch, two launches)", "",
         ("Selection time amortised over R = 16 steps as a share of the sparse decode step "
          "(same K, re-measured here); medians of graph replays over 8 rotating inputs. Flat "
          "int8: every page scored; two-level: super-pages of 8, top M = K/2, top-K of their "
          "4K pages. multi: the multi-launch kernels (2 launches flat, 3-4 two-level); one: "
-         "one launch, last program per row merges (shape: tile of first-pass boxes, tensor "
-         "cores or not, candidate step). auto: the plan `kernels.select_pages` takes at this "
-         "size under the current dispatch rules, looked up among the measured plans (a "
-         "--rebuild table derives it after the runs). "
+         "one launch, last program per row merges (batch <= 8); two: two launches, each "
+         "reduced by its last program per row (two-level). auto: the plan "
+         "`kernels.select_pages` takes at this size under the current dispatch rules, looked "
+         "up among the measured plans (a --rebuild table derives it after the runs); entry: "
+         "`kernels.select_pages` itself, timed with the dispatch of the run. "
          f"Checks: {result['checks']} run, {result['failed']} failed."), "",
-        ("| ctx | batch | K | sparse us | flat fp32 % | flat int8 us (multi / best one) | "
-         "two-level us (multi / best one) | auto | auto us | **auto %** |"),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        ("| ctx | batch | K | sparse us | flat fp32 % | flat int8 us: multi / best one | "
+         "two-level us: multi / best one / best two | auto | auto us | **auto %** | "
+         "entry us (%) |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        cells = []
-        for kind in ("flat", "hier"):
-            ones = {n: v for n, v in r[kind].items() if n != "multi"}
-            best = min(ones, key=ones.get) if ones else None
-            one = f"{1e3 * ones[best]:.1f} ({best[4:]})" if best else "-"
-            cells.append(f"{1e3 * r[kind]['multi']:.1f} / {one}")
+        flat, hier = r["flat"], r["hier"]
+        entry = (f"{1e3 * r['entry_ms']:.1f} ({100 * r['entry_frac_of_sparse']:.1f})"
+                 if "entry_ms" in r else "-")
         lines.append(
             f"| {r['ctx']} | {r['batch']} | {r['top_k']} | {1e3 * r['sparse_ms']:.1f} | "
-            f"{100 * r['flat_fp32_ms'] / RERANK_INTERVAL / r['sparse_ms']:.0f} | {cells[0]} | "
-            f"{cells[1]} | {r['auto']} | {1e3 * r['auto_ms']:.1f} | "
-            f"**{100 * r['auto_frac_of_sparse']:.1f}** |")
+            f"{100 * r['flat_fp32_ms'] / RERANK_INTERVAL / r['sparse_ms']:.0f} | "
+            f"{1e3 * flat['multi']:.1f} / {_best(flat, 'one')} | {1e3 * hier['multi']:.1f} / "
+            f"{_best(hier, 'one')} / {_best(hier, 'two')} | {r['auto']} | "
+            f"{1e3 * r['auto_ms']:.1f} | **{100 * r['auto_frac_of_sparse']:.1f}** | {entry} |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -46,6 +46,7 @@ from kvhead.kernels.select import (
     select_cands,
 )
 from kvhead.kernels.select_one import ONE_TILE, OneShape, default_shape, launch_one
+from kvhead.kernels.select_two import TwoShape, launch_two
 from kvhead.kernels.select_tiles import cand_tile_scores, group_digits, super_tile_scores
 
 TILE = 32  # boxes per scoring chunk: 8 KiB of int8 bounds at head dim 128
@@ -157,16 +158,18 @@ class Plan:
     ``layout``: "fused" repeats the first level inside every candidate program (3 launches);
     "split" gives it its own launch (4). Flat selection has no first level: both are its 2
     launches. "one": a single launch whose last program per row merges
-    (:mod:`kvhead.kernels.select_one`, shaped by ``one``). ``scoring``: see :class:`Scoring`
-    (multi-launch layouts).
+    (:mod:`kvhead.kernels.select_one`, shaped by ``one``). "two" (two-level only): two
+    launches, each reduced by its last program per row (:mod:`kvhead.kernels.select_two`,
+    shaped by ``two``). ``scoring``: see :class:`Scoring` (multi-launch layouts).
     """
 
     layout: str | None = None
     scoring: Scoring | None = None
     one: OneShape | None = None
+    two: TwoShape | None = None
 
     def __post_init__(self) -> None:
-        if self.layout not in (None, "fused", "split", "one"):
+        if self.layout not in (None, "fused", "split", "one", "two"):
             raise ValueError(f"unknown layout {self.layout!r}")
 
 
@@ -277,6 +280,13 @@ def _launch(
     tiles = triton.cdiv(num_cand, TILE)
     common = {"GROUP": gqa, "GP": gp, "MMA": mma, "BLOCK_D": block_d}
     layout = plan.layout or auto_layout(rows, tiles, flat=flat, first_boxes=groups, top_k=k)
+    if layout == "two":
+        if flat:
+            raise ValueError("the two-launch layout is for two-level selection only")
+        launch_two(query, sq, pq, block_table, num_pages, ids, sup_ids, num_groups=groups,
+                   top_k=k, group=group, shape=plan.two or TwoShape(), GROUP=gqa, GP=gp,
+                   BLOCK_D=block_d)
+        return ids, sup_ids.view(batch, num_kv_heads, m)
     if layout == "one":
         launch_one(query, sq, pq, block_table, num_pages, ids, sup_ids, cand, num_first=groups,
                    top_first=k if flat else m, top_k=k, group=group, flat=flat,
