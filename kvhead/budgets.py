@@ -27,6 +27,9 @@ class PageCoverage(BaseModel):
     group_score: str = Field(description="GQA page score that ranked the pages (see score_pages).")
     sink_pages: int = Field(ge=0, description="First pages always ranked first.")
     recent_pages: int = Field(ge=1, description="Newest pages always ranked first.")
+    bound_weight: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="Share of the box spread in the page score."
+    )
     pages: list[int] = Field(description="The grid of k, ascending.")
     mass: list[list[list[float]]] = Field(
         description="[layer][kv head][grid index]: mean share of the group's true attention mass "
@@ -45,9 +48,10 @@ class PageCoverage(BaseModel):
         """``[layers, kv heads, grid]`` covered mass."""
         return torch.tensor(self.mass, dtype=torch.float64)
 
-    def matches(self, *, group_score: str, sink_pages: int, recent_pages: int) -> bool:
+    def matches(self, *, group_score: str, sink_pages: int, recent_pages: int, bound_weight: float = 1.0) -> bool:
         """Whether the curves were ranked the way a policy with these options ranks pages."""
-        return (self.group_score, self.sink_pages, self.recent_pages) == (group_score, sink_pages, recent_pages)
+        mine = (self.group_score, self.sink_pages, self.recent_pages, self.bound_weight)
+        return mine == (group_score, sink_pages, recent_pages, bound_weight)
 
 
 def allocate_budgets(

@@ -103,6 +103,7 @@ def coverage(
     offsets: Annotated[str, typer.Option(help="Corpus offsets of the calibration windows.")] = "16384",
     context: int = 8192, steps: int = 64, step_pages: int = 8, page_size: int = 16,
     group_score: str = "softmax", sink_pages: int = 1, recent_pages: int = 4,
+    bound_weight: Annotated[float, typer.Option(help="Share of the box spread in page scores.")] = 1.0,
     device: Annotated[str, typer.Option(help="torch device: cpu or cuda.")] = "cpu",
 ) -> None:
     """Calibrate head-adaptive budgets: add per-head attention-mass coverage to a head profile."""
@@ -112,6 +113,7 @@ def coverage(
         cfg = CoverageConfig(
             offsets=_ints(offsets), context=context, steps=steps, step_pages=step_pages,
             group_score=group_score, sink_pages=sink_pages, recent_pages=recent_pages,
+            bound_weight=bound_weight,
         )
         model_dir, runner, tokenizer = _load(model, page_size, device)
         head_profile = profile_for_model(model_dir, profile_path)
@@ -142,6 +144,8 @@ def eval_(
     leading_layers: Annotated[int, typer.Option(help="+ modes: first layers attend densely.")] = 0,
     unstable_dense: Annotated[bool, typer.Option(help="flexicache+: unstable heads attend densely.")] = False,
     head_budgets: Annotated[bool, typer.Option(help="+ modes: per-head budgets from the profile's coverage.")] = False,
+    bound_weight: Annotated[float, typer.Option(help="+ modes: share of the page box's spread in its score (1: upper bound).")] = 1.0,
+    compensate: Annotated[bool, typer.Option(help="+ modes: skipped pages enter attention as summary tokens.")] = False,
     prompts: Annotated[int, typer.Option(help="Corpus windows per context (agreement, perplexity).")] = 1,
     first_window: Annotated[int, typer.Option(help="Index of the first corpus window.")] = 0,
     device: Annotated[str, typer.Option(help="torch device: cpu or cuda.")] = "cpu",
@@ -153,6 +157,7 @@ def eval_(
         options = SelectionOptions(
             sink_pages=sink_pages, recent_pages=recent_pages, group_score=group_score,
             leading_layers=leading_layers, unstable_dense=unstable_dense, head_budgets=head_budgets,
+            bound_weight=bound_weight, compensate=compensate,
         )
         cfg = EvalConfig(
             contexts=_ints(contexts), gen_tokens=gen_tokens, top_k=top_k, page_size=page_size,

@@ -65,7 +65,7 @@ class PageBounds:
 
 def score_pages(
     query: torch.Tensor, bounds: PageBounds, block_table: torch.Tensor, num_pages: torch.Tensor,
-    kv_heads: torch.Tensor | None = None, group_score: str = "max",
+    kv_heads: torch.Tensor | None = None, group_score: str = "max", bound_weight: float = 1.0,
 ) -> torch.Tensor:
     """Upper-bound scores ``[B, Hkv, max_pages]`` for decode queries ``[B, Hq, D]``.
 
@@ -78,6 +78,13 @@ def score_pages(
     (scaled by 1/sqrt(D), as attention is), an estimate of the attention mass the group puts on
     each page. With ``max`` one query head with large logits ranks the pages for the whole group;
     the softmax gives each query head a normalized say.
+
+    ``bound_weight`` w in [0, 1] writes the bound as the box centre's logit plus its spread,
+    ``q.c + sum_d |q_d| h_d`` (c = (kmax + kmin) / 2, h = (kmax - kmin) / 2), and keeps w of the
+    spread: 1 is the upper bound above; below 1 the score estimates a page's typical logit rather
+    than its best case, so a page whose box is wide only because its keys disagree stops
+    outranking one whose keys all point at q (on SmolLM2 at 8k, w = 0.5 cuts the stable heads'
+    attention-output error by ~20% at the same K; see benchmarks/accuracy_scoring.py).
     """
     batch, num_q_heads, head_dim = query.shape
     num_kv_heads = bounds.kmin.shape[1]
@@ -90,7 +97,12 @@ def score_pages(
         kmax = bounds.kmax[table.unsqueeze(-1), kv_heads]
         kmin = bounds.kmin[table.unsqueeze(-1), kv_heads]
     kmax, kmin = kmax.permute(0, 2, 3, 1), kmin.permute(0, 2, 3, 1)  # [B, h, D, N]
-    scores = q.clamp_min(0) @ kmax + q.clamp_max(0) @ kmin  # [B, Hkv, G, N]
+    if bound_weight == 1.0:
+        scores = q.clamp_min(0) @ kmax + q.clamp_max(0) @ kmin  # [B, Hkv, G, N]
+    elif 0.0 <= bound_weight < 1.0:
+        scores = q @ ((kmax + kmin) / 2) + bound_weight * (q.abs() @ ((kmax - kmin) / 2))
+    else:
+        raise ValueError(f"bound_weight must lie in [0, 1], got {bound_weight}")
     invalid = (torch.arange(table.shape[1], device=table.device) >= num_pages.view(-1, 1))
     invalid = invalid.view(batch, 1, 1, -1)
     if group_score == "max":

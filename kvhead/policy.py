@@ -22,6 +22,10 @@ Options beyond the spec, all off by default (the defaults are the spec's selecti
   resident anyway, so this costs compute but no device memory, and they need no scoring.
 * ``head_top_k``: a per-(layer, head) page budget in place of the one ``top_k`` (head-adaptive
   selection, see :mod:`kvhead.budgets`): broad heads get more pages, concentrated ones fewer.
+* ``bound_weight``: rank pages by the box centre's logit plus this share of the box's spread
+  (1: the spec's upper bound; see :func:`kvhead.pages.score_pages`).
+* ``compensate``: heads also attend to one summary token per page they skip (see
+  :mod:`kvhead.summaries`); selections carry the flag to the attention.
 
 The policy keeps per-layer state for one batch of sequences that decode in lock-step; call
 :meth:`SelectionPolicy.reset` when a new batch starts.
@@ -29,7 +33,7 @@ The policy keeps per-layer state for one batch of sequences that decode in lock-
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import torch
@@ -49,8 +53,8 @@ from kvhead.pages import (
 def _score_and_select(
     query: torch.Tensor, bounds: PageBounds, block_table: torch.Tensor, num_pages: torch.Tensor,
     top_k: int | torch.Tensor, kv_heads: torch.Tensor | None = None, *, sink_pages: int = 0,
-    recent_pages: int = 1, group_score: str = "max", live: LiveBounds | None = None,
-    use_kernels: bool | None = None,
+    recent_pages: int = 1, group_score: str = "max", bound_weight: float = 1.0,
+    live: LiveBounds | None = None, use_kernels: bool | None = None,
 ) -> torch.Tensor:
     """Top-K page ids ``[B, Hkv, K]``; heads outside ``kv_heads`` (when given) get all -1.
 
@@ -58,11 +62,12 @@ def _score_and_select(
     ``live`` int8 bounds when given (``kernels.select_pages``: flat or two-level by size),
     else fused fp32 scoring + top-K; both score every head (cheap there), and the heads not
     asked for are blanked after. The torch reference elsewhere, and for the options the kernels
-    lack (sink/window pages, softmax group scores, per-head budgets ``top_k [Hkv]``); it reads
+    lack (sink/window pages, softmax group scores, bound weights, per-head budgets ``top_k [Hkv]``); it reads
     only the bounds of the heads asked for, always the fp32 ``bounds``.
     """
     per_head = isinstance(top_k, torch.Tensor)
-    spec = sink_pages == 0 and recent_pages == 1 and group_score == "max" and not per_head
+    spec = (sink_pages == 0 and recent_pages == 1 and group_score == "max" and bound_weight == 1.0
+            and not per_head)
     if spec and (query.is_cuda if use_kernels is None else use_kernels):
         from kvhead import kernels
 
@@ -80,9 +85,10 @@ def _score_and_select(
         width = min(int(top_k.max()) if per_head else top_k, block_table.shape[1])
         return torch.full((query.shape[0], bounds.kmin.shape[1], width), PAD, device=query.device)
     if kv_heads is None:
-        scores = score_pages(query, bounds, block_table, num_pages, group_score=group_score)
+        scores = score_pages(query, bounds, block_table, num_pages, group_score=group_score,
+                             bound_weight=bound_weight)
         return select_top_k(scores, top_k, num_pages, **forced)
-    scores = score_pages(query, bounds, block_table, num_pages, kv_heads, group_score)
+    scores = score_pages(query, bounds, block_table, num_pages, kv_heads, group_score, bound_weight)
     part = select_top_k(scores, top_k[kv_heads] if per_head else top_k, num_pages, **forced)
     full = part.new_full((part.shape[0], bounds.kmin.shape[1], part.shape[2]), PAD)
     full[:, kv_heads] = part
@@ -106,6 +112,7 @@ class LayerSelection:
     num_pages: torch.Tensor  # [B] pages each sequence has
     promoted: torch.Tensor  # [B, Hkv] pages fetched into the device pool by this step's rerank
     reranked: torch.Tensor  # [B, Hkv] whether the head reranked this step
+    compensate: bool = False  # heads also attend to summaries of the pages they skip
 
 
 @dataclass
@@ -171,6 +178,8 @@ class SelectionPolicy:
     unstable_dense: bool = False  # flexicache: unstable heads attend to every (resident) page
     group_score: str = "max"  # "max" over the GQA group (spec) or "softmax" (see score_pages)
     head_top_k: torch.Tensor | None = None  # [L, Hkv] per-head budgets replacing top_k
+    bound_weight: float = 1.0  # share of the box spread in page scores (1: Quest's bound)
+    compensate: bool = False  # skipped pages enter attention as summary tokens
     use_kernels: bool | None = None  # Triton selection for the spec case (None: on CUDA)
     stats: PolicyStats = field(init=False)
     _state: dict[int, _LayerState] = field(init=False, default_factory=dict)
@@ -192,6 +201,10 @@ class SelectionPolicy:
             )
         if self.head_top_k is not None:
             self._check_head_top_k()
+        if not 0.0 <= self.bound_weight <= 1.0:
+            raise ValueError(f"bound_weight must lie in [0, 1], got {self.bound_weight}")
+        if (self.bound_weight != 1.0 or self.compensate) and type(self)._top_k is not SelectionPolicy._top_k:
+            raise ValueError(f"{type(self).__name__} has no bound_weight or compensate option")
         if self.group_score not in ("max", "softmax"):
             raise ValueError(f"group_score must be 'max' or 'softmax', got {self.group_score!r}")
         if not 0 <= self.dense_layers <= self.num_layers:
@@ -266,7 +279,7 @@ class SelectionPolicy:
             top = self._top_k(query, bounds, block_table, num_pages, heads)
             sel = self._flexicache(layer, top, num_pages, width, due)
         self.stats.record(layer, sel)
-        return sel
+        return replace(sel, compensate=True) if self.compensate else sel
 
     def _top_k(
         self, query: torch.Tensor, bounds: PageBounds, block_table: torch.Tensor,
@@ -280,8 +293,8 @@ class SelectionPolicy:
         top_k = self.top_k if self.head_top_k is None else self.head_top_k[self._layer].to(query.device)
         return _score_and_select(
             query, bounds, block_table, num_pages, top_k, heads, sink_pages=self.sink_pages,
-            recent_pages=self.recent_pages, group_score=self.group_score, live=self._live,
-            use_kernels=self.use_kernels,
+            recent_pages=self.recent_pages, group_score=self.group_score,
+            bound_weight=self.bound_weight, live=self._live, use_kernels=self.use_kernels,
         )
 
     def _flexicache(

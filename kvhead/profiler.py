@@ -77,6 +77,7 @@ class CoverageConfig(BaseModel):
     group_score: Literal["max", "softmax"] = Field(default="softmax", description="GQA page score ranking the pages.")
     sink_pages: int = Field(default=1, ge=0, description="First pages always ranked first.")
     recent_pages: int = Field(default=4, ge=1, description="Newest pages always ranked first.")
+    bound_weight: float = Field(default=1.0, ge=0.0, le=1.0, description="Share of the box spread in page scores.")
 
 
 class _CoverageProbe:
@@ -108,7 +109,8 @@ class _CoverageProbe:
         weights = (torch.einsum("hgd,thd->hgt", q, keys.float()) * spec.head_dim**-0.5).softmax(-1)
         weights = torch.nn.functional.pad(weights.mean(1), (0, width * spec.page_size - total))
         mass = weights.view(spec.num_kv_heads, width, spec.page_size).sum(-1)  # [Hkv, N]
-        scores = score_pages(query, bounds, block_table[:, :width], num_pages, group_score=cfg.group_score)
+        scores = score_pages(query, bounds, block_table[:, :width], num_pages, group_score=cfg.group_score,
+                             bound_weight=cfg.bound_weight)
         # every page, best first; forced pages rank first, as the policy keeps them
         pos = torch.arange(width, device=query.device).view(1, -1)
         keep = (pos < cfg.sink_pages) | (pos >= width - cfg.recent_pages)
@@ -138,7 +140,7 @@ def measure_coverage(runner: ReferenceRunner, tokenizer, cfg: CoverageConfig) ->
     mass = (probe.total / max(probe.count, 1)).clamp_max(1.0)
     return PageCoverage(
         context=cfg.context, offsets=cfg.offsets, steps=cfg.steps, group_score=cfg.group_score,
-        sink_pages=cfg.sink_pages, recent_pages=cfg.recent_pages, pages=grid,
+        sink_pages=cfg.sink_pages, recent_pages=cfg.recent_pages, bound_weight=cfg.bound_weight, pages=grid,
         mass=[[[round(v, 6) for v in row] for row in layer] for layer in mass.tolist()],
     )
 

@@ -73,6 +73,9 @@ def test_profile_then_eval(tiny_dir, tmp_path, monkeypatch):
     (["eval", "--model", "no-such-model"], "unknown model"),
     (["eval", "--device", "cuda"], "no CUDA device"),
     (["coverage", "--group-score", "mean"], "group_score"),
+    (["coverage", "--bound-weight", "-1"], "bound_weight"),
+    (["eval", "--modes", "flexicache+", "--bound-weight", "1.5"], "bound_weight"),
+    (["eval", "--compensate"], "apply only to the modes"),
     (["profile", "--unstable-fraction", "1.5"], "unstable_fraction"),
     (["profile", "--model", "/no/such/dir"], "no such file"),
 ])

@@ -151,8 +151,9 @@ def test_coverage_curves_rise_to_one_and_drive_budgets(tiny):
     for mode, m in later.modes.items():
         assert m.window_agreement == result.modes[mode].window_agreement[1:]
         assert m.window_kl == pytest.approx(result.modes[mode].window_kl[1:])
-    with pytest.raises(ValueError, match="options differ"):
-        evaluate(runner, tok, profile, cfg.model_copy(update={"options": SelectionOptions(
-            head_budgets=True, sink_pages=1)}), model="tiny")
+    for differ in ({"sink_pages": 1}, {"bound_weight": 0.5}):  # curves ranked another way
+        with pytest.raises(ValueError, match="options differ"):
+            evaluate(runner, tok, profile, cfg.model_copy(update={"options": SelectionOptions(
+                head_budgets=True, **differ)}), model="tiny")
     with pytest.raises(ValueError, match="coverage"):
         evaluate(runner, tok, profile.model_copy(update={"coverage": None}), cfg, model="tiny")

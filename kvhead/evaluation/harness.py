@@ -2,8 +2,9 @@
 
 The modes are the spec's ``quest`` and ``flexicache`` and, on request, ``quest+`` and
 ``flexicache+``: the same policies with the selection options of :class:`SelectionOptions`
-(sink/window pages, dense leading layers, softmax group scores, unstable heads attending densely,
-head-adaptive page budgets from the profile's coverage calibration).
+(sink/window pages, dense leading layers, softmax group scores, bound weights, summary tokens for
+skipped pages, unstable heads attending densely, head-adaptive page budgets from the profile's
+coverage calibration).
 
 Per context length, for each sparse mode, following DESIGN.md's agreed definitions:
 token agreement (teacher-forced on dense's greedy continuation), free-running match (first
@@ -52,6 +53,13 @@ class SelectionOptions(BaseModel):
     )
     unstable_dense: bool = Field(
         default=False, description="flexicache+: unstable heads attend to every (resident) page."
+    )
+    bound_weight: float = Field(
+        default=1.0, ge=0.0, le=1.0,
+        description="Share of the page box's spread in its score (1: the spec's upper bound).",
+    )
+    compensate: bool = Field(
+        default=False, description="Skipped pages enter attention as one summary token each."
     )
     head_budgets: bool = Field(
         default=False,
@@ -186,7 +194,8 @@ def _policy(runner: ReferenceRunner, mode: str, cfg: EvalConfig, profile: HeadPr
     if mode.endswith("+"):
         opt = cfg.options
         kwargs |= {"sink_pages": opt.sink_pages, "recent_pages": opt.recent_pages,
-                   "group_score": opt.group_score}
+                   "group_score": opt.group_score, "bound_weight": opt.bound_weight,
+                   "compensate": opt.compensate}
         if base is Mode.flexicache:
             kwargs |= {"unstable": profile.unstable_mask(opt.leading_layers),
                        "unstable_dense": opt.unstable_dense}
@@ -207,10 +216,12 @@ def _head_budgets(profile: HeadProfile, opt: SelectionOptions, sparse: torch.Ten
     cov = profile.coverage
     if cov is None:
         raise ValueError("head_budgets needs a profile with coverage (kvhead profile --coverage)")
-    if not cov.matches(group_score=opt.group_score, sink_pages=opt.sink_pages, recent_pages=opt.recent_pages):
+    if not cov.matches(group_score=opt.group_score, sink_pages=opt.sink_pages,
+                       recent_pages=opt.recent_pages, bound_weight=opt.bound_weight):
         raise ValueError(
             f"the profile's coverage was ranked with group_score={cov.group_score}, sink_pages="
-            f"{cov.sink_pages}, recent_pages={cov.recent_pages}; the options differ"
+            f"{cov.sink_pages}, recent_pages={cov.recent_pages}, bound_weight={cov.bound_weight}; "
+            "the options differ"
         )
     return allocate_budgets(cov, sparse, top_k)
 

@@ -22,6 +22,7 @@ from kvhead.attention import sparse_decode_attention
 from kvhead.policy import LayerSelection, SelectionPolicy
 from kvhead.runner.paged_cache import PagedKVCache
 from kvhead.spec import HeadPageSpec
+from kvhead.summaries import compensate
 
 ATTN_NAME = "kvhead"
 SelectionObserver = Callable[[int, LayerSelection], None]
@@ -63,9 +64,12 @@ class _ForwardContext:
                                      live=cache.live[layer])  # int8 bounds (CUDA), else None
             if self.observer is not None:
                 self.observer(layer, sel)
-            out, _ = self.decode_kernel(
+            out, lse = self.decode_kernel(
                 q, cache.k[layer], cache.v[layer], cache.block_table, seq_lens, sel.page_ids, scale
             )
+            if sel.compensate:
+                out = compensate(out, lse, q, cache.bounds[layer], cache.value_sums[layer],
+                                 cache.block_table, seq_lens, sel.page_ids, cache.spec.page_size, scale)
             return out.unsqueeze(1)
         keys, values = cache.keys_values(layer, total)
         keys = keys.transpose(0, 1).unsqueeze(0).to(query.dtype)

@@ -3,7 +3,8 @@
 The reference runner owns its cache instead of using transformers' so that the page layout,
 the bounds and the block table are exactly what the vLLM plugin and the GPU kernels see.
 
-fp32 page bounds are kept everywhere (the reference selection reads them). On CUDA (or when
+fp32 page bounds are kept everywhere (the reference selection reads them), and fp32 per-page
+value sums (the summary tokens of :mod:`kvhead.summaries`). On CUDA (or when
 asked) each layer also keeps :class:`~kvhead.bounds_live.LiveBounds` (int8 page and super-page bounds, what the
 rerank kernels read): built from the fp32 bounds after every multi-token write (prefill) and
 advanced by ``kernels.append_bounds`` on single-token writes (decode).
@@ -17,6 +18,7 @@ from kvhead.bounds_compact import DEFAULT_GROUP, FLAT_MAX_PAGES
 from kvhead.bounds_live import LiveBounds
 from kvhead.pages import PageBounds
 from kvhead.spec import HeadPageSpec
+from kvhead.summaries import PageValueSums
 
 
 class PagedKVCache:
@@ -35,6 +37,10 @@ class PagedKVCache:
         self.v = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(num_layers)]
         self.bounds = [
             PageBounds.empty(self.num_blocks, spec.num_kv_heads, spec.head_dim, device=device)
+            for _ in range(num_layers)
+        ]
+        self.value_sums = [
+            PageValueSums.empty(self.num_blocks, spec.num_kv_heads, spec.head_dim, device=device)
             for _ in range(num_layers)
         ]
         self.block_table = torch.arange(self.num_blocks, device=device).unsqueeze(0)
@@ -64,6 +70,7 @@ class PagedKVCache:
             kernels.update_bounds(self.bounds[layer], keys, slots, self.spec.page_size)
         else:
             self.bounds[layer].update(keys, slots, self.spec.page_size)
+        self.value_sums[layer].update(values, slots, self.spec.page_size)
         if not self.live_bounds:
             return
         if count == 1 and self.live[layer] is not None:
@@ -88,7 +95,7 @@ class PagedKVCache:
     def rewind(self, length: int) -> None:
         """Drop positions ``>= length`` (to decode again from a shared prefill).
 
-        The page that becomes partial gets its bounds recomputed from the keys it keeps, so
+        The page that becomes partial gets its bounds and value sum recomputed from what it keeps, so
         selections after a rewind equal those of a cache that never held the dropped tokens;
         int8 live bounds are rebuilt from the fp32 ones.
         """
@@ -99,7 +106,8 @@ class PagedKVCache:
         slots = torch.arange(start, length, device=self.block_table.device)
         for layer in range(len(self.k)):
             if start < length:
-                keys, _ = self.keys_values(layer, length)
+                keys, values = self.keys_values(layer, length)
                 self.bounds[layer].update(keys[start:], slots, self.spec.page_size)
+                self.value_sums[layer].update(values[start:], slots, self.spec.page_size)
             if self.live[layer] is not None:
                 self._build_live(layer, length)
