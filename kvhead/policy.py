@@ -78,7 +78,8 @@ def _score_and_select(
                                        top_k, group=live.group)
         if kv_heads is not None:
             asked = torch.zeros(ids.shape[1], dtype=torch.bool, device=ids.device)
-            ids = ids.masked_fill(~asked.index_fill(0, kv_heads, True).view(1, -1, 1), PAD)
+            ids = ids.masked_fill(~asked.index_fill(0, kv_heads.to(ids.device), True).view(1, -1, 1),
+                                  PAD)
         return ids
     forced = {"sink_pages": sink_pages, "recent_pages": recent_pages}
     if kv_heads is not None and kv_heads.numel() == 0:
