@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvhead.kernels.pdl import gdc_launch_dependents, gdc_wait
+
 SCORE_TILE = 32  # pages per scoring program: 32 KiB of fp32 bounds per KV head at head_dim 128
 
 
@@ -136,8 +138,11 @@ def _pad_ids(ids_row_ptr, wanted, top_k, BLOCK_K: tl.constexpr):
 @triton.jit
 def _select_kernel(
     scores_ptr, ids_ptr, max_pages, top_k, stride_sr, stride_ir,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    if PDL:  # a dependent launch (kvhead.kernels.pdl): the scores come from the kernel before
+        gdc_wait()
+        gdc_launch_dependents()
     # the flat case of select_cands: positions are the pages (no super-page table is read)
     select_cands(scores_ptr, scores_ptr, ids_ptr, tl.program_id(0).to(tl.int64), max_pages,
                  top_k, 1, stride_sr, 0, stride_ir, True, BLOCK_N, BLOCK_K, BITS)

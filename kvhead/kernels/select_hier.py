@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from kvhead.bounds_compact import FLAT_MAX_PAGES, CompactBounds, check_hier_args
+from kvhead.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_active
 from kvhead.kernels.select import (
     _select_kernel,
     radix_bits,
@@ -91,8 +92,10 @@ def _super_score_kernel(
     num_groups_max, num_kv_heads, head_dim, group,
     stride_qb, stride_qh, stride_mb, stride_mh, stride_ms, stride_sb, stride_sh, stride_sr,
     GROUP: tl.constexpr, GP: tl.constexpr, MMA: tl.constexpr, BLOCK_S: tl.constexpr,
-    STEPS: tl.constexpr, STAGES: tl.constexpr, BLOCK_D: tl.constexpr,
+    STEPS: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    if PDL:  # let the next kernel of the chain launch now (it waits for this one's scores)
+        gdc_launch_dependents()
     bh = tl.program_id(0)
     b = bh // num_kv_heads
     h = bh % num_kv_heads
@@ -117,8 +120,11 @@ def _cand_kernel(
     stride_cr,
     GROUP: tl.constexpr, GP: tl.constexpr, MMA: tl.constexpr, FLAT: tl.constexpr,
     FUSED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BITS: tl.constexpr,
-    TILE_C: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_D: tl.constexpr,
+    TILE_C: tl.constexpr, CHUNKS: tl.constexpr, PDL: tl.constexpr, PDL_WAIT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
+    if PDL:
+        gdc_launch_dependents()
     bh = tl.program_id(0)
     b = bh // num_kv_heads
     h = bh % num_kv_heads
@@ -126,6 +132,8 @@ def _cand_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
     q_row = q_ptr + b * stride_qb
+    if PDL_WAIT:  # a dependent launch: the super-page scores / ids come from the kernel before
+        gdc_wait()
     if FUSED:
         # First level: every tile of the row computes the same set and writes the same ids;
         # the barrier makes this program's writes visible to all of its threads before they
@@ -146,7 +154,10 @@ def _cand_kernel(
 def _select_cand_kernel(
     cand_ptr, sup_ptr, ids_ptr, num_cand, top_k, group, stride_cr, stride_ur, stride_ir,
     FLAT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # a dependent launch: the candidate scores come from the kernel before
+        gdc_wait()
     select_cands(cand_ptr, sup_ptr, ids_ptr, tl.program_id(0).to(tl.int64), num_cand, top_k,
                  group, stride_cr, stride_ur, stride_ir, FLAT, BLOCK_N, BLOCK_K, BITS)
 
@@ -160,13 +171,16 @@ class Plan:
     launches. "one": a single launch whose last program per row merges
     (:mod:`kvhead.kernels.select_one`, shaped by ``one``). "two" (two-level only): two
     launches, each reduced by its last program per row (:mod:`kvhead.kernels.select_two`,
-    shaped by ``two``). ``scoring``: see :class:`Scoring` (multi-launch layouts).
+    shaped by ``two``). ``scoring``: see :class:`Scoring` (multi-launch layouts). ``pdl``:
+    the multi-launch kernels after the first are programmatic dependent launches where the
+    device supports them (:mod:`kvhead.kernels.pdl`).
     """
 
     layout: str | None = None
     scoring: Scoring | None = None
     one: OneShape | None = None
     two: TwoShape | None = None
+    pdl: bool = True
 
     def __post_init__(self) -> None:
         if self.layout not in (None, "fused", "split", "one", "two"):
@@ -294,14 +308,15 @@ def _launch(
         return ids, sup_ids.view(batch, num_kv_heads, m)
     block_s = 1 if flat else triton.next_power_of_2(groups)
     block_n = triton.next_power_of_2(num_cand)
+    pdl = plan.pdl and pdl_active(dev)
     if not flat:
         grid_s = triton.cdiv(groups, sc.super_tile * sc.super_steps)
         _super_score_kernel[(rows, grid_s)](
             query, sq[0], sq[1], sq[2], num_pages, sup_scores, groups, num_kv_heads, head_dim,
             group, query.stride(0), query.stride(1), sq[0].stride(0), sq[0].stride(1),
             sq[0].stride(2), sq[2].stride(0), sq[2].stride(1), sup_scores.stride(0),
-            BLOCK_S=sc.super_tile, STEPS=sc.super_steps, STAGES=sc.stages, num_warps=4,
-            **common,
+            BLOCK_S=sc.super_tile, STEPS=sc.super_steps, STAGES=sc.stages, PDL=pdl,
+            num_warps=4, **common,
         )
     chunks = _chunks(rows, tiles)
     fused = not flat and layout == "fused"
@@ -309,7 +324,7 @@ def _launch(
         _select_kernel[(rows,)](
             sup_scores, sup_ids, groups, m, sup_scores.stride(0), sup_ids.stride(0),
             BLOCK_N=block_s, BLOCK_K=triton.next_power_of_2(m), BITS=radix_bits(block_s),
-            num_warps=max(4, min(16, block_s // 512)),
+            PDL=pdl, num_warps=max(4, min(16, block_s // 512)), launch_pdl=pdl,
         )
     _cand_kernel[(rows, triton.cdiv(tiles, chunks))](
         query, pq[0], pq[1], pq[2], block_table, num_pages, sup_scores, sup_ids, cand,
@@ -317,12 +332,13 @@ def _launch(
         query.stride(0), query.stride(1), pq[0].stride(0), pq[0].stride(1), pq[2].stride(0),
         block_table.stride(0), sup_scores.stride(0), sup_ids.stride(0), cand.stride(0),
         FLAT=flat, FUSED=fused, BLOCK_S=block_s, BLOCK_M=triton.next_power_of_2(m),
-        BITS=radix_bits(block_s), TILE_C=TILE, CHUNKS=chunks,
-        num_warps=8 if fused and block_s >= 1024 else 4, **common,
+        BITS=radix_bits(block_s), TILE_C=TILE, CHUNKS=chunks, PDL=pdl,
+        PDL_WAIT=pdl and not flat, num_warps=8 if fused and block_s >= 1024 else 4,
+        launch_pdl=pdl and not flat, **common,
     )
     _select_cand_kernel[(rows,)](
         cand, sup_ids, ids, num_cand, k, group, cand.stride(0), sup_ids.stride(0), k,
         FLAT=flat, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), BITS=radix_bits(block_n),
-        num_warps=max(4, min(16, block_n // 512)),
+        PDL=pdl, num_warps=max(4, min(16, block_n // 512)), launch_pdl=pdl,
     )
     return ids, sup_ids.view(batch, num_kv_heads, m)

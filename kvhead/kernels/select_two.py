@@ -26,23 +26,16 @@ device must not overlap on concurrent streams.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from kvhead.kernels.pdl import gdc_launch_dependents, gdc_wait, pdl_active
 from kvhead.kernels.select import _pad_ids, _top_k_positions, radix_bits
 from kvhead.kernels.select_one import _select_regs, row_counters
 from kvhead.kernels.select_tiles import block_tile_best, group_digits, super_tile_best
-
-try:  # programmatic dependent launch (Triton >= 3.3 on CUDA)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-    HAVE_PDL = True
-except ImportError:  # pragma: no cover - older Triton: plain stream order
-    HAVE_PDL = False
 
 REG_MAX_LANES = 128  # selections over at most this many lanes rank in registers, else radix
 
@@ -69,12 +62,6 @@ class TwoShape:
             value = getattr(self, name)
             if value < 16 or value & (value - 1) or value > 256:
                 raise ValueError(f"{name} must be a power of two in [16, 256], got {value}")
-
-
-def pdl_active(device: torch.device) -> bool:
-    """Whether B can be a programmatic dependent launch here (compiled CUDA, sm_90 or later)."""
-    return (HAVE_PDL and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 @triton.jit
