@@ -1,11 +1,13 @@
-"""Compile the int8 selection kernels for sm_90 without a GPU and report registers and spills.
+"""Compile the int8 selection kernels for sm_90 without a GPU and report registers and stack.
 
 Why: compiled Triton checks things its interpreter does not (e.g. a name whose type changes
 inside a runtime ``if``), and a compile error found on the device machine costs device time.
 This records the launches the selection would make at the benchmark's sizes (Llama-8B heads,
-8k-128k tokens, batch 1 / 8 / 64, K = 32 / 64 / 128), compiles each distinct kernel for
-sm_90 with the Triton wheel's ptxas, and prints its registers and spill bytes per thread
-(``cuobjdump --dump-resource-usage``): heavy registers cap the programs per SM.
+32k and 128k tokens, batch 1 / 8 / 64, K = 32 / 64 / 128; multi-launch with and without
+programmatic dependent launches, and the one-launch shapes), compiles each distinct kernel
+for sm_90 with the Triton wheel's ptxas, and prints its registers and stack bytes per thread
+(``cuobjdump --dump-resource-usage``): heavy registers cap the programs per SM, a stack means
+spills to local memory.
 
 Run without ``TRITON_INTERPRET`` (the kernels must be JIT functions):
 ``PYTHONPATH=. python benchmarks/gpu_aot_check.py``. Exits 1 if a compile failed.
@@ -25,14 +27,17 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kvhead.bounds_compact import CompactBounds, default_num_super
-from kvhead.kernels import select_hier, select_two
+from kvhead.kernels import select, select_hier, select_one
 from kvhead.kernels.select_hier import Plan
-from kvhead.kernels.select_two import TwoShape
+from kvhead.kernels.select_one import OneShape
 
 DTYPES = {torch.float32: "fp32", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64",
           torch.bfloat16: "bf16"}
-SHAPES = {"two t128 c64 w8": TwoShape(), "two t128 c128 w8": TwoShape(tile_c=128),
-          "two t64 c64 w4": TwoShape(tile=64, warps=4, warps_c=4)}
+PLANS = [Plan(), Plan(layout="one", one=OneShape(128, 256, mma=True, rank=False)),
+         Plan(layout="one", one=OneShape(64, 256, mma=True, rank=False))]
+KERNELS = [(select_hier, "_super_score_kernel"), (select_hier, "_select_kernel"),
+           (select_hier, "_cand_kernel"), (select_hier, "_select_cand_kernel"),
+           (select_one, "_one_kernel")]
 
 
 class Recorder:
@@ -70,35 +75,49 @@ def usage(cubin: bytes, cuobjdump: str) -> str:
 
 
 def record_sizes() -> list[Recorder]:
-    """Run the two-launch selection on CPU tensors with recorders in place of its kernels.
-    Batch changes only the grid, not the compiled kernel, so batch 1 covers every size."""
-    recorders = {name: Recorder(getattr(select_two, name))
-                 for name in ("_super_top_kernel", "_cand_top_kernel")}
-    for name, rec in recorders.items():
-        setattr(select_two, name, rec)
+    """Run the selection on CPU tensors (zeros) with recorders in place of its kernels."""
+    recorders = {}
+    for module, name in KERNELS:
+        fn = getattr(select, name) if name == "_select_kernel" else getattr(module, name)
+        recorders[name] = Recorder(fn)
+        setattr(module, name, recorders[name])
     head, dim, kv, q = 16, 128, 8, 32
+    zeros = lambda *s: torch.zeros(*s, dtype=torch.int8)
     for ctx in (32768, 131072):
-        pages = ctx // head
-        groups = pages // 8
-        query = torch.zeros(1, q, dim, dtype=torch.bfloat16)
-        zeros = lambda *s: torch.zeros(*s, dtype=torch.int8)
-        pb = CompactBounds(zeros(pages, kv, dim), zeros(pages, kv, dim), torch.zeros(pages, kv))
-        sb = CompactBounds(zeros(1, kv, groups, dim), zeros(1, kv, groups, dim),
-                           torch.zeros(1, kv, groups))
-        table = torch.zeros(1, pages, dtype=torch.int32)
-        for top_k in (32, 64, 128):
-            for shape in SHAPES.values():
-                select_hier.hier_select(query, pb, sb, table, torch.tensor([pages]), top_k, 8,
-                                        default_num_super(top_k), plan=Plan("two", two=shape))
+        for batch in (1, 8, 64):
+            pages = ctx // head
+            groups = pages // 8
+            query = torch.zeros(batch, q, dim, dtype=torch.bfloat16)
+            pb = CompactBounds(zeros(batch * pages, kv, dim), zeros(batch * pages, kv, dim),
+                               torch.zeros(batch * pages, kv))
+            sb = CompactBounds(zeros(batch, kv, groups, dim), zeros(batch, kv, groups, dim),
+                               torch.zeros(batch, kv, groups))
+            table = torch.zeros(batch, pages, dtype=torch.int32)
+            num = torch.full((batch,), pages)
+            for top_k in (32, 64, 128):
+                for plan in PLANS if batch <= 8 else PLANS[:1]:
+                    select_hier.hier_select(query, pb, sb, table, num, top_k, 8,
+                                            default_num_super(top_k), plan=plan)
+                    select_hier.flat_select(query, pb, table, num, top_k, plan=plan)
     return list(recorders.values())
+
+
+def pdl_variants(kwargs: dict) -> list[dict]:
+    """The recorded constants plus, where the kernel has them, the PDL-on variant (CPU runs
+    record PDL off; the device compiles both)."""
+    if "PDL" not in kwargs:
+        return [kwargs]
+    on = kwargs | {"PDL": True} | ({"PDL_WAIT": not kwargs["FLAT"]} if "PDL_WAIT" in kwargs
+                                   else {})
+    return [kwargs, on]
 
 
 def main() -> int:
     cuobjdump = str(Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump")
     target = GPUTarget("cuda", 90, 32)
     seen, failed = set(), 0
-    calls = [(rec.fn, a, k | {"PDL": pdl}) for rec in record_sizes() for a, k in rec.calls
-             for pdl in (False, True)]  # CPU records PDL off; compile the CUDA variant too
+    calls = [(rec.fn, a, v) for rec in record_sizes() for a, k in rec.calls
+             for v in pdl_variants(k)]
     for fn, args, kwargs in calls:
         sig, consts, warps = signature(fn, args, kwargs)
         key = (fn.__name__, tuple(sorted(consts.items())), warps)

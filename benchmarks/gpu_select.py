@@ -4,8 +4,9 @@
 For each (context, batch, K), Llama-8B attention shape, int8 page bounds of random bf16 keys:
 the sparse decode step (the denominator) and the fp32 flat selection (the "before"), then
 int8 flat and two-level (super-pages of 8, 4K candidates) selection, each in the multi-launch
-layout, in one-launch shapes (``kvhead.kernels.select_one``) at batches up to 8 and, two-level
-only, in two-launch shapes (``kvhead.kernels.select_two``) at every batch. "auto" is the plan
+layout with and without programmatic dependent launches, and in one-launch shapes
+(``kvhead.kernels.select_one``) at batches up to 8. (Run 3 also timed a two-launch layout,
+since removed.) "auto" is the plan
 ``kernels.select_pages`` takes at that size, looked up among the measured plans; "entry" is
 ``kernels.select_pages`` itself, checked and timed (the dispatch as it stands when run).
 Times are medians of CUDA-graph replays over 8 rotating input sets.
@@ -52,27 +53,23 @@ from kvhead.kernels.select_hier import (
     TILE,
     Plan,
     auto_layout,
+    auto_pdl,
     hier_select_stages,
 )
 from kvhead.kernels.select_hier import flat_select as kernel_flat
 from kvhead.kernels.select_one import OneShape, default_shape
-from kvhead.kernels.select_two import TwoShape
 from kvhead.kernels.timing import graph_ms
 from kvhead.pages import PageBounds
 
-# None: the multi-launch layout with programmatic dependent launches, False: without them;
-# OneShape: one launch (flat and two-level, batch <= 8); TwoShape: two launches (two-level
-# only, every batch). The one-launch shapes kept are those the dispatch takes or that won
-# somewhere in the fourth session's runs.
-PLANS: dict[str, OneShape | TwoShape | bool | None] = {
-    "multi": None,
+# True: the multi-launch layout with programmatic dependent launches, False: without them;
+# OneShape: one launch (flat and two-level, batch <= 8). The one-launch shapes kept are those
+# the dispatch takes or that won somewhere in the fourth session's runs.
+PLANS: dict[str, OneShape | bool] = {
+    "multi": True,
     "multi nopdl": False,
     "one mma t128 c256": OneShape(128, 256, mma=True),
     "one mma t64 c256 radix": OneShape(64, 256, mma=True, rank=False),
     "one mma t128 c256 radix": OneShape(128, 256, mma=True, rank=False),
-    "two t128 c64": TwoShape(),
-    "two t128 c128": TwoShape(tile_c=128),
-    "two t64 c64 w4": TwoShape(tile=64, warps=4, warps_c=4),
 }
 ONE_MAX_BATCH = 8  # one-launch plans are timed up to this batch
 console = Console()
@@ -81,20 +78,14 @@ app = typer.Typer(add_completion=False)
 
 def plan_of(name: str, rows: int, cand_tiles: int) -> Plan:
     shape = PLANS[name]
-    if shape is None or shape is False:
-        return Plan("fused" if rows * cand_tiles <= FUSE_MAX_PROGRAMS else "split",
-                    pdl=shape is None)
-    if isinstance(shape, TwoShape):
-        return Plan("two", two=shape)
+    if isinstance(shape, bool):
+        return Plan("fused" if rows * cand_tiles <= FUSE_MAX_PROGRAMS else "split", pdl=shape)
     return Plan("one", one=shape)
 
 
-def plans_for(batch: int, flat: bool) -> list[str]:
-    """Plans timed at this batch: one-launch shapes up to ONE_MAX_BATCH, two-launch shapes
-    for two-level selection only."""
-    return [n for n, s in PLANS.items() if s is None or s is False
-            or (isinstance(s, OneShape) and batch <= ONE_MAX_BATCH)
-            or (isinstance(s, TwoShape) and not flat)]
+def plans_for(batch: int) -> list[str]:
+    """Plans timed at this batch: one-launch shapes up to ONE_MAX_BATCH."""
+    return [n for n, s in PLANS.items() if isinstance(s, bool) or batch <= ONE_MAX_BATCH]
 
 
 def auto_name(rows: int, max_pages: int, top_k: int) -> str:
@@ -107,9 +98,10 @@ def auto_name(rows: int, max_pages: int, top_k: int) -> str:
     kind = "hier" if two_level else "flat"
     layout = auto_layout(rows, -(-cand // TILE), flat=not two_level, first_boxes=first,
                          top_k=k)
-    if layout not in ("one", "two"):
-        return f"{kind} multi"
-    shape = default_shape(cand) if layout == "one" else TwoShape()
+    if layout != "one":
+        pdl = auto_pdl(rows, layout, flat=not two_level, max_pages=max_pages)
+        return f"{kind} multi" + ("" if pdl else " nopdl")
+    shape = default_shape(cand)
     return f"{kind} " + next((n for n, s in PLANS.items() if s == shape), "unmeasured")
 
 
@@ -117,6 +109,8 @@ def set_auto(row: dict) -> None:
     """Fill a row's auto plan and time from its measured plans (current dispatch rules)."""
     row["auto"] = auto_name(row["batch"] * NUM_KV, row["ctx"] // PAGE, row["top_k"])
     kind, name = row["auto"].split(" ", 1)
+    if name == "multi nopdl" and name not in row[kind]:  # runs before PDL: multi had none
+        name = "multi"
     row["auto_ms"] = row[kind].get(name, float("nan"))
     row["auto_frac_of_sparse"] = row["auto_ms"] / RERANK_INTERVAL / row["sparse_ms"]
 
@@ -170,7 +164,7 @@ def bench_point(ctx: int, batch: int, top_ks: list[int], checks: Checks, device:
                "flat_fp32_ms": fp32_ms, "flat": {}, "hier": {}, "num_super": num_super}
         ref_flat = flat_select(queries[0], pages, table, num_pages, top_k)
         ref_sup = select_super_pages(queries[0], supers, num_pages, DEFAULT_GROUP, num_super)
-        for name in plans_for(batch, flat=True):
+        for name in plans_for(batch):
             flat_plan = plan_of(name, rows, -(-max_pages // TILE))
             got = kernel_flat(queries[0], pages, table, num_pages, top_k, plan=flat_plan)
             checks.true(f"flat {name} {tag}: ids valid, counts equal",
@@ -181,7 +175,7 @@ def bench_point(ctx: int, batch: int, top_ks: list[int], checks: Checks, device:
             ms = graph_ms([(lambda q=q, p=p, k=top_k, pl=flat_plan: kernel_flat(
                 q, p, table, num_pages, k, plan=pl)) for q, p in zip(queries, page_sets)])
             row["flat"][name] = ms
-        for name in plans_for(batch, flat=False):
+        for name in plans_for(batch):
             hier_plan = plan_of(name, rows, -(-num_super * DEFAULT_GROUP // TILE))
             got, got_sup = hier_select_stages(queries[0], pages, supers, table, num_pages,
                                               top_k, DEFAULT_GROUP, num_super, plan=hier_plan)
@@ -233,14 +227,15 @@ def _multi(times: dict) -> str:
 
 def write_markdown(path: Path, result: dict) -> None:
     lines = [
-        "## Rerank selection per launch plan (multi-launch, one launch, two launches)", "",
+        "## Rerank selection per launch plan (multi-launch, one launch)", "",
         ("Selection time amortised over R = 16 steps as a share of the sparse decode step "
          "(same K, re-measured here); medians of graph replays over 8 rotating inputs. Flat "
          "int8: every page scored; two-level: super-pages of 8, top M = K/2, top-K of their "
          "4K pages. multi: the multi-launch kernels (2 launches flat, 3-4 two-level; "
          "later launches programmatic dependent ones, in brackets without); one: "
          "one launch, last program per row merges (batch <= 8); two: two launches, each "
-         "reduced by its last program per row (two-level). auto: the plan "
+         "reduced by its last program per row (two-level; run 3 only, since removed). auto: "
+         "the plan "
          "`kernels.select_pages` takes at this size under the current dispatch rules, looked "
          "up among the measured plans (a --rebuild table derives it after the runs); entry: "
          "`kernels.select_pages` itself, timed with the dispatch of the run. "

@@ -22,7 +22,7 @@ for c in $CTXS; do for k in $KS; do
     --out-dir "/tmp/warm/$c-$k" "${SIZE[@]}" > "/tmp/warm/$c-$k.log" 2>&1 &
 done; done
 [ -n "${NO_TESTS:-}" ] || timeout "${WARM_S:-120}" $PY -m pytest -q "${XDIST[@]}" \
-  tests/test_select_two_kernel.py tests/test_select_one_kernel.py tests/test_hier_select.py \
+  tests/test_select_one_kernel.py tests/test_hier_select.py \
   tests/test_kernels.py tests/test_bounds_live.py tests/test_policy_kernel_route.py \
   "${TESTS[@]}" > "$OUT/tests.log" 2>&1 &
 wait

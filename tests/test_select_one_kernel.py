@@ -157,3 +157,31 @@ def test_default_shape_ranks_only_register_sized_candidate_sets():
 def test_bad_tile_is_refused():
     with pytest.raises(ValueError, match="power of two"):
         OneShape(tile=48)
+
+
+def test_auto_pdl_only_where_it_won_on_the_h200():
+    from kvhead.kernels.select_hier import auto_pdl
+
+    assert auto_pdl(64, "fused", flat=True, max_pages=512)  # 8k, batch 8
+    assert not auto_pdl(8, "split", flat=True, max_pages=2048)  # 32k, batch 1, flat
+    assert auto_pdl(64, "split", flat=False, max_pages=8192)  # 128k, batch 8, K >= 64
+    assert not auto_pdl(64, "fused", flat=False, max_pages=8192)  # first level fused
+    assert not auto_pdl(512, "split", flat=False, max_pages=2048)  # batch 64
+
+
+@pytest.mark.parametrize("layout", ["fused", "split"])
+def test_dependent_launches_select_the_same_pages(layout):
+    """Programmatic dependent launches change only when kernels start (on sm_90+; elsewhere
+    the flag is ignored): selections with and without them are equal."""
+    query, bounds, pages, table, num_pages = _problem(13, 3, 200)
+    supers = build_super_bounds(bounds, table, num_pages, 8)
+    args = (query.to(DEVICE), _dev(pages), _dev(supers), table.to(DEVICE),
+            num_pages.to(DEVICE), 16, 8, 4)
+    on = hier_select_stages(*args, plan=Plan(layout, pdl=True))
+    off = hier_select_stages(*args, plan=Plan(layout, pdl=False))
+    assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])
+    flat_on = kernels.select_hier.flat_select(*args[:2], *args[3:6], plan=Plan(layout, pdl=True))
+    flat_off = kernels.select_hier.flat_select(*args[:2], *args[3:6],
+                                               plan=Plan(layout, pdl=False))
+    assert torch.equal(flat_on, flat_off)
+    assert torch.equal(flat_on.cpu(), flat_select(query, pages, table, num_pages, 16))

@@ -5,8 +5,10 @@ launch boundary inside a CUDA graph costs about as much as a kernel's own work. 
 next kernel of the chain is launched while the previous one runs (``launch_pdl=True``); its
 programs may do input-only work (the query's digits), then ``gdc_wait`` until the previous
 kernel has finished and its writes are visible. A kernel calls ``gdc_launch_dependents`` to let
-its dependent launch early. On an H200 this saved 1.1-1.4 us per boundary
-(``benchmarks/results/gpu_select_run3.json``: two-launch selection with and without PDL).
+its dependent launch early. On an H200 it saved 1.1-1.4 us per boundary of a two-launch
+selection (``benchmarks/results/gpu_select_run3.json``; that layout lost and was removed) but
+helps the multi-launch chain only at some sizes and costs time at others
+(:func:`kvhead.kernels.select_hier.auto_pdl`).
 
 Only kernels whose predecessor is one of ours may be dependent launches: the first kernel of a
 chain reads the query that the caller's kernels produce, so it is launched normally.

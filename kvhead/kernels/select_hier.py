@@ -21,7 +21,8 @@ bytes: each launch costs 2-4 us in a CUDA graph, and each radix pass a block-wid
 Doing both levels in one launch was measured on an H200 in three forms: one program per row
 and one cooperative launch with grid barriers (slower), and :mod:`kvhead.kernels.select_one`
 (last program per row merges local top-k's), which :func:`auto_layout` takes where it won
-(``benchmarks/GPU_NOTES.md``).
+(``benchmarks/GPU_NOTES.md``). Two launches, each reduced by its last program per row, lost
+too (fifth session, commit 8570931; ``results/gpu_select_run3.json``).
 
 Boxes are scored on CUDA cores (fp32) or on tensor cores (the query as int8 digits,
 :mod:`kvhead.kernels.box_score`); :func:`default_scoring` picks by the size of the first pass.
@@ -47,7 +48,6 @@ from kvhead.kernels.select import (
     select_cands,
 )
 from kvhead.kernels.select_one import ONE_TILE, OneShape, default_shape, launch_one
-from kvhead.kernels.select_two import TwoShape, launch_two
 from kvhead.kernels.select_tiles import cand_tile_scores, group_digits, super_tile_scores
 
 TILE = 32  # boxes per scoring chunk: 8 KiB of int8 bounds at head dim 128
@@ -169,21 +169,19 @@ class Plan:
     ``layout``: "fused" repeats the first level inside every candidate program (3 launches);
     "split" gives it its own launch (4). Flat selection has no first level: both are its 2
     launches. "one": a single launch whose last program per row merges
-    (:mod:`kvhead.kernels.select_one`, shaped by ``one``). "two" (two-level only): two
-    launches, each reduced by its last program per row (:mod:`kvhead.kernels.select_two`,
-    shaped by ``two``). ``scoring``: see :class:`Scoring` (multi-launch layouts). ``pdl``:
-    the multi-launch kernels after the first are programmatic dependent launches where the
-    device supports them (:mod:`kvhead.kernels.pdl`).
+    (:mod:`kvhead.kernels.select_one`, shaped by ``one``). ``scoring``: see :class:`Scoring`
+    (multi-launch layouts). ``pdl``: whether the multi-launch kernels after the first are
+    programmatic dependent launches where the device supports them (:mod:`kvhead.kernels.pdl`;
+    None: :func:`auto_pdl`).
     """
 
     layout: str | None = None
     scoring: Scoring | None = None
     one: OneShape | None = None
-    two: TwoShape | None = None
-    pdl: bool = True
+    pdl: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.layout not in (None, "fused", "split", "one", "two"):
+        if self.layout not in (None, "fused", "split", "one"):
             raise ValueError(f"unknown layout {self.layout!r}")
 
 
@@ -259,6 +257,20 @@ def auto_layout(rows: int, cand_tiles: int, *, flat: bool, first_boxes: int,
     return "fused" if rows * cand_tiles <= FUSE_MAX_PROGRAMS else "split"
 
 
+def auto_pdl(rows: int, layout: str, *, flat: bool, max_pages: int) -> bool:
+    """Whether the multi-launch chain uses programmatic dependent launches, as measured on an
+    H200 (``benchmarks/results/gpu_select_run4.json``, with / without, us): they help where
+    the dependent kernels are short single-program-per-row selects, flat over at most
+    FLAT_MAX_PAGES pages (8k tokens, batch 8: 12.3 / 13.0 at K = 32) and the split layout at
+    up to ONE_MAX_ROWS rows (128k, batch 8, K = 64 / 128: 24.9 / 26.7, 28.4 / 30.0); they
+    cost time with the first level fused into the candidate kernel (32k, batch 8: 22.6 / 18.4
+    at K = 32; 128k, batch 1, K = 128: 24.2 / 18.7), on long flat rows (32k, batch 1:
+    16.1 / 14.7) and at 512 rows (32k, batch 64, K = 64: 50.1 / 47.0)."""
+    if rows > ONE_MAX_ROWS:
+        return False
+    return max_pages <= FLAT_MAX_PAGES if flat else layout == "split"
+
+
 def _launch(
     query: torch.Tensor, pages: CompactBounds, supers: CompactBounds | None,
     block_table: torch.Tensor, num_pages: torch.Tensor, top_k: int, group: int, num_super: int,
@@ -294,13 +306,6 @@ def _launch(
     tiles = triton.cdiv(num_cand, TILE)
     common = {"GROUP": gqa, "GP": gp, "MMA": mma, "BLOCK_D": block_d}
     layout = plan.layout or auto_layout(rows, tiles, flat=flat, first_boxes=groups, top_k=k)
-    if layout == "two":
-        if flat:
-            raise ValueError("the two-launch layout is for two-level selection only")
-        launch_two(query, sq, pq, block_table, num_pages, ids, sup_ids, num_groups=groups,
-                   top_k=k, group=group, shape=plan.two or TwoShape(), GROUP=gqa, GP=gp,
-                   BLOCK_D=block_d)
-        return ids, sup_ids.view(batch, num_kv_heads, m)
     if layout == "one":
         launch_one(query, sq, pq, block_table, num_pages, ids, sup_ids, cand, num_first=groups,
                    top_first=k if flat else m, top_k=k, group=group, flat=flat,
@@ -308,7 +313,8 @@ def _launch(
         return ids, sup_ids.view(batch, num_kv_heads, m)
     block_s = 1 if flat else triton.next_power_of_2(groups)
     block_n = triton.next_power_of_2(num_cand)
-    pdl = plan.pdl and pdl_active(dev)
+    pdl = (auto_pdl(rows, layout, flat=flat, max_pages=max_pages) if plan.pdl is None
+           else plan.pdl) and pdl_active(dev)
     if not flat:
         grid_s = triton.cdiv(groups, sc.super_tile * sc.super_steps)
         _super_score_kernel[(rows, grid_s)](
