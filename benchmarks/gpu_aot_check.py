@@ -68,7 +68,7 @@ def usage(cubin: bytes, cuobjdump: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         Path(f.name).write_bytes(cubin)
         out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
-                             text=True).stdout
+                             text=True, check=True).stdout
     regs = re.search(r"REG:(\d+)", out)
     stack = re.search(r"STACK:(\d+)", out)
     return f"{regs.group(1) if regs else '?'} regs, stack {stack.group(1) if stack else '?'} B"
@@ -130,7 +130,7 @@ def main() -> int:
             kernel = triton.compile(ASTSource(fn, sig, consts), target=target,
                                     options={"num_warps": warps})
             print(f"ok   {usage(kernel.asm['cubin'], cuobjdump)}  {label}")
-        except Exception as exc:  # report every failing shape, then fail
+        except Exception as exc:  # noqa: BLE001 - report every failing shape, then fail
             failed += 1
             print(f"FAIL {label}: {str(exc).splitlines()[-1] if str(exc) else exc!r}")
     return 1 if failed else 0

@@ -3,14 +3,15 @@
 Two measurements, both with random weights of Llama-8B shape (hidden 4096, 32 query / 8 KV
 heads of dim 128, MLP 14336) in bf16 and random KV, because only speed matters here:
 
-* ``runner``: the lead's Hugging Face reference runner (``kvhead.runner``), batch 1, a
-  4-layer model (the step time of a deeper model scales with its layer count), decoding after a
-  context whose KV is written straight into the runner's paged cache. Its policy is
-  ``kvhead.policy.SelectionPolicy`` and its attention our Triton kernel; this is the end-to-end
-  path as it stands. Since the fourth session the policy selects on CUDA through
-  ``kernels.select_pages`` from int8 bounds the cache keeps current (built at the first decode
-  step here, since the context is written straight into the pools); the numbers in
-  ``results/gpu_decode.json`` predate that.
+* ``runner``: the Hugging Face reference runner (``kvhead.runner``), batch 1, a 4-layer
+  model (the step time of a deeper model scales with its layer count), decoding after a context
+  whose KV is written straight into the runner's paged cache, dense vs flexicache (a quarter of
+  the KV heads unstable). The cache keeps int8 live bounds (built at the first decode step
+  here, ``append_bounds`` after) and the policy selects through ``kernels.select_pages``, the
+  attention is our Triton kernel. Checks (exit 1 on failure): every selection of an untimed
+  flexicache decode against the torch reference on the same live bounds
+  (:class:`CheckedPolicy`), and flexicache with K >= every page against dense logits (first
+  context). Runs on CPU too (``--quick``; kernels interpreted under ``TRITON_INTERPRET=1``).
 * ``layer``: a batched decode step of 4 such layers built directly on the kernels, laid out as
   the design says: unstable heads (a quarter) attend to every page of a device cache; stable
   heads attend to a device hot pool holding their top-K pages plus the newest page, rerank every
@@ -20,8 +21,10 @@ heads of dim 128, MLP 14336) in bf16 and random KV, because only speed matters h
   Hot-pool slot bookkeeping is simplified: a promoted page lands in the slot of its rank, and
   one host arena serves all layers; bytes moved and kernels run are those of the real scheme.
 
-Run: ``PYTHONPATH=. python benchmarks/gpu_decode.py`` (``--quick`` for a CPU smoke run).
-Writes ``benchmarks/results/gpu_decode.json``.
+Run: ``PYTHONPATH=. python benchmarks/gpu_decode.py`` (``--quick`` for a CPU smoke run;
+``--skip-layer`` / ``--skip-runner`` for one part). Writes ``benchmarks/results/<name>.json``:
+``gpu_decode.json`` holds the first session's layer and runner tables (fp32 reference
+selection then), ``gpu_decode_runner.json`` the fifth session's runner on the kernel route.
 """
 
 from __future__ import annotations
