@@ -146,6 +146,7 @@ def eval_(
     head_budgets: Annotated[bool, typer.Option(help="+ modes: per-head budgets from the profile's coverage.")] = False,
     bound_weight: Annotated[float, typer.Option(help="+ modes: share of the page box's spread in its score (1: upper bound).")] = 1.0,
     compensate: Annotated[bool, typer.Option(help="+ modes: skipped pages enter attention as summary tokens.")] = False,
+    rerank_lag: Annotated[bool, typer.Option(help="flexicache+: stable heads' reranks take effect one step late.")] = False,
     prompts: Annotated[int, typer.Option(help="Corpus windows per context (agreement, perplexity).")] = 1,
     first_window: Annotated[int, typer.Option(help="Index of the first corpus window.")] = 0,
     device: Annotated[str, typer.Option(help="torch device: cpu or cuda.")] = "cpu",
@@ -157,7 +158,7 @@ def eval_(
         options = SelectionOptions(
             sink_pages=sink_pages, recent_pages=recent_pages, group_score=group_score,
             leading_layers=leading_layers, unstable_dense=unstable_dense, head_budgets=head_budgets,
-            bound_weight=bound_weight, compensate=compensate,
+            bound_weight=bound_weight, compensate=compensate, rerank_lag=rerank_lag,
         )
         cfg = EvalConfig(
             contexts=_ints(contexts), gen_tokens=gen_tokens, top_k=top_k, page_size=page_size,

@@ -26,6 +26,10 @@ Options beyond the spec, all off by default (the defaults are the spec's selecti
   (1: the spec's upper bound; see :func:`kvhead.pages.score_pages`).
 * ``compensate``: heads also attend to one summary token per page they skip (see
   :mod:`kvhead.summaries`); selections carry the flag to the attention.
+* ``rerank_lag``: in ``flexicache``, a stable head's rerank takes effect one step late: the step
+  that computes it still attends with the previous set + tail, so a pipelined engine can run the
+  scoring on a side stream and fetch the promoted pages while that step decodes (both sets are
+  resident during that step and counted so). The first step after prefill selects at once.
 
 The policy keeps per-layer state for one batch of sequences that decode in lock-step; call
 :meth:`SelectionPolicy.reset` when a new batch starts.
@@ -181,6 +185,7 @@ class SelectionPolicy:
     head_top_k: torch.Tensor | None = None  # [L, Hkv] per-head budgets replacing top_k
     bound_weight: float = 1.0  # share of the box spread in page scores (1: Quest's bound)
     compensate: bool = False  # skipped pages enter attention as summary tokens
+    rerank_lag: bool = False  # flexicache: stable heads' reranks take effect one step late
     use_kernels: bool | None = None  # Triton selection for the spec case (None: on CUDA)
     stats: PolicyStats = field(init=False)
     _state: dict[int, _LayerState] = field(init=False, default_factory=dict)
@@ -305,7 +310,8 @@ class SelectionPolicy:
         unstable = self.unstable[layer].to(top.device).view(1, -1).expand(batch, -1)
         top_mask = page_mask(top, width)
         state = self._state.get(layer)
-        if state is None:
+        first = state is None
+        if first:
             state = _LayerState(selected=top_mask, anchor=num_pages.view(-1, 1).expand_as(unstable))
             resident_before = torch.zeros_like(top_mask)
         else:
@@ -323,12 +329,17 @@ class SelectionPolicy:
         self._state[layer] = state
 
         stable_attend = state.selected | self._tail(state.anchor, num_pages, width)
+        stable_resident = stable_attend
+        if self.rerank_lag and not first:
+            # resident_before is this step's set as the last rerank left it (tail included)
+            stable_resident = stable_attend | resident_before
+            stable_attend = resident_before
         unstable_attend = (
             torch.arange(width, device=top.device).view(1, 1, -1) < num_pages.view(-1, 1, 1)
             if self.unstable_dense else top_mask
         )
         attend = torch.where(unstable.unsqueeze(-1), unstable_attend, stable_attend)
-        resident = torch.where(unstable, num_pages.view(-1, 1), stable_attend.sum(-1))
+        resident = torch.where(unstable, num_pages.view(-1, 1), stable_resident.sum(-1))
         promoted = (rerank & ~unstable).unsqueeze(-1) & state.selected & ~resident_before
         return LayerSelection(
             page_ids=mask_to_page_ids(attend), top_k_ids=top, resident=resident,

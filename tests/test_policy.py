@@ -184,3 +184,32 @@ def test_unstable_dense_heads_see_every_page_without_more_residency():
         if step % 4:  # between reranks nothing is scored: unstable heads need no scores
             assert (b.top_k_ids == -1).all()
     assert spec.stats.resident_fraction == wide.stats.resident_fraction
+
+
+def test_lagged_rerank_attends_with_the_previous_set_for_one_step():
+    """rerank_lag: the step that reranks attends as if it had not; the next step uses the new set."""
+    runs = {}
+    for lag in (False, True):
+        seq = _Sequence(prompt=60, seed=3)
+        policy = _policy("flexicache", top_k=3, rerank_interval=4, rerank_lag=lag)
+        runs[lag] = []
+        for _ in range(7):
+            seq.append(1)
+            runs[lag].append(policy.select(0, seq.query(), seq.bounds, seq.table, torch.tensor([seq.length])))
+    now, late = runs[False], runs[True]
+    assert torch.equal(now[0].page_ids, late[0].page_ids)  # the first step selects at once
+    stable = slice(1, 3)
+    # step 4 reranks: the lagged policy still attends with step 3's set (plus the new page) ...
+    before = [set(now[3].page_ids[0, h].tolist()) - {-1} for h in (1, 2)]
+    lagged = [set(late[4].page_ids[0, h].tolist()) - {-1} for h in (1, 2)]
+    newest = int(now[4].num_pages[0]) - 1
+    assert all(b <= lg <= b | {newest} for b, lg in zip(before, lagged))
+    assert not torch.equal(now[4].page_ids[0, stable], late[4].page_ids[0, stable])
+    # ... holding both sets resident while the new one is fetched, then switches to it
+    fresh = [set(now[4].page_ids[0, h].tolist()) - {-1} for h in (1, 2)]
+    assert [late[4].resident[0, h].item() for h in (1, 2)] == [len(f | lg) for f, lg in zip(fresh, lagged)]
+    assert torch.equal(now[5].page_ids, late[5].page_ids)
+    assert torch.equal(now[4].promoted, late[4].promoted)  # the same pages are fetched
+    # unstable heads rerank every step, lag or not (rows are padded to the widest head)
+    pages = lambda sel: set(sel.page_ids[0, 0].tolist()) - {-1}
+    assert all(pages(a) == pages(b) for a, b in zip(now, late))

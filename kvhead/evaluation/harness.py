@@ -61,6 +61,9 @@ class SelectionOptions(BaseModel):
     compensate: bool = Field(
         default=False, description="Skipped pages enter attention as one summary token each."
     )
+    rerank_lag: bool = Field(
+        default=False, description="flexicache+: stable heads' reranks take effect one step late."
+    )
     head_budgets: bool = Field(
         default=False,
         description="Spread the sparse heads' pages (count x top_k) by the profile's coverage "
@@ -198,7 +201,7 @@ def _policy(runner: ReferenceRunner, mode: str, cfg: EvalConfig, profile: HeadPr
                    "compensate": opt.compensate}
         if base is Mode.flexicache:
             kwargs |= {"unstable": profile.unstable_mask(opt.leading_layers),
-                       "unstable_dense": opt.unstable_dense}
+                       "unstable_dense": opt.unstable_dense, "rerank_lag": opt.rerank_lag}
             sparse = ~kwargs["unstable"]
         else:
             kwargs["dense_layers"] = opt.leading_layers
