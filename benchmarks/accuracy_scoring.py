@@ -1,0 +1,141 @@
+"""Which page score, and are summary tokens worth it? A screen on attention outputs at one context.
+
+The reference runner decodes the dense model's greedy continuation of corpus windows densely; at
+every (step, layer) a probe takes each stable head's exact attention (the heads the profile keeps
+sparse in ``flexicache+``: unstable and leading-layer heads are dense there) and compares, at the
+same K, the pages chosen by:
+
+* ``box_max``: the spec's score (Quest's upper bound, max over the GQA group);
+* ``box_soft``: the same bound, the group's softmaxes summed (``flexicache+`` until now);
+* ``w{30..70}``: box centre's logit + w x the box's spread, softmaxes summed
+  (``score_pages(bound_weight=w)``);
+* ``oracle``: the K pages holding the most true attention mass (needs every key: a bound).
+
+For each: the attention mass the pages keep, and the relative error of the head's attention
+output (``|o - o_dense| / |o_dense|``, mean over query heads) without and with summary tokens for
+the skipped pages (``kvhead.summaries``: key = box centre, value = page mean, logit + log count).
+Output error is what the next layer sees, so it ranks the candidates more directly than mass.
+
+Run: ``python benchmarks/accuracy_scoring.py --windows 1,3`` (CPU, ~1.5 min per 8k window);
+writes ``benchmarks/results/accuracy_scoring.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from transformers import AutoTokenizer
+
+from kvhead.evaluation.inputs import corpus_window
+from kvhead.evaluation.tasks import greedy, prefill
+from kvhead.models import resolve_model
+from kvhead.pages import PageBounds, page_mask, score_pages, select_top_k
+from kvhead.profiles import profile_for_model
+from kvhead.runner import PagedKVCache, ReferenceRunner
+from kvhead.summaries import compensate
+
+app = typer.Typer(add_completion=False)
+WEIGHTS = (0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+class OutputProbe:
+    """Stands in for the dense policy; measures every candidate selection on the stable heads."""
+
+    def __init__(self, runner: ReferenceRunner, cache: PagedKVCache, stable: torch.Tensor, top_k: int) -> None:
+        self.dense = runner.policy("dense")
+        self.cache, self.spec, self.stable, self.top_k = cache, runner.spec, stable, top_k
+        self.mass: dict[str, list[float]] = {}
+        self.error: dict[str, list[float]] = {}
+
+    def reset(self) -> None:
+        self.dense.reset()
+
+    def select(self, layer, query, bounds, block_table, seq_lens, live=None):
+        if self.stable[layer].any():
+            self._measure(layer, query, bounds, block_table, seq_lens)
+        return self.dense.select(layer, query, bounds, block_table, seq_lens, live)
+
+    @torch.no_grad()
+    def _measure(self, layer: int, query: torch.Tensor, bounds: PageBounds, block_table, seq_lens) -> None:
+        spec, total = self.spec, int(seq_lens[0])
+        num_pages = (seq_lens.long() + spec.page_size - 1) // spec.page_size
+        width = int(num_pages[0])
+        table = block_table[:, :width]
+        keys, values = self.cache.keys_values(layer, total)
+        scale = spec.head_dim**-0.5
+        q = query[0].float().view(spec.num_kv_heads, -1, spec.head_dim)
+        logits = torch.einsum("hgd,thd->hgt", q, keys.float()) * scale  # [H, G, T]
+        weights = logits.softmax(-1)
+        dense_out = weights @ values.float().transpose(0, 1)  # [H, G, D]
+        pad = width * spec.page_size - total
+        mass = torch.nn.functional.pad(weights, (0, pad)).view(*weights.shape[:2], width, -1).sum(-1)
+        candidates = {
+            "box_max": score_pages(query, bounds, table, num_pages),
+            "box_soft": score_pages(query, bounds, table, num_pages, group_score="softmax"),
+            **{f"w{round(w * 100)}": score_pages(query, bounds, table, num_pages, group_score="softmax",
+                                                 bound_weight=w) for w in WEIGHTS},
+            "oracle": mass.mean(1).unsqueeze(0),
+        }
+        stable = self.stable[layer]
+        sums = self.cache.value_sums[layer]
+        for name, scores in candidates.items():
+            ids = select_top_k(scores, self.top_k, num_pages)
+            kept = (mass * page_mask(ids, width)[0].unsqueeze(1)).sum(-1).mean(1)  # [H]
+            self.mass.setdefault(name, []).extend(kept[stable].tolist())
+            out, lse = _sparse(logits, values, ids, spec.page_size, total)
+            fixed = compensate(out, lse, query, bounds, sums, table, seq_lens, ids, spec.page_size, scale)
+            for tag, o in (("", out), ("+summaries", fixed)):
+                o = o[0].view_as(dense_out)
+                err = ((o - dense_out).norm(dim=-1) / dense_out.norm(dim=-1)).mean(1)
+                self.error.setdefault(name + tag, []).extend(err[stable].tolist())
+
+
+def _sparse(logits, values, ids, page_size, total):
+    """Attention restricted to the listed pages, from the dense logits (``out, lse`` per query)."""
+    heads, group, _ = logits.shape
+    listed = page_mask(ids, -(-total // page_size))[0].repeat_interleave(page_size, dim=-1)[:, :total]
+    logits = logits.masked_fill(~listed.unsqueeze(1), float("-inf"))
+    lse = torch.logsumexp(logits, -1)
+    out = (logits - lse.unsqueeze(-1)).exp() @ values.float().transpose(0, 1)
+    return out.reshape(1, heads * group, -1), lse.reshape(1, -1)
+
+
+@app.command()
+def main(
+    context: int = typer.Option(8192, help="Sequence length (prompt + steps)."),
+    steps: int = typer.Option(32, help="Dense decode steps measured per window."),
+    top_k: int = typer.Option(70, help="Pages per top-K set."),
+    windows: str = typer.Option("1,3", help="Corpus windows (as kvhead eval numbers them)."),
+    output: Annotated[Path, typer.Option(help="JSON results file.")] = Path(
+        "benchmarks/results/accuracy_scoring.json"),
+) -> None:
+    """Attention mass and output error per page score, with and without summary tokens."""
+    start = time.perf_counter()
+    model_dir = resolve_model("smollm2-135m-instruct")
+    runner = ReferenceRunner.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    stable = ~profile_for_model(model_dir, None).unstable_mask(leading_layers=2)
+    result: dict = {"context": context, "steps": steps, "top_k": top_k, "windows": {}}
+    for window in [int(w) for w in windows.split(",")]:
+        prompt = corpus_window(tokenizer, context - steps, offset=window * 7919)  # eval's window
+        pre = prefill(runner, prompt, steps)
+        probe = OutputProbe(runner, pre.cache, stable, top_k)
+        greedy(runner, pre, steps, probe)
+        mean = lambda xs: round(sum(xs) / len(xs), 5)
+        row = {"mass": {k: mean(v) for k, v in probe.mass.items()},
+               "output_error": {k: mean(v) for k, v in probe.error.items()}}
+        result["windows"][window] = row
+        print(window, json.dumps(row), flush=True)
+    result["seconds"] = round(time.perf_counter() - start)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1))
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    app()
