@@ -180,27 +180,45 @@ def time_rounds(runs: dict[str, Callable[[], None]], rounds: int,
     return times
 
 
+class RerankInputs:
+    """One point's rotating bound sets (copies, so each window's selection reads HBM) and the
+    reference scores that ``entry_check`` compares window 0's selection with."""
+
+    def __init__(self, prob: PagedProblem, rotations: int) -> None:
+        bounds = PageBounds(kmin=prob.k_cache.amin(dim=1).float(),
+                            kmax=prob.k_cache.amax(dim=1).float())
+        self.pages = CompactBounds.from_pages(bounds)
+        self.supers = build_super_bounds(bounds, prob.table, prob.num_pages, DEFAULT_GROUP)
+        clone = lambda c: CompactBounds(c.qmin.clone(), c.qmax.clone(), c.scale.clone())
+        self.page_sets = [self.pages] + [clone(self.pages) for _ in range(rotations - 1)]
+        self.super_sets = [self.supers] + [clone(self.supers) for _ in range(rotations - 1)]
+        self.forced = score_compact_pages(prob.queries[0], self.pages, prob.table,
+                                          prob.num_pages)
+        self.forced[:, :, prob.max_pages - 1] = float("inf")
+        self.finite = self.forced[self.forced.isfinite()].abs().max().item()
+
+    def window(self, prob: PagedProblem, gen: torch.Generator, top_k: int, steps: int,
+               checks: Checks, tag: str) -> tuple[Window, list[torch.Tensor]]:
+        """A ``Window`` over random page lists for the attention, and its eager selections
+        (window 0's checked against the torch reference)."""
+        rotations, device = len(self.page_sets), prob.k_cache.device
+        sels = [random_selection(gen, prob.max_pages, prob.table.shape[0], top_k, device)
+                for _ in range(rotations)]
+        win = Window(prob, sels, self.page_sets, self.super_sets, top_k, steps)
+        eager = [win.select(w) for w in range(rotations)]
+        entry_check({"top_k": top_k}, tag, checks, prob.queries[0], self.pages, self.supers,
+                    prob.table, prob.num_pages, self.forced, self.finite)
+        return win, eager
+
+
 def bench_point(ctx: int, batch: int, top_ks: list[int], checks: Checks, device: torch.device,
                 gen: torch.Generator, rotations: int, steps: int, rounds: int) -> list[dict]:
     prob = PagedProblem.random(ctx, batch, device, gen, rotations)
-    bounds = PageBounds(kmin=prob.k_cache.amin(dim=1).float(), kmax=prob.k_cache.amax(dim=1).float())
-    pages = CompactBounds.from_pages(bounds)
-    supers = build_super_bounds(bounds, prob.table, prob.num_pages, DEFAULT_GROUP)
-    clone = lambda c: CompactBounds(c.qmin.clone(), c.qmax.clone(), c.scale.clone())
-    page_sets = [pages] + [clone(pages) for _ in range(rotations - 1)]
-    super_sets = [supers] + [clone(supers) for _ in range(rotations - 1)]
-    forced = score_compact_pages(prob.queries[0], pages, prob.table, prob.num_pages)
-    forced[:, :, prob.max_pages - 1] = float("inf")
-    finite = forced[forced.isfinite()].abs().max().item()
+    inputs = RerankInputs(prob, rotations)
     rows = []
     for top_k in top_ks:
         tag = f"ctx={ctx} B={batch} K={top_k}"
-        sels = [random_selection(gen, prob.max_pages, batch, top_k, device)
-                for _ in range(rotations)]
-        win = Window(prob, sels, page_sets, super_sets, top_k, steps)
-        eager = [win.select(w) for w in range(rotations)]
-        entry_check({"top_k": top_k}, tag, checks, prob.queries[0], pages, supers, prob.table,
-                    prob.num_pages, forced, finite)  # eager window-0 selection vs reference
+        win, eager = inputs.window(prob, gen, top_k, steps, checks, tag)
         runs, results = {}, {}
         for name in VARIANTS:
             runs[name], results[name] = capture(lambda n=name, w=win: w.issue(n))
