@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import statistics
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -42,7 +43,6 @@ import triton
 import typer
 from gpu_kernels import DIM, NUM_Q, RERANK_INTERVAL, ROTATIONS, Checks, PagedProblem
 from gpu_rerank_overlap import RerankInputs, Window, capture, time_rounds
-from pydantic import BaseModel
 from rich.console import Console
 
 ATTN = ("steps", "overlap", "select")
@@ -53,8 +53,10 @@ console = Console()
 app = typer.Typer(add_completion=False)
 
 
-class LayerShape(BaseModel):
-    """GEMM sizes of one decoder layer; the Wo input is the attention output (NUM_Q x DIM)."""
+@dataclass(frozen=True)
+class LayerShape:
+    """GEMM sizes of one decoder layer; the Wo input is the attention output (NUM_Q x DIM).
+    A dataclass, not pydantic: the device machine's environment has no pydantic."""
 
     hidden: int = 4096
     qkv: int = 6144
@@ -228,7 +230,7 @@ def main(
     checks = Checks()
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "triton": triton.__version__, "seed": seed,
-              "shape": shape.model_dump(), "rows": []}
+              "shape": asdict(shape), "rows": []}
     for ctx in ctxs:
         for batch in bs:
             result["rows"] += bench_point(ctx, batch, ks, weights, checks, device, gen,
