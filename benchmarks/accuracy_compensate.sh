@@ -20,3 +20,8 @@ for ctx in 8192 4096 2048; do
   done
   wait
 done
+# The screen that chose W = 0.5 and summaries (output error of stable heads), and the 8k ceiling
+# study (oracle ranking, lagged reranks, dense bf16) on the hardest windows, then bf16 on the rest.
+python benchmarks/accuracy_scoring.py --windows 1,3
+for w in 1 3; do python benchmarks/accuracy_ceiling.py --window $w & done; wait
+for w in 0 2; do python benchmarks/accuracy_ceiling.py --window $w --variants dense-bf16 & done; wait
