@@ -76,6 +76,7 @@ def test_profile_then_eval(tiny_dir, tmp_path, monkeypatch):
     (["coverage", "--bound-weight", "-1"], "bound_weight"),
     (["eval", "--modes", "flexicache+", "--bound-weight", "1.5"], "bound_weight"),
     (["eval", "--compensate"], "apply only to the modes"),
+    (["eval", "--modes", "quest+", "--rerank-lag"], "act only in flexicache+"),
     (["profile", "--unstable-fraction", "1.5"], "unstable_fraction"),
     (["profile", "--model", "/no/such/dir"], "no such file"),
 ])

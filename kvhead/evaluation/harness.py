@@ -107,6 +107,8 @@ class EvalConfig(BaseModel):
         opt = self.options
         if opt != SelectionOptions() and not any(m in EXTRA_MODES for m in self.modes):
             raise ValueError(f"selection options apply only to the modes {EXTRA_MODES}; add one to modes")
+        if (opt.unstable_dense or opt.rerank_lag) and "flexicache+" not in self.modes:
+            raise ValueError("unstable_dense and rerank_lag act only in flexicache+; add it to modes")
         if opt.sink_pages + opt.recent_pages > self.top_k:
             raise ValueError(
                 f"sink_pages + recent_pages ({opt.sink_pages} + {opt.recent_pages}) must fit in "
