@@ -25,3 +25,8 @@ done
 python benchmarks/accuracy_scoring.py --windows 1,3
 for w in 1 3; do python benchmarks/accuracy_ceiling.py --window $w & done; wait
 for w in 0 2; do python benchmarks/accuracy_ceiling.py --window $w --variants dense-bf16 & done; wait
+# Windows 4-6 at 8k ran on the H200 (two device calls, see benchmarks/accuracy_device.sh):
+#   benchmarks/accuracy_device.sh stage
+#   P="--contexts 8192 --prompts 1 --passkey-depths 0.5 $PLUS"   (PLUS as above)
+#   benchmarks/accuracy_device.sh run comp8k_w4 --first-window 4 $P -- comp8k_w5 --first-window 5 $P \
+#     -- comp8k_w6 --first-window 6 $P          ->  $R/accuracy_comp_8k_w{4,5,6}_gpu.json
