@@ -33,7 +33,7 @@ from kvhead.budgets import allocate_budgets
 from kvhead.evaluation.inputs import corpus_window
 from kvhead.evaluation.tasks import Prefilled, greedy, prefill, teacher_forced
 from kvhead.models import resolve_model
-from kvhead.pages import PAD, select_top_k
+from kvhead.pages import PAD, page_sums, select_top_k
 from kvhead.policy import SelectionPolicy
 from kvhead.runner import PagedKVCache, ReferenceRunner
 from kvhead.stability import HeadProfile
@@ -55,10 +55,9 @@ class OraclePolicy(SelectionPolicy):
         num_kv, dim = keys.shape[1], keys.shape[2]
         q = query[0].float().view(num_kv, -1, dim)
         weights = (torch.einsum("hgd,thd->hgt", q, keys.float()) * dim**-0.5).softmax(-1).mean(1)
-        pages = int(num_pages[0])
-        mass = torch.nn.functional.pad(weights, (0, pages * self.page_size - total)).view(num_kv, pages, -1).sum(-1)
+        mass = page_sums(weights, self.page_size)
         scores = mass.new_full((1, num_kv, block_table.shape[1]), float("-inf"))
-        scores[0, :, :pages] = mass
+        scores[0, :, : mass.shape[-1]] = mass
         ids = select_top_k(scores, self.head_top_k[self._layer], num_pages,
                            sink_pages=self.sink_pages, recent_pages=self.recent_pages)
         if heads is not None:

@@ -32,7 +32,7 @@ from transformers import AutoTokenizer
 from kvhead.evaluation.inputs import corpus_window, passkey_prompt
 from kvhead.evaluation.tasks import greedy, prefill
 from kvhead.models import resolve_model
-from kvhead.pages import PageBounds, page_mask, score_pages, select_top_k
+from kvhead.pages import PageBounds, page_mask, page_sums, score_pages, select_top_k
 from kvhead.policy import LayerSelection, SelectionPolicy
 from kvhead.profiles import profile_for_model
 from kvhead.runner import PagedKVCache, ReferenceRunner
@@ -86,8 +86,7 @@ class MassProbe:
         keys, _ = self.cache.keys_values(layer, total)
         q = query[0].float().view(spec.num_kv_heads, -1, spec.head_dim)
         weights = (torch.einsum("hgd,thd->hgt", q, keys.float()) * spec.head_dim**-0.5).softmax(-1)
-        pad = width * spec.page_size - total
-        mass = torch.nn.functional.pad(weights, (0, pad)).view(*weights.shape[:2], width, -1).sum(-1)
+        mass = page_sums(weights, spec.page_size)
         per_q = _group_scores(query, bounds, table)
         scale = spec.head_dim**-0.5
         sets = {

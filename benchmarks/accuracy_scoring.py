@@ -34,7 +34,7 @@ from transformers import AutoTokenizer
 from kvhead.evaluation.inputs import corpus_window
 from kvhead.evaluation.tasks import greedy, prefill
 from kvhead.models import resolve_model
-from kvhead.pages import PageBounds, page_mask, score_pages, select_top_k
+from kvhead.pages import PageBounds, page_mask, page_sums, score_pages, select_top_k
 from kvhead.profiles import profile_for_model
 from kvhead.runner import PagedKVCache, ReferenceRunner
 from kvhead.summaries import compensate
@@ -72,8 +72,7 @@ class OutputProbe:
         logits = torch.einsum("hgd,thd->hgt", q, keys.float()) * scale  # [H, G, T]
         weights = logits.softmax(-1)
         dense_out = weights @ values.float().transpose(0, 1)  # [H, G, D]
-        pad = width * spec.page_size - total
-        mass = torch.nn.functional.pad(weights, (0, pad)).view(*weights.shape[:2], width, -1).sum(-1)
+        mass = page_sums(weights, spec.page_size)
         candidates = {
             "box_max": score_pages(query, bounds, table, num_pages),
             "box_soft": score_pages(query, bounds, table, num_pages, group_score="softmax"),

@@ -29,7 +29,7 @@ from transformers import AutoTokenizer
 
 from kvhead.bounds_compact import CompactBounds, build_super_bounds, hier_select, num_super_pages
 from kvhead.evaluation.inputs import corpus_window
-from kvhead.pages import page_mask, score_pages, select_top_k
+from kvhead.pages import page_mask, page_sums, score_pages, select_top_k
 from kvhead.policy import LayerSelection
 from kvhead.runner import PagedKVCache, ReferenceRunner
 
@@ -67,8 +67,7 @@ class QualityProbe:
         q = query.float().view(spec.num_kv_heads, group, spec.head_dim)
         logits = torch.einsum("hgd,thd->hgt", q, keys.float()) * spec.head_dim**-0.5
         weights = logits.softmax(-1)  # [Hkv, G, T]
-        pad = width * spec.page_size - total
-        mass = torch.nn.functional.pad(weights, (0, pad)).view(*weights.shape[:2], width, -1).sum(-1)
+        mass = page_sums(weights, spec.page_size)
         head_mass = mass.mean(1)  # [Hkv, N]: a KV head's page mass, averaged over its group
         pages = CompactBounds.from_pages(bounds)
         exact_scores = score_pages(query, bounds, table, num_pages)

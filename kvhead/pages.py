@@ -156,6 +156,17 @@ def select_top_k(
     return ids.masked_fill(ids == torch.iinfo(ids.dtype).max, PAD)
 
 
+def page_sums(per_token: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Sums of ``[..., T]`` over each page of ``page_size`` tokens: ``[..., ceil(T / page_size)]``.
+
+    Applied to attention weights it gives the true mass each page holds, the quantity page
+    scores estimate (coverage calibration, oracle rankings, selection screens).
+    """
+    pages = -(-per_token.shape[-1] // page_size)
+    padded = torch.nn.functional.pad(per_token, (0, pages * page_size - per_token.shape[-1]))
+    return padded.view(*per_token.shape[:-1], pages, page_size).sum(-1)
+
+
 def all_pages(num_pages: torch.Tensor, num_kv_heads: int, max_pages: int) -> torch.Tensor:
     """Every valid logical page for every head (dense mode), padded with -1."""
     ids = torch.arange(max_pages, device=num_pages.device).expand(num_pages.shape[0], max_pages)

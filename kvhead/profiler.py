@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from kvhead.budgets import PageCoverage
 from kvhead.evaluation.inputs import corpus_window
 from kvhead.evaluation.tasks import greedy, prefill
-from kvhead.pages import PageBounds, score_pages
+from kvhead.pages import PageBounds, page_sums, score_pages
 from kvhead.policy import LayerSelection
 from kvhead.runner import PagedKVCache, ReferenceRunner
 from kvhead.stability import HeadProfile, StabilityAccumulator, model_fingerprint
@@ -107,8 +107,7 @@ class _CoverageProbe:
         keys, _ = self.cache.keys_values(layer, total)
         q = query[0].float().view(spec.num_kv_heads, -1, spec.head_dim)
         weights = (torch.einsum("hgd,thd->hgt", q, keys.float()) * spec.head_dim**-0.5).softmax(-1)
-        weights = torch.nn.functional.pad(weights.mean(1), (0, width * spec.page_size - total))
-        mass = weights.view(spec.num_kv_heads, width, spec.page_size).sum(-1)  # [Hkv, N]
+        mass = page_sums(weights.mean(1), spec.page_size)  # [Hkv, N]
         scores = score_pages(query, bounds, block_table[:, :width], num_pages, group_score=cfg.group_score,
                              bound_weight=cfg.bound_weight)
         # every page, best first; forced pages rank first, as the policy keeps them

@@ -9,6 +9,7 @@ from kvhead.pages import (
     all_pages,
     mask_to_page_ids,
     page_mask,
+    page_sums,
     rerank_diff,
     score_pages,
     select_top_k,
@@ -140,3 +141,10 @@ def test_softmax_group_score_of_one_query_head_ranks_like_max():
     a = select_top_k(score_pages(q, bounds, table, num_pages), 4, num_pages)
     b = select_top_k(score_pages(q, bounds, table, num_pages, group_score="softmax"), 4, num_pages)
     assert torch.equal(a, b)
+
+
+def test_page_sums_add_each_pages_tokens_and_a_partial_last_page():
+    weights = torch.arange(1.0, 11.0).expand(2, 3, 10)  # 10 tokens, pages of 4
+    sums = page_sums(weights, 4)
+    assert sums.shape == (2, 3, 3)
+    assert sums[0, 0].tolist() == [1 + 2 + 3 + 4, 5 + 6 + 7 + 8, 9 + 10]
