@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# One device call for the overlapped rerank (issue #5): gpu_rerank_overlap.py at every
-# (context, batch, K), twice (run 2 with other random inputs: a confirmation in the same lease).
-# Compiling dominates a cold run, so the Triton cache is filled first by one short process per
-# (context, K) in parallel; the measured runs then have the GPU alone.
-# Usage (repo root): OUT=<dir> bash benchmarks/gpu_rerank_overlap_device.sh [quick]
+# One device call for the overlapped rerank (issue #5): BENCH (gpu_rerank_overlap, beside attention
+# steps, or gpu_rerank_layer, beside whole Llama-8B layer steps) at every (context, batch, K),
+# RUNS times with other random inputs (run 2: a confirmation in the same lease).
+# Compiling dominates a cold run, so the Triton cache is filled first by one short
+# gpu_rerank_overlap.py process per (context, K) in parallel (both benchmarks use the same
+# kernels); the measured runs then have the GPU alone.
+# Usage (repo root): OUT=<dir> [BENCH=gpu_rerank_layer] bash benchmarks/gpu_rerank_overlap_device.sh [quick]
 #   (quick: CPU dry run at tiny sizes). Knobs: CTXS, BATCHES, ROUNDS, WARM_S, MEASURE_S, RUNS.
 set -u
 OUT=${OUT:?set OUT}; mkdir -p "$OUT"
 export PYTHONPATH=.:benchmarks PYTHONUNBUFFERED=1
 PY=${PY:-python3}
+BENCH=${BENCH:-gpu_rerank_overlap}
 if [ "${1:-}" = quick ]; then CTXS="2048"; KS="16"; SIZE=(--quick); BATCHES=1,2
 else CTXS=${CTXS:-131072 32768 8192}; KS="32 64 128"; SIZE=(); BATCHES=${BATCHES:-1,8,64}; fi
 { nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv 2>&1
@@ -21,8 +24,8 @@ done; done
 wait
 tail -n 3 /tmp/warm/*.log > "$OUT/warm.log" 2>&1
 for run in $(seq 1 "${RUNS:-2}"); do
-  timeout "${MEASURE_S:-200}" $PY benchmarks/gpu_rerank_overlap.py --contexts "${CTXS// /,}" \
-    --batches "$BATCHES" --rounds "${ROUNDS:-40}" --seed "$run" --name "gpu_rerank_overlap_run$run" \
+  timeout "${MEASURE_S:-240}" $PY "benchmarks/$BENCH.py" --contexts "${CTXS// /,}" \
+    --batches "$BATCHES" --rounds "${ROUNDS:-40}" --seed "$run" --name "${BENCH}_run$run" \
     --out-dir "$OUT" "${SIZE[@]}" > "$OUT/run$run.log" 2>&1
   echo "run $run exit $?" >> "$OUT/run$run.log"
 done
