@@ -30,6 +30,9 @@ class PageCoverage(BaseModel):
     bound_weight: float = Field(
         default=1.0, ge=0.0, le=1.0, description="Share of the box spread in the page score."
     )
+    rerank_interval: int = Field(
+        default=1, gt=0, description="Steps a ranking was kept for (1: every step ranked afresh)."
+    )
     pages: list[int] = Field(description="The grid of k, ascending.")
     mass: list[list[list[float]]] = Field(
         description="[layer][kv head][grid index]: mean share of the group's true attention mass "
@@ -56,6 +59,7 @@ class PageCoverage(BaseModel):
 
 def allocate_budgets(
     coverage: PageCoverage, eligible: torch.Tensor, top_k: int, *, minimum: int | None = None,
+    pool: int | None = None,
 ) -> torch.Tensor:
     """Per-head budgets ``[L, Hkv]`` (long): eligible heads share ``eligible.sum() * top_k`` pages.
 
@@ -64,7 +68,7 @@ def allocate_budgets(
     rest goes, step by step, to the head whose covered mass gains most from the next step. Heads
     that are not eligible (unstable or dense heads: every page resident anyway) keep ``top_k``.
     Budgets never exceed the grid's last point, so the pool may be left partly unspent; the total
-    never exceeds ``eligible.sum() * top_k``.
+    never exceeds the pool (``pool`` pages when given, else ``eligible.sum() * top_k``).
     """
     mass = coverage.tensor()
     grid = coverage.pages
@@ -73,12 +77,11 @@ def allocate_budgets(
         raise ValueError(f"coverage grid must be every multiple of {step} up to {grid[-1]}")
     if tuple(eligible.shape) != tuple(mass.shape[:2]):
         raise ValueError(f"eligible mask {tuple(eligible.shape)} does not match coverage {tuple(mass.shape[:2])}")
-    floor = minimum if minimum is not None else max(step, coverage.sink_pages + coverage.recent_pages)
-    start = -(-floor // step)  # grid index + 1 of each head's first budget
+    start = -(-_floor(coverage, minimum) // step)  # grid index + 1 of each head's first budget
     heads = [tuple(h) for h in eligible.nonzero().tolist()]
-    pool = len(heads) * top_k - len(heads) * start * step
+    pool = (len(heads) * top_k if pool is None else pool) - len(heads) * start * step
     if pool < 0:
-        raise ValueError(f"top_k {top_k} is below the minimum budget {start * step}")
+        raise ValueError(f"the pool is below {len(heads)} heads x the minimum budget {start * step}")
     units = {h: start for h in heads}
     def key(h: tuple[int, int]) -> tuple[float, int, tuple[int, int]]:
         """Largest gain first; on a tie (rounded: curves are means) the head holding fewer pages."""
@@ -97,3 +100,57 @@ def allocate_budgets(
     for (layer, head), n in units.items():
         budgets[layer, head] = n * step
     return budgets
+
+
+def missed_mass(coverage: PageCoverage, sparse: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """``[L, Hkv]`` share of attention mass each sparse head's budget misses (0 for dense heads)."""
+    index = (budgets.clamp(coverage.pages[0], coverage.pages[-1]) // coverage.pages[0] - 1).long()
+    covered = coverage.tensor().gather(2, index.unsqueeze(-1)).squeeze(-1)
+    return torch.where(sparse, 1.0 - covered, torch.zeros_like(covered))
+
+
+def allocate_residency(
+    coverage: PageCoverage, pool: int, *, minimum: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense heads and sparse budgets that spend ``pool`` resident pages for the least missed mass.
+
+    A dense head keeps all ``coverage.pages[-1]`` pages of the calibration context and misses
+    nothing; a sparse head keeps its budget and misses what its (stale, at the coverage's rerank
+    interval) curve says. Spreading pages by marginal gain alone (:func:`allocate_budgets`)
+    never crosses a convex stretch of a curve, which is what a head whose top pages drift
+    between reranks has: little covered until most pages are kept. So for each count D of dense
+    heads, the D-th is the sparse head missing most under the budgets left for D - 1 (greedy),
+    the rest is spread by marginal gain, and the D with the least summed missed mass wins. A head
+    whose budget reaches every page is dense too: it attends to everything at any context and
+    needs no scores. The RCO profile approximates the same choice without seeing the budget.
+
+    Returns ``(dense [L, Hkv] bool, budgets [L, Hkv] long)``; dense heads' budgets are the grid's
+    last point.
+    """
+    everything = coverage.pages[-1]
+    floor = -(-_floor(coverage, minimum) // coverage.pages[0]) * coverage.pages[0]
+    shape = coverage.tensor().shape[:2]
+    dense = torch.zeros(shape, dtype=torch.bool)
+    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
+    while True:
+        sparse = ~dense
+        left = pool - int(dense.sum()) * everything
+        if left < int(sparse.sum()) * floor:
+            break
+        budgets = allocate_budgets(coverage, sparse, everything, minimum=minimum, pool=left)
+        budgets[dense] = everything
+        missed = missed_mass(coverage, sparse, budgets)
+        if best is None or float(missed.sum()) < best[0] - 1e-9:
+            best = (float(missed.sum()), dense.clone(), budgets)
+        if float(missed.max()) <= 0.0:  # nothing left to gain by making a head dense
+            break
+        dense.view(-1)[int(missed.flatten().argmax())] = True
+    if best is None:
+        raise ValueError(f"a pool of {pool} pages cannot give every head the minimum budget {floor}")
+    _, dense, budgets = best
+    return dense | (budgets >= everything), budgets
+
+
+def _floor(coverage: PageCoverage, minimum: int | None) -> int:
+    """The smallest budget a sparse head may get: its forced pages, at least one grid step."""
+    return minimum if minimum is not None else max(coverage.pages[0], coverage.sink_pages + coverage.recent_pages)

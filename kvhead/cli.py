@@ -104,6 +104,7 @@ def coverage(
     context: int = 8192, steps: int = 64, step_pages: int = 8, page_size: int = 16,
     group_score: str = "softmax", sink_pages: int = 1, recent_pages: int = 4,
     bound_weight: Annotated[float, typer.Option(help="Share of the box spread in page scores.")] = 1.0,
+    rerank_interval: Annotated[int, typer.Option(help="Steps each ranking is kept (as stable heads keep theirs).")] = 1,
     device: Annotated[str, typer.Option(help="torch device: cpu or cuda.")] = "cpu",
 ) -> None:
     """Calibrate head-adaptive budgets: add per-head attention-mass coverage to a head profile."""
@@ -113,7 +114,7 @@ def coverage(
         cfg = CoverageConfig(
             offsets=_ints(offsets), context=context, steps=steps, step_pages=step_pages,
             group_score=group_score, sink_pages=sink_pages, recent_pages=recent_pages,
-            bound_weight=bound_weight,
+            bound_weight=bound_weight, rerank_interval=rerank_interval,
         )
         model_dir, runner, tokenizer = _load(model, page_size, device)
         head_profile = profile_for_model(model_dir, profile_path)
@@ -147,6 +148,7 @@ def eval_(
     bound_weight: Annotated[float, typer.Option(help="+ modes: share of the page box's spread in its score (1: upper bound).")] = 1.0,
     compensate: Annotated[bool, typer.Option(help="+ modes: skipped pages enter attention as summary tokens.")] = False,
     rerank_lag: Annotated[bool, typer.Option(help="flexicache+: stable heads' reranks take effect one step late.")] = False,
+    dense_heads: Annotated[str, typer.Option(help="flexicache+: dense heads from the 'profile' (RCO) or chosen with budgets by 'coverage'.")] = "profile",
     prompts: Annotated[int, typer.Option(help="Corpus windows per context (agreement, perplexity).")] = 1,
     first_window: Annotated[int, typer.Option(help="Index of the first corpus window.")] = 0,
     device: Annotated[str, typer.Option(help="torch device: cpu or cuda.")] = "cpu",
@@ -158,7 +160,7 @@ def eval_(
         options = SelectionOptions(
             sink_pages=sink_pages, recent_pages=recent_pages, group_score=group_score,
             leading_layers=leading_layers, unstable_dense=unstable_dense, head_budgets=head_budgets,
-            bound_weight=bound_weight, compensate=compensate, rerank_lag=rerank_lag,
+            bound_weight=bound_weight, compensate=compensate, rerank_lag=rerank_lag, dense_heads=dense_heads,
         )
         cfg = EvalConfig(
             contexts=_ints(contexts), gen_tokens=gen_tokens, top_k=top_k, page_size=page_size,

@@ -78,6 +78,12 @@ class CoverageConfig(BaseModel):
     sink_pages: int = Field(default=1, ge=0, description="First pages always ranked first.")
     recent_pages: int = Field(default=4, ge=1, description="Newest pages always ranked first.")
     bound_weight: float = Field(default=1.0, ge=0.0, le=1.0, description="Share of the box spread in page scores.")
+    rerank_interval: int = Field(
+        default=1, gt=0,
+        description="Steps between the rankings the curves are measured with: at R > 1 a step is "
+        "scored with the order ranked up to R - 1 steps earlier plus the pages written since, as a "
+        "stable head attends, so a head whose top pages drift loses covered mass.",
+    )
 
 
 class _CoverageProbe:
@@ -88,16 +94,21 @@ class _CoverageProbe:
         self.cache, self.spec, self.cfg = cache, runner.spec, cfg
         self.grid = torch.tensor(grid) - 1
         self.total = torch.zeros(runner.num_layers, runner.spec.num_kv_heads, len(grid), dtype=torch.float64)
-        self.count = 0
+        self.count = 0  # decode steps measured, all windows
+        self.step = 0  # decode steps of the current window
+        self.ranked: dict[int, torch.Tensor] = {}  # layer -> [Hkv, pages then] ranking scores
 
     def reset(self) -> None:
         self.dense.reset()
+        self.ranked.clear()
+        self.step = 0
 
     def select(self, layer, query, bounds: PageBounds, block_table, seq_lens,
                live=None) -> LayerSelection:
-        self._measure(layer, query, bounds, block_table, seq_lens)
         if layer == 0:
             self.count += 1
+            self.step += 1
+        self._measure(layer, query, bounds, block_table, seq_lens)
         return self.dense.select(layer, query, bounds, block_table, seq_lens, live)
 
     def _measure(self, layer, query, bounds, block_table, seq_lens) -> None:
@@ -108,14 +119,30 @@ class _CoverageProbe:
         q = query[0].float().view(spec.num_kv_heads, -1, spec.head_dim)
         weights = (torch.einsum("hgd,thd->hgt", q, keys.float()) * spec.head_dim**-0.5).softmax(-1)
         mass = page_sums(weights.mean(1), spec.page_size)  # [Hkv, N]
-        scores = score_pages(query, bounds, block_table[:, :width], num_pages, group_score=cfg.group_score,
-                             bound_weight=cfg.bound_weight)
-        # every page, best first; forced pages rank first, as the policy keeps them
-        pos = torch.arange(width, device=query.device).view(1, -1)
-        keep = (pos < cfg.sink_pages) | (pos >= width - cfg.recent_pages)
-        order = scores[0].masked_fill(keep, float("inf")).argsort(dim=-1, descending=True, stable=True)
-        covered = mass.gather(1, order).cumsum(-1)
-        self.total[layer] += covered[:, self.grid.clamp_max(width - 1).to(covered.device)].double().cpu()
+        if (self.step - 1) % cfg.rerank_interval == 0:
+            scores = score_pages(query, bounds, block_table[:, :width], num_pages, group_score=cfg.group_score,
+                                 bound_weight=cfg.bound_weight)[0]
+            # forced pages rank first, as the policy keeps them
+            pos = torch.arange(width, device=query.device).view(1, -1)
+            keep = (pos < cfg.sink_pages) | (pos >= width - cfg.recent_pages)
+            self.ranked[layer] = scores.masked_fill(keep, float("inf"))
+        self.total[layer] += covered_mass(mass, self.ranked[layer], self.grid + 1).double().cpu()
+
+
+def covered_mass(mass: torch.Tensor, ranked: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """``[H, len(budgets)]`` attention mass a head covers with each budget of pages.
+
+    ``mass`` ``[H, N]`` is this step's true mass per page; ``ranked`` ``[H, N0]`` the page scores
+    of the last ranking (N0 <= N: it may be older than this step). A budget of k pages keeps the k
+    best-ranked pages plus every page written since the ranking, as a stable head attends between
+    reranks; budgets beyond the pages that exist cover everything.
+    """
+    heads, width = mass.shape
+    fresh = width - ranked.shape[-1]
+    ranked = torch.cat([ranked, ranked.new_full((heads, fresh), float("inf"))], dim=-1)
+    order = ranked.argsort(dim=-1, descending=True, stable=True)
+    covered = mass.gather(1, order).cumsum(-1)
+    return covered[:, (budgets.to(covered.device) + fresh - 1).clamp(0, width - 1)]
 
 
 def measure_coverage(runner: ReferenceRunner, tokenizer, cfg: CoverageConfig) -> PageCoverage:
@@ -123,7 +150,7 @@ def measure_coverage(runner: ReferenceRunner, tokenizer, cfg: CoverageConfig) ->
 
     Decoding is dense (the model's own greedy continuation of calibration windows), so the
     curves describe the model, not a sparse run's drift; ranking uses the policy's scoring
-    options, so a budget of k pages keeps what the curve says.
+    options and rerank interval, so a budget of k pages keeps what the curve says.
     """
     pages = runner.spec.num_pages(cfg.context)
     grid = list(range(cfg.step_pages, pages + 1, cfg.step_pages))
@@ -139,7 +166,8 @@ def measure_coverage(runner: ReferenceRunner, tokenizer, cfg: CoverageConfig) ->
     mass = (probe.total / max(probe.count, 1)).clamp_max(1.0)
     return PageCoverage(
         context=cfg.context, offsets=cfg.offsets, steps=cfg.steps, group_score=cfg.group_score,
-        sink_pages=cfg.sink_pages, recent_pages=cfg.recent_pages, bound_weight=cfg.bound_weight, pages=grid,
+        sink_pages=cfg.sink_pages, recent_pages=cfg.recent_pages, bound_weight=cfg.bound_weight,
+        rerank_interval=cfg.rerank_interval, pages=grid,
         mass=[[[round(v, 6) for v in row] for row in layer] for layer in mass.tolist()],
     )
 

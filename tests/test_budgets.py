@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvhead.budgets import PageCoverage, allocate_budgets
+from kvhead.budgets import PageCoverage, allocate_budgets, allocate_residency, missed_mass
 from kvhead.pages import PageBounds, select_top_k
 from kvhead.policy import SelectionPolicy
 
@@ -87,3 +87,25 @@ def test_allocation_rejects_a_sparse_grid_and_too_small_top_k():
         allocate_budgets(cov, torch.ones(1, 1, dtype=torch.bool), top_k=8)
     with pytest.raises(ValueError, match="minimum"):
         allocate_budgets(_coverage([[[0.5, 1.0]]], sink_pages=4, recent_pages=8), torch.ones(1, 1, dtype=torch.bool), top_k=8)
+
+
+def test_residency_crosses_a_convex_curve_that_marginal_gains_never_cross():
+    steps = torch.arange(1, 9, dtype=torch.float64)
+    sharp = (1 - 0.5**steps).tolist()  # half of the rest per step
+    drifting = ((steps / 8) ** 2).tolist()  # little covered until nearly every page is kept
+    cov = _coverage([[sharp, drifting, sharp]])
+    everyone = torch.ones(1, 3, dtype=torch.bool)
+    spread = allocate_budgets(cov, everyone, 0, pool=112)
+    assert spread.tolist() == [[32, 48, 32]]  # marginal gains: missed 0.0625 x 2 + 0.4375
+    dense, budgets = allocate_residency(cov, pool=112)
+    assert dense.tolist() == [[False, True, False]] and budgets.tolist() == [[24, 64, 24]]
+    assert missed_mass(cov, ~dense, budgets)[0].tolist() == pytest.approx([0.125, 0.0, 0.125])
+    assert float(missed_mass(cov, everyone, spread).sum()) == pytest.approx(0.5625)
+    # too few pages for a dense head beside the others' minimum: all sparse, marginal spread
+    dense, budgets = allocate_residency(cov, pool=72)
+    assert not dense.any() and budgets.tolist() == [[32, 8, 32]]
+    # a budget of every page is a dense head; a pool of everything makes every head dense
+    assert allocate_residency(cov, pool=128)[0].tolist() == [[False, True, False]]
+    assert allocate_residency(cov, pool=192)[0].all()
+    with pytest.raises(ValueError, match="minimum budget"):
+        allocate_residency(cov, pool=16)

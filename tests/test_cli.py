@@ -77,6 +77,9 @@ def test_profile_then_eval(tiny_dir, tmp_path, monkeypatch):
     (["eval", "--modes", "flexicache+", "--bound-weight", "1.5"], "bound_weight"),
     (["eval", "--compensate"], "apply only to the modes"),
     (["eval", "--modes", "quest+", "--rerank-lag"], "act only in flexicache+"),
+    (["eval", "--modes", "flexicache+", "--dense-heads", "rco"], "dense_heads"),
+    (["eval", "--modes", "flexicache+", "--dense-heads", "coverage"], "needs flexicache+ in modes, unstable_dense"),
+    (["coverage", "--rerank-interval", "0"], "rerank_interval"),
     (["profile", "--unstable-fraction", "1.5"], "unstable_fraction"),
     (["profile", "--model", "/no/such/dir"], "no such file"),
 ])

@@ -157,3 +157,32 @@ def test_coverage_curves_rise_to_one_and_drive_budgets(tiny):
                 head_budgets=True, **differ)}), model="tiny")
     with pytest.raises(ValueError, match="coverage"):
         evaluate(runner, tok, profile.model_copy(update={"coverage": None}), cfg, model="tiny")
+
+
+def test_dense_heads_from_stale_coverage_spend_the_profiles_pages(tiny):
+    from kvhead.evaluation.harness import SelectionOptions, coverage_dense_heads
+    from kvhead.profiler import CoverageConfig, measure_coverage
+
+    model_dir, runner, tok = tiny
+    calib = CoverageConfig(offsets=[0], context=256, steps=8, step_pages=2, group_score="max",
+                           sink_pages=0, recent_pages=1, rerank_interval=4)
+    cov = measure_coverage(runner, tok, calib)
+    assert cov.rerank_interval == 4
+    fresh = measure_coverage(runner, tok, calib.model_copy(update={"rerank_interval": 1}))
+    assert torch.tensor(cov.mass)[..., -1].min() > 0.999  # every page covers everything, stale or not
+    assert cov.mass != fresh.mass  # three of every four steps score with an older ranking
+    profile = profile_heads(runner, tok, model_dir, PROFILE).model_copy(update={"coverage": cov})
+    opts = SelectionOptions(unstable_dense=True, head_budgets=True, dense_heads="coverage")
+    cfg = EvalConfig(contexts=[256], gen_tokens=8, top_k=4, page_size=8, rerank_interval=4,
+                     passkey_depths=[], modes=["flexicache+"], options=opts)
+    dense, budgets = coverage_dense_heads(profile, cfg)
+    # the pool of the profile's set: 2 heads x 32 pages + 2 heads x 4
+    assert int(budgets[~dense].sum()) + int(dense.sum()) * 32 <= 2 * 32 + 2 * 4
+    report = evaluate(runner, tok, profile, cfg, model="tiny")
+    assert report.dense_heads == dense.nonzero().tolist()
+    assert 0 < report.results[0].modes["flexicache+"].resident_fraction < 1
+    with pytest.raises(ValueError, match="ranked every 2 steps"):
+        coverage_dense_heads(profile, cfg.model_copy(update={"rerank_interval": 2}))
+    for missing in ({"unstable_dense": False}, {"head_budgets": False}, {"leading_layers": 1}):
+        with pytest.raises(ValueError, match="dense_heads=coverage"):
+            EvalConfig(modes=["flexicache+"], options=opts.model_copy(update=missing))

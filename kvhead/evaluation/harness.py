@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from kvhead.budgets import allocate_budgets
+from kvhead.budgets import PageCoverage, allocate_budgets, allocate_residency
 from kvhead.evaluation.inputs import corpus_window, passkey_prompt
 from kvhead.evaluation.tasks import first_divergence, greedy, prefill, teacher_forced
 from kvhead.policy import Mode, SelectionPolicy
@@ -69,6 +69,13 @@ class SelectionOptions(BaseModel):
         description="Spread the sparse heads' pages (count x top_k) by the profile's coverage "
         "curves instead of top_k each (see kvhead.budgets).",
     )
+    dense_heads: Literal["profile", "coverage"] = Field(
+        default="profile",
+        description="flexicache+: which heads keep every page and attend densely. 'profile': the "
+        "profile's unstable set (RCO); 'coverage': the set, of any size, that the coverage curves "
+        "(ranked at the eval's rerank interval) say loses least attention mass for the same "
+        "resident pages as the profile's set at top_k (kvhead.budgets.allocate_residency).",
+    )
 
 
 class EvalConfig(BaseModel):
@@ -109,6 +116,13 @@ class EvalConfig(BaseModel):
             raise ValueError(f"selection options apply only to the modes {EXTRA_MODES}; add one to modes")
         if (opt.unstable_dense or opt.rerank_lag) and "flexicache+" not in self.modes:
             raise ValueError("unstable_dense and rerank_lag act only in flexicache+; add it to modes")
+        if opt.dense_heads == "coverage" and not (
+            "flexicache+" in self.modes and opt.unstable_dense and opt.head_budgets and opt.leading_layers == 0
+        ):
+            raise ValueError(
+                "dense_heads=coverage chooses flexicache+'s dense heads and budgets together: it needs "
+                "flexicache+ in modes, unstable_dense and head_budgets, and no leading_layers"
+            )
         if opt.sink_pages + opt.recent_pages > self.top_k:
             raise ValueError(
                 f"sink_pages + recent_pages ({opt.sink_pages} + {opt.recent_pages}) must fit in "
@@ -186,6 +200,9 @@ class EvalReport(BaseModel):
         default=None, description="The profile's coverage calibration (curves left out) that set "
         "head budgets: which context and corpus windows the budgets were fitted on.",
     )
+    dense_heads: list[list[int]] | None = Field(
+        default=None, description="(layer, kv head) of the dense heads dense_heads=coverage chose."
+    )
     load_average: list[float] = Field(
         default_factory=list, description="Host 1/5/15-minute load when the run ended."
     )
@@ -201,6 +218,10 @@ def _policy(runner: ReferenceRunner, mode: str, cfg: EvalConfig, profile: HeadPr
         kwargs |= {"sink_pages": opt.sink_pages, "recent_pages": opt.recent_pages,
                    "group_score": opt.group_score, "bound_weight": opt.bound_weight,
                    "compensate": opt.compensate}
+        if base is Mode.flexicache and opt.dense_heads == "coverage":
+            dense, budgets = coverage_dense_heads(profile, cfg)
+            return runner.policy(base, **kwargs, unstable=dense, unstable_dense=True,
+                                 rerank_lag=opt.rerank_lag, head_top_k=budgets)
         if base is Mode.flexicache:
             kwargs |= {"unstable": profile.unstable_mask(opt.leading_layers),
                        "unstable_dense": opt.unstable_dense, "rerank_lag": opt.rerank_lag}
@@ -210,14 +231,14 @@ def _policy(runner: ReferenceRunner, mode: str, cfg: EvalConfig, profile: HeadPr
             sparse = torch.ones(profile.num_layers, profile.num_kv_heads, dtype=torch.bool)
             sparse[: opt.leading_layers] = False
         if opt.head_budgets:
-            kwargs["head_top_k"] = _head_budgets(profile, opt, sparse, cfg.top_k)
+            kwargs["head_top_k"] = allocate_budgets(_matching_coverage(profile, opt), sparse, cfg.top_k)
     elif base is Mode.flexicache:
         kwargs["unstable"] = profile.unstable_mask()
     return runner.policy(base, **kwargs)
 
 
-def _head_budgets(profile: HeadProfile, opt: SelectionOptions, sparse: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Budgets of the heads that select pages, from coverage ranked exactly as they rank."""
+def _matching_coverage(profile: HeadProfile, opt: SelectionOptions) -> PageCoverage:
+    """The profile's coverage curves, checked to be ranked exactly as the policy ranks pages."""
     cov = profile.coverage
     if cov is None:
         raise ValueError("head_budgets needs a profile with coverage (kvhead profile --coverage)")
@@ -228,7 +249,22 @@ def _head_budgets(profile: HeadProfile, opt: SelectionOptions, sparse: torch.Ten
             f"{cov.sink_pages}, recent_pages={cov.recent_pages}, bound_weight={cov.bound_weight}; "
             "the options differ"
         )
-    return allocate_budgets(cov, sparse, top_k)
+    return cov
+
+
+def coverage_dense_heads(profile: HeadProfile, cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dense_heads=coverage``: dense heads and budgets for the resident pages of the profile's
+    unstable set (every page at the calibration context) plus ``top_k`` per other head."""
+    cov = _matching_coverage(profile, cfg.options)
+    if cov.rerank_interval != cfg.rerank_interval:
+        raise ValueError(
+            f"dense_heads=coverage needs coverage ranked every {cfg.rerank_interval} steps, as stable "
+            f"heads rerank; the profile's was ranked every {cov.rerank_interval} "
+            "(kvhead coverage --rerank-interval)"
+        )
+    heads = profile.num_layers * profile.num_kv_heads
+    pool = len(profile.unstable) * cov.pages[-1] + (heads - len(profile.unstable)) * cfg.top_k
+    return allocate_residency(cov, pool)
 
 
 def _margin(logprobs: torch.Tensor) -> float:
@@ -334,6 +370,8 @@ def evaluate(
         device=str(runner.device), results=[],
         coverage=profile.coverage.model_dump(exclude={"mass"})
         if cfg.options.head_budgets and profile.coverage is not None else None,
+        dense_heads=coverage_dense_heads(profile, cfg)[0].nonzero().tolist()
+        if cfg.options.dense_heads == "coverage" else None,
     )
     for context in cfg.contexts:
         report.results.append(evaluate_context(runner, tokenizer, profile, cfg, context))
