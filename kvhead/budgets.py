@@ -110,11 +110,13 @@ def missed_mass(coverage: PageCoverage, sparse: torch.Tensor, budgets: torch.Ten
 
 
 def allocate_residency(
-    coverage: PageCoverage, pool: int, *, minimum: int | None = None,
+    coverage: PageCoverage, pool: int, *, minimum: int | None = None, dense_pages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense heads and sparse budgets that spend ``pool`` resident pages for the least missed mass.
 
-    A dense head keeps all ``coverage.pages[-1]`` pages of the calibration context and misses
+    A dense head keeps every page, ``dense_pages`` of them (default: all ``coverage.pages[-1]``
+    of the calibration context; pass fewer to charge a dense head what it holds at the start of
+    decoding, where dense heads are cheapest and a pool of them is easiest to overspend) and misses
     nothing; a sparse head keeps its budget and misses what its (stale, at the coverage's rerank
     interval) curve says. Spreading pages by marginal gain alone (:func:`allocate_budgets`)
     never crosses a convex stretch of a curve, which is what a head whose top pages drift
@@ -128,13 +130,14 @@ def allocate_residency(
     last point.
     """
     everything = coverage.pages[-1]
+    cost = everything if dense_pages is None else dense_pages
     floor = -(-_floor(coverage, minimum) // coverage.pages[0]) * coverage.pages[0]
     shape = coverage.tensor().shape[:2]
     dense = torch.zeros(shape, dtype=torch.bool)
     best: tuple[float, torch.Tensor, torch.Tensor] | None = None
     while True:
         sparse = ~dense
-        left = pool - int(dense.sum()) * everything
+        left = pool - int(dense.sum()) * cost
         if left < int(sparse.sum()) * floor:
             break
         budgets = allocate_budgets(coverage, sparse, everything, minimum=minimum, pool=left)

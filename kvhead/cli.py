@@ -151,6 +151,7 @@ def eval_(
     dense_heads: Annotated[str, typer.Option(help="flexicache+: dense heads from the 'profile' (RCO) or chosen with budgets by 'coverage'.")] = "profile",
     prompts: Annotated[int, typer.Option(help="Corpus windows per context (agreement, perplexity).")] = 1,
     first_window: Annotated[int, typer.Option(help="Index of the first corpus window.")] = 0,
+    corpus: Annotated[str, typer.Option(help="Text of the windows: licenses or python-docs.")] = "licenses",
     device: Annotated[str, typer.Option(help="torch device: cpu or cuda.")] = "cpu",
 ) -> None:
     """Accuracy of quest and flexicache decoding against dense, per context length."""
@@ -165,7 +166,7 @@ def eval_(
         cfg = EvalConfig(
             contexts=_ints(contexts), gen_tokens=gen_tokens, top_k=top_k, page_size=page_size,
             rerank_interval=rerank_interval, passkey_depths=_floats(passkey_depths), seed=seed,
-            prompts=prompts, first_window=first_window,
+            prompts=prompts, first_window=first_window, corpus=corpus,
             modes=[m.strip() for m in modes.split(",") if m.strip()], options=options,
         )
         for context in cfg.contexts:

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from kvhead.evaluation.harness import EvalConfig, evaluate
-from kvhead.evaluation.inputs import passkey_prompt
+from kvhead.evaluation.inputs import corpus_window, passkey_prompt
 from kvhead.models.tiny import build_tiny_llama
 from kvhead.profiler import ProfileConfig, profile_heads, save_heatmap
 from kvhead.runner import ReferenceRunner
@@ -76,6 +76,22 @@ def test_passkey_prompt_holds_the_key_at_depth(tiny):
     assert text.count("48213") == 2 and text.rstrip().endswith("The pass key is")
     assert 0.3 < text.index("48213") / len(text) < 0.7
     assert abs(ids.numel() - 300) <= 2
+
+
+def test_both_corpora_ship_and_cut_windows(tiny):
+    from kvhead.evaluation.inputs import corpus_text
+
+    _, _, tok = tiny
+    licenses, docs = corpus_text("licenses"), corpus_text("python-docs")
+    assert "GNU GENERAL PUBLIC LICENSE" in licenses and "GNU GENERAL PUBLIC LICENSE" not in docs
+    assert "Python" in docs and len(docs) > 3 * len(licenses)  # room for many disjoint 8k windows
+    a, b = corpus_window(tok, 64, 10, corpus="licenses"), corpus_window(tok, 64, 10, corpus="python-docs")
+    assert a.shape == b.shape == (64,) and not torch.equal(a, b)
+    assert torch.equal(corpus_window(tok, 32, 42, corpus="python-docs"), b[32:])  # windows are slices
+    with pytest.raises(ValueError, match="unknown corpus 'news'; known: licenses, python-docs"):
+        corpus_window(tok, 64, corpus="news")
+    with pytest.raises(ValueError, match="corpus"):
+        EvalConfig(corpus="news")
 
 
 def test_leading_layers_join_the_unstable_budget():

@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from kvhead.budgets import PageCoverage, allocate_budgets, allocate_residency
-from kvhead.evaluation.inputs import corpus_window, passkey_prompt
+from kvhead.evaluation.inputs import Corpus, corpus_window, passkey_prompt
 from kvhead.evaluation.tasks import first_divergence, greedy, prefill, teacher_forced
 from kvhead.policy import Mode, SelectionPolicy
 from kvhead.runner import ReferenceRunner
@@ -103,6 +103,10 @@ class EvalConfig(BaseModel):
     )
     modes: list[str] = Field(
         default=list(SPEC_MODES), description="Sparse modes to compare with dense, in order."
+    )
+    corpus: Corpus = Field(
+        default="licenses",
+        description="Text the agreement and perplexity windows are cut from (kvhead.evaluation.inputs).",
     )
     options: SelectionOptions = Field(
         default_factory=SelectionOptions, description="Selection options of the + modes."
@@ -253,8 +257,10 @@ def _matching_coverage(profile: HeadProfile, opt: SelectionOptions) -> PageCover
 
 
 def coverage_dense_heads(profile: HeadProfile, cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """``dense_heads=coverage``: dense heads and budgets for the resident pages of the profile's
-    unstable set (every page at the calibration context) plus ``top_k`` per other head."""
+    """``dense_heads=coverage``: dense heads and budgets for no more resident pages than the
+    profile's unstable set (every page) plus ``top_k`` per other head, counted where decoding at
+    the calibration context starts (fewer dense heads than the profile's hold more pages the
+    shorter the sequence, so that is where the pools must match)."""
     cov = _matching_coverage(profile, cfg.options)
     if cov.rerank_interval != cfg.rerank_interval:
         raise ValueError(
@@ -263,8 +269,9 @@ def coverage_dense_heads(profile: HeadProfile, cfg: EvalConfig) -> tuple[torch.T
             "(kvhead coverage --rerank-interval)"
         )
     heads = profile.num_layers * profile.num_kv_heads
-    pool = len(profile.unstable) * cov.pages[-1] + (heads - len(profile.unstable)) * cfg.top_k
-    return allocate_residency(cov, pool)
+    start = -(-max(cov.context - cfg.gen_tokens, 1) // profile.page_size)
+    pool = len(profile.unstable) * start + (heads - len(profile.unstable)) * cfg.top_k
+    return allocate_residency(cov, pool, dense_pages=start)
 
 
 def _margin(logprobs: torch.Tensor) -> float:
@@ -296,7 +303,7 @@ def evaluate_context(
     nll: dict[str, list[float]] = {m: [] for m in ("dense", *sparse)}  # summed NLL per window
     for i in range(cfg.first_window, cfg.first_window + cfg.prompts):
         # Window 0 is the one every earlier report used; more windows step through the corpus.
-        prompt = corpus_window(tokenizer, length, offset=cfg.seed * 997 + i * 7919)
+        prompt = corpus_window(tokenizer, length, offset=cfg.seed * 997 + i * 7919, corpus=cfg.corpus)
         pre = prefill(runner, prompt, gen)
         dense_logprobs: list[torch.Tensor] = []
         reference = greedy(runner, pre, gen, dense, logprobs=dense_logprobs)
@@ -310,7 +317,7 @@ def evaluate_context(
             free[mode] += sum(a == b for a, b in zip(decoded, reference))
             first[mode] = min(first[mode], first_divergence(decoded, reference))
 
-        text = corpus_window(tokenizer, context, offset=context * 3 + cfg.seed * 131 + i * 6007)
+        text = corpus_window(tokenizer, context, offset=context * 3 + cfg.seed * 131 + i * 6007, corpus=cfg.corpus)
         pre = prefill(runner, text[:length], gen)
         targets = text[length:].tolist()
         for mode, policy in [("dense", dense), *sparse.items()]:

@@ -1,15 +1,19 @@
 """Long inputs built offline: corpus windows and passkey-retrieval prompts.
 
-The corpus is the FSF license texts shipped in ``kvhead/data/corpus`` (verbatim copies are
-permitted); a window longer than the corpus wraps around. Passkey prompts follow the classic
-retrieval test: a number stated once at a chosen depth inside repetitive filler, asked for at
-the end.
+Two corpora ship with the package. ``licenses``: the FSF license texts in
+``kvhead/data/corpus`` (verbatim copies are permitted), about 32k tokens, so 8k windows more
+than four apart overlap. ``python-docs``: the Python 3.11 tutorial and FAQ in reST source form
+from Debian's python3.11-doc (PSF License, ``kvhead/data/python_docs``), about 117k tokens of
+prose and code, room for 14 disjoint 8k windows. A window longer than its corpus wraps around.
+Passkey prompts follow the classic retrieval test: a number stated once at a chosen depth inside
+repetitive filler, asked for at the end.
 """
 
 from __future__ import annotations
 
 from functools import cache
 from importlib import resources
+from typing import Literal
 
 import torch
 
@@ -17,6 +21,8 @@ CORPUS_FILES = (
     "GPL-3.txt", "GPL-2.txt", "LGPL-2.1.txt", "GFDL-1.3.txt", "GPL-1.txt", "LGPL-3.txt",
     "GFDL-1.2.txt",
 )
+CORPORA = {"licenses": "corpus", "python-docs": "python_docs"}  # name -> kvhead/data folder
+Corpus = Literal["licenses", "python-docs"]
 FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 )
@@ -24,19 +30,26 @@ QUESTION = "\nWhat is the pass key? The pass key is"
 
 
 @cache
-def corpus_text() -> str:
-    root = resources.files("kvhead.data") / "corpus"
-    return "\n\n".join((root / name).read_text(encoding="utf-8") for name in CORPUS_FILES)
+def corpus_text(corpus: str = "licenses") -> str:
+    """The corpus as one string: the license files in their fixed order, or every ``.txt`` of
+    the python-docs folder by name (FAQ, then tutorial chapters)."""
+    if corpus not in CORPORA:
+        raise ValueError(f"unknown corpus {corpus!r}; known: {', '.join(CORPORA)}")
+    root = resources.files("kvhead.data") / CORPORA[corpus]
+    names = CORPUS_FILES if corpus == "licenses" else sorted(
+        entry.name for entry in root.iterdir() if entry.name.endswith(".txt")
+    )
+    return "\n\n".join((root / name).read_text(encoding="utf-8") for name in names)
 
 
 @cache
-def _corpus_ids(tokenizer) -> torch.Tensor:
-    return torch.tensor(tokenizer(corpus_text(), add_special_tokens=False, verbose=False)["input_ids"])
+def _corpus_ids(tokenizer, corpus: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(corpus_text(corpus), add_special_tokens=False, verbose=False)["input_ids"])
 
 
-def corpus_window(tokenizer, num_tokens: int, offset: int = 0) -> torch.Tensor:
+def corpus_window(tokenizer, num_tokens: int, offset: int = 0, corpus: str = "licenses") -> torch.Tensor:
     """``num_tokens`` consecutive corpus tokens starting at ``offset`` (wrapping around)."""
-    ids = _corpus_ids(tokenizer)
+    ids = _corpus_ids(tokenizer, corpus)
     index = (torch.arange(num_tokens) + offset) % ids.numel()
     return ids[index]
 
