@@ -8,6 +8,9 @@ share of true attention mass that the selection's own ranking covers with k page
 and :func:`allocate_budgets` hands out the pool ``heads x top_k`` in steps of a few pages, each
 step to the head whose covered mass grows most (AdaKV's argument: the output error of a sparse
 head is bounded by the mass it misses, so the sum of missed mass is what to minimise).
+Curves ranked every R steps (``rerank_interval``) also see how far a head's top pages drift
+between reranks, so :func:`allocate_residency` can choose which heads keep every page with the
+same measure that sizes the others' budgets.
 """
 
 from __future__ import annotations

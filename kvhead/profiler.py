@@ -66,10 +66,11 @@ class CoverageConfig(BaseModel):
 
     offsets: list[int] = Field(
         default=[16384], min_length=1,
-        description="Corpus token offsets of the calibration windows. The default window, "
-        "16384-24575, is one no default `kvhead eval` window touches (agreement reads from 0, "
-        "perplexity 6144-8191, 12288-16383 and 24576 on at 2k/4k/8k), so budgets are not fitted "
-        "to the text they are scored on.",
+        description="Corpus token offsets of the calibration windows (license corpus). The "
+        "default window, 16384-24575, is one no default `kvhead eval` window touches (agreement "
+        "reads from 0, perplexity 6144-8191, 12288-16383 and 24576 on at 2k/4k/8k), so budgets are "
+        "not fitted to the text they are scored on; later license windows (--first-window 2 and 3 "
+        "at 8k) do overlap it, python-docs windows never do.",
     )
     context: int = Field(default=8192, ge=64, description="Sequence length (prompt + steps).")
     steps: int = Field(default=64, gt=0, description="Dense decode steps measured per window.")
