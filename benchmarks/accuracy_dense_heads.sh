@@ -35,6 +35,11 @@ pairs docs_dense 8192 python-docs "$B" 4 5 6 7   # windows 0-3 ran on the H200 (
 pairs dense 8192 licenses "$B" 1 3
 pairs docs_comp 4096 python-docs "$A" 0 1 2 3
 pairs docs_comp 2048 python-docs "$A" 0 1 2 3
+# B calibrated on four python-docs windows disjoint from every python-docs eval window, scored on
+# the two hardest license windows (is one calibration window B's weakness?)
+kvhead coverage --profile $R/accuracy_profile_w05.json --out $R/accuracy_profile_w05_r8_docs4.json \
+  --bound-weight 0.5 --rerank-interval 8 --corpus python-docs --offsets 75000,84000,93000,102000
+pairs dense_docs4cal 8192 licenses "${B/accuracy_profile_w05_r8.json/accuracy_profile_w05_r8_docs4.json}" 1 3
 # H200 (benchmarks/accuracy_device.sh stage, then run NAME ARGS -- NAME ARGS ...):
 #   B on python-docs 8k windows 0-3   -> $R/accuracy_docs_dense_8k_w{0..3}_gpu.json
 #   B with dense heads charged 512 pages (the first pool, before commit "Second long-input

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field, model_validator
 class PageCoverage(BaseModel):
     """Attention mass covered by each head's top-k pages, k on a grid, from calibration decoding."""
 
+    corpus: str = Field(default="licenses", description="Corpus the calibration windows came from.")
     context: int = Field(gt=0, description="Calibration sequence length in tokens.")
     offsets: list[int] = Field(description="Corpus token offsets of the calibration windows.")
     steps: int = Field(gt=0, description="Dense decode steps measured per window.")

@@ -105,6 +105,7 @@ def coverage(
     group_score: str = "softmax", sink_pages: int = 1, recent_pages: int = 4,
     bound_weight: Annotated[float, typer.Option(help="Share of the box spread in page scores.")] = 1.0,
     rerank_interval: Annotated[int, typer.Option(help="Steps each ranking is kept (as stable heads keep theirs).")] = 1,
+    corpus: Annotated[str, typer.Option(help="Text of the calibration windows: licenses or python-docs.")] = "licenses",
     device: Annotated[str, typer.Option(help="torch device: cpu or cuda.")] = "cpu",
 ) -> None:
     """Calibrate head-adaptive budgets: add per-head attention-mass coverage to a head profile."""
@@ -114,7 +115,7 @@ def coverage(
         cfg = CoverageConfig(
             offsets=_ints(offsets), context=context, steps=steps, step_pages=step_pages,
             group_score=group_score, sink_pages=sink_pages, recent_pages=recent_pages,
-            bound_weight=bound_weight, rerank_interval=rerank_interval,
+            bound_weight=bound_weight, rerank_interval=rerank_interval, corpus=corpus,
         )
         model_dir, runner, tokenizer = _load(model, page_size, device)
         head_profile = profile_for_model(model_dir, profile_path)

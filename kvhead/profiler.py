@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from kvhead.budgets import PageCoverage
-from kvhead.evaluation.inputs import corpus_window
+from kvhead.evaluation.inputs import Corpus, corpus_window
 from kvhead.evaluation.tasks import greedy, prefill
 from kvhead.pages import PageBounds, page_sums, score_pages
 from kvhead.policy import LayerSelection
@@ -66,12 +66,13 @@ class CoverageConfig(BaseModel):
 
     offsets: list[int] = Field(
         default=[16384], min_length=1,
-        description="Corpus token offsets of the calibration windows (license corpus). The "
+        description="Corpus token offsets of the calibration windows (in --corpus). The "
         "default window, 16384-24575, is one no default `kvhead eval` window touches (agreement "
         "reads from 0, perplexity 6144-8191, 12288-16383 and 24576 on at 2k/4k/8k), so budgets are "
         "not fitted to the text they are scored on; later license windows (--first-window 2 and 3 "
         "at 8k) do overlap it, python-docs windows never do.",
     )
+    corpus: Corpus = Field(default="licenses", description="Text the calibration windows are cut from.")
     context: int = Field(default=8192, ge=64, description="Sequence length (prompt + steps).")
     steps: int = Field(default=64, gt=0, description="Dense decode steps measured per window.")
     step_pages: int = Field(default=8, gt=0, description="Grid spacing of k in pages.")
@@ -159,14 +160,14 @@ def measure_coverage(runner: ReferenceRunner, tokenizer, cfg: CoverageConfig) ->
         raise ValueError(f"context {cfg.context} holds fewer than {cfg.step_pages} pages")
     probe = None
     for offset in cfg.offsets:
-        pre = prefill(runner, corpus_window(tokenizer, cfg.context - cfg.steps, offset), cfg.steps)
+        pre = prefill(runner, corpus_window(tokenizer, cfg.context - cfg.steps, offset, corpus=cfg.corpus), cfg.steps)
         if probe is None:
             probe = _CoverageProbe(runner, pre.cache, cfg, grid)
         probe.cache = pre.cache
         greedy(runner, pre, cfg.steps + 1, probe)
     mass = (probe.total / max(probe.count, 1)).clamp_max(1.0)
     return PageCoverage(
-        context=cfg.context, offsets=cfg.offsets, steps=cfg.steps, group_score=cfg.group_score,
+        corpus=cfg.corpus, context=cfg.context, offsets=cfg.offsets, steps=cfg.steps, group_score=cfg.group_score,
         sink_pages=cfg.sink_pages, recent_pages=cfg.recent_pages, bound_weight=cfg.bound_weight,
         rerank_interval=cfg.rerank_interval, pages=grid,
         mass=[[[round(v, 6) for v in row] for row in layer] for layer in mass.tolist()],

@@ -81,6 +81,7 @@ def test_profile_then_eval(tiny_dir, tmp_path, monkeypatch):
     (["eval", "--modes", "flexicache+", "--dense-heads", "coverage"], "needs flexicache+ in modes, unstable_dense"),
     (["coverage", "--rerank-interval", "0"], "rerank_interval"),
     (["eval", "--corpus", "news"], "corpus"),
+    (["coverage", "--corpus", "news"], "corpus"),
     (["profile", "--unstable-fraction", "1.5"], "unstable_fraction"),
     (["profile", "--model", "/no/such/dir"], "no such file"),
 ])

@@ -185,6 +185,8 @@ def test_dense_heads_from_stale_coverage_spend_the_profiles_pages(tiny):
     cov = measure_coverage(runner, tok, calib)
     assert cov.rerank_interval == 4
     fresh = measure_coverage(runner, tok, calib.model_copy(update={"rerank_interval": 1}))
+    docs = measure_coverage(runner, tok, calib.model_copy(update={"corpus": "python-docs"}))
+    assert (cov.corpus, docs.corpus) == ("licenses", "python-docs") and docs.mass != cov.mass
     assert torch.tensor(cov.mass)[..., -1].min() > 0.999  # every page covers everything, stale or not
     assert cov.mass != fresh.mass  # three of every four steps score with an older ranking
     profile = profile_heads(runner, tok, model_dir, PROFILE).model_copy(update={"coverage": cov})
