@@ -94,7 +94,7 @@ class _CoverageProbe:
     def __init__(self, runner: ReferenceRunner, cache: PagedKVCache, cfg: CoverageConfig, grid: list[int]) -> None:
         self.dense = runner.policy("dense")
         self.cache, self.spec, self.cfg = cache, runner.spec, cfg
-        self.grid = torch.tensor(grid) - 1
+        self.budgets = torch.tensor(grid)
         self.total = torch.zeros(runner.num_layers, runner.spec.num_kv_heads, len(grid), dtype=torch.float64)
         self.count = 0  # decode steps measured, all windows
         self.step = 0  # decode steps of the current window
@@ -128,7 +128,7 @@ class _CoverageProbe:
             pos = torch.arange(width, device=query.device).view(1, -1)
             keep = (pos < cfg.sink_pages) | (pos >= width - cfg.recent_pages)
             self.ranked[layer] = scores.masked_fill(keep, float("inf"))
-        self.total[layer] += covered_mass(mass, self.ranked[layer], self.grid + 1).double().cpu()
+        self.total[layer] += covered_mass(mass, self.ranked[layer], self.budgets).double().cpu()
 
 
 def covered_mass(mass: torch.Tensor, ranked: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
