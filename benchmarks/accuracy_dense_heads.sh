@@ -35,6 +35,7 @@ pairs docs_dense 8192 python-docs "$B" 4 5 6 7   # windows 0-3 ran on the H200 (
 pairs dense 8192 licenses "$B" 1 3
 pairs docs_comp 4096 python-docs "$A" 0 1 2 3
 pairs docs_comp 2048 python-docs "$A" 0 1 2 3
+pairs docs_spec 8192 python-docs "--modes flexicache" 0 1 2 3   # the spec configuration, same windows
 # B calibrated on four python-docs windows disjoint from every python-docs eval window, scored on
 # the two hardest license windows (is one calibration window B's weakness?)
 kvhead coverage --profile $R/accuracy_profile_w05.json --out $R/accuracy_profile_w05_r8_docs4.json \
@@ -45,3 +46,11 @@ pairs dense_docs4cal 8192 licenses "${B/accuracy_profile_w05_r8.json/accuracy_pr
 #   B with dense heads charged 512 pages (the first pool, before commit "Second long-input
 #   corpus"; 3 dense heads, 35.2% resident) on license windows 0, 2, 4-6 -> accuracy_dense512_8k_w*_gpu.json,
 #   windows 1 and 3 on the CPU -> accuracy_dense512_8k_w{1,3}.json
+# The pooled numbers the README quotes -> $R/accuracy_pooled.json
+python benchmarks/accuracy_pool.py \
+  "docs 8k A=$R/accuracy_docs_comp_8k_w*.json" "docs 8k B=$R/accuracy_docs_dense_8k_w*.json" \
+  "docs 8k spec=$R/accuracy_docs_spec_8k_w*.json" "docs 8k A w0-3=$R/accuracy_docs_comp_8k_w[0-3].json" \
+  "docs 4k A=$R/accuracy_docs_comp_4k_w*.json" "docs 2k A=$R/accuracy_docs_comp_2k_w*.json" \
+  "licenses 8k A=$R/accuracy_comp_8k_w[0-3].json" "licenses 8k B=$R/accuracy_dense_8k_w*.json" \
+  "licenses 8k B docs4cal=$R/accuracy_dense_docs4cal_8k_w*.json" \
+  "licenses 8k B pool512=$R/accuracy_dense512_8k_w*.json"
