@@ -33,7 +33,7 @@ def _pool(keys: torch.Tensor, values: torch.Tensor, num_blocks: int, seed: int):
 def test_value_sums_are_page_sums_and_a_reused_block_starts_afresh():
     g = torch.Generator().manual_seed(0)
     values = torch.randn(10, HKV, DIM, generator=g)
-    *_, table, slots, _, sums = _pool(torch.randn(10, HKV, DIM, generator=g), values, 6, seed=1)
+    *_, table, _slots, _, sums = _pool(torch.randn(10, HKV, DIM, generator=g), values, 6, seed=1)
     for page in range(3):
         want = values[page * PAGE : (page + 1) * PAGE].sum(0)
         assert torch.allclose(sums.sums[table[0, page]], want, atol=1e-6)
