@@ -69,16 +69,16 @@ class OraclePolicy(SelectionPolicy):
 
 def _oracle(runner: ReferenceRunner, pre: Prefilled, options: dict, budgets: torch.Tensor, summaries: bool):
     policy = OraclePolicy(mode="flexicache", num_layers=runner.num_layers,
-                          num_kv_heads=runner.spec.num_kv_heads, page_size=runner.spec.page_size, **options)
-    # set after construction: the parent refuses budgets / summaries for a subclass that ranks
-    # pages itself (the vLLM plugin's policy cannot honour them); this one can
-    policy.head_top_k, policy.compensate, policy.cache = budgets, summaries, pre.cache
+                          num_kv_heads=runner.spec.num_kv_heads, page_size=runner.spec.page_size,
+                          head_top_k=budgets, compensate=summaries, **options)
+    policy.cache = pre.cache
     return policy
 
 
 @app.command()
 def main(
     window: int = typer.Option(1, help="Corpus window, numbered as kvhead eval numbers them."),
+    corpus: str = typer.Option("licenses", help="Corpus the window is cut from (kvhead eval --corpus)."),
     context: int = 8192, gen_tokens: int = 256, top_k: int = 70, rerank_interval: int = 8,
     profile: Annotated[Path, typer.Option(help="Profile with coverage ranked at bound weight 0.5.")] = Path(
         "benchmarks/results/accuracy_profile_w05.json"),
@@ -95,7 +95,7 @@ def main(
     budgets = allocate_budgets(head_profile.coverage, ~unstable, top_k)
     options = {"top_k": top_k, "rerank_interval": rerank_interval, "unstable": unstable,
                "unstable_dense": True, "sink_pages": 1, "recent_pages": 4, "group_score": "softmax"}
-    prompt = corpus_window(tokenizer, context - gen_tokens, offset=window * 7919)  # eval's window
+    prompt = corpus_window(tokenizer, context - gen_tokens, offset=window * 7919, corpus=corpus)  # eval's window
 
     runner = ReferenceRunner.from_pretrained(model_dir)
     pre = prefill(runner, prompt, gen_tokens)
@@ -108,7 +108,7 @@ def main(
         "oracle": _oracle(runner, pre, options, budgets, summaries=False),
         "oracle+summaries": _oracle(runner, pre, options, budgets, summaries=True),
     }
-    result: dict = {"window": window, "context": context, "gen_tokens": gen_tokens, "top_k": top_k,
+    result: dict = {"window": window, "corpus": corpus, "context": context, "gen_tokens": gen_tokens, "top_k": top_k,
                     "rerank_interval": rerank_interval, "variants": {}}
 
     def score(name: str, run: ReferenceRunner, prefilled: Prefilled, policy: SelectionPolicy) -> None:
@@ -131,7 +131,8 @@ def main(
         bf16 = ReferenceRunner.from_pretrained(model_dir, dtype=torch.bfloat16)
         score("dense-bf16", bf16, prefill(bf16, prompt, gen_tokens), bf16.policy("dense"))
     result["seconds"] = round(time.perf_counter() - start)
-    output = output or Path(f"benchmarks/results/accuracy_ceiling_w{window}.json")
+    stem = "accuracy_ceiling" if corpus == "licenses" else f"accuracy_ceiling_{corpus.replace('-', '_')}"
+    output = output or Path(f"benchmarks/results/{stem}_w{window}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=1))
     print(f"wrote {output}")

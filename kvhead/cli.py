@@ -156,7 +156,8 @@ def eval_(
     device: Annotated[str, typer.Option(help="torch device: cpu or cuda.")] = "cpu",
 ) -> None:
     """Accuracy of quest and flexicache decoding against dense, per context length."""
-    from kvhead.evaluation.harness import EvalConfig, SelectionOptions, evaluate
+    from kvhead.evaluation.harness import EvalConfig, evaluate
+    from kvhead.selection_options import SelectionOptions
 
     try:
         options = SelectionOptions(

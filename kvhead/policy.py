@@ -209,8 +209,6 @@ class SelectionPolicy:
             self._check_head_top_k()
         if not 0.0 <= self.bound_weight <= 1.0:
             raise ValueError(f"bound_weight must lie in [0, 1], got {self.bound_weight}")
-        if (self.bound_weight != 1.0 or self.compensate) and type(self)._top_k is not SelectionPolicy._top_k:
-            raise ValueError(f"{type(self).__name__} has no bound_weight or compensate option")
         if self.group_score not in ("max", "softmax"):
             raise ValueError(f"group_score must be 'max' or 'softmax', got {self.group_score!r}")
         if not 0 <= self.dense_layers <= self.num_layers:
@@ -239,8 +237,6 @@ class SelectionPolicy:
                 f"every head budget must hold sink + recent pages ({self.sink_pages + self.recent_pages}), "
                 f"smallest is {int(budgets.min())}"
             )
-        if type(self)._top_k is not SelectionPolicy._top_k:
-            raise ValueError(f"{type(self).__name__} scores pages itself and has no per-head budgets")
         self.head_top_k = budgets.long()
 
     def reset(self) -> None:

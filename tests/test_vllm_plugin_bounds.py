@@ -93,10 +93,41 @@ def test_selection_matches_fp32_bounds_selection() -> None:
     assert torch.equal(only[:, 1], bounds.select(q, blocks, num_pages, top_k=3)[:, 1])
 
 
-def test_compact_policy_keeps_flexicache_rules_and_refuses_options_int8_boxes_lack():
+@pytest.mark.parametrize("options", [
+    {},
+    {"sink_pages": 1, "recent_pages": 2},
+    {"group_score": "softmax"},
+    {"bound_weight": 0.5, "group_score": "softmax", "sink_pages": 1, "recent_pages": 2},
+])
+def test_selection_options_score_the_dequantised_boxes_as_fp32_scoring_does(options: dict) -> None:
+    """Every flexicache+ option on int8 boxes: the same pages as kvhead.pages' fp32 scoring of
+    the dequantised boxes, per-head budgets and a subset of heads included."""
+    bounds, _, _, blocks = _setup(open_slots=8, tokens=8 * P)
+    kmax, kmin = bounds.boxes(torch.arange(NB))
+    boxes = PageBounds(kmin=kmin, kmax=kmax)
+    num_pages = torch.tensor([8, 6])
+    budgets = torch.tensor([3, 5, 4])
+    score_opts = {k: v for k, v in options.items() if k in ("group_score", "bound_weight")}
+    force_opts = {k: v for k, v in options.items() if k in ("sink_pages", "recent_pages")}
+    for seed in range(10):
+        q = torch.randn(2, HKV * 2, D, generator=torch.Generator().manual_seed(seed))
+        for top_k in (3, budgets):
+            ours = bounds.select(q, blocks, num_pages, top_k, **options)
+            ref = select_top_k(score_pages(q, boxes, blocks, num_pages, **score_opts), top_k,
+                               num_pages, **force_opts)
+            assert torch.equal(ours, ref)
+        heads = torch.tensor([0, 2])
+        only = bounds.select(q, blocks, num_pages, budgets, heads, **options)
+        assert bool((only[:, 1] == -1).all())
+        full = bounds.select(q, blocks, num_pages, budgets, **options)
+        width = only.shape[2]  # the subset's largest budget
+        assert torch.equal(only[:, heads], full[:, heads, :width])
+        assert bool((full[:, heads, width:] == -1).all())
+
+
+def test_compact_policy_keeps_flexicache_rules() -> None:
     """Scoring is the only step the int8 policy replaces: stable heads keep their set between
-    reranks while unstable ones rerank, exactly as in kvhead.policy; options it cannot score
-    are refused at construction."""
+    reranks while unstable ones rerank, exactly as in kvhead.policy."""
     bounds, _, _, blocks = _setup(open_slots=8)
     unstable = torch.tensor([[True, False, False]])
     args = {"mode": "flexicache", "num_layers": 1, "num_kv_heads": HKV, "page_size": P,
@@ -110,6 +141,3 @@ def test_compact_policy_keeps_flexicache_rules_and_refuses_options_int8_boxes_la
         assert sel.reranked[:, 0].all() and not sel.reranked[:, 1:].any()
         assert torch.equal(sel.page_ids[:, 1:], selections[0].page_ids[:, 1:])
         assert (sel.resident[:, 0] == 7).all()  # the unstable head keeps all 7 pages
-    for bad in ({"sink_pages": 1}, {"recent_pages": 2}, {"group_score": "softmax"}):
-        with pytest.raises(ValueError, match="spec's selection"):
-            CompactSelectionPolicy(**args, **bad)

@@ -53,6 +53,31 @@ def test_budget_below_fixed_memory_is_a_clear_error() -> None:
                           plugin_fixed_bytes=1_000)
 
 
+def test_hot_pool_sized_by_per_head_budgets_stays_inside_the_split() -> None:
+    """With head budgets each layer's pool holds its own stable heads' K + tail per sequence,
+    and the pools of all layers stay inside what the budget split charged for them."""
+    from kvhead.vllm_plugin.config import FlexiCacheSettings, HeadSplit
+    from kvhead.vllm_plugin.runtime import FlexiRuntime, ModelGeometry
+
+    resident = torch.tensor([[True, True, True], [True, False, False], [False, False, False]])
+    budgets = torch.tensor([[64, 64, 64], [64, 100, 20], [8, 60, 60]])  # stable: 5 x 60 pages
+    settings = FlexiCacheSettings(profile="p.json", top_k=60, rerank_interval=16,
+                                  unstable_dense=True, head_budgets=True)
+    geo = ModelGeometry(num_layers=3, num_q_heads=6, num_kv_heads=3, head_dim=32, page_size=16,
+                        dtype=torch.bfloat16, max_model_len=4096, max_num_seqs=4)
+    runtime = FlexiRuntime(settings, HeadSplit(resident), geo, "vec", 16, budgets)
+    assert runtime.tail_pages == 2
+    assert [runtime.pool_pages(10_000, i) for i in range(3)] == [0, 4 * 124, 4 * 134]
+    assert runtime.pool_pages(100, 2) == 300  # never more than every stable page of the blocks
+    assert runtime.ranking(1).budgets.tolist() == [64, 100, 20]
+    split = runtime.split_budget(64 * 2**20)
+    pools = sum(runtime.pool_pages(split.num_blocks, i) for i in range(3))
+    assert pools * runtime.spec.head_page_bytes <= split.pool_bytes
+    spec_runtime = FlexiRuntime(settings.model_copy(update={
+        "unstable_dense": False, "head_budgets": False}), HeadSplit(resident), geo, "vec", 16)
+    assert spec_runtime.ranking(1) is None  # the spec's ranking: the native scorer
+
+
 def _run(tmp: Path, name: str, model: Path, prompts: Path, kvhead: dict | None) -> dict:
     out = tmp / f"{name}.json"
     cmd = [sys.executable, "-m", "kvhead.vllm_plugin.generate", str(model), str(prompts), str(out),

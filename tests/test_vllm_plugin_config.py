@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvhead.budgets import PageCoverage
 from kvhead.models.tiny import build_tiny_llama
 from kvhead.stability import HeadProfile, model_fingerprint
 from kvhead.vllm_plugin import BACKEND_PATH, register
@@ -16,6 +17,7 @@ from kvhead.vllm_plugin.config import (
     check_arena,
     check_model,
     settings_from_additional_config,
+    stable_budgets,
 )
 from kvhead.vllm_plugin.kv_spec import per_layer_specs
 
@@ -136,3 +138,53 @@ def _selector_config():
 
     return AttentionSelectorConfig(head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto",
                                    block_size=16)
+
+
+def test_flexicache_plus_settings_and_their_refusals() -> None:
+    plus = {"profile": "p.json", "top_k": 70, "rerank_interval": 8, "unstable_dense": True,
+            "leading_layers": 2, "sink_pages": 1, "recent_pages": 4, "group_score": "softmax",
+            "bound_weight": 0.5, "head_budgets": True}
+    got = settings_from_additional_config({"kvhead": plus})
+    assert (got.group_score, got.bound_weight, got.recent_pages) == ("softmax", 0.5, 4)
+    for bad, message in (
+        ({"unstable_dense": False}, "need unstable_dense"),
+        ({"rerank_lag": True}, "applies reranks at once"),
+        ({"dense_heads": "coverage"}, "dense_heads must be 'profile'"),
+        ({"top_k": 4}, r"must fit in top_k \(4\)"),
+        ({"group_score": "mean"}, "group_score"),
+        ({"bound_weight": 1.5}, "bound_weight"),
+    ):
+        with pytest.raises(FlexiCacheConfigError, match=message):
+            settings_from_additional_config({"kvhead": plus | bad})
+
+
+def test_leading_layers_stay_in_vllms_cache_and_budgets_need_matching_coverage(
+        model_dir: Path, tmp_path: Path) -> None:
+    scores = [[0.9, 0.8, 0.1, 0.3], [0.1, 0.2, 0.05, 0.7]]
+    profile = HeadProfile.load(_profile(model_dir, tmp_path / "g.json", scores,
+                                        per_layer=False, fraction=0.375))
+    lead = HeadSplit.from_profile(profile, leading_layers=1)  # layer 0 whole, in the same 3 + 1
+    assert [lead.resident(i).tolist() for i in range(2)] == [[0, 1, 2, 3], []]
+    with pytest.raises(FlexiCacheConfigError, match="cannot keep the 4 kv heads"):
+        HeadSplit.from_profile(profile, cap=2, leading_layers=1)
+    with pytest.raises(FlexiCacheConfigError, match="leading_layers must be in"):
+        HeadSplit.from_profile(profile, leading_layers=3)
+
+    split = HeadSplit.from_profile(profile)  # stable: (0,2) (0,3) (1,0) (1,1) (1,2)
+    settings = settings_from_additional_config({"kvhead": {
+        "profile": "p.json", "top_k": 16, "unstable_dense": True, "head_budgets": True}})
+    with pytest.raises(FlexiCacheConfigError, match="head_budgets: .*coverage"):
+        stable_budgets(settings, profile, split)
+    # coverage: heads of layer 1 gain most from more pages, layer 0's are covered at 8
+    grid = [8, 16, 24, 32]
+    broad, narrow = [0.4, 0.6, 0.8, 0.95], [0.99, 1.0, 1.0, 1.0]
+    profile.coverage = PageCoverage(
+        context=512, offsets=[0], steps=4, group_score="max", sink_pages=0, recent_pages=1,
+        pages=grid, mass=[[narrow] * 4, [broad] * 4])
+    budgets = stable_budgets(settings, profile, split)
+    stable = ~split.resident_mask
+    assert int(budgets[stable].sum()) == 5 * 16  # the stable heads' pool, reshared
+    assert budgets[0, 2] < 16 < budgets[1, 0]
+    wrong = settings.model_copy(update={"group_score": "softmax"})
+    with pytest.raises(FlexiCacheConfigError, match="ranked with group_score=max"):
+        stable_budgets(wrong, profile, split)

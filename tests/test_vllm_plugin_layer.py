@@ -7,10 +7,12 @@ import torch
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from kvhead.attention import dense_decode_attention, sparse_decode_attention
+from kvhead.pages import PageBounds
 from kvhead.policy import Mode
 from kvhead.spec import HeadPageSpec
+from kvhead.summaries import PageValueSums, compensate
 from kvhead.vllm_plugin.hot_pool import HotPool, HotPoolFullError
-from kvhead.vllm_plugin.layer import FlexiLayer
+from kvhead.vllm_plugin.layer import FlexiLayer, StableRanking
 from kvhead.vllm_plugin.selection import CompactSelectionPolicy
 from kvstore import HostArena, HostArenaConfig
 
@@ -23,7 +25,8 @@ class Setup:
     """One layer, two sequences, a reference cache holding every head in kvhead's layout."""
 
     def __init__(self, top_k: int, seq_lens: list[int], seed: int = 0,
-                 prefill_block: int | None = None) -> None:
+                 prefill_block: int | None = None, ranking: StableRanking | None = None,
+                 summaries: bool = False) -> None:
         torch.manual_seed(seed)
         spec = HeadPageSpec(HKV * G, HKV, D, P, torch.float32)
         arena = HostArena(spec, HostArenaConfig(capacity_pages=NB * HKV, num_layers=1,
@@ -32,7 +35,8 @@ class Setup:
                                 page_size=P, head_dim=D, dtype=torch.float32,
                                 arena=arena, pool_pages=NB * len(STABLE),
                                 open_pages=8, top_k=top_k, rerank_interval=4,
-                                prefill_block=prefill_block,
+                                prefill_block=prefill_block, ranking=ranking,
+                                resident_dense=ranking is not None, summaries=summaries,
                                 prefill_isa=_get_attn_isa(torch.float32, prefill_block or P, D))
         self.cache = torch.zeros(NB, len(RESIDENT), P, 2 * D)
         self.k_ref = torch.zeros(NB, P, HKV, D)
@@ -46,6 +50,11 @@ class Setup:
         policy_args = {"mode": Mode.flexicache, "num_layers": 1, "num_kv_heads": HKV, "page_size": P,
                            "top_k": top_k, "rerank_interval": 4,
                            "unstable": torch.tensor([[False, True, False]])}
+        if ranking is not None:  # flexicache+: the same options, unstable heads dense
+            policy_args |= {"unstable_dense": True, "head_top_k": ranking.budgets.view(1, -1),
+                            "sink_pages": ranking.sink_pages, "recent_pages": ranking.recent_pages,
+                            "group_score": ranking.group_score,
+                            "bound_weight": ranking.bound_weight, "compensate": summaries}
         self.oracle = CompactSelectionPolicy(**policy_args)
 
     def append(self, b: int, positions: torch.Tensor) -> None:
@@ -64,8 +73,13 @@ class Setup:
         out = torch.zeros_like(q)
         self.layer.decode(q, out, torch.arange(2), self.seq_lens, self.table, self.cache, SCALE)
         sel = self.oracle.select(0, q, self.layer.bounds, self.table, self.seq_lens)
-        ref, _ = sparse_decode_attention(q, self.k_ref, self.v_ref, self.table, self.seq_lens,
-                                         sel.page_ids, SCALE)
+        ref, lse = sparse_decode_attention(q, self.k_ref, self.v_ref, self.table, self.seq_lens,
+                                           sel.page_ids, SCALE)
+        if sel.compensate:  # summary tokens from the same int8 boxes and the values' page sums
+            kmax, kmin = self.layer.bounds.boxes(torch.arange(NB))
+            ref = compensate(ref, lse, q, PageBounds(kmin=kmin, kmax=kmax),
+                             PageValueSums(self.v_ref.sum(1)), self.table, self.seq_lens,
+                             sel.page_ids, P, SCALE)
         return out, ref, q
 
 
@@ -87,6 +101,23 @@ def test_sparse_decode_matches_reference_over_reranks() -> None:
     assert stats.promoted_pages > 0 and stats.demoted_pages > 0
     # the pool holds exactly what stable heads attend to: at most K + tail pages per head
     assert setup.layer.pool.in_use <= 2 * len(STABLE) * (2 + 2)
+
+
+@pytest.mark.parametrize("summaries", [False, True])
+def test_flexicache_plus_options_decode_as_the_reference_policy(summaries: bool) -> None:
+    """Sink and window pages, softmax group scores, bound weight 0.5 and per-head budgets (3 and
+    5 pages for the two stable heads), with and without summary tokens for skipped pages:
+    outputs equal the reference policy's over reranks (summaries as kvhead.summaries computes
+    them), and the pool holds each head's own budget plus its tail."""
+    ranking = StableRanking(budgets=torch.tensor([3, 64, 5]), sink_pages=1, recent_pages=2,
+                            group_score="softmax", bound_weight=0.5)
+    setup = Setup(top_k=4, seq_lens=[150, 97], ranking=ranking, summaries=summaries)
+    for _ in range(9):
+        out, ref, _ = setup.decode()
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert setup.layer.state.selected.shape[2] == 5  # the stable heads' largest budget
+    assert setup.layer.stats.promoted_pages > 0
+    assert setup.layer.pool.in_use <= 2 * ((3 + 2) + (5 + 2))
 
 
 @pytest.mark.parametrize("prefill_block", [None, 32])

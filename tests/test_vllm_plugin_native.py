@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from kvhead.attention import sparse_decode_attention
+from kvhead.pages import PageBounds
+from kvhead.summaries import PageValueSums, compensate
 from kvhead.vllm_plugin import native
 from kvhead.vllm_plugin.bounds import DeviceBounds
 
@@ -83,7 +85,8 @@ def test_native_selection_equals_the_torch_selection() -> None:
 def test_native_decode_step_equals_reference_attention(dtype: torch.dtype, dim: int,
                                                        group: int) -> None:
     """Resident heads (top-K scored in the kernel, and dense), stable heads over pool pages of
-    their last top-K plus the tail; the vectorised path (dim 64) and the portable one (48)."""
+    their last top-K plus the tail, with and without summary tokens for the pages they skip;
+    the vectorised path (dim 64) and the portable one (48)."""
     torch.manual_seed(2)
     batch, width, top_k = 2, 10, 4
     lens = torch.tensor([9 * P + 3, 6 * P], dtype=torch.int64)
@@ -106,11 +109,14 @@ def test_native_decode_step_equals_reference_attention(dtype: torch.dtype, dim: 
     anchor = torch.tensor([[8, 0, 8], [5, 0, 3]])  # tails: pages 7.. and 4.. / 2..
     q = torch.randn(batch, HKV * group, dim).to(dtype)
     k_ref, v_ref = k_ref.to(dtype).float(), v_ref.to(dtype).float()
-    for dense in (False, True):
+    kmax, kmin = bounds.boxes(torch.arange(NB))
+    sums = PageValueSums(v_ref.sum(1))  # every slot of every block is written
+    for dense, summaries in ((False, False), (True, False), (True, True)):
         out, steps = torch.empty_like(q), torch.zeros(2, dtype=torch.float64)
+        value_sums = sums.sums[:, [0, 2]].contiguous() if summaries else torch.zeros(0, 0, 0)
         lost = kernels.decode_step(q, out, cache, res_index, pool, slot_of, stable_index, table,
                                    lens, bounds.box, bounds.scale, sel, anchor, top_k, dense,
-                                   dim**-0.5, steps)
+                                   dim**-0.5, steps, value_sums)
         assert lost == 0
         pages = torch.full((batch, HKV, width), -1, dtype=torch.int64)
         resident = 0.0  # the resident head holds every page; stable heads what they attend
@@ -127,7 +133,10 @@ def test_native_decode_step_equals_reference_attention(dtype: torch.dtype, dim: 
                 ids = torch.cat([mine, tail])
                 pages[b, h, : len(ids)] = ids
                 resident += len(ids)
-        ref, _ = sparse_decode_attention(q.float(), k_ref, v_ref, table, lens, pages, dim**-0.5)
+        ref, lse = sparse_decode_attention(q.float(), k_ref, v_ref, table, lens, pages, dim**-0.5)
+        if summaries:  # the resident head skips nothing, so only stable heads change
+            ref = compensate(ref, lse, q.float(), PageBounds(kmin=kmin, kmax=kmax), sums, table,
+                             lens, pages, P, dim**-0.5)
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
         assert steps.tolist() == [resident, 3 * (10 + 6)]
@@ -143,5 +152,5 @@ def test_decode_step_reports_stable_pages_missing_from_the_pool() -> None:
         torch.tensor([-1, 0, 1]), table, torch.tensor([3 * P], dtype=torch.int64),
         torch.zeros(HKV, NB, 2 * dim, dtype=torch.int8), torch.ones(HKV, NB),
         torch.tensor([[[0, 1, 2], [0, 1, 2], [0, 1, 2]]]), torch.full((1, HKV), 3), 3, False,
-        0.125, torch.zeros(2, dtype=torch.float64))
+        0.125, torch.zeros(2, dtype=torch.float64), torch.zeros(0, 0, 0))
     assert lost == 6  # two stable heads x three pages, none in the pool

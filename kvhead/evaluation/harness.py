@@ -21,61 +21,21 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from kvhead.budgets import PageCoverage, allocate_budgets, allocate_residency
+from kvhead.budgets import allocate_residency
 from kvhead.evaluation.inputs import Corpus, corpus_window, passkey_prompt
 from kvhead.evaluation.tasks import first_divergence, greedy, prefill, teacher_forced
 from kvhead.policy import Mode, SelectionPolicy
 from kvhead.runner import ReferenceRunner
+from kvhead.selection_options import SelectionOptions, matching_coverage, page_budgets
 from kvhead.stability import HeadProfile
 
 SPEC_MODES = ("quest", "flexicache")
 EXTRA_MODES = ("quest+", "flexicache+")
 PASSKEY_TOKENS = 8  # enough for a five-digit answer under any tokenizer
-
-
-class SelectionOptions(BaseModel):
-    """Selection options of the ``+`` modes (see :mod:`kvhead.policy`); defaults are the spec's."""
-
-    sink_pages: int = Field(default=0, ge=0, description="First pages every top-K set keeps.")
-    recent_pages: int = Field(default=1, ge=1, description="Newest pages every top-K set keeps.")
-    group_score: Literal["max", "softmax"] = Field(
-        default="max", description="How a GQA group's query heads combine page scores."
-    )
-    leading_layers: int = Field(
-        default=0, ge=0,
-        description="First layers attending to every page: in flexicache+ they take the place of "
-        "the profile's least unstable heads (same head budget); in quest+ they are simply dense.",
-    )
-    unstable_dense: bool = Field(
-        default=False, description="flexicache+: unstable heads attend to every (resident) page."
-    )
-    bound_weight: float = Field(
-        default=1.0, ge=0.0, le=1.0,
-        description="Share of the page box's spread in its score (1: the spec's upper bound).",
-    )
-    compensate: bool = Field(
-        default=False, description="Skipped pages enter attention as one summary token each."
-    )
-    rerank_lag: bool = Field(
-        default=False, description="flexicache+: stable heads' reranks take effect one step late."
-    )
-    head_budgets: bool = Field(
-        default=False,
-        description="Spread the sparse heads' pages (count x top_k) by the profile's coverage "
-        "curves instead of top_k each (see kvhead.budgets).",
-    )
-    dense_heads: Literal["profile", "coverage"] = Field(
-        default="profile",
-        description="flexicache+: which heads keep every page and attend densely. 'profile': the "
-        "profile's unstable set (RCO); 'coverage': the set, of any size, that the coverage curves "
-        "(ranked at the eval's rerank interval) say loses least attention mass for the same "
-        "resident pages as the profile's set at top_k (kvhead.budgets.allocate_residency).",
-    )
 
 
 class EvalConfig(BaseModel):
@@ -227,33 +187,17 @@ def _policy(runner: ReferenceRunner, mode: str, cfg: EvalConfig, profile: HeadPr
             return runner.policy(base, **kwargs, unstable=dense, unstable_dense=True,
                                  rerank_lag=opt.rerank_lag, head_top_k=budgets)
         if base is Mode.flexicache:
-            kwargs |= {"unstable": profile.unstable_mask(opt.leading_layers),
-                       "unstable_dense": opt.unstable_dense, "rerank_lag": opt.rerank_lag}
-            sparse = ~kwargs["unstable"]
-        else:
-            kwargs["dense_layers"] = opt.leading_layers
-            sparse = torch.ones(profile.num_layers, profile.num_kv_heads, dtype=torch.bool)
-            sparse[: opt.leading_layers] = False
-        if opt.head_budgets:
-            kwargs["head_top_k"] = allocate_budgets(_matching_coverage(profile, opt), sparse, cfg.top_k)
+            unstable = profile.unstable_mask(opt.leading_layers)
+            return runner.policy(base, **kwargs, unstable=unstable, unstable_dense=opt.unstable_dense,
+                                 rerank_lag=opt.rerank_lag,
+                                 head_top_k=page_budgets(profile, opt, ~unstable, cfg.top_k))
+        sparse = torch.ones(profile.num_layers, profile.num_kv_heads, dtype=torch.bool)
+        sparse[: opt.leading_layers] = False
+        kwargs |= {"dense_layers": opt.leading_layers,
+                   "head_top_k": page_budgets(profile, opt, sparse, cfg.top_k)}
     elif base is Mode.flexicache:
         kwargs["unstable"] = profile.unstable_mask()
     return runner.policy(base, **kwargs)
-
-
-def _matching_coverage(profile: HeadProfile, opt: SelectionOptions) -> PageCoverage:
-    """The profile's coverage curves, checked to be ranked exactly as the policy ranks pages."""
-    cov = profile.coverage
-    if cov is None:
-        raise ValueError("head_budgets needs a profile with coverage (kvhead profile --coverage)")
-    if not cov.matches(group_score=opt.group_score, sink_pages=opt.sink_pages,
-                       recent_pages=opt.recent_pages, bound_weight=opt.bound_weight):
-        raise ValueError(
-            f"the profile's coverage was ranked with group_score={cov.group_score}, sink_pages="
-            f"{cov.sink_pages}, recent_pages={cov.recent_pages}, bound_weight={cov.bound_weight}; "
-            "the options differ"
-        )
-    return cov
 
 
 def coverage_dense_heads(profile: HeadProfile, cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,7 +205,7 @@ def coverage_dense_heads(profile: HeadProfile, cfg: EvalConfig) -> tuple[torch.T
     profile's unstable set (every page) plus ``top_k`` per other head, counted where decoding at
     the calibration context starts (fewer dense heads than the profile's hold more pages the
     shorter the sequence, so that is where the pools must match)."""
-    cov = _matching_coverage(profile, cfg.options)
+    cov = matching_coverage(profile, cfg.options)
     if cov.rerank_interval != cfg.rerank_interval:
         raise ValueError(
             f"dense_heads=coverage needs coverage ranked every {cfg.rerank_interval} steps, as stable "

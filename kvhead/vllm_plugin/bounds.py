@@ -137,12 +137,20 @@ class DeviceBounds:
         return held
 
     def select(self, query: torch.Tensor, block_table: torch.Tensor, num_pages: torch.Tensor,
-               top_k: int, heads: torch.Tensor | None = None) -> torch.Tensor:
-        """Top-K logical pages ``[B, Hkv, K]`` of decode queries ``[B, Hq, D]`` (newest forced,
-        ascending, -1 padded); only ``heads`` (when given) are scored, the others get -1 rows."""
+               top_k: int | torch.Tensor, heads: torch.Tensor | None = None, *,
+               sink_pages: int = 0, recent_pages: int = 1, group_score: str = "max",
+               bound_weight: float = 1.0) -> torch.Tensor:
+        """Top-K logical pages ``[B, Hkv, K]`` of decode queries ``[B, Hq, D]`` (ascending, -1
+        padded); only ``heads`` (when given) are scored, the others get -1 rows.
+
+        Scores and forced pages follow :func:`kvhead.pages.score_pages` and
+        :func:`~kvhead.pages.select_top_k` (``top_k`` may be per-head budgets ``[Hkv]``), on the
+        dequantised int8 boxes.
+        """
         batch, num_q_heads, head_dim = query.shape
         num_kv_heads = self.box.shape[0]
-        k = min(top_k, block_table.shape[1])
+        largest = int(top_k.max()) if isinstance(top_k, torch.Tensor) else top_k
+        k = min(largest, block_table.shape[1])
         if heads is not None and heads.numel() == 0:
             return torch.full((batch, num_kv_heads, k), PAD, dtype=torch.int64,
                               device=query.device)
@@ -152,19 +160,32 @@ class DeviceBounds:
             heads = torch.arange(num_kv_heads, device=query.device)
         else:
             q = q[:, heads]
+        if isinstance(top_k, torch.Tensor):
+            top_k = top_k[heads]
         num_heads, width, num_blocks = heads.numel(), table.shape[1], self.box.shape[1]
         # One flat row gather (index_select) per (head, page): much cheaper than 2-d indexing.
         rows = (heads.view(-1, 1) * num_blocks + table.flatten().view(1, -1)).flatten()
         box = self.box.view(-1, 2 * head_dim).index_select(0, rows).float()
-        scale = self.scale.view(-1).index_select(0, rows).view(num_heads, batch, width)
-        # Quest bound relu(q).kmax + min(q, 0).kmin as one product with the concatenated box.
-        q2 = torch.cat([q.clamp_min(0), q.clamp_max(0)], dim=-1).transpose(0, 1)  # [h,B,G,2D]
+        scale = self.scale.view(-1).index_select(0, rows).view(num_heads, batch, 1, width)
+        # centre logit + w x spread = kmax.(q + w|q|)/2 + kmin.(q - w|q|)/2: one product with
+        # the concatenated box (w = 1 gives Quest's relu(q).kmax + min(q, 0).kmin exactly).
+        spread = bound_weight * q.abs()
+        q2 = torch.cat([(q + spread) / 2, (q - spread) / 2], dim=-1).transpose(0, 1)  # [h,B,G,2D]
         raw = torch.bmm(q2.reshape(num_heads * batch, -1, 2 * head_dim),
                         box.view(num_heads * batch, width, 2 * head_dim).transpose(1, 2))
-        scores = (raw.amax(1).view(num_heads, batch, width) * scale).transpose(0, 1)
+        per_query = (raw.view(num_heads, batch, -1, width) * scale).transpose(0, 1)  # [B,h,G,W]
         valid = torch.arange(width, device=table.device) < num_pages.view(-1, 1)
-        scores = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
-        top = select_top_k(scores, top_k, num_pages)
+        invalid = ~valid.view(batch, 1, 1, width)
+        if group_score == "max":
+            scores = per_query.amax(2)
+        elif group_score == "softmax":
+            scaled = (per_query * head_dim**-0.5).masked_fill(invalid, float("-inf"))
+            scores = scaled.softmax(-1).nan_to_num(0.0).sum(2)
+        else:
+            raise ValueError(f"group_score must be 'max' or 'softmax', got {group_score!r}")
+        scores = scores.masked_fill(invalid[:, :, 0], float("-inf"))
+        top = select_top_k(scores, top_k, num_pages, sink_pages=sink_pages,
+                           recent_pages=recent_pages)
         if num_heads == num_kv_heads:
             return top
         full = top.new_full((batch, num_kv_heads, top.shape[2]), PAD)

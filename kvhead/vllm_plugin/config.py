@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
+from kvhead.selection_options import SelectionOptions, is_spec, page_budgets
 from kvhead.stability import HeadProfile, model_fingerprint
 
 CONFIG_KEY = "kvhead"
@@ -23,8 +24,15 @@ class FlexiCacheConfigError(ValueError):
     """A FlexiCache setting that cannot work with this model or vLLM configuration."""
 
 
-class FlexiCacheSettings(BaseModel):
-    """What a user sets to run FlexiCache inside vLLM."""
+class FlexiCacheSettings(SelectionOptions):
+    """What a user sets to run FlexiCache inside vLLM: the flexicache settings plus the
+    selection options ``kvhead eval --modes flexicache+`` measures (same names, same meaning).
+
+    The plugin applies a stable head's rerank at once (no ``rerank_lag``) and takes its dense
+    heads from the profile (``dense_heads`` "profile"); options that change what stable heads
+    attend to need ``unstable_dense``, because resident heads otherwise rank their pages every
+    step in the native decode with the spec's score and no summary tokens.
+    """
 
     profile: Path = Field(description="Head profile JSON (kvhead profile) for this exact model.")
     top_k: int = Field(default=64, gt=0, description="Pages each head attends to per step (K).")
@@ -50,16 +58,28 @@ class FlexiCacheSettings(BaseModel):
         description="Threads for the native decode step of a layer (None: vLLM's, the cores "
         "its CPU worker pins). The step runs (sequence, kv head) pairs in parallel.",
     )
-    unstable_dense: bool = Field(
-        default=False,
-        description="Unstable heads attend to every page (all of them are resident anyway) "
-        "instead of their top-K: no device memory, more reads, no scoring; closer to dense.",
-    )
     hot_pool_pages: int | None = Field(
         default=None, gt=0,
         description="Device hot-pool pages per layer (None: max_num_seqs * stable heads * "
         "(K + tail pages per rerank window)).",
     )
+
+
+    @model_validator(mode="after")
+    def _plugin_can_serve(self) -> FlexiCacheSettings:
+        if self.rerank_lag:
+            raise ValueError("rerank_lag is an evaluation option; the plugin applies reranks at once")
+        if self.dense_heads != "profile":
+            raise ValueError("dense_heads must be 'profile': the plugin keeps the profile's "
+                             "unstable heads (and leading_layers) in vLLM's cache")
+        if (not is_spec(self) or self.compensate) and not self.unstable_dense:
+            raise ValueError("sink_pages, recent_pages, group_score, bound_weight, "
+                             "head_budgets and compensate shape what stable heads attend to "
+                             "and need unstable_dense")
+        if self.sink_pages + self.recent_pages > self.top_k:
+            raise ValueError(f"sink_pages + recent_pages ({self.sink_pages} + "
+                             f"{self.recent_pages}) must fit in top_k ({self.top_k})")
+        return self
 
 
 def settings_from_additional_config(additional: dict | object) -> FlexiCacheSettings:
@@ -115,9 +135,19 @@ class HeadSplit:
         return int((~self.resident_mask).sum())
 
     @classmethod
-    def from_profile(cls, profile: HeadProfile, cap: int | None = None) -> HeadSplit:
-        """The profile's unstable heads, at most ``cap`` per layer (the most unstable kept)."""
-        mask = profile.unstable_mask().bool()
+    def from_profile(cls, profile: HeadProfile, cap: int | None = None,
+                     leading_layers: int = 0) -> HeadSplit:
+        """The profile's unstable heads, every head of the first ``leading_layers`` taking the
+        places of its least unstable picks (:meth:`HeadProfile.unstable_mask`), at most ``cap``
+        per layer (the most unstable kept)."""
+        if not 0 <= leading_layers <= profile.num_layers:
+            raise FlexiCacheConfigError(f"leading_layers must be in [0, {profile.num_layers}], "
+                                        f"got {leading_layers}")
+        if leading_layers and cap is not None and cap < profile.num_kv_heads:
+            raise FlexiCacheConfigError(
+                f"max_resident_heads_per_layer {cap} cannot keep the {profile.num_kv_heads} kv "
+                "heads of each leading layer in vLLM's cache; lower leading_layers or the cap")
+        mask = profile.unstable_mask(leading_layers).bool()
         scores = torch.nan_to_num(torch.tensor(profile.instability, dtype=torch.float64), nan=1e9)
         if cap is not None:
             ranked = scores.masked_fill(~mask, float("-inf")).argsort(dim=1, descending=True)
@@ -137,6 +167,16 @@ class HeadSplit:
                 "fraction"
             )
         return cls(mask)
+
+
+def stable_budgets(settings: FlexiCacheSettings, profile: HeadProfile,
+                   split: HeadSplit) -> torch.Tensor | None:
+    """Page budgets ``[L, Hkv]`` of the stable heads with ``head_budgets`` (else None): they
+    share ``top_k`` pages each by the profile's coverage curves, as in ``kvhead eval``."""
+    try:
+        return page_budgets(profile, settings, ~split.resident_mask, settings.top_k)
+    except ValueError as err:
+        raise FlexiCacheConfigError(f"kvhead head_budgets: {err}") from None
 
 
 def check_model(

@@ -39,6 +39,19 @@ class LayerStats:
     page_steps: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.float64))
 
 
+@dataclass(frozen=True)
+class StableRanking:
+    """How stable heads rank pages at a rerank when not as the spec (flexicache+ options, see
+    :func:`kvhead.pages.score_pages` / :func:`~kvhead.pages.select_top_k`); scored in torch
+    from the int8 boxes (:meth:`DeviceBounds.select`), 1 step in R."""
+
+    budgets: torch.Tensor  # [Hkv] pages of each head's top-K set (only stable heads' are used)
+    sink_pages: int = 0
+    recent_pages: int = 1
+    group_score: str = "max"
+    bound_weight: float = 1.0
+
+
 @dataclass
 class DecodeState:
     """The flexicache selection state of one layer for the running batch (lock-step rows)."""
@@ -56,7 +69,8 @@ class FlexiLayer:
         group: int, num_blocks: int, page_size: int, head_dim: int, dtype: torch.dtype,
         prefill_isa: str, arena: PageStore, pool_pages: int, open_pages: int, top_k: int,
         rerank_interval: int, resident_dense: bool = False, kernel_threads: int | None = None,
-        prefill_block: int | None = None,
+        prefill_block: int | None = None, ranking: StableRanking | None = None,
+        summaries: bool = False,
     ) -> None:
         self.layer, self.page_size, self.group = layer, page_size, group
         self.resident, self.stable = resident.long(), stable.long()
@@ -67,12 +81,20 @@ class FlexiLayer:
         # the native kernels write and read it (and the hot pool) in their own layout.
         self.prefill_isa, self.prefill_block = prefill_isa, prefill_block or page_size
         self.resident_dense = resident_dense  # resident heads attend to all pages, unscored
+        self.ranking = ranking  # None: stable heads rank as the spec, natively
+        # width of a stable head's top-K row: its largest budget
+        self.set_width = top_k if ranking is None or not len(stable) else int(
+            ranking.budgets[stable].max())
         self.res_index = torch.full((num_kv_heads,), -1, dtype=torch.int64)
         self.res_index[self.resident] = torch.arange(len(resident))
         self.stable_index = torch.full((num_kv_heads,), -1, dtype=torch.int64)
         self.stable_index[self.stable] = torch.arange(len(stable))
         self.bounds = DeviceBounds(num_blocks, num_kv_heads, head_dim, open_pages)
         self.pool = HotPool(pool_pages, num_blocks, len(stable), page_size, head_dim, dtype)
+        # summary tokens (kvhead.summaries): per-page value sums of the stable heads, which are
+        # the only heads that skip pages; empty when off (the native decode's switch)
+        sums_shape = (num_blocks, len(stable), head_dim) if summaries and len(stable) else (0, 0, 0)
+        self.value_sums = torch.zeros(sums_shape)
         self.arena = arena
         self.kernel_threads = kernel_threads  # decode threads (None: torch's, i.e. vLLM's)
         self.stats = LayerStats()
@@ -131,7 +153,18 @@ class FlexiLayer:
         self._native.write_tokens(key, value, slots, cache, self.res_index, self.pool.pages,
                                   self.pool.slot_of, self.stable_index)
         if num_stable:
+            if self.value_sums.numel():
+                self._add_value_sums(value[:, self.stable], slots, listed)
             self._stage_arena(key[:, self.stable], value[:, self.stable], slots, listed)
+
+    def _add_value_sums(self, value: torch.Tensor, slots: torch.Tensor, listed: list[int]) -> None:
+        """Fold stable heads' new values into their pages' sums; a page written from offset 0
+        starts afresh (vLLM handed the block to a new request)."""
+        page = self.page_size
+        fresh = sorted({s // page for s in listed if s % page == 0})
+        if fresh:
+            self.value_sums[fresh] = 0.0
+        self.value_sums.index_add_(0, slots // page, value.float())
 
     def _stage_arena(self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
                      listed: list[int]) -> None:
@@ -254,7 +287,7 @@ class FlexiLayer:
             q = q.contiguous()
             state = self.state
             if state is None or state.selected.shape[0] != batch:
-                width = min(self.top_k, block_table.shape[1])
+                width = min(self.set_width, block_table.shape[1])
                 state = self.state = DecodeState(
                     selected=torch.full((batch, self.num_kv_heads, width), -1, dtype=torch.int64),
                     anchor=torch.zeros(batch, self.num_kv_heads, dtype=torch.int64))
@@ -267,7 +300,8 @@ class FlexiLayer:
             lost = self._native.decode_step(
                 q, o, cache, self.res_index, self.pool.pages, self.pool.slot_of,
                 self.stable_index, block_table, seq_lens, b.box, b.scale, state.selected,
-                state.anchor, self.top_k, self.resident_dense, scale, self.stats.page_steps)
+                state.anchor, self.top_k, self.resident_dense, scale, self.stats.page_steps,
+                self.value_sums)
             set_threads(1)
             if lost:
                 raise RuntimeError(f"kvhead: layer {self.layer}: {lost} attended stable pages "
@@ -283,8 +317,17 @@ class FlexiLayer:
         only the new ones (their tail is just the newest page, part of the new top-K)."""
         num_pages = (seq_lens + self.page_size - 1) // self.page_size
         b = self.bounds
-        self._native.select_pages(q, b.box, b.scale, block_table, num_pages, self.stable,
-                                  state.selected)
+        if self.ranking is None:
+            self._native.select_pages(q, b.box, b.scale, block_table, num_pages, self.stable,
+                                      state.selected)
+        else:
+            r = self.ranking
+            table = block_table[:, : int(num_pages.max())]  # vLLM pads to the longest possible
+            top = b.select(q, table, num_pages, r.budgets, self.stable, sink_pages=r.sink_pages,
+                           recent_pages=r.recent_pages, group_score=r.group_score,
+                           bound_weight=r.bound_weight)
+            state.selected[:, self.stable] = -1
+            state.selected[:, self.stable, : top.shape[2]] = top[:, self.stable]
         state.anchor[:, self.stable] = num_pages.view(-1, 1)
         ids = state.selected[:, self.stable]
         valid = ids >= 0

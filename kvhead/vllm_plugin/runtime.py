@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from kvhead.selection_options import is_spec
 from kvhead.spec import HeadPageSpec
 from kvhead.vllm_plugin import budget, kv_spec
 from kvhead.vllm_plugin.bounds import DeviceBounds
@@ -25,9 +26,10 @@ from kvhead.vllm_plugin.config import (
     check_arena,
     check_model,
     settings_from_additional_config,
+    stable_budgets,
 )
 from kvhead.vllm_plugin.hot_pool import HotPool
-from kvhead.vllm_plugin.layer import FlexiLayer
+from kvhead.vllm_plugin.layer import FlexiLayer, StableRanking
 from kvstore import HostArena, HostArenaConfig
 
 logger = logging.getLogger(__name__)
@@ -51,8 +53,11 @@ class FlexiRuntime:
     """Everything FlexiCache keeps for one vLLM worker process."""
 
     def __init__(self, settings: FlexiCacheSettings, split: HeadSplit, geo: ModelGeometry,
-                 prefill_isa: str, prefill_block: int) -> None:
+                 prefill_isa: str, prefill_block: int, budgets: torch.Tensor | None = None) -> None:
         self.settings, self.split, self.geo = settings, split, geo
+        # pages per (layer, kv head) top-K set: per-head budgets (head_budgets) or top_k each
+        self.budgets = (budgets if budgets is not None else
+                        torch.full((geo.num_layers, geo.num_kv_heads), settings.top_k)).long()
         self.prefill_isa, self.prefill_block = prefill_isa, prefill_block
         self.spec = HeadPageSpec(geo.num_q_heads, geo.num_kv_heads, geo.head_dim,
                                  geo.page_size, geo.dtype)
@@ -69,18 +74,27 @@ class FlexiRuntime:
         """Pages a stable head can write between reranks, plus the page partial at the rerank."""
         return math.ceil(self.settings.rerank_interval / self.geo.page_size) + 1
 
+    def _set_pages(self, layer: int | None = None) -> int:
+        """Pages one sequence's stable heads hold at most (each its K + tail), in ``layer``
+        or in all layers."""
+        stable = ~self.split.resident_mask if layer is None else ~self.split.resident_mask[layer]
+        budgets = self.budgets if layer is None else self.budgets[layer]
+        return int((budgets[stable] + self.tail_pages).clamp(max=self.max_pages).sum())
+
     @property
     def pool_blocks(self) -> int:
-        """Blocks' worth of stable pages the pool is sized for: each running sequence's K + tail."""
-        per_seq = min(self.settings.top_k + self.tail_pages, self.max_pages)
+        """Blocks' worth of stable pages the pool is sized for: each running sequence's K + tail
+        per stable head (per-head budgets averaged over the stable heads, rounded up)."""
+        per_seq = -(-self._set_pages() // max(self.split.num_stable, 1))
         return self.geo.max_num_seqs * per_seq
 
-    def pool_pages(self, num_blocks: int, num_stable: int) -> int:
-        """Hot-pool pages of a layer with ``num_stable`` stable heads (never more than its
-        stable pages of every block, unless set explicitly)."""
+    def pool_pages(self, num_blocks: int, layer: int) -> int:
+        """Hot-pool pages of ``layer``: every running sequence's sets of its stable heads,
+        never more than its stable pages of every block (unless set explicitly)."""
+        num_stable = len(self.split.stable(layer))
         if self.settings.hot_pool_pages is not None:
             return self.settings.hot_pool_pages if num_stable else 0
-        return min(self.pool_blocks, num_blocks) * num_stable
+        return min(self.geo.max_num_seqs * self._set_pages(layer), num_blocks * num_stable)
 
     @property
     def open_pages(self) -> int:
@@ -95,12 +109,14 @@ class FlexiRuntime:
         fixed = self.geo.num_layers * DeviceBounds.fixed_bytes(self.open_pages, heads, dim)
         per_block = (self.geo.num_layers * DeviceBounds.bytes_per_block(heads, dim)
                      + HotPool.bytes_per_block(num_stable))
+        if self.settings.compensate:  # fp32 value sums of every stable page (summary tokens)
+            per_block += num_stable * dim * 4
         pool_per_block = pool_blocks = 0
         if self.settings.hot_pool_pages is None:
             pool_per_block = HotPool.fixed_bytes(num_stable, page)  # a block's stable pages
             pool_blocks = self.pool_blocks
         else:
-            fixed += sum(HotPool.fixed_bytes(self.pool_pages(0, len(self.split.stable(i))), page)
+            fixed += sum(HotPool.fixed_bytes(self.pool_pages(0, i), page)
                          for i in range(self.geo.num_layers))
         return BudgetSplit.solve(
             budget, kv_bytes_per_block=self.split.num_resident * page,
@@ -125,13 +141,23 @@ class FlexiRuntime:
                 group=self.geo.num_q_heads // self.geo.num_kv_heads, num_blocks=num_blocks,
                 page_size=self.geo.page_size, head_dim=self.geo.head_dim, dtype=self.geo.dtype,
                 prefill_isa=self.prefill_isa, arena=self.ensure_arena(num_blocks),
-                pool_pages=self.pool_pages(num_blocks, len(stable)), open_pages=self.open_pages,
+                pool_pages=self.pool_pages(num_blocks, index), open_pages=self.open_pages,
                 top_k=self.settings.top_k, rerank_interval=self.settings.rerank_interval,
-                resident_dense=self.settings.unstable_dense,
+                resident_dense=self.settings.unstable_dense, ranking=self.ranking(index),
+                summaries=self.settings.compensate,
                 kernel_threads=self.settings.decode_kernel_threads,
                 prefill_block=self.prefill_block,
             )
         return self.layers[index]
+
+    def ranking(self, layer: int) -> StableRanking | None:
+        """How ``layer``'s stable heads rank pages, if not as the spec (the native scorer)."""
+        opt = self.settings
+        if is_spec(opt):
+            return None
+        return StableRanking(budgets=self.budgets[layer], sink_pages=opt.sink_pages,
+                             recent_pages=opt.recent_pages, group_score=opt.group_score,
+                             bound_weight=opt.bound_weight)
 
     # -- per step ----------------------------------------------------------------------------
     def track_batch(self, block_table: torch.Tensor) -> None:
@@ -168,7 +194,7 @@ class FlexiRuntime:
         resident, total = self._page_steps()
         layers = list(self.layers.values())
         page = self.spec.head_page_bytes
-        meta = sum(l.bounds.nbytes for l in layers)
+        meta = sum(l.bounds.nbytes + l.value_sums.nbytes for l in layers)
         return {
             "resident_heads_per_layer": self.split.resident_per_layer,
             "resident_heads": self.split.num_resident,
@@ -212,8 +238,10 @@ def init_runtime(vllm_config, prefill_isa: str, prefill_block: int) -> FlexiRunt
         settings, model.model, num_layers=geo.num_layers, num_kv_heads=geo.num_kv_heads,
         block_size=cache.block_size, prefix_caching=bool(cache.enable_prefix_caching),
     )
-    split = HeadSplit.from_profile(profile, settings.max_resident_heads_per_layer)
-    _RUNTIME = FlexiRuntime(settings, split, geo, prefill_isa, prefill_block)
+    split = HeadSplit.from_profile(profile, settings.max_resident_heads_per_layer,
+                                   settings.leading_layers)
+    _RUNTIME = FlexiRuntime(settings, split, geo, prefill_isa, prefill_block,
+                            stable_budgets(settings, profile, split))
     kv_spec.install()
     budget.install()
     logger.warning(

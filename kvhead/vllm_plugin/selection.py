@@ -1,10 +1,11 @@
 """The FlexiCache policy over the device's int8 bounds, in torch: the native decode's oracle.
 
 :class:`kvhead.policy.SelectionPolicy` owns the flexicache rules (unstable heads rerank every
-step, stable heads every R steps and keep their tail); it scores fp32 ``PageBounds``. This
-subclass replaces only the scoring step (``_top_k``) with the int8 boxes of
+step, stable heads every R steps and keep their tail) and the selection options (sink and window
+pages, group score, bound weight, per-head budgets); it scores fp32 ``PageBounds``. This subclass
+replaces only the scoring step (``_top_k``) with the int8 boxes of
 :class:`~kvhead.vllm_plugin.bounds.DeviceBounds` and inherits every rule. The plugin's decode
-runs the same rules in C++ (:mod:`kvhead.vllm_plugin.native`); tests hold it to this policy.
+runs the same rules in C++ and :mod:`kvhead.vllm_plugin.layer`; tests hold it to this policy.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ class CompactSelectionPolicy(SelectionPolicy):
         super().__post_init__()
         if self.mode is not Mode.flexicache:
             raise ValueError("CompactSelectionPolicy implements the flexicache mode only")
-        if (self.sink_pages, self.recent_pages, self.group_score) != (0, 1, "max"):
-            raise ValueError("int8 page bounds score the spec's selection only (no sink/window "
-                             "pages, max over the GQA group)")
 
     def _top_k(
         self, query: torch.Tensor, bounds: DeviceBounds, block_table: torch.Tensor,  # type: ignore[override]
         num_pages: torch.Tensor, heads: torch.Tensor | None,
     ) -> torch.Tensor:
-        return bounds.select(query, block_table, num_pages, self.top_k, heads)
+        top_k = self.top_k if self.head_top_k is None else self.head_top_k[self._layer]
+        return bounds.select(query, block_table, num_pages, top_k, heads,
+                             sink_pages=self.sink_pages, recent_pages=self.recent_pages,
+                             group_score=self.group_score, bound_weight=self.bound_weight)

@@ -83,11 +83,11 @@ int64_t top_k_pages(const float* scores, int64_t n, int64_t k, std::vector<int32
 
 // Online-softmax attention of `group` query rows over a list of pages of one head.
 // `page_ptr(i)` gives page i's block base (keys [D][P] then values [P][D]); `page_len(i)` its
-// written tokens.
+// written tokens. `lse` (group floats) receives each row's log-sum-exp of its logits.
 template <typename T, typename PagePtr, typename PageLen>
 void attend(const float* q, int64_t group, int64_t dim, int64_t page, int64_t count,
             PagePtr page_ptr, PageLen page_len, float* acc, float* kbuf, float* vbuf,
-            float* sbuf) {
+            float* sbuf, float* lse) {
   std::vector<float> m(group, kMasked), l(group, 0.f);
   std::fill(acc, acc + group * dim, 0.f);
   for (int64_t i = 0; i < count; ++i) {
@@ -132,6 +132,7 @@ void attend(const float* q, int64_t group, int64_t dim, int64_t page, int64_t co
   for (int64_t g = 0; g < group; ++g) {
     const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
     for (int64_t d = 0; d < dim; ++d) acc[g * dim + d] *= inv;
+    lse[g] = l[g] > 0.f ? m[g] + std::log(l[g]) : kMasked;
   }
 }
 
@@ -175,7 +176,8 @@ inline __m512 exp16(__m512 x) {
 }
 
 template <typename T, int G, int C, typename PagePtr, typename PageLen>
-void attend16(const float* q, int64_t count, PagePtr page_ptr, PageLen page_len, float* out) {
+void attend16(const float* q, int64_t count, PagePtr page_ptr, PageLen page_len, float* out,
+              float* lse) {
   constexpr int D = 16 * C;
   __m512 acc[G][C];
   float m[G], l[G];
@@ -218,6 +220,7 @@ void attend16(const float* q, int64_t count, PagePtr page_ptr, PageLen page_len,
   for (int g = 0; g < G; ++g) {
     const __m512 inv = _mm512_set1_ps(l[g] > 0.f ? 1.f / l[g] : 0.f);
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * D + c * 16, _mm512_mul_ps(acc[g][c], inv));
+    lse[g] = l[g] > 0.f ? m[g] + std::log(l[g]) : kMasked;
   }
 }
 
@@ -258,13 +261,13 @@ void score16(const float* q, const int8_t* box_rows, const float* scale_row, con
 template <typename T, typename PagePtr, typename PageLen>
 void attend_any(const float* q, int64_t group, int64_t dim, int64_t page, int64_t count,
                 PagePtr page_ptr, PageLen page_len, float* acc, float* kbuf, float* vbuf,
-                float* sbuf) {
+                float* sbuf, float* lse) {
 #if defined(__AVX512F__)
   if constexpr (!std::is_same_v<T, double>) {
    if (page == 16) {
 #define KVHEAD_ATTEND(G, C)                                              \
     if (group == G && dim == 16 * C) {                                   \
-      attend16<T, G, C>(q, count, page_ptr, page_len, acc);              \
+      attend16<T, G, C>(q, count, page_ptr, page_len, acc, lse);         \
       return;                                                            \
     }
     KVHEAD_SHAPES(KVHEAD_ATTEND)
@@ -272,7 +275,55 @@ void attend_any(const float* q, int64_t group, int64_t dim, int64_t page, int64_
    }
   }
 #endif
-  attend<T>(q, group, dim, page, count, page_ptr, page_len, acc, kbuf, vbuf, sbuf);
+  attend<T>(q, group, dim, page, count, page_ptr, page_len, acc, kbuf, vbuf, sbuf, lse);
+}
+
+// Summary tokens (kvhead.summaries): every page 0..n-1 not among `ids[0..count)` enters the
+// attention as one token whose key is its int8 box's centre and value its mean value
+// (`vsum(p)`: the page's value sum, fp32 [D]), with log(tokens) added to its logit; the result
+// is folded into `acc` (normalised output, rows [group][dim]) and `lse` by log-sum-exp.
+// `q` is already scaled by the softmax scale. `ids` ascending.
+template <typename PageLen, typename ValueSum>
+void fold_summaries(const float* q, int64_t group, int64_t dim, const int8_t* box_rows,
+                    const float* scale_row, const int32_t* table, int64_t n, const int64_t* ids,
+                    int64_t count, PageLen page_len, ValueSum vsum, float* acc, float* lse,
+                    float* centre, float* sacc) {
+  for (int64_t g = 0; g < group; ++g) {
+    float m = kMasked, l = 0.f;
+    float* sg = sacc + g * dim;
+    std::fill(sg, sg + dim, 0.f);
+    int64_t next = 0;  // walks the ascending attended list alongside p
+    for (int64_t p = 0; p < n; ++p) {
+      if (next < count && ids[next] == p) {
+        ++next;
+        continue;
+      }
+      const int64_t block = table[p];
+      const int8_t* row = box_rows + block * 2 * dim;
+      const float half = 0.5f * scale_row[block];
+      for (int64_t d = 0; d < dim; ++d)
+        centre[d] = (static_cast<float>(row[d]) + static_cast<float>(row[dim + d])) * half;
+      const float tokens = static_cast<float>(page_len(p));
+      float logit = std::log(tokens);
+      const float* qg = q + g * dim;
+      for (int64_t d = 0; d < dim; ++d) logit += qg[d] * centre[d];
+      const float mx = std::max(m, logit);
+      const float corr = std::exp(m - mx), w = std::exp(logit - mx);
+      const float* v = vsum(p);
+      const float wv = w / tokens;
+      for (int64_t d = 0; d < dim; ++d) sg[d] = sg[d] * corr + wv * v[d];
+      l = l * corr + w;
+      m = mx;
+    }
+    if (l <= 0.f) continue;  // every page attended: nothing to fold
+    const float main = lse[g], extra = m + std::log(l);
+    const float top = std::max(main, extra);
+    const float a = std::exp(main - top), b = std::exp(extra - top);
+    const float inv = 1.f / (a + b);
+    float* ag = acc + g * dim;
+    for (int64_t d = 0; d < dim; ++d) ag[d] = (ag[d] * a + sg[d] / l * b) * inv;
+    lse[g] = top + std::log(a + b);
+  }
 }
 
 void score_any(const float* q, int64_t group, int64_t dim, const int8_t* box_rows,
@@ -331,13 +382,16 @@ void select_pages(torch::Tensor q, torch::Tensor box, torch::Tensor scale, torch
 //  * stable heads (stable_index[h] >= 0): pages sel[b, h, :] (their last rerank's top-k) and
 //    every page from anchor[b, h] - 1 on, read from the hot pool [slots, 1, P, 2D] at
 //    slot_of[block, stable_index]. A missing pool page is an error (returned count > 0).
+//    With value_sums (fp32 [blocks, stable heads, D]; empty: off) every page a stable head
+//    skips enters as one summary token (fold_summaries).
 // page_steps [2] (float64) accumulates resident and total (sequence, head) pages of the step.
 // Returns the number of stable pages that were not in the pool (0 when all is well).
 int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, torch::Tensor res_index,
                     torch::Tensor pool, torch::Tensor slot_of, torch::Tensor stable_index,
                     torch::Tensor table, torch::Tensor seq_lens, torch::Tensor box,
                     torch::Tensor scale, torch::Tensor sel, torch::Tensor anchor, int64_t top_k,
-                    bool resident_dense, double softmax_scale, torch::Tensor page_steps) {
+                    bool resident_dense, double softmax_scale, torch::Tensor page_steps,
+                    torch::Tensor value_sums) {
   check_int(table, torch::kInt32, "block table");
   check_int(seq_lens, torch::kInt64, "seq_lens");
   check_int(res_index, torch::kInt64, "res_index");
@@ -361,6 +415,12 @@ int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, tor
   const float* scp = scale.data_ptr<float>();
   const int64_t* selp = sel.data_ptr<int64_t>();
   const int64_t* ap = anchor.data_ptr<int64_t>();
+  const bool summaries = value_sums.numel() > 0;
+  if (summaries)
+    TORCH_CHECK(value_sums.scalar_type() == torch::kFloat32 && value_sums.is_contiguous() &&
+                    value_sums.size(1) == num_stable && value_sums.size(2) == dim,
+                "kvhead native: value sums must be contiguous fp32 [blocks, stable heads, D]");
+  const float* vsp = summaries ? value_sums.data_ptr<float>() : nullptr;
   std::vector<double> resident(batch * kv, 0.0), total(batch * kv, 0.0);
   std::vector<int64_t> missing(batch * kv, 0);
   const int64_t block_elems = page * 2 * dim;
@@ -373,7 +433,7 @@ int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, tor
     const T* pp = pool.numel() ? pool.data_ptr<T>() : nullptr;
     at::parallel_for(0, batch * kv, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> qf(group * dim), acc(group * dim), kbuf(dim * page), vbuf(page * dim);
-      std::vector<float> sbuf(page), scores(width);
+      std::vector<float> sbuf(page), scores(width), lse(group), centre(dim), sacc(group * dim);
       std::vector<int32_t> order;
       std::vector<int64_t> ids(std::max(width, k));
       for (int64_t task = begin; task < end; ++task) {
@@ -398,7 +458,7 @@ int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, tor
           attend_any<T>(qf.data(), group, dim, page, count,
                     [&](int64_t i) { return cp + (row[ids[i]] * res_heads + ri) * block_elems; },
                     [&](int64_t i) { return page_len(ids[i]); }, acc.data(), kbuf.data(),
-                    vbuf.data(), sbuf.data());
+                    vbuf.data(), sbuf.data(), lse.data());
           resident[task] = static_cast<double>(n);
         } else {
           const int64_t si = stp[h];
@@ -418,7 +478,14 @@ int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, tor
                                         block_elems;
                       },
                       [&](int64_t i) { return page_len(ids[i]); }, acc.data(), kbuf.data(),
-                      vbuf.data(), sbuf.data());
+                      vbuf.data(), sbuf.data(), lse.data());
+            if (summaries)
+              fold_summaries(qf.data(), group, dim, bp + h * blocks * 2 * dim, scp + h * blocks,
+                             row, n, ids.data(), count, page_len,
+                             [&](int64_t p) {
+                               return vsp + (static_cast<int64_t>(row[p]) * num_stable + si) * dim;
+                             },
+                             acc.data(), lse.data(), centre.data(), sacc.data());
           }
           resident[task] = static_cast<double>(count);
         }
