@@ -44,6 +44,13 @@ KV_BUDGET = 2**29  # fp32: stock's one 8k request takes 384 MiB (block 32, 90 he
 STOCK_BLOCK, KVHEAD_PAGE = 32, 16  # stock CPU kernels need multiples of 32; kvhead pages are 16
 KVHEAD = {"profile": str(PROFILE), "top_k": 64, "rerank_interval": 16, "page_size": KVHEAD_PAGE,
           "host_arena_gib": 2.0}  # fp32 stable pages of the ~2.8k blocks 512 MiB buys kvhead
+# flexicache+ as `kvhead eval` measured it (benchmarks/accuracy_compensate.sh, config A):
+# budgets from the coverage profile ranked at bound weight 0.5
+KVHEAD_PLUS = KVHEAD | {
+    "profile": str(RESULTS / "accuracy_profile_w05.json"), "top_k": 70, "rerank_interval": 8,
+    "unstable_dense": True, "leading_layers": 2, "sink_pages": 1, "recent_pages": 4,
+    "group_score": "softmax", "bound_weight": 0.5, "head_budgets": True, "compensate": True}
+CONFIGS = {"spec": (KVHEAD, "flexicache"), "plus": (KVHEAD_PLUS, "flexicache+")}
 ARG = "kvhead_forced"  # SamplingParams.extra_args key: {"tag": str, "tokens": [int, ...]}
 
 
@@ -157,18 +164,21 @@ def _prompts(contexts: list[int], gen: int) -> list[list[int]]:
     return [corpus_window(tokenizer, c - gen, offset=0).tolist() for c in contexts]
 
 
-def _runner_agreement(context: int) -> float | None:
-    """flexicache's token agreement at ``context`` in the reference runner's accuracy.json."""
-    report = json.loads((RESULTS / "accuracy.json").read_text())
+def _runner_agreement(context: int, config: str) -> float | None:
+    """The reference runner's token agreement at ``context`` on the same window: flexicache's
+    in accuracy.json, or flexicache+'s in accuracy_comp_{4,8}k_w0.json."""
+    path = RESULTS / ("accuracy.json" if config == "spec" else f"accuracy_comp_{context // 1024}k_w0.json")
+    mode = CONFIGS[config][1]
+    report = json.loads(path.read_text()) if path.is_file() else {"results": []}
     for result in report["results"]:
-        if result["context"] == context:
-            return result["modes"]["flexicache"]["token_agreement"]
+        if result["context"] == context and mode in result["modes"]:
+            return result["modes"][mode]["token_agreement"]
     return None
 
 
-def _table(rows: list[dict]) -> Table:
-    table = Table(title="Teacher-forced greedy-token agreement with stock vLLM (SmolLM2, fp32)")
-    for col in ("context", "gen", "stock self", "kvhead vs stock", "runner flexicache",
+def _table(rows: list[dict], mode: str) -> Table:
+    table = Table(title=f"Teacher-forced greedy-token agreement with stock vLLM (SmolLM2, fp32, {mode})")
+    for col in ("context", "gen", "stock self", "kvhead vs stock", f"runner {mode}",
                 "difference", "forced = ref"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -180,7 +190,7 @@ def _table(rows: list[dict]) -> Table:
     return table
 
 
-def _run_engines(ctxs: list[int], gen: int, name: str) -> tuple[dict, dict]:
+def _run_engines(ctxs: list[int], gen: int, name: str, settings_json: dict) -> tuple[dict, dict]:
     """Stock (references + its own forced run), then kvhead forced on stock's references."""
     from kvhead.models.resolve import resolve_model
 
@@ -194,7 +204,7 @@ def _run_engines(ctxs: list[int], gen: int, name: str) -> tuple[dict, dict]:
                         str(stock_path), *common], check=True)
         stock = json.loads(stock_path.read_text())
         refs.write_text(json.dumps([r["reference"] for r in stock["runs"]]))
-        settings.write_text(json.dumps(KVHEAD))
+        settings.write_text(json.dumps(settings_json))
         subprocess.run([sys.executable, __file__, "worker", "kvhead", model, str(prompts),
                         str(kvhead_path), "--references", str(refs), "--kvhead", str(settings),
                         "--block-size", str(KVHEAD_PAGE), *common], check=True)
@@ -205,20 +215,26 @@ def _run_engines(ctxs: list[int], gen: int, name: str) -> tuple[dict, dict]:
 def main(
     contexts: str = typer.Option("4096,8192", help="Contexts (prompt + gen), comma-separated."),
     gen: int = typer.Option(GEN, help="Reference tokens per prompt."),
+    config: str = typer.Option("spec", help="kvhead settings: spec (K 64, R 16) or plus "
+                               "(flexicache+ as kvhead eval measured it)."),
 ) -> None:
     """Stock then kvhead, each in its own process; table, JSON and Markdown to results/.
 
     Nothing is random: greedy decoding, engines seeded (``engine_kwargs`` passes seed 0), fixed
     corpus windows.
     """
+    if config not in CONFIGS:
+        raise typer.BadParameter(f"config must be one of {sorted(CONFIGS)}, not {config!r}")
+    settings, mode = CONFIGS[config]
     ctxs = [int(c) for c in contexts.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "vllm_agreement" if (contexts, gen) == ("4096,8192", GEN) else \
         f"vllm_agreement_c{contexts.replace(',', '-')}_g{gen}"
-    stock, kvh = _run_engines(ctxs, gen, name)
+    name += "" if config == "spec" else f"_{config}"
+    stock, kvh = _run_engines(ctxs, gen, name, settings)
     rows = []
     for ctx, s, k in zip(ctxs, stock["runs"], kvh["runs"], strict=True):
-        runner = _runner_agreement(ctx)
+        runner = _runner_agreement(ctx, config)
         rows.append({
             "context": ctx, "gen": gen, "prompt_tokens": s["prompt_tokens"],
             "stock_self": s["agreement"], "kvhead": k["agreement"],
@@ -228,13 +244,13 @@ def main(
             and k["output"] == k["reference"],
         })
     report = kvh["kvhead"]
-    summary = {"rows": rows, "settings": KVHEAD,
+    summary = {"rows": rows, "settings": settings,
                "kvhead_resident_heads": report["resident_heads"],
                "kvhead_resident_page_fraction": report["resident_page_fraction"],
                "stock_block_size": STOCK_BLOCK, "kv_cache_bytes": KV_BUDGET, "dtype": "float32"}
     (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1))
     console = Console(record=True, width=140)
-    console.print(_table(rows))
+    console.print(_table(rows, mode))
     (RESULTS / f"{name}.md").write_text(console.export_text())
 
 

@@ -78,6 +78,27 @@ def test_sparse_selection_moves_only_promoted_pages(tiny: dict) -> None:
     assert len(run["tokens"]) == 3 and all(len(t) == 24 for t in run["tokens"])
 
 
+def test_flexicache_plus_options_in_the_engine(tiny: dict) -> None:
+    """flexicache+ (leading layer in vLLM's cache, sink and window pages, softmax group score,
+    bound weight, summary tokens): with every page selected the engine still matches stock
+    (summaries fold in nothing); with K = 3 stable heads skip pages and the engine serves."""
+    plus = {"profile": str(tiny["profile"]), "rerank_interval": 4, "host_arena_gib": 0.25,
+            "unstable_dense": True, "leading_layers": 1, "sink_pages": 1, "recent_pages": 2,
+            "group_score": "softmax", "bound_weight": 0.5, "compensate": True}
+    full = _generate(tiny["tmp"], "plus-all", tiny["model"], tiny["prompts"], plus | {"top_k": 1000},
+                     "--dtype", "float32", "--max-tokens", "24")
+    stock = tiny["stock"]
+    assert full["tokens"] == stock["tokens"]
+    gap = max(abs(a - b) for x, y in zip(full["logprobs"], stock["logprobs"]) for a, b in zip(x, y))
+    assert gap < 1e-4
+    run = _generate(tiny["tmp"], "plus-sparse", tiny["model"], tiny["prompts"], plus | {"top_k": 3},
+                    "--dtype", "float32", "--max-tokens", "24", "--in-process")
+    report = run["kvhead"]
+    assert report["resident_heads_per_layer"] == [2, 0]  # layer 0 whole, in the same 2 heads
+    assert 0 < report["resident_page_fraction"] < 1 and report["promoted_pages"] > 0
+    assert len(run["tokens"]) == 3 and all(len(t) == 24 for t in run["tokens"])
+
+
 def test_profile_of_another_model_stops_startup(tiny: dict) -> None:
     other = build_tiny_llama(tiny["tmp"] / "other", num_layers=2, num_q_heads=4, num_kv_heads=2,
                              head_dim=32, hidden=128)
