@@ -30,6 +30,7 @@ from typing import Annotated, ClassVar
 
 import torch
 import typer
+from kvhead_configs import MODES, PAGE, kvhead_settings
 from rich.console import Console
 from rich.table import Table
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
@@ -38,19 +39,10 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 app = typer.Typer(add_completion=False)
 RESULTS = Path(__file__).parent / "results"
 MODEL = "smollm2-135m-instruct"
-PROFILE = Path(__file__).parents[1] / "kvhead" / "profiles" / f"{MODEL}.json"
 GEN = 256
 KV_BUDGET = 2**29  # fp32: stock's one 8k request takes 384 MiB (block 32, 90 heads)
-STOCK_BLOCK, KVHEAD_PAGE = 32, 16  # stock CPU kernels need multiples of 32; kvhead pages are 16
-KVHEAD = {"profile": str(PROFILE), "top_k": 64, "rerank_interval": 16, "page_size": KVHEAD_PAGE,
-          "host_arena_gib": 2.0}  # fp32 stable pages of the ~2.8k blocks 512 MiB buys kvhead
-# flexicache+ as `kvhead eval` measured it (benchmarks/accuracy_compensate.sh, config A):
-# budgets from the coverage profile ranked at bound weight 0.5
-KVHEAD_PLUS = KVHEAD | {
-    "profile": str(RESULTS / "accuracy_profile_w05.json"), "top_k": 70, "rerank_interval": 8,
-    "unstable_dense": True, "leading_layers": 2, "sink_pages": 1, "recent_pages": 4,
-    "group_score": "softmax", "bound_weight": 0.5, "head_budgets": True, "compensate": True}
-CONFIGS = {"spec": (KVHEAD, "flexicache"), "plus": (KVHEAD_PLUS, "flexicache+")}
+STOCK_BLOCK, KVHEAD_PAGE = 32, PAGE  # stock CPU kernels need multiples of 32
+ARENA_GIB = 2.0  # fp32 stable pages of the ~2.8k blocks 512 MiB buys kvhead
 ARG = "kvhead_forced"  # SamplingParams.extra_args key: {"tag": str, "tokens": [int, ...]}
 
 
@@ -168,7 +160,7 @@ def _runner_agreement(context: int, config: str) -> float | None:
     """The reference runner's token agreement at ``context`` on the same window: flexicache's
     in accuracy.json, or flexicache+'s in accuracy_comp_{4,8}k_w0.json."""
     path = RESULTS / ("accuracy.json" if config == "spec" else f"accuracy_comp_{context // 1024}k_w0.json")
-    mode = CONFIGS[config][1]
+    mode = MODES[config]
     report = json.loads(path.read_text()) if path.is_file() else {"results": []}
     for result in report["results"]:
         if result["context"] == context and mode in result["modes"]:
@@ -223,9 +215,10 @@ def main(
     Nothing is random: greedy decoding, engines seeded (``engine_kwargs`` passes seed 0), fixed
     corpus windows.
     """
-    if config not in CONFIGS:
-        raise typer.BadParameter(f"config must be one of {sorted(CONFIGS)}, not {config!r}")
-    settings, mode = CONFIGS[config]
+    try:
+        settings, mode = kvhead_settings(config, ARENA_GIB), MODES[config]
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     ctxs = [int(c) for c in contexts.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "vllm_agreement" if (contexts, gen) == ("4096,8192", GEN) else \

@@ -33,19 +33,18 @@ import time
 from pathlib import Path
 
 import typer
+from kvhead_configs import PAGE, kvhead_settings
 from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(add_completion=False)
 RESULTS = Path(__file__).parent / "results"
 MODEL = "smollm2-135m-instruct"
-PROFILE = Path(__file__).parents[1] / "kvhead" / "profiles" / f"{MODEL}.json"
 GEN = 256  # generated tokens per request; --gen overrides it for shorter runs
 KV_BUDGET = 3 * 2**29  # 1.5 GiB: stock's 8 x 8k requests fit
-STOCK_BLOCK, KVHEAD_PAGE = 32, 16  # stock CPU kernels need multiples of 32; kvhead pages are 16
+STOCK_BLOCK, KVHEAD_PAGE = 32, PAGE  # stock CPU kernels need multiples of 32
 ADMIT_TOKENS = 8192  # an 8k request fills SmolLM2's whole window (prompt + generated tokens)
-KVHEAD = {"profile": str(PROFILE), "top_k": 64, "rerank_interval": 16, "page_size": KVHEAD_PAGE,
-          "host_arena_gib": 5.0}  # the arena holds every stable page of vLLM's ~17.9k blocks
+ARENA_GIB = 5.0  # the arena holds every stable page of vLLM's ~17.9k blocks
 
 
 def _prompts(model_dir: Path, context: int, batch: int) -> list[list[int]]:
@@ -88,7 +87,8 @@ def _run_config(llm, prompts: list[list[int]], tag: str, gen: int) -> dict:
 
 
 @app.command()
-def worker(mode: str, out: Path, contexts: str, batches: str, gen: int = GEN) -> None:
+def worker(mode: str, out: Path, contexts: str, batches: str, gen: int = GEN,
+           config: str = "spec") -> None:
     """One engine (stock or kvhead) through every configuration; writes raw JSON."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # worker in-process: runtime readable
     from vllm import LLM
@@ -98,7 +98,7 @@ def worker(mode: str, out: Path, contexts: str, batches: str, gen: int = GEN) ->
 
     model_dir = resolve_model(MODEL)
     ctxs, bs = [int(c) for c in contexts.split(",")], [int(b) for b in batches.split(",")]
-    kvhead = KVHEAD if mode == "kvhead" else None
+    kvhead = kvhead_settings(config, ARENA_GIB) if mode == "kvhead" else None
     llm = LLM(**engine_kwargs(
         str(model_dir), kvhead, block_size=KVHEAD_PAGE if kvhead else STOCK_BLOCK,
         max_model_len=max(ctxs) + gen, max_num_seqs=max(bs), kv_cache_bytes=KV_BUDGET,
@@ -112,6 +112,7 @@ def worker(mode: str, out: Path, contexts: str, batches: str, gen: int = GEN) ->
     hf = config.model_config.hf_text_config
     result = {
         "mode": mode, "num_gpu_blocks": config.cache_config.num_gpu_blocks,
+        "summaries": bool(kvhead and kvhead.get("compensate")),
         "vllm_kv_cache_bytes": vllm_kv_cache_bytes(llm),
         "load_average": {"start": os.getloadavg()},
         "block_size": config.cache_config.block_size, "num_layers": hf.num_hidden_layers,
@@ -141,7 +142,7 @@ def worker(mode: str, out: Path, contexts: str, batches: str, gen: int = GEN) ->
 
 
 @app.command()
-def probe(max_num_seqs: int, out: Path) -> None:
+def probe(max_num_seqs: int, out: Path, config: str = "spec") -> None:
     """Start a kvhead engine at the admission settings, run one short request (the plugin
     allocates its bounds and pools on the first forward) and write what the engine allocated."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -151,7 +152,8 @@ def probe(max_num_seqs: int, out: Path) -> None:
     from kvhead.vllm_plugin.generate import engine_kwargs, vllm_kv_cache_bytes
 
     llm = LLM(**engine_kwargs(
-        str(resolve_model(MODEL)), KVHEAD, block_size=KVHEAD_PAGE, max_model_len=ADMIT_TOKENS,
+        str(resolve_model(MODEL)), kvhead_settings(config, ARENA_GIB), block_size=KVHEAD_PAGE,
+        max_model_len=ADMIT_TOKENS,
         max_num_seqs=max_num_seqs, kv_cache_bytes=KV_BUDGET, in_process=True))
     llm.generate([{"prompt_token_ids": list(range(100, 140))}],
                  SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
@@ -167,15 +169,15 @@ def probe(max_num_seqs: int, out: Path) -> None:
     }))
 
 
-def _probe(max_num_seqs: int) -> dict:
+def _probe(max_num_seqs: int, config: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probe.json"
-        subprocess.run([sys.executable, __file__, "probe", str(max_num_seqs), str(path)],
-                       check=True)
+        subprocess.run([sys.executable, __file__, "probe", str(max_num_seqs), str(path),
+                        "--config", config], check=True)
         return json.loads(path.read_text())
 
 
-def _admission(stock_blocks: int, stock_block_size: int) -> dict:
+def _admission(stock_blocks: int, stock_block_size: int, config: str) -> dict:
     """8k requests one KV budget admits, from engine block counts.
 
     kvhead's fixed device memory grows with max_num_seqs (a hot pool and open-page entries per
@@ -184,13 +186,13 @@ def _admission(stock_blocks: int, stock_block_size: int) -> dict:
     predicted N is then checked by starting engines at N (must fit) and N + 1 (must not).
     """
     per_request = math.ceil(ADMIT_TOKENS / KVHEAD_PAGE)
-    split = _probe(8)["budget_split"]  # 8 sequences' pools are far below the block count
+    split = _probe(8, config)["budget_split"]  # 8 sequences' pools are far below the block count
     fixed_per_seq = (split["plugin_fixed_bytes"]
                      + split["pool_max_blocks"] * split["pool_bytes_per_block"]) / 8
     per_block = split["kv_bytes_per_block"] + split["plugin_bytes_per_block"]
     guess = max(n for n in range(1, 1000)
                 if (KV_BUDGET - n * fixed_per_seq) // per_block >= n * per_request)
-    fits, over = _probe(guess), _probe(guess + 1)
+    fits, over = _probe(guess, config), _probe(guess + 1, config)
     assert fits["num_gpu_blocks"] // per_request >= guess, fits
     assert over["num_gpu_blocks"] // per_request < guess + 1, over
     return {
@@ -210,10 +212,11 @@ def _device_bytes(raw: dict, run: dict, tokens: int, batch: int) -> int:
     rep = run["kvhead"]
     resident = pages * rep["resident_heads"] * block * 2 * dim * 2
     bounds = pages * layers * heads * (2 * dim + 4)  # int8 max and min + fp32 scale
-    return resident + bounds + rep["hot_pool_peak_bytes"]
+    sums = pages * rep["stable_heads"] * dim * 4 if raw["summaries"] else 0  # fp32 value sums
+    return resident + bounds + sums + rep["hot_pool_peak_bytes"]
 
 
-def _summarise(stock: dict, kvhead: dict, admitted: dict) -> dict:
+def _summarise(stock: dict, kvhead: dict, admitted: dict, config: str) -> dict:
     rows = []
     for s, k in zip(stock["runs"], kvhead["runs"], strict=True):
         gen = s["gen"]
@@ -236,7 +239,8 @@ def _summarise(stock: dict, kvhead: dict, admitted: dict) -> dict:
             "load_average_after": {"stock": s["load_average_after"],
                                    "kvhead": k["load_average_after"]},
         })
-    return {"rows": rows, "admitted_8k": admitted, "settings": KVHEAD,
+    return {"rows": rows, "admitted_8k": admitted, "config": config,
+            "settings": kvhead_settings(config, ARENA_GIB),
             "stock_block_size": STOCK_BLOCK,
             "load_average": {mode: raw["load_average"] for mode, raw in
                              (("stock", stock), ("kvhead", kvhead))}}
@@ -268,7 +272,13 @@ def main(
     gen: int = typer.Option(GEN, help="Greedy tokens generated per request."),
     omp_bind: str = typer.Option("auto", help="VLLM_CPU_OMP_THREADS_BIND for both engines "
                                  "(e.g. '0': one thread on core 0)."),
+    config: str = typer.Option("spec", help="kvhead settings (benchmarks/kvhead_configs.py): "
+                               "spec or plus."),
 ) -> None:
+    try:
+        kvhead_settings(config, ARENA_GIB)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     if quick:
         contexts, batches, gen = "512,1024", "2", 32
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -276,15 +286,16 @@ def main(
     for mode in ("stock", "kvhead"):
         path = RESULTS / f"vllm_throughput.{mode}.raw.json"
         subprocess.run([sys.executable, __file__, "worker", mode, str(path), contexts, batches,
-                        "--gen", str(gen)], check=True,
+                        "--gen", str(gen), "--config", config], check=True,
                        env={**os.environ, "VLLM_CPU_OMP_THREADS_BIND": omp_bind})
         raw[mode] = json.loads(path.read_text())
-    admitted = _admission(raw["stock"]["num_gpu_blocks"], raw["stock"]["block_size"])
-    summary = _summarise(raw["stock"], raw["kvhead"], admitted) | {"omp_bind": omp_bind}
-    default = (contexts, batches, gen, omp_bind) == ("2048,4096,7936", "4,8", GEN, "auto")
+    admitted = _admission(raw["stock"]["num_gpu_blocks"], raw["stock"]["block_size"], config)
+    summary = _summarise(raw["stock"], raw["kvhead"], admitted, config) | {"omp_bind": omp_bind}
+    default = (contexts, batches, gen, omp_bind, config) == ("2048,4096,7936", "4,8", GEN, "auto", "spec")
     name = "vllm_throughput" if default else (
         f"vllm_throughput_c{contexts.replace(',', '-')}_b{batches.replace(',', '-')}_g{gen}"
         + ("" if omp_bind == "auto" else f"_bind{omp_bind.replace(',', '-')}"))
+    name += "" if config == "spec" else f"_{config}"
     (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=1))
     console = Console(record=True, width=160)
     console.print(_table(summary))
@@ -297,7 +308,7 @@ def admission() -> None:
     """Only the 8k admission count (stock's block count from the last stock worker's raw JSON);
     writes ``vllm_admission.json``."""
     stock = json.loads((RESULTS / "vllm_throughput.stock.raw.json").read_text())
-    admitted = _admission(stock["num_gpu_blocks"], stock["block_size"])
+    admitted = _admission(stock["num_gpu_blocks"], stock["block_size"], "spec")
     (RESULTS / "vllm_admission.json").write_text(json.dumps(admitted, indent=1))
     Console().print(_admission_line(admitted))
 
