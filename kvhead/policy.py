@@ -290,7 +290,8 @@ class SelectionPolicy:
         """Top-K page ids ``[B, Hkv, K]`` of ``heads`` (``None``: every head; the others -1).
 
         The one scoring step of every mode: a subclass that keeps its page bounds in another
-        form (the vLLM plugin's int8 boxes) replaces this and inherits every selection rule.
+        form (the vLLM plugin's int8 boxes) replaces this, honouring the same options (forced
+        pages, group score, bound weight, ``head_top_k``), and inherits every selection rule.
         """
         top_k = self.top_k if self.head_top_k is None else self.head_top_k[self._layer].to(query.device)
         return _score_and_select(
