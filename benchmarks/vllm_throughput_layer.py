@@ -9,6 +9,10 @@ the stock path (write every head to vLLM's cache + one paged-attention call over
 alternate, so load from other work on a shared machine hits both alike.
 ``--profile-out`` writes a cProfile of the FlexiCache steps.
 
+Layers are built through the plugin's runtime from named settings (``--config spec|plus``,
+benchmarks/kvhead_configs.py) with ``--set key=value`` overrides, so what each flexicache+
+option costs can be timed one at a time (e.g. ``--config plus --set compensate=false``).
+
 Run: ``python benchmarks/vllm_throughput_layer.py --context 7936 --batch 4``.
 """
 
@@ -20,19 +24,20 @@ import os
 import pstats
 import time
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import typer
+from kvhead_configs import kvhead_settings
+from pydantic import ValidationError
 
-from kvhead.spec import HeadPageSpec
 from kvhead.stability import HeadProfile
-from kvhead.vllm_plugin.config import HeadSplit
+from kvhead.vllm_plugin.config import FlexiCacheSettings, HeadSplit, stable_budgets
 from kvhead.vllm_plugin.kernels import paged_attention, write_cache
-from kvhead.vllm_plugin.layer import FlexiLayer
-from kvstore import HostArena, HostArenaConfig
+from kvhead.vllm_plugin.runtime import FlexiRuntime, ModelGeometry
 
 app = typer.Typer(add_completion=False)
-PROFILE = Path(__file__).parents[1] / "kvhead" / "profiles" / "smollm2-135m-instruct.json"
+ARENA_GIB = 8.0  # every stable page of the harness's blocks (bf16)
 LAYERS, HQ, HKV, D, P, STOCK_BLOCK = 30, 9, 3, 64, 16, 32
 DTYPE = torch.bfloat16
 
@@ -40,30 +45,27 @@ DTYPE = torch.bfloat16
 class Harness:
     """30 layers, ``batch`` sequences of ``context`` tokens in random physical blocks."""
 
-    def __init__(self, context: int, batch: int, top_k: int, rerank: int, isa: str,
-                 stock_isa: str, kernel_threads: int) -> None:
+    def __init__(self, context: int, batch: int, settings: FlexiCacheSettings, isa: str,
+                 stock_isa: str) -> None:
         torch.manual_seed(0)
         self.isa, self.stock_isa, self.batch = isa, stock_isa, batch
-        self.split = HeadSplit.from_profile(HeadProfile.load(PROFILE))
+        profile = HeadProfile.load(settings.profile)
+        self.split = HeadSplit.from_profile(profile, settings.max_resident_heads_per_layer,
+                                            settings.leading_layers)
         width = (context + 512) // P + 1
         self.num_blocks = batch * width + 1
         self.table = torch.randperm(self.num_blocks)[: batch * width].view(batch, width).int()
         stock_blocks = self.num_blocks // 2 + 1
         self.stock_table = torch.randperm(stock_blocks)[: batch * (width // 2)].view(batch, -1).int()
-        spec = HeadPageSpec(HQ, HKV, D, P, DTYPE)
-        arena = HostArena(spec, HostArenaConfig(
-            capacity_pages=self.num_blocks * self.split.num_stable, num_layers=LAYERS,
-            num_blocks=self.num_blocks))
+        geo = ModelGeometry(num_layers=LAYERS, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D,
+                            page_size=P, dtype=DTYPE, max_model_len=width * P, max_num_seqs=batch)
+        runtime = FlexiRuntime(settings, self.split, geo, isa, P,
+                               stable_budgets(settings, profile, self.split))
         self.layers, self.caches, self.stock = [], [], []
         for i in range(LAYERS):
-            resident, stable = self.split.resident(i), self.split.stable(i)
-            self.layers.append(FlexiLayer(
-                i, resident, stable, num_kv_heads=HKV, group=HQ // HKV,
-                num_blocks=self.num_blocks, page_size=P, head_dim=D, dtype=DTYPE, prefill_isa=isa,
-                arena=arena, pool_pages=batch * len(stable) * (top_k + 3), open_pages=4 * batch,
-                top_k=top_k, rerank_interval=rerank, kernel_threads=kernel_threads or None))
-            self.caches.append(torch.zeros(self.num_blocks, max(len(resident), 1), P, 2 * D,
-                                           dtype=DTYPE))
+            self.layers.append(runtime.layer(i, self.num_blocks))
+            self.caches.append(torch.zeros(self.num_blocks, max(len(self.split.resident(i)), 1),
+                                           P, 2 * D, dtype=DTYPE))
             self.stock.append(torch.zeros(stock_blocks, HKV, STOCK_BLOCK, 2 * D, dtype=DTYPE))
         self.seq_lens = torch.zeros(batch, dtype=torch.int64)
         for start in range(0, context, 1024):
@@ -119,22 +121,46 @@ def _time(harness: Harness, steps: int) -> tuple[float, float]:
     return 1000 * spent[0] / steps, 1000 * spent[1] / steps
 
 
+def _settings(config: str, overrides: list[str]) -> FlexiCacheSettings:
+    """Named settings with ``key=value`` overrides (values parsed as JSON, else strings)."""
+    raw = kvhead_settings(config, ARENA_GIB)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set takes key=value, got {item!r}")
+        try:
+            raw[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raw[key] = value
+    try:
+        return FlexiCacheSettings.model_validate(raw)
+    except ValidationError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
 @app.command()
-def main(context: int = 7936, batch: int = 4, steps: int = 32, top_k: int = 64, rerank: int = 16,
+def main(context: int = 7936, batch: int = 4, steps: int = 32,
+         config: str = typer.Option("spec", help="kvhead settings: spec or plus."),
+         set_: Annotated[list[str] | None, typer.Option(
+             "--set", help="Setting override key=value (repeatable).")] = None,
          threads: int = typer.Option(0, help="OpenMP threads for both paths (0: torch's)."),
          kernel_threads: int = typer.Option(0, help="FlexiCache decode threads (0: torch's)."),
          profile_out: Path | None = None, out: Path | None = None) -> None:
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
+    set_ = set_ or []
+    settings = _settings(config, [*set_, *([f"decode_kernel_threads={kernel_threads}"]
+                                           if kernel_threads else [])])
     if threads:
         torch.set_num_threads(threads)
     if torch.cpu._is_amx_tile_supported():
         torch.cpu._init_amx()  # as vLLM's CPU worker does before its AMX kernels run
-    harness = Harness(context, batch, top_k, rerank, _get_attn_isa(DTYPE, P, D),
-                      _get_attn_isa(DTYPE, STOCK_BLOCK, D), kernel_threads)
+    harness = Harness(context, batch, settings, _get_attn_isa(DTYPE, P, D),
+                      _get_attn_isa(DTYPE, STOCK_BLOCK, D))
     stock_ms, kvhead_ms = _time(harness, steps)
-    result = {"context": context, "batch": batch, "steps": steps, "top_k": top_k,
-              "rerank_interval": rerank, "threads": torch.get_num_threads(),
+    result = {"context": context, "batch": batch, "steps": steps, "config": config,
+              "overrides": set_, "top_k": settings.top_k,
+              "rerank_interval": settings.rerank_interval, "threads": torch.get_num_threads(),
               "kernel_threads": kernel_threads,
               "isa": {"stock": harness.stock_isa, "kvhead": harness.isa},
               "load_average": os.getloadavg(),
