@@ -282,47 +282,82 @@ void attend_any(const float* q, int64_t group, int64_t dim, int64_t page, int64_
 // attention as one token whose key is its int8 box's centre and value its mean value
 // (`vsum(p)`: the page's value sum, fp32 [D]), with log(tokens) added to its logit; the result
 // is folded into `acc` (normalised output, rows [group][dim]) and `lse` by log-sum-exp.
-// `q` is already scaled by the softmax scale. `ids` ascending.
+// `q` is already scaled by the softmax scale; `ids` ascending. Three passes over the skipped
+// pages (logits, one vectorised exp per query row, values), so each box and each value sum is
+// read once for the whole group and no running rescale touches the accumulators.
 template <typename PageLen, typename ValueSum>
 void fold_summaries(const float* q, int64_t group, int64_t dim, const int8_t* box_rows,
                     const float* scale_row, const int32_t* table, int64_t n, const int64_t* ids,
                     int64_t count, PageLen page_len, ValueSum vsum, float* acc, float* lse,
-                    float* centre, float* sacc) {
-  for (int64_t g = 0; g < group; ++g) {
-    float m = kMasked, l = 0.f;
-    float* sg = sacc + g * dim;
-    std::fill(sg, sg + dim, 0.f);
-    int64_t next = 0;  // walks the ascending attended list alongside p
-    for (int64_t p = 0; p < n; ++p) {
-      if (next < count && ids[next] == p) {
-        ++next;
-        continue;
-      }
-      const int64_t block = table[p];
-      const int8_t* row = box_rows + block * 2 * dim;
-      const float half = 0.5f * scale_row[block];
-      for (int64_t d = 0; d < dim; ++d)
-        centre[d] = (static_cast<float>(row[d]) + static_cast<float>(row[dim + d])) * half;
-      const float tokens = static_cast<float>(page_len(p));
-      float logit = std::log(tokens);
-      const float* qg = q + g * dim;
-      for (int64_t d = 0; d < dim; ++d) logit += qg[d] * centre[d];
-      const float mx = std::max(m, logit);
-      const float corr = std::exp(m - mx), w = std::exp(logit - mx);
-      const float* v = vsum(p);
-      const float wv = w / tokens;
-      for (int64_t d = 0; d < dim; ++d) sg[d] = sg[d] * corr + wv * v[d];
-      l = l * corr + w;
-      m = mx;
+                    float* centre, float* sacc, float* slog, int64_t* spage) {
+  // pass 1: the skipped pages, and their logits as [group][skipped] rows
+  int64_t skipped = 0, next = 0;  // `next` walks the ascending attended list alongside p
+  for (int64_t p = 0; p < n; ++p) {
+    if (next < count && ids[next] == p) {
+      ++next;
+      continue;
     }
-    if (l <= 0.f) continue;  // every page attended: nothing to fold
-    const float main = lse[g], extra = m + std::log(l);
-    const float top = std::max(main, extra);
-    const float a = std::exp(main - top), b = std::exp(extra - top);
-    const float inv = 1.f / (a + b);
+    spage[skipped++] = p;
+  }
+  if (skipped == 0) return;  // every page attended: nothing to fold
+  // skipped pages are full but for a finished request's partial page, so log(tokens) and
+  // 1/tokens are constants almost always (a log per page was a fifth of the fold's time)
+  const float full = static_cast<float>(page_len(0) > 0 ? page_len(0) : 1);
+  const float log_full = std::log(full);
+  for (int64_t i = 0; i < skipped; ++i) {
+    const int64_t p = spage[i];
+    const int8_t* row = box_rows + static_cast<int64_t>(table[p]) * 2 * dim;
+    const float half = 0.5f * scale_row[table[p]];
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d)
+      centre[d] = (static_cast<float>(row[d]) + static_cast<float>(row[dim + d])) * half;
+    const float tokens = static_cast<float>(page_len(p));
+    const float log_tokens = tokens == full ? log_full : std::log(tokens);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q + g * dim;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < dim; ++d) dot += qg[d] * centre[d];
+      slog[g * skipped + i] = dot + log_tokens;
+    }
+  }
+  // pass 2: per query row, weights (one vectorised exp loop over the skipped pages)
+  std::vector<float> top(group, kMasked), sum(group, 0.f);
+  for (int64_t g = 0; g < group; ++g) {
+    float* w = slog + g * skipped;
+    for (int64_t i = 0; i < skipped; ++i) top[g] = std::max(top[g], w[i]);
+    const float mx = top[g];
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < skipped; ++i) {
+      w[i] = std::exp(w[i] - mx);
+      total += w[i];
+    }
+    sum[g] = total;
+  }
+  // pass 3: weighted mean values, each page's value sum read once for the whole group
+  std::fill(sacc, sacc + group * dim, 0.f);
+  for (int64_t i = 0; i < skipped; ++i) {
+    const float* v = vsum(spage[i]);
+    const float tokens = static_cast<float>(page_len(spage[i]));
+    const float inv_tokens = tokens == full ? 1.f / full : 1.f / tokens;
+    for (int64_t g = 0; g < group; ++g) {
+      const float wv = slog[g * skipped + i] * inv_tokens;
+      float* sg = sacc + g * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) sg[d] += wv * v[d];
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const float extra = top[g] + std::log(sum[g]);
+    const float both = std::max(lse[g], extra);
+    const float a = std::exp(lse[g] - both), b = std::exp(extra - both);
+    const float inv = 1.f / (a + b), bs = b / sum[g];
     float* ag = acc + g * dim;
-    for (int64_t d = 0; d < dim; ++d) ag[d] = (ag[d] * a + sg[d] / l * b) * inv;
-    lse[g] = top + std::log(a + b);
+    const float* sg = sacc + g * dim;
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) ag[d] = (ag[d] * a + sg[d] * bs) * inv;
+    lse[g] = both + std::log(a + b);
   }
 }
 
@@ -434,6 +469,8 @@ int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, tor
     at::parallel_for(0, batch * kv, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> qf(group * dim), acc(group * dim), kbuf(dim * page), vbuf(page * dim);
       std::vector<float> sbuf(page), scores(width), lse(group), centre(dim), sacc(group * dim);
+      std::vector<float> slog(summaries ? width * group : 0);
+      std::vector<int64_t> spage(summaries ? width : 0);
       std::vector<int32_t> order;
       std::vector<int64_t> ids(std::max(width, k));
       for (int64_t task = begin; task < end; ++task) {
@@ -485,7 +522,8 @@ int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, tor
                              [&](int64_t p) {
                                return vsp + (static_cast<int64_t>(row[p]) * num_stable + si) * dim;
                              },
-                             acc.data(), lse.data(), centre.data(), sacc.data());
+                             acc.data(), lse.data(), centre.data(), sacc.data(), slog.data(),
+                             spage.data());
           }
           resident[task] = static_cast<double>(count);
         }
