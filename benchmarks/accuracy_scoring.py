@@ -22,43 +22,26 @@ writes ``benchmarks/results/accuracy_scoring.json``.
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Annotated
 
 import torch
 import typer
-from transformers import AutoTokenizer
+from stable_head_screen import StableHeadProbe, mean5, screen_windows
 
-from kvhead.evaluation.inputs import corpus_window
-from kvhead.evaluation.tasks import greedy, prefill
-from kvhead.models import resolve_model
 from kvhead.pages import PageBounds, page_mask, page_sums, score_pages, select_top_k
-from kvhead.profiles import profile_for_model
-from kvhead.runner import PagedKVCache, ReferenceRunner
 from kvhead.summaries import compensate
 
 app = typer.Typer(add_completion=False)
 WEIGHTS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 
-class OutputProbe:
-    """Stands in for the dense policy; measures every candidate selection on the stable heads."""
+class OutputProbe(StableHeadProbe):
+    """Measures every candidate selection on the stable heads."""
 
-    def __init__(self, runner: ReferenceRunner, cache: PagedKVCache, stable: torch.Tensor, top_k: int) -> None:
-        self.dense = runner.policy("dense")
-        self.cache, self.spec, self.stable, self.top_k = cache, runner.spec, stable, top_k
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
         self.mass: dict[str, list[float]] = {}
-        self.error: dict[str, list[float]] = {}
-
-    def reset(self) -> None:
-        self.dense.reset()
-
-    def select(self, layer, query, bounds, block_table, seq_lens, live=None):
-        if self.stable[layer].any():
-            self._measure(layer, query, bounds, block_table, seq_lens)
-        return self.dense.select(layer, query, bounds, block_table, seq_lens, live)
 
     @torch.no_grad()
     def _measure(self, layer: int, query: torch.Tensor, bounds: PageBounds, block_table, seq_lens) -> None:
@@ -114,27 +97,10 @@ def main(
         "benchmarks/results/accuracy_scoring.json"),
 ) -> None:
     """Attention mass and output error per page score, with and without summary tokens."""
-    start = time.perf_counter()
-    model_dir = resolve_model("smollm2-135m-instruct")
-    runner = ReferenceRunner.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    stable = ~profile_for_model(model_dir, None).unstable_mask(leading_layers=2)
-    result: dict = {"context": context, "steps": steps, "top_k": top_k, "windows": {}}
-    for window in [int(w) for w in windows.split(",")]:
-        prompt = corpus_window(tokenizer, context - steps, offset=window * 7919)  # eval's window
-        pre = prefill(runner, prompt, steps)
-        probe = OutputProbe(runner, pre.cache, stable, top_k)
-        greedy(runner, pre, steps, probe)
-        mean = lambda xs: round(sum(xs) / len(xs), 5)
-        row = {"mass": {k: mean(v) for k, v in probe.mass.items()},
-               "output_error": {k: mean(v) for k, v in probe.error.items()}}
-        result["windows"][window] = row
-        print(window, json.dumps(row), flush=True)
-    result["seconds"] = round(time.perf_counter() - start)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=1))
-    print(f"wrote {output}")
-
+    screen_windows(OutputProbe, lambda probe: {
+        "mass": {k: mean5(v) for k, v in probe.mass.items()},
+        "output_error": {k: mean5(v) for k, v in probe.error.items()}},
+        context=context, steps=steps, top_k=top_k, windows=windows, output=output)
 
 if __name__ == "__main__":
     app()

@@ -27,21 +27,14 @@ writes ``benchmarks/results/accuracy_summaries.json``.
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Annotated
 
 import torch
 import typer
-from transformers import AutoTokenizer
+from stable_head_screen import StableHeadProbe, mean5, screen_windows
 
-from kvhead.evaluation.inputs import corpus_window
-from kvhead.evaluation.tasks import greedy, prefill
-from kvhead.models import resolve_model
 from kvhead.pages import PageBounds, page_mask, page_sums, score_pages, select_top_k
-from kvhead.profiles import profile_for_model
-from kvhead.runner import PagedKVCache, ReferenceRunner
 
 app = typer.Typer(add_completion=False)
 Form = tuple[torch.Tensor, torch.Tensor]  # (logit [H, G, N], value [H, G, N, D]) per page
@@ -101,22 +94,8 @@ def summary_forms(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bou
     return forms
 
 
-class SummaryProbe:
-    """Stands in for the dense policy; measures every summary form on the stable heads."""
-
-    def __init__(self, runner: ReferenceRunner, cache: PagedKVCache, stable: torch.Tensor,
-                 top_k: int) -> None:
-        self.dense = runner.policy("dense")
-        self.cache, self.spec, self.stable, self.top_k = cache, runner.spec, stable, top_k
-        self.error: dict[str, list[float]] = {}
-
-    def reset(self) -> None:
-        self.dense.reset()
-
-    def select(self, layer, query, bounds, block_table, seq_lens, live=None):
-        if self.stable[layer].any():
-            self._measure(layer, query, bounds, block_table, seq_lens)
-        return self.dense.select(layer, query, bounds, block_table, seq_lens, live)
+class SummaryProbe(StableHeadProbe):
+    """Measures every summary form on the stable heads, under two page rankings."""
 
     @torch.no_grad()
     def _measure(self, layer: int, query: torch.Tensor, bounds: PageBounds, block_table, seq_lens) -> None:
@@ -172,25 +151,8 @@ def main(
         "benchmarks/results/accuracy_summaries.json"),
 ) -> None:
     """Stable heads' attention-output error per summary form, under two page rankings."""
-    start = time.perf_counter()
-    model_dir = resolve_model("smollm2-135m-instruct")
-    runner = ReferenceRunner.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    stable = ~profile_for_model(model_dir, None).unstable_mask(leading_layers=2)
-    result: dict = {"context": context, "steps": steps, "top_k": top_k, "windows": {}}
-    for window in [int(w) for w in windows.split(",")]:
-        prompt = corpus_window(tokenizer, context - steps, offset=window * 7919)  # eval's window
-        pre = prefill(runner, prompt, steps)
-        probe = SummaryProbe(runner, pre.cache, stable, top_k)
-        greedy(runner, pre, steps, probe)
-        row = {k: round(sum(v) / len(v), 5) for k, v in probe.error.items()}
-        result["windows"][window] = row
-        print(window, json.dumps(row), flush=True)
-    result["seconds"] = round(time.perf_counter() - start)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=1))
-    print(f"wrote {output}")
-
+    screen_windows(SummaryProbe, lambda probe: {k: mean5(v) for k, v in probe.error.items()},
+                   context=context, steps=steps, top_k=top_k, windows=windows, output=output)
 
 if __name__ == "__main__":
     app()
