@@ -46,9 +46,12 @@ pairs dense_docs4cal 8192 licenses "${B/accuracy_profile_w05_r8.json/accuracy_pr
 #   B with dense heads charged 512 pages (the first pool, before commit "Second long-input
 #   corpus"; 3 dense heads, 35.2% resident) on license windows 0, 2, 4-6 -> accuracy_dense512_8k_w*_gpu.json,
 #   windows 1 and 3 on the CPU -> accuracy_dense512_8k_w{1,3}.json
+#   seventh session: A on python-docs 8k windows 8-13 (six more disjoint windows, run after the
+#   first eight were reported) -> $R/accuracy_docs_comp_8k_w{8..13}_gpu.json
 # The pooled numbers the README quotes -> $R/accuracy_pooled.json
 python benchmarks/accuracy_pool.py \
-  "docs 8k A=$R/accuracy_docs_comp_8k_w*.json" "docs 8k B=$R/accuracy_docs_dense_8k_w*.json" \
+  "docs 8k A=$R/accuracy_docs_comp_8k_w[0-7].json" "docs 8k B=$R/accuracy_docs_dense_8k_w*.json" \
+  "docs 8k A w8-13=$R/accuracy_docs_comp_8k_w*_gpu.json" "docs 8k A w0-13=$R/accuracy_docs_comp_8k_w*.json" \
   "docs 8k spec=$R/accuracy_docs_spec_8k_w*.json" "docs 8k A w0-3=$R/accuracy_docs_comp_8k_w[0-3].json" \
   "docs 4k A=$R/accuracy_docs_comp_4k_w*.json" "docs 2k A=$R/accuracy_docs_comp_2k_w*.json" \
   "licenses 8k A=$R/accuracy_comp_8k_w[0-3].json" "licenses 8k B=$R/accuracy_dense_8k_w*.json" \
