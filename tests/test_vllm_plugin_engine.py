@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from vllm_tiny import ENGINE_ENV, random_profile, random_prompts
 
+from kvhead.budgets import PageCoverage
 from kvhead.models.tiny import build_tiny_llama
+from kvhead.stability import HeadProfile
 
 pytestmark = pytest.mark.slow
 KV_BYTES = 16 * 2**20  # one fixed KV budget for stock and kvhead runs
@@ -81,7 +83,8 @@ def test_sparse_selection_moves_only_promoted_pages(tiny: dict) -> None:
 def test_flexicache_plus_options_in_the_engine(tiny: dict) -> None:
     """flexicache+ (leading layer in vLLM's cache, sink and window pages, softmax group score,
     bound weight, summary tokens): with every page selected the engine still matches stock
-    (summaries fold in nothing); with K = 3 stable heads skip pages and the engine serves."""
+    (summaries fold in nothing); with per-head budgets of 8 and 4 pages stable heads skip pages
+    and the engine serves."""
     plus = {"profile": str(tiny["profile"]), "rerank_interval": 4, "host_arena_gib": 0.25,
             "unstable_dense": True, "leading_layers": 1, "sink_pages": 1, "recent_pages": 2,
             "group_score": "softmax", "bound_weight": 0.5, "compensate": True}
@@ -91,7 +94,17 @@ def test_flexicache_plus_options_in_the_engine(tiny: dict) -> None:
     assert full["tokens"] == stock["tokens"]
     gap = max(abs(a - b) for x, y in zip(full["logprobs"], stock["logprobs"]) for a, b in zip(x, y))
     assert gap < 1e-4
-    run = _generate(tiny["tmp"], "plus-sparse", tiny["model"], tiny["prompts"], plus | {"top_k": 3},
+    # head budgets from coverage curves ranked with the same options: layer 1's two stable heads
+    # share 2 x 6 pages, the broad head taking 8 (its curve gains most), the other 4 (the floor:
+    # sink + window pages rounded up to the grid)
+    profile = HeadProfile.load(tiny["profile"])
+    profile.coverage = PageCoverage(
+        context=512, offsets=[0], steps=4, group_score="softmax", sink_pages=1, recent_pages=2,
+        bound_weight=0.5, pages=[2, 4, 6, 8],
+        mass=[[[1.0] * 4] * 2, [[0.3, 0.5, 0.7, 0.8], [0.9, 0.92, 0.93, 0.94]]])
+    budgeted = profile.save(tiny["tmp"] / "profile-coverage.json")
+    run = _generate(tiny["tmp"], "plus-sparse", tiny["model"], tiny["prompts"],
+                    plus | {"top_k": 6, "profile": str(budgeted), "head_budgets": True},
                     "--dtype", "float32", "--max-tokens", "24", "--in-process")
     report = run["kvhead"]
     assert report["resident_heads_per_layer"] == [2, 0]  # layer 0 whole, in the same 2 heads
