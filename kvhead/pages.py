@@ -103,12 +103,21 @@ def score_pages(
         scores = q @ ((kmax + kmin) / 2) + bound_weight * (q.abs() @ ((kmax - kmin) / 2))
     else:
         raise ValueError(f"bound_weight must lie in [0, 1], got {bound_weight}")
-    invalid = (torch.arange(table.shape[1], device=table.device) >= num_pages.view(-1, 1))
+    return combine_group(scores, num_pages, group_score, head_dim)
+
+
+def combine_group(per_query: torch.Tensor, num_pages: torch.Tensor, group_score: str,
+                  head_dim: int) -> torch.Tensor:
+    """Page scores ``[B, h, N]`` of GQA groups from their query heads' bound logits
+    ``[B, h, G, N]`` (``group_score`` as in :func:`score_pages`); pages past ``num_pages[b]``
+    score -inf. Shared by the scorers of fp32 and int8 (vLLM plugin) page bounds."""
+    batch, _, _, width = per_query.shape
+    invalid = (torch.arange(width, device=per_query.device) >= num_pages.view(-1, 1))
     invalid = invalid.view(batch, 1, 1, -1)
     if group_score == "max":
-        scores = scores.amax(dim=2)
+        scores = per_query.amax(dim=2)
     elif group_score == "softmax":
-        scaled = (scores * head_dim**-0.5).masked_fill(invalid, float("-inf"))
+        scaled = (per_query * head_dim**-0.5).masked_fill(invalid, float("-inf"))
         scores = scaled.softmax(dim=-1).nan_to_num(0.0).sum(dim=2)
     else:
         raise ValueError(f"group_score must be 'max' or 'softmax', got {group_score!r}")

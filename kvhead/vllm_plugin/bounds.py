@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from kvhead.bounds_compact import CompactBounds
-from kvhead.pages import PAD, select_top_k
+from kvhead.pages import PAD, combine_group, select_top_k
 
 
 class DeviceBounds:
@@ -174,16 +174,7 @@ class DeviceBounds:
         raw = torch.bmm(q2.reshape(num_heads * batch, -1, 2 * head_dim),
                         box.view(num_heads * batch, width, 2 * head_dim).transpose(1, 2))
         per_query = (raw.view(num_heads, batch, -1, width) * scale).transpose(0, 1)  # [B,h,G,W]
-        valid = torch.arange(width, device=table.device) < num_pages.view(-1, 1)
-        invalid = ~valid.view(batch, 1, 1, width)
-        if group_score == "max":
-            scores = per_query.amax(2)
-        elif group_score == "softmax":
-            scaled = (per_query * head_dim**-0.5).masked_fill(invalid, float("-inf"))
-            scores = scaled.softmax(-1).nan_to_num(0.0).sum(2)
-        else:
-            raise ValueError(f"group_score must be 'max' or 'softmax', got {group_score!r}")
-        scores = scores.masked_fill(invalid[:, :, 0], float("-inf"))
+        scores = combine_group(per_query, num_pages, group_score, head_dim)
         top = select_top_k(scores, top_k, num_pages, sink_pages=sink_pages,
                            recent_pages=recent_pages)
         if num_heads == num_kv_heads:

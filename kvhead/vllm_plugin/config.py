@@ -64,7 +64,6 @@ class FlexiCacheSettings(SelectionOptions):
         "(K + tail pages per rerank window)).",
     )
 
-
     @model_validator(mode="after")
     def _plugin_can_serve(self) -> FlexiCacheSettings:
         if self.rerank_lag:

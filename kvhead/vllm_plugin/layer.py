@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvhead.pages import page_mask
+from kvhead.summaries import PageValueSums
 from kvhead.vllm_plugin import native
 from kvhead.vllm_plugin.bounds import DeviceBounds
 from kvhead.vllm_plugin.hot_pool import HotPool
@@ -94,7 +95,7 @@ class FlexiLayer:
         # summary tokens (kvhead.summaries): per-page value sums of the stable heads, which are
         # the only heads that skip pages; empty when off (the native decode's switch)
         sums_shape = (num_blocks, len(stable), head_dim) if summaries and len(stable) else (0, 0, 0)
-        self.value_sums = torch.zeros(sums_shape)
+        self.value_sums = PageValueSums(torch.zeros(sums_shape))
         self.arena = arena
         self.kernel_threads = kernel_threads  # decode threads (None: torch's, i.e. vLLM's)
         self.stats = LayerStats()
@@ -153,18 +154,9 @@ class FlexiLayer:
         self._native.write_tokens(key, value, slots, cache, self.res_index, self.pool.pages,
                                   self.pool.slot_of, self.stable_index)
         if num_stable:
-            if self.value_sums.numel():
-                self._add_value_sums(value[:, self.stable], slots, listed)
+            if self.value_sums.sums.numel():
+                self.value_sums.update(value[:, self.stable], slots, page)
             self._stage_arena(key[:, self.stable], value[:, self.stable], slots, listed)
-
-    def _add_value_sums(self, value: torch.Tensor, slots: torch.Tensor, listed: list[int]) -> None:
-        """Fold stable heads' new values into their pages' sums; a page written from offset 0
-        starts afresh (vLLM handed the block to a new request)."""
-        page = self.page_size
-        fresh = sorted({s // page for s in listed if s % page == 0})
-        if fresh:
-            self.value_sums[fresh] = 0.0
-        self.value_sums.index_add_(0, slots // page, value.float())
 
     def _stage_arena(self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
                      listed: list[int]) -> None:
@@ -301,7 +293,7 @@ class FlexiLayer:
                 q, o, cache, self.res_index, self.pool.pages, self.pool.slot_of,
                 self.stable_index, block_table, seq_lens, b.box, b.scale, state.selected,
                 state.anchor, self.top_k, self.resident_dense, scale, self.stats.page_steps,
-                self.value_sums)
+                self.value_sums.sums)
             set_threads(1)
             if lost:
                 raise RuntimeError(f"kvhead: layer {self.layer}: {lost} attended stable pages "

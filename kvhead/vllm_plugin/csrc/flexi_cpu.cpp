@@ -300,8 +300,8 @@ void fold_summaries(const float* q, int64_t group, int64_t dim, const int8_t* bo
     spage[skipped++] = p;
   }
   if (skipped == 0) return;  // every page attended: nothing to fold
-  // skipped pages are full but for a finished request's partial page, so log(tokens) and
-  // 1/tokens are constants almost always (a log per page was a fifth of the fold's time)
+  // skipped pages are full but for a finished request's partial page, so log(tokens) is a
+  // constant almost always (a log per page was a fifth of the fold's time)
   const float full = static_cast<float>(page_len(0) > 0 ? page_len(0) : 1);
   const float log_full = std::log(full);
   for (int64_t i = 0; i < skipped; ++i) {
@@ -339,8 +339,7 @@ void fold_summaries(const float* q, int64_t group, int64_t dim, const int8_t* bo
   std::fill(sacc, sacc + group * dim, 0.f);
   for (int64_t i = 0; i < skipped; ++i) {
     const float* v = vsum(spage[i]);
-    const float tokens = static_cast<float>(page_len(spage[i]));
-    const float inv_tokens = tokens == full ? 1.f / full : 1.f / tokens;
+    const float inv_tokens = 1.f / static_cast<float>(page_len(spage[i]));
     for (int64_t g = 0; g < group; ++g) {
       const float wv = slog[g * skipped + i] * inv_tokens;
       float* sg = sacc + g * dim;
