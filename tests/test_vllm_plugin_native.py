@@ -98,9 +98,11 @@ def test_native_decode_step_equals_reference_attention(dtype: torch.dtype, dim: 
     slot_of = torch.arange(NB * 2).view(NB, 2)  # every stable page has a pool slot
     kernels = native.kernels()
     flat = torch.arange(NB * P)
+    written = torch.zeros(NB, 2, dim)  # the writer's value sums of the two stable heads
+    written[5] = 7.0  # a freed sequence's page: its first token starts it afresh
     kernels.write_tokens(k_ref.reshape(-1, HKV, dim).to(dtype).contiguous(),
                          v_ref.reshape(-1, HKV, dim).to(dtype).contiguous(), flat, cache,
-                         res_index, pool, slot_of, stable_index)
+                         res_index, pool, slot_of, stable_index, written)
     bounds = DeviceBounds(NB, HKV, dim, 1)
     bounds.update(k_ref.reshape(-1, HKV, dim), flat, P)
     sel = torch.full((batch, HKV, top_k), -1, dtype=torch.int64)
@@ -111,6 +113,7 @@ def test_native_decode_step_equals_reference_attention(dtype: torch.dtype, dim: 
     k_ref, v_ref = k_ref.to(dtype).float(), v_ref.to(dtype).float()
     kmax, kmin = bounds.boxes(torch.arange(NB))
     sums = PageValueSums(v_ref.sum(1))  # every slot of every block is written
+    torch.testing.assert_close(written, sums.sums[:, [0, 2]], atol=1e-5, rtol=1e-5)
     for dense, summaries in ((False, False), (True, False), (True, True)):
         out, steps = torch.empty_like(q), torch.zeros(2, dtype=torch.float64)
         value_sums = sums.sums[:, [0, 2]].contiguous() if summaries else torch.zeros(0, 0, 0)

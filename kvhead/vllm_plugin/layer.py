@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 
 from kvhead.pages import page_mask
-from kvhead.summaries import PageValueSums
 from kvhead.vllm_plugin import native
 from kvhead.vllm_plugin.bounds import DeviceBounds
 from kvhead.vllm_plugin.hot_pool import HotPool
@@ -93,9 +92,10 @@ class FlexiLayer:
         self.bounds = DeviceBounds(num_blocks, num_kv_heads, head_dim, open_pages)
         self.pool = HotPool(pool_pages, num_blocks, len(stable), page_size, head_dim, dtype)
         # summary tokens (kvhead.summaries): per-page value sums of the stable heads, which are
-        # the only heads that skip pages; empty when off (the native decode's switch)
+        # the only heads that skip pages (fp32 [blocks, stable heads, D], kept by the native
+        # writer); empty when off (the native decode's switch)
         sums_shape = (num_blocks, len(stable), head_dim) if summaries and len(stable) else (0, 0, 0)
-        self.value_sums = PageValueSums(torch.zeros(sums_shape))
+        self.value_sums = torch.zeros(sums_shape)
         self.arena = arena
         self.kernel_threads = kernel_threads  # decode threads (None: torch's, i.e. vLLM's)
         self.stats = LayerStats()
@@ -152,10 +152,8 @@ class FlexiLayer:
                 self.pool.allocate(blocks.repeat_interleave(num_stable),
                                    torch.arange(num_stable).repeat(len(newest)))
         self._native.write_tokens(key, value, slots, cache, self.res_index, self.pool.pages,
-                                  self.pool.slot_of, self.stable_index)
+                                  self.pool.slot_of, self.stable_index, self.value_sums)
         if num_stable:
-            if self.value_sums.sums.numel():
-                self.value_sums.update(value[:, self.stable], slots, page)
             self._stage_arena(key[:, self.stable], value[:, self.stable], slots, listed)
 
     def _stage_arena(self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
@@ -293,7 +291,7 @@ class FlexiLayer:
                 q, o, cache, self.res_index, self.pool.pages, self.pool.slot_of,
                 self.stable_index, block_table, seq_lens, b.box, b.scale, state.selected,
                 state.anchor, self.top_k, self.resident_dense, scale, self.stats.page_steps,
-                self.value_sums.sums)
+                self.value_sums)
             set_threads(1)
             if lost:
                 raise RuntimeError(f"kvhead: layer {self.layer}: {lost} attended stable pages "

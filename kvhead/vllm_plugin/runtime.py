@@ -194,7 +194,7 @@ class FlexiRuntime:
         resident, total = self._page_steps()
         layers = list(self.layers.values())
         page = self.spec.head_page_bytes
-        meta = sum(l.bounds.nbytes + l.value_sums.sums.nbytes for l in layers)
+        meta = sum(l.bounds.nbytes + l.value_sums.nbytes for l in layers)
         return {
             "resident_heads_per_layer": self.split.resident_per_layer,
             "resident_heads": self.split.num_resident,

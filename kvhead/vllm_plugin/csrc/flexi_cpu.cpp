@@ -278,20 +278,16 @@ void attend_any(const float* q, int64_t group, int64_t dim, int64_t page, int64_
   attend<T>(q, group, dim, page, count, page_ptr, page_len, acc, kbuf, vbuf, sbuf, lse);
 }
 
-// Summary tokens (kvhead.summaries): every page 0..n-1 not among `ids[0..count)` enters the
-// attention as one token whose key is its int8 box's centre and value its mean value
-// (`vsum(p)`: the page's value sum, fp32 [D]), with log(tokens) added to its logit; the result
-// is folded into `acc` (normalised output, rows [group][dim]) and `lse` by log-sum-exp.
-// `q` is already scaled by the softmax scale; `ids` ascending. Three passes over the skipped
+// Summary tokens (kvhead.summaries): every page 0..n-1 not among a stable head's attended
+// pages enters its attention as one token whose key is the page's int8 box centre and value its
+// mean value (the page's fp32 value sum / tokens), with log(tokens) added to its logit; the
+// result is folded into the attention's normalised rows and LSE. Three passes over the skipped
 // pages (logits, one vectorised exp per query row, values), so each box and each value sum is
 // read once for the whole group and no running rescale touches the accumulators.
-template <typename PageLen, typename ValueSum>
-void fold_summaries(const float* q, int64_t group, int64_t dim, const int8_t* box_rows,
-                    const float* scale_row, const int32_t* table, int64_t n, const int64_t* ids,
-                    int64_t count, PageLen page_len, ValueSum vsum, float* acc, float* lse,
-                    float* centre, float* sacc, float* slog, int64_t* spage) {
-  // pass 1: the skipped pages, and their logits as [group][skipped] rows
-  int64_t skipped = 0, next = 0;  // `next` walks the ascending attended list alongside p
+
+// The pages 0..n-1 not among the ascending ids[0..count), into `spage`; returns how many.
+int64_t skipped_pages(int64_t n, const int64_t* ids, int64_t count, int64_t* spage) {
+  int64_t skipped = 0, next = 0;  // `next` walks the attended list alongside p
   for (int64_t p = 0; p < n; ++p) {
     if (next < count && ids[next] == p) {
       ++next;
@@ -299,11 +295,43 @@ void fold_summaries(const float* q, int64_t group, int64_t dim, const int8_t* bo
     }
     spage[skipped++] = p;
   }
-  if (skipped == 0) return;  // every page attended: nothing to fold
-  // skipped pages are full but for a finished request's partial page, so log(tokens) is a
-  // constant almost always (a log per page was a fifth of the fold's time)
+  return skipped;
+}
+
+// Log-sum-exp merge of the summary attention into `acc` / `lse`: row g's summary weights are
+// relative to e^top[g] and sum to sum[g]; sacc holds their unnormalised weighted values.
+void merge_summaries(int64_t group, int64_t dim, const float* top, const float* sum,
+                     const float* sacc, float* acc, float* lse) {
+  for (int64_t g = 0; g < group; ++g) {
+    const float extra = top[g] + std::log(sum[g]);
+    const float both = std::max(lse[g], extra);
+    const float a = std::exp(lse[g] - both), b = std::exp(extra - both);
+    const float inv = 1.f / (a + b), bs = b / sum[g];
+    float* ag = acc + g * dim;
+    const float* sg = sacc + g * dim;
+#pragma omp simd
+    for (int64_t d = 0; d < dim; ++d) ag[d] = (ag[d] * a + sg[d] * bs) * inv;
+    lse[g] = both + std::log(a + b);
+  }
+}
+
+// log(tokens) of skipped page p: skipped pages are full but for a finished request's partial
+// page, so the log is a constant almost always (a log per page was a fifth of the fold's time).
+template <typename PageLen>
+inline float log_tokens(PageLen page_len, int64_t p, float full, float log_full) {
+  const float tokens = static_cast<float>(page_len(p));
+  return tokens == full ? log_full : std::log(tokens);
+}
+
+// Portable passes over `skipped` pages spage[..]; `q` is already scaled by the softmax scale.
+template <typename PageLen, typename ValueSum>
+void fold_summaries(const float* q, int64_t group, int64_t dim, const int8_t* box_rows,
+                    const float* scale_row, const int32_t* table, const int64_t* spage,
+                    int64_t skipped, PageLen page_len, ValueSum vsum, float* acc, float* lse,
+                    float* centre, float* sacc, float* slog) {
   const float full = static_cast<float>(page_len(0) > 0 ? page_len(0) : 1);
   const float log_full = std::log(full);
+  // pass 1: logits as [group][skipped] rows
   for (int64_t i = 0; i < skipped; ++i) {
     const int64_t p = spage[i];
     const int8_t* row = box_rows + static_cast<int64_t>(table[p]) * 2 * dim;
@@ -311,17 +339,16 @@ void fold_summaries(const float* q, int64_t group, int64_t dim, const int8_t* bo
 #pragma omp simd
     for (int64_t d = 0; d < dim; ++d)
       centre[d] = (static_cast<float>(row[d]) + static_cast<float>(row[dim + d])) * half;
-    const float tokens = static_cast<float>(page_len(p));
-    const float log_tokens = tokens == full ? log_full : std::log(tokens);
+    const float extra = log_tokens(page_len, p, full, log_full);
     for (int64_t g = 0; g < group; ++g) {
       const float* qg = q + g * dim;
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
       for (int64_t d = 0; d < dim; ++d) dot += qg[d] * centre[d];
-      slog[g * skipped + i] = dot + log_tokens;
+      slog[g * skipped + i] = dot + extra;
     }
   }
-  // pass 2: per query row, weights (one vectorised exp loop over the skipped pages)
+  // pass 2: per query row, weights relative to the row's largest logit
   std::vector<float> top(group, kMasked), sum(group, 0.f);
   for (int64_t g = 0; g < group; ++g) {
     float* w = slog + g * skipped;
@@ -347,17 +374,110 @@ void fold_summaries(const float* q, int64_t group, int64_t dim, const int8_t* bo
       for (int64_t d = 0; d < dim; ++d) sg[d] += wv * v[d];
     }
   }
-  for (int64_t g = 0; g < group; ++g) {
-    const float extra = top[g] + std::log(sum[g]);
-    const float both = std::max(lse[g], extra);
-    const float a = std::exp(lse[g] - both), b = std::exp(extra - both);
-    const float inv = 1.f / (a + b), bs = b / sum[g];
-    float* ag = acc + g * dim;
-    const float* sg = sacc + g * dim;
-#pragma omp simd
-    for (int64_t d = 0; d < dim; ++d) ag[d] = (ag[d] * a + sg[d] * bs) * inv;
-    lse[g] = both + std::log(a + b);
+  merge_summaries(group, dim, top.data(), sum.data(), sacc, acc, lse);
+}
+
+#if defined(__AVX512F__)
+// The same three passes for G query rows of D = 16 C: the query rows and the G x C value
+// accumulators live in registers, a box centre is summed in int32 and converted once, and the
+// next pages' boxes and value sums are prefetched (they sit at random blocks of a large table).
+template <int G, int C, typename PageLen, typename ValueSum>
+void fold16(const float* q, const int8_t* box_rows, const float* scale_row, const int32_t* table,
+            const int64_t* spage, int64_t skipped, PageLen page_len, ValueSum vsum, float* acc,
+            float* lse, float* sacc, float* slog) {
+  constexpr int D = 16 * C;
+  constexpr int64_t kAhead = 8;
+  __m512 qv[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) qv[g][c] = _mm512_loadu_ps(q + g * D + c * 16);
+  const float full = static_cast<float>(page_len(0) > 0 ? page_len(0) : 1);
+  const float log_full = std::log(full);
+  for (int64_t i = 0; i < skipped; ++i) {
+    if (i + kAhead < skipped) {
+      const int8_t* ahead = box_rows + static_cast<int64_t>(table[spage[i + kAhead]]) * 2 * D;
+      for (int off = 0; off < 2 * D; off += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
+    }
+    const int64_t p = spage[i];
+    const int8_t* row = box_rows + static_cast<int64_t>(table[p]) * 2 * D;
+    __m512 centre[C];
+    for (int c = 0; c < C; ++c) {
+      const __m512i hi = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 16)));
+      const __m512i lo = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + D + c * 16)));
+      centre[c] = _mm512_cvtepi32_ps(_mm512_add_epi32(hi, lo));
+    }
+    const float half = 0.5f * scale_row[table[p]];
+    const float extra = log_tokens(page_len, p, full, log_full);
+    for (int g = 0; g < G; ++g) {
+      __m512 dot = _mm512_mul_ps(qv[g][0], centre[0]);
+      for (int c = 1; c < C; ++c) dot = _mm512_fmadd_ps(qv[g][c], centre[c], dot);
+      slog[g * skipped + i] = _mm512_reduce_add_ps(dot) * half + extra;
+    }
   }
+  float top[G], sum[G];
+  for (int g = 0; g < G; ++g) {
+    float* w = slog + g * skipped;
+    __m512 mx = _mm512_set1_ps(kMasked);
+    for (int64_t i = 0; i < skipped; i += 16) {
+      const __mmask16 m = skipped - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (skipped - i)) - 1u);
+      mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, w + i));
+    }
+    top[g] = _mm512_reduce_max_ps(mx);
+    const __m512 shift = _mm512_set1_ps(top[g]);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t i = 0; i < skipped; i += 16) {
+      const __mmask16 m = skipped - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (skipped - i)) - 1u);
+      const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, w + i), shift)));
+      _mm512_mask_storeu_ps(w + i, m, e);
+      total = _mm512_add_ps(total, e);
+    }
+    sum[g] = _mm512_reduce_add_ps(total);
+  }
+  __m512 s[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) s[g][c] = _mm512_setzero_ps();
+  const float inv_full = 1.f / full;
+  for (int64_t i = 0; i < skipped; ++i) {
+    if (i + kAhead < skipped) {
+      const float* ahead = vsum(spage[i + kAhead]);
+      for (int off = 0; off < D; off += 16) _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
+    }
+    const float* v = vsum(spage[i]);
+    const float tokens = static_cast<float>(page_len(spage[i]));
+    const float inv_tokens = tokens == full ? inv_full : 1.f / tokens;
+    __m512 vc[C];
+    for (int c = 0; c < C; ++c) vc[c] = _mm512_loadu_ps(v + c * 16);
+    for (int g = 0; g < G; ++g) {
+      const __m512 w = _mm512_set1_ps(slog[g * skipped + i] * inv_tokens);
+      for (int c = 0; c < C; ++c) s[g][c] = _mm512_fmadd_ps(w, vc[c], s[g][c]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(sacc + g * D + c * 16, s[g][c]);
+  merge_summaries(G, D, top, sum, sacc, acc, lse);
+}
+#endif
+
+// The summary tokens of the pages a stable head skipped (not among ascending ids[0..count)),
+// folded into `acc` / `lse`; nothing when every page was attended.
+template <typename PageLen, typename ValueSum>
+void fold_any(const float* q, int64_t group, int64_t dim, const int8_t* box_rows,
+              const float* scale_row, const int32_t* table, int64_t n, const int64_t* ids,
+              int64_t count, PageLen page_len, ValueSum vsum, float* acc, float* lse,
+              float* centre, float* sacc, float* slog, int64_t* spage) {
+  const int64_t skipped = skipped_pages(n, ids, count, spage);
+  if (skipped == 0) return;
+#if defined(__AVX512F__)
+#define KVHEAD_FOLD(G, C)                                                                \
+  if (group == G && dim == 16 * C) {                                                     \
+    fold16<G, C>(q, box_rows, scale_row, table, spage, skipped, page_len, vsum, acc, lse, \
+                 sacc, slog);                                                            \
+    return;                                                                              \
+  }
+  KVHEAD_SHAPES(KVHEAD_FOLD)
+#undef KVHEAD_FOLD
+#endif
+  fold_summaries(q, group, dim, box_rows, scale_row, table, spage, skipped, page_len, vsum, acc,
+                 lse, centre, sacc, slog);
 }
 
 void score_any(const float* q, int64_t group, int64_t dim, const int8_t* box_rows,
@@ -417,7 +537,7 @@ void select_pages(torch::Tensor q, torch::Tensor box, torch::Tensor scale, torch
 //    every page from anchor[b, h] - 1 on, read from the hot pool [slots, 1, P, 2D] at
 //    slot_of[block, stable_index]. A missing pool page is an error (returned count > 0).
 //    With value_sums (fp32 [blocks, stable heads, D]; empty: off) every page a stable head
-//    skips enters as one summary token (fold_summaries).
+//    skips enters as one summary token (fold_any).
 // page_steps [2] (float64) accumulates resident and total (sequence, head) pages of the step.
 // Returns the number of stable pages that were not in the pool (0 when all is well).
 int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, torch::Tensor res_index,
@@ -516,7 +636,7 @@ int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, tor
                       [&](int64_t i) { return page_len(ids[i]); }, acc.data(), kbuf.data(),
                       vbuf.data(), sbuf.data(), lse.data());
             if (summaries)
-              fold_summaries(qf.data(), group, dim, bp + h * blocks * 2 * dim, scp + h * blocks,
+              fold_any(qf.data(), group, dim, bp + h * blocks * 2 * dim, scp + h * blocks,
                              row, n, ids.data(), count, page_len,
                              [&](int64_t p) {
                                return vsp + (static_cast<int64_t>(row[p]) * num_stable + si) * dim;
@@ -541,10 +661,12 @@ int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, tor
 }
 
 // Decode tokens key/value [T, Hkv, D] at flat slots [T] (block * P + offset, >= 0): resident
-// heads into vLLM's cache, stable heads into their hot-pool page where it has one.
+// heads into vLLM's cache, stable heads into their hot-pool page where it has one. With
+// value_sums (fp32 [blocks, stable heads, D]; empty: off) every stable token's value is also
+// added to its page's sum, a write at offset 0 starting the page afresh (kvhead.summaries).
 void write_tokens(torch::Tensor key, torch::Tensor value, torch::Tensor slots, torch::Tensor cache,
                   torch::Tensor res_index, torch::Tensor pool, torch::Tensor slot_of,
-                  torch::Tensor stable_index) {
+                  torch::Tensor stable_index, torch::Tensor value_sums) {
   check_int(slots, torch::kInt64, "slots");
   TORCH_CHECK(key.is_contiguous() && value.is_contiguous(), "kvhead native: key/value layout");
   const int64_t tokens = slots.numel(), kv = key.size(1), dim = key.size(2);
@@ -554,6 +676,12 @@ void write_tokens(torch::Tensor key, torch::Tensor value, torch::Tensor slots, t
   const int64_t* stp = stable_index.data_ptr<int64_t>();
   const int64_t* sop = slot_of.data_ptr<int64_t>();
   const int64_t block_elems = page * 2 * dim;
+  const bool summaries = value_sums.numel() > 0;
+  if (summaries)
+    TORCH_CHECK(value_sums.scalar_type() == torch::kFloat32 && value_sums.is_contiguous() &&
+                    value_sums.size(1) == num_stable && value_sums.size(2) == dim,
+                "kvhead native: value sums must be contiguous fp32 [blocks, stable heads, D]");
+  float* vsp = summaries ? value_sums.data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cache.scalar_type(), "write_tokens", [&] {
     using T = scalar_t;
     auto kf = key.to(cache.scalar_type()).contiguous();
@@ -565,16 +693,21 @@ void write_tokens(torch::Tensor key, torch::Tensor value, torch::Tensor slots, t
     for (int64_t t = 0; t < tokens; ++t) {
       const int64_t block = sp[t] / page, off = sp[t] % page;
       for (int64_t h = 0; h < kv; ++h) {
+        const T* kt = kp + (t * kv + h) * dim;
+        const T* vt = vp + (t * kv + h) * dim;
         T* base = nullptr;
         if (rp[h] >= 0) {
           base = cp + (block * res_heads + rp[h]) * block_elems;
         } else {
+          if (summaries) {
+            float* sum = vsp + (block * num_stable + stp[h]) * dim;
+            for (int64_t d = 0; d < dim; ++d)
+              sum[d] = (off == 0 ? 0.f : sum[d]) + to_float(vt[d]);
+          }
           const int64_t slot = sop[block * num_stable + stp[h]];
           if (slot < 0) continue;
           base = pp + slot * block_elems;
         }
-        const T* kt = kp + (t * kv + h) * dim;
-        const T* vt = vp + (t * kv + h) * dim;
         for (int64_t d = 0; d < dim; ++d) base[d * page + off] = kt[d];
         std::memcpy(base + dim * page + off * dim, vt, dim * sizeof(T));
       }
