@@ -212,8 +212,8 @@ def _device_bytes(raw: dict, run: dict, tokens: int, batch: int) -> int:
     rep = run["kvhead"]
     resident = pages * rep["resident_heads"] * block * 2 * dim * 2
     bounds = pages * layers * heads * (2 * dim + 4)  # int8 max and min + fp32 scale
-    sums = pages * rep["stable_heads"] * dim * 4 if raw["summaries"] else 0  # fp32 value sums
-    return resident + bounds + sums + rep["hot_pool_peak_bytes"]
+    means = pages * rep["stable_heads"] * dim * 2 if raw["summaries"] else 0  # bf16 mean values
+    return resident + bounds + means + rep["hot_pool_peak_bytes"]
 
 
 def _summarise(stock: dict, kvhead: dict, admitted: dict, config: str) -> dict:

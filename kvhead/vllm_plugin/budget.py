@@ -36,7 +36,7 @@ class BudgetSplit:
     budget: int  # bytes vLLM would have used for its KV cache
     kv_bytes_per_block: int  # vLLM's cache bytes of one block (resident heads, all layers)
     plugin_bytes_per_block: int  # plugin bytes that grow with each block (bounds, pool index,
-    # value sums with summary tokens)
+    # mean values with summary tokens)
     plugin_fixed_bytes: int  # plugin bytes independent of blocks (open-page table, set pools)
     pool_bytes_per_block: int  # hot-pool bytes of one block's stable pages (all layers)
     pool_max_blocks: int  # blocks' worth of pages the pool is sized for (max_num_seqs x pages)

@@ -91,11 +91,11 @@ class FlexiLayer:
         self.stable_index[self.stable] = torch.arange(len(stable))
         self.bounds = DeviceBounds(num_blocks, num_kv_heads, head_dim, open_pages)
         self.pool = HotPool(pool_pages, num_blocks, len(stable), page_size, head_dim, dtype)
-        # summary tokens (kvhead.summaries): per-page value sums of the stable heads, which are
-        # the only heads that skip pages (fp32 [blocks, stable heads, D], kept by the native
-        # writer); empty when off (the native decode's switch)
-        sums_shape = (num_blocks, len(stable), head_dim) if summaries and len(stable) else (0, 0, 0)
-        self.value_sums = torch.zeros(sums_shape)
+        # summary tokens (kvhead.summaries): per-page mean values of the stable heads, which are
+        # the only heads that skip pages ([blocks, stable heads, D] in the cache's dtype, kept
+        # by the native writer); empty when off (the native decode's switch)
+        means_shape = (num_blocks, len(stable), head_dim) if summaries and len(stable) else (0, 0, 0)
+        self.value_means = torch.zeros(means_shape, dtype=dtype)
         self.arena = arena
         self.kernel_threads = kernel_threads  # decode threads (None: torch's, i.e. vLLM's)
         self.stats = LayerStats()
@@ -152,7 +152,7 @@ class FlexiLayer:
                 self.pool.allocate(blocks.repeat_interleave(num_stable),
                                    torch.arange(num_stable).repeat(len(newest)))
         self._native.write_tokens(key, value, slots, cache, self.res_index, self.pool.pages,
-                                  self.pool.slot_of, self.stable_index, self.value_sums)
+                                  self.pool.slot_of, self.stable_index, self.value_means)
         if num_stable:
             self._stage_arena(key[:, self.stable], value[:, self.stable], slots, listed)
 
@@ -291,7 +291,7 @@ class FlexiLayer:
                 q, o, cache, self.res_index, self.pool.pages, self.pool.slot_of,
                 self.stable_index, block_table, seq_lens, b.box, b.scale, state.selected,
                 state.anchor, self.top_k, self.resident_dense, scale, self.stats.page_steps,
-                self.value_sums)
+                self.value_means)
             set_threads(1)
             if lost:
                 raise RuntimeError(f"kvhead: layer {self.layer}: {lost} attended stable pages "

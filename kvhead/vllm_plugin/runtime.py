@@ -109,8 +109,8 @@ class FlexiRuntime:
         fixed = self.geo.num_layers * DeviceBounds.fixed_bytes(self.open_pages, heads, dim)
         per_block = (self.geo.num_layers * DeviceBounds.bytes_per_block(heads, dim)
                      + HotPool.bytes_per_block(num_stable))
-        if self.settings.compensate:  # fp32 value sums of every stable page (summary tokens)
-            per_block += num_stable * dim * 4
+        if self.settings.compensate:  # a mean value per stable page (summary tokens)
+            per_block += num_stable * dim * self.geo.dtype.itemsize
         pool_per_block = pool_blocks = 0
         if self.settings.hot_pool_pages is None:
             pool_per_block = HotPool.fixed_bytes(num_stable, page)  # a block's stable pages
@@ -194,7 +194,7 @@ class FlexiRuntime:
         resident, total = self._page_steps()
         layers = list(self.layers.values())
         page = self.spec.head_page_bytes
-        meta = sum(l.bounds.nbytes + l.value_sums.nbytes for l in layers)
+        meta = sum(l.bounds.nbytes + l.value_means.nbytes for l in layers)
         return {
             "resident_heads_per_layer": self.split.resident_per_layer,
             "resident_heads": self.split.num_resident,

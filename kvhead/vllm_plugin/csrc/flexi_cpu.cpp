@@ -146,6 +146,14 @@ void check_int(const torch::Tensor& t, c10::ScalarType type, const char* name) {
               " must be a contiguous ", c10::toString(type), " tensor");
 }
 
+void check_means(const torch::Tensor& means, const torch::Tensor& cache, int64_t num_stable,
+                 int64_t dim) {
+  TORCH_CHECK(means.scalar_type() == cache.scalar_type() && means.is_contiguous() &&
+                  means.dim() == 3 && means.size(1) == num_stable && means.size(2) == dim,
+              "kvhead native: value means must be contiguous [blocks, stable heads, D] in the "
+              "caches' dtype");
+}
+
 #if defined(__AVX512F__)
 // AVX-512 path for 16-token pages: one zmm holds a page's 16 scores of one query row (keys are
 // stored transposed, [D][16]), and G x D/16 accumulators stay in registers across pages.
@@ -280,10 +288,10 @@ void attend_any(const float* q, int64_t group, int64_t dim, int64_t page, int64_
 
 // Summary tokens (kvhead.summaries): every page 0..n-1 not among a stable head's attended
 // pages enters its attention as one token whose key is the page's int8 box centre and value its
-// mean value (the page's fp32 value sum / tokens), with log(tokens) added to its logit; the
-// result is folded into the attention's normalised rows and LSE. Three passes over the skipped
-// pages (logits, one vectorised exp per query row, values), so each box and each value sum is
-// read once for the whole group and no running rescale touches the accumulators.
+// mean value (kept in the cache's dtype by write_tokens), with log(tokens) added to its logit;
+// the result is folded into the attention's normalised rows and LSE. Three passes over the
+// skipped pages (logits, one vectorised exp per query row, values), so each box and each mean
+// is read once for the whole group and no running rescale touches the accumulators.
 
 // The pages 0..n-1 not among the ascending ids[0..count), into `spage`; returns how many.
 int64_t skipped_pages(int64_t n, const int64_t* ids, int64_t count, int64_t* spage) {
@@ -324,10 +332,10 @@ inline float log_tokens(PageLen page_len, int64_t p, float full, float log_full)
 }
 
 // Portable passes over `skipped` pages spage[..]; `q` is already scaled by the softmax scale.
-template <typename PageLen, typename ValueSum>
+template <typename T, typename PageLen, typename ValueMean>
 void fold_summaries(const float* q, int64_t group, int64_t dim, const int8_t* box_rows,
                     const float* scale_row, const int32_t* table, const int64_t* spage,
-                    int64_t skipped, PageLen page_len, ValueSum vsum, float* acc, float* lse,
+                    int64_t skipped, PageLen page_len, ValueMean vmean, float* acc, float* lse,
                     float* centre, float* sacc, float* slog) {
   const float full = static_cast<float>(page_len(0) > 0 ? page_len(0) : 1);
   const float log_full = std::log(full);
@@ -362,16 +370,15 @@ void fold_summaries(const float* q, int64_t group, int64_t dim, const int8_t* bo
     }
     sum[g] = total;
   }
-  // pass 3: weighted mean values, each page's value sum read once for the whole group
+  // pass 3: weighted mean values, each page's mean read once for the whole group
   std::fill(sacc, sacc + group * dim, 0.f);
   for (int64_t i = 0; i < skipped; ++i) {
-    const float* v = vsum(spage[i]);
-    const float inv_tokens = 1.f / static_cast<float>(page_len(spage[i]));
+    const T* v = vmean(spage[i]);
     for (int64_t g = 0; g < group; ++g) {
-      const float wv = slog[g * skipped + i] * inv_tokens;
+      const float wv = slog[g * skipped + i];
       float* sg = sacc + g * dim;
 #pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) sg[d] += wv * v[d];
+      for (int64_t d = 0; d < dim; ++d) sg[d] += wv * to_float(v[d]);
     }
   }
   merge_summaries(group, dim, top.data(), sum.data(), sacc, acc, lse);
@@ -380,10 +387,10 @@ void fold_summaries(const float* q, int64_t group, int64_t dim, const int8_t* bo
 #if defined(__AVX512F__)
 // The same three passes for G query rows of D = 16 C: the query rows and the G x C value
 // accumulators live in registers, a box centre is summed in int32 and converted once, and the
-// next pages' boxes and value sums are prefetched (they sit at random blocks of a large table).
-template <int G, int C, typename PageLen, typename ValueSum>
+// next pages' boxes and means are prefetched (they sit at random blocks of a large table).
+template <typename T, int G, int C, typename PageLen, typename ValueMean>
 void fold16(const float* q, const int8_t* box_rows, const float* scale_row, const int32_t* table,
-            const int64_t* spage, int64_t skipped, PageLen page_len, ValueSum vsum, float* acc,
+            const int64_t* spage, int64_t skipped, PageLen page_len, ValueMean vmean, float* acc,
             float* lse, float* sacc, float* slog) {
   constexpr int D = 16 * C;
   constexpr int64_t kAhead = 8;
@@ -435,19 +442,17 @@ void fold16(const float* q, const int8_t* box_rows, const float* scale_row, cons
   __m512 s[G][C];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < C; ++c) s[g][c] = _mm512_setzero_ps();
-  const float inv_full = 1.f / full;
+  constexpr int64_t kLine = 64 / sizeof(T);  // elements per cache line
   for (int64_t i = 0; i < skipped; ++i) {
     if (i + kAhead < skipped) {
-      const float* ahead = vsum(spage[i + kAhead]);
-      for (int off = 0; off < D; off += 16) _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
+      const T* ahead = vmean(spage[i + kAhead]);
+      for (int64_t off = 0; off < D; off += kLine) _mm_prefetch(reinterpret_cast<const char*>(ahead + off), _MM_HINT_T0);
     }
-    const float* v = vsum(spage[i]);
-    const float tokens = static_cast<float>(page_len(spage[i]));
-    const float inv_tokens = tokens == full ? inv_full : 1.f / tokens;
+    const T* v = vmean(spage[i]);
     __m512 vc[C];
-    for (int c = 0; c < C; ++c) vc[c] = _mm512_loadu_ps(v + c * 16);
+    for (int c = 0; c < C; ++c) vc[c] = load16(v + c * 16);
     for (int g = 0; g < G; ++g) {
-      const __m512 w = _mm512_set1_ps(slog[g * skipped + i] * inv_tokens);
+      const __m512 w = _mm512_set1_ps(slog[g * skipped + i]);
       for (int c = 0; c < C; ++c) s[g][c] = _mm512_fmadd_ps(w, vc[c], s[g][c]);
     }
   }
@@ -459,25 +464,27 @@ void fold16(const float* q, const int8_t* box_rows, const float* scale_row, cons
 
 // The summary tokens of the pages a stable head skipped (not among ascending ids[0..count)),
 // folded into `acc` / `lse`; nothing when every page was attended.
-template <typename PageLen, typename ValueSum>
+template <typename T, typename PageLen, typename ValueMean>
 void fold_any(const float* q, int64_t group, int64_t dim, const int8_t* box_rows,
               const float* scale_row, const int32_t* table, int64_t n, const int64_t* ids,
-              int64_t count, PageLen page_len, ValueSum vsum, float* acc, float* lse,
+              int64_t count, PageLen page_len, ValueMean vmean, float* acc, float* lse,
               float* centre, float* sacc, float* slog, int64_t* spage) {
   const int64_t skipped = skipped_pages(n, ids, count, spage);
   if (skipped == 0) return;
 #if defined(__AVX512F__)
-#define KVHEAD_FOLD(G, C)                                                                \
-  if (group == G && dim == 16 * C) {                                                     \
-    fold16<G, C>(q, box_rows, scale_row, table, spage, skipped, page_len, vsum, acc, lse, \
-                 sacc, slog);                                                            \
-    return;                                                                              \
-  }
-  KVHEAD_SHAPES(KVHEAD_FOLD)
+  if constexpr (!std::is_same_v<T, double>) {
+#define KVHEAD_FOLD(G, C)                                                                   \
+    if (group == G && dim == 16 * C) {                                                      \
+      fold16<T, G, C>(q, box_rows, scale_row, table, spage, skipped, page_len, vmean, acc, \
+                      lse, sacc, slog);                                                     \
+      return;                                                                               \
+    }
+    KVHEAD_SHAPES(KVHEAD_FOLD)
 #undef KVHEAD_FOLD
+  }
 #endif
-  fold_summaries(q, group, dim, box_rows, scale_row, table, spage, skipped, page_len, vsum, acc,
-                 lse, centre, sacc, slog);
+  fold_summaries<T>(q, group, dim, box_rows, scale_row, table, spage, skipped, page_len, vmean,
+                    acc, lse, centre, sacc, slog);
 }
 
 void score_any(const float* q, int64_t group, int64_t dim, const int8_t* box_rows,
@@ -536,8 +543,8 @@ void select_pages(torch::Tensor q, torch::Tensor box, torch::Tensor scale, torch
 //  * stable heads (stable_index[h] >= 0): pages sel[b, h, :] (their last rerank's top-k) and
 //    every page from anchor[b, h] - 1 on, read from the hot pool [slots, 1, P, 2D] at
 //    slot_of[block, stable_index]. A missing pool page is an error (returned count > 0).
-//    With value_sums (fp32 [blocks, stable heads, D]; empty: off) every page a stable head
-//    skips enters as one summary token (fold_any).
+//    With value_means (the caches' dtype, [blocks, stable heads, D]; empty: off) every page a
+//    stable head skips enters as one summary token (fold_any).
 // page_steps [2] (float64) accumulates resident and total (sequence, head) pages of the step.
 // Returns the number of stable pages that were not in the pool (0 when all is well).
 int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, torch::Tensor res_index,
@@ -545,7 +552,7 @@ int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, tor
                     torch::Tensor table, torch::Tensor seq_lens, torch::Tensor box,
                     torch::Tensor scale, torch::Tensor sel, torch::Tensor anchor, int64_t top_k,
                     bool resident_dense, double softmax_scale, torch::Tensor page_steps,
-                    torch::Tensor value_sums) {
+                    torch::Tensor value_means) {
   check_int(table, torch::kInt32, "block table");
   check_int(seq_lens, torch::kInt64, "seq_lens");
   check_int(res_index, torch::kInt64, "res_index");
@@ -569,12 +576,8 @@ int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, tor
   const float* scp = scale.data_ptr<float>();
   const int64_t* selp = sel.data_ptr<int64_t>();
   const int64_t* ap = anchor.data_ptr<int64_t>();
-  const bool summaries = value_sums.numel() > 0;
-  if (summaries)
-    TORCH_CHECK(value_sums.scalar_type() == torch::kFloat32 && value_sums.is_contiguous() &&
-                    value_sums.size(1) == num_stable && value_sums.size(2) == dim,
-                "kvhead native: value sums must be contiguous fp32 [blocks, stable heads, D]");
-  const float* vsp = summaries ? value_sums.data_ptr<float>() : nullptr;
+  const bool summaries = value_means.numel() > 0;
+  if (summaries) check_means(value_means, cache, num_stable, dim);
   std::vector<double> resident(batch * kv, 0.0), total(batch * kv, 0.0);
   std::vector<int64_t> missing(batch * kv, 0);
   const int64_t block_elems = page * 2 * dim;
@@ -585,6 +588,7 @@ int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, tor
     T* outp = out.data_ptr<T>();
     const T* cp = res_heads ? cache.data_ptr<T>() : nullptr;
     const T* pp = pool.numel() ? pool.data_ptr<T>() : nullptr;
+    const T* vmp = summaries ? value_means.data_ptr<T>() : nullptr;
     at::parallel_for(0, batch * kv, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> qf(group * dim), acc(group * dim), kbuf(dim * page), vbuf(page * dim);
       std::vector<float> sbuf(page), scores(width), lse(group), centre(dim), sacc(group * dim);
@@ -636,10 +640,10 @@ int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, tor
                       [&](int64_t i) { return page_len(ids[i]); }, acc.data(), kbuf.data(),
                       vbuf.data(), sbuf.data(), lse.data());
             if (summaries)
-              fold_any(qf.data(), group, dim, bp + h * blocks * 2 * dim, scp + h * blocks,
+              fold_any<T>(qf.data(), group, dim, bp + h * blocks * 2 * dim, scp + h * blocks,
                              row, n, ids.data(), count, page_len,
                              [&](int64_t p) {
-                               return vsp + (static_cast<int64_t>(row[p]) * num_stable + si) * dim;
+                               return vmp + (static_cast<int64_t>(row[p]) * num_stable + si) * dim;
                              },
                              acc.data(), lse.data(), centre.data(), sacc.data(), slog.data(),
                              spage.data());
@@ -662,11 +666,13 @@ int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, tor
 
 // Decode tokens key/value [T, Hkv, D] at flat slots [T] (block * P + offset, >= 0): resident
 // heads into vLLM's cache, stable heads into their hot-pool page where it has one. With
-// value_sums (fp32 [blocks, stable heads, D]; empty: off) every stable token's value is also
-// added to its page's sum, a write at offset 0 starting the page afresh (kvhead.summaries).
+// value_means ([blocks, stable heads, D] in the caches' dtype; empty: off) every stable token
+// also updates its page's running mean (tokens are written in order, a write at offset 0
+// starting the page afresh): one rounding per token at the scale of the values themselves,
+// where a sum kept in bf16 would round at up to 16x their scale.
 void write_tokens(torch::Tensor key, torch::Tensor value, torch::Tensor slots, torch::Tensor cache,
                   torch::Tensor res_index, torch::Tensor pool, torch::Tensor slot_of,
-                  torch::Tensor stable_index, torch::Tensor value_sums) {
+                  torch::Tensor stable_index, torch::Tensor value_means) {
   check_int(slots, torch::kInt64, "slots");
   TORCH_CHECK(key.is_contiguous() && value.is_contiguous(), "kvhead native: key/value layout");
   const int64_t tokens = slots.numel(), kv = key.size(1), dim = key.size(2);
@@ -676,12 +682,8 @@ void write_tokens(torch::Tensor key, torch::Tensor value, torch::Tensor slots, t
   const int64_t* stp = stable_index.data_ptr<int64_t>();
   const int64_t* sop = slot_of.data_ptr<int64_t>();
   const int64_t block_elems = page * 2 * dim;
-  const bool summaries = value_sums.numel() > 0;
-  if (summaries)
-    TORCH_CHECK(value_sums.scalar_type() == torch::kFloat32 && value_sums.is_contiguous() &&
-                    value_sums.size(1) == num_stable && value_sums.size(2) == dim,
-                "kvhead native: value sums must be contiguous fp32 [blocks, stable heads, D]");
-  float* vsp = summaries ? value_sums.data_ptr<float>() : nullptr;
+  const bool summaries = value_means.numel() > 0;
+  if (summaries) check_means(value_means, cache, num_stable, dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cache.scalar_type(), "write_tokens", [&] {
     using T = scalar_t;
     auto kf = key.to(cache.scalar_type()).contiguous();
@@ -690,6 +692,7 @@ void write_tokens(torch::Tensor key, torch::Tensor value, torch::Tensor slots, t
     const T* vp = vf.data_ptr<T>();
     T* cp = res_heads ? cache.data_ptr<T>() : nullptr;
     T* pp = pool.numel() ? pool.data_ptr<T>() : nullptr;
+    T* vmp = summaries ? value_means.data_ptr<T>() : nullptr;
     for (int64_t t = 0; t < tokens; ++t) {
       const int64_t block = sp[t] / page, off = sp[t] % page;
       for (int64_t h = 0; h < kv; ++h) {
@@ -700,9 +703,12 @@ void write_tokens(torch::Tensor key, torch::Tensor value, torch::Tensor slots, t
           base = cp + (block * res_heads + rp[h]) * block_elems;
         } else {
           if (summaries) {
-            float* sum = vsp + (block * num_stable + stp[h]) * dim;
-            for (int64_t d = 0; d < dim; ++d)
-              sum[d] = (off == 0 ? 0.f : sum[d]) + to_float(vt[d]);
+            T* mean = vmp + (block * num_stable + stp[h]) * dim;
+            const float step = 1.f / static_cast<float>(off + 1);
+            for (int64_t d = 0; d < dim; ++d) {
+              const float m = off == 0 ? 0.f : to_float(mean[d]);
+              mean[d] = from_float<T>(m + (to_float(vt[d]) - m) * step);
+            }
           }
           const int64_t slot = sop[block * num_stable + stp[h]];
           if (slot < 0) continue;
