@@ -168,6 +168,15 @@ class FlexiLayer:
         if len(self._staged_slots) >= _ARENA_BATCH:
             self.flush_arena()
 
+    def _flush_arena_for(self, blocks: torch.Tensor) -> None:
+        """Flush staged tokens before the arena is read for ``blocks``, only if some of them are
+        staged: a rerank promotes old pages, while staged tokens belong to the newest, so most
+        reranks read without cutting the staging batch short (each flush is a read-modify-write
+        of every page it touches)."""
+        page = self.page_size
+        if self._staged and not {s // page for s in self._staged_slots}.isdisjoint(blocks.tolist()):
+            self.flush_arena()
+
     def flush_arena(self) -> None:
         """Write every staged token to the arena (before anything reads it)."""
         if not self._staged:
@@ -347,7 +356,7 @@ class FlexiLayer:
             need_blocks = blocks[missing]
             need_heads = heads.expand_as(blocks)[missing]
             fresh = self.pool.allocate(need_blocks, need_heads)
-            self.flush_arena()
+            self._flush_arena_for(need_blocks)
             got = self.arena.get(PageKeys(self.layer, need_blocks, self.stable[need_heads]))
             pages = self.pool.pages.view(self.pool.capacity, 2, -1)  # keys [D][P], values [P][D]
             pages[fresh, 0] = got.k.transpose(1, 2).reshape(len(fresh), -1).to(pages.dtype)
