@@ -3,7 +3,7 @@
 ``flexicache+`` lets every page a stable head skips enter its attention as one token (key: the
 page box's centre, value: the page's mean value, logit + log tokens; :mod:`kvhead.summaries`).
 On the two hardest license windows at 8k an oracle page ranking gets no more agreement than the
-practical one, and without summaries even the oracle loses 3-4 tokens per window (README), so the
+practical one, and without summaries even the oracle loses 3-4 tokens per window (benchmarks/ACCURACY.md), so the
 summary's fidelity is the one lever left inside the pages' budget. This screen decodes dense's
 greedy continuation densely and, at every (step, layer), compares each stable head's exact
 attention output with the sparse output (the w = 0.5 selection, or the oracle's, at K pages) plus

@@ -2,9 +2,9 @@
 
 ``spec``: the issue's FlexiCache (K 64, R 16, the committed profile's 22 unstable heads).
 ``plus``: flexicache+ exactly as ``kvhead eval`` measured it (benchmarks/accuracy_compensate.sh,
-README "Bound-weighted page scores and summary tokens"): unstable heads and layers 0-1 dense,
-sink + 4-page window, softmax group score, bound weight 0.5, head budgets from the coverage
-profile ranked that way, summary tokens, K 70, R 8.
+benchmarks/ACCURACY.md "Bound-weighted page scores and summary tokens"): unstable heads and
+layers 0-1 dense, sink + 4-page window, softmax group score, bound weight 0.5, head budgets from
+the coverage profile ranked that way, summary tokens, K 70, R 8.
 """
 
 from __future__ import annotations
