@@ -42,8 +42,9 @@ class LayerStats:
 @dataclass(frozen=True)
 class StableRanking:
     """How stable heads rank pages at a rerank when not as the spec (flexicache+ options, see
-    :func:`kvhead.pages.score_pages` / :func:`~kvhead.pages.select_top_k`); scored in torch
-    from the int8 boxes (:meth:`DeviceBounds.select`), 1 step in R."""
+    :func:`kvhead.pages.score_pages` / :func:`~kvhead.pages.select_top_k`); scored natively
+    from the int8 boxes (``select_pages_plus``, equal to :meth:`DeviceBounds.select`), 1 step
+    in R."""
 
     budgets: torch.Tensor  # [Hkv] pages of each head's top-K set (only stable heads' are used)
     sink_pages: int = 0
@@ -321,12 +322,10 @@ class FlexiLayer:
                                       state.selected)
         else:
             r = self.ranking
-            table = block_table[:, : int(num_pages.max())]  # vLLM pads to the longest possible
-            top = b.select(q, table, num_pages, r.budgets, self.stable, sink_pages=r.sink_pages,
-                           recent_pages=r.recent_pages, group_score=r.group_score,
-                           bound_weight=r.bound_weight)
-            state.selected[:, self.stable] = -1
-            state.selected[:, self.stable, : top.shape[2]] = top[:, self.stable]
+            self._native.select_pages_plus(q, b.box, b.scale, block_table, num_pages, self.stable,
+                                           r.budgets, r.sink_pages, r.recent_pages,
+                                           r.group_score == "softmax", r.bound_weight,
+                                           state.selected)
         state.anchor[:, self.stable] = num_pages.view(-1, 1)
         ids = state.selected[:, self.stable]
         valid = ids >= 0

@@ -537,6 +537,125 @@ void select_pages(torch::Tensor q, torch::Tensor box, torch::Tensor scale, torch
   });
 }
 
+namespace {
+
+// Page scores of one (sequence, kv head) under the flexicache+ ranking (kvhead.pages.score_pages
+// on int8 boxes): each query row's bound logit keeps `w` of the box's spread, written as one
+// product, kmax.(q + w|q|)/2 + kmin.(q - w|q|)/2; the group's score is their max, or the sum of
+// the rows' softmaxes over the pages (scaled by 1/sqrt(D)). `raw` holds group x n floats.
+void score_pages_plus(const float* q, int64_t group, int64_t dim, const int8_t* box_rows,
+                      const float* scale_row, const int32_t* table, int64_t n, double bound_weight,
+                      bool softmax_group, float* qab, float* raw, float* scores) {
+  const float w = static_cast<float>(bound_weight);
+  for (int64_t e = 0; e < group * dim; ++e) {
+    const float spread = w * std::fabs(q[e]);
+    qab[2 * dim * (e / dim) + e % dim] = 0.5f * (q[e] + spread);
+    qab[2 * dim * (e / dim) + dim + e % dim] = 0.5f * (q[e] - spread);
+  }
+  for (int64_t p = 0; p < n; ++p) {
+    const int8_t* row = box_rows + static_cast<int64_t>(table[p]) * 2 * dim;
+    const float sc = scale_row[table[p]];
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = qab + g * 2 * dim;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t d = 0; d < 2 * dim; ++d) acc += qg[d] * static_cast<float>(row[d]);
+      raw[g * n + p] = acc * sc;
+    }
+  }
+  if (!softmax_group) {
+    for (int64_t p = 0; p < n; ++p) {
+      float best = kMasked;
+      for (int64_t g = 0; g < group; ++g) best = std::max(best, raw[g * n + p]);
+      scores[p] = best;
+    }
+    return;
+  }
+  const float inv_sqrt = 1.f / std::sqrt(static_cast<float>(dim));
+  std::fill(scores, scores + n, 0.f);
+  for (int64_t g = 0; g < group; ++g) {
+    float* r = raw + g * n;
+    float mx = kMasked;
+    for (int64_t p = 0; p < n; ++p) {
+      r[p] *= inv_sqrt;
+      mx = std::max(mx, r[p]);
+    }
+    float total = 0.f;
+    for (int64_t p = 0; p < n; ++p) {
+      r[p] = std::exp(r[p] - mx);
+      total += r[p];
+    }
+    const float inv = 1.f / total;
+    for (int64_t p = 0; p < n; ++p) scores[p] += r[p] * inv;
+  }
+}
+
+// The `budget` best of n scored pages, the first `sink` and the last `recent` always among them
+// (they count inside the budget); ascending ids into `out` (`slots` entries, -1 padded).
+void top_pages_forced(const float* scores, int64_t n, int64_t budget, int64_t sink,
+                      int64_t recent, std::vector<int32_t>& order, int64_t* out, int64_t slots) {
+  const int64_t first = std::min(sink, n), last = std::max(n - recent, first);
+  int64_t taken = 0;
+  for (int64_t p = 0; p < first; ++p) out[taken++] = p;
+  for (int64_t p = last; p < n; ++p) out[taken++] = p;
+  const int64_t room = std::min(std::max<int64_t>(budget - taken, 0), last - first);
+  if (room > 0) {
+    order.resize(last - first);
+    std::iota(order.begin(), order.end(), static_cast<int32_t>(first));
+    auto better = [scores](int32_t a, int32_t b) {
+      return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
+    };
+    std::nth_element(order.begin(), order.begin() + (room - 1), order.end(), better);
+    for (int64_t i = 0; i < room; ++i) out[taken++] = order[i];
+  }
+  std::sort(out, out + taken);
+  for (int64_t i = taken; i < slots; ++i) out[i] = -1;
+}
+
+}  // namespace
+
+// flexicache+ reranks of the kv heads in `heads` (kvhead.pages.score_pages + select_top_k on
+// the int8 boxes, as DeviceBounds.select computes them in torch): out [B, Hkv, W] gets each
+// head's budgets[h] best pages (sink and recent pages forced), ascending, -1 padded; rows of
+// other heads are left as they are. q: [B, Hkv*G, D]; box: [Hkv, blocks, 2D] int8.
+void select_pages_plus(torch::Tensor q, torch::Tensor box, torch::Tensor scale,
+                       torch::Tensor table, torch::Tensor num_pages, torch::Tensor heads,
+                       torch::Tensor budgets, int64_t sink_pages, int64_t recent_pages,
+                       bool softmax_group, double bound_weight, torch::Tensor out) {
+  check_int(box, torch::kInt8, "box");
+  check_int(table, torch::kInt32, "block table");
+  check_int(num_pages, torch::kInt64, "num_pages");
+  check_int(heads, torch::kInt64, "heads");
+  check_int(budgets, torch::kInt64, "budgets");
+  check_int(out, torch::kInt64, "out");
+  TORCH_CHECK(recent_pages >= 1 && sink_pages >= 0, "kvhead native: need recent_pages >= 1");
+  const int64_t batch = q.size(0), kv = box.size(0), dim = q.size(2);
+  const int64_t group = q.size(1) / kv, blocks = box.size(1), width = table.size(1);
+  const int64_t slots = out.size(2), nheads = heads.numel();
+  auto qf = q.to(torch::kFloat32).contiguous();
+  const float* qp = qf.data_ptr<float>();
+  const int8_t* bp = box.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const int32_t* tp = table.data_ptr<int32_t>();
+  const int64_t* np = num_pages.data_ptr<int64_t>();
+  const int64_t* hp = heads.data_ptr<int64_t>();
+  const int64_t* kp = budgets.data_ptr<int64_t>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, batch * nheads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qab(group * 2 * dim), raw(group * width), scores(width);
+    std::vector<int32_t> order;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nheads, h = hp[task % nheads];
+      const int64_t n = std::min(np[b], width);
+      score_pages_plus(qp + (b * kv + h) * group * dim, group, dim, bp + h * blocks * 2 * dim,
+                       sp + h * blocks, tp + b * width, n, bound_weight, softmax_group,
+                       qab.data(), raw.data(), scores.data());
+      top_pages_forced(scores.data(), n, std::min(kp[h], slots), sink_pages, recent_pages, order,
+                       op + (b * kv + h) * slots, slots);
+    }
+  });
+}
+
 // One decode step of every (sequence, kv head) of a layer, written into out [B, Hkv*G, D].
 //  * resident heads (res_index[h] >= 0): pages of vLLM's cache [blocks, R, P, 2D]; every page
 //    when `resident_dense`, else their top-k scored now from the int8 boxes;
@@ -820,6 +939,7 @@ void update_bounds(torch::Tensor keys, torch::Tensor slots, int64_t page, torch:
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("select_pages", &select_pages, "top-k pages of chosen kv heads from int8 boxes");
+  m.def("select_pages_plus", &select_pages_plus, "flexicache+ reranks of chosen kv heads");
   m.def("decode_step", &decode_step, "sparse decode attention of one layer");
   m.def("write_tokens", &write_tokens, "decode tokens into vLLM's cache and the hot pool");
   m.def("update_bounds", &update_bounds, "fold decode keys into the page bounds");
