@@ -62,33 +62,16 @@ def test_native_bounds_update_matches_the_torch_update(open_slots: int) -> None:
             assert bool((page <= kmax + 1e-6).all()) and bool((page >= kmin - 1e-6).all())
 
 
-def test_native_selection_equals_the_torch_selection() -> None:
-    dim = 64
-    keys, blocks = _decode_keys(1, dim, 7 * P + 5)
-    bounds = DeviceBounds(NB, HKV, dim, 8)
-    for t in range(keys.shape[1]):
-        bounds.update(keys[:, t], blocks[:, t // P] * P + t % P, P)
-    table = blocks.int().contiguous()
-    num_pages = torch.full((3,), 8, dtype=torch.int64)
-    q = torch.randn(3, HKV * 3, dim)
-    heads = torch.tensor([0, 2])
-    ref = bounds.select(q, table, num_pages, 3, heads)
-    ours = torch.full_like(ref, -7)
-    native.kernels().select_pages(q, bounds.box, bounds.scale, table, num_pages, heads, ours)
-    assert torch.equal(ours[:, heads], ref[:, heads])
-    assert bool((ours[:, 1] == -7).all())  # heads not asked for are left alone
-    assert bool((ours[:, heads, -1] == 7).all())  # the newest page is always kept
-
-
 @pytest.mark.parametrize("group_score,bound_weight,sink,recent,budgets", [
-    ("max", 1.0, 0, 1, [5, 5, 5]), ("softmax", 0.5, 1, 2, [6, 3, 9]), ("softmax", 0.0, 2, 1, [4, 7, 3]),
+    ("max", 1.0, 0, 1, [5, 5, 5]),  # the spec's ranking (AVX-512 scores)
+    ("softmax", 0.5, 1, 2, [6, 3, 9]), ("softmax", 0.0, 2, 1, [4, 7, 3]),
     ("max", 0.5, 1, 4, [40, 5, 6]),  # a budget above the pages a sequence holds
 ])
-def test_native_plus_selection_equals_the_torch_selection(
+def test_native_selection_equals_the_torch_selection(
         group_score: str, bound_weight: float, sink: int, recent: int, budgets: list[int]) -> None:
-    """flexicache+ reranks (bound weight, max / softmax group score, forced sink and recent
-    pages, per-head budgets) natively == DeviceBounds.select, for sequences of unequal length;
-    rows of heads not asked for are left alone."""
+    """Reranks as the spec and with the flexicache+ options (bound weight, max / softmax group
+    score, forced sink and recent pages, per-head budgets) natively == DeviceBounds.select, for
+    sequences of unequal length; rows of heads not asked for are left alone."""
     dim = 64
     keys, blocks = _decode_keys(3, dim, 7 * P + 5)
     bounds = DeviceBounds(NB, HKV, dim, 8)
@@ -102,8 +85,8 @@ def test_native_plus_selection_equals_the_torch_selection(
                "bound_weight": bound_weight}
     ref = bounds.select(q, table[:, :8], num_pages, top_k, heads, **options)
     ours = torch.full((3, HKV, 12), -7, dtype=torch.int64)
-    native.kernels().select_pages_plus(q, bounds.box, bounds.scale, table, num_pages, heads, top_k,
-                                       sink, recent, group_score == "softmax", bound_weight, ours)
+    native.kernels().select_pages(q, bounds.box, bounds.scale, table, num_pages, heads, top_k,
+                                  sink, recent, group_score == "softmax", bound_weight, ours)
     width = ref.shape[2]
     assert torch.equal(ours[:, heads, :width], ref[:, heads])
     assert bool((ours[:, heads, width:] == -1).all())

@@ -41,10 +41,10 @@ class LayerStats:
 
 @dataclass(frozen=True)
 class StableRanking:
-    """How stable heads rank pages at a rerank when not as the spec (flexicache+ options, see
-    :func:`kvhead.pages.score_pages` / :func:`~kvhead.pages.select_top_k`); scored natively
-    from the int8 boxes (``select_pages_plus``, equal to :meth:`DeviceBounds.select`), 1 step
-    in R."""
+    """How stable heads rank pages at a rerank (the flexicache+ options of
+    :func:`kvhead.pages.score_pages` / :func:`~kvhead.pages.select_top_k`; the defaults are the
+    spec's ranking); scored natively from the int8 boxes (``select_pages``, equal to
+    :meth:`DeviceBounds.select`), 1 step in R."""
 
     budgets: torch.Tensor  # [Hkv] pages of each head's top-K set (only stable heads' are used)
     sink_pages: int = 0
@@ -82,10 +82,10 @@ class FlexiLayer:
         # the native kernels write and read it (and the hot pool) in their own layout.
         self.prefill_isa, self.prefill_block = prefill_isa, prefill_block or page_size
         self.resident_dense = resident_dense  # resident heads attend to all pages, unscored
-        self.ranking = ranking  # None: stable heads rank as the spec, natively
+        self.ranking = ranking if ranking is not None else StableRanking(  # the spec's
+            budgets=torch.full((num_kv_heads,), top_k, dtype=torch.int64))
         # width of a stable head's top-K row: its largest budget
-        self.set_width = top_k if ranking is None or not len(stable) else int(
-            ranking.budgets[stable].max())
+        self.set_width = int(self.ranking.budgets[stable].max()) if len(stable) else top_k
         self.res_index = torch.full((num_kv_heads,), -1, dtype=torch.int64)
         self.res_index[self.resident] = torch.arange(len(resident))
         self.stable_index = torch.full((num_kv_heads,), -1, dtype=torch.int64)
@@ -316,16 +316,10 @@ class FlexiLayer:
         """Stable heads pick a new top-K; the pool drops pages no longer attended and copies in
         only the new ones (their tail is just the newest page, part of the new top-K)."""
         num_pages = (seq_lens + self.page_size - 1) // self.page_size
-        b = self.bounds
-        if self.ranking is None:
-            self._native.select_pages(q, b.box, b.scale, block_table, num_pages, self.stable,
-                                      state.selected)
-        else:
-            r = self.ranking
-            self._native.select_pages_plus(q, b.box, b.scale, block_table, num_pages, self.stable,
-                                           r.budgets, r.sink_pages, r.recent_pages,
-                                           r.group_score == "softmax", r.bound_weight,
-                                           state.selected)
+        b, r = self.bounds, self.ranking
+        self._native.select_pages(q, b.box, b.scale, block_table, num_pages, self.stable,
+                                  r.budgets, r.sink_pages, r.recent_pages,
+                                  r.group_score == "softmax", r.bound_weight, state.selected)
         state.anchor[:, self.stable] = num_pages.view(-1, 1)
         ids = state.selected[:, self.stable]
         valid = ids >= 0

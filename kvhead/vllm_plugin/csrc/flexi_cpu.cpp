@@ -503,40 +503,6 @@ void score_any(const float* q, int64_t group, int64_t dim, const int8_t* box_row
 
 }  // namespace
 
-// Top-k ascending page ids [B, Hkv, k] (newest kept, -1 padded) for the kv heads in `heads`;
-// rows of other heads are left as they are. q: [B, Hkv*G, D]; box: [Hkv, blocks, 2D] int8
-// (qmax then qmin); scale: [Hkv, blocks]; table: [B, W] int32; num_pages: [B] int64.
-void select_pages(torch::Tensor q, torch::Tensor box, torch::Tensor scale, torch::Tensor table,
-                  torch::Tensor num_pages, torch::Tensor heads, torch::Tensor out) {
-  check_int(box, torch::kInt8, "box");
-  check_int(table, torch::kInt32, "block table");
-  check_int(num_pages, torch::kInt64, "num_pages");
-  check_int(heads, torch::kInt64, "heads");
-  check_int(out, torch::kInt64, "out");
-  const int64_t batch = q.size(0), kv = box.size(0), dim = q.size(2);
-  const int64_t group = q.size(1) / kv, blocks = box.size(1), width = table.size(1);
-  const int64_t k = out.size(2), nheads = heads.numel();
-  auto qf = q.to(torch::kFloat32).contiguous();
-  const float* qp = qf.data_ptr<float>();
-  const int8_t* bp = box.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const int32_t* tp = table.data_ptr<int32_t>();
-  const int64_t* np = num_pages.data_ptr<int64_t>();
-  const int64_t* hp = heads.data_ptr<int64_t>();
-  int64_t* op = out.data_ptr<int64_t>();
-  at::parallel_for(0, batch * nheads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(width);
-    std::vector<int32_t> order;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nheads, h = hp[task % nheads];
-      const int64_t n = std::min(np[b], width);
-      score_any(qp + (b * kv + h) * group * dim, group, dim, bp + h * blocks * 2 * dim,
-                  sp + h * blocks, tp + b * width, n, scores.data());
-      top_k_pages(scores.data(), n, k, order, op + (b * kv + h) * k);
-    }
-  });
-}
-
 namespace {
 
 // Page scores of one (sequence, kv head) under the flexicache+ ranking (kvhead.pages.score_pages
@@ -614,14 +580,17 @@ void top_pages_forced(const float* scores, int64_t n, int64_t budget, int64_t si
 
 }  // namespace
 
-// flexicache+ reranks of the kv heads in `heads` (kvhead.pages.score_pages + select_top_k on
-// the int8 boxes, as DeviceBounds.select computes them in torch): out [B, Hkv, W] gets each
-// head's budgets[h] best pages (sink and recent pages forced), ascending, -1 padded; rows of
-// other heads are left as they are. q: [B, Hkv*G, D]; box: [Hkv, blocks, 2D] int8.
-void select_pages_plus(torch::Tensor q, torch::Tensor box, torch::Tensor scale,
-                       torch::Tensor table, torch::Tensor num_pages, torch::Tensor heads,
-                       torch::Tensor budgets, int64_t sink_pages, int64_t recent_pages,
-                       bool softmax_group, double bound_weight, torch::Tensor out) {
+// Reranks of the kv heads in `heads` (kvhead.pages.score_pages + select_top_k on the int8
+// boxes, as DeviceBounds.select computes them in torch): out [B, Hkv, W] gets each head's
+// budgets[h] best pages (sink and recent pages forced), ascending, -1 padded; rows of other
+// heads are left as they are. q: [B, Hkv*G, D]; box: [Hkv, blocks, 2D] int8 (qmax then qmin);
+// scale: [Hkv, blocks]; table: [B, W] int32; num_pages: [B] int64. The spec's ranking (Quest's
+// bound, max over the group, the newest page forced) is the case w = 1, max, sink 0, recent 1,
+// and scores on the AVX-512 path.
+void select_pages(torch::Tensor q, torch::Tensor box, torch::Tensor scale, torch::Tensor table,
+                  torch::Tensor num_pages, torch::Tensor heads, torch::Tensor budgets,
+                  int64_t sink_pages, int64_t recent_pages, bool softmax_group,
+                  double bound_weight, torch::Tensor out) {
   check_int(box, torch::kInt8, "box");
   check_int(table, torch::kInt32, "block table");
   check_int(num_pages, torch::kInt64, "num_pages");
@@ -647,9 +616,14 @@ void select_pages_plus(torch::Tensor q, torch::Tensor box, torch::Tensor scale,
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nheads, h = hp[task % nheads];
       const int64_t n = std::min(np[b], width);
-      score_pages_plus(qp + (b * kv + h) * group * dim, group, dim, bp + h * blocks * 2 * dim,
-                       sp + h * blocks, tp + b * width, n, bound_weight, softmax_group,
-                       qab.data(), raw.data(), scores.data());
+      const float* qh = qp + (b * kv + h) * group * dim;
+      if (bound_weight == 1.0 && !softmax_group)
+        score_any(qh, group, dim, bp + h * blocks * 2 * dim, sp + h * blocks, tp + b * width, n,
+                  scores.data());
+      else
+        score_pages_plus(qh, group, dim, bp + h * blocks * 2 * dim, sp + h * blocks,
+                         tp + b * width, n, bound_weight, softmax_group, qab.data(), raw.data(),
+                         scores.data());
       top_pages_forced(scores.data(), n, std::min(kp[h], slots), sink_pages, recent_pages, order,
                        op + (b * kv + h) * slots, slots);
     }
@@ -938,8 +912,7 @@ void update_bounds(torch::Tensor keys, torch::Tensor slots, int64_t page, torch:
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("select_pages", &select_pages, "top-k pages of chosen kv heads from int8 boxes");
-  m.def("select_pages_plus", &select_pages_plus, "flexicache+ reranks of chosen kv heads");
+  m.def("select_pages", &select_pages, "reranks of chosen kv heads from int8 boxes");
   m.def("decode_step", &decode_step, "sparse decode attention of one layer");
   m.def("write_tokens", &write_tokens, "decode tokens into vLLM's cache and the hot pool");
   m.def("update_bounds", &update_bounds, "fold decode keys into the page bounds");
