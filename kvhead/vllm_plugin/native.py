@@ -7,7 +7,7 @@ per-step work in three calls per layer and runs sequences x heads on torch's own
 (the one vLLM's CPU worker pins), so nothing else changes about threading.
 
 The module is compiled with torch's extension builder (g++ and ninja, ~1 min once) into
-``$KVHEAD_HOME/torch_extensions`` and reused by every later process; ``-march=native`` because it
+``$KVHEAD_HOME/torch_extensions/flexi_cpu-<digest>`` and reused by every later process; ``-march=native`` because it
 is built on the machine that runs it. The kernels own the layout of every cache they touch
 (vLLM's allocation for the resident heads, the hot pool): per block and head, keys transposed
 ``[D][P]`` then values ``[P][D]`` (vLLM's own CPU layout for 16-token blocks, which keeps one
@@ -18,6 +18,7 @@ caches: prefill stages them into a scratch cache vLLM writes itself.
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 from types import ModuleType
 
@@ -33,10 +34,19 @@ class NativeBuildError(RuntimeError):
 
 @functools.cache
 def kernels() -> ModuleType:
-    """The compiled module (built once per machine, then loaded from the build cache)."""
+    """The compiled module (built once per machine and source, then loaded from the build cache).
+
+    The build directory is named by a digest of the source file's path, text and flags: two
+    kvhead copies on one machine (a checkout beside an installed copy, two CI clones) would
+    otherwise rebuild one shared library in place under each other (ninja rebuilds when the
+    source path or text changes), and a process could load the other copy's functions (seen:
+    two concurrent test runs failing with pybind signature errors).
+    """
     from torch.utils.cpp_extension import load
 
-    build = kvhead_home() / "torch_extensions" / "flexi_cpu"
+    key = f"{_SOURCE}\n{' '.join(_FLAGS)}\n".encode() + _SOURCE.read_bytes()
+    digest = hashlib.sha256(key).hexdigest()[:12]
+    build = kvhead_home() / "torch_extensions" / f"flexi_cpu-{digest}"
     build.mkdir(parents=True, exist_ok=True)
     try:
         return load(name="kvhead_flexi_cpu", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
