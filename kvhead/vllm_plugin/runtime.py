@@ -155,7 +155,7 @@ class FlexiRuntime:
         opt = self.settings
         if is_spec(opt):
             return None
-        return StableRanking(budgets=self.budgets[layer].long().contiguous(), sink_pages=opt.sink_pages,
+        return StableRanking(budgets=self.budgets[layer], sink_pages=opt.sink_pages,
                              recent_pages=opt.recent_pages, group_score=opt.group_score,
                              bound_weight=opt.bound_weight)
 

@@ -59,26 +59,28 @@ void score_pages(const float* q, int64_t group, int64_t dim, const int8_t* box_r
   }
 }
 
-// Top-k of n scored pages with the newest (n-1) always kept; ascending ids into `out` (k slots,
-// -1 padded). Returns how many ids were written.
-int64_t top_k_pages(const float* scores, int64_t n, int64_t k, std::vector<int32_t>& order,
-                    int64_t* out) {
-  int64_t take = std::min(n, k);
-  if (n <= k) {
-    for (int64_t p = 0; p < n; ++p) out[p] = p;
-  } else {
-    order.resize(n - 1);
-    std::iota(order.begin(), order.end(), 0);
+// The `budget` best of n scored pages, the first `sink` and the last `recent` always among them
+// (they count inside the budget; the spec keeps just the newest: sink 0, recent 1); ascending
+// ids into `out` (`slots` entries, -1 padded). Returns how many ids were written.
+int64_t top_pages(const float* scores, int64_t n, int64_t budget, int64_t sink, int64_t recent,
+                  std::vector<int32_t>& order, int64_t* out, int64_t slots) {
+  const int64_t first = std::min(sink, n), last = std::max(n - recent, first);
+  int64_t taken = 0;
+  for (int64_t p = 0; p < first; ++p) out[taken++] = p;
+  for (int64_t p = last; p < n; ++p) out[taken++] = p;
+  const int64_t room = std::min(std::max<int64_t>(budget - taken, 0), last - first);
+  if (room > 0) {
+    order.resize(last - first);
+    std::iota(order.begin(), order.end(), static_cast<int32_t>(first));
     auto better = [scores](int32_t a, int32_t b) {
       return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
     };
-    std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), better);
-    std::sort(order.begin(), order.begin() + (k - 1));
-    for (int64_t i = 0; i < k - 1; ++i) out[i] = order[i];
-    out[k - 1] = n - 1;
+    std::nth_element(order.begin(), order.begin() + (room - 1), order.end(), better);
+    for (int64_t i = 0; i < room; ++i) out[taken++] = order[i];
   }
-  for (int64_t i = take; i < k; ++i) out[i] = -1;
-  return take;
+  std::sort(out, out + taken);
+  for (int64_t i = taken; i < slots; ++i) out[i] = -1;
+  return taken;
 }
 
 // Online-softmax attention of `group` query rows over a list of pages of one head.
@@ -157,6 +159,8 @@ void check_means(const torch::Tensor& means, const torch::Tensor& cache, int64_t
 #if defined(__AVX512F__)
 // AVX-512 path for 16-token pages: one zmm holds a page's 16 scores of one query row (keys are
 // stored transposed, [D][16]), and G x D/16 accumulators stay in registers across pages.
+// Lanes 0..n-1 of a 16-lane register (all 16 from n >= 16).
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16* p) {
   __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -198,7 +202,7 @@ void attend16(const float* q, int64_t count, PagePtr page_ptr, PageLen page_len,
   for (int64_t i = 0; i < count; ++i) {
     const T* base = page_ptr(i);
     const int64_t len = page_len(i);
-    const __mmask16 valid = len >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << len) - 1u);
+    const __mmask16 valid = lanes(len);
     __m512 s[G];
     for (int g = 0; g < G; ++g) s[g] = _mm512_setzero_ps();
     for (int d = 0; d < D; ++d) {
@@ -425,14 +429,14 @@ void fold16(const float* q, const int8_t* box_rows, const float* scale_row, cons
     float* w = slog + g * skipped;
     __m512 mx = _mm512_set1_ps(kMasked);
     for (int64_t i = 0; i < skipped; i += 16) {
-      const __mmask16 m = skipped - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (skipped - i)) - 1u);
+      const __mmask16 m = lanes(skipped - i);
       mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, w + i));
     }
     top[g] = _mm512_reduce_max_ps(mx);
     const __m512 shift = _mm512_set1_ps(top[g]);
     __m512 total = _mm512_setzero_ps();
     for (int64_t i = 0; i < skipped; i += 16) {
-      const __mmask16 m = skipped - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (skipped - i)) - 1u);
+      const __mmask16 m = lanes(skipped - i);
       const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, w + i), shift)));
       _mm512_mask_storeu_ps(w + i, m, e);
       total = _mm512_add_ps(total, e);
@@ -501,10 +505,6 @@ void score_any(const float* q, int64_t group, int64_t dim, const int8_t* box_row
   score_pages(q, group, dim, box_rows, scale_row, table, n, scores);
 }
 
-}  // namespace
-
-namespace {
-
 // Page scores of one (sequence, kv head) under the flexicache+ ranking (kvhead.pages.score_pages
 // on int8 boxes): each query row's bound logit keeps `w` of the box's spread, written as one
 // product, kmax.(q + w|q|)/2 + kmin.(q - w|q|)/2; the group's score is their max, or the sum of
@@ -556,28 +556,6 @@ void score_pages_plus(const float* q, int64_t group, int64_t dim, const int8_t* 
   }
 }
 
-// The `budget` best of n scored pages, the first `sink` and the last `recent` always among them
-// (they count inside the budget); ascending ids into `out` (`slots` entries, -1 padded).
-void top_pages_forced(const float* scores, int64_t n, int64_t budget, int64_t sink,
-                      int64_t recent, std::vector<int32_t>& order, int64_t* out, int64_t slots) {
-  const int64_t first = std::min(sink, n), last = std::max(n - recent, first);
-  int64_t taken = 0;
-  for (int64_t p = 0; p < first; ++p) out[taken++] = p;
-  for (int64_t p = last; p < n; ++p) out[taken++] = p;
-  const int64_t room = std::min(std::max<int64_t>(budget - taken, 0), last - first);
-  if (room > 0) {
-    order.resize(last - first);
-    std::iota(order.begin(), order.end(), static_cast<int32_t>(first));
-    auto better = [scores](int32_t a, int32_t b) {
-      return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
-    };
-    std::nth_element(order.begin(), order.begin() + (room - 1), order.end(), better);
-    for (int64_t i = 0; i < room; ++i) out[taken++] = order[i];
-  }
-  std::sort(out, out + taken);
-  for (int64_t i = taken; i < slots; ++i) out[i] = -1;
-}
-
 }  // namespace
 
 // Reranks of the kv heads in `heads` (kvhead.pages.score_pages + select_top_k on the int8
@@ -624,8 +602,8 @@ void select_pages(torch::Tensor q, torch::Tensor box, torch::Tensor scale, torch
         score_pages_plus(qh, group, dim, bp + h * blocks * 2 * dim, sp + h * blocks,
                          tp + b * width, n, bound_weight, softmax_group, qab.data(), raw.data(),
                          scores.data());
-      top_pages_forced(scores.data(), n, std::min(kp[h], slots), sink_pages, recent_pages, order,
-                       op + (b * kv + h) * slots, slots);
+      top_pages(scores.data(), n, std::min(kp[h], slots), sink_pages, recent_pages, order,
+                op + (b * kv + h) * slots, slots);
     }
   });
 }
@@ -705,7 +683,8 @@ int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, tor
           } else {
             score_any(qf.data(), group, dim, bp + h * blocks * 2 * dim, scp + h * blocks, row,
                         n, scores.data());
-            count = top_k_pages(scores.data(), n, std::min(top_k, width), order, ids.data());
+            const int64_t k_res = std::min(top_k, width);
+            count = top_pages(scores.data(), n, k_res, 0, 1, order, ids.data(), k_res);
           }
           const int64_t ri = rp[h];
           attend_any<T>(qf.data(), group, dim, page, count,
