@@ -145,6 +145,7 @@ def eval_(
     group_score: Annotated[str, typer.Option(help="+ modes: GQA page score, max or softmax.")] = "max",
     leading_layers: Annotated[int, typer.Option(help="+ modes: first layers attend densely.")] = 0,
     unstable_dense: Annotated[bool, typer.Option(help="flexicache+: unstable heads attend densely.")] = False,
+    unstable_heads: Annotated[int | None, typer.Option(help="flexicache+: dense heads (leading layers', then the profile's most unstable); default: the profile's unstable count.")] = None,
     head_budgets: Annotated[bool, typer.Option(help="+ modes: per-head budgets from the profile's coverage.")] = False,
     bound_weight: Annotated[float, typer.Option(help="+ modes: share of the page box's spread in its score (1: upper bound).")] = 1.0,
     compensate: Annotated[bool, typer.Option(help="+ modes: skipped pages enter attention as summary tokens.")] = False,
@@ -162,7 +163,8 @@ def eval_(
     try:
         options = SelectionOptions(
             sink_pages=sink_pages, recent_pages=recent_pages, group_score=group_score,
-            leading_layers=leading_layers, unstable_dense=unstable_dense, head_budgets=head_budgets,
+            leading_layers=leading_layers, unstable_dense=unstable_dense, unstable_heads=unstable_heads,
+            head_budgets=head_budgets,
             bound_weight=bound_weight, compensate=compensate, rerank_lag=rerank_lag, dense_heads=dense_heads,
         )
         cfg = EvalConfig(

@@ -31,6 +31,12 @@ class SelectionOptions(BaseModel):
         description="First layers attending to every page: in flexicache+ they take the place of "
         "the profile's least unstable heads (same head budget); in quest+ they are simply dense.",
     )
+    unstable_heads: int | None = Field(
+        default=None, ge=0,
+        description="flexicache+: how many heads keep every page: the leading layers' first, then "
+        "the profile's most unstable (None: as many as the profile's unstable set). Fewer dense "
+        "heads leave more of the same resident pages to the stable heads' top-K sets.",
+    )
     unstable_dense: bool = Field(
         default=False, description="flexicache+: unstable heads attend to every (resident) page."
     )

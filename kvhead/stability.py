@@ -145,18 +145,26 @@ class HeadProfile(BaseModel):
         """``[num_layers, num_kv_heads]`` float scores, NaN where never measured."""
         return torch.tensor([[float("nan") if v is None else v for v in row] for row in self.instability])
 
-    def unstable_mask(self, leading_layers: int = 0) -> torch.Tensor:
+    def unstable_mask(self, leading_layers: int = 0, count: int | None = None) -> torch.Tensor:
         """Boolean ``[num_layers, num_kv_heads]``: True where a head keeps all pages resident.
 
         ``leading_layers`` marks every head of the first layers unstable inside the same head
         budget (the least unstable of the profile's other picks give way): early layers attend
         broadly, so a top-K set loses much of their mass whatever their page-set drift.
+        ``count`` sets that budget (default: the profile's unstable set's size); it can only
+        shrink the ranked set, since heads past it were never ranked unstable.
         """
         if not 0 <= leading_layers <= self.num_layers:
             raise ValueError(f"leading_layers must be in [0, {self.num_layers}], got {leading_layers}")
+        lead = leading_layers * self.num_kv_heads
+        if count is not None and not lead <= count <= len(self.unstable):
+            raise ValueError(
+                f"unstable head count must be in [{lead}, {len(self.unstable)}] (the leading layers' "
+                f"heads up to the profile's unstable set), got {count}"
+            )
         mask = torch.zeros(self.num_layers, self.num_kv_heads, dtype=torch.bool)
         mask[:leading_layers] = True
-        budget = len(self.unstable) - int(mask.sum())
+        budget = (len(self.unstable) if count is None else count) - int(mask.sum())
         rest = [(layer, head) for layer, head in self.unstable if layer >= leading_layers]
         for layer, head in rest[: max(budget, 0)]:
             mask[layer, head] = True

@@ -42,6 +42,11 @@ def test_profile_then_eval(tiny_dir, tmp_path, monkeypatch):
         "--modes", "flexicache+", "--leading-layers", "3", "--output", str(out), *small,
     ])
     assert result.exit_code == 2 and "exceeds the model's 2 layers" in result.output
+    result = runner.invoke(app, [
+        "eval", "--model", str(tiny_dir), "--contexts", "160", "--gen-tokens", "16",
+        "--modes", "flexicache+", "--unstable-heads", "3", "--output", str(out), *small,
+    ])  # the profile ranks one of the 4 heads unstable: 3 cannot be taken from it
+    assert result.exit_code == 2 and "unstable head count must be in [0, 1]" in result.output
     assert set(json.loads(out.read_text())["results"][0]["modes"]) == {"quest", "flexicache"}
 
     budgets = ["eval", "--model", str(tiny_dir), "--contexts", "160", "--gen-tokens", "8",
@@ -77,6 +82,10 @@ def test_profile_then_eval(tiny_dir, tmp_path, monkeypatch):
     (["eval", "--modes", "flexicache+", "--bound-weight", "1.5"], "bound_weight"),
     (["eval", "--compensate"], "apply only to the modes"),
     (["eval", "--modes", "quest+", "--rerank-lag"], "act only in flexicache+"),
+    (["eval", "--modes", "quest+", "--unstable-heads", "4"], "act only in flexicache+"),
+    (["eval", "--modes", "flexicache+", "--unstable-heads", "-1"], "unstable_heads"),
+    (["eval", "--modes", "flexicache+", "--unstable-dense", "--head-budgets", "--dense-heads", "coverage",
+      "--unstable-heads", "3"], "chooses its own"),
     (["eval", "--modes", "flexicache+", "--dense-heads", "rco"], "dense_heads"),
     (["eval", "--modes", "flexicache+", "--dense-heads", "coverage"], "needs flexicache+ in modes, unstable_dense"),
     (["coverage", "--rerank-interval", "0"], "rerank_interval"),

@@ -109,6 +109,12 @@ def test_leading_layers_join_the_unstable_budget():
     assert lead.nonzero().tolist() == [[0, 0], [0, 1], [2, 0], [2, 1]]  # layer 3 gives way
     with pytest.raises(ValueError, match="leading_layers"):
         profile.unstable_mask(leading_layers=5)
+    # a smaller count keeps the leading layers and then the most unstable of the rest
+    assert profile.unstable_mask(1, count=3).nonzero().tolist() == [[0, 0], [0, 1], [2, 0]]
+    assert profile.unstable_mask(count=1).nonzero().tolist() == [[2, 0]]
+    for bad in (1, 5):  # below the leading layers' heads; beyond the ranked set
+        with pytest.raises(ValueError, match="unstable head count"):
+            profile.unstable_mask(1, count=bad)
 
 
 def test_plus_modes_with_spec_options_match_the_spec_modes(tiny):

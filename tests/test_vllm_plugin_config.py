@@ -92,6 +92,10 @@ def test_head_split_keeps_exactly_the_unstable_heads_per_layer(model_dir: Path,
     assert split.resident_per_layer == [2, 1] and split.num_stable == 5
     capped = HeadSplit.from_profile(profile, cap=1)  # layer 0 demotes its less unstable head 1
     assert [capped.resident(i).tolist() for i in range(2)] == [[0], [3]]
+    fewer = HeadSplit.from_profile(profile, count=2)  # unstable_heads: the two most unstable stay
+    assert [fewer.resident(i).tolist() for i in range(2)] == [[0, 1], []]
+    with pytest.raises(FlexiCacheConfigError, match="unstable_heads: .*got 4"):
+        HeadSplit.from_profile(profile, count=4)
     everything = HeadProfile.load(_profile(model_dir, tmp_path / "all.json", scores,
                                            per_layer=True, fraction=1.0))
     with pytest.raises(FlexiCacheConfigError, match="no stable head"):

@@ -78,8 +78,10 @@ class EvalConfig(BaseModel):
         opt = self.options
         if opt != SelectionOptions() and not any(m in EXTRA_MODES for m in self.modes):
             raise ValueError(f"selection options apply only to the modes {EXTRA_MODES}; add one to modes")
-        if (opt.unstable_dense or opt.rerank_lag) and "flexicache+" not in self.modes:
-            raise ValueError("unstable_dense and rerank_lag act only in flexicache+; add it to modes")
+        if (opt.unstable_dense or opt.rerank_lag or opt.unstable_heads is not None) and "flexicache+" not in self.modes:
+            raise ValueError("act only in flexicache+ (add it to modes): unstable_dense, unstable_heads, rerank_lag")
+        if opt.unstable_heads is not None and opt.dense_heads == "coverage":
+            raise ValueError("unstable_heads counts the profile's dense heads; dense_heads=coverage chooses its own")
         if opt.dense_heads == "coverage" and not (
             "flexicache+" in self.modes and opt.unstable_dense and opt.head_budgets and opt.leading_layers == 0
         ):
@@ -187,7 +189,7 @@ def _policy(runner: ReferenceRunner, mode: str, cfg: EvalConfig, profile: HeadPr
             return runner.policy(base, **kwargs, unstable=dense, unstable_dense=True,
                                  rerank_lag=opt.rerank_lag, head_top_k=budgets)
         if base is Mode.flexicache:
-            unstable = profile.unstable_mask(opt.leading_layers)
+            unstable = profile.unstable_mask(opt.leading_layers, opt.unstable_heads)
             return runner.policy(base, **kwargs, unstable=unstable, unstable_dense=opt.unstable_dense,
                                  rerank_lag=opt.rerank_lag,
                                  head_top_k=page_budgets(profile, opt, ~unstable, cfg.top_k))

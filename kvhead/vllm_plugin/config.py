@@ -135,10 +135,10 @@ class HeadSplit:
 
     @classmethod
     def from_profile(cls, profile: HeadProfile, cap: int | None = None,
-                     leading_layers: int = 0) -> HeadSplit:
-        """The profile's unstable heads, every head of the first ``leading_layers`` taking the
-        places of its least unstable picks (:meth:`HeadProfile.unstable_mask`), at most ``cap``
-        per layer (the most unstable kept)."""
+                     leading_layers: int = 0, count: int | None = None) -> HeadSplit:
+        """The profile's unstable heads (``count`` of them, default all), every head of the first
+        ``leading_layers`` taking the places of its least unstable picks
+        (:meth:`HeadProfile.unstable_mask`), at most ``cap`` per layer (the most unstable kept)."""
         if not 0 <= leading_layers <= profile.num_layers:
             raise FlexiCacheConfigError(f"leading_layers must be in [0, {profile.num_layers}], "
                                         f"got {leading_layers}")
@@ -146,7 +146,10 @@ class HeadSplit:
             raise FlexiCacheConfigError(
                 f"max_resident_heads_per_layer {cap} cannot keep the {profile.num_kv_heads} kv "
                 "heads of each leading layer in vLLM's cache; lower leading_layers or the cap")
-        mask = profile.unstable_mask(leading_layers).bool()
+        try:
+            mask = profile.unstable_mask(leading_layers, count).bool()
+        except ValueError as err:
+            raise FlexiCacheConfigError(f"unstable_heads: {err}") from err
         scores = torch.nan_to_num(torch.tensor(profile.instability, dtype=torch.float64), nan=1e9)
         if cap is not None:
             ranked = scores.masked_fill(~mask, float("-inf")).argsort(dim=1, descending=True)

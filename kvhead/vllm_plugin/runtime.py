@@ -239,7 +239,7 @@ def init_runtime(vllm_config, prefill_isa: str, prefill_block: int) -> FlexiRunt
         block_size=cache.block_size, prefix_caching=bool(cache.enable_prefix_caching),
     )
     split = HeadSplit.from_profile(profile, settings.max_resident_heads_per_layer,
-                                   settings.leading_layers)
+                                   settings.leading_layers, settings.unstable_heads)
     _RUNTIME = FlexiRuntime(settings, split, geo, prefill_isa, prefill_block,
                             stable_budgets(settings, profile, split))
     kv_spec.install()
