@@ -5,6 +5,8 @@
 benchmarks/ACCURACY.md "Bound-weighted page scores and summary tokens"): unstable heads and
 layers 0-1 dense, sink + 4-page window, softmax group score, bound weight 0.5, head budgets from
 the coverage profile ranked that way, summary tokens, K 70, R 8.
+``plus11``: the same with 11 instead of 22 dense heads and K 129 (configuration C,
+benchmarks/accuracy_unstable_heads.sh): the same resident pages at 8k, more of them in stable heads.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ _PLUS = _SPEC | {
     "profile": str(RESULTS / "accuracy_profile_w05.json"), "top_k": 70, "rerank_interval": 8,
     "unstable_dense": True, "leading_layers": 2, "sink_pages": 1, "recent_pages": 4,
     "group_score": "softmax", "bound_weight": 0.5, "head_budgets": True, "compensate": True}
-CONFIGS = {"spec": _SPEC, "plus": _PLUS}
-MODES = {"spec": "flexicache", "plus": "flexicache+"}  # kvhead eval's name for each
+CONFIGS = {"spec": _SPEC, "plus": _PLUS, "plus11": _PLUS | {"unstable_heads": 11, "top_k": 129}}
+MODES = {"spec": "flexicache", "plus": "flexicache+", "plus11": "flexicache+"}  # kvhead eval's name for each
 
 
 def kvhead_settings(config: str, host_arena_gib: float) -> dict:

@@ -156,15 +156,25 @@ def _prompts(contexts: list[int], gen: int) -> list[list[int]]:
     return [corpus_window(tokenizer, c - gen, offset=0).tolist() for c in contexts]
 
 
+RUNNER_RESULTS = {  # where the reference runner's agreement on corpus window 0 was recorded
+    "spec": lambda k: "accuracy.json",
+    "plus": lambda k: f"accuracy_comp_{k}k_w0.json",
+    "plus11": lambda k: "accuracy_unstable11_8k_w0_gpu.json" if k == 8 else "accuracy_n11_2k4k.json",
+}
+
+
 def _runner_agreement(context: int, config: str) -> float | None:
-    """The reference runner's token agreement at ``context`` on the same window: flexicache's
-    in accuracy.json, or flexicache+'s in accuracy_comp_{4,8}k_w0.json."""
-    path = RESULTS / ("accuracy.json" if config == "spec" else f"accuracy_comp_{context // 1024}k_w0.json")
+    """The reference runner's token agreement at ``context`` on window 0, the window this
+    script's prompts are (``RUNNER_RESULTS`` names the run that measured it)."""
+    path = RESULTS / RUNNER_RESULTS[config](context // 1024)
     mode = MODES[config]
     report = json.loads(path.read_text()) if path.is_file() else {"results": []}
+    if report.get("config", {}).get("first_window", 0) != 0:
+        return None
     for result in report["results"]:
         if result["context"] == context and mode in result["modes"]:
-            return result["modes"][mode]["token_agreement"]
+            m = result["modes"][mode]
+            return (m.get("window_agreement") or [m["token_agreement"]])[0]
     return None
 
 
@@ -207,8 +217,8 @@ def _run_engines(ctxs: list[int], gen: int, name: str, settings_json: dict) -> t
 def main(
     contexts: str = typer.Option("4096,8192", help="Contexts (prompt + gen), comma-separated."),
     gen: int = typer.Option(GEN, help="Reference tokens per prompt."),
-    config: str = typer.Option("spec", help="kvhead settings: spec (K 64, R 16) or plus "
-                               "(flexicache+ as kvhead eval measured it)."),
+    config: str = typer.Option("spec", help="kvhead settings: spec (K 64, R 16), plus "
+                               "(flexicache+ as kvhead eval measured it) or plus11 (11 dense heads, K 129)."),
 ) -> None:
     """Stock then kvhead, each in its own process; table, JSON and Markdown to results/.
 

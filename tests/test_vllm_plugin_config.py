@@ -157,6 +157,7 @@ def test_flexicache_plus_settings_and_their_refusals() -> None:
         ({"top_k": 4}, r"must fit in top_k \(4\)"),
         ({"group_score": "mean"}, "group_score"),
         ({"bound_weight": 1.5}, "bound_weight"),
+        ({"unstable_heads": -1}, "unstable_heads"),
     ):
         with pytest.raises(FlexiCacheConfigError, match=message):
             settings_from_additional_config({"kvhead": plus | bad})

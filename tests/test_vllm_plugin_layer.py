@@ -35,8 +35,9 @@ class Setup:
                                 page_size=P, head_dim=D, dtype=torch.float32,
                                 arena=arena, pool_pages=NB * len(STABLE),
                                 open_pages=8, top_k=top_k, rerank_interval=4,
-                                prefill_block=prefill_block, ranking=ranking,
-                                resident_dense=ranking is not None, summaries=summaries,
+                                prefill_block=prefill_block, resident_dense=ranking is not None,
+                                ranking=ranking or StableRanking(budgets=torch.full((HKV,), top_k)),
+                                summaries=summaries,
                                 prefill_isa=_get_attn_isa(torch.float32, prefill_block or P, D))
         self.cache = torch.zeros(NB, len(RESIDENT), P, 2 * D)
         self.k_ref = torch.zeros(NB, P, HKV, D)

@@ -70,8 +70,7 @@ class FlexiLayer:
         group: int, num_blocks: int, page_size: int, head_dim: int, dtype: torch.dtype,
         prefill_isa: str, arena: PageStore, pool_pages: int, open_pages: int, top_k: int,
         rerank_interval: int, resident_dense: bool = False, kernel_threads: int | None = None,
-        prefill_block: int | None = None, ranking: StableRanking | None = None,
-        summaries: bool = False,
+        ranking: StableRanking, prefill_block: int | None = None, summaries: bool = False,
     ) -> None:
         self.layer, self.page_size, self.group = layer, page_size, group
         self.resident, self.stable = resident.long(), stable.long()
@@ -82,8 +81,7 @@ class FlexiLayer:
         # the native kernels write and read it (and the hot pool) in their own layout.
         self.prefill_isa, self.prefill_block = prefill_isa, prefill_block or page_size
         self.resident_dense = resident_dense  # resident heads attend to all pages, unscored
-        self.ranking = ranking if ranking is not None else StableRanking(  # the spec's
-            budgets=torch.full((num_kv_heads,), top_k, dtype=torch.int64))
+        self.ranking = ranking
         # width of a stable head's top-K row: its largest budget
         self.set_width = int(self.ranking.budgets[stable].max()) if len(stable) else top_k
         self.res_index = torch.full((num_kv_heads,), -1, dtype=torch.int64)

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kvhead.selection_options import is_spec
 from kvhead.spec import HeadPageSpec
 from kvhead.vllm_plugin import budget, kv_spec
 from kvhead.vllm_plugin.bounds import DeviceBounds
@@ -150,11 +149,9 @@ class FlexiRuntime:
             )
         return self.layers[index]
 
-    def ranking(self, layer: int) -> StableRanking | None:
-        """How ``layer``'s stable heads rank pages, if not as the spec (the native scorer)."""
+    def ranking(self, layer: int) -> StableRanking:
+        """How ``layer``'s stable heads rank pages (the settings' defaults are the spec's)."""
         opt = self.settings
-        if is_spec(opt):
-            return None
         return StableRanking(budgets=self.budgets[layer], sink_pages=opt.sink_pages,
                              recent_pages=opt.recent_pages, group_score=opt.group_score,
                              bound_weight=opt.bound_weight)
