@@ -62,17 +62,18 @@ def test_native_bounds_update_matches_the_torch_update(open_slots: int) -> None:
             assert bool((page <= kmax + 1e-6).all()) and bool((page >= kmin - 1e-6).all())
 
 
-@pytest.mark.parametrize("group_score,bound_weight,sink,recent,budgets", [
-    ("max", 1.0, 0, 1, [5, 5, 5]),  # the spec's ranking (AVX-512 scores)
-    ("softmax", 0.5, 1, 2, [6, 3, 9]), ("softmax", 0.0, 2, 1, [4, 7, 3]),
-    ("max", 0.5, 1, 4, [40, 5, 6]),  # a budget above the pages a sequence holds
+@pytest.mark.parametrize("group_score,bound_weight,sink,recent,budgets,dim", [
+    ("max", 1.0, 0, 1, [5, 5, 5], 64),  # the spec's ranking (AVX-512 scores)
+    ("max", 1.0, 0, 1, [5, 5, 5], 48),  # the same, no vectorised shape: the portable scorer
+    ("softmax", 0.5, 1, 2, [6, 3, 9], 64), ("softmax", 0.0, 2, 1, [4, 7, 3], 64),
+    ("max", 0.5, 1, 4, [40, 5, 6], 64),  # a budget above the pages a sequence holds
 ])
 def test_native_selection_equals_the_torch_selection(
-        group_score: str, bound_weight: float, sink: int, recent: int, budgets: list[int]) -> None:
+        group_score: str, bound_weight: float, sink: int, recent: int, budgets: list[int],
+        dim: int) -> None:
     """Reranks as the spec and with the flexicache+ options (bound weight, max / softmax group
     score, forced sink and recent pages, per-head budgets) natively == DeviceBounds.select, for
     sequences of unequal length; rows of heads not asked for are left alone."""
-    dim = 64
     keys, blocks = _decode_keys(3, dim, 7 * P + 5)
     bounds = DeviceBounds(NB, HKV, dim, 8)
     for t in range(keys.shape[1]):

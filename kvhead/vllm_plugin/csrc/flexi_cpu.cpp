@@ -38,27 +38,6 @@ struct Shape {
   int64_t batch, kv_heads, group, dim, page, width;
 };
 
-// Quest upper bound of q.k for every page 0..n-1 of one (sequence, kv head), max over the group.
-void score_pages(const float* q, int64_t group, int64_t dim, const int8_t* box_rows,
-                 const float* scale_row, const int32_t* table, int64_t n, float* scores) {
-  for (int64_t p = 0; p < n; ++p) {
-    const int8_t* row = box_rows + static_cast<int64_t>(table[p]) * 2 * dim;
-    float best = kMasked;
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = q + g * dim;
-      float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t d = 0; d < dim; ++d) {
-        float hi = qg[d] * static_cast<float>(row[d]);
-        float lo = qg[d] * static_cast<float>(row[dim + d]);
-        acc += hi > lo ? hi : lo;
-      }
-      best = acc > best ? acc : best;
-    }
-    scores[p] = best * scale_row[table[p]];
-  }
-}
-
 // The `budget` best of n scored pages, the first `sink` and the last `recent` always among them
 // (they count inside the budget; the spec keeps just the newest: sink 0, recent 1); ascending
 // ids into `out` (`slots` entries, -1 padded). Returns how many ids were written.
@@ -491,20 +470,6 @@ void fold_any(const float* q, int64_t group, int64_t dim, const int8_t* box_rows
                     acc, lse, centre, sacc, slog);
 }
 
-void score_any(const float* q, int64_t group, int64_t dim, const int8_t* box_rows,
-               const float* scale_row, const int32_t* table, int64_t n, float* scores) {
-#if defined(__AVX512F__)
-#define KVHEAD_SCORE(G, C)                                               \
-  if (group == G && dim == 16 * C) {                                     \
-    score16<G, C>(q, box_rows, scale_row, table, n, scores);             \
-    return;                                                              \
-  }
-  KVHEAD_SHAPES(KVHEAD_SCORE)
-#undef KVHEAD_SCORE
-#endif
-  score_pages(q, group, dim, box_rows, scale_row, table, n, scores);
-}
-
 // Page scores of one (sequence, kv head) under the flexicache+ ranking (kvhead.pages.score_pages
 // on int8 boxes): each query row's bound logit keeps `w` of the box's spread, written as one
 // product, kmax.(q + w|q|)/2 + kmin.(q - w|q|)/2; the group's score is their max, or the sum of
@@ -556,6 +521,24 @@ void score_pages_plus(const float* q, int64_t group, int64_t dim, const int8_t* 
   }
 }
 
+// Quest's upper bound of q.k for pages 0..n-1 of one (sequence, kv head), max over the group:
+// score16 where the shape has an AVX-512 path, else the flexicache+ scorer at w = 1, max (the
+// same bound written as one product; `qab` and `raw` are its scratch).
+void score_any(const float* q, int64_t group, int64_t dim, const int8_t* box_rows,
+               const float* scale_row, const int32_t* table, int64_t n, float* qab, float* raw,
+               float* scores) {
+#if defined(__AVX512F__)
+#define KVHEAD_SCORE(G, C)                                               \
+  if (group == G && dim == 16 * C) {                                     \
+    score16<G, C>(q, box_rows, scale_row, table, n, scores);             \
+    return;                                                              \
+  }
+  KVHEAD_SHAPES(KVHEAD_SCORE)
+#undef KVHEAD_SCORE
+#endif
+  score_pages_plus(q, group, dim, box_rows, scale_row, table, n, 1.0, false, qab, raw, scores);
+}
+
 }  // namespace
 
 // Reranks of the kv heads in `heads` (kvhead.pages.score_pages + select_top_k on the int8
@@ -597,7 +580,7 @@ void select_pages(torch::Tensor q, torch::Tensor box, torch::Tensor scale, torch
       const float* qh = qp + (b * kv + h) * group * dim;
       if (bound_weight == 1.0 && !softmax_group)
         score_any(qh, group, dim, bp + h * blocks * 2 * dim, sp + h * blocks, tp + b * width, n,
-                  scores.data());
+                  qab.data(), raw.data(), scores.data());
       else
         score_pages_plus(qh, group, dim, bp + h * blocks * 2 * dim, sp + h * blocks,
                          tp + b * width, n, bound_weight, softmax_group, qab.data(), raw.data(),
@@ -663,6 +646,8 @@ int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, tor
     at::parallel_for(0, batch * kv, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> qf(group * dim), acc(group * dim), kbuf(dim * page), vbuf(page * dim);
       std::vector<float> sbuf(page), scores(width), lse(group), centre(dim), sacc(group * dim);
+      std::vector<float> qab(resident_dense ? 0 : group * 2 * dim);
+      std::vector<float> raw(resident_dense ? 0 : group * width);
       std::vector<float> slog(summaries ? width * group : 0);
       std::vector<int64_t> spage(summaries ? width : 0);
       std::vector<int32_t> order;
@@ -682,7 +667,7 @@ int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, tor
             count = n;
           } else {
             score_any(qf.data(), group, dim, bp + h * blocks * 2 * dim, scp + h * blocks, row,
-                        n, scores.data());
+                      n, qab.data(), raw.data(), scores.data());
             const int64_t k_res = std::min(top_k, width);
             count = top_pages(scores.data(), n, k_res, 0, 1, order, ids.data(), k_res);
           }
