@@ -42,7 +42,7 @@ MODEL = "smollm2-135m-instruct"
 GEN = 256
 KV_BUDGET = 2**29  # fp32: stock's one 8k request takes 384 MiB (block 32, 90 heads)
 STOCK_BLOCK, KVHEAD_PAGE = 32, PAGE  # stock CPU kernels need multiples of 32
-ARENA_GIB = 2.0  # fp32 stable pages of the ~2.8k blocks 512 MiB buys kvhead
+ARENA_GIB = 3.0  # fp32 stable pages of the ~2.8k blocks 512 MiB buys kvhead (79 stable heads: 2.2 GiB)
 ARG = "kvhead_forced"  # SamplingParams.extra_args key: {"tag": str, "tokens": [int, ...]}
 
 
@@ -192,8 +192,11 @@ def _table(rows: list[dict], mode: str) -> Table:
     return table
 
 
-def _run_engines(ctxs: list[int], gen: int, name: str, settings_json: dict) -> tuple[dict, dict]:
-    """Stock (references + its own forced run), then kvhead forced on stock's references."""
+def _run_engines(ctxs: list[int], gen: int, name: str, settings_json: dict,
+                 reuse_stock: bool = False) -> tuple[dict, dict]:
+    """Stock (references + its own forced run), then kvhead forced on stock's references.
+    ``reuse_stock`` takes the stock run this name left earlier (greedy and seeded, so it would
+    repeat itself) when it covers the same prompts."""
     from kvhead.models.resolve import resolve_model
 
     model = str(resolve_model(MODEL))
@@ -202,8 +205,10 @@ def _run_engines(ctxs: list[int], gen: int, name: str, settings_json: dict) -> t
     with tempfile.TemporaryDirectory(prefix="vllm_agreement_") as tmp:
         prompts, refs, settings = (Path(tmp) / f for f in ("prompts.json", "refs.json", "kvhead.json"))
         prompts.write_text(json.dumps(_prompts(ctxs, gen)))
-        subprocess.run([sys.executable, __file__, "worker", "stock", model, str(prompts),
-                        str(stock_path), *common], check=True)
+        earlier = json.loads(stock_path.read_text()) if reuse_stock and stock_path.is_file() else None
+        if earlier is None or [r["prompt_tokens"] for r in earlier["runs"]] != [c - gen for c in ctxs]:
+            subprocess.run([sys.executable, __file__, "worker", "stock", model, str(prompts),
+                            str(stock_path), *common], check=True)
         stock = json.loads(stock_path.read_text())
         refs.write_text(json.dumps([r["reference"] for r in stock["runs"]]))
         settings.write_text(json.dumps(settings_json))
@@ -219,6 +224,7 @@ def main(
     gen: int = typer.Option(GEN, help="Reference tokens per prompt."),
     config: str = typer.Option("spec", help="kvhead settings: spec (K 64, R 16), plus "
                                "(flexicache+ as kvhead eval measured it) or plus11 (11 dense heads, K 129)."),
+    reuse_stock: bool = typer.Option(False, help="Reuse this run's earlier stock references if present."),
 ) -> None:
     """Stock then kvhead, each in its own process; table, JSON and Markdown to results/.
 
@@ -234,7 +240,7 @@ def main(
     name = "vllm_agreement" if (contexts, gen) == ("4096,8192", GEN) else \
         f"vllm_agreement_c{contexts.replace(',', '-')}_g{gen}"
     name += "" if config == "spec" else f"_{config}"
-    stock, kvh = _run_engines(ctxs, gen, name, settings)
+    stock, kvh = _run_engines(ctxs, gen, name, settings, reuse_stock)
     rows = []
     for ctx, s, k in zip(ctxs, stock["runs"], kvh["runs"], strict=True):
         runner = _runner_agreement(ctx, config)
