@@ -9,7 +9,7 @@ the stock path (write every head to vLLM's cache + one paged-attention call over
 alternate, so load from other work on a shared machine hits both alike.
 ``--profile-out`` writes a cProfile of the FlexiCache steps.
 
-Layers are built through the plugin's runtime from named settings (``--config spec|plus``,
+Layers are built through the plugin's runtime from named settings (``--config spec|plus|plus11``,
 benchmarks/kvhead_configs.py) with ``--set key=value`` overrides, so what each flexicache+
 option costs can be timed one at a time (e.g. ``--config plus --set compensate=false``).
 
@@ -140,7 +140,7 @@ def _settings(config: str, overrides: list[str]) -> FlexiCacheSettings:
 
 @app.command()
 def main(context: int = 7936, batch: int = 4, steps: int = 32,
-         config: str = typer.Option("spec", help="kvhead settings: spec or plus."),
+         config: str = typer.Option("spec", help="kvhead settings: spec, plus or plus11."),
          set_: Annotated[list[str] | None, typer.Option(
              "--set", help="Setting override key=value (repeatable).")] = None,
          threads: int = typer.Option(0, help="OpenMP threads for both paths (0: torch's)."),
