@@ -75,7 +75,9 @@ def test_hot_pool_sized_by_per_head_budgets_stays_inside_the_split() -> None:
     assert pools * runtime.spec.head_page_bytes <= split.pool_bytes
     spec_runtime = FlexiRuntime(settings.model_copy(update={
         "unstable_dense": False, "head_budgets": False}), HeadSplit(resident), geo, "vec", 16)
-    assert spec_runtime.ranking(1) is None  # the spec's ranking: the native scorer
+    spec = spec_runtime.ranking(1)  # the spec's ranking: K pages each, Quest's bound, newest kept
+    assert spec.budgets.tolist() == [60, 60, 60]
+    assert (spec.sink_pages, spec.recent_pages, spec.group_score, spec.bound_weight) == (0, 1, "max", 1.0)
 
 
 def _run(tmp: Path, name: str, model: Path, prompts: Path, kvhead: dict | None) -> dict:
