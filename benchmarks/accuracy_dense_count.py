@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvhead.budgets import allocate_budgets, missed_mass
+from kvhead.evaluation.harness import profile_pool
 from kvhead.stability import HeadProfile
 
 app = typer.Typer(add_completion=False)
@@ -40,9 +41,8 @@ def main(
     if any(p.coverage is None for p in curves.values()):
         raise typer.BadParameter("both profiles need coverage curves (kvhead coverage)")
     heads = prof.num_layers * prof.num_kv_heads
-    start = -(-(context - gen_tokens) // prof.page_size)  # pages a dense head holds when decoding starts
+    start, pool = profile_pool(prof, context, gen_tokens, top_k)
     base = len(prof.unstable)
-    pool = base * start + (heads - base) * top_k
     rows = []
     for count in range(base, leading_layers * prof.num_kv_heads - 1, -1):
         dense = prof.unstable_mask(leading_layers, count)

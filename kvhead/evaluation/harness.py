@@ -214,10 +214,17 @@ def coverage_dense_heads(profile: HeadProfile, cfg: EvalConfig) -> tuple[torch.T
             f"heads rerank; the profile's was ranked every {cov.rerank_interval} "
             "(kvhead coverage --rerank-interval)"
         )
-    heads = profile.num_layers * profile.num_kv_heads
-    start = -(-max(cov.context - cfg.gen_tokens, 1) // profile.page_size)
-    pool = len(profile.unstable) * start + (heads - len(profile.unstable)) * cfg.top_k
+    start, pool = profile_pool(profile, cov.context, cfg.gen_tokens, cfg.top_k)
     return allocate_residency(cov, pool, dense_pages=start)
+
+
+def profile_pool(profile: HeadProfile, context: int, gen_tokens: int, top_k: int) -> tuple[int, int]:
+    """``(pages a dense head holds, resident pages)`` where decoding of a ``context``-token
+    sequence starts, with the profile's unstable set dense and ``top_k`` pages per other head:
+    the residency other splits of dense and stable heads are sized to match."""
+    heads = profile.num_layers * profile.num_kv_heads
+    start = -(-max(context - gen_tokens, 1) // profile.page_size)
+    return start, len(profile.unstable) * start + (heads - len(profile.unstable)) * top_k
 
 
 def _margin(logprobs: torch.Tensor) -> float:

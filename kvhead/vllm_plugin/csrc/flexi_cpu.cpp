@@ -521,22 +521,25 @@ void score_pages_plus(const float* q, int64_t group, int64_t dim, const int8_t* 
   }
 }
 
-// Quest's upper bound of q.k for pages 0..n-1 of one (sequence, kv head), max over the group:
-// score16 where the shape has an AVX-512 path, else the flexicache+ scorer at w = 1, max (the
-// same bound written as one product; `qab` and `raw` are its scratch).
+// Page scores of one (sequence, kv head) under a ranking (w, max or softmax group): Quest's
+// bound (w = 1, max) on score16 where the shape has an AVX-512 path, everything else on the
+// portable score_pages_plus (`qab` and `raw` are its scratch).
 void score_any(const float* q, int64_t group, int64_t dim, const int8_t* box_rows,
-               const float* scale_row, const int32_t* table, int64_t n, float* qab, float* raw,
-               float* scores) {
+               const float* scale_row, const int32_t* table, int64_t n, double bound_weight,
+               bool softmax_group, float* qab, float* raw, float* scores) {
 #if defined(__AVX512F__)
 #define KVHEAD_SCORE(G, C)                                               \
   if (group == G && dim == 16 * C) {                                     \
     score16<G, C>(q, box_rows, scale_row, table, n, scores);             \
     return;                                                              \
   }
-  KVHEAD_SHAPES(KVHEAD_SCORE)
+  if (bound_weight == 1.0 && !softmax_group) {
+    KVHEAD_SHAPES(KVHEAD_SCORE)
+  }
 #undef KVHEAD_SCORE
 #endif
-  score_pages_plus(q, group, dim, box_rows, scale_row, table, n, 1.0, false, qab, raw, scores);
+  score_pages_plus(q, group, dim, box_rows, scale_row, table, n, bound_weight, softmax_group, qab,
+                   raw, scores);
 }
 
 }  // namespace
@@ -578,13 +581,8 @@ void select_pages(torch::Tensor q, torch::Tensor box, torch::Tensor scale, torch
       const int64_t b = task / nheads, h = hp[task % nheads];
       const int64_t n = std::min(np[b], width);
       const float* qh = qp + (b * kv + h) * group * dim;
-      if (bound_weight == 1.0 && !softmax_group)
-        score_any(qh, group, dim, bp + h * blocks * 2 * dim, sp + h * blocks, tp + b * width, n,
-                  qab.data(), raw.data(), scores.data());
-      else
-        score_pages_plus(qh, group, dim, bp + h * blocks * 2 * dim, sp + h * blocks,
-                         tp + b * width, n, bound_weight, softmax_group, qab.data(), raw.data(),
-                         scores.data());
+      score_any(qh, group, dim, bp + h * blocks * 2 * dim, sp + h * blocks, tp + b * width, n,
+                bound_weight, softmax_group, qab.data(), raw.data(), scores.data());
       top_pages(scores.data(), n, std::min(kp[h], slots), sink_pages, recent_pages, order,
                 op + (b * kv + h) * slots, slots);
     }
@@ -667,7 +665,7 @@ int64_t decode_step(torch::Tensor q, torch::Tensor out, torch::Tensor cache, tor
             count = n;
           } else {
             score_any(qf.data(), group, dim, bp + h * blocks * 2 * dim, scp + h * blocks, row,
-                      n, qab.data(), raw.data(), scores.data());
+                      n, 1.0, false, qab.data(), raw.data(), scores.data());
             const int64_t k_res = std::min(top_k, width);
             count = top_pages(scores.data(), n, k_res, 0, 1, order, ids.data(), k_res);
           }
