@@ -34,6 +34,7 @@ from pydantic import ValidationError
 from kvhead.stability import HeadProfile
 from kvhead.vllm_plugin.config import FlexiCacheSettings, HeadSplit, stable_budgets
 from kvhead.vllm_plugin.kernels import paged_attention, write_cache
+from kvhead.vllm_plugin.request_state import DecodeRows
 from kvhead.vllm_plugin.runtime import FlexiRuntime, ModelGeometry
 
 app = typer.Typer(add_completion=False)
@@ -68,6 +69,8 @@ class Harness:
                                            P, 2 * D, dtype=DTYPE))
             self.stock.append(torch.zeros(stock_blocks, HKV, STOCK_BLOCK, 2 * D, dtype=DTYPE))
         self.seq_lens = torch.zeros(batch, dtype=torch.int64)
+        self.steps, self.rerank_interval = 0, settings.rerank_interval
+        self.all_blocks = torch.arange(self.num_blocks)
         for start in range(0, context, 1024):
             self._write(torch.arange(start, min(start + 1024, context)))
         self.seq_lens += context
@@ -83,7 +86,7 @@ class Harness:
         stock_slots = self._slots(positions, self.stock_table, STOCK_BLOCK)
         for i, layer in enumerate(self.layers):
             k, v = torch.randn(2, len(slots), HKV, D, dtype=DTYPE)
-            layer.write(k, v, slots, self.caches[i])
+            layer.write(k, v, slots, self.caches[i], self.all_blocks)
             write_cache(self.stock[i], k, v, stock_slots, self.stock_isa)
 
     def step(self, kvhead: bool) -> None:
@@ -96,17 +99,19 @@ class Harness:
         out = torch.empty_like(q)
         k, v = torch.randn(2, self.batch, HKV, D, dtype=DTYPE)
         starts = torch.arange(self.batch + 1)
+        rows = DecodeRows.lock_step(self.batch, self.steps, self.rerank_interval)
         for i, layer in enumerate(self.layers):
             if kvhead:
-                layer.write(k, v, slots, self.caches[i])
+                layer.write(k, v, slots, self.caches[i], self.all_blocks)
                 layer.decode(q, out, torch.arange(self.batch), lens, self.table, self.caches[i],
-                             D**-0.5)
+                             D**-0.5, rows, self.all_blocks)
             else:
                 write_cache(self.stock[i], k, v, slots, self.stock_isa)
                 paged_attention(q, self.stock[i], out, starts, lens, table, D**-0.5,
                                 self.stock_isa)
         if kvhead:  # a step is one stock and one kvhead pass over the same position
             self.seq_lens = lens
+            self.steps += 1
 
 
 def _time(harness: Harness, steps: int) -> tuple[float, float]:

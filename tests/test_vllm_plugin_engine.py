@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from vllm_tiny import ENGINE_ENV, random_profile, random_prompts
+from vllm_tiny import ENGINE_ENV, free_port, random_profile, random_prompts, wait_ready
 
 from kvhead.budgets import PageCoverage
 from kvhead.models.tiny import build_tiny_llama
@@ -129,14 +127,8 @@ def test_arena_too_small_stops_startup(tiny: dict) -> None:
     assert "raise host_arena_gib" in proc.stdout + proc.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_openai_server_with_plugin_matches_stock_tokens(tiny: dict) -> None:
-    port = _free_port()
+    port = free_port()
     settings = {"profile": str(tiny["profile"]), "top_k": 1000, "host_arena_gib": 0.25}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
            str(tiny["model"]), "--port", str(port), "--dtype", "float32", "--block-size", "32",
@@ -147,7 +139,7 @@ def test_openai_server_with_plugin_matches_stock_tokens(tiny: dict) -> None:
     with log.open("w") as sink:
         server = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=ENGINE_ENV)
     try:
-        _wait_ready(port, server, log)
+        wait_ready(port, server, log)
         prompt = json.loads(tiny["prompts"].read_text())[0]
         body = {"model": str(tiny["model"]), "prompt": prompt, "max_tokens": 24,
                 "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
@@ -160,19 +152,6 @@ def test_openai_server_with_plugin_matches_stock_tokens(tiny: dict) -> None:
         server.terminate()
         server.wait(timeout=60)
     assert "kvhead FlexiCache" in log.read_text()
-
-
-def _wait_ready(port: int, server: subprocess.Popen, log: Path) -> None:
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"api_server exited: {log.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
-            return
-        except OSError:
-            time.sleep(2)
-    pytest.fail("api_server did not become ready")
 
 
 def test_smollm2_all_pages_matches_stock_with_only_unstable_heads_cached(tmp_path: Path) -> None:

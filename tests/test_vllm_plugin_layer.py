@@ -13,12 +13,14 @@ from kvhead.spec import HeadPageSpec
 from kvhead.summaries import PageValueSums, compensate
 from kvhead.vllm_plugin.hot_pool import HotPool, HotPoolFullError
 from kvhead.vllm_plugin.layer import FlexiLayer, StableRanking
+from kvhead.vllm_plugin.request_state import DecodeRows
 from kvhead.vllm_plugin.selection import CompactSelectionPolicy
 from kvstore import HostArena, HostArenaConfig
 
 P, D, HKV, G, NB = 16, 32, 3, 2, 64
 RESIDENT, STABLE = torch.tensor([1]), torch.tensor([0, 2])
 SCALE = D**-0.5
+ALL_BLOCKS = torch.arange(NB)  # what a step keeps in the pool: the tests use every block
 
 
 class Setup:
@@ -43,6 +45,7 @@ class Setup:
         self.k_ref = torch.zeros(NB, P, HKV, D)
         self.v_ref = torch.zeros(NB, P, HKV, D)
         self.seq_lens = torch.tensor(seq_lens)
+        self.steps = 0
         width = 12
         perm = torch.randperm(NB)
         self.table = perm[: 2 * width].view(2, width).int()
@@ -61,7 +64,7 @@ class Setup:
     def append(self, b: int, positions: torch.Tensor) -> None:
         slots = self.table[b, positions // P].long() * P + positions % P
         k, v = torch.randn(len(positions), HKV, D), torch.randn(len(positions), HKV, D)
-        self.layer.write(k, v, slots, self.cache)
+        self.layer.write(k, v, slots, self.cache, ALL_BLOCKS)
         self.k_ref.view(-1, HKV, D)[slots] = k
         self.v_ref.view(-1, HKV, D)[slots] = v
 
@@ -72,7 +75,10 @@ class Setup:
         self.seq_lens = self.seq_lens + 1
         q = torch.randn(2, HKV * G, D)
         out = torch.zeros_like(q)
-        self.layer.decode(q, out, torch.arange(2), self.seq_lens, self.table, self.cache, SCALE)
+        rows = DecodeRows.lock_step(2, self.steps, rerank_interval=4)
+        self.layer.decode(q, out, torch.arange(2), self.seq_lens, self.table, self.cache, SCALE,
+                          rows, ALL_BLOCKS)
+        self.steps += 1
         sel = self.oracle.select(0, q, self.layer.bounds, self.table, self.seq_lens)
         ref, lse = sparse_decode_attention(q, self.k_ref, self.v_ref, self.table, self.seq_lens,
                                            sel.page_ids, SCALE)
@@ -116,7 +122,7 @@ def test_flexicache_plus_options_decode_as_the_reference_policy(summaries: bool)
     for _ in range(9):
         out, ref, _ = setup.decode()
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert setup.layer.state.selected.shape[2] == 5  # the stable heads' largest budget
+    assert setup.layer.selections.selected.shape[2] == 5  # the stable heads' largest budget
     assert setup.layer.stats.promoted_pages > 0
     assert setup.layer.pool.in_use <= 2 * ((3 + 2) + (5 + 2))
 

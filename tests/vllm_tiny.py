@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
+import pytest
 import torch
 
 from kvhead.stability import HeadProfile, model_fingerprint
@@ -36,3 +41,24 @@ def random_profile(model_dir: Path, path: Path, num_layers: int, num_kv_heads: i
         scores, fraction=fraction, per_layer=True, model_fingerprint=model_fingerprint(model_dir),
         page_size=32, top_k=2, window=4,
     ).save(path)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(port: int, server: subprocess.Popen, log: Path, timeout: float = 600) -> None:
+    """Wait until a vLLM OpenAI server answers /health (fail the test if it exits first)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"api_server exited: {log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+            return
+        except OSError:
+            time.sleep(2)
+    pytest.fail("api_server did not become ready")

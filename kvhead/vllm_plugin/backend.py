@@ -27,6 +27,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
+from kvhead.vllm_plugin.request_state import DecodeRows
 from kvhead.vllm_plugin.runtime import FlexiRuntime, current, init_runtime
 
 PREFILL_BLOCK = 32  # stock vLLM's CPU block size; its AMX attention kernel needs multiples of it
@@ -45,6 +46,8 @@ class FlexiMetadata:
     decode_tokens: torch.Tensor  # the query token of each row with one (decode rows)
     decode_table: torch.Tensor  # [decode rows, max_pages] int32, contiguous
     decode_seq_lens: torch.Tensor  # [decode rows] int64, contiguous
+    decode_rows: DecodeRows  # whose each decode row is (request slots, who reranks)
+    step_blocks: torch.Tensor  # every block this step's rows hold (their pool pages stay)
 
 
 class FlexiCacheMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -66,15 +69,15 @@ class FlexiCacheMetadataBuilder(CPUAttentionMetadataBuilder):
         decode = (qlens == 1).nonzero().flatten()
         prefill = (qlens > 1).nonzero().flatten()
         decode_table = table[decode].contiguous()
-        if decode.numel():
-            runtime.track_batch(decode_table)
+        rows, step_blocks = runtime.plan_step(seq_lens, table, decode, prefill)
         return FlexiMetadata(
             num_actual_tokens=m.num_actual_tokens, slot_mapping=m.slot_mapping,
             seq_lens=seq_lens, block_table=table, prefill_rows=prefill,
             prefill_tokens=[torch.arange(int(starts[r]), int(starts[r + 1]))
                             for r in prefill.tolist()],
             decode_tokens=starts[decode], decode_table=decode_table,
-            decode_seq_lens=seq_lens[decode].contiguous(),
+            decode_seq_lens=seq_lens[decode].contiguous(), decode_rows=rows,
+            step_blocks=step_blocks,
         )
 
 
@@ -103,7 +106,7 @@ class FlexiCacheImpl(CPUAttentionBackendImpl):
         flexi = self.runtime.layer(extract_layer_index(layer.layer_name), kv_cache.shape[0])
         m = attn_metadata
         count = m.num_actual_tokens
-        flexi.write(key[:count], value[:count], m.slot_mapping[:count], kv_cache)
+        flexi.write(key[:count], value[:count], m.slot_mapping[:count], kv_cache, m.step_blocks)
         q, out = query[:count], output[:count]
         if m.prefill_tokens:
             rows = m.prefill_rows
@@ -111,7 +114,7 @@ class FlexiCacheImpl(CPUAttentionBackendImpl):
                           kv_cache, self.scale)
         if m.decode_tokens.numel():
             flexi.decode(q, out, m.decode_tokens, m.decode_seq_lens, m.decode_table, kv_cache,
-                         self.scale)
+                         self.scale, m.decode_rows, m.step_blocks)
         return output
 
 

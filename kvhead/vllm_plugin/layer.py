@@ -9,11 +9,14 @@ sequence from the arena, as a GPU host would stage it. Selection follows
 :class:`kvhead.policy.SelectionPolicy`'s flexicache rules (its int8-bounds form,
 :class:`~kvhead.vllm_plugin.selection.CompactSelectionPolicy`, is the tests' oracle); the
 per-step scoring, top-K, attention and writes run in the native kernels (:mod:`native`), and
-this module keeps the rerank schedule and moves pages.
+this module keeps the rerank schedule and moves pages. Selections belong to requests (a row of
+:class:`SelectionStore` per request slot, see :mod:`kvhead.vllm_plugin.request_state`), so a request
+never attends with another's page choice, whatever blocks vLLM hands around.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -21,9 +24,12 @@ import torch
 from kvhead.pages import page_mask
 from kvhead.vllm_plugin import native
 from kvhead.vllm_plugin.bounds import DeviceBounds
-from kvhead.vllm_plugin.hot_pool import HotPool
+from kvhead.vllm_plugin.hot_pool import HotPool, HotPoolFullError
 from kvhead.vllm_plugin.kernels import one_thread, paged_attention, set_threads, write_cache
+from kvhead.vllm_plugin.request_state import DecodeRows
 from kvstore import PageKeys, PageStore
+
+logger = logging.getLogger(__name__)
 
 _ARENA_BATCH = 256  # stable-head tokens staged before one read-modify-write of the arena
 
@@ -53,13 +59,35 @@ class StableRanking:
     bound_weight: float = 1.0
 
 
-@dataclass
-class DecodeState:
-    """The flexicache selection state of one layer for the running batch (lock-step rows)."""
+class SelectionStore:
+    """Stable heads' top-K sets of one layer, one row per request slot
+    (:class:`~kvhead.vllm_plugin.request_state.RequestStates`), with the epoch each row was ranked
+    for: a row whose epoch differs from its request's was ranked for someone else."""
 
-    selected: torch.Tensor  # [B, Hkv, K] stable heads' top-K at their last rerank, -1 padded
-    anchor: torch.Tensor  # [B, Hkv] pages each sequence had at that rerank
-    steps: int = 0
+    def __init__(self, num_kv_heads: int, width: int) -> None:
+        self.selected = torch.full((0, num_kv_heads, width), -1, dtype=torch.int64)
+        self.anchor = torch.zeros(0, num_kv_heads, dtype=torch.int64)  # pages at the rerank
+        self.epoch = torch.zeros(0, dtype=torch.int64)
+
+    def gather(self, rows: DecodeRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Copies of the rows' sets and anchors, and which rows must rerank now."""
+        need = int(rows.slots.max()) + 1 if rows.slots.numel() else 0
+        if need > self.epoch.shape[0]:  # slots are handed out densely: grow to the new one
+            grow = need - self.epoch.shape[0]
+            self.selected = torch.cat([self.selected, self.selected.new_full(
+                (grow, *self.selected.shape[1:]), -1)])
+            self.anchor = torch.cat([self.anchor, self.anchor.new_zeros(grow, self.anchor.shape[1])])
+            self.epoch = torch.cat([self.epoch, self.epoch.new_full((grow,), -1)])
+        due = rows.due | (self.epoch[rows.slots] != rows.epochs)
+        return self.selected[rows.slots], self.anchor[rows.slots], due
+
+    def put(self, rows: DecodeRows, which: torch.Tensor, selected: torch.Tensor,
+            anchor: torch.Tensor) -> None:
+        """Keep the new sets of rows ``which`` (a mask over ``rows``)."""
+        slots = rows.slots[which]
+        self.selected[slots] = selected[which]
+        self.anchor[slots] = anchor[which]
+        self.epoch[slots] = rows.epochs[which]
 
 
 class FlexiLayer:
@@ -98,7 +126,7 @@ class FlexiLayer:
         self.arena = arena
         self.kernel_threads = kernel_threads  # decode threads (None: torch's, i.e. vLLM's)
         self.stats = LayerStats()
-        self.state: DecodeState | None = None
+        self.selections = SelectionStore(num_kv_heads, self.set_width)
         self._native = native.kernels()
         # Stable-head tokens not yet in the arena: (key, value, flat slot) per write. The arena
         # stores whole pages, so every write is a read-modify-write of its pages; staging turns
@@ -107,16 +135,14 @@ class FlexiLayer:
         self._staged: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._staged_slots: set[int] = set()
 
-    def begin_batch(self) -> None:
-        """A new set of running sequences: forget selections, every head reranks next step."""
-        self.state = None
-
     # -- writes ------------------------------------------------------------------------------
     def write(
         self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor,
+        keep: torch.Tensor,
     ) -> None:
         """Store new tokens ``[T, Hkv, D]`` at vLLM slots: resident heads to vLLM's cache,
-        stable heads to the arena and to their hot-pool page where it has one.
+        stable heads to the arena and to their hot-pool page where it has one (``keep``: every
+        block this step's rows read or write, whose pool pages must stay).
 
         A stable page that opens here and is still open afterwards (a decode token, or the
         partial last page of a prefill chunk) is its sequence's newest page, which is always
@@ -132,10 +158,10 @@ class FlexiLayer:
             if not listed:
                 return
         with one_thread():
-            self._write(key.contiguous(), value.contiguous(), listed, cache)
+            self._write(key.contiguous(), value.contiguous(), listed, cache, keep)
 
     def _write(self, key: torch.Tensor, value: torch.Tensor, listed: list[int],
-               cache: torch.Tensor) -> None:
+               cache: torch.Tensor, keep: torch.Tensor) -> None:
         page, num_stable = self.page_size, len(self.stable)
         slots = torch.tensor(listed, dtype=torch.int64)
         b = self.bounds
@@ -148,8 +174,8 @@ class FlexiLayer:
             newest = sorted(opened - {s // page for s in listed if s % page == page - 1})
             if newest:
                 blocks = torch.tensor(newest, dtype=torch.int64)
-                self.pool.allocate(blocks.repeat_interleave(num_stable),
-                                   torch.arange(num_stable).repeat(len(newest)))
+                self._allocate(blocks.repeat_interleave(num_stable),
+                               torch.arange(num_stable).repeat(len(newest)), keep)
         self._native.write_tokens(key, value, slots, cache, self.res_index, self.pool.pages,
                                   self.pool.slot_of, self.stable_index, self.value_means)
         if num_stable:
@@ -270,86 +296,135 @@ class FlexiLayer:
     def decode(
         self, query: torch.Tensor, out: torch.Tensor, rows_token: torch.Tensor,
         seq_lens: torch.Tensor, block_table: torch.Tensor, cache: torch.Tensor, scale: float,
+        rows: DecodeRows, keep: torch.Tensor,
     ) -> None:
         """One decode step for rows whose single query token is ``rows_token[r]``.
 
-        ``block_table`` is int32 ``[B, W]``, ``seq_lens`` int64 ``[B]`` (contiguous). Resident
+        ``block_table`` is int32 ``[B, W]``, ``seq_lens`` int64 ``[B]`` (contiguous); ``rows``
+        says whose each row is, ``keep`` every block this step's rows read or write. Resident
         heads pick their top-K every step inside the native call; stable heads rerank every R
-        steps here (scored natively, then pages move in the hot pool) and otherwise attend to
-        their last top-K plus their tail.
+        steps of their request here (scored natively, then pages move in the hot pool) and
+        otherwise attend to their request's last top-K plus its tail.
         """
         with one_thread() as threads:
             batch = seq_lens.shape[0]
             every = batch == query.shape[0]  # a pure decode batch: rows are tokens 0..B-1
             q = (query if every else query[rows_token]).reshape(batch, -1, self.head_dim)
             q = q.contiguous()
-            state = self.state
-            if state is None or state.selected.shape[0] != batch:
-                width = min(self.set_width, block_table.shape[1])
-                state = self.state = DecodeState(
-                    selected=torch.full((batch, self.num_kv_heads, width), -1, dtype=torch.int64),
-                    anchor=torch.zeros(batch, self.num_kv_heads, dtype=torch.int64))
-            if len(self.stable) and state.steps % self.rerank_interval == 0:
-                self._rerank(q, seq_lens, block_table, state)
+            selected, anchor, due = self.selections.gather(rows)
+            if len(self.stable) and bool(due.any()):
+                self._rerank(q, seq_lens, block_table, selected, anchor, due, keep)
+                self.selections.put(rows, due, selected, anchor)
             direct = every and out.is_contiguous()
             o = out.view(batch, -1, self.head_dim) if direct else torch.empty_like(q)
-            b = self.bounds
             set_threads(self.kernel_threads or threads)
-            lost = self._native.decode_step(
-                q, o, cache, self.res_index, self.pool.pages, self.pool.slot_of,
-                self.stable_index, block_table, seq_lens, b.box, b.scale, state.selected,
-                state.anchor, self.top_k, self.resident_dense, scale, self.stats.page_steps,
-                self.value_means)
+            lost = self._decode_step(q, o, cache, block_table, seq_lens, selected, anchor, scale)
+            if lost:  # pages left the pool under pressure: copy them back in, attend again
+                self._recover(lost, rows, block_table, seq_lens, selected, anchor, keep)
+                lost = self._decode_step(q, o, cache, block_table, seq_lens, selected, anchor, scale)
+                if lost:
+                    raise RuntimeError(
+                        f"kvhead: layer {self.layer}: {lost} attended stable pages of requests "
+                        f"{', '.join(rows.req_ids)} are not in the hot pool after recovery")
             set_threads(1)
-            if lost:
-                raise RuntimeError(f"kvhead: layer {self.layer}: {lost} attended stable pages "
-                                   "are not in the hot pool (bookkeeping bug)")
             if not direct:
                 out[rows_token] = o.view(batch, *out.shape[1:])
-            state.steps += 1
             self.stats.decode_steps += 1
 
+    def _decode_step(self, q: torch.Tensor, o: torch.Tensor, cache: torch.Tensor,
+                     block_table: torch.Tensor, seq_lens: torch.Tensor, selected: torch.Tensor,
+                     anchor: torch.Tensor, scale: float) -> int:
+        """The native decode of every row and head; returns how many attended stable pages were
+        not in the pool (those rows' outputs are not written then)."""
+        b = self.bounds
+        return self._native.decode_step(
+            q, o, cache, self.res_index, self.pool.pages, self.pool.slot_of, self.stable_index,
+            block_table, seq_lens, b.box, b.scale, selected, anchor, self.top_k,
+            self.resident_dense, scale, self.stats.page_steps, self.value_means)
+
+    def _recover(self, lost: int, rows: DecodeRows, block_table: torch.Tensor,
+                 seq_lens: torch.Tensor, selected: torch.Tensor, anchor: torch.Tensor,
+                 keep: torch.Tensor) -> None:
+        """Copy every attended stable page that is not in the pool back in from the arena, for
+        the rows that miss one, and say whose they were."""
+        num_pages = (seq_lens + self.page_size - 1) // self.page_size
+        width = int(num_pages.max())
+        attended = self._attended(selected, anchor, num_pages, width)
+        table = block_table[:, :width].long().clamp_min(0)
+        held = self.pool.slot_of[table].permute(0, 2, 1) >= 0  # [B, S, width]
+        short = (attended & ~held).flatten(1).any(1).nonzero().flatten()
+        logger.warning("kvhead: layer %d: %d attended stable pages of requests %s were not in "
+                       "the hot pool; copying them in from the host arena", self.layer, lost,
+                       ", ".join(rows.req_ids[i] for i in short.tolist()))
+        self._make_resident(selected[short], anchor[short], block_table[short].contiguous(),
+                            num_pages[short], keep)
+
     def _rerank(self, q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                state: DecodeState) -> None:
-        """Stable heads pick a new top-K; the pool drops pages no longer attended and copies in
-        only the new ones (their tail is just the newest page, part of the new top-K)."""
+                selected: torch.Tensor, anchor: torch.Tensor, due: torch.Tensor,
+                keep: torch.Tensor) -> None:
+        """Stable heads of rows ``due`` pick a new top-K (in place in ``selected``/``anchor``);
+        the pool drops their pages no longer attended and copies in only the new ones (their
+        tail is just the newest page, part of the new top-K)."""
+        whole = bool(due.all())
+        idx = None if whole else due.nonzero().flatten()
+        pick = (lambda t: t) if whole else (lambda t: t[idx].contiguous())
+        q, seq_lens, block_table = pick(q), pick(seq_lens), pick(block_table)
+        sel, anc = pick(selected), pick(anchor)
         num_pages = (seq_lens + self.page_size - 1) // self.page_size
         b, r = self.bounds, self.ranking
         self._native.select_pages(q, b.box, b.scale, block_table, num_pages, self.stable,
                                   r.budgets, r.sink_pages, r.recent_pages,
-                                  r.group_score == "softmax", r.bound_weight, state.selected)
-        state.anchor[:, self.stable] = num_pages.view(-1, 1)
-        ids = state.selected[:, self.stable]
-        valid = ids >= 0
-        blocks = torch.gather(block_table.long().unsqueeze(1).expand(-1, ids.shape[1], -1), 2,
-                              ids.clamp_min(0))
-        self._make_resident(blocks, valid, block_table, num_pages, ids)
+                                  r.group_score == "softmax", r.bound_weight, sel)
+        anc[:, self.stable] = num_pages.view(-1, 1)
+        if not whole:
+            selected[idx], anchor[idx] = sel, anc
+        self._make_resident(sel, anc, block_table, num_pages, keep)
 
-    def _make_resident(
-        self, blocks: torch.Tensor, valid: torch.Tensor, block_table: torch.Tensor,
-        num_pages: torch.Tensor, ids: torch.Tensor,
-    ) -> None:
-        """Make the hot pool hold exactly the pages ``ids [B, S, K]`` of stable heads (and no
-        older page of these sequences): drop the others, copy in only the missing ones."""
-        heads = torch.arange(len(self.stable)).view(1, -1, 1)
+    def _attended(self, selected: torch.Tensor, anchor: torch.Tensor, num_pages: torch.Tensor,
+                  width: int) -> torch.Tensor:
+        """Pages ``[B, S, width]`` the native decode attends for each stable head: its set's
+        pages before the tail, then every page from the one partial at the rerank."""
+        ids = selected[:, self.stable]
+        start = (anchor[:, self.stable] - 1).clamp_min(0).unsqueeze(-1)  # [B, S, 1]
+        pages = torch.arange(width)
+        chosen = page_mask(ids.masked_fill(ids >= start, -1), width)
+        return (chosen | (pages >= start)) & (pages < num_pages.view(-1, 1, 1))
+
+    def _make_resident(self, selected: torch.Tensor, anchor: torch.Tensor,
+                       block_table: torch.Tensor, num_pages: torch.Tensor,
+                       keep: torch.Tensor) -> None:
+        """Make the hot pool hold exactly the pages these rows' stable heads attend (and no
+        other page of their sequences): drop the others, copy in only the missing ones."""
         width = int(num_pages.max())
-        wanted = page_mask(ids.masked_fill(~valid, -1), width)  # [B, S, width]
-        owned = torch.arange(width).view(1, -1) < num_pages.view(-1, 1)
+        wanted = self._attended(selected, anchor, num_pages, width)  # [B, S, width]
         table = block_table[:, :width].long().clamp_min(0)
         held = self.pool.slot_of[table].permute(0, 2, 1)  # [B, S, width]
-        drop = (held >= 0) & owned.unsqueeze(1) & ~wanted
+        owned = torch.arange(width).view(1, 1, -1) < num_pages.view(-1, 1, 1)
+        drop = (held >= 0) & owned & ~wanted
         self.pool.release(held[drop])
         self.stats.demoted_pages += int(drop.sum())
 
-        slots = self.pool.slot_of[blocks, heads.expand_as(blocks)]
-        missing = valid & (slots < 0)
+        missing = wanted & (held < 0)
         if bool(missing.any()):
-            need_blocks = blocks[missing]
-            need_heads = heads.expand_as(blocks)[missing]
-            fresh = self.pool.allocate(need_blocks, need_heads)
+            rows, heads, pages = missing.nonzero(as_tuple=True)
+            need_blocks = table[rows, pages]
+            fresh = self._allocate(need_blocks, heads, keep)
             self._flush_arena_for(need_blocks)
-            got = self.arena.get(PageKeys(self.layer, need_blocks, self.stable[need_heads]))
-            pages = self.pool.pages.view(self.pool.capacity, 2, -1)  # keys [D][P], values [P][D]
-            pages[fresh, 0] = got.k.transpose(1, 2).reshape(len(fresh), -1).to(pages.dtype)
-            pages[fresh, 1] = got.v.reshape(len(fresh), -1).to(pages.dtype)
-            self.stats.promoted_pages += int(missing.sum())
+            got = self.arena.get(PageKeys(self.layer, need_blocks, self.stable[heads]))
+            pool = self.pool.pages.view(self.pool.capacity, 2, -1)  # keys [D][P], values [P][D]
+            pool[fresh, 0] = got.k.transpose(1, 2).reshape(len(fresh), -1).to(pool.dtype)
+            pool[fresh, 1] = got.v.reshape(len(fresh), -1).to(pool.dtype)
+            self.stats.promoted_pages += len(fresh)
+
+    def _allocate(self, blocks: torch.Tensor, heads: torch.Tensor,
+                  keep: torch.Tensor) -> torch.Tensor:
+        """Pool slots for pages ``(blocks[i], heads[i])``; when the pool is full, pages of blocks
+        this step does not touch (requests waiting or preempted) make room first: they come back
+        from the arena when their request runs again."""
+        try:
+            return self.pool.allocate(blocks, heads)
+        except HotPoolFullError:
+            freed = self.pool.release_unreferenced(keep)
+            logger.info("kvhead: layer %d: hot pool full, released %d pages of idle requests",
+                        self.layer, freed)
+            return self.pool.allocate(blocks, heads)

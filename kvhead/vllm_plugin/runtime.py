@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kvhead.spec import HeadPageSpec
-from kvhead.vllm_plugin import budget, kv_spec
+from kvhead.vllm_plugin import budget, kv_spec, request_state
 from kvhead.vllm_plugin.bounds import DeviceBounds
 from kvhead.vllm_plugin.budget import BudgetSplit
 from kvhead.vllm_plugin.config import (
@@ -29,6 +29,7 @@ from kvhead.vllm_plugin.config import (
 )
 from kvhead.vllm_plugin.hot_pool import HotPool
 from kvhead.vllm_plugin.layer import FlexiLayer, StableRanking
+from kvhead.vllm_plugin.request_state import DecodeRows, RequestStates
 from kvstore import HostArena, HostArenaConfig
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,7 @@ class FlexiRuntime:
         self.arena: HostArena | None = None
         self.layers: dict[int, FlexiLayer] = {}
         self.max_pages = math.ceil(geo.max_model_len / geo.page_size)
-        self._cohort: tuple[int, ...] | None = None
-        self.peak_live_blocks = 0
+        self.requests = RequestStates(settings.rerank_interval, geo.page_size)
         self.budget_split: BudgetSplit | None = None  # set when vLLM sizes its cache
 
     # -- sizing ------------------------------------------------------------------------------
@@ -157,22 +157,23 @@ class FlexiRuntime:
                              bound_weight=opt.bound_weight)
 
     # -- per step ----------------------------------------------------------------------------
-    def track_batch(self, block_table: torch.Tensor) -> None:
-        """Note the decode batch of this step; a changed batch restarts every layer's selection.
+    def plan_step(self, seq_lens: torch.Tensor, table: torch.Tensor, decode: torch.Tensor,
+                  prefill: torch.Tensor) -> tuple[DecodeRows, torch.Tensor]:
+        """Account one step's rows to their requests (see :class:`RequestStates`).
 
-        Selection state is lock-step per row, and vLLM's batch changes as requests join and
-        finish, so a changed batch (keyed by each request's first block) makes every head
-        rerank once, which is always correct; the hot pool copies only pages it does not hold.
+        Returns the decode rows' request slots and every block this step's rows hold. When a
+        request ended or restarted since the last step, pool pages of blocks no live request
+        holds any more are released in every layer.
         """
-        cohort = tuple(block_table[:, 0].tolist())
-        if cohort == self._cohort:
-            return
-        self._cohort = cohort
-        live = torch.unique(block_table[block_table >= 0].long())
-        self.peak_live_blocks = max(self.peak_live_blocks, int(live.numel()))
-        for layer in self.layers.values():
-            layer.begin_batch()
-            layer.pool.release_unreferenced(live)
+        rows = self.requests.plan(seq_lens, table, decode, prefill)
+        pages = ((seq_lens + self.geo.page_size - 1) // self.geo.page_size).view(-1, 1)
+        keep = table[torch.arange(table.shape[1]).view(1, -1) < pages].long()
+        if self.requests.changed:
+            self.requests.changed = False
+            live = torch.cat([self.requests.live_blocks(), keep])
+            for layer in self.layers.values():
+                layer.pool.release_unreferenced(live)
+        return rows, keep
 
     # -- reporting ---------------------------------------------------------------------------
     def _page_steps(self) -> list[float]:
@@ -241,6 +242,7 @@ def init_runtime(vllm_config, prefill_isa: str, prefill_block: int) -> FlexiRunt
                             stable_budgets(settings, profile, split))
     kv_spec.install()
     budget.install()
+    request_state.install(lambda: _RUNTIME.requests if _RUNTIME is not None else None)
     logger.warning(
         "kvhead FlexiCache: %d resident + %d stable kv heads (all layers), K=%d, R=%d, page %d",
         _RUNTIME.split.num_resident, _RUNTIME.split.num_stable, settings.top_k,
