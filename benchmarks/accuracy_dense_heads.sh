@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue #2, 8k agreement, sixth session: (1) a second, larger corpus; (2) which heads get every page.
+# 8k agreement: (1) a second, larger corpus; (2) which heads get every page.
 #
-# A = the fifth session's flexicache+ (RCO-unstable heads + layers 0-1 dense, budgets, bound
+# A = flexicache+ (RCO-unstable heads + layers 0-1 dense, budgets, bound
 #     weight 0.5, summary tokens, K 70, R 8; 34.9% resident at 8k; accuracy_compensate.sh).
 # B = the same scoring and the same resident pages, but the dense heads and the budgets chosen
 #     together from coverage curves ranked every 8 steps, as stable heads rerank
@@ -46,8 +46,8 @@ pairs dense_docs4cal 8192 licenses "${B/accuracy_profile_w05_r8.json/accuracy_pr
 #   B with dense heads charged 512 pages (the first pool, before commit "Second long-input
 #   corpus"; 3 dense heads, 35.2% resident) on license windows 0, 2, 4-6 -> accuracy_dense512_8k_w*_gpu.json,
 #   windows 1 and 3 on the CPU -> accuracy_dense512_8k_w{1,3}.json
-#   seventh session: A on python-docs 8k windows 8-13 (six more disjoint windows, run after the
-#   first eight were reported) -> $R/accuracy_docs_comp_8k_w{8..13}_gpu.json
+#   A on python-docs 8k windows 8-13 (six more disjoint windows, run after the
+#   first eight, unchanged) -> $R/accuracy_docs_comp_8k_w{8..13}_gpu.json
 # The pooled numbers the README quotes -> $R/accuracy_pooled.json
 python benchmarks/accuracy_pool.py \
   "docs 8k A=$R/accuracy_docs_comp_8k_w[0-7].json" "docs 8k B=$R/accuracy_docs_dense_8k_w*.json" \

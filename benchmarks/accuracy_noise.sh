@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue #2, 8k agreement (seventh session): how large is the metric's own noise, and is a richer
+# 8k agreement: how large is the metric's own noise, and is a richer
 # summary token a lever? CPU; two processes at a time on a 2-core machine.
 set -euo pipefail
 # Dense bf16 vs dense fp32 on the held-out python-docs windows 0-7 (the license corpus's floor:

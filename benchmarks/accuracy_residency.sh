@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue #2, license corpus at 8k (eighth session): how much residency does configuration A need
+# License corpus at 8k: how much residency does configuration A need
 # there? The same flexicache+ options as benchmarks/accuracy_compensate.sh with larger stable-head
 # pools (--top-k, still spread by --head-budgets); H200 through benchmarks/accuracy_device.sh
 # (stage first), three windows per device call, ~2.5 min each.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue #2, ninth session: configuration A with fewer dense heads (C). Every dense head holds every
+# Configuration A with fewer dense heads (C). Every dense head holds every
 # page, so giving 11 of A's 22 back to the stable pool pays for K = 129 instead of 70 at the same
 # residency (benchmarks/accuracy_dense_count.py prices the trade on the coverage curves).
 # 8k on the H200 through benchmarks/accuracy_device.sh (stage first; ~2 min per window), 2k/4k on CPU.

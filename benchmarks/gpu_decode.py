@@ -23,8 +23,8 @@ heads of dim 128, MLP 14336) in bf16 and random KV, because only speed matters h
 
 Run: ``PYTHONPATH=. python benchmarks/gpu_decode.py`` (``--quick`` for a CPU smoke run;
 ``--skip-layer`` / ``--skip-runner`` for one part). Writes ``benchmarks/results/<name>.json``:
-``gpu_decode.json`` holds the first session's layer and runner tables (fp32 reference
-selection then), ``gpu_decode_runner.json`` the fifth session's runner on the kernel route.
+``gpu_decode.json`` holds the layer and runner tables with the fp32 reference selection,
+``gpu_decode_runner.json`` the runner on the kernel route (int8 live bounds, ``select_pages``).
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ from kvhead.pages import PageBounds
 
 # True: the multi-launch layout with programmatic dependent launches, False: without them;
 # OneShape: one launch (flat and two-level, batch <= 8). The one-launch shapes kept are those
-# the dispatch takes or that won somewhere in the fourth session's runs.
+# the dispatch takes or that won somewhere in the one-launch runs (gpu_select_run1/2).
 PLANS: dict[str, OneShape | bool] = {
     "multi": True,
     "multi nopdl": False,

@@ -22,7 +22,7 @@ Doing both levels in one launch was measured on an H200 in three forms: one prog
 and one cooperative launch with grid barriers (slower), and :mod:`kvhead.kernels.select_one`
 (last program per row merges local top-k's), which :func:`auto_layout` takes where it won
 (``benchmarks/GPU_NOTES.md``). Two launches, each reduced by its last program per row, lost
-too (fifth session, commit 8570931; ``results/gpu_select_run3.json``).
+too (commit 8570931; ``results/gpu_select_run3.json``).
 
 Boxes are scored on CUDA cores (fp32) or on tensor cores (the query as int8 digits,
 :mod:`kvhead.kernels.box_score`); :func:`default_scoring` picks by the size of the first pass.
