@@ -4,7 +4,7 @@ No model is run: the profile (``kvhead coverage``, 2 calibration windows x 32 de
 8k) holds, per (layer, kv head), the share of true attention mass that the softmax group score's
 top-k pages cover (sink page and 4-page window first). For the stable heads of ``flexicache+``
 (``leading_layers`` 0 and 2) this prints the mass covered with ``top_k`` pages each and with the
-budgets of :func:`kvhead.budgets.allocate_budgets` at the same total, per layer, and writes
+budgets of :func:`kvhead.core.budgets.allocate_budgets` at the same total, per layer, and writes
 ``benchmarks/results/accuracy_budgets_alloc.json``. In-sample: the curves that set the budgets
 also score them; the held-out test is ``kvhead eval --head-budgets``.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import typer
 
-from kvhead.budgets import allocate_budgets
-from kvhead.stability import HeadProfile
+from kvhead.core.budgets import allocate_budgets
+from kvhead.core.stability import HeadProfile
 
 app = typer.Typer(add_completion=False)
 

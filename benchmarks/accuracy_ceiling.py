@@ -29,14 +29,15 @@ import torch
 import typer
 from transformers import AutoTokenizer
 
-from kvhead.budgets import allocate_budgets
-from kvhead.evaluation.inputs import corpus_window
-from kvhead.evaluation.tasks import Prefilled, greedy, prefill, teacher_forced
+from kvhead.core.budgets import allocate_budgets
+from kvhead.core.pages import PAD, page_sums, select_top_k
+from kvhead.core.policy import SelectionPolicy
+from kvhead.core.stability import HeadProfile
+from kvhead.eval.inputs import corpus_window
+from kvhead.eval.paged_cache import PagedKVCache
+from kvhead.eval.runner import ReferenceRunner
+from kvhead.eval.tasks import Prefilled, greedy, prefill, teacher_forced
 from kvhead.models import resolve_model
-from kvhead.pages import PAD, page_sums, select_top_k
-from kvhead.policy import SelectionPolicy
-from kvhead.runner import PagedKVCache, ReferenceRunner
-from kvhead.stability import HeadProfile
 
 app = typer.Typer(add_completion=False)
 
@@ -81,7 +82,7 @@ def main(
     corpus: str = typer.Option("licenses", help="Corpus the window is cut from (kvhead eval --corpus)."),
     context: int = 8192, gen_tokens: int = 256, top_k: int = 70, rerank_interval: int = 8,
     profile: Annotated[Path, typer.Option(help="Profile with coverage ranked at bound weight 0.5.")] = Path(
-        "benchmarks/results/accuracy_profile_w05.json"),
+        "kvhead/profiles/smollm2-135m-instruct.json"),
     variants: str = typer.Option(
         "practical,practical+lag,oracle,oracle+summaries,dense-bf16", help="Comma-separated variants."),
     output: Annotated[Path | None, typer.Option(help="JSON results file.")] = None,

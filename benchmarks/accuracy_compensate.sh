@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Issue #2, 8k agreement: flexicache+ as before (K 70, R 8, head budgets, 34.9% resident at 8k)
-# plus the two selection/attention changes of kvhead.pages (bound_weight) and kvhead.summaries
+# plus the two selection/attention changes of kvhead.core.pages (bound_weight) and kvhead.core.summaries
 # (compensate), screened first on attention-output error (benchmarks/accuracy_scoring.py).
 # Budgets come from coverage curves ranked with the same bound weight (first command; the
 # committed profile's curves were ranked with w = 1). Every context pools corpus windows 0-3,
 # one process per window (CPU: ~15 CPU-minutes per 8k window); passkeys ride on window 0's run.
 set -euo pipefail
 R=benchmarks/results
-kvhead coverage --profile kvhead/profiles/smollm2-135m-instruct.json --out $R/accuracy_profile_w05.json \
+kvhead coverage --profile kvhead/profiles/smollm2-135m-instruct.json --out kvhead/profiles/smollm2-135m-instruct.json \
   --bound-weight 0.5
 PLUS="--modes flexicache+ --unstable-dense --leading-layers 2 --sink-pages 1 --recent-pages 4
       --group-score softmax --head-budgets --top-k 70 --rerank-interval 8 --bound-weight 0.5 --compensate
-      --profile $R/accuracy_profile_w05.json"
+      --profile kvhead/profiles/smollm2-135m-instruct.json"
 for ctx in 8192 4096 2048; do
   for w in 0 1 2 3; do
     depths=""; [ $w = 0 ] && depths="0.1,0.3,0.5,0.7,0.9"

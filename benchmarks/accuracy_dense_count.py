@@ -6,7 +6,7 @@ given back to the stable pool pays for ~7 more pages per stable head at the same
 each count N of dense heads (the leading layers' first, then by RCO instability, as
 ``kvhead eval --unstable-heads N`` picks them) this prints the ``--top-k`` that keeps A's
 resident pages where 8k decoding starts, and the stable heads' summed and worst missed
-attention mass under :func:`kvhead.budgets.allocate_budgets`, scored on curves ranked every step
+attention mass under :func:`kvhead.core.budgets.allocate_budgets`, scored on curves ranked every step
 and on curves ranked every 8 steps (which also price the drift between reranks). In-sample:
 the calibration window's curves set and score the budgets; ``kvhead eval`` is the test
 (``benchmarks/accuracy_unstable_heads.sh``). Writes ``results/accuracy_dense_count.json``.
@@ -21,9 +21,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kvhead.budgets import allocate_budgets, missed_mass
-from kvhead.evaluation.harness import profile_pool
-from kvhead.stability import HeadProfile
+from kvhead.core.budgets import allocate_budgets, missed_mass
+from kvhead.core.stability import HeadProfile
+from kvhead.eval.harness import profile_pool
 
 app = typer.Typer(add_completion=False)
 RESULTS = Path("benchmarks/results")
@@ -31,7 +31,7 @@ RESULTS = Path("benchmarks/results")
 
 @app.command()
 def main(
-    profile: Path = RESULTS / "accuracy_profile_w05.json",
+    profile: Path = Path(__file__).parents[1] / "kvhead" / "profiles" / "smollm2-135m-instruct.json",
     drift_profile: Path = RESULTS / "accuracy_profile_w05_r8.json",
     leading_layers: int = 2, top_k: int = 70, context: int = 8192, gen_tokens: int = 256,
     output: Path = RESULTS / "accuracy_dense_count.json",

@@ -5,7 +5,7 @@
 #     weight 0.5, summary tokens, K 70, R 8; 34.9% resident at 8k; accuracy_compensate.sh).
 # B = the same scoring and the same resident pages, but the dense heads and the budgets chosen
 #     together from coverage curves ranked every 8 steps, as stable heads rerank
-#     (kvhead.budgets.allocate_residency, kvhead eval --dense-heads coverage).
+#     (kvhead.core.budgets.allocate_residency, kvhead eval --dense-heads coverage).
 # Budgets of both come from coverage on the license corpus (tokens 16384-24575), so every
 # python-docs window is held out in text and in domain. CPU unless marked _gpu (H200 through
 # benchmarks/accuracy_device.sh, which reproduces CPU tokens). CPU: ~8 minutes per 8k window
@@ -15,7 +15,7 @@ R=benchmarks/results
 kvhead coverage --profile kvhead/profiles/smollm2-135m-instruct.json --out $R/accuracy_profile_w05_r8.json \
   --bound-weight 0.5 --rerank-interval 8
 A="--modes flexicache+ --unstable-dense --leading-layers 2 --sink-pages 1 --recent-pages 4 --group-score softmax
-   --head-budgets --top-k 70 --rerank-interval 8 --bound-weight 0.5 --compensate --profile $R/accuracy_profile_w05.json"
+   --head-budgets --top-k 70 --rerank-interval 8 --bound-weight 0.5 --compensate --profile kvhead/profiles/smollm2-135m-instruct.json"
 B="--modes flexicache+ --unstable-dense --sink-pages 1 --recent-pages 4 --group-score softmax
    --head-budgets --top-k 70 --rerank-interval 8 --bound-weight 0.5 --compensate --dense-heads coverage
    --profile $R/accuracy_profile_w05_r8.json"
@@ -38,7 +38,7 @@ pairs docs_comp 2048 python-docs "$A" 0 1 2 3
 pairs docs_spec 8192 python-docs "--modes flexicache" 0 1 2 3   # the spec configuration, same windows
 # B calibrated on four python-docs windows disjoint from every python-docs eval window, scored on
 # the two hardest license windows (is one calibration window B's weakness?)
-kvhead coverage --profile $R/accuracy_profile_w05.json --out $R/accuracy_profile_w05_r8_docs4.json \
+kvhead coverage --profile kvhead/profiles/smollm2-135m-instruct.json --out $R/accuracy_profile_w05_r8_docs4.json \
   --bound-weight 0.5 --rerank-interval 8 --corpus python-docs --offsets 75000,84000,93000,102000
 pairs dense_docs4cal 8192 licenses "${B/accuracy_profile_w05_r8.json/accuracy_profile_w05_r8_docs4.json}" 1 3
 # H200 (benchmarks/accuracy_device.sh stage, then run NAME ARGS -- NAME ARGS ...):

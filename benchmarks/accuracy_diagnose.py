@@ -29,13 +29,14 @@ import torch
 import typer
 from transformers import AutoTokenizer
 
-from kvhead.evaluation.inputs import corpus_window, passkey_prompt
-from kvhead.evaluation.tasks import greedy, prefill
+from kvhead.core.pages import PageBounds, page_mask, page_sums, score_pages, select_top_k
+from kvhead.core.policy import LayerSelection, SelectionPolicy
+from kvhead.eval.inputs import corpus_window, passkey_prompt
+from kvhead.eval.paged_cache import PagedKVCache
+from kvhead.eval.runner import ReferenceRunner
+from kvhead.eval.tasks import greedy, prefill
 from kvhead.models import resolve_model
-from kvhead.pages import PageBounds, page_mask, page_sums, score_pages, select_top_k
-from kvhead.policy import LayerSelection, SelectionPolicy
-from kvhead.profiles import profile_for_model
-from kvhead.runner import PagedKVCache, ReferenceRunner
+from kvhead.models.profiles import profile_for_model
 
 app = typer.Typer(add_completion=False)
 PASSKEY_TOKENS = 8

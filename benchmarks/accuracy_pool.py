@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kvhead.evaluation.harness import EvalReport
+from kvhead.eval.harness import EvalReport
 
 
 def load(paths: list[str]) -> list[tuple[str, EvalReport]]:

@@ -7,7 +7,7 @@ set -euo pipefail
 R=benchmarks/results
 P="--contexts 8192 --prompts 1 --passkey-depths '' --modes flexicache+ --unstable-dense --leading-layers 2
    --sink-pages 1 --recent-pages 4 --group-score softmax --head-budgets --rerank-interval 8 --bound-weight 0.5
-   --compensate --profile $R/accuracy_profile_w05.json"
+   --compensate --profile kvhead/profiles/smollm2-135m-instruct.json"
 run() { eval benchmarks/accuracy_device.sh run "$@"; }   # then copy $OUT/NAME.json to the names below
 run k100_w1 --first-window 1 --top-k 100 $P -- k100_w3 --first-window 3 --top-k 100 $P -- k140_w3 --first-window 3 --top-k 140 $P
 run k140_w1 --first-window 1 --top-k 140 $P -- k200_w3 --first-window 3 --top-k 200 $P -- k280_w3 --first-window 3 --top-k 280 $P

@@ -13,7 +13,7 @@ same K, the pages chosen by:
 
 For each: the attention mass the pages keep, and the relative error of the head's attention
 output (``|o - o_dense| / |o_dense|``, mean over query heads) without and with summary tokens for
-the skipped pages (``kvhead.summaries``: key = box centre, value = page mean, logit + log count).
+the skipped pages (``kvhead.core.summaries``: key = box centre, value = page mean, logit + log count).
 Output error is what the next layer sees, so it ranks the candidates more directly than mass.
 
 Run: ``python benchmarks/accuracy_scoring.py --windows 1,3`` (CPU, ~1.5 min per 8k window);
@@ -29,8 +29,8 @@ import torch
 import typer
 from stable_head_screen import StableHeadProbe, mean5, screen_windows
 
-from kvhead.pages import PageBounds, page_mask, page_sums, score_pages, select_top_k
-from kvhead.summaries import compensate
+from kvhead.core.pages import PageBounds, page_mask, page_sums, score_pages, select_top_k
+from kvhead.core.summaries import compensate
 
 app = typer.Typer(add_completion=False)
 WEIGHTS = (0.3, 0.4, 0.5, 0.6, 0.7)

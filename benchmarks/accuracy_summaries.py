@@ -1,7 +1,7 @@
 """Can a richer summary token per skipped page buy 8k agreement? A screen on attention outputs.
 
 ``flexicache+`` lets every page a stable head skips enter its attention as one token (key: the
-page box's centre, value: the page's mean value, logit + log tokens; :mod:`kvhead.summaries`).
+page box's centre, value: the page's mean value, logit + log tokens; :mod:`kvhead.core.summaries`).
 On the two hardest license windows at 8k an oracle page ranking gets no more agreement than the
 practical one, and without summaries even the oracle loses 3-4 tokens per window (benchmarks/ACCURACY.md), so the
 summary's fidelity is the one lever left inside the pages' budget. This screen decodes dense's
@@ -34,7 +34,7 @@ import torch
 import typer
 from stable_head_screen import StableHeadProbe, mean5, screen_windows
 
-from kvhead.pages import PageBounds, page_mask, page_sums, score_pages, select_top_k
+from kvhead.core.pages import PageBounds, page_mask, page_sums, score_pages, select_top_k
 
 app = typer.Typer(add_completion=False)
 Form = tuple[torch.Tensor, torch.Tensor]  # (logit [H, G, N], value [H, G, N, D]) per page

@@ -6,7 +6,7 @@
 set -euo pipefail
 R=benchmarks/results
 A="--modes flexicache+ --unstable-dense --leading-layers 2 --sink-pages 1 --recent-pages 4 --group-score softmax
-   --head-budgets --rerank-interval 8 --bound-weight 0.5 --compensate --profile $R/accuracy_profile_w05.json"
+   --head-budgets --rerank-interval 8 --bound-weight 0.5 --compensate --profile kvhead/profiles/smollm2-135m-instruct.json"
 P8="--contexts 8192 --prompts 1 --passkey-depths '' $A"
 C="--unstable-heads 11 --top-k 129"
 python benchmarks/accuracy_dense_count.py                        # -> $R/accuracy_dense_count.json

@@ -26,10 +26,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kvhead.bounds_compact import CompactBounds, default_num_super
+from kvhead.core.bounds.compact import CompactBounds, default_num_super
 from kvhead.kernels import select, select_hier, select_one
-from kvhead.kernels.select_hier import Plan
-from kvhead.kernels.select_one import OneShape
+from kvhead.kernels.triton.select_hier import Plan
+from kvhead.kernels.triton.select_one import OneShape
 
 DTYPES = {torch.float32: "fp32", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64",
           torch.bfloat16: "bf16"}

@@ -3,7 +3,7 @@
 Two measurements, both with random weights of Llama-8B shape (hidden 4096, 32 query / 8 KV
 heads of dim 128, MLP 14336) in bf16 and random KV, because only speed matters here:
 
-* ``runner``: the Hugging Face reference runner (``kvhead.runner``), batch 1, a 4-layer
+* ``runner``: the Hugging Face reference runner (``kvhead.eval.runner``), batch 1, a 4-layer
   model (the step time of a deeper model scales with its layer count), decoding after a context
   whose KV is written straight into the runner's paged cache, dense vs flexicache (a quarter of
   the KV heads unstable). The cache keeps int8 live bounds (built at the first decode step
@@ -42,11 +42,11 @@ from rich.console import Console
 from rich.table import Table
 
 from kvhead import kernels
-from kvhead.bounds_compact import flat_select as ref_flat_select
-from kvhead.bounds_compact import hier_select as ref_hier_select
-from kvhead.bounds_compact import plan_selection, score_compact_pages
-from kvhead.pages import PageBounds, all_pages
-from kvhead.policy import SelectionPolicy
+from kvhead.core.bounds.compact import flat_select as ref_flat_select
+from kvhead.core.bounds.compact import hier_select as ref_hier_select
+from kvhead.core.bounds.compact import plan_selection, score_compact_pages
+from kvhead.core.pages import PageBounds, all_pages
+from kvhead.core.policy import SelectionPolicy
 
 console = Console()
 app = typer.Typer(add_completion=False)
@@ -356,8 +356,8 @@ def runner_steps(shape: Shape, ctx: int, steps: int, device: torch.device,
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kvhead.runner import ReferenceRunner
-    from kvhead.runner.paged_cache import PagedKVCache
+    from kvhead.eval.paged_cache import PagedKVCache
+    from kvhead.eval.runner import ReferenceRunner
 
     config = LlamaConfig(
         hidden_size=shape.hidden, intermediate_size=shape.intermediate,
@@ -399,7 +399,8 @@ def runner_steps(shape: Shape, ctx: int, steps: int, device: torch.device,
 
     modes = {"dense": {}, "flexicache": {"unstable": unstable}}
     kwargs = {"num_layers": shape.layers, "num_kv_heads": shape.num_kv, "page_size": shape.page,
-              "top_k": shape.top_k, "rerank_interval": shape.rerank, "use_kernels": True}
+              "top_k": shape.top_k, "rerank_interval": shape.rerank, "use_kernels": True,
+              "kernels": kernels}
     for mode, extra in modes.items():
         policy = SelectionPolicy(mode=mode, **kwargs, **extra)
         times = decode(policy, steps)

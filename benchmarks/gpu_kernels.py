@@ -26,8 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from kvhead import kernels
-from kvhead.attention import sparse_decode_attention as ref_attention
-from kvhead.bounds_compact import (
+from kvhead.core.attention import sparse_decode_attention as ref_attention
+from kvhead.core.bounds.compact import (
     DEFAULT_CANDIDATES_PER_K,
     DEFAULT_GROUP,
     CompactBounds,
@@ -41,13 +41,13 @@ from kvhead.bounds_compact import (
     select_super_pages,
     super_page_scores,
 )
-from kvhead.bounds_live import LiveBounds
-from kvhead.helix import combine_partials as ref_combine
-from kvhead.kernels.attention import DEFAULT_CONFIG, LaunchConfig
-from kvhead.kernels.attention import sparse_decode_attention as kernel_attention
-from kvhead.kernels.select_hier import hier_select_stages
-from kvhead.kernels.timing import graph_ms, median_ms, wall_ms
-from kvhead.pages import PageBounds, all_pages, score_pages
+from kvhead.core.bounds.live import LiveBounds
+from kvhead.core.combine import combine_partials as ref_combine
+from kvhead.core.pages import PageBounds, all_pages, score_pages
+from kvhead.kernels.triton.attention import DEFAULT_CONFIG, LaunchConfig
+from kvhead.kernels.triton.attention import sparse_decode_attention as kernel_attention
+from kvhead.kernels.triton.select_hier import hier_select_stages
+from kvhead.kernels.triton.timing import graph_ms, median_ms, wall_ms
 
 NUM_Q, NUM_KV, DIM, PAGE = 32, 8, 128, 16
 RERANK_INTERVAL = 16

@@ -51,14 +51,14 @@ from gpu_select import entry_check
 from rich.console import Console
 
 from kvhead import kernels
-from kvhead.bounds_compact import (
+from kvhead.core.bounds.compact import (
     DEFAULT_GROUP,
     CompactBounds,
     build_super_bounds,
     score_compact_pages,
 )
-from kvhead.kernels.attention import sparse_decode_attention as kernel_attention
-from kvhead.pages import PageBounds
+from kvhead.core.pages import PageBounds
+from kvhead.kernels.triton.attention import sparse_decode_attention as kernel_attention
 
 VARIANTS = ("steps", "overlap", "overlap_hi", "lag1", "serial", "select", "stamped")
 COSTED = ("overlap", "overlap_hi", "lag1", "serial")

@@ -5,7 +5,7 @@ For each (context, batch, K), Llama-8B attention shape, int8 page bounds of rand
 the sparse decode step (the denominator) and the fp32 flat selection (the "before"), then
 int8 flat and two-level (super-pages of 8, 4K candidates) selection, each in the multi-launch
 layout with and without programmatic dependent launches, and in one-launch shapes
-(``kvhead.kernels.select_one``) at batches up to 8. (Run 3 also timed a two-launch layout,
+(``kvhead.kernels.triton.select_one``) at batches up to 8. (Run 3 also timed a two-launch layout,
 since removed.) "auto" is the plan
 ``kernels.select_pages`` takes at that size, looked up among the measured plans; "entry" is
 ``kernels.select_pages`` itself, checked and timed (the dispatch as it stands when run).
@@ -36,7 +36,7 @@ from gpu_kernels import (
 from rich.console import Console
 
 from kvhead import kernels
-from kvhead.bounds_compact import (
+from kvhead.core.bounds.compact import (
     DEFAULT_GROUP,
     CompactBounds,
     build_super_bounds,
@@ -48,7 +48,8 @@ from kvhead.bounds_compact import (
     select_super_pages,
     super_page_scores,
 )
-from kvhead.kernels.select_hier import (
+from kvhead.core.pages import PageBounds
+from kvhead.kernels.triton.select_hier import (
     FUSE_MAX_PROGRAMS,
     TILE,
     Plan,
@@ -56,10 +57,9 @@ from kvhead.kernels.select_hier import (
     auto_pdl,
     hier_select_stages,
 )
-from kvhead.kernels.select_hier import flat_select as kernel_flat
-from kvhead.kernels.select_one import OneShape, default_shape
-from kvhead.kernels.timing import graph_ms
-from kvhead.pages import PageBounds
+from kvhead.kernels.triton.select_hier import flat_select as kernel_flat
+from kvhead.kernels.triton.select_one import OneShape, default_shape
+from kvhead.kernels.triton.timing import graph_ms
 
 # True: the multi-launch layout with programmatic dependent launches, False: without them;
 # OneShape: one launch (flat and two-level, batch <= 8). The one-launch shapes kept are those

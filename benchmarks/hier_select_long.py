@@ -34,7 +34,7 @@ import typer
 from rich.console import Console
 from selection_report import report, summarize
 
-from kvhead.bounds_compact import (
+from kvhead.core.bounds.compact import (
     CompactBounds,
     build_super_bounds,
     default_num_super,
@@ -42,7 +42,7 @@ from kvhead.bounds_compact import (
     hier_select,
     plan_selection,
 )
-from kvhead.pages import PageBounds, page_mask, score_pages, select_top_k
+from kvhead.core.pages import PageBounds, page_mask, score_pages, select_top_k
 
 NUM_KV, GROUP_Q, DIM, PAGE = 8, 4, 128, 16
 ROPE_THETA = 500_000.0

@@ -27,11 +27,17 @@ from rich.console import Console
 from selection_report import report, summarize
 from transformers import AutoTokenizer
 
-from kvhead.bounds_compact import CompactBounds, build_super_bounds, hier_select, num_super_pages
-from kvhead.evaluation.inputs import corpus_window
-from kvhead.pages import page_mask, page_sums, score_pages, select_top_k
-from kvhead.policy import LayerSelection
-from kvhead.runner import PagedKVCache, ReferenceRunner
+from kvhead.core.bounds.compact import (
+    CompactBounds,
+    build_super_bounds,
+    hier_select,
+    num_super_pages,
+)
+from kvhead.core.pages import page_mask, page_sums, score_pages, select_top_k
+from kvhead.core.policy import LayerSelection
+from kvhead.eval.inputs import corpus_window
+from kvhead.eval.paged_cache import PagedKVCache
+from kvhead.eval.runner import ReferenceRunner
 
 MODEL = Path("/root/.cache/kvhead/models/smollm2-135m-instruct")
 console = Console()

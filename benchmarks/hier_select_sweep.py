@@ -1,7 +1,7 @@
 """Launch-plan sweep of the int8 rerank selection (and the timing of the int8 bounds append).
 
 For each (context, batch, K) of the selection table in ``gpu_kernels.py``, every plan of
-:class:`kvhead.kernels.select_hier.Plan` listed below is checked against the torch reference
+:class:`kvhead.kernels.triton.select_hier.Plan` listed below is checked against the torch reference
 (each level's score set, NaN fails) and timed as a share of the sparse decode step, amortised
 over R = 16 steps. Plans: the layout (first level fused into the candidate programs or in
 its own launch) and the scoring (CUDA-core fp32 or int8
@@ -10,7 +10,7 @@ the previous default with CUDA-core scoring.
 
 Also times :func:`kvhead.kernels.append_bounds` (int8 page and super-page bounds on append,
 one launch) beside the fp32 ``update_bounds`` (two launches), after checking the append
-bit-for-bit against :meth:`kvhead.bounds_live.LiveBounds.append`.
+bit-for-bit against :meth:`kvhead.core.bounds.live.LiveBounds.append`.
 
 Run: ``PYTHONPATH=. python benchmarks/hier_select_sweep.py`` (``--quick``: tiny sizes, also under
 ``TRITON_INTERPRET=1``). Writes ``benchmarks/results/hier_select_sweep.json``.
@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kvhead import kernels
-from kvhead.bounds_compact import (
+from kvhead.core.bounds.compact import (
     DEFAULT_GROUP,
     CompactBounds,
     build_super_bounds,
@@ -49,10 +49,10 @@ from kvhead.bounds_compact import (
     select_super_pages,
     super_page_scores,
 )
-from kvhead.bounds_live import LiveBounds
-from kvhead.kernels.select_hier import Plan, Scoring, hier_select_stages
-from kvhead.kernels.timing import graph_ms
-from kvhead.pages import PageBounds
+from kvhead.core.bounds.live import LiveBounds
+from kvhead.core.pages import PageBounds
+from kvhead.kernels.triton.select_hier import Plan, Scoring, hier_select_stages
+from kvhead.kernels.triton.timing import graph_ms
 
 console = Console()
 app = typer.Typer(add_completion=False)
@@ -136,7 +136,7 @@ def sweep_point(ctx: int, batch: int, top_ks: list[int], checks: Checks, device:
 
 
 def _flat(q, pages, table, num_pages, top_k, plan):
-    from kvhead.kernels.select_hier import flat_select as kernel
+    from kvhead.kernels.triton.select_hier import flat_select as kernel
 
     return kernel(q, pages, table, num_pages, top_k, plan)
 

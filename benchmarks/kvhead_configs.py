@@ -18,7 +18,7 @@ PAGE = 16  # kvhead pages; stock's CPU kernels need blocks of 32
 _SPEC = {"profile": str(Path(__file__).parents[1] / "kvhead" / "profiles" / "smollm2-135m-instruct.json"),
          "top_k": 64, "rerank_interval": 16, "page_size": PAGE}
 _PLUS = _SPEC | {
-    "profile": str(RESULTS / "accuracy_profile_w05.json"), "top_k": 70, "rerank_interval": 8,
+    "profile": str(Path(__file__).parents[1] / "kvhead" / "profiles" / "smollm2-135m-instruct.json"), "top_k": 70, "rerank_interval": 8,
     "unstable_dense": True, "leading_layers": 2, "sink_pages": 1, "recent_pages": 4,
     "group_score": "softmax", "bound_weight": 0.5, "head_budgets": True, "compensate": True}
 CONFIGS = {"spec": _SPEC, "plus": _PLUS, "plus11": _PLUS | {"unstable_heads": 11, "top_k": 129}}

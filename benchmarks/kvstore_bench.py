@@ -45,7 +45,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kvhead.spec import HeadPageSpec
+from kvhead.core.spec import HeadPageSpec
 from kvstore import HostArena, HostArenaConfig, PageKeys, RedisTier, RedisTierConfig, prefix_hashes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

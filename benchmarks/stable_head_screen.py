@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from kvhead.evaluation.inputs import corpus_window
-from kvhead.evaluation.tasks import greedy, prefill
+from kvhead.core.pages import PageBounds
+from kvhead.eval.inputs import corpus_window
+from kvhead.eval.paged_cache import PagedKVCache
+from kvhead.eval.runner import ReferenceRunner
+from kvhead.eval.tasks import greedy, prefill
 from kvhead.models import resolve_model
-from kvhead.pages import PageBounds
-from kvhead.profiles import profile_for_model
-from kvhead.runner import PagedKVCache, ReferenceRunner
+from kvhead.models.profiles import profile_for_model
 
 
 class StableHeadProbe:

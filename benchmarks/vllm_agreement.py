@@ -115,7 +115,7 @@ def worker(
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
-    from kvhead.vllm_plugin.generate import engine_kwargs
+    from kvhead.vllm.generate import engine_kwargs
 
     settings = json.loads(kvhead.read_text()) if kvhead else None
     if (mode == "kvhead") != (settings is not None):
@@ -138,7 +138,7 @@ def worker(
                     | _forced_run(llm, prompt, reference, f"{mode}-{i}"))
         print(mode, len(prompt), "agreement", runs[-1]["agreement"], flush=True)
     # imported after the engine exists, like vllm_throughput.py (vLLM's module scan at start-up)
-    from kvhead.vllm_plugin.runtime import current
+    from kvhead.vllm.runtime import current
 
     runtime = current()
     report = runtime.report() if runtime is not None else None
@@ -149,7 +149,7 @@ def _prompts(contexts: list[int], gen: int) -> list[list[int]]:
     """The reference runner's prompts: corpus windows of ``context - gen`` tokens at offset 0."""
     from transformers import AutoTokenizer
 
-    from kvhead.evaluation.inputs import corpus_window
+    from kvhead.eval.inputs import corpus_window
     from kvhead.models.resolve import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(MODEL))

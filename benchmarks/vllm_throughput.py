@@ -94,7 +94,7 @@ def worker(mode: str, out: Path, contexts: str, batches: str, gen: int = GEN,
     from vllm import LLM
 
     from kvhead.models.resolve import resolve_model
-    from kvhead.vllm_plugin.generate import engine_kwargs, vllm_kv_cache_bytes
+    from kvhead.vllm.generate import engine_kwargs, vllm_kv_cache_bytes
 
     model_dir = resolve_model(MODEL)
     ctxs, bs = [int(c) for c in contexts.split(",")], [int(b) for b in batches.split(",")]
@@ -106,7 +106,7 @@ def worker(mode: str, out: Path, contexts: str, batches: str, gen: int = GEN,
     # Imported after the engine exists, so nothing the runtime pulls in (kvstore and what it
     # loads) is in sys.modules when vLLM's worker scans loaded modules to register its CPU
     # Triton-kernel overrides (numba/llvmlite objects once broke that scan).
-    from kvhead.vllm_plugin.runtime import current
+    from kvhead.vllm.runtime import current
 
     config = llm.llm_engine.vllm_config
     hf = config.model_config.hf_text_config
@@ -149,7 +149,7 @@ def probe(max_num_seqs: int, out: Path, config: str = "spec") -> None:
     from vllm import LLM, SamplingParams
 
     from kvhead.models.resolve import resolve_model
-    from kvhead.vllm_plugin.generate import engine_kwargs, vllm_kv_cache_bytes
+    from kvhead.vllm.generate import engine_kwargs, vllm_kv_cache_bytes
 
     llm = LLM(**engine_kwargs(
         str(resolve_model(MODEL)), kvhead_settings(config, ARENA_GIB), block_size=KVHEAD_PAGE,
@@ -157,7 +157,7 @@ def probe(max_num_seqs: int, out: Path, config: str = "spec") -> None:
         max_num_seqs=max_num_seqs, kv_cache_bytes=KV_BUDGET, in_process=True))
     llm.generate([{"prompt_token_ids": list(range(100, 140))}],
                  SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True), use_tqdm=False)
-    from kvhead.vllm_plugin.runtime import current
+    from kvhead.vllm.runtime import current
 
     report = current().report()
     out.write_text(json.dumps({

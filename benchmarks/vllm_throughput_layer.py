@@ -31,11 +31,11 @@ import typer
 from kvhead_configs import kvhead_settings
 from pydantic import ValidationError
 
-from kvhead.stability import HeadProfile
-from kvhead.vllm_plugin.config import FlexiCacheSettings, HeadSplit, stable_budgets
-from kvhead.vllm_plugin.kernels import paged_attention, write_cache
-from kvhead.vllm_plugin.request_state import DecodeRows
-from kvhead.vllm_plugin.runtime import FlexiRuntime, ModelGeometry
+from kvhead.core.stability import HeadProfile
+from kvhead.vllm.config import FlexiCacheSettings, HeadSplit, stable_budgets
+from kvhead.vllm.ops import paged_attention, write_cache
+from kvhead.vllm.request_state import DecodeRows
+from kvhead.vllm.runtime import FlexiRuntime, ModelGeometry
 
 app = typer.Typer(add_completion=False)
 ARENA_GIB = 8.0  # every stable page of the harness's blocks (bf16)

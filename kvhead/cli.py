@@ -15,9 +15,11 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from kvhead.core.options import SPEC_TOP_K
 from kvhead.models import ModelError, resolve_model
 from kvhead.models.cli import app as models_app
-from kvhead.profiles import ProfileError, profile_for_model, user_profile_dir
+from kvhead.models.profiles import ProfileError, profile_for_model, user_profile_dir
+from kvhead.presets import DEFAULT_PRESET, PRESETS, get_preset
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
 app.add_typer(models_app, name="models")
@@ -53,7 +55,7 @@ def _load(model: str, page_size: int, device: str = "cpu"):
     import torch
     from transformers import AutoTokenizer
 
-    from kvhead.runner import ReferenceRunner
+    from kvhead.eval.runner import ReferenceRunner
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
@@ -67,13 +69,13 @@ def profile(
     model: Annotated[str, typer.Option(help="Registry name, HF folder or .gguf file.")] = DEFAULT_MODEL,
     out: Annotated[Path | None, typer.Option(help="Profile JSON (default: KVHEAD_HOME/profiles).")] = None,
     heatmap: Annotated[Path | None, typer.Option(help="PNG heatmap (default: next to the JSON).")] = None,
-    num_prompts: int = 3, context: int = 4096, decode_steps: int = 97, top_k: int = 64,
+    num_prompts: int = 3, context: int = 4096, decode_steps: int = 97, top_k: int = SPEC_TOP_K,
     page_size: int = 16, window: int = 16, unstable_fraction: float = 0.25,
     per_layer: Annotated[bool, typer.Option(help="Same unstable count in every layer.")] = False,
     seed: int = 0,
 ) -> None:
     """Measure per-head stability (RCO) and write the head profile and its heatmap."""
-    from kvhead.profiler import ProfileConfig, profile_heads, save_heatmap
+    from kvhead.eval.profiler import ProfileConfig, profile_heads, save_heatmap
 
     try:
         cfg = ProfileConfig(
@@ -109,7 +111,7 @@ def coverage(
     device: Annotated[str, typer.Option(help="torch device: cpu or cuda.")] = "cpu",
 ) -> None:
     """Calibrate head-adaptive budgets: add per-head attention-mass coverage to a head profile."""
-    from kvhead.profiler import CoverageConfig, measure_coverage
+    from kvhead.eval.profiler import CoverageConfig, measure_coverage
 
     try:
         cfg = CoverageConfig(
@@ -133,50 +135,57 @@ def coverage(
 @app.command("eval")
 def eval_(
     model: Annotated[str, typer.Option(help="Registry name, HF folder or .gguf file.")] = DEFAULT_MODEL,
-    profile_path: Annotated[Path | None, typer.Option("--profile", help="Head profile JSON.")] = None,
+    preset: Annotated[str, typer.Option(help=f"Named settings: {', '.join(PRESETS)}; every option below overrides it.")] = DEFAULT_PRESET,
+    profile_path: Annotated[Path | None, typer.Option("--profile", help="Head profile JSON (default: the one matching the model).")] = None,
     contexts: Annotated[str, typer.Option(help="Sequence lengths, comma-separated.")] = "2048,4096,8192",
-    gen_tokens: int = 256, top_k: int = 64, page_size: int = 16, rerank_interval: int = 16,
+    gen_tokens: int = 256, page_size: int = 16,
     passkey_depths: Annotated[str, typer.Option(help="Needle depths, comma-separated.")] = "0.1,0.3,0.5,0.7,0.9",
     seed: int = 0,
-    output: Annotated[Path, typer.Option(help="JSON results file.")] = Path("benchmarks/results/accuracy.json"),
-    modes: Annotated[str, typer.Option(help="Sparse modes: quest, flexicache, quest+, flexicache+.")] = "quest,flexicache",
-    sink_pages: Annotated[int, typer.Option(help="+ modes: first pages always selected.")] = 0,
-    recent_pages: Annotated[int, typer.Option(help="+ modes: newest pages always selected.")] = 1,
-    group_score: Annotated[str, typer.Option(help="+ modes: GQA page score, max or softmax.")] = "max",
-    leading_layers: Annotated[int, typer.Option(help="+ modes: first layers attend densely.")] = 0,
-    unstable_dense: Annotated[bool, typer.Option(help="flexicache+: unstable heads attend densely.")] = False,
-    unstable_heads: Annotated[int | None, typer.Option(help="flexicache+: dense heads (leading layers', then the profile's most unstable); default: the profile's unstable count.")] = None,
-    head_budgets: Annotated[bool, typer.Option(help="+ modes: per-head budgets from the profile's coverage.")] = False,
-    bound_weight: Annotated[float, typer.Option(help="+ modes: share of the page box's spread in its score (1: upper bound).")] = 1.0,
-    compensate: Annotated[bool, typer.Option(help="+ modes: skipped pages enter attention as summary tokens.")] = False,
-    rerank_lag: Annotated[bool, typer.Option(help="flexicache+: stable heads' reranks take effect one step late.")] = False,
-    dense_heads: Annotated[str, typer.Option(help="flexicache+: dense heads from the 'profile' (RCO) or chosen with budgets by 'coverage'.")] = "profile",
+    output: Annotated[Path, typer.Option(help="JSON results file.")] = Path("kvhead-eval.json"),
+    modes: Annotated[str | None, typer.Option(help="Sparse modes: quest, flexicache, quest+, flexicache+ (default: the preset's).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Pages per head's top-K set (K).")] = None,
+    rerank_interval: Annotated[int | None, typer.Option(help="Decode steps between stable-head reranks (R).")] = None,
+    sink_pages: Annotated[int | None, typer.Option(help="+ modes: first pages always selected.")] = None,
+    recent_pages: Annotated[int | None, typer.Option(help="+ modes: newest pages always selected.")] = None,
+    group_score: Annotated[str | None, typer.Option(help="+ modes: GQA page score, max or softmax.")] = None,
+    leading_layers: Annotated[int | None, typer.Option(help="+ modes: first layers attend densely.")] = None,
+    unstable_dense: Annotated[bool | None, typer.Option(help="flexicache+: unstable heads attend densely.")] = None,
+    unstable_heads: Annotated[int | None, typer.Option(help="flexicache+: dense heads (leading layers', then the profile's most unstable).")] = None,
+    head_budgets: Annotated[bool | None, typer.Option(help="+ modes: per-head budgets from the profile's coverage.")] = None,
+    bound_weight: Annotated[float | None, typer.Option(help="+ modes: share of the page box's spread in its score (1: upper bound).")] = None,
+    compensate: Annotated[bool | None, typer.Option(help="+ modes: skipped pages enter attention as summary tokens.")] = None,
+    rerank_lag: Annotated[bool | None, typer.Option(help="flexicache+: stable heads' reranks take effect one step late.")] = None,
+    dense_heads: Annotated[str | None, typer.Option(help="flexicache+: dense heads from the 'profile' (RCO) or chosen with budgets by 'coverage'.")] = None,
     prompts: Annotated[int, typer.Option(help="Corpus windows per context (agreement, perplexity).")] = 1,
     first_window: Annotated[int, typer.Option(help="Index of the first corpus window.")] = 0,
     corpus: Annotated[str, typer.Option(help="Text of the windows: licenses or python-docs.")] = "licenses",
     device: Annotated[str, typer.Option(help="torch device: cpu or cuda.")] = "cpu",
 ) -> None:
-    """Accuracy of quest and flexicache decoding against dense, per context length."""
-    from kvhead.evaluation.harness import EvalConfig, evaluate
-    from kvhead.selection_options import SelectionOptions
+    """Accuracy of sparse decoding (a preset, by default the accurate one) against dense."""
+    from kvhead.eval.harness import EvalConfig, evaluate
 
     try:
-        options = SelectionOptions(
-            sink_pages=sink_pages, recent_pages=recent_pages, group_score=group_score,
-            leading_layers=leading_layers, unstable_dense=unstable_dense, unstable_heads=unstable_heads,
-            head_budgets=head_budgets,
-            bound_weight=bound_weight, compensate=compensate, rerank_lag=rerank_lag, dense_heads=dense_heads,
+        chosen = get_preset(preset)
+        options = chosen.selection_options(
+            top_k=top_k, rerank_interval=rerank_interval, sink_pages=sink_pages,
+            recent_pages=recent_pages, group_score=group_score, leading_layers=leading_layers,
+            unstable_dense=unstable_dense, unstable_heads=unstable_heads,
+            head_budgets=head_budgets, bound_weight=bound_weight, compensate=compensate,
+            rerank_lag=rerank_lag, dense_heads=dense_heads,
         )
         cfg = EvalConfig(
-            contexts=_ints(contexts), gen_tokens=gen_tokens, top_k=top_k, page_size=page_size,
-            rerank_interval=rerank_interval, passkey_depths=_floats(passkey_depths), seed=seed,
-            prompts=prompts, first_window=first_window, corpus=corpus,
-            modes=[m.strip() for m in modes.split(",") if m.strip()], options=options,
+            contexts=_ints(contexts), gen_tokens=gen_tokens, top_k=options.top_k,
+            page_size=page_size, rerank_interval=options.rerank_interval,
+            passkey_depths=_floats(passkey_depths), seed=seed, prompts=prompts,
+            first_window=first_window, corpus=corpus, options=options,
+            modes=[m.strip() for m in modes.split(",") if m.strip()] if modes else chosen.modes,
         )
         for context in cfg.contexts:
             cfg.prompt_tokens(context)
-        model_dir, runner, tokenizer = _load(model, page_size, device)
+        model_dir = resolve_model(model)
+        check_against_model(cfg, model_dir)
         head_profile = profile_for_model(model_dir, profile_path)
+        model_dir, runner, tokenizer = _load(model, page_size, device)
         output.parent.mkdir(parents=True, exist_ok=True)
 
         def save(partial) -> None:
@@ -187,12 +196,30 @@ def eval_(
         report = evaluate(runner, tokenizer, head_profile, cfg, model=Path(model_dir).name, on_context=save)
     except USER_ERRORS as err:
         _fail(err)
-    console.print(accuracy_table(report))
+    console.print(accuracy_table(report, preset if modes is None else None))
     console.print(f"results: {output}")
 
 
-def accuracy_table(report) -> Table:
-    table = Table(title=f"{report.model}: sparse decoding vs dense (K={report.config.top_k} pages)")
+def check_against_model(cfg, model_dir: str | Path) -> None:
+    """Refuse an evaluation the model cannot run, before any weights are loaded: contexts
+    beyond its length, and dense-head or layer counts beyond its heads and layers."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    limit = config.get("max_position_embeddings")
+    longest = max(cfg.contexts)
+    if limit is not None and longest > limit:
+        raise ValueError(f"--contexts {longest} exceeds the model's context of {limit} tokens")
+    layers = config["num_hidden_layers"]
+    heads = layers * config.get("num_key_value_heads", config["num_attention_heads"])
+    opt = cfg.options
+    if opt.leading_layers > layers:
+        raise ValueError(f"--leading-layers {opt.leading_layers} exceeds the model's {layers} layers")
+    if opt.unstable_heads is not None and opt.unstable_heads > heads:
+        raise ValueError(f"--unstable-heads {opt.unstable_heads} exceeds the model's {heads} kv heads")
+
+
+def accuracy_table(report, preset: str | None = None) -> Table:
+    named = f"preset {preset}, " if preset else ""
+    table = Table(title=f"{report.model}: sparse decoding vs dense ({named}K={report.config.top_k} pages)")
     for column in ("context", "mode", "token agr.", "± s.e.", "free match", "PPL ratio", "passkey", "dense passkey", "resident"):
         table.add_column(column, justify="right")
     for result in report.results:

@@ -1,6 +1,8 @@
 """kvstore: head-page store tiers behind one interface (host arena, Redis, tier manager).
 
 See ``kvstore/README.md`` for the API the vLLM plugin codes against.
+
+Dependency rule: imports ``kvhead.core`` only (page geometry); the vLLM plugin builds on it.
 """
 
 from kvstore.base import PageBatch, PageKeys, PageStore, TierStats

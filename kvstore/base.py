@@ -39,7 +39,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvhead.spec import HeadPageSpec
+from kvhead.core.spec import HeadPageSpec
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from kvhead.spec import HeadPageSpec
+from kvhead.core.spec import HeadPageSpec
 from kvstore.config import KVStoreConfig
 from kvstore.host_arena import HostArena
 from kvstore.manager import TierManager

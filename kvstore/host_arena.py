@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvhead.spec import HeadPageSpec
+from kvhead.core.spec import HeadPageSpec
 from kvstore.base import PageBatch, PageKeys, PageStore, TierStats
 from kvstore.config import HostArenaConfig
 

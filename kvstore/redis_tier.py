@@ -31,7 +31,7 @@ import torch
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from kvhead.spec import HeadPageSpec
+from kvhead.core.spec import HeadPageSpec
 from kvstore.base import PageBatch, PageKeys, PageStore, TierStats
 from kvstore.codec import PageCodec
 from kvstore.config import RedisTierConfig

@@ -28,7 +28,7 @@ want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 # The plugin's C++ decode kernels: built once per machine into $KVHEAD_HOME (about a minute),
 # then loaded from there; a rebuild happens only when their source changes.
 build_native() {
-    "$VENV/bin/python" -c "from kvhead.vllm_plugin import native; native.kernels(); print('[setup] native kernels ready')"
+    "$VENV/bin/python" -c "from kvhead.kernels.cpu import native; native.kernels(); print('[setup] native kernels ready')"
 }
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     echo "[setup] environment up to date ($VENV)"

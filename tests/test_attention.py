@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from kvhead.attention import dense_decode_attention, sparse_decode_attention
-from kvhead.helix import combine_partials
-from kvhead.pages import all_pages
+from kvhead.core.attention import dense_decode_attention, sparse_decode_attention
+from kvhead.core.combine import combine_partials
+from kvhead.core.pages import all_pages
 
 
 def _setup(seed=0, batch=3, hq=6, hkv=2, dim=16, page=4, blocks=40, pages_per_seq=9):

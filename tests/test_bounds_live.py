@@ -1,4 +1,4 @@
-"""int8 bounds kept current on append (:mod:`kvhead.bounds_live`): reference and Triton kernel
+"""int8 bounds kept current on append (:mod:`kvhead.core.bounds.live`): reference and Triton kernel
 against a build from scratch.
 
 The kernel runs through Triton's interpreter on a CPU-only machine and compiled on a GPU.
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from kvhead import kernels
-from kvhead.bounds_compact import CompactBounds, build_super_bounds, hier_select
-from kvhead.bounds_live import PAGE, SUPER, LiveBounds
-from kvhead.pages import PageBounds
+from kvhead.core.bounds.compact import CompactBounds, build_super_bounds, hier_select
+from kvhead.core.bounds.live import PAGE, SUPER, LiveBounds
+from kvhead.core.pages import PageBounds
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

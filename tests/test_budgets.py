@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from kvhead.budgets import PageCoverage, allocate_budgets, allocate_residency, missed_mass
-from kvhead.pages import PageBounds, select_top_k
-from kvhead.policy import SelectionPolicy
+from kvhead.core.budgets import PageCoverage, allocate_budgets, allocate_residency, missed_mass
+from kvhead.core.pages import PageBounds, select_top_k
+from kvhead.core.policy import SelectionPolicy
 
 
 def _coverage(curves, step=8, **kw) -> PageCoverage:

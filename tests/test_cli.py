@@ -29,8 +29,9 @@ def test_profile_then_eval(tiny_dir, tmp_path, monkeypatch):
 
     out = tmp_path / "acc.json"
     result = runner.invoke(app, [
-        "eval", "--model", str(tiny_dir), "--contexts", "160", "--gen-tokens", "16",
-        "--rerank-interval", "4", "--passkey-depths", "0.5", "--output", str(out), *small,
+        "eval", "--model", str(tiny_dir), "--preset", "paper", "--contexts", "160",
+        "--gen-tokens", "16", "--rerank-interval", "4", "--passkey-depths", "0.5",
+        "--output", str(out), *small,
     ])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
@@ -39,17 +40,19 @@ def test_profile_then_eval(tiny_dir, tmp_path, monkeypatch):
 
     result = runner.invoke(app, [
         "eval", "--model", str(tiny_dir), "--contexts", "160", "--gen-tokens", "16",
-        "--modes", "flexicache+", "--leading-layers", "3", "--output", str(out), *small,
+        "--preset", "paper", "--modes", "flexicache+", "--leading-layers", "3", "--output", str(out),
+        *small,
     ])
     assert result.exit_code == 2 and "exceeds the model's 2 layers" in result.output
     result = runner.invoke(app, [
         "eval", "--model", str(tiny_dir), "--contexts", "160", "--gen-tokens", "16",
-        "--modes", "flexicache+", "--unstable-heads", "3", "--output", str(out), *small,
+        "--preset", "paper", "--modes", "flexicache+", "--unstable-heads", "3", "--output", str(out),
+        *small,
     ])  # the profile ranks one of the 4 heads unstable: 3 cannot be taken from it
     assert result.exit_code == 2 and "unstable head count must be in [0, 1]" in result.output
     assert set(json.loads(out.read_text())["results"][0]["modes"]) == {"quest", "flexicache"}
 
-    budgets = ["eval", "--model", str(tiny_dir), "--contexts", "160", "--gen-tokens", "8",
+    budgets = ["eval", "--model", str(tiny_dir), "--preset", "paper", "--contexts", "160", "--gen-tokens", "8",
                "--rerank-interval", "4", "--passkey-depths", "", "--modes", "flexicache+",
                "--head-budgets", "--prompts", "2", "--output", str(out), *small]
     result = runner.invoke(app, budgets)
@@ -72,24 +75,28 @@ def test_profile_then_eval(tiny_dir, tmp_path, monkeypatch):
     (["eval", "--contexts", "100", "--gen-tokens", "256"], "no room"),
     (["eval", "--passkey-depths", "2"], "depths"),
     (["eval", "--modes", "bogus"], "modes must be"),
-    (["eval", "--unstable-dense"], "apply only to the modes"),
-    (["eval", "--modes", "flexicache+", "--sink-pages", "70"], "must fit in top_k"),
+    (["eval", "--preset", "paper", "--unstable-dense"], "apply only to the modes"),
+    (["eval", "--modes", "flexicache+", "--sink-pages", "130"], "must fit in top_k"),
     (["eval", "--modes", "quest+", "--group-score", "mean"], "group_score"),
     (["eval", "--model", "no-such-model"], "unknown model"),
     (["eval", "--device", "cuda"], "no CUDA device"),
     (["coverage", "--group-score", "mean"], "group_score"),
     (["coverage", "--bound-weight", "-1"], "bound_weight"),
     (["eval", "--modes", "flexicache+", "--bound-weight", "1.5"], "bound_weight"),
-    (["eval", "--compensate"], "apply only to the modes"),
-    (["eval", "--modes", "quest+", "--rerank-lag"], "act only in flexicache+"),
-    (["eval", "--modes", "quest+", "--unstable-heads", "4"], "act only in flexicache+"),
+    (["eval", "--preset", "paper", "--compensate"], "apply only to the modes"),
+    (["eval", "--preset", "paper", "--modes", "quest+", "--rerank-lag"], "act only in flexicache+"),
+    (["eval", "--preset", "paper", "--modes", "quest+", "--unstable-heads", "4"], "act only in flexicache+"),
     (["eval", "--modes", "flexicache+", "--unstable-heads", "-1"], "unstable_heads"),
-    (["eval", "--modes", "flexicache+", "--unstable-dense", "--head-budgets", "--dense-heads", "coverage",
-      "--unstable-heads", "3"], "chooses its own"),
+    (["eval", "--preset", "paper", "--modes", "flexicache+", "--unstable-dense", "--head-budgets",
+      "--dense-heads", "coverage", "--unstable-heads", "3"], "chooses its own"),
     (["eval", "--modes", "flexicache+", "--dense-heads", "rco"], "dense_heads"),
-    (["eval", "--modes", "flexicache+", "--dense-heads", "coverage"], "needs flexicache+ in modes, unstable_dense"),
+    (["eval", "--preset", "paper", "--modes", "flexicache+", "--dense-heads", "coverage"],
+     "needs flexicache+ in modes, unstable_dense"),
     (["coverage", "--rerank-interval", "0"], "rerank_interval"),
     (["eval", "--corpus", "news"], "corpus"),
+    (["eval", "--preset", "fast"], "unknown preset 'fast'"),
+    (["eval", "--contexts", "100000"], "exceeds the model's context of 8192 tokens"),
+    (["eval", "--unstable-heads", "91"], "exceeds the model's 90 kv heads"),
     (["coverage", "--corpus", "news"], "corpus"),
     (["profile", "--unstable-fraction", "1.5"], "unstable_fraction"),
     (["profile", "--model", "/no/such/dir"], "no such file"),
@@ -108,7 +115,9 @@ def test_eval_refuses_a_profile_of_another_model(tiny_dir, tmp_path, monkeypatch
                         "--decode-steps", "5", "--window", "2", "--top-k", "2", "--page-size", "8",
                         "--out", str(tmp_path / "other.json")])
     result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--profile", str(tmp_path / "other.json"),
-                                 "--contexts", "160", "--gen-tokens", "16", "--page-size", "8"])
+                                 "--preset", "paper", "--contexts", "160", "--gen-tokens", "16",
+                                 "--page-size", "8"])
     assert result.exit_code == 2 and "measured on model" in result.output
-    result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--contexts", "160", "--gen-tokens", "16"])
+    result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--preset", "paper",
+                                 "--contexts", "160", "--gen-tokens", "16"])
     assert result.exit_code == 2 and "no head profile" in result.output

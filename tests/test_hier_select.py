@@ -14,15 +14,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvhead import kernels
-from kvhead.bounds_compact import (
+from kvhead.core.bounds.compact import (
     CompactBounds,
     build_super_bounds,
     hier_select,
     num_super_pages,
     score_compact_pages,
 )
-from kvhead.kernels.box_score import box_scores, box_scores_mma, query_digits
-from kvhead.pages import PageBounds, score_pages, select_top_k
+from kvhead.core.pages import PageBounds, score_pages, select_top_k
+from kvhead.kernels.triton.box_score import box_scores, box_scores_mma, query_digits
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -221,8 +221,8 @@ def test_fp32_flat_selection_is_unchanged_by_int8_on_separated_pages():
 def test_kernel_stages_match_reference_levels(layout, mma):
     """The kernel's super-pages are the reference's first level; its pages the second level,
     in every launch layout, scored on CUDA cores or as int8 digits on tensor cores."""
-    from kvhead.bounds_compact import select_in_super_pages, select_super_pages
-    from kvhead.kernels.select_hier import Plan, Scoring, hier_select_stages
+    from kvhead.core.bounds.compact import select_in_super_pages, select_super_pages
+    from kvhead.kernels.triton.select_hier import Plan, Scoring, hier_select_stages
 
     query, bounds, table, num_pages = _problem(21, max_pages=70, dim=64)  # int8 dots: D >= 32
     pages = CompactBounds.from_pages(bounds)
@@ -244,7 +244,7 @@ def _on_device(c: CompactBounds) -> CompactBounds:
 
 @pytest.mark.parametrize("seed,top_k,max_pages", [(31, 6, 37), (32, 16, 64), (33, 40, 33)])
 def test_flat_int8_kernel_matches_reference(seed, top_k, max_pages):
-    from kvhead.bounds_compact import flat_select
+    from kvhead.core.bounds.compact import flat_select
 
     query, bounds, table, num_pages = _problem(seed, max_pages=max_pages)
     num_pages[1] = 0  # an empty sequence selects nothing
@@ -263,14 +263,14 @@ def test_flat_int8_kernel_matches_reference(seed, top_k, max_pages):
 
 
 def test_default_scoring_uses_tensor_cores_for_large_passes_only():
-    from kvhead.kernels.select_hier import MMA_MIN_BOXES, default_scoring
+    from kvhead.kernels.triton.select_hier import MMA_MIN_BOXES, default_scoring
 
     assert not default_scoring(8 * 1024).mma  # batch 1 at 128k: latency-bound
     assert default_scoring(64 * 1024).mma and default_scoring(MMA_MIN_BOXES).super_steps == 2
 
 
 def test_plan_selection_goes_two_level_only_where_it_saves_pages():
-    from kvhead.bounds_compact import plan_selection
+    from kvhead.core.bounds.compact import plan_selection
 
     assert plan_selection(512, 64) is None  # few pages per head: flat
     assert plan_selection(8192, 64) == 32  # 4 x 64 candidates in 32 super-pages of 8
@@ -280,7 +280,7 @@ def test_plan_selection_goes_two_level_only_where_it_saves_pages():
 
 @pytest.mark.parametrize("max_pages,two_level", [(40, False), (96, True)])
 def test_select_pages_dispatches_by_pages_per_head(max_pages, two_level):
-    from kvhead.bounds_compact import flat_select, plan_selection
+    from kvhead.core.bounds.compact import flat_select, plan_selection
 
     query, bounds, table, num_pages = _problem(41, max_pages=max_pages)
     pages = CompactBounds.from_pages(bounds)
@@ -324,9 +324,9 @@ def test_two_tiles_per_program_change_nothing(monkeypatch, flat):
 
 @pytest.mark.parametrize("mma", [False, True])
 def test_flat_scorings_match_reference(mma):
-    from kvhead.bounds_compact import flat_select
-    from kvhead.kernels.select_hier import Plan, Scoring
-    from kvhead.kernels.select_hier import flat_select as kernel
+    from kvhead.core.bounds.compact import flat_select
+    from kvhead.kernels.triton.select_hier import Plan, Scoring
+    from kvhead.kernels.triton.select_hier import flat_select as kernel
 
     query, bounds, table, num_pages = _problem(61, max_pages=45, dim=64)
     num_pages[2] = 0

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from kvhead import kernels
-from kvhead.attention import dense_decode_attention
-from kvhead.attention import sparse_decode_attention as ref_attention
-from kvhead.helix import combine_partials as ref_combine
-from kvhead.kernels.attention import sparse_decode_attention as kernel_attention
-from kvhead.pages import PageBounds, all_pages, score_pages, select_top_k
+from kvhead.core.attention import dense_decode_attention
+from kvhead.core.attention import sparse_decode_attention as ref_attention
+from kvhead.core.combine import combine_partials as ref_combine
+from kvhead.core.pages import PageBounds, all_pages, score_pages, select_top_k
+from kvhead.kernels.triton.attention import sparse_decode_attention as kernel_attention
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 REL_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}

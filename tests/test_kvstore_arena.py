@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvhead.spec import HeadPageSpec
+from kvhead.core.spec import HeadPageSpec
 from kvstore import HostArena, HostArenaConfig, PageKeys, prefix_hashes
 
 SPEC = HeadPageSpec(num_q_heads=8, num_kv_heads=2, head_dim=8, page_size=4)

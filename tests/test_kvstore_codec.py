@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvhead.spec import HeadPageSpec
+from kvhead.core.spec import HeadPageSpec
 from kvstore import PageKeys, hashes_from_bytes, prefix_hashes, prefix_hex
 from kvstore.codec import HEADER_BYTES, PageCodec
 

@@ -15,7 +15,7 @@ import redis
 import torch
 from redis_server import RedisServer, free_port, running_redis
 
-from kvhead.spec import HeadPageSpec
+from kvhead.core.spec import HeadPageSpec
 from kvstore import (
     HostArenaConfig,
     KVStoreConfig,

@@ -6,7 +6,7 @@ import signal
 
 import torch
 
-from kvhead.spec import HeadPageSpec
+from kvhead.core.spec import HeadPageSpec
 from kvstore import (
     HostArena,
     HostArenaConfig,

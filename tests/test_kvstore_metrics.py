@@ -1,4 +1,4 @@
-"""Prometheus export of the kvstore tiers (kvhead/metrics.py), scraped over real HTTP while a
+"""Prometheus export of the kvstore tiers (kvstore/metrics.py), scraped over real HTTP while a
 small workload runs against a real redis-server; every number is checked against the workload."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from redis_server import running_redis
 
-from kvhead.metrics import KVStoreCollector, serve_metrics
-from kvhead.spec import HeadPageSpec
+from kvhead.core.spec import HeadPageSpec
 from kvstore import (
     HostArenaConfig,
     KVStoreConfig,
@@ -22,6 +21,7 @@ from kvstore import (
     build_store,
     prefix_hashes,
 )
+from kvstore.metrics import KVStoreCollector, serve_metrics
 
 SPEC = HeadPageSpec(num_q_heads=4, num_kv_heads=2, head_dim=16, page_size=4)
 FP = "3e7e3e7e3e7e3e7e"

@@ -9,7 +9,7 @@ import redis
 import torch
 from redis_server import RedisServer, running_redis
 
-from kvhead.spec import HeadPageSpec
+from kvhead.core.spec import HeadPageSpec
 from kvstore import PageKeys, RedisTier, RedisTierConfig, prefix_hashes, prefix_hex
 
 SPEC = HeadPageSpec(num_q_heads=4, num_kv_heads=2, head_dim=16, page_size=4)

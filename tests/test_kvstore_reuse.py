@@ -20,8 +20,8 @@ def replica(model_dir: str, url: str, tokens: list[int], check_dense: bool) -> d
     """One kvhead process: prefill ``tokens`` through the store; report what it reused."""
     from transformers import AutoModelForCausalLM
 
-    from kvhead.spec import HeadPageSpec
-    from kvhead.stability import model_fingerprint
+    from kvhead.core.spec import HeadPageSpec
+    from kvhead.core.stability import model_fingerprint
     from kvstore import HostArenaConfig, KVStoreConfig, RedisTierConfig, build_store
     from kvstore.prefill_reuse import prefill_with_store
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvhead.spec import HeadPageSpec
+from kvhead.core.spec import HeadPageSpec
 from kvstore import PageKeys, RedisTier, RedisTierConfig, prefix_hashes
 from kvstore.codec import PageCodec, page_bytes
 from kvstore.wire import (
@@ -176,7 +176,7 @@ def test_payloads_whose_halves_are_not_whole_words_round_trip(redis_srv, head_di
 def test_importing_kvstore_does_not_load_numba():
     """Only building a Redis tier loads numba: vLLM's kernel registration scans loaded modules
     and broke on numba/llvmlite objects when the plugin imported kvstore for its host arena."""
-    code = "import sys, kvstore, kvhead.metrics; print('numba' in sys.modules)"
+    code = "import sys, kvstore, kvstore.metrics; print('numba' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

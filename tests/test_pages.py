@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvhead.pages import (
+from kvhead.core.pages import (
     PageBounds,
     all_pages,
     mask_to_page_ids,

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from kvhead.attention import dense_decode_attention, sparse_decode_attention
-from kvhead.pages import PageBounds
-from kvhead.policy import SelectionPolicy
+from kvhead.core.attention import dense_decode_attention, sparse_decode_attention
+from kvhead.core.pages import PageBounds
+from kvhead.core.policy import SelectionPolicy
 
 
 class _Sequence:

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from kvhead import kernels
-from kvhead.bounds_compact import DEFAULT_GROUP, flat_select, hier_select, plan_selection
-from kvhead.bounds_live import LiveBounds
-from kvhead.pages import PageBounds, score_pages, select_top_k
-from kvhead.policy import SelectionPolicy, _score_and_select
-from kvhead.runner.paged_cache import PagedKVCache
-from kvhead.spec import HeadPageSpec
+from kvhead.core.bounds.compact import DEFAULT_GROUP, flat_select, hier_select, plan_selection
+from kvhead.core.bounds.live import LiveBounds
+from kvhead.core.pages import PageBounds, score_pages, select_top_k
+from kvhead.core.policy import SelectionPolicy, _score_and_select
+from kvhead.core.spec import HeadPageSpec
+from kvhead.eval.paged_cache import PagedKVCache
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HEADS, GQA, DIM, PAGE = 2, 2, 16, 4
@@ -44,7 +44,7 @@ def test_cpu_default_is_the_fp32_reference(monkeypatch):
     monkeypatch.setattr(kernels, "select_pages", _refuse)
     monkeypatch.setattr(kernels, "score_and_select", _refuse)
     policy = SelectionPolicy("quest", num_layers=1, num_kv_heads=HEADS, page_size=PAGE,
-                             top_k=16)
+                             top_k=16, kernels=kernels)
     sel = policy.select(0, query, bounds, table, num_pages * PAGE, live=live)
     want = select_top_k(score_pages(query, bounds, table, num_pages), 16, num_pages)
     assert torch.equal(sel.top_k_ids, want)
@@ -66,10 +66,11 @@ def test_kernel_route_selects_from_live_int8_bounds(max_pages, length, two_level
                             for c in (live.pages, live.supers)),
                           to(live.open_min), to(live.open_max), live.page_size, live.group)
     got = _score_and_select(to(query), bounds, to(table), to(num_pages), top_k, live=dev_live,
-                            use_kernels=True)
+                            use_kernels=True, kernels=kernels)
     assert torch.equal(got.cpu(), want)
     blank = _score_and_select(to(query), bounds, to(table), to(num_pages), top_k,
-                              torch.tensor([1], device=DEVICE), live=dev_live, use_kernels=True)
+                              torch.tensor([1], device=DEVICE), live=dev_live, use_kernels=True,
+                              kernels=kernels)
     assert bool((blank[:, 0] == -1).all()) and torch.equal(blank[:, 1].cpu(), want[:, 1])
 
 
@@ -77,7 +78,7 @@ def test_options_beyond_the_spec_stay_on_the_reference(monkeypatch):
     query, bounds, table, num_pages, live = _problem(2, 300, 1100)
     monkeypatch.setattr(kernels, "select_pages", _refuse)
     got = _score_and_select(query, bounds, table, num_pages, 16, sink_pages=1, live=live,
-                            use_kernels=True)
+                            use_kernels=True, kernels=kernels)
     scores = score_pages(query, bounds, table, num_pages)
     assert torch.equal(got, select_top_k(scores, 16, num_pages, sink_pages=1))
 

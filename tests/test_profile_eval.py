@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from kvhead.evaluation.harness import EvalConfig, evaluate
-from kvhead.evaluation.inputs import corpus_window, passkey_prompt
+from kvhead.eval.harness import EvalConfig, evaluate
+from kvhead.eval.inputs import corpus_window, passkey_prompt
+from kvhead.eval.profiler import ProfileConfig, profile_heads, save_heatmap
+from kvhead.eval.runner import ReferenceRunner
 from kvhead.models.tiny import build_tiny_llama
-from kvhead.profiler import ProfileConfig, profile_heads, save_heatmap
-from kvhead.runner import ReferenceRunner
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_passkey_prompt_holds_the_key_at_depth(tiny):
 
 
 def test_both_corpora_ship_and_cut_windows(tiny):
-    from kvhead.evaluation.inputs import corpus_text
+    from kvhead.eval.inputs import corpus_text
 
     _, _, tok = tiny
     licenses, docs = corpus_text("licenses"), corpus_text("python-docs")
@@ -97,7 +97,7 @@ def test_both_corpora_ship_and_cut_windows(tiny):
 def test_leading_layers_join_the_unstable_budget():
     import torch
 
-    from kvhead.stability import HeadProfile
+    from kvhead.core.stability import HeadProfile
 
     scores = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.9, 0.8], [0.7, 0.6]])
     profile = HeadProfile.from_scores(
@@ -118,7 +118,7 @@ def test_leading_layers_join_the_unstable_budget():
 
 
 def test_plus_modes_with_spec_options_match_the_spec_modes(tiny):
-    from kvhead.evaluation.harness import SelectionOptions
+    from kvhead.eval.harness import SelectionOptions
 
     model_dir, runner, tok = tiny
     profile = profile_heads(runner, tok, model_dir, PROFILE)
@@ -138,8 +138,8 @@ def test_plus_modes_with_spec_options_match_the_spec_modes(tiny):
 
 
 def test_coverage_curves_rise_to_one_and_drive_budgets(tiny):
-    from kvhead.evaluation.harness import SelectionOptions
-    from kvhead.profiler import CoverageConfig, measure_coverage
+    from kvhead.eval.harness import SelectionOptions
+    from kvhead.eval.profiler import CoverageConfig, measure_coverage
 
     model_dir, runner, tok = tiny
     cov = measure_coverage(runner, tok, CoverageConfig(offsets=[0, 500], context=256, steps=6, step_pages=2,
@@ -182,8 +182,8 @@ def test_coverage_curves_rise_to_one_and_drive_budgets(tiny):
 
 
 def test_dense_heads_from_stale_coverage_spend_the_profiles_pages(tiny):
-    from kvhead.evaluation.harness import SelectionOptions, coverage_dense_heads
-    from kvhead.profiler import CoverageConfig, measure_coverage
+    from kvhead.eval.harness import SelectionOptions, coverage_dense_heads
+    from kvhead.eval.profiler import CoverageConfig, measure_coverage
 
     model_dir, runner, tok = tiny
     calib = CoverageConfig(offsets=[0], context=256, steps=8, step_pages=2, group_score="max",

@@ -5,9 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kvhead import kernels
+from kvhead.eval.paged_cache import PagedKVCache
+from kvhead.eval.runner import ReferenceRunner
 from kvhead.models.tiny import build_tiny_llama
-from kvhead.runner import ReferenceRunner
-from kvhead.runner.paged_cache import PagedKVCache
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""One-launch int8 selection (``kvhead.kernels.select_one``) against the torch reference.
+"""One-launch int8 selection (``kvhead.kernels.triton.select_one``) against the torch reference.
 
 Runs through Triton's interpreter without CUDA (conftest.py turns it on), compiled on a
 GPU. Random keys give distinct scores, so the selections must equal the reference's exactly;
@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from kvhead import kernels
-from kvhead.bounds_compact import (
+from kvhead.core.bounds.compact import (
     CompactBounds,
     build_super_bounds,
     flat_select,
     select_in_super_pages,
     select_super_pages,
 )
-from kvhead.kernels.select_hier import ONE_MAX_ROWS, Plan, auto_layout, hier_select_stages
-from kvhead.kernels.select_one import OneShape, row_counters
-from kvhead.pages import PageBounds
+from kvhead.core.pages import PageBounds
+from kvhead.kernels.triton.select_hier import ONE_MAX_ROWS, Plan, auto_layout, hier_select_stages
+from kvhead.kernels.triton.select_one import OneShape, row_counters
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -139,7 +139,7 @@ def test_auto_layout_takes_one_launch_only_where_it_won_on_the_h200():
 
 def test_small_batches_of_long_rows_select_flat():
     """32k tokens (2048 pages) at batch 1 (8 rows) go flat, at batch 8 two-level."""
-    from kvhead.bounds_compact import FLAT_MAX_BOXES, plan_selection
+    from kvhead.core.bounds.compact import FLAT_MAX_BOXES, plan_selection
 
     assert plan_selection(2048, 64) == 32  # by width alone: two levels
     assert plan_selection(2048, 64, rows=FLAT_MAX_BOXES // 2048) is None
@@ -148,7 +148,7 @@ def test_small_batches_of_long_rows_select_flat():
 
 
 def test_default_shape_ranks_only_register_sized_candidate_sets():
-    from kvhead.kernels.select_one import default_shape
+    from kvhead.kernels.triton.select_one import default_shape
 
     assert default_shape(128).rank and not default_shape(256).rank
     assert default_shape(2048) == OneShape(128, 256, mma=True, rank=False)
@@ -160,7 +160,7 @@ def test_bad_tile_is_refused():
 
 
 def test_auto_pdl_only_where_it_won_on_the_h200():
-    from kvhead.kernels.select_hier import auto_pdl
+    from kvhead.kernels.triton.select_hier import auto_pdl
 
     assert auto_pdl(64, "fused", flat=True, max_pages=512)  # 8k, batch 8
     assert not auto_pdl(8, "split", flat=True, max_pages=2048)  # 32k, batch 1, flat

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvhead.stability import HeadProfile, StabilityAccumulator, random_corrected_overlap
+from kvhead.core.stability import HeadProfile, StabilityAccumulator, random_corrected_overlap
 
 
 def test_rco_bounds():

@@ -1,14 +1,14 @@
-"""Summary tokens for skipped pages (kvhead.summaries) and the bound-weighted page score."""
+"""Summary tokens for skipped pages (kvhead.core.summaries) and the bound-weighted page score."""
 
 import pytest
 import torch
 
-from kvhead.attention import dense_decode_attention, sparse_decode_attention
+from kvhead.core.attention import dense_decode_attention, sparse_decode_attention
+from kvhead.core.pages import PageBounds, score_pages, select_top_k
+from kvhead.core.policy import SelectionPolicy
+from kvhead.core.summaries import PageValueSums, compensate, summary_attention
+from kvhead.eval.runner import ReferenceRunner
 from kvhead.models.tiny import build_tiny_llama
-from kvhead.pages import PageBounds, score_pages, select_top_k
-from kvhead.policy import SelectionPolicy
-from kvhead.runner import ReferenceRunner
-from kvhead.summaries import PageValueSums, compensate, summary_attention
 
 PAGE, HKV, GROUP, DIM = 4, 2, 3, 8
 

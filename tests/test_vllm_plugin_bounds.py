@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvhead.pages import PageBounds, score_pages, select_top_k
-from kvhead.vllm_plugin.bounds import DeviceBounds
-from kvhead.vllm_plugin.selection import CompactSelectionPolicy
+from kvhead.core.pages import PageBounds, score_pages, select_top_k
+from kvhead.vllm.device_bounds import DeviceBounds
+from tests.selection_oracle import CompactSelectionPolicy
 
 P, D, HKV, NB = 16, 32, 3, 64
 
@@ -100,7 +100,7 @@ def test_selection_matches_fp32_bounds_selection() -> None:
     {"bound_weight": 0.5, "group_score": "softmax", "sink_pages": 1, "recent_pages": 2},
 ])
 def test_selection_options_score_the_dequantised_boxes_as_fp32_scoring_does(options: dict) -> None:
-    """Every flexicache+ option on int8 boxes: the same pages as kvhead.pages' fp32 scoring of
+    """Every flexicache+ option on int8 boxes: the same pages as kvhead.core.pages' fp32 scoring of
     the dequantised boxes, per-head budgets and a subset of heads included."""
     bounds, _, _, blocks = _setup(open_slots=8, tokens=8 * P)
     kmax, kmin = bounds.boxes(torch.arange(NB))
@@ -127,7 +127,7 @@ def test_selection_options_score_the_dequantised_boxes_as_fp32_scoring_does(opti
 
 def test_compact_policy_keeps_flexicache_rules() -> None:
     """Scoring is the only step the int8 policy replaces: stable heads keep their set between
-    reranks while unstable ones rerank, exactly as in kvhead.policy."""
+    reranks while unstable ones rerank, exactly as in kvhead.core.policy."""
     bounds, _, _, blocks = _setup(open_slots=8)
     unstable = torch.tensor([[True, False, False]])
     args = {"mode": "flexicache", "num_layers": 1, "num_kv_heads": HKV, "page_size": P,

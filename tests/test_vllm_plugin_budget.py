@@ -1,4 +1,4 @@
-"""The plugin's device memory comes out of vLLM's KV budget (kvhead.vllm_plugin.budget)."""
+"""The plugin's device memory comes out of vLLM's KV budget (kvhead.vllm.budget)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvhead.core.stability import HeadProfile, model_fingerprint
 from kvhead.models.tiny import build_tiny_llama
-from kvhead.stability import HeadProfile, model_fingerprint
-from kvhead.vllm_plugin.budget import BudgetSplit
-from kvhead.vllm_plugin.config import FlexiCacheConfigError
+from kvhead.vllm.budget import BudgetSplit
+from kvhead.vllm.config import FlexiCacheConfigError
 
 BUDGET = 16 * 2**20
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -56,8 +56,8 @@ def test_budget_below_fixed_memory_is_a_clear_error() -> None:
 def test_hot_pool_sized_by_per_head_budgets_stays_inside_the_split() -> None:
     """With head budgets each layer's pool holds its own stable heads' K + tail per sequence,
     and the pools of all layers stay inside what the budget split charged for them."""
-    from kvhead.vllm_plugin.config import FlexiCacheSettings, HeadSplit
-    from kvhead.vllm_plugin.runtime import FlexiRuntime, ModelGeometry
+    from kvhead.vllm.config import FlexiCacheSettings, HeadSplit
+    from kvhead.vllm.runtime import FlexiRuntime, ModelGeometry
 
     resident = torch.tensor([[True, True, True], [True, False, False], [False, False, False]])
     budgets = torch.tensor([[64, 64, 64], [64, 100, 20], [8, 60, 60]])  # stable: 5 x 60 pages
@@ -82,7 +82,7 @@ def test_hot_pool_sized_by_per_head_budgets_stays_inside_the_split() -> None:
 
 def _run(tmp: Path, name: str, model: Path, prompts: Path, kvhead: dict | None) -> dict:
     out = tmp / f"{name}.json"
-    cmd = [sys.executable, "-m", "kvhead.vllm_plugin.generate", str(model), str(prompts), str(out),
+    cmd = [sys.executable, "-m", "kvhead.vllm.generate", str(model), str(prompts), str(out),
            "--block-size", "32", "--kv-cache-bytes", str(BUDGET), "--max-model-len", "512",
            "--max-num-seqs", "8", "--max-tokens", "8", "--in-process"]
     if kvhead is not None:

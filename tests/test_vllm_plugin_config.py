@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvhead.budgets import PageCoverage
+from kvhead.core.budgets import PageCoverage
+from kvhead.core.stability import HeadProfile, model_fingerprint
 from kvhead.models.tiny import build_tiny_llama
-from kvhead.stability import HeadProfile, model_fingerprint
-from kvhead.vllm_plugin import BACKEND_PATH, register
-from kvhead.vllm_plugin.config import (
+from kvhead.vllm import BACKEND_PATH, register
+from kvhead.vllm.config import (
     FlexiCacheConfigError,
     HeadSplit,
     check_arena,
@@ -19,7 +19,7 @@ from kvhead.vllm_plugin.config import (
     settings_from_additional_config,
     stable_budgets,
 )
-from kvhead.vllm_plugin.kv_spec import per_layer_specs
+from kvhead.vllm.kv_spec import per_layer_specs
 
 
 def _profile(model_dir: Path, path: Path, scores: list[list[float]], *, per_layer: bool,
@@ -42,9 +42,19 @@ def _check(profile: Path, model_dir: Path, **overrides) -> HeadProfile:
     return check_model(settings, model_dir, **args)
 
 
-def test_missing_and_invalid_settings_are_clear() -> None:
-    with pytest.raises(FlexiCacheConfigError, match="--additional-config"):
-        settings_from_additional_config({})
+def test_presets_and_invalid_settings() -> None:
+    """No settings are the default preset; a preset's values yield to the keys beside it; a
+    profile without a preset is taken as given; an unknown preset or a bad value is refused."""
+    default = settings_from_additional_config({})
+    assert default == settings_from_additional_config({"kvhead": {"preset": "accurate"}})
+    assert (default.top_k, default.unstable_heads, default.compensate) == (129, 11, True)
+    assert default.profile is None and default.host_arena_gib is None  # both derived
+    paper = settings_from_additional_config({"kvhead": {"preset": "paper", "top_k": 32}})
+    assert (paper.top_k, paper.rerank_interval, paper.compensate) == (32, 16, False)
+    given = settings_from_additional_config({"kvhead": {"profile": "p.json", "top_k": 8}})
+    assert (given.top_k, given.rerank_interval, given.unstable_dense) == (8, 16, False)
+    with pytest.raises(FlexiCacheConfigError, match="unknown preset 'fast'"):
+        settings_from_additional_config({"kvhead": {"preset": "fast"}})
     with pytest.raises(FlexiCacheConfigError, match="top_k: Input should be greater than 0"):
         settings_from_additional_config({"kvhead": {"profile": "p.json", "top_k": 0}})
     with pytest.raises(FlexiCacheConfigError, match="rerank_interval"):
@@ -73,7 +83,9 @@ def test_profile_checks(model_dir: Path, tmp_path: Path) -> None:
                     prefix_caching=False)
 
 
-def test_arena_too_small_is_refused() -> None:
+def test_arena_is_derived_or_refused_when_too_small() -> None:
+    derived = settings_from_additional_config({"kvhead": {"profile": "p.json"}})
+    assert check_arena(derived, 12345, 4096) == 12345
     settings = settings_from_additional_config({"kvhead": {"profile": "p.json",
                                                            "host_arena_gib": 1 / 1024}})
     assert check_arena(settings, 256, 4096) == 256  # exactly 1 MiB of 4 KiB pages fits

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from vllm_tiny import ENGINE_ENV, free_port, random_profile, random_prompts, wait_ready
 
-from kvhead.budgets import PageCoverage
+from kvhead.core.budgets import PageCoverage
+from kvhead.core.stability import HeadProfile
 from kvhead.models.tiny import build_tiny_llama
-from kvhead.stability import HeadProfile
 
 pytestmark = pytest.mark.slow
 KV_BYTES = 16 * 2**20  # one fixed KV budget for stock and kvhead runs
@@ -23,7 +23,7 @@ def _generate(tmp: Path, name: str, model: Path, prompts: Path, kvhead: dict | N
               *extra: str, check: bool = True,
               kv_bytes: int = KV_BYTES) -> dict | subprocess.CompletedProcess:
     out = tmp / f"{name}.json"
-    cmd = [sys.executable, "-m", "kvhead.vllm_plugin.generate", str(model), str(prompts), str(out),
+    cmd = [sys.executable, "-m", "kvhead.vllm.generate", str(model), str(prompts), str(out),
            "--block-size", "32", "--kv-cache-bytes", str(kv_bytes), "--max-model-len", "512",
            *extra]
     if kvhead is not None:

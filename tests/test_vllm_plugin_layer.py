@@ -6,16 +6,16 @@ import pytest
 import torch
 from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-from kvhead.attention import dense_decode_attention, sparse_decode_attention
-from kvhead.pages import PageBounds
-from kvhead.policy import Mode
-from kvhead.spec import HeadPageSpec
-from kvhead.summaries import PageValueSums, compensate
-from kvhead.vllm_plugin.hot_pool import HotPool, HotPoolFullError
-from kvhead.vllm_plugin.layer import FlexiLayer, StableRanking
-from kvhead.vllm_plugin.request_state import DecodeRows
-from kvhead.vllm_plugin.selection import CompactSelectionPolicy
+from kvhead.core.attention import dense_decode_attention, sparse_decode_attention
+from kvhead.core.pages import PageBounds
+from kvhead.core.policy import Mode
+from kvhead.core.spec import HeadPageSpec
+from kvhead.core.summaries import PageValueSums, compensate
+from kvhead.vllm.hot_pool import HotPool, HotPoolFullError
+from kvhead.vllm.layer import FlexiLayer, StableRanking
+from kvhead.vllm.request_state import DecodeRows
 from kvstore import HostArena, HostArenaConfig
+from tests.selection_oracle import CompactSelectionPolicy
 
 P, D, HKV, G, NB = 16, 32, 3, 2, 64
 RESIDENT, STABLE = torch.tensor([1]), torch.tensor([0, 2])
@@ -114,7 +114,7 @@ def test_sparse_decode_matches_reference_over_reranks() -> None:
 def test_flexicache_plus_options_decode_as_the_reference_policy(summaries: bool) -> None:
     """Sink and window pages, softmax group scores, bound weight 0.5 and per-head budgets (3 and
     5 pages for the two stable heads), with and without summary tokens for skipped pages:
-    outputs equal the reference policy's over reranks (summaries as kvhead.summaries computes
+    outputs equal the reference policy's over reranks (summaries as kvhead.core.summaries computes
     them), and the pool holds each head's own budget plus its tail."""
     ranking = StableRanking(budgets=torch.tensor([3, 64, 5]), sink_pages=1, recent_pages=2,
                             group_score="softmax", bound_weight=0.5)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvhead.attention import sparse_decode_attention
-from kvhead.pages import PageBounds
-from kvhead.summaries import PageValueSums, compensate
-from kvhead.vllm_plugin import native
-from kvhead.vllm_plugin.bounds import DeviceBounds
+from kvhead.core.attention import sparse_decode_attention
+from kvhead.core.pages import PageBounds
+from kvhead.core.summaries import PageValueSums, compensate
+from kvhead.kernels.cpu import native
+from kvhead.vllm.device_bounds import DeviceBounds
 
 P, HKV, NB = 16, 3, 48
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvhead.stability import HeadProfile, model_fingerprint
+from kvhead.core.stability import HeadProfile, model_fingerprint
 
 # Environment of every engine subprocess: VLLM_CPU_KVCACHE_SPACE would override the tests' fixed
 # kv_cache_memory_bytes, and tokenizer threads would fight the engine for the two cores.

@@ -3,21 +3,24 @@
 Every function here computes the same function as its reference in the core package:
 
 =========================  ==============================================================
-``sparse_decode_attention``  :func:`kvhead.attention.sparse_decode_attention`
+``sparse_decode_attention``  :func:`kvhead.core.attention.sparse_decode_attention`
 ``score_and_select``         ``select_top_k(score_pages(...), top_k, num_pages)``
-``update_bounds``            :meth:`kvhead.pages.PageBounds.update`
-``combine_partials``         :func:`kvhead.helix.combine_partials`
+``update_bounds``            :meth:`kvhead.core.pages.PageBounds.update`
+``combine_partials``         :func:`kvhead.core.combine.combine_partials`
 ``copy_pages_async``         promoted-page copy, pinned host arena -> device pool (no reference)
-``hier_select``              :func:`kvhead.bounds_compact.hier_select` (int8, two-level)
-``flat_select``              :func:`kvhead.bounds_compact.flat_select` (int8, every page)
+``hier_select``              :func:`kvhead.core.bounds.compact.hier_select` (int8, two-level)
+``flat_select``              :func:`kvhead.core.bounds.compact.flat_select` (int8, every page)
 ``select_pages``             one of the two above, by pages per head (the rerank entry)
-``append_bounds``            :meth:`kvhead.bounds_live.LiveBounds.append` (int8 bounds on append)
+``append_bounds``            :meth:`kvhead.core.bounds.live.LiveBounds.append` (int8 bounds on append)
 =========================  ==============================================================
 
 Dispatch: Triton runs when the tensors are on CUDA, or anywhere when Triton's interpreter is on
 (``TRITON_INTERPRET=1`` set before triton is imported; the CPU test suite does this). Otherwise
 the torch reference runs, so callers can use this module unconditionally. Triton is imported
 only on the Triton path, which keeps the package importable where triton is not installed.
+
+Dependency rule: imports ``kvhead.core`` (the references) and its own ``triton``/``cpu``
+kernels; never the engines above it (``kvhead.eval``, ``kvhead.vllm``) or ``kvstore``.
 """
 
 from __future__ import annotations
@@ -26,12 +29,12 @@ import os
 
 import torch
 
-from kvhead import attention as _ref_attention
-from kvhead import bounds_compact as _ref_compact
-from kvhead import bounds_live as _ref_live
-from kvhead import helix as _ref_helix
-from kvhead import pages as _ref_pages
-from kvhead.kernels.transfer import copy_pages_async
+from kvhead.core import attention as _ref_attention
+from kvhead.core import combine as _ref_helix
+from kvhead.core import pages as _ref_pages
+from kvhead.core.bounds import compact as _ref_compact
+from kvhead.core.bounds import live as _ref_live
+from kvhead.kernels.triton.transfer import copy_pages_async
 
 __all__ = [
     "append_bounds",
@@ -66,7 +69,7 @@ def sparse_decode_attention(
         return _ref_attention.sparse_decode_attention(
             query, k_cache, v_cache, block_table, seq_lens, page_ids, scale
         )
-    from kvhead.kernels.attention import sparse_decode_attention as kernel
+    from kvhead.kernels.triton.attention import sparse_decode_attention as kernel
 
     return kernel(query, k_cache, v_cache, block_table, seq_lens, page_ids, scale)
 
@@ -83,7 +86,7 @@ def score_and_select(
         return _ref_pages.select_top_k(
             _ref_pages.score_pages(query, bounds, block_table, num_pages), top_k, num_pages
         )
-    from kvhead.kernels.select import score_and_select as kernel
+    from kvhead.kernels.triton.select import score_and_select as kernel
 
     return kernel(query, bounds.kmin, bounds.kmax, block_table, num_pages, top_k)
 
@@ -104,7 +107,7 @@ def hier_select(
         return _ref_compact.hier_select(
             query, pages, supers, block_table, num_pages, top_k, group, num_super
         )
-    from kvhead.kernels.select_hier import hier_select as kernel
+    from kvhead.kernels.triton.select_hier import hier_select as kernel
 
     return kernel(query, pages, supers, block_table, num_pages, top_k, group, num_super)
 
@@ -116,7 +119,7 @@ def flat_select(
     """Top-``top_k`` pages by int8 bound, every page scored; newest page always kept."""
     if not triton_active(query):
         return _ref_compact.flat_select(query, pages, block_table, num_pages, top_k)
-    from kvhead.kernels.select_hier import flat_select as kernel
+    from kvhead.kernels.triton.select_hier import flat_select as kernel
 
     return kernel(query, pages, block_table, num_pages, top_k)
 
@@ -134,7 +137,7 @@ def select_pages(
 ) -> torch.Tensor:
     """Rerank selection over int8 bounds: flat for few pages per head, two-level for many.
 
-    The path follows :func:`kvhead.bounds_compact.plan_selection` on the block table's width
+    The path follows :func:`kvhead.core.bounds.compact.plan_selection` on the block table's width
     and the number of rows (batch x KV heads): static shapes, so the choice needs no host sync
     and is stable across graph replays. ``supers`` (super-page bounds of ``group`` pages) are
     read only on the two-level path; callers that keep them only when ``plan_selection`` says
@@ -149,7 +152,7 @@ def select_pages(
     if supers is None:
         raise ValueError(
             f"{block_table.shape[1]} pages per head take the two-level path: pass super-page "
-            f"bounds of {group} pages (kvhead.bounds_compact.build_super_bounds)"
+            f"bounds of {group} pages (kvhead.core.bounds.compact.build_super_bounds)"
         )
     return hier_select(query, pages, supers, block_table, num_pages, top_k, group, num_super)
 
@@ -165,7 +168,7 @@ def update_bounds(
     if not triton_active(keys) or bounds.kmin.dtype != torch.float32:
         bounds.update(keys, slot_mapping, page_size)
         return
-    from kvhead.kernels.bounds import update_bounds as kernel
+    from kvhead.kernels.triton.bounds import update_bounds as kernel
 
     kernel(bounds.kmin, bounds.kmax, keys, slot_mapping, page_size)
 
@@ -177,7 +180,7 @@ def append_bounds(live: _ref_live.LiveBounds, keys: torch.Tensor, slots: torch.T
     if not triton_active(keys):
         live.append(keys, slots, positions)
         return
-    from kvhead.kernels.bounds_live import append_bounds as kernel
+    from kvhead.kernels.triton.bounds_live import append_bounds as kernel
 
     kernel(live, keys, slots, positions)
 
@@ -186,6 +189,6 @@ def combine_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tens
     """Exact LSE combine of ``outs [S, ..., D]`` / ``lses [S, ...]`` over shards (axis 0)."""
     if not triton_active(outs):
         return _ref_helix.combine_partials(outs, lses)
-    from kvhead.kernels.combine import combine
+    from kvhead.kernels.triton.combine import combine
 
     return combine(outs, lses)

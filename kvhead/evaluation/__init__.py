@@ -1,1 +1,0 @@
-"""Accuracy evaluation of decode modes against dense attention on long inputs."""

@@ -1,0 +1,1 @@
+"""Triton GPU kernels; callers go through the dispatch in :mod:`kvhead.kernels`."""
