@@ -1,0 +1,64 @@
+"""Selection state belongs to requests: slots, epochs and the rerank clock (no engine)."""
+
+from __future__ import annotations
+
+import torch
+
+from kvhead.vllm.request_state import RequestStates
+
+R, P = 4, 16
+
+
+def _step(states: RequestStates, req_ids: list[str], lens: list[int], firsts: list[int],
+          prefill: tuple[int, ...] = ()):
+    """One step whose rows are ``req_ids``; rows in ``prefill`` are prefill chunks."""
+    states.step_req_ids = req_ids
+    table = torch.tensor([[f + i for i in range(8)] for f in firsts], dtype=torch.int32)
+    decode = torch.tensor([r for r in range(len(req_ids)) if r not in prefill])
+    rows = states.plan(torch.tensor(lens), table, decode, torch.tensor(prefill, dtype=torch.long))
+    states.step_req_ids = None
+    return rows
+
+
+def test_a_new_request_on_a_finished_requests_block_starts_afresh() -> None:
+    """The engine-killing case: a short request ends, the next one gets its first block in a
+    batch of the same size; it must not inherit the old selection."""
+    states = RequestStates(R, P)
+    _step(states, ["short"], [4], [7], prefill=(0,))
+    first = _step(states, ["short"], [5], [7])
+    again = _step(states, ["short"], [6], [7])
+    assert bool(first.due[0]) and not bool(again.due[0])
+    states.end(["short"])
+    long = _step(states, ["long"], [440], [7], prefill=(0,))
+    assert long.slots.numel() == 0  # prefill rows have no decode state yet
+    rows = _step(states, ["long"], [441], [7])
+    assert bool(rows.due[0]) and int(rows.epochs[0]) != int(first.epochs[0])
+    assert int(rows.slots[0]) == int(first.slots[0])  # the freed slot is reused, new epoch
+
+
+def test_reranks_align_on_the_engine_clock_and_restarts_are_detected() -> None:
+    states = RequestStates(R, P)
+    _step(states, ["a"], [20], [0], prefill=(0,))
+    due = [bool(_step(states, ["a"], [21 + i], [0]).due[0]) for i in range(6)]
+    assert due == [True, False, False, False, True, False]  # first step, then every R
+    b = _step(states, ["a", "b"], [27, 33], [0, 50], prefill=(1,))
+    late = _step(states, ["a", "b"], [28, 34], [0, 50])
+    assert late.req_ids == ("a", "b") and late.due.tolist() == [False, True]  # b's first step
+    epoch = int(late.epochs[0])
+    # a row whose length does not continue its request (recomputed after preemption) restarts
+    jumped = _step(states, ["a", "b"], [12, 35], [9, 50])
+    assert bool(jumped.due[0]) and int(jumped.epochs[0]) != epoch
+    assert bool(jumped.due[1])  # engine clock 8: every running request reranks together
+    assert b.slots.numel() == 1
+
+
+def test_finished_and_anonymous_requests_release_their_slots() -> None:
+    states = RequestStates(R, P)
+    _step(states, ["a", "b"], [10, 10], [0, 20])
+    assert len(states) == 2 and states.capacity == 2
+    states.end(["a", "b", "never-seen"])
+    assert len(states) == 0 and states.changed
+    assert states.live_blocks().numel() == 0
+    rows = states.plan(torch.tensor([3, 3]), torch.zeros(2, 8, dtype=torch.int32),
+                       torch.tensor([0, 1]), torch.zeros(0, dtype=torch.long))
+    assert rows.due.all() and len(states) == 0  # warm-up rows: one-off requests
