@@ -26,6 +26,8 @@ from typing import Annotated, Any
 
 import typer
 
+from kvhead.vllm.generate import engine_kwargs
+
 PAGE_EDGES = (1, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 65, 127, 128, 129, 255, 256, 257)
 STOP_STRINGS = ("\n\n", ".", " the")
 TOO_LONG = "mix-too-long"  # the request beyond the model's limit
@@ -236,20 +238,13 @@ def compare(mix: list[MixRequest], stock: list[MixResult], other: list[MixResult
 
 def engine_args(model: str, kvhead: dict | None, *, max_model_len: int, num_blocks: int,
                 block_size: int, max_num_seqs: int, chunk_tokens: int, dtype: str) -> dict:
-    """``EngineArgs`` for a replay: the same for stock and kvhead apart from the backend; a
-    fixed block count (so both preempt alike) and a small token budget per step (chunked
-    prefill)."""
-    kwargs = {
-        "model": model, "dtype": dtype, "block_size": block_size, "max_model_len": max_model_len,
-        "max_num_seqs": max_num_seqs, "max_num_batched_tokens": chunk_tokens,
-        "enable_chunked_prefill": True, "enforce_eager": True, "enable_prefix_caching": False,
-        "seed": 0, "num_gpu_blocks_override": num_blocks, "kv_cache_memory_bytes": 2**30,
-        "max_logprobs": 2,
-    }
-    if kvhead is not None:
-        kwargs["attention_backend"] = "CUSTOM"
-        kwargs["additional_config"] = {"kvhead": kvhead}
-    return kwargs
+    """``EngineArgs`` for a replay: :func:`~kvhead.vllm.generate.engine_kwargs` (the same for
+    stock and kvhead apart from the backend) with a fixed block count, so both preempt alike,
+    and a small token budget per step, so prompts prefill in chunks."""
+    kwargs = engine_kwargs(model, kvhead, block_size=block_size, max_model_len=max_model_len,
+                           max_num_seqs=max_num_seqs, kv_cache_bytes=2**30, dtype=dtype)
+    return kwargs | {"max_num_batched_tokens": chunk_tokens, "enable_chunked_prefill": True,
+                     "num_gpu_blocks_override": num_blocks, "max_logprobs": 2}
 
 
 @app.command()
