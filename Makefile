@@ -3,7 +3,7 @@ VENV ?= .venv
 KVHEAD := $(VENV)/bin/kvhead
 PYTEST_ARGS ?=
 
-.PHONY: setup run test
+.PHONY: setup run test lint
 
 setup:
 	bash scripts/setup.sh
@@ -12,5 +12,9 @@ run: setup
 	$(KVHEAD) models pull smollm2-135m-instruct
 	$(KVHEAD) eval
 
-test: setup
+test: setup lint
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .

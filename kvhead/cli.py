@@ -66,11 +66,22 @@ def _load(model: str, page_size: int, device: str = "cpu"):
 
 @app.command()
 def profile(
-    model: Annotated[str, typer.Option(help="Registry name, HF folder or .gguf file.")] = DEFAULT_MODEL,
-    out: Annotated[Path | None, typer.Option(help="Profile JSON (default: KVHEAD_HOME/profiles).")] = None,
-    heatmap: Annotated[Path | None, typer.Option(help="PNG heatmap (default: next to the JSON).")] = None,
-    num_prompts: int = 3, context: int = 4096, decode_steps: int = 97, top_k: int = SPEC_TOP_K,
-    page_size: int = 16, window: int = 16, unstable_fraction: float = 0.25,
+    model: Annotated[
+        str, typer.Option(help="Registry name, HF folder or .gguf file.")
+    ] = DEFAULT_MODEL,
+    out: Annotated[
+        Path | None, typer.Option(help="Profile JSON (default: KVHEAD_HOME/profiles).")
+    ] = None,
+    heatmap: Annotated[
+        Path | None, typer.Option(help="PNG heatmap (default: next to the JSON).")
+    ] = None,
+    num_prompts: int = 3,
+    context: int = 4096,
+    decode_steps: int = 97,
+    top_k: int = SPEC_TOP_K,
+    page_size: int = 16,
+    window: int = 16,
+    unstable_fraction: float = 0.25,
     per_layer: Annotated[bool, typer.Option(help="Same unstable count in every layer.")] = False,
     seed: int = 0,
 ) -> None:
@@ -79,9 +90,15 @@ def profile(
 
     try:
         cfg = ProfileConfig(
-            num_prompts=num_prompts, context=context, decode_steps=decode_steps, top_k=top_k,
-            page_size=page_size, window=window, unstable_fraction=unstable_fraction,
-            per_layer=per_layer, seed=seed,
+            num_prompts=num_prompts,
+            context=context,
+            decode_steps=decode_steps,
+            top_k=top_k,
+            page_size=page_size,
+            window=window,
+            unstable_fraction=unstable_fraction,
+            per_layer=per_layer,
+            seed=seed,
         )
         model_dir, runner, tokenizer = _load(model, page_size)
         with console.status(f"profiling {cfg.num_prompts} prompts of {cfg.context} tokens"):
@@ -91,7 +108,8 @@ def profile(
     out = out or user_profile_dir() / f"{Path(model_dir).name}-{result.model_fingerprint}.json"
     result.save(out)
     png = save_heatmap(
-        result, heatmap or out.with_suffix(".png"),
+        result,
+        heatmap or out.with_suffix(".png"),
         f"{Path(model_dir).name}\ninstability (K={top_k}, R={window}); red = unstable",
     )
     console.print(f"profile: {out}\nheatmap: {png}\nunstable heads: {len(result.unstable)}")
@@ -99,15 +117,34 @@ def profile(
 
 @app.command()
 def coverage(
-    model: Annotated[str, typer.Option(help="Registry name, HF folder or .gguf file.")] = DEFAULT_MODEL,
-    profile_path: Annotated[Path | None, typer.Option("--profile", help="Head profile JSON to extend.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Where to write (default: the --profile file).")] = None,
-    offsets: Annotated[str, typer.Option(help="Corpus offsets of the calibration windows.")] = "16384",
-    context: int = 8192, steps: int = 64, step_pages: int = 8, page_size: int = 16,
-    group_score: str = "softmax", sink_pages: int = 1, recent_pages: int = 4,
-    bound_weight: Annotated[float, typer.Option(help="Share of the box spread in page scores.")] = 1.0,
-    rerank_interval: Annotated[int, typer.Option(help="Steps each ranking is kept (as stable heads keep theirs).")] = 1,
-    corpus: Annotated[str, typer.Option(help="Text of the calibration windows: licenses or python-docs.")] = "licenses",
+    model: Annotated[
+        str, typer.Option(help="Registry name, HF folder or .gguf file.")
+    ] = DEFAULT_MODEL,
+    profile_path: Annotated[
+        Path | None, typer.Option("--profile", help="Head profile JSON to extend.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write (default: the --profile file).")
+    ] = None,
+    offsets: Annotated[
+        str, typer.Option(help="Corpus offsets of the calibration windows.")
+    ] = "16384",
+    context: int = 8192,
+    steps: int = 64,
+    step_pages: int = 8,
+    page_size: int = 16,
+    group_score: str = "softmax",
+    sink_pages: int = 1,
+    recent_pages: int = 4,
+    bound_weight: Annotated[
+        float, typer.Option(help="Share of the box spread in page scores.")
+    ] = 1.0,
+    rerank_interval: Annotated[
+        int, typer.Option(help="Steps each ranking is kept (as stable heads keep theirs).")
+    ] = 1,
+    corpus: Annotated[
+        str, typer.Option(help="Text of the calibration windows: licenses or python-docs.")
+    ] = "licenses",
     device: Annotated[str, typer.Option(help="torch device: cpu or cuda.")] = "cpu",
 ) -> None:
     """Calibrate head-adaptive budgets: add per-head attention-mass coverage to a head profile."""
@@ -115,9 +152,16 @@ def coverage(
 
     try:
         cfg = CoverageConfig(
-            offsets=_ints(offsets), context=context, steps=steps, step_pages=step_pages,
-            group_score=group_score, sink_pages=sink_pages, recent_pages=recent_pages,
-            bound_weight=bound_weight, rerank_interval=rerank_interval, corpus=corpus,
+            offsets=_ints(offsets),
+            context=context,
+            steps=steps,
+            step_pages=step_pages,
+            group_score=group_score,
+            sink_pages=sink_pages,
+            recent_pages=recent_pages,
+            bound_weight=bound_weight,
+            rerank_interval=rerank_interval,
+            corpus=corpus,
         )
         model_dir, runner, tokenizer = _load(model, page_size, device)
         head_profile = profile_for_model(model_dir, profile_path)
@@ -127,38 +171,99 @@ def coverage(
             head_profile.coverage = measure_coverage(runner, tokenizer, cfg)
     except USER_ERRORS as err:
         _fail(err)
-    target = out or profile_path or user_profile_dir() / f"{Path(model_dir).name}-{head_profile.model_fingerprint}.json"
+    target = (
+        out
+        or profile_path
+        or user_profile_dir() / f"{Path(model_dir).name}-{head_profile.model_fingerprint}.json"
+    )
     head_profile.save(target)
     console.print(f"profile with coverage: {target}")
 
 
 @app.command("eval")
 def eval_(
-    model: Annotated[str, typer.Option(help="Registry name, HF folder or .gguf file.")] = DEFAULT_MODEL,
-    preset: Annotated[str, typer.Option(help=f"Named settings: {', '.join(PRESETS)}; every option below overrides it.")] = DEFAULT_PRESET,
-    profile_path: Annotated[Path | None, typer.Option("--profile", help="Head profile JSON (default: the one matching the model).")] = None,
-    contexts: Annotated[str, typer.Option(help="Sequence lengths, comma-separated.")] = "2048,4096,8192",
-    gen_tokens: int = 256, page_size: int = 16,
-    passkey_depths: Annotated[str, typer.Option(help="Needle depths, comma-separated.")] = "0.1,0.3,0.5,0.7,0.9",
+    model: Annotated[
+        str, typer.Option(help="Registry name, HF folder or .gguf file.")
+    ] = DEFAULT_MODEL,
+    preset: Annotated[
+        str,
+        typer.Option(
+            help=f"Named settings: {', '.join(PRESETS)}; every option below overrides it."
+        ),
+    ] = DEFAULT_PRESET,
+    profile_path: Annotated[
+        Path | None,
+        typer.Option("--profile", help="Head profile JSON (default: the one matching the model)."),
+    ] = None,
+    contexts: Annotated[
+        str, typer.Option(help="Sequence lengths, comma-separated.")
+    ] = "2048,4096,8192",
+    gen_tokens: int = 256,
+    page_size: int = 16,
+    passkey_depths: Annotated[
+        str, typer.Option(help="Needle depths, comma-separated.")
+    ] = "0.1,0.3,0.5,0.7,0.9",
     seed: int = 0,
     output: Annotated[Path, typer.Option(help="JSON results file.")] = Path("kvhead-eval.json"),
-    modes: Annotated[str | None, typer.Option(help="Sparse modes: quest, flexicache, quest+, flexicache+ (default: the preset's).")] = None,
+    modes: Annotated[
+        str | None,
+        typer.Option(
+            help="Sparse modes: quest, flexicache, quest+, flexicache+ (default: the preset's)."
+        ),
+    ] = None,
     top_k: Annotated[int | None, typer.Option(help="Pages per head's top-K set (K).")] = None,
-    rerank_interval: Annotated[int | None, typer.Option(help="Decode steps between stable-head reranks (R).")] = None,
-    sink_pages: Annotated[int | None, typer.Option(help="+ modes: first pages always selected.")] = None,
-    recent_pages: Annotated[int | None, typer.Option(help="+ modes: newest pages always selected.")] = None,
-    group_score: Annotated[str | None, typer.Option(help="+ modes: GQA page score, max or softmax.")] = None,
-    leading_layers: Annotated[int | None, typer.Option(help="+ modes: first layers attend densely.")] = None,
-    unstable_dense: Annotated[bool | None, typer.Option(help="flexicache+: unstable heads attend densely.")] = None,
-    unstable_heads: Annotated[int | None, typer.Option(help="flexicache+: dense heads (leading layers', then the profile's most unstable).")] = None,
-    head_budgets: Annotated[bool | None, typer.Option(help="+ modes: per-head budgets from the profile's coverage.")] = None,
-    bound_weight: Annotated[float | None, typer.Option(help="+ modes: share of the page box's spread in its score (1: upper bound).")] = None,
-    compensate: Annotated[bool | None, typer.Option(help="+ modes: skipped pages enter attention as summary tokens.")] = None,
-    rerank_lag: Annotated[bool | None, typer.Option(help="flexicache+: stable heads' reranks take effect one step late.")] = None,
-    dense_heads: Annotated[str | None, typer.Option(help="flexicache+: dense heads from the 'profile' (RCO) or chosen with budgets by 'coverage'.")] = None,
-    prompts: Annotated[int, typer.Option(help="Corpus windows per context (agreement, perplexity).")] = 1,
+    rerank_interval: Annotated[
+        int | None, typer.Option(help="Decode steps between stable-head reranks (R).")
+    ] = None,
+    sink_pages: Annotated[
+        int | None, typer.Option(help="+ modes: first pages always selected.")
+    ] = None,
+    recent_pages: Annotated[
+        int | None, typer.Option(help="+ modes: newest pages always selected.")
+    ] = None,
+    group_score: Annotated[
+        str | None, typer.Option(help="+ modes: GQA page score, max or softmax.")
+    ] = None,
+    leading_layers: Annotated[
+        int | None, typer.Option(help="+ modes: first layers attend densely.")
+    ] = None,
+    unstable_dense: Annotated[
+        bool | None, typer.Option(help="flexicache+: unstable heads attend densely.")
+    ] = None,
+    unstable_heads: Annotated[
+        int | None,
+        typer.Option(
+            help="flexicache+: dense heads (leading layers', then the profile's most unstable)."
+        ),
+    ] = None,
+    head_budgets: Annotated[
+        bool | None, typer.Option(help="+ modes: per-head budgets from the profile's coverage.")
+    ] = None,
+    bound_weight: Annotated[
+        float | None,
+        typer.Option(help="+ modes: share of the page box's spread in its score (1: upper bound)."),
+    ] = None,
+    compensate: Annotated[
+        bool | None, typer.Option(help="+ modes: skipped pages enter attention as summary tokens.")
+    ] = None,
+    rerank_lag: Annotated[
+        bool | None,
+        typer.Option(help="flexicache+: stable heads' reranks take effect one step late."),
+    ] = None,
+    dense_heads: Annotated[
+        str | None,
+        typer.Option(
+            help="flexicache+: dense heads from the 'profile' (RCO), or chosen with budgets by "
+            "'coverage'."
+        ),
+    ] = None,
+    prompts: Annotated[
+        int, typer.Option(help="Corpus windows per context (agreement, perplexity).")
+    ] = 1,
     first_window: Annotated[int, typer.Option(help="Index of the first corpus window.")] = 0,
-    corpus: Annotated[str, typer.Option(help="Text of the windows: licenses or python-docs.")] = "licenses",
+    corpus: Annotated[
+        str, typer.Option(help="Text of the windows: licenses or python-docs.")
+    ] = "licenses",
     device: Annotated[str, typer.Option(help="torch device: cpu or cuda.")] = "cpu",
 ) -> None:
     """Accuracy of sparse decoding (a preset, by default the accurate one) against dense."""
@@ -167,17 +272,32 @@ def eval_(
     try:
         chosen = get_preset(preset)
         options = chosen.selection_options(
-            top_k=top_k, rerank_interval=rerank_interval, sink_pages=sink_pages,
-            recent_pages=recent_pages, group_score=group_score, leading_layers=leading_layers,
-            unstable_dense=unstable_dense, unstable_heads=unstable_heads,
-            head_budgets=head_budgets, bound_weight=bound_weight, compensate=compensate,
-            rerank_lag=rerank_lag, dense_heads=dense_heads,
+            top_k=top_k,
+            rerank_interval=rerank_interval,
+            sink_pages=sink_pages,
+            recent_pages=recent_pages,
+            group_score=group_score,
+            leading_layers=leading_layers,
+            unstable_dense=unstable_dense,
+            unstable_heads=unstable_heads,
+            head_budgets=head_budgets,
+            bound_weight=bound_weight,
+            compensate=compensate,
+            rerank_lag=rerank_lag,
+            dense_heads=dense_heads,
         )
         cfg = EvalConfig(
-            contexts=_ints(contexts), gen_tokens=gen_tokens, top_k=options.top_k,
-            page_size=page_size, rerank_interval=options.rerank_interval,
-            passkey_depths=_floats(passkey_depths), seed=seed, prompts=prompts,
-            first_window=first_window, corpus=corpus, options=options,
+            contexts=_ints(contexts),
+            gen_tokens=gen_tokens,
+            top_k=options.top_k,
+            page_size=page_size,
+            rerank_interval=options.rerank_interval,
+            passkey_depths=_floats(passkey_depths),
+            seed=seed,
+            prompts=prompts,
+            first_window=first_window,
+            corpus=corpus,
+            options=options,
             modes=[m.strip() for m in modes.split(",") if m.strip()] if modes else chosen.modes,
         )
         for context in cfg.contexts:
@@ -193,7 +313,9 @@ def eval_(
             last = partial.results[-1]
             console.print(f"context {last.context}: done in {last.seconds:.0f} s")
 
-        report = evaluate(runner, tokenizer, head_profile, cfg, model=Path(model_dir).name, on_context=save)
+        report = evaluate(
+            runner, tokenizer, head_profile, cfg, model=Path(model_dir).name, on_context=save
+        )
     except USER_ERRORS as err:
         _fail(err)
     console.print(accuracy_table(report, preset if modes is None else None))
@@ -212,23 +334,44 @@ def check_against_model(cfg, model_dir: str | Path) -> None:
     heads = layers * config.get("num_key_value_heads", config["num_attention_heads"])
     opt = cfg.options
     if opt.leading_layers > layers:
-        raise ValueError(f"--leading-layers {opt.leading_layers} exceeds the model's {layers} layers")
+        raise ValueError(
+            f"--leading-layers {opt.leading_layers} exceeds the model's {layers} layers"
+        )
     if opt.unstable_heads is not None and opt.unstable_heads > heads:
-        raise ValueError(f"--unstable-heads {opt.unstable_heads} exceeds the model's {heads} kv heads")
+        raise ValueError(
+            f"--unstable-heads {opt.unstable_heads} exceeds the model's {heads} kv heads"
+        )
 
 
 def accuracy_table(report, preset: str | None = None) -> Table:
     named = f"preset {preset}, " if preset else ""
-    table = Table(title=f"{report.model}: sparse decoding vs dense ({named}K={report.config.top_k} pages)")
-    for column in ("context", "mode", "token agr.", "± s.e.", "free match", "PPL ratio", "passkey", "dense passkey", "resident"):
+    table = Table(
+        title=f"{report.model}: sparse decoding vs dense ({named}K={report.config.top_k} pages)"
+    )
+    for column in (
+        "context",
+        "mode",
+        "token agr.",
+        "± s.e.",
+        "free match",
+        "PPL ratio",
+        "passkey",
+        "dense passkey",
+        "resident",
+    ):
         table.add_column(column, justify="right")
     for result in report.results:
         for mode, m in result.modes.items():
             table.add_row(
-                str(result.context), mode, f"{m.token_agreement:.3f}", f"{m.agreement_stderr:.3f}",
+                str(result.context),
+                mode,
+                f"{m.token_agreement:.3f}",
+                f"{m.agreement_stderr:.3f}",
                 f"{m.free_match:.3f}",
-                f"{m.perplexity_ratio:.4f}", f"{m.passkey_accuracy:.2f}",
-                f"{result.dense_passkey_accuracy:.2f}", f"{m.resident_fraction:.3f}",
+                f"{m.perplexity_ratio:.4f}",
+                f"{m.passkey_accuracy:.2f}",
+                f"{result.dense_passkey_accuracy:.2f}",
+                f"{m.resident_fraction:.3f}",
             )
     return table
 

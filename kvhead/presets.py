@@ -44,18 +44,36 @@ class Preset(BaseModel):
 
 
 _FLEXICACHE_PLUS = {
-    "top_k": 70, "rerank_interval": 8, "unstable_dense": True, "leading_layers": 2,
-    "sink_pages": 1, "recent_pages": 4, "group_score": "softmax", "bound_weight": 0.5,
-    "head_budgets": True, "compensate": True,
+    "top_k": 70,
+    "rerank_interval": 8,
+    "unstable_dense": True,
+    "leading_layers": 2,
+    "sink_pages": 1,
+    "recent_pages": 4,
+    "group_score": "softmax",
+    "bound_weight": 0.5,
+    "head_budgets": True,
+    "compensate": True,
 }
 PRESETS: dict[str, Preset] = {
-    "paper": Preset(name="paper", summary="the paper's FlexiCache (K 64, R 16, 25% dense heads)",
-                    modes=["quest", "flexicache"], options={"top_k": 64, "rerank_interval": 16}),
-    "balanced": Preset(name="balanced", modes=["flexicache+"], options=_FLEXICACHE_PLUS,
-                       summary="flexicache+ with 22 dense heads and K 70 (34.9% resident at 8k)"),
-    "accurate": Preset(name="accurate", modes=["flexicache+"],
-                       options=_FLEXICACHE_PLUS | {"unstable_heads": 11, "top_k": 129},
-                       summary="flexicache+ with 11 dense heads and K 129 (34.7% resident at 8k)"),
+    "paper": Preset(
+        name="paper",
+        summary="the paper's FlexiCache (K 64, R 16, 25% dense heads)",
+        modes=["quest", "flexicache"],
+        options={"top_k": 64, "rerank_interval": 16},
+    ),
+    "balanced": Preset(
+        name="balanced",
+        modes=["flexicache+"],
+        options=_FLEXICACHE_PLUS,
+        summary="flexicache+ with 22 dense heads and K 70 (34.9% resident at 8k)",
+    ),
+    "accurate": Preset(
+        name="accurate",
+        modes=["flexicache+"],
+        options=_FLEXICACHE_PLUS | {"unstable_heads": 11, "top_k": 129},
+        summary="flexicache+ with 11 dense heads and K 129 (34.7% resident at 8k)",
+    ),
 }
 DEFAULT_PRESET = "accurate"
 

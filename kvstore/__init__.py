@@ -14,7 +14,19 @@ from kvstore.prefix import hashes_from_bytes, prefix_hashes, prefix_hex
 from kvstore.redis_tier import RedisTier
 
 __all__ = [
-    "HostArena", "HostArenaConfig", "KVStoreConfig", "PageBatch", "PageKeys", "PageStore",
-    "RedisTier", "RedisTierConfig", "TierManager", "TierManagerConfig", "TierStats",
-    "build_store", "hashes_from_bytes", "prefix_hashes", "prefix_hex",
+    "HostArena",
+    "HostArenaConfig",
+    "KVStoreConfig",
+    "PageBatch",
+    "PageKeys",
+    "PageStore",
+    "RedisTier",
+    "RedisTierConfig",
+    "TierManager",
+    "TierManagerConfig",
+    "TierStats",
+    "build_store",
+    "hashes_from_bytes",
+    "prefix_hashes",
+    "prefix_hex",
 ]

@@ -77,7 +77,9 @@ class PageKeys:
     def select(self, rows: torch.Tensor) -> PageKeys:
         """The sub-batch at ``rows`` (a bool mask or an index tensor)."""
         return PageKeys(
-            self.layer, self.block_ids[rows], self.heads[rows],
+            self.layer,
+            self.block_ids[rows],
+            self.heads[rows],
             None if self.prefix is None else self.prefix[rows],
             None if self.pages is None else self.pages[rows],
         )
@@ -158,7 +160,7 @@ class PageStore(ABC):
         """True when the tier addresses pages by prefix hash, so other replicas can read them."""
         return False
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook, not an abstract method
         """Release threads, connections and buffers (no-op for purely local tiers)."""
 
     async def aput(self, keys: PageKeys, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -30,27 +30,34 @@ from kvstore.base import PageKeys
 
 MAGIC = b"KVHP"
 VERSION = 1
-HEADER = np.dtype([
-    ("magic", "S4"),
-    ("version", "<u2"),
-    ("dtype", "u1"),
-    ("rank", "u1"),
-    ("shape", "<u4", (3,)),
-    ("fingerprint", "S16"),
-    ("layer", "<u4"),
-    ("head", "<u4"),
-    ("page", "<i8"),
-    ("prefix", "<i8", (2,)),
-    ("payload_bytes", "<u4"),
-    ("checksum", "<u8"),
-])
+HEADER = np.dtype(
+    [
+        ("magic", "S4"),
+        ("version", "<u2"),
+        ("dtype", "u1"),
+        ("rank", "u1"),
+        ("shape", "<u4", (3,)),
+        ("fingerprint", "S16"),
+        ("layer", "<u4"),
+        ("head", "<u4"),
+        ("page", "<i8"),
+        ("prefix", "<i8", (2,)),
+        ("payload_bytes", "<u4"),
+        ("checksum", "<u8"),
+    ]
+)
 HEADER_BYTES = HEADER.itemsize
 _CHECKED = HEADER.fields["checksum"][1]  # header bytes before the checksum
 _CHECKSUM_WORD = _CHECKED // 8
 
 DTYPE_CODES: dict[torch.dtype, int] = {
-    torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.float8_e4m3fn: 4,
-    torch.float8_e5m2: 5, torch.int8: 6, torch.uint8: 7,
+    torch.bfloat16: 1,
+    torch.float16: 2,
+    torch.float32: 3,
+    torch.float8_e4m3fn: 4,
+    torch.float8_e5m2: 5,
+    torch.int8: 6,
+    torch.uint8: 7,
 }
 
 
@@ -86,7 +93,9 @@ class PageCodec:
         self.spec, self.fingerprint = spec, fingerprint
         self.payload_bytes = spec.head_page_bytes
         if self.payload_bytes % 8:
-            raise ValueError(f"page payload must be a multiple of 8 bytes, got {self.payload_bytes}")
+            raise ValueError(
+                f"page payload must be a multiple of 8 bytes, got {self.payload_bytes}"
+            )
         self.value_bytes = HEADER_BYTES + self.payload_bytes
         self._weights = checksum_weights(self.value_bytes // 8)
         self._template = np.zeros((), dtype=HEADER)
@@ -109,8 +118,9 @@ class PageCodec:
         zero = np.zeros(1, dtype=np.int64)
         return self._headers(layer, zero, zero, np.zeros((1, 2), np.int64)).view(np.uint8).copy()
 
-    def _headers(self, layer: int, heads: np.ndarray, pages: np.ndarray, prefix: np.ndarray
-                 ) -> np.ndarray:
+    def _headers(
+        self, layer: int, heads: np.ndarray, pages: np.ndarray, prefix: np.ndarray
+    ) -> np.ndarray:
         """Headers of one batch (checksum 0), built with numpy only (no torch threads)."""
         headers = np.repeat(self._template[None], len(heads))
         headers["layer"] = layer
@@ -123,8 +133,9 @@ class PageCodec:
         """``[n, 72]`` uint8: the header bytes (all but the checksum) a valid page must carry."""
         if keys.prefix is None or keys.pages is None:
             raise ValueError("shared tiers need content-addressed keys (prefix and pages)")
-        headers = self._headers(keys.layer, keys.heads.numpy(), keys.pages.numpy(),
-                                keys.prefix.numpy())
+        headers = self._headers(
+            keys.layer, keys.heads.numpy(), keys.pages.numpy(), keys.prefix.numpy()
+        )
         return headers.view(np.uint8).reshape(len(keys), HEADER_BYTES)[:, :_CHECKED]
 
     def encode(self, keys: PageKeys, k: torch.Tensor, v: torch.Tensor) -> list[memoryview]:
@@ -133,13 +144,28 @@ class PageCodec:
             raise ValueError("shared tiers need content-addressed keys (prefix and pages)")
         n = len(keys)
         buf = np.empty((n, self.value_bytes), dtype=np.uint8)
-        self.encode_into(buf, keys.layer, keys.heads.numpy(), keys.pages.numpy(),
-                         keys.prefix.numpy(), page_bytes(k), page_bytes(v))
+        self.encode_into(
+            buf,
+            keys.layer,
+            keys.heads.numpy(),
+            keys.pages.numpy(),
+            keys.prefix.numpy(),
+            page_bytes(k),
+            page_bytes(v),
+        )
         view, size = memoryview(buf).cast("B"), self.value_bytes
         return [view[i * size : (i + 1) * size] for i in range(n)]
 
-    def encode_into(self, dst: np.ndarray, layer: int, heads: np.ndarray, pages: np.ndarray,
-                    prefix: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
+    def encode_into(
+        self,
+        dst: np.ndarray,
+        layer: int,
+        heads: np.ndarray,
+        pages: np.ndarray,
+        prefix: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+    ) -> None:
         """Write the values of ``m`` pages into ``dst [m, value_bytes]`` (rows may be strided,
         e.g. the value slots of a RESP command buffer). ``k``, ``v``: ``[m, payload / 2]`` uint8.
 
@@ -172,8 +198,13 @@ class PageCodec:
         ok, corrupt = self.decode_into(values, self.expected(keys), out, slice(0, len(keys)))
         return self.finish(out, ok, corrupt)
 
-    def decode_into(self, values: list[bytes | None], want: np.ndarray, out: np.ndarray,
-                    rows: slice | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def decode_into(
+        self,
+        values: list[bytes | None],
+        want: np.ndarray,
+        out: np.ndarray,
+        rows: slice | np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Check ``values`` (``None`` = missing) against ``want`` and copy good payloads to
         ``out[rows]``. Returns ``(ok, corrupt)`` over ``values``; rows of ``out`` that are not
         ok are left as they were (:meth:`finish` zeroes them)."""
@@ -184,8 +215,10 @@ class PageCodec:
             corrupt[[i for i, v in enumerate(values) if v is not None and len(v) != size]] = True
         if not sized:
             return ok, corrupt
-        arr = np.frombuffer(b"".join(values[i] for i in sized),  # type: ignore[misc]
-                            dtype=np.uint8).reshape(len(sized), size)
+        arr = np.frombuffer(
+            b"".join(values[i] for i in sized),  # type: ignore[misc]
+            dtype=np.uint8,
+        ).reshape(len(sized), size)
         idx = np.asarray(sized, dtype=np.int64)
         targets = rows if len(sized) == m else np.arange(len(out))[rows][idx]
         good = self.verify_into(arr, want[idx], out, targets)
@@ -193,8 +226,9 @@ class PageCodec:
         corrupt[idx[~good]] = True
         return ok, corrupt
 
-    def verify_into(self, values: np.ndarray, want: np.ndarray, out: np.ndarray,
-                    rows: slice | np.ndarray) -> np.ndarray:
+    def verify_into(
+        self, values: np.ndarray, want: np.ndarray, out: np.ndarray, rows: slice | np.ndarray
+    ) -> np.ndarray:
         """Check ``values [m, value_bytes]`` (any row stride or alignment, e.g. a view into a
         receive buffer) against ``want [m, 72]``; copy payloads to ``out[rows]``. Returns good
         ``[m]``; ``out`` rows of bad values hold garbage until :meth:`finish` zeroes them.

@@ -14,7 +14,9 @@ class HostArenaConfig(BaseModel):
         gt=0, description="Size of the block-id space (vLLM's num_gpu_blocks); ids are 0..n-1."
     )
     evict_fraction: float = Field(
-        default=1 / 64, gt=0, le=1,
+        default=1 / 64,
+        gt=0,
+        le=1,
         description="Share of capacity freed per eviction round, so eviction cost is amortised.",
     )
     pin_memory: bool | None = Field(
@@ -46,11 +48,13 @@ class RedisTierConfig(BaseModel):
     )
     connect_timeout_s: float = Field(default=0.5, gt=0, description="TCP connect timeout.")
     retry_after_s: float = Field(
-        default=1.0, gt=0,
+        default=1.0,
+        gt=0,
         description="After a failure, calls return misses at once for this long, then retry.",
     )
     memory_budget_bytes: int | None = Field(
-        default=None, gt=0,
+        default=None,
+        gt=0,
         description="If set, CONFIG SET maxmemory to this and an LRU policy at connect.",
     )
     eviction_policy: str = Field(
@@ -70,7 +74,8 @@ class TierManagerConfig(BaseModel):
         default=True, description="Copy pages found in a lower tier into the host arena."
     )
     write_queue_pages: int = Field(
-        default=65536, gt=0,
+        default=65536,
+        gt=0,
         description="Write-behind queue bound; beyond it writes are dropped (and counted), "
         "never waited for, so decode never blocks on Redis.",
     )
@@ -87,5 +92,7 @@ class KVStoreConfig(BaseModel):
     @classmethod
     def _check_scheme(cls, value: RedisTierConfig | None) -> RedisTierConfig | None:
         if value is not None and not value.url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"redis url must start with redis://, rediss:// or unix://: {value.url}")
+            raise ValueError(
+                f"redis url must start with redis://, rediss:// or unix://: {value.url}"
+            )
         return value

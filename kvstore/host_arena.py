@@ -154,8 +154,13 @@ class HostArena(PageStore):
     def stats(self) -> TierStats:
         with self._lock:
             self._stats.resident_pages = self.config.capacity_pages - self._num_free
-            return TierStats(**{**vars(self._stats), "op_seconds": dict(self._stats.op_seconds),
-                                "op_calls": dict(self._stats.op_calls)})
+            return TierStats(
+                **{
+                    **vars(self._stats),
+                    "op_seconds": dict(self._stats.op_seconds),
+                    "op_calls": dict(self._stats.op_calls),
+                }
+            )
 
     # -- eviction ---------------------------------------------------------------------------
     def _evict(self, needed: int, protected: int) -> None:
@@ -182,7 +187,9 @@ class HostArena(PageStore):
                     continue
                 flat = self._key[rows]
                 keys = PageKeys(
-                    layer, (flat // self._heads) % self._blocks, flat % self._heads,
+                    layer,
+                    (flat // self._heads) % self._blocks,
+                    flat % self._heads,
                     self._prefix[rows] if is_named else None,
                     self._page[rows] if is_named else None,
                 )

@@ -40,8 +40,9 @@ class TierManager(PageStore):
 
     name = "manager"
 
-    def __init__(self, arena: HostArena, shared: PageStore | None,
-                 config: TierManagerConfig | None = None) -> None:
+    def __init__(
+        self, arena: HostArena, shared: PageStore | None, config: TierManagerConfig | None = None
+    ) -> None:
         super().__init__(arena.spec)
         self.arena, self.shared = arena, shared
         self.config = config or TierManagerConfig()
@@ -56,8 +57,9 @@ class TierManager(PageStore):
         self._prefetcher: ThreadPoolExecutor | None = None
         arena.spill = self._on_spill
         if shared is not None:
-            self._writer = threading.Thread(target=self._write_loop, name="kvstore-writer",
-                                            daemon=True)
+            self._writer = threading.Thread(
+                target=self._write_loop, name="kvstore-writer", daemon=True
+            )
             self._writer.start()
             self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="kvstore-prefetch")
 
@@ -104,8 +106,11 @@ class TierManager(PageStore):
                     return
                 batch = [self._queue.popleft()]
                 size = len(batch[0][0])
-                while (self._queue and self._queue[0][0].layer == batch[0][0].layer
-                       and size + len(self._queue[0][0]) <= _COALESCE_PAGES):
+                while (
+                    self._queue
+                    and self._queue[0][0].layer == batch[0][0].layer
+                    and size + len(self._queue[0][0]) <= _COALESCE_PAGES
+                ):
                     batch.append(self._queue.popleft())
                     size += len(batch[-1][0])
                 self._busy = True
@@ -182,8 +187,13 @@ class TierManager(PageStore):
         page_idx = torch.arange(m).repeat_interleave(heads)
         present = torch.ones(m, dtype=torch.bool)
         for layer in range(num_layers):
-            keys = PageKeys(layer, torch.zeros(m * heads, dtype=torch.long),
-                            torch.arange(heads).repeat(m), prefix[page_idx], page_idx)
+            keys = PageKeys(
+                layer,
+                torch.zeros(m * heads, dtype=torch.long),
+                torch.arange(heads).repeat(m),
+                prefix[page_idx],
+                page_idx,
+            )
             present &= self.shared.contains(keys).view(m, heads).all(dim=1)
         missing = (~present).nonzero()
         return m if len(missing) == 0 else int(missing[0])
@@ -196,8 +206,13 @@ class TierManager(PageStore):
         resident = self.arena.stats().resident_pages  # outside our lock: spill nests the other way
         with self._lock:
             self._stats.resident_pages = resident
-            return TierStats(**{**vars(self._stats), "op_seconds": dict(self._stats.op_seconds),
-                                "op_calls": dict(self._stats.op_calls)})
+            return TierStats(
+                **{
+                    **vars(self._stats),
+                    "op_seconds": dict(self._stats.op_seconds),
+                    "op_calls": dict(self._stats.op_calls),
+                }
+            )
 
     def tier_stats(self) -> list[TierStats]:
         """Per-tier counters, host first."""
@@ -220,14 +235,16 @@ class TierManager(PageStore):
             self.shared.close()
 
 
-def _concat(batch: list[tuple[PageKeys, torch.Tensor, torch.Tensor]]
-            ) -> tuple[PageKeys, torch.Tensor, torch.Tensor]:
+def _concat(
+    batch: list[tuple[PageKeys, torch.Tensor, torch.Tensor]],
+) -> tuple[PageKeys, torch.Tensor, torch.Tensor]:
     if len(batch) == 1:
         return batch[0]
     keys = [b[0] for b in batch]
     merged = PageKeys(
         keys[0].layer,
-        torch.cat([x.block_ids for x in keys]), torch.cat([x.heads for x in keys]),
+        torch.cat([x.block_ids for x in keys]),
+        torch.cat([x.heads for x in keys]),
         torch.cat([x.prefix for x in keys]),  # type: ignore[misc]
         torch.cat([x.pages for x in keys]),  # type: ignore[misc]
     )

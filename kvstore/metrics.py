@@ -39,13 +39,19 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "hits": ("hits", "Pages found by get, per tier."),
     "misses": ("misses", "Pages asked for and not found (recompute), per tier."),
     "puts": ("puts", "Pages stored, per tier."),
-    "put_failures": ("put_failures", (
-        "Pages a tier refused or lost (Redis down or out of memory, write-behind queue full, "
-        "spilled pages without a content address).")),
+    "put_failures": (
+        "put_failures",
+        (
+            "Pages a tier refused or lost (Redis down or out of memory, write-behind queue full, "
+            "spilled pages without a content address)."
+        ),
+    ),
     "evictions": ("evictions", "Pages evicted to make room."),
     "spilled": ("spilled_pages", "Pages handed to the next tier (host arena spill, write-behind)."),
-    "corrupt": ("corrupt_pages", (
-        "Pages whose header or checksum did not match: dropped, deleted, never served.")),
+    "corrupt": (
+        "corrupt_pages",
+        ("Pages whose header or checksum did not match: dropped, deleted, never served."),
+    ),
     "errors": ("errors", "Remote operations that failed (connection, timeout, server error)."),
     "bytes_in": ("stored_bytes", "Payload bytes written into the tier."),
     "bytes_out": ("served_bytes", "Payload bytes served from the tier."),
@@ -127,8 +133,9 @@ class MetricsServer:
         self.thread.join(timeout=5)
 
 
-def serve_metrics(registry: CollectorRegistry, host: str = "0.0.0.0", port: int = 9400
-                  ) -> MetricsServer:
+def serve_metrics(
+    registry: CollectorRegistry, host: str = "0.0.0.0", port: int = 9400
+) -> MetricsServer:
     """Serve ``registry`` in Prometheus text format on ``http://host:port/`` (any path) from a
     daemon thread."""
     server, thread = start_http_server(port, addr=host, registry=registry)

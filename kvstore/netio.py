@@ -80,8 +80,9 @@ def _wait(fd: int, events: int, timeout_ms: int, pfd: np.ndarray) -> int:
 
 
 @_jit
-def _send_all(fd: int, buf: np.ndarray, size: int, timeout_ms: int, pfd: np.ndarray,
-              state: np.ndarray) -> int:
+def _send_all(
+    fd: int, buf: np.ndarray, size: int, timeout_ms: int, pfd: np.ndarray, state: np.ndarray
+) -> int:
     sent = 0
     while sent < size:
         n = _send(fd, _addr(buf) + sent, size - sent, _MSG_NOSIGNAL)
@@ -108,9 +109,20 @@ def _low_water(fd: int, size: int, lowat: bool, opt: np.ndarray) -> None:
 
 
 @_jit
-def _receive(fd: int, buf: np.ndarray, got: int, replies: int, least: int, timeout_ms: int,
-             lowat: bool, pfd: np.ndarray, opt: np.ndarray, starts: np.ndarray,
-             lens: np.ndarray, state: np.ndarray) -> tuple[int, int]:
+def _receive(
+    fd: int,
+    buf: np.ndarray,
+    got: int,
+    replies: int,
+    least: int,
+    timeout_ms: int,
+    lowat: bool,
+    pfd: np.ndarray,
+    opt: np.ndarray,
+    starts: np.ndarray,
+    lens: np.ndarray,
+    state: np.ndarray,
+) -> tuple[int, int]:
     """Receive ``replies`` replies into ``buf`` (whose first ``got`` bytes have arrived):
     ``(status, elements)``; ``state[1]`` = bytes in ``buf``.
 
@@ -146,8 +158,17 @@ def _receive(fd: int, buf: np.ndarray, got: int, replies: int, least: int, timeo
 
 
 @_jit
-def _hits_layout(image: np.ndarray, frame: np.ndarray, mask: np.ndarray, iov: np.ndarray,
-                 heads: np.ndarray, out: np.ndarray, lo: int, m: int, header: int) -> int:
+def _hits_layout(
+    image: np.ndarray,
+    frame: np.ndarray,
+    mask: np.ndarray,
+    iov: np.ndarray,
+    heads: np.ndarray,
+    out: np.ndarray,
+    lo: int,
+    m: int,
+    header: int,
+) -> int:
     """Plan receiving the reply to an ``MGET`` of rows ``[lo, lo + m)`` as if every key held a
     page: framing and headers into ``image``, each payload straight into its row of ``out``
     (``recvmsg`` scatters them; no copy of the payload afterwards). ``frame``/``mask``: the
@@ -177,9 +198,20 @@ def _hits_layout(image: np.ndarray, frame: np.ndarray, mask: np.ndarray, iov: np
 
 
 @_jit
-def _receive_hits(fd: int, image: np.ndarray, frame: np.ndarray, mask: np.ndarray,
-                  iov: np.ndarray, count: int, msg: np.ndarray, timeout_ms: int, lowat: bool,
-                  pfd: np.ndarray, opt: np.ndarray, state: np.ndarray) -> tuple[int, int, int]:
+def _receive_hits(
+    fd: int,
+    image: np.ndarray,
+    frame: np.ndarray,
+    mask: np.ndarray,
+    iov: np.ndarray,
+    count: int,
+    msg: np.ndarray,
+    timeout_ms: int,
+    lowat: bool,
+    pfd: np.ndarray,
+    opt: np.ndarray,
+    state: np.ndarray,
+) -> tuple[int, int, int]:
     """Receive along :func:`_hits_layout`'s ``count`` iovecs: ``(status, iovec, bytes in it)``.
 
     :data:`_DIVERGED` as soon as a framing byte differs (a miss, a value of another size, an
@@ -225,8 +257,9 @@ def _receive_hits(fd: int, image: np.ndarray, frame: np.ndarray, mask: np.ndarra
 
 
 @_jit
-def _linearize(image: np.ndarray, iov: np.ndarray, c: int, used: int, out: np.ndarray, lo: int,
-               dst: np.ndarray) -> int:
+def _linearize(
+    image: np.ndarray, iov: np.ndarray, c: int, used: int, out: np.ndarray, lo: int, dst: np.ndarray
+) -> int:
     """The bytes :func:`_receive_hits` got before it stopped at iovec ``c``, in order."""
     off = 0
     for k in range(min(c + 1, iov.shape[0])):
@@ -240,9 +273,21 @@ def _linearize(image: np.ndarray, iov: np.ndarray, c: int, used: int, out: np.nd
 
 
 @_jit
-def put_chunks(fd: int, timeout_ms: int, lowat: bool, first: int, n: int, depth: int,
-               sbuf: np.ndarray, rbuf: np.ndarray, starts: np.ndarray, lens: np.ndarray,
-               state: np.ndarray, stored: np.ndarray, enc: tuple) -> int:
+def put_chunks(
+    fd: int,
+    timeout_ms: int,
+    lowat: bool,
+    first: int,
+    n: int,
+    depth: int,
+    sbuf: np.ndarray,
+    rbuf: np.ndarray,
+    starts: np.ndarray,
+    lens: np.ndarray,
+    state: np.ndarray,
+    stored: np.ndarray,
+    enc: tuple,
+) -> int:
     """Pipelined ``SET`` of rows ``[first * depth, n)``, ``depth`` per round trip.
 
     ``enc``: :func:`kvstore.wire.write_sets`' arguments after ``lo, hi``. ``stored[row]`` is set
@@ -259,8 +304,9 @@ def put_chunks(fd: int, timeout_ms: int, lowat: bool, first: int, n: int, depth:
         state[0] = i
         lo, hi = i * depth, min(n, (i + 1) * depth)
         size = write_sets(sbuf, hi, min(n, hi + depth), *enc) if hi < n else 0
-        status = _receive(fd, rbuf, 0, hi - lo, 5 * (hi - lo), timeout_ms, lowat, pfd, opt,
-                          starts, lens, state)[0]  # "+OK\r\n" each; an error is longer
+        status = _receive(
+            fd, rbuf, 0, hi - lo, 5 * (hi - lo), timeout_ms, lowat, pfd, opt, starts, lens, state
+        )[0]  # "+OK\r\n" each; an error is longer
         if status == DONE and size:
             status = _send_all(fd, sbuf, size, timeout_ms, pfd, state)
         if status == DONE:
@@ -270,9 +316,22 @@ def put_chunks(fd: int, timeout_ms: int, lowat: bool, first: int, n: int, depth:
 
 
 @_jit
-def get_chunks(fd: int, timeout_ms: int, lowat: bool, first: int, n: int, depth: int,
-               sbuf: np.ndarray, rbuf: np.ndarray, starts: np.ndarray, lens: np.ndarray,
-               state: np.ndarray, image: np.ndarray, keys: tuple, check: tuple) -> int:
+def get_chunks(
+    fd: int,
+    timeout_ms: int,
+    lowat: bool,
+    first: int,
+    n: int,
+    depth: int,
+    sbuf: np.ndarray,
+    rbuf: np.ndarray,
+    starts: np.ndarray,
+    lens: np.ndarray,
+    state: np.ndarray,
+    image: np.ndarray,
+    keys: tuple,
+    check: tuple,
+) -> int:
     """One ``MGET`` per ``depth`` rows of ``[first * depth, n)``, each reply verified.
 
     Each reply is first received as if every key held a page (:func:`_hits_layout`: payloads
@@ -298,16 +357,18 @@ def get_chunks(fd: int, timeout_ms: int, lowat: bool, first: int, n: int, depth:
         lo, hi = i * depth, min(n, (i + 1) * depth)
         size = write_mget(sbuf, hi, min(n, hi + depth), *keys) if hi < n else 0
         count = _hits_layout(image, frame, mask, iov, starts, out, lo, hi - lo, header)
-        status, c, used = _receive_hits(fd, image, frame, mask, iov, count, msg, timeout_ms,
-                                        lowat, pfd, opt, state)
+        status, c, used = _receive_hits(
+            fd, image, frame, mask, iov, count, msg, timeout_ms, lowat, pfd, opt, state
+        )
         placed = status == DONE
         elements = hi - lo
         if placed:
             lens[:elements] = header + out.shape[1]
         elif status == _DIVERGED:
             got = _linearize(image, iov, c, used, out, lo, rbuf)
-            status, elements = _receive(fd, rbuf, got, 1, 1, timeout_ms, lowat, pfd, opt,
-                                        starts, lens, state)
+            status, elements = _receive(
+                fd, rbuf, got, 1, 1, timeout_ms, lowat, pfd, opt, starts, lens, state
+            )
         if status == DONE and size:
             status = _send_all(fd, sbuf, size, timeout_ms, pfd, state)
         if status == DONE:

@@ -39,17 +39,27 @@ class Pipeline:
         self._timeout_ms = max(1, math.ceil(config.socket_timeout_s * 1000))
         ttl_ms = None if config.ttl_seconds is None else config.ttl_seconds * 1000
         self._set_head = _bytes((b"*3" if ttl_ms is None else b"*5") + b"\r\n$3\r\nSET\r\n$")
-        self._set_tail = _bytes(b"\r\n" if ttl_ms is None else (
-            b"\r\n$2\r\nPX\r\n$%d\r\n%d\r\n" % (len(str(ttl_ms)), ttl_ms)))
+        self._set_tail = _bytes(
+            b"\r\n"
+            if ttl_ms is None
+            else (b"\r\n$2\r\nPX\r\n$%d\r\n%d\r\n" % (len(str(ttl_ms)), ttl_ms))
+        )
 
     def rows(self, n: int) -> tuple[int, Callable[[int], tuple[int, int]]]:
         """``(chunks, rows)``: ``rows(i)`` is chunk ``i``'s ``[lo, hi)`` of ``n`` rows."""
         depth = self.depth
         return (n + depth - 1) // depth, lambda i: (i * depth, min(n, (i + 1) * depth))
 
-    def _run(self, sock: socket.socket, run: Callable[..., int], chunks: int,
-             replies: Callable[[int], int], on_slow: OnSlow, send_size: int, recv_size: int
-             ) -> None:
+    def _run(
+        self,
+        sock: socket.socket,
+        run: Callable[..., int],
+        chunks: int,
+        replies: Callable[[int], int],
+        on_slow: OnSlow,
+        send_size: int,
+        recv_size: int,
+    ) -> None:
         """Run a compiled chunk loop (:mod:`kvstore.netio`) on ``sock``.
 
         redis-py owns the connection (pool, AUTH, SELECT, reconnects); the loop only moves the
@@ -60,8 +70,13 @@ class Pipeline:
         """
         depth = self.depth
         lowat = sock.family in (socket.AF_INET, socket.AF_INET6)
-        bufs = (self._scratch.get("send", send_size), self._scratch.get("recv", recv_size),
-                np.empty(depth, np.int64), np.empty(depth, np.int64), np.zeros(3, np.int64))
+        bufs = (
+            self._scratch.get("send", send_size),
+            self._scratch.get("recv", recv_size),
+            np.empty(depth, np.int64),
+            np.empty(depth, np.int64),
+            np.zeros(3, np.int64),
+        )
         first = 0
         while first < chunks:
             status = run(sock.fileno(), lowat, first, *bufs)
@@ -74,21 +89,25 @@ class Pipeline:
                 raise redis.ConnectionError(os.strerror(err))
             if status != netio.FALLBACK:
                 raise redis.ConnectionError(
-                    "Redis closed the connection" if status == netio.CLOSED
-                    else "Redis sent bytes after the last expected reply")
+                    "Redis closed the connection"
+                    if status == netio.CLOSED
+                    else "Redis sent bytes after the last expected reply"
+                )
             on_slow(chunk, resp.read_rest(sock, bufs[1], got, replies(chunk)))
             first = chunk + 1
 
     def _key_parts(self, keys: PageKeys) -> tuple[np.ndarray, ...]:
         """``stem``, ``mid``, ``prefix [n, 16]``, ``heads``, ``pages`` for :mod:`kvstore.wire`."""
         assert keys.prefix is not None and keys.pages is not None
-        return (np.frombuffer(f"{self.fingerprint}:".encode(), dtype=np.uint8),
-                np.frombuffer(f":{keys.layer}:".encode(), dtype=np.uint8),
-                keys.prefix.contiguous().numpy().view(np.uint8).reshape(-1, 16),
-                keys.heads.contiguous().numpy(), keys.pages.contiguous().numpy())
+        return (
+            np.frombuffer(f"{self.fingerprint}:".encode(), dtype=np.uint8),
+            np.frombuffer(f":{keys.layer}:".encode(), dtype=np.uint8),
+            keys.prefix.contiguous().numpy().view(np.uint8).reshape(-1, 16),
+            keys.heads.contiguous().numpy(),
+            keys.pages.contiguous().numpy(),
+        )
 
-    def _set_encoder(self, keys: PageKeys, k: torch.Tensor, v: torch.Tensor
-                     ) -> tuple[tuple, int]:
+    def _set_encoder(self, keys: PageKeys, k: torch.Tensor, v: torch.Tensor) -> tuple[tuple, int]:
         """``(enc, send_size)``: :func:`kvstore.wire.write_sets`' arguments after ``lo, hi``
         for these pages, and the most bytes one chunk of their ``SET [PX]`` commands takes."""
         codec, parts = self.codec, self._key_parts(keys)
@@ -97,14 +116,32 @@ class Pipeline:
             kb, vb = np.concatenate([kb, vb], axis=1), np.empty((len(keys), 0), dtype=np.uint8)
         cmd, tail = self._set_head, self._set_tail
         value_head = _bytes(b"\r\n$%d\r\n" % codec.value_bytes)
-        row_bytes = len(cmd) + len(value_head) + codec.value_bytes + len(tail) + _KEY_ROOM + len(
-            parts[0]) + len(parts[1])
-        enc = (*parts, template, kb, vb, kb.view("<u8"), vb.view("<u8"), codec.weights, cmd,
-               value_head, tail)
+        row_bytes = (
+            len(cmd)
+            + len(value_head)
+            + codec.value_bytes
+            + len(tail)
+            + _KEY_ROOM
+            + len(parts[0])
+            + len(parts[1])
+        )
+        enc = (
+            *parts,
+            template,
+            kb,
+            vb,
+            kb.view("<u8"),
+            vb.view("<u8"),
+            codec.weights,
+            cmd,
+            value_head,
+            tail,
+        )
         return enc, self.depth * row_bytes
 
-    def put(self, keys: PageKeys, k: torch.Tensor, v: torch.Tensor, stored: np.ndarray,
-            on_slow: OnSlow) -> Callable[[socket.socket], None]:
+    def put(
+        self, keys: PageKeys, k: torch.Tensor, v: torch.Tensor, stored: np.ndarray, on_slow: OnSlow
+    ) -> Callable[[socket.socket], None]:
         """Pipelined ``SET`` of these pages over a plain socket (see :meth:`_run`)."""
         n, depth, timeout = len(keys), self.depth, self._timeout_ms
         chunks, rows = self.rows(n)
@@ -113,29 +150,43 @@ class Pipeline:
         def run(fd: int, lowat: bool, first: int, *bufs: np.ndarray) -> int:
             return netio.put_chunks(fd, timeout, lowat, first, n, depth, *bufs, stored, enc)
 
-        return lambda sock: self._run(sock, run, chunks, lambda i: len(range(*rows(i))),
-                                      on_slow, send_size, 5 * depth)
+        return lambda sock: self._run(
+            sock, run, chunks, lambda i: len(range(*rows(i))), on_slow, send_size, 5 * depth
+        )
 
-    def get(self, keys: PageKeys, want: np.ndarray, out: np.ndarray, ok: np.ndarray,
-            corrupt: np.ndarray, on_slow: OnSlow) -> Callable[[socket.socket], None]:
+    def get(
+        self,
+        keys: PageKeys,
+        want: np.ndarray,
+        out: np.ndarray,
+        ok: np.ndarray,
+        corrupt: np.ndarray,
+        on_slow: OnSlow,
+    ) -> Callable[[socket.socket], None]:
         """One verified ``MGET`` per ``pipeline_depth`` keys over a plain socket: good pages'
         payloads into ``out``, ``ok`` / ``corrupt`` per row (see :meth:`_run`)."""
         n, depth, timeout, codec = len(keys), self.depth, self._timeout_ms, self.codec
         chunks, _ = self.rows(n)
         parts = self._key_parts(keys)
-        check = (np.ascontiguousarray(want).view("<u8"), codec.weights, out, out.view("<u8"),
-                 ok, corrupt)
+        check = (
+            np.ascontiguousarray(want).view("<u8"),
+            codec.weights,
+            out,
+            out.view("<u8"),
+            ok,
+            corrupt,
+        )
         element = len(b"$%d\r\n\r\n" % codec.value_bytes) + codec.value_bytes
         header = codec.value_bytes - codec.payload_bytes
         image = self._scratch.get("image", 32 + depth * (header + 32))  # framing and headers
 
         def run(fd: int, lowat: bool, first: int, *bufs: np.ndarray) -> int:
-            return netio.get_chunks(fd, timeout, lowat, first, n, depth, *bufs, image, parts,
-                                    check)
+            return netio.get_chunks(fd, timeout, lowat, first, n, depth, *bufs, image, parts, check)
 
         send_size = 32 + depth * (_KEY_ROOM + len(parts[0]) + len(parts[1]))
-        return lambda sock: self._run(sock, run, chunks, lambda i: 1, on_slow, send_size,
-                                      16 + element * depth)
+        return lambda sock: self._run(
+            sock, run, chunks, lambda i: 1, on_slow, send_size, 16 + element * depth
+        )
 
     def compile(self, page_shape: tuple[int, ...], dtype: torch.dtype) -> None:
         """Compile the loops of :mod:`kvstore.netio` and :mod:`kvstore.wire` now, for this

@@ -41,8 +41,9 @@ def _page_keys(store: TierManager, layer: int, prefix: torch.Tensor, first: int 
     (the HF path has no block allocator)."""
     heads = store.spec.num_kv_heads
     pages = torch.arange(first, len(prefix)).repeat_interleave(heads)
-    return PageKeys(layer, pages, torch.arange(heads).repeat(len(prefix) - first), prefix[pages],
-                    pages)
+    return PageKeys(
+        layer, pages, torch.arange(heads).repeat(len(prefix) - first), prefix[pages], pages
+    )
 
 
 @torch.no_grad()
@@ -63,8 +64,10 @@ def prefill_with_store(
             if not bool(got.found.all()):  # evicted since the match: recompute everything
                 cache, reuse = DynamicCache(config=model.config), 0
                 break
-            k, v = (x.view(reuse, heads, p, d).transpose(0, 1).reshape(1, heads, reuse * p, d)
-                    for x in (got.k, got.v))
+            k, v = (
+                x.view(reuse, heads, p, d).transpose(0, 1).reshape(1, heads, reuse * p, d)
+                for x in (got.k, got.v)
+            )
             cache.update(k.to(model.dtype), v.to(model.dtype), layer)
     out = model(token_ids[reuse * p :].unsqueeze(0), past_key_values=cache, use_cache=True)
     cache = out.past_key_values
@@ -72,12 +75,22 @@ def prefill_with_store(
     fresh = len(prefix) - reuse  # full pages computed here; reused ones are already shared
     if publish and fresh > 0:
         for layer in range(layers):
-            k, v = (t[0, :, reuse * p : len(prefix) * p].reshape(heads, fresh, p, d)
-                    .transpose(0, 1).reshape(-1, p, d)
-                    for t in (cache.layers[layer].keys, cache.layers[layer].values))
+            k, v = (
+                t[0, :, reuse * p : len(prefix) * p]
+                .reshape(heads, fresh, p, d)
+                .transpose(0, 1)
+                .reshape(-1, p, d)
+                for t in (cache.layers[layer].keys, cache.layers[layer].values)
+            )
             keys = _page_keys(store, layer, prefix, first=reuse)
             store.put(keys, k.to(spec.dtype), v.to(spec.dtype))
         published = fresh * heads * layers
-    report = PrefillReport(len(token_ids), reuse, reuse * p, len(token_ids) - reuse * p,
-                           published, time.perf_counter() - start)
+    report = PrefillReport(
+        len(token_ids),
+        reuse,
+        reuse * p,
+        len(token_ids) - reuse * p,
+        published,
+        time.perf_counter() - start,
+    )
     return out.logits[0, -1], cache, report

@@ -53,14 +53,21 @@ class RedisTier(PageStore):
         self.fingerprint = fingerprint
         extra: dict = {}
         if config.url.startswith("rediss://"):
-            extra.update(ssl_ca_certs=config.ssl_ca_certs, ssl_certfile=config.ssl_certfile,
-                         ssl_keyfile=config.ssl_keyfile)
+            extra.update(
+                ssl_ca_certs=config.ssl_ca_certs,
+                ssl_certfile=config.ssl_certfile,
+                ssl_keyfile=config.ssl_keyfile,
+            )
         self.pool = redis.BlockingConnectionPool.from_url(
-            config.url, max_connections=config.max_connections, timeout=config.socket_timeout_s,
+            config.url,
+            max_connections=config.max_connections,
+            timeout=config.socket_timeout_s,
             socket_timeout=config.socket_timeout_s,
             socket_connect_timeout=config.connect_timeout_s,
-            username=config.username, password=config.password,
-            retry=Retry(NoBackoff(), 0), **extra,
+            username=config.username,
+            password=config.password,
+            retry=Retry(NoBackoff(), 0),
+            **extra,
         )
         self.client = redis.Redis(connection_pool=self.pool)
         self._lock = threading.Lock()
@@ -68,6 +75,7 @@ class RedisTier(PageStore):
         # numba/llvmlite early broke vLLM's scan of loaded modules when it registers its CPU
         # kernels, and host-only runs (the vLLM plugin's arena) never need it.
         from kvstore.pipeline import Pipeline
+
         self._pipe = Pipeline(self.codec, config, fingerprint)
         self._pipe.compile(self.page_shape, spec.dtype)
         self._ttl_ms = None if config.ttl_seconds is None else config.ttl_seconds * 1000
@@ -91,7 +99,7 @@ class RedisTier(PageStore):
         return True
 
     def _call(self, op: str, fn: Callable[[], T], default: T) -> T:
-        """Run ``fn`` unless Redis is marked down; on failure mark it down and return ``default``."""
+        """Run ``fn`` unless Redis is marked down; on failure mark it down, return ``default``."""
         if time.monotonic() < self._down_until:
             return default
         start = time.perf_counter()
@@ -120,7 +128,10 @@ class RedisTier(PageStore):
         if first:
             log.warning(
                 "kvstore: Redis at %s unavailable (%s); serving from the host tier, "
-                "retrying every %.1fs", _safe_url(self.config.url), exc, self.config.retry_after_s,
+                "retrying every %.1fs",
+                _safe_url(self.config.url),
+                exc,
+                self.config.retry_after_s,
             )
 
     @property
@@ -135,8 +146,9 @@ class RedisTier(PageStore):
         fp, layer = self.fingerprint, keys.layer
         return [
             f"{fp}:{h}:{layer}:{head}:{page}"
-            for h, head, page in zip(prefix_hex(keys.prefix), keys.heads.tolist(),
-                                     keys.pages.tolist())
+            for h, head, page in zip(
+                prefix_hex(keys.prefix), keys.heads.tolist(), keys.pages.tolist()
+            )
         ]
 
     def _on_connection(self, fn: Callable[[socket.socket], None]) -> None:
@@ -178,8 +190,13 @@ class RedisTier(PageStore):
                     pipe.set(names[j], values[j], px=self._ttl_ms)
                 on_slow(i, pipe.execute(raise_on_error=False))
 
-        self._call("put", over_tls if self._tls else lambda: self._on_connection(
-            self._pipe.put(keys, k, v, stored, on_slow)), default=None)
+        self._call(
+            "put",
+            over_tls
+            if self._tls
+            else lambda: self._on_connection(self._pipe.put(keys, k, v, stored, on_slow)),
+            default=None,
+        )
         done = int(stored.sum())
         with self._lock:
             self._stats.puts += done
@@ -204,16 +221,22 @@ class RedisTier(PageStore):
             if isinstance(replies[0], Exception):  # the server refused the whole MGET
                 raise replies[0]
             lo, hi = rows(i)  # a value of another size or another surprise: the numpy codec
-            ok[lo:hi], corrupt[lo:hi] = codec.decode_into(replies[0], want[lo:hi], out,
-                                                          slice(lo, hi))
+            ok[lo:hi], corrupt[lo:hi] = codec.decode_into(
+                replies[0], want[lo:hi], out, slice(lo, hi)
+            )
 
         def over_tls() -> None:
             names = self.key_names(keys)
             for i in range(chunks):
                 on_slow(i, [self.client.mget(names[slice(*rows(i))])])
 
-        self._call("get", over_tls if self._tls else lambda: self._on_connection(
-            self._pipe.get(keys, want, out, ok, corrupt, on_slow)), default=None)
+        self._call(
+            "get",
+            over_tls
+            if self._tls
+            else lambda: self._on_connection(self._pipe.get(keys, want, out, ok, corrupt, on_slow)),
+            default=None,
+        )
         decoded = codec.finish(out, ok, corrupt)
         bad = np.flatnonzero(corrupt).tolist()
         if bad:  # never serve, and repair: the next writer replaces it
@@ -250,9 +273,14 @@ class RedisTier(PageStore):
 
     def stats(self) -> TierStats:
         with self._lock:
-            return TierStats(**{**vars(self._stats), "op_seconds": dict(self._stats.op_seconds),
-                                "op_calls": dict(self._stats.op_calls),
-                                "available": not self._down})
+            return TierStats(
+                **{
+                    **vars(self._stats),
+                    "op_seconds": dict(self._stats.op_seconds),
+                    "op_calls": dict(self._stats.op_calls),
+                    "available": not self._down,
+                }
+            )
 
     def close(self) -> None:
         self.pool.disconnect()

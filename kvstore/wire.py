@@ -37,12 +37,15 @@ _jit = nb.njit(cache=True, nogil=True, boundscheck=False)
 @intrinsic
 def _memcpy(typingctx, dst, dst_off, src, src_off, n):  # type: ignore[no-untyped-def]
     """``memcpy(dst.data + dst_off, src.data + src_off, n)`` as LLVM's memcpy intrinsic."""
+
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         d = context.make_array(signature.args[0])(context, builder, args[0])
         s = context.make_array(signature.args[2])(context, builder, args[2])
-        cgutils.raw_memcpy(builder, builder.gep(d.data, [args[1]]),
-                           builder.gep(s.data, [args[3]]), args[4], 1)
+        cgutils.raw_memcpy(
+            builder, builder.gep(d.data, [args[1]]), builder.gep(s.data, [args[3]]), args[4], 1
+        )
         return context.get_dummy_value()
+
     return types.void(dst, dst_off, src, src_off, n), codegen
 
 
@@ -96,8 +99,15 @@ def _key_len(stem: np.ndarray, mid: np.ndarray, head: int, page: int) -> int:
 
 
 @_jit
-def _put_key(dst: np.ndarray, off: int, stem: np.ndarray, prefix: np.ndarray, mid: np.ndarray,
-             head: int, page: int) -> int:
+def _put_key(
+    dst: np.ndarray,
+    off: int,
+    stem: np.ndarray,
+    prefix: np.ndarray,
+    mid: np.ndarray,
+    head: int,
+    page: int,
+) -> int:
     """``stem`` is ``{fingerprint}:``, ``mid`` is ``:{layer}:``, ``prefix`` the 16 hash bytes."""
     off = _put(dst, off, stem)
     for j in range(16):
@@ -127,11 +137,25 @@ def _checksum(words: np.ndarray, weights: np.ndarray, first: int) -> np.uint64:
 
 
 @_jit
-def write_sets(dst: np.ndarray, lo: int, hi: int, stem: np.ndarray, mid: np.ndarray,
-               prefix: np.ndarray, heads: np.ndarray, pages: np.ndarray, template: np.ndarray,
-               k: np.ndarray, v: np.ndarray, k_words: np.ndarray, v_words: np.ndarray,
-               weights: np.ndarray, cmd: np.ndarray, value_head: np.ndarray, tail: np.ndarray
-               ) -> int:
+def write_sets(
+    dst: np.ndarray,
+    lo: int,
+    hi: int,
+    stem: np.ndarray,
+    mid: np.ndarray,
+    prefix: np.ndarray,
+    heads: np.ndarray,
+    pages: np.ndarray,
+    template: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    k_words: np.ndarray,
+    v_words: np.ndarray,
+    weights: np.ndarray,
+    cmd: np.ndarray,
+    value_head: np.ndarray,
+    tail: np.ndarray,
+) -> int:
     """``SET key value …`` commands of rows ``[lo, hi)`` into ``dst``; returns bytes written.
 
     Per row: ``cmd`` (``*5\\r\\n$3\\r\\nSET\\r\\n$``), the key length, the key,
@@ -168,8 +192,16 @@ def write_sets(dst: np.ndarray, lo: int, hi: int, stem: np.ndarray, mid: np.ndar
 
 
 @_jit
-def write_mget(dst: np.ndarray, lo: int, hi: int, stem: np.ndarray, mid: np.ndarray,
-               prefix: np.ndarray, heads: np.ndarray, pages: np.ndarray) -> int:
+def write_mget(
+    dst: np.ndarray,
+    lo: int,
+    hi: int,
+    stem: np.ndarray,
+    mid: np.ndarray,
+    prefix: np.ndarray,
+    heads: np.ndarray,
+    pages: np.ndarray,
+) -> int:
     """One ``MGET`` of the keys of rows ``[lo, hi)`` into ``dst``; returns bytes written."""
     dst[0] = 42  # "*"
     off = _put(dst, _put_crlf(dst, _put_int(dst, 1, hi - lo + 1)), _MGET)
@@ -201,8 +233,7 @@ def _line_int(buf: np.ndarray, p: int, end: int) -> tuple[int, int]:
 
 
 @_jit
-def _bulk(buf: np.ndarray, p: int, end: int, starts: np.ndarray, lens: np.ndarray, i: int
-          ) -> int:
+def _bulk(buf: np.ndarray, p: int, end: int, starts: np.ndarray, lens: np.ndarray, i: int) -> int:
     """Scan one bulk string or nil (``$n``, ``$-1``, RESP3's ``_``) at ``p`` into element
     ``i``: the position after it, which lies beyond ``end`` while its body is still arriving;
     -1 while its header line is incomplete, -2 when it is something else."""
@@ -232,8 +263,9 @@ def _bulk(buf: np.ndarray, p: int, end: int, starts: np.ndarray, lens: np.ndarra
 
 
 @_jit
-def scan(buf: np.ndarray, end: int, replies: int, starts: np.ndarray, lens: np.ndarray
-         ) -> tuple[int, int, int]:
+def scan(
+    buf: np.ndarray, end: int, replies: int, starts: np.ndarray, lens: np.ndarray
+) -> tuple[int, int, int]:
     """Framing of ``replies`` replies in ``buf[:end]``: ``(status, elements, need)``.
 
     Recognised: ``+OK`` (no element), bulk strings and nils, and arrays of those (an ``MGET``
@@ -289,9 +321,20 @@ def scan(buf: np.ndarray, end: int, replies: int, starts: np.ndarray, lens: np.n
 
 
 @_jit
-def verify_pages(buf: np.ndarray, starts: np.ndarray, lens: np.ndarray, count: int, row0: int,
-                 placed: bool, want: np.ndarray, weights: np.ndarray, out: np.ndarray,
-                 out_words: np.ndarray, ok: np.ndarray, corrupt: np.ndarray) -> None:
+def verify_pages(
+    buf: np.ndarray,
+    starts: np.ndarray,
+    lens: np.ndarray,
+    count: int,
+    row0: int,
+    placed: bool,
+    want: np.ndarray,
+    weights: np.ndarray,
+    out: np.ndarray,
+    out_words: np.ndarray,
+    ok: np.ndarray,
+    corrupt: np.ndarray,
+) -> None:
     """Check elements ``[0, count)`` of a scanned reply as pages of rows ``row0 + i``.
 
     A nil is a miss; a value of the wrong size, a header that differs from ``want [n, 9]``

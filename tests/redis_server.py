@@ -28,8 +28,9 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server child process; ``kill()`` then ``start()`` brings it back on the same port."""
 
-    def __init__(self, *args: str, password: str | None = None, port: int | None = None,
-                 tls: bool = False) -> None:
+    def __init__(
+        self, *args: str, password: str | None = None, port: int | None = None, tls: bool = False
+    ) -> None:
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
         self.port = port or free_port()
@@ -54,22 +55,62 @@ class RedisServer:
     def _make_certificate(self) -> None:
         """A self-signed certificate for 127.0.0.1 (the server's and the clients' CA)."""
         subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-             "-keyout", str(self.dir / "key.pem"), "-out", self.ca_file, "-subj", "/CN=127.0.0.1",
-             "-addext", "subjectAltName=IP:127.0.0.1"],
-            check=True, capture_output=True,
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-keyout",
+                str(self.dir / "key.pem"),
+                "-out",
+                self.ca_file,
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ],
+            check=True,
+            capture_output=True,
         )
 
     def _listen_args(self) -> list[str]:
         if not self.tls:
             return ["--port", str(self.port)]
-        return ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.ca_file,
-                "--tls-key-file", str(self.dir / "key.pem"), "--tls-ca-cert-file", self.ca_file,
-                "--tls-auth-clients", "no"]
+        return [
+            "--port",
+            "0",
+            "--tls-port",
+            str(self.port),
+            "--tls-cert-file",
+            self.ca_file,
+            "--tls-key-file",
+            str(self.dir / "key.pem"),
+            "--tls-ca-cert-file",
+            self.ca_file,
+            "--tls-auth-clients",
+            "no",
+        ]
 
     def start(self, timeout: float = 10.0) -> RedisServer:
-        cmd = ["redis-server", *self._listen_args(), "--bind", "127.0.0.1", "--save", "",
-               "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no", *self.args]
+        cmd = [
+            "redis-server",
+            *self._listen_args(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.dir),
+            "--protected-mode",
+            "no",
+            *self.args,
+        ]
         if self.password:
             cmd += ["--requirepass", self.password]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -84,9 +125,10 @@ class RedisServer:
         raise RuntimeError(f"redis-server on port {self.port} did not answer within {timeout}s")
 
     def ping(self) -> bool:
-        with contextlib.suppress(OSError), socket.create_connection(
-            ("127.0.0.1", self.port), timeout=0.2
-        ) as raw:
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as raw,
+        ):
             sock = raw
             if self.tls:
                 context = ssl.create_default_context(cafile=self.ca_file)
@@ -119,8 +161,9 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def running_redis(*args: str, password: str | None = None, tls: bool = False
-                  ) -> Iterator[RedisServer]:
+def running_redis(
+    *args: str, password: str | None = None, tls: bool = False
+) -> Iterator[RedisServer]:
     server = RedisServer(*args, password=password, tls=tls).start()
     try:
         yield server

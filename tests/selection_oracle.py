@@ -25,10 +25,22 @@ class CompactSelectionPolicy(SelectionPolicy):
             raise ValueError("CompactSelectionPolicy implements the flexicache mode only")
 
     def _top_k(
-        self, query: torch.Tensor, bounds: DeviceBounds, block_table: torch.Tensor,  # type: ignore[override]
-        num_pages: torch.Tensor, heads: torch.Tensor | None,
+        self,
+        query: torch.Tensor,
+        bounds: DeviceBounds,
+        block_table: torch.Tensor,  # type: ignore[override]
+        num_pages: torch.Tensor,
+        heads: torch.Tensor | None,
     ) -> torch.Tensor:
         top_k = self.top_k if self.head_top_k is None else self.head_top_k[self._layer]
-        return bounds.select(query, block_table, num_pages, top_k, heads,
-                             sink_pages=self.sink_pages, recent_pages=self.recent_pages,
-                             group_score=self.group_score, bound_weight=self.bound_weight)
+        return bounds.select(
+            query,
+            block_table,
+            num_pages,
+            top_k,
+            heads,
+            sink_pages=self.sink_pages,
+            recent_pages=self.recent_pages,
+            group_score=self.group_score,
+            bound_weight=self.bound_weight,
+        )

@@ -56,7 +56,9 @@ def test_sparse_with_every_page_equals_dense():
 
 def test_sparse_attends_only_listed_pages_per_head():
     q, k, v, table, lens = _setup(seed=5)
-    ids = torch.tensor([[[0, 2, 8], [1, -1, -1]], [[4, -1, -1], [0, 3, 4]], [[8, 5, -1], [7, 6, 0]]])
+    ids = torch.tensor(
+        [[[0, 2, 8], [1, -1, -1]], [[4, -1, -1], [0, 3, 4]], [[8, 5, -1], [7, 6, 0]]]
+    )
     out, _ = sparse_decode_attention(q, k, v, table, lens, ids, 0.3)
     assert torch.allclose(out.double(), _naive(q, k, v, table, lens, 0.3, ids), atol=1e-5)
 
@@ -88,6 +90,7 @@ def test_helix_combine_with_an_empty_shard():
     out = torch.randn(1, 2, 4)
     lse = torch.randn(1, 2)
     combined, clse = combine_partials(
-        torch.stack([out, torch.zeros_like(out)]), torch.stack([lse, torch.full_like(lse, -torch.inf)])
+        torch.stack([out, torch.zeros_like(out)]),
+        torch.stack([lse, torch.full_like(lse, -torch.inf)]),
     )
     assert torch.allclose(combined, out) and torch.allclose(clse, lse)

@@ -17,8 +17,19 @@ from kvhead.core.pages import PageBounds
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _decode(seed: int, *, group: int | None = 3, use_kernel: bool = True, batch=3, heads=2,
-            dim=16, page=4, max_pages=11, prefill=(0, 7, 12), steps=26):
+def _decode(
+    seed: int,
+    *,
+    group: int | None = 3,
+    use_kernel: bool = True,
+    batch=3,
+    heads=2,
+    dim=16,
+    page=4,
+    max_pages=11,
+    prefill=(0, 7, 12),
+    steps=26,
+):
     """Prefill ragged sequences, then append one token per row per step (row 1 idles at odd
     steps). Returns the live bounds, exact fp32 bounds of every key, table and lengths."""
     gen = torch.Generator().manual_seed(seed)
@@ -32,8 +43,9 @@ def _decode(seed: int, *, group: int | None = 3, use_kernel: bool = True, batch=
         pos = torch.arange(n)
         exact.update(rand(n, heads, dim), table[b, pos // page] * page + pos % page, page)
     ref = LiveBounds.from_bounds(exact, table, seq_lens, page, group)
-    live = LiveBounds(_to(ref.pages), _to(ref.supers), _to(ref.open_min), _to(ref.open_max),
-                      page, ref.group)
+    live = LiveBounds(
+        _to(ref.pages), _to(ref.supers), _to(ref.open_min), _to(ref.open_max), page, ref.group
+    )
     rows = torch.arange(batch)
     for t in range(steps):
         keys = rand(batch, heads, dim, s=1.0 + t % 5)
@@ -66,8 +78,10 @@ def _cpu(c: CompactBounds) -> CompactBounds:
 def _equal(a: CompactBounds | None, b: CompactBounds | None) -> bool:
     if a is None or b is None:
         return a is b
-    return all(torch.equal(x.cpu(), y.cpu()) for x, y in ((a.qmin, b.qmin), (a.qmax, b.qmax),
-                                                          (a.scale, b.scale)))
+    return all(
+        torch.equal(x.cpu(), y.cpu())
+        for x, y in ((a.qmin, b.qmin), (a.qmax, b.qmax), (a.scale, b.scale))
+    )
 
 
 @pytest.mark.parametrize("group", [3, None])
@@ -97,8 +111,9 @@ def test_closed_pages_and_groups_equal_a_build_from_scratch(seed):
             checked += 1
         for g in range(n // (page * group)):  # closed groups
             for name in ("qmin", "qmax", "scale"):
-                assert torch.equal(getattr(live.supers, name)[b, :, g].cpu(),
-                                   getattr(supers, name)[b, :, g])
+                assert torch.equal(
+                    getattr(live.supers, name)[b, :, g].cpu(), getattr(supers, name)[b, :, g]
+                )
         newest = int(table[b, (n - 1) // page])  # open boxes: exact
         assert torch.equal(live.open_min[b, PAGE].cpu(), exact.kmin[newest])
         assert torch.equal(live.open_max[b, PAGE].cpu(), exact.kmax[newest])
@@ -121,14 +136,16 @@ def test_selection_from_live_bounds_equals_selection_from_scratch():
     assert not _equal(pages, scratch)  # open pages differ from a scratch build...
     for top_k, num_super in ((2, 1), (4, 2), (6, 3)):
         got = hier_select(query, pages, supers, table, num_pages, top_k, group, num_super)
-        ref = hier_select(query, scratch, scratch_supers, table, num_pages, top_k, group,
-                          num_super)
+        ref = hier_select(query, scratch, scratch_supers, table, num_pages, top_k, group, num_super)
         assert torch.equal(got, ref)  # ...but select the same pages
 
 
 def test_append_rejects_mismatched_shapes():
     live, *_ = _decode(5, steps=0)
     with pytest.raises(ValueError, match="do not fit"):
-        kernels.append_bounds(live, torch.zeros(2, 2, 16, device=DEVICE),
-                              torch.zeros(2, dtype=torch.int64, device=DEVICE),
-                              torch.zeros(2, dtype=torch.int64, device=DEVICE))
+        kernels.append_bounds(
+            live,
+            torch.zeros(2, 2, 16, device=DEVICE),
+            torch.zeros(2, dtype=torch.int64, device=DEVICE),
+            torch.zeros(2, dtype=torch.int64, device=DEVICE),
+        )

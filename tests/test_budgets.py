@@ -10,13 +10,22 @@ from kvhead.core.policy import SelectionPolicy
 
 def _coverage(curves, step=8, **kw) -> PageCoverage:
     grid = [step * (i + 1) for i in range(len(curves[0][0]))]
-    meta = {"context": 1024, "offsets": [0], "steps": 1, "group_score": "max", "sink_pages": 0, "recent_pages": 1}
+    meta = {
+        "context": 1024,
+        "offsets": [0],
+        "steps": 1,
+        "group_score": "max",
+        "sink_pages": 0,
+        "recent_pages": 1,
+    }
     return PageCoverage(pages=grid, mass=curves, **(meta | kw))
 
 
 def test_per_head_top_k_keeps_each_heads_best_pages():
     scores = torch.tensor([[[5.0, 1, 4, 3, 2, 0], [0, 1, 2, 3, 4, 5]]])
-    ids = select_top_k(scores, torch.tensor([2, 4]), torch.tensor([6]), sink_pages=0, recent_pages=1)
+    ids = select_top_k(
+        scores, torch.tensor([2, 4]), torch.tensor([6]), sink_pages=0, recent_pages=1
+    )
     # head 0: newest page forced + best other (page 0); head 1: newest + pages 4, 3, 2
     assert ids.tolist() == [[[0, 5, -1, -1], [2, 3, 4, 5]]]
     same = select_top_k(scores, torch.tensor([3, 3]), torch.tensor([6]))
@@ -39,16 +48,28 @@ def test_policy_head_budgets_set_each_heads_page_count():
     bounds, q = _bounds()
     table, lens = torch.arange(16).unsqueeze(0), torch.tensor([64])
     budgets = torch.tensor([[3, 7]])
-    for mode, extra in (("quest", {}), ("flexicache", {"unstable": torch.tensor([[False, False]])})):
-        policy = SelectionPolicy(mode, num_layers=1, num_kv_heads=2, page_size=4, top_k=5,
-                                 head_top_k=budgets, **extra)
+    for mode, extra in (
+        ("quest", {}),
+        ("flexicache", {"unstable": torch.tensor([[False, False]])}),
+    ):
+        policy = SelectionPolicy(
+            mode, num_layers=1, num_kv_heads=2, page_size=4, top_k=5, head_top_k=budgets, **extra
+        )
         sel = policy.select(0, q, bounds, table, lens)
         assert (sel.page_ids[0] >= 0).sum(-1).tolist() == [3, 7]
-    uniform = SelectionPolicy("quest", num_layers=1, num_kv_heads=2, page_size=4, top_k=5,
-                              head_top_k=torch.tensor([[5, 5]]))
+    uniform = SelectionPolicy(
+        "quest",
+        num_layers=1,
+        num_kv_heads=2,
+        page_size=4,
+        top_k=5,
+        head_top_k=torch.tensor([[5, 5]]),
+    )
     plain = SelectionPolicy("quest", num_layers=1, num_kv_heads=2, page_size=4, top_k=5)
-    assert torch.equal(uniform.select(0, q, bounds, table, lens).page_ids,
-                       plain.select(0, q, bounds, table, lens).page_ids)
+    assert torch.equal(
+        uniform.select(0, q, bounds, table, lens).page_ids,
+        plain.select(0, q, bounds, table, lens).page_ids,
+    )
 
 
 def test_policy_rejects_bad_head_budgets():
@@ -69,17 +90,31 @@ def test_allocation_keeps_the_pool_and_feeds_broad_heads():
     assert budgets[0, 2] == 32  # not eligible: untouched
     # 64 pages: 8 each to start, then gains 0.25, 0.125 (sharp) and 0.1 x 4 (broad)
     assert budgets[0, :2].tolist() == [24, 40]
-    flat = allocate_budgets(_coverage([[broad, broad, broad]]), torch.ones(1, 3, dtype=torch.bool), top_k=24)
+    flat = allocate_budgets(
+        _coverage([[broad, broad, broad]]), torch.ones(1, 3, dtype=torch.bool), top_k=24
+    )
     assert flat.sum() == 72 and flat.max() - flat.min() <= 8
 
 
 def test_allocation_rejects_a_sparse_grid_and_too_small_top_k():
-    cov = PageCoverage(context=64, offsets=[0], steps=1, group_score="max", sink_pages=0, recent_pages=1,
-                       pages=[8, 24], mass=[[[0.5, 1.0]]])
+    cov = PageCoverage(
+        context=64,
+        offsets=[0],
+        steps=1,
+        group_score="max",
+        sink_pages=0,
+        recent_pages=1,
+        pages=[8, 24],
+        mass=[[[0.5, 1.0]]],
+    )
     with pytest.raises(ValueError, match="multiple"):
         allocate_budgets(cov, torch.ones(1, 1, dtype=torch.bool), top_k=8)
     with pytest.raises(ValueError, match="minimum"):
-        allocate_budgets(_coverage([[[0.5, 1.0]]], sink_pages=4, recent_pages=8), torch.ones(1, 1, dtype=torch.bool), top_k=8)
+        allocate_budgets(
+            _coverage([[[0.5, 1.0]]], sink_pages=4, recent_pages=8),
+            torch.ones(1, 1, dtype=torch.bool),
+            top_k=8,
+        )
 
 
 def test_residency_crosses_a_convex_curve_that_marginal_gains_never_cross():

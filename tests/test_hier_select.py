@@ -36,10 +36,19 @@ def _bounds_of(keys: torch.Tensor, page: int) -> PageBounds:
 
 
 @settings(max_examples=80, deadline=None)
-@given(seed=st.integers(0, 10_000), log_scale=st.floats(-30, 30), group=st.integers(1, 4),
-       offset=st.floats(-5, 5), constant_dims=st.booleans())
+@given(
+    seed=st.integers(0, 10_000),
+    log_scale=st.floats(-30, 30),
+    group=st.integers(1, 4),
+    offset=st.floats(-5, 5),
+    constant_dims=st.booleans(),
+)
 def test_int8_bounds_contain_every_key_and_upper_bound_the_score(
-    seed, log_scale, group, offset, constant_dims,
+    seed,
+    log_scale,
+    group,
+    offset,
+    constant_dims,
 ):
     gen = torch.Generator().manual_seed(seed)
     page, heads, dim, tokens = 4, 2, 8, 23
@@ -143,7 +152,7 @@ def test_hier_select_output_format_and_forced_pages():
             assert n - 1 in row.tolist()  # newest page
             assert row.numel() == min(8, n)  # enough candidates in two groups of 8
             assert len({int(p) // 8 for p in row}) <= 2  # from two super-pages only
-            assert torch.all(ids[b, h][row.numel():] == -1)
+            assert torch.all(ids[b, h][row.numel() :] == -1)
 
 
 def test_hier_select_finds_a_hot_page_far_from_the_end():
@@ -163,8 +172,13 @@ def test_hier_select_finds_a_hot_page_far_from_the_end():
 
 @pytest.mark.parametrize(
     "seed,group,num_super,top_k,max_pages",
-    [(11, 4, 3, 8, 37), (12, 8, 2, 16, 64), (13, 1, 40, 16, 40), (14, 8, 16, 32, 100),
-     (15, 16, 1, 4, 9)],
+    [
+        (11, 4, 3, 8, 37),
+        (12, 8, 2, 16, 64),
+        (13, 1, 40, 16, 40),
+        (14, 8, 16, 32, 100),
+        (15, 16, 1, 4, 9),
+    ],
 )
 def test_kernel_matches_reference(seed, group, num_super, top_k, max_pages):
     query, bounds, table, num_pages = _problem(seed, max_pages=max_pages)
@@ -172,18 +186,28 @@ def test_kernel_matches_reference(seed, group, num_super, top_k, max_pages):
     supers = build_super_bounds(bounds, table, num_pages, group)
     ref = hier_select(query, pages, supers, table, num_pages, top_k, group, num_super)
     to = lambda c: CompactBounds(*(t.to(DEVICE) for t in (c.qmin, c.qmax, c.scale)))
-    got = kernels.hier_select(query.to(DEVICE), to(pages), to(supers), table.to(DEVICE),
-                              num_pages.to(DEVICE), top_k, group, num_super).cpu()
+    got = kernels.hier_select(
+        query.to(DEVICE),
+        to(pages),
+        to(supers),
+        table.to(DEVICE),
+        num_pages.to(DEVICE),
+        top_k,
+        group,
+        num_super,
+    ).cpu()
     assert got.shape == ref.shape and got.dtype == torch.int64
     assert torch.equal((got >= 0).sum(2), (ref >= 0).sum(2))
     scores = score_compact_pages(query, pages, table, num_pages)
     forced = scores.scatter(2, (num_pages - 1).view(-1, 1, 1).expand(-1, 2, 1), float("inf"))
-    torch.testing.assert_close(_score_set(forced, got), _score_set(forced, ref), equal_nan=True,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        _score_set(forced, got), _score_set(forced, ref), equal_nan=True, rtol=1e-5, atol=1e-5
+    )
     valid = got >= 0
     assert torch.all(got[valid] < num_pages.view(-1, 1, 1).expand_as(got)[valid])
-    assert torch.all(torch.where(valid[..., 1:] & valid[..., :-1], got[..., 1:] > got[..., :-1],
-                                 True))
+    assert torch.all(
+        torch.where(valid[..., 1:] & valid[..., :-1], got[..., 1:] > got[..., :-1], True)
+    )
 
 
 def test_bad_arguments_raise_clear_errors():
@@ -228,9 +252,17 @@ def test_kernel_stages_match_reference_levels(layout, mma):
     pages = CompactBounds.from_pages(bounds)
     supers = build_super_bounds(bounds, table, num_pages, 8)
     to = lambda c: CompactBounds(*(t.to(DEVICE) for t in (c.qmin, c.qmax, c.scale)))
-    run = lambda: hier_select_stages(query.to(DEVICE), to(pages), to(supers), table.to(DEVICE),
-                                     num_pages.to(DEVICE), 8, 8, 3,
-                                     plan=Plan(layout, Scoring(mma, 16, 2, 2)))
+    run = lambda: hier_select_stages(
+        query.to(DEVICE),
+        to(pages),
+        to(supers),
+        table.to(DEVICE),
+        num_pages.to(DEVICE),
+        8,
+        8,
+        3,
+        plan=Plan(layout, Scoring(mma, 16, 2, 2)),
+    )
     ids, sup = run()
     ref_sup = select_super_pages(query, supers, num_pages, 8, 3)
     assert torch.equal(sup.cpu(), ref_sup)
@@ -250,16 +282,18 @@ def test_flat_int8_kernel_matches_reference(seed, top_k, max_pages):
     num_pages[1] = 0  # an empty sequence selects nothing
     pages = CompactBounds.from_pages(bounds)
     ref = flat_select(query, pages, table, num_pages, top_k)
-    got = kernels.flat_select(query.to(DEVICE), _on_device(pages), table.to(DEVICE),
-                              num_pages.to(DEVICE), top_k).cpu()
+    got = kernels.flat_select(
+        query.to(DEVICE), _on_device(pages), table.to(DEVICE), num_pages.to(DEVICE), top_k
+    ).cpu()
     assert got.shape == ref.shape == (3, 2, min(top_k, max_pages))
     assert torch.equal((got >= 0).sum(2), (ref >= 0).sum(2))
     assert torch.all(got[1] == -1)
     scores = score_compact_pages(query, pages, table, num_pages)
     newest = (num_pages - 1).clamp_min(0).view(-1, 1, 1).expand(-1, 2, 1)
     forced = scores.scatter(2, newest, float("inf"))
-    torch.testing.assert_close(_score_set(forced, got), _score_set(forced, ref), equal_nan=True,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        _score_set(forced, got), _score_set(forced, ref), equal_nan=True, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_default_scoring_uses_tensor_cores_for_large_passes_only():
@@ -288,21 +322,34 @@ def test_select_pages_dispatches_by_pages_per_head(max_pages, two_level):
     supers = build_super_bounds(bounds, table, num_pages, group)
     num_super = plan_selection(max_pages, top_k, group, flat_max_pages=limit)
     assert (num_super is not None) == two_level
-    ref = (hier_select(query, pages, supers, table, num_pages, top_k, group, num_super)
-           if two_level else flat_select(query, pages, table, num_pages, top_k))
-    args = (query.to(DEVICE), _on_device(pages), _on_device(supers), table.to(DEVICE),
-            num_pages.to(DEVICE), top_k, group, limit)
+    ref = (
+        hier_select(query, pages, supers, table, num_pages, top_k, group, num_super)
+        if two_level
+        else flat_select(query, pages, table, num_pages, top_k)
+    )
+    args = (
+        query.to(DEVICE),
+        _on_device(pages),
+        _on_device(supers),
+        table.to(DEVICE),
+        num_pages.to(DEVICE),
+        top_k,
+        group,
+        limit,
+    )
     got = kernels.select_pages(*args, flat_max_boxes=0).cpu()  # by pages per head alone
     scores = score_compact_pages(query, pages, table, num_pages)
     forced = scores.scatter(2, (num_pages - 1).view(-1, 1, 1).expand(-1, 2, 1), float("inf"))
-    torch.testing.assert_close(_score_set(forced, got), _score_set(forced, ref), equal_nan=True,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        _score_set(forced, got), _score_set(forced, ref), equal_nan=True, rtol=1e-5, atol=1e-5
+    )
     if two_level:  # the two-level path cannot run without super-page bounds
         with pytest.raises(ValueError, match="super-page bounds"):
             kernels.select_pages(args[0], args[1], None, *args[3:], flat_max_boxes=0)
     else:  # the flat path never reads super-page bounds
-        assert torch.equal(kernels.select_pages(args[0], args[1], None, *args[3:],
-                                                flat_max_boxes=0).cpu(), got)
+        assert torch.equal(
+            kernels.select_pages(args[0], args[1], None, *args[3:], flat_max_boxes=0).cpu(), got
+        )
 
 
 @pytest.mark.parametrize("flat", [True, False])
@@ -314,8 +361,15 @@ def test_two_tiles_per_program_change_nothing(monkeypatch, flat):
     pages = CompactBounds.from_pages(bounds)
     supers = build_super_bounds(bounds, table, num_pages, 4)
     args = (query.to(DEVICE), _on_device(pages), table.to(DEVICE), num_pages.to(DEVICE))
-    run = (lambda: select_hier.flat_select(*args, 8)) if flat else (
-        lambda: select_hier.hier_select(args[0], args[1], _on_device(supers), *args[2:], 8, 4, 9))
+    run = (
+        (lambda: select_hier.flat_select(*args, 8))
+        if flat
+        else (
+            lambda: select_hier.hier_select(
+                args[0], args[1], _on_device(supers), *args[2:], 8, 4, 9
+            )
+        )
+    )
     one = run()
     monkeypatch.setattr(select_hier, "LARGE_GRID", 1)
     assert select_hier._chunks(1, 2) == 2
@@ -332,8 +386,14 @@ def test_flat_scorings_match_reference(mma):
     num_pages[2] = 0
     pages = CompactBounds.from_pages(bounds)
     ref = flat_select(query, pages, table, num_pages, 7)
-    got = kernel(query.to(DEVICE), _on_device(pages), table.to(DEVICE), num_pages.to(DEVICE), 7,
-                 Plan(None, Scoring(mma=mma, super_tile=16))).cpu()
+    got = kernel(
+        query.to(DEVICE),
+        _on_device(pages),
+        table.to(DEVICE),
+        num_pages.to(DEVICE),
+        7,
+        Plan(None, Scoring(mma=mma, super_tile=16)),
+    ).cpu()
     assert torch.equal(got, ref)
 
 
@@ -347,8 +407,10 @@ def _both_scorings(q_ptr, qmin_ptr, qmax_ptr, scale_ptr, out_ptr, D: tl.constexp
     d_mask = offs_d < D
     pos, neg, rs = query_digits(q_ptr, D, 0, offs_d, d_mask, 3, 4)
     tl.store(out_ptr + offs_n, box_scores_mma(pos, neg, rs, qmin, qmax, scale, 3, 4, N))
-    tl.store(out_ptr + N + offs_n, box_scores(q_ptr, D, 0, qmin.to(tl.float32),
-                                               qmax.to(tl.float32), scale, offs_d, d_mask, 3))
+    tl.store(
+        out_ptr + N + offs_n,
+        box_scores(q_ptr, D, 0, qmin.to(tl.float32), qmax.to(tl.float32), scale, offs_d, d_mask, 3),
+    )
 
 
 def test_int8_digit_scores_match_fp32_scores():
@@ -362,8 +424,10 @@ def test_int8_digit_scores_match_fp32_scores():
     args = [t.to(DEVICE) for t in (query, qmin, qmax, scale, out)]
     _both_scorings[(1,)](*args, D=64, N=32)
     mma, fp32 = args[-1].cpu().view(2, 32)
-    ref = (query.clamp_min(0).double() @ qmax.double().T + query.clamp_max(0).double()
-           @ qmin.double().T).amax(0) * scale.double()
+    ref = (
+        query.clamp_min(0).double() @ qmax.double().T
+        + query.clamp_max(0).double() @ qmin.double().T
+    ).amax(0) * scale.double()
     ulp = 2.0**-23 * ref.abs().max()  # one fp32 step at the largest score
     for got in (mma, fp32):  # both within a few fp32 steps of the fp64 score
         assert (got.double() - ref).abs().max() <= 8 * ulp

@@ -117,7 +117,9 @@ def test_dense_mode_matches_dense_reference():
 
 def test_attention_rejects_mismatched_shapes():
     gen = torch.Generator().manual_seed(3)
-    query, k_cache, v_cache, table, seq_lens = paged_problem(gen, 2, 8, 2, 32, 16, 64, torch.float32)
+    query, k_cache, v_cache, table, seq_lens = paged_problem(
+        gen, 2, 8, 2, 32, 16, 64, torch.float32
+    )
     bad_ids = torch.zeros(2, 3, 4, dtype=torch.int64, device=DEVICE)
     with pytest.raises(ValueError, match="page_ids must be"):
         kernel_attention(query, k_cache, v_cache, table, seq_lens, bad_ids, 1.0)
@@ -223,5 +225,6 @@ def test_copy_pages_rejects_mismatched_pages():
     with pytest.raises(ValueError, match="do not match"):
         kernels.copy_pages_async(arena, torch.tensor([0]), pool, torch.tensor([1]))
     with pytest.raises(ValueError, match="gather must be"):
-        kernels.copy_pages_async(arena, torch.tensor([0]), arena.clone(), torch.tensor([1]),
-                                 gather="dma")
+        kernels.copy_pages_async(
+            arena, torch.tensor([0]), arena.clone(), torch.tensor([1]), gather="dma"
+        )

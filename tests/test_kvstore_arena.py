@@ -14,8 +14,9 @@ SPEC = HeadPageSpec(num_q_heads=8, num_kv_heads=2, head_dim=8, page_size=4)
 
 
 def arena(capacity: int = 8, spill=None, evict_fraction: float = 1 / 64) -> HostArena:
-    cfg = HostArenaConfig(capacity_pages=capacity, num_layers=3, num_blocks=32,
-                          evict_fraction=evict_fraction)
+    cfg = HostArenaConfig(
+        capacity_pages=capacity, num_layers=3, num_blocks=32, evict_fraction=evict_fraction
+    )
     return HostArena(SPEC, cfg, spill=spill)
 
 
@@ -62,8 +63,11 @@ def test_lru_eviction_spills_the_least_recently_used_pages_with_their_data():
     a.put(keys(2, [3], [1]), k[3:4], v[3:4])  # LRU is per call: separate calls, distinct ages
     a.get(keys(0, [0], [0]))  # page (0, 0, 0) is now the most recent
     a.put(keys(1, [4, 5], [0, 1]), k[4:], v[4:])
-    evicted = {(kk.layer, b, h) for kk, _, _ in spilled
-               for b, h in zip(kk.block_ids.tolist(), kk.heads.tolist())}
+    evicted = {
+        (kk.layer, b, h)
+        for kk, _, _ in spilled
+        for b, h in zip(kk.block_ids.tolist(), kk.heads.tolist())
+    }
     assert evicted == {(0, 1, 0), (2, 2, 1)}
     for kk, sk, sv in spilled:  # spilled bytes are the pages that were stored there
         src = {(0, 1, 0): 1, (2, 2, 1): 2}[(kk.layer, int(kk.block_ids[0]), int(kk.heads[0]))]
@@ -106,14 +110,20 @@ def test_delete_frees_slots_for_reuse():
     assert a.stats().evictions == 0 and a.get(keys(0, [3, 4], [1, 1])).found.all()
 
 
-@pytest.mark.parametrize("bad, message", [
-    (lambda a, k, v: a.put(keys(3, [0], [0]), k[:1], v[:1]), "layer 3"),
-    (lambda a, k, v: a.put(keys(0, [32], [0]), k[:1], v[:1]), "block ids"),
-    (lambda a, k, v: a.get(keys(0, [0], [2])), "heads"),
-    (lambda a, k, v: a.put(keys(0, [0], [0]), k[:1].float(), v[:1]), "bfloat16"),
-    (lambda a, k, v: a.put(keys(0, [0, 1], [0, 0]), k[:1], v[:1]), r"\[2, 4, 8\]"),
-    (lambda a, k, v: a.put(keys(0, list(range(9)), [0] * 9), *pages(9)), "exceeds the capacity"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda a, k, v: a.put(keys(3, [0], [0]), k[:1], v[:1]), "layer 3"),
+        (lambda a, k, v: a.put(keys(0, [32], [0]), k[:1], v[:1]), "block ids"),
+        (lambda a, k, v: a.get(keys(0, [0], [2])), "heads"),
+        (lambda a, k, v: a.put(keys(0, [0], [0]), k[:1].float(), v[:1]), "bfloat16"),
+        (lambda a, k, v: a.put(keys(0, [0, 1], [0, 0]), k[:1], v[:1]), r"\[2, 4, 8\]"),
+        (
+            lambda a, k, v: a.put(keys(0, list(range(9)), [0] * 9), *pages(9)),
+            "exceeds the capacity",
+        ),
+    ],
+)
 def test_bad_input_raises_a_clear_value_error(bad, message):
     a = arena()
     k, v = pages(2)
@@ -122,14 +132,25 @@ def test_bad_input_raises_a_clear_value_error(bad, message):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["put", "get", "del"]), st.integers(0, 5),
-                          st.integers(0, 1)), min_size=1, max_size=40))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["put", "get", "del"]), st.integers(0, 5), st.integers(0, 1)),
+        min_size=1,
+        max_size=40,
+    )
+)
 def test_arena_agrees_with_a_dict_model(ops):
     """Whatever the arena keeps, it returns exactly what was last written there."""
     spilled: dict = {}
-    a = arena(capacity=4, spill=lambda kk, k, v: spilled.update(
-        {(kk.layer, b, h): (k[i], v[i]) for i, (b, h) in
-         enumerate(zip(kk.block_ids.tolist(), kk.heads.tolist()))}))
+    a = arena(
+        capacity=4,
+        spill=lambda kk, k, v: spilled.update(
+            {
+                (kk.layer, b, h): (k[i], v[i])
+                for i, (b, h) in enumerate(zip(kk.block_ids.tolist(), kk.heads.tolist()))
+            }
+        ),
+    )
     model: dict = {}
     for step, (op, block, head) in enumerate(ops):
         key = keys(0, [block], [head])

@@ -17,8 +17,13 @@ def batch(n: int = 5, layer: int = 2) -> tuple[PageKeys, torch.Tensor, torch.Ten
     g = torch.Generator().manual_seed(n)
     k = torch.randn(n, 4, 16, generator=g).to(torch.bfloat16)
     v = torch.randn(n, 4, 16, generator=g).to(torch.bfloat16)
-    keys = PageKeys(layer, torch.arange(n), torch.arange(n) % 2,
-                    prefix_hashes(torch.arange(4 * n), 4), torch.arange(n))
+    keys = PageKeys(
+        layer,
+        torch.arange(n),
+        torch.arange(n) % 2,
+        prefix_hashes(torch.arange(4 * n), 4),
+        torch.arange(n),
+    )
     return keys, k, v
 
 
@@ -71,8 +76,7 @@ def test_a_valid_page_under_the_wrong_key_is_refused():
     swapped = [good[1], good[0], good[3], good[2]]  # heads and pages differ pairwise
     assert PageCodec(SPEC, FP).decode(keys, swapped).corrupt.all()
     assert PageCodec(SPEC, "fedcba9876543210").decode(keys, good).corrupt.all()
-    f16 = HeadPageSpec(num_q_heads=4, num_kv_heads=2, head_dim=16, page_size=4,
-                       dtype=torch.float16)
+    f16 = HeadPageSpec(num_q_heads=4, num_kv_heads=2, head_dim=16, page_size=4, dtype=torch.float16)
     assert PageCodec(f16, FP).decode(keys, good).corrupt.all()
 
 

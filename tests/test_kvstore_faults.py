@@ -143,8 +143,9 @@ def test_corrupt_or_foreign_pages_are_detected_dropped_counted_never_used(redis_
 
 def test_out_of_memory_is_refused_writes_and_misses_never_errors():
     with running_redis("--maxmemory", "2mb", "--maxmemory-policy", "noeviction") as server:
-        t = RedisTier(SPEC, RedisTierConfig(url=server.url, ttl_seconds=None, pipeline_depth=3,
-                                            **FAST), FP)  # refusals start mid-batch, too
+        t = RedisTier(
+            SPEC, RedisTierConfig(url=server.url, ttl_seconds=None, pipeline_depth=3, **FAST), FP
+        )  # refusals start mid-batch, too
         stored_all = []
         for step in range(400):  # ~8 MB of pages into 2 MB
             keys, k, v = step_batch(step, n=8)

@@ -31,8 +31,13 @@ def request(seed: int, num_pages: int, layer: int = 0, first_block: int = 0):
     v = torch.randn(n, 4, 16, generator=g).to(torch.bfloat16)
     pages = torch.arange(num_pages).repeat_interleave(SPEC.num_kv_heads)
     tokens = torch.arange(4 * num_pages) + 10_000 * seed
-    keys = PageKeys(layer, pages + first_block, torch.arange(SPEC.num_kv_heads).repeat(num_pages),
-                    prefix_hashes(tokens, 4)[pages], pages)
+    keys = PageKeys(
+        layer,
+        pages + first_block,
+        torch.arange(SPEC.num_kv_heads).repeat(num_pages),
+        prefix_hashes(tokens, 4)[pages],
+        pages,
+    )
     return keys, k, v
 
 

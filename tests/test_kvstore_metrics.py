@@ -27,21 +27,33 @@ SPEC = HeadPageSpec(num_q_heads=4, num_kv_heads=2, head_dim=16, page_size=4)
 FP = "3e7e3e7e3e7e3e7e"
 
 
-def request(seed: int, num_pages: int, first_block: int = 0
-            ) -> tuple[PageKeys, torch.Tensor, torch.Tensor]:
+def request(
+    seed: int, num_pages: int, first_block: int = 0
+) -> tuple[PageKeys, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     n = num_pages * SPEC.num_kv_heads
     pages = torch.arange(num_pages).repeat_interleave(SPEC.num_kv_heads)
-    keys = PageKeys(0, pages + first_block, torch.arange(SPEC.num_kv_heads).repeat(num_pages),
-                    prefix_hashes(torch.arange(4 * num_pages) + 1000 * seed, 4)[pages], pages)
-    return (keys, torch.randn(n, 4, 16, generator=g).to(torch.bfloat16),
-            torch.randn(n, 4, 16, generator=g).to(torch.bfloat16))
+    keys = PageKeys(
+        0,
+        pages + first_block,
+        torch.arange(SPEC.num_kv_heads).repeat(num_pages),
+        prefix_hashes(torch.arange(4 * num_pages) + 1000 * seed, 4)[pages],
+        pages,
+    )
+    return (
+        keys,
+        torch.randn(n, 4, 16, generator=g).to(torch.bfloat16),
+        torch.randn(n, 4, 16, generator=g).to(torch.bfloat16),
+    )
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def value(samples: dict, name: str, tier: str, **labels: str) -> float:
@@ -50,10 +62,15 @@ def value(samples: dict, name: str, tier: str, **labels: str) -> float:
 
 def test_scraped_metrics_match_a_real_redis_workload():
     with running_redis() as server:
-        store = build_store(KVStoreConfig(
-            host=HostArenaConfig(capacity_pages=64, num_layers=1, num_blocks=64),
-            redis=RedisTierConfig(url=server.url, retry_after_s=30),
-            manager=TierManagerConfig(publish_on_put=True)), SPEC, FP)
+        store = build_store(
+            KVStoreConfig(
+                host=HostArenaConfig(capacity_pages=64, num_layers=1, num_blocks=64),
+                redis=RedisTierConfig(url=server.url, retry_after_s=30),
+                manager=TierManagerConfig(publish_on_put=True),
+            ),
+            SPEC,
+            FP,
+        )
         registry = CollectorRegistry()
         registry.register(KVStoreCollector.for_manager(store))
         http = serve_metrics(registry, "127.0.0.1", 0)

@@ -21,8 +21,13 @@ def batch(n: int, layer: int = 1, seed: int = 0) -> tuple[PageKeys, torch.Tensor
     k = torch.randn(n, 4, 16, generator=g).to(torch.bfloat16)
     v = torch.randn(n, 4, 16, generator=g).to(torch.bfloat16)
     pages = torch.arange(n) // 2
-    keys = PageKeys(layer, torch.arange(n), torch.arange(n) % 2,
-                    prefix_hashes(torch.arange(4 * n) + seed, 4)[pages], pages)
+    keys = PageKeys(
+        layer,
+        torch.arange(n),
+        torch.arange(n) % 2,
+        prefix_hashes(torch.arange(4 * n) + seed, 4)[pages],
+        pages,
+    )
     return keys, k, v
 
 
@@ -50,8 +55,10 @@ def test_keys_are_namespaced_by_model_prefix_layer_head_page_and_expire(redis_sr
     t.put(keys, k, v)
     raw = redis.Redis.from_url(redis_srv.url)
     names = sorted(x.decode() for x in raw.keys("*"))
-    want = sorted(f"{FP}:{h}:3:{head}:{page}" for h, head, page in
-                  zip(prefix_hex(keys.prefix), keys.heads.tolist(), keys.pages.tolist()))
+    want = sorted(
+        f"{FP}:{h}:3:{head}:{page}"
+        for h, head, page in zip(prefix_hex(keys.prefix), keys.heads.tolist(), keys.pages.tolist())
+    )
     assert names == want
     assert 0 < raw.pttl(names[0]) <= 120_000
     assert not raw.get(names[0]).startswith(b"\x80")  # not a pickle: our magic instead
@@ -100,8 +107,11 @@ def test_memory_budget_is_applied_at_connect(redis_srv):
 def test_bad_config_is_a_clear_error():
     with pytest.raises(ValueError, match="redis url must start"):
         from kvstore import HostArenaConfig, KVStoreConfig
-        KVStoreConfig(host=HostArenaConfig(capacity_pages=1, num_layers=1, num_blocks=1),
-                      redis=RedisTierConfig(url="http://localhost"))
+
+        KVStoreConfig(
+            host=HostArenaConfig(capacity_pages=1, num_layers=1, num_blocks=1),
+            redis=RedisTierConfig(url="http://localhost"),
+        )
 
 
 def test_any_key_order_and_width_gives_exact_names_values_and_misses(redis_srv):
@@ -113,8 +123,13 @@ def test_any_key_order_and_width_gives_exact_names_values_and_misses(redis_srv):
     n = 37
     perm = torch.randperm(n, generator=g)
     pages = torch.tensor([12345, -3, 0, 9, 10, 99, 100, 7, 1000, 55] * 4)[:n]
-    keys = PageKeys(11, torch.arange(n), torch.randint(0, 16, (n,), generator=g)[perm],
-                    prefix_hashes(torch.arange(4 * n), 4)[perm], pages[perm])
+    keys = PageKeys(
+        11,
+        torch.arange(n),
+        torch.randint(0, 16, (n,), generator=g)[perm],
+        prefix_hashes(torch.arange(4 * n), 4)[perm],
+        pages[perm],
+    )
     k = torch.randn(n, 4, 16, generator=g).to(torch.bfloat16)
     v = torch.randn(n, 4, 16, generator=g).to(torch.bfloat16)
     assert t.put(keys, k, v).all()
@@ -158,8 +173,13 @@ def numbered(n: int) -> tuple[PageKeys, torch.Tensor, torch.Tensor]:
     k = torch.randn(n, 4, 16, generator=g).to(torch.bfloat16)
     v = torch.randn(n, 4, 16, generator=g).to(torch.bfloat16)
     pages = torch.arange(n)
-    return PageKeys(0, pages, torch.zeros(n, dtype=torch.long),
-                    prefix_hashes(torch.arange(4 * n), 4), pages), k, v
+    return (
+        PageKeys(
+            0, pages, torch.zeros(n, dtype=torch.long), prefix_hashes(torch.arange(4 * n), 4), pages
+        ),
+        k,
+        v,
+    )
 
 
 def test_unexpected_replies_mid_batch_cost_their_chunk_only(redis_srv):
@@ -168,10 +188,12 @@ def test_unexpected_replies_mid_batch_cost_their_chunk_only(redis_srv):
     a user who may not write pages 3-5 gets NOPERM for them, and a value of another size
     there is a corrupt page; chunks 0 and 2 are exact both ways."""
     raw = redis.Redis.from_url(redis_srv.url)
-    raw.execute_command("ACL", "SETUSER", "writer", "on", ">pw", "+@all", "%R~*",
-                        "%W~*:[012678]")
-    t = RedisTier(SPEC, RedisTierConfig(url=redis_srv.url, pipeline_depth=3,
-                                        username="writer", password="pw"), FP)
+    raw.execute_command("ACL", "SETUSER", "writer", "on", ">pw", "+@all", "%R~*", "%W~*:[012678]")
+    t = RedisTier(
+        SPEC,
+        RedisTierConfig(url=redis_srv.url, pipeline_depth=3, username="writer", password="pw"),
+        FP,
+    )
     keys, k, v = numbered(9)
     middle = torch.isin(torch.arange(9), torch.tensor([3, 4, 5]))
     assert torch.equal(t.put(keys, k, v), ~middle)

@@ -28,18 +28,33 @@ def replica(model_dir: str, url: str, tokens: list[int], check_dense: bool) -> d
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     cfg = model.config
-    spec = HeadPageSpec(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                        page_size=PAGE, dtype=torch.float32)
-    store = build_store(KVStoreConfig(
-        host=HostArenaConfig(capacity_pages=512, num_layers=cfg.num_hidden_layers,
-                             num_blocks=64),
-        redis=RedisTierConfig(url=url)), spec, model_fingerprint(model_dir))
+    spec = HeadPageSpec(
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        page_size=PAGE,
+        dtype=torch.float32,
+    )
+    store = build_store(
+        KVStoreConfig(
+            host=HostArenaConfig(
+                capacity_pages=512, num_layers=cfg.num_hidden_layers, num_blocks=64
+            ),
+            redis=RedisTierConfig(url=url),
+        ),
+        spec,
+        model_fingerprint(model_dir),
+    )
     ids = torch.tensor(tokens)
     logits, _, report = prefill_with_store(model, ids, store)
     assert store.flush(30)
-    result = {"reused_pages": report.reused_pages, "reused_tokens": report.reused_tokens,
-              "computed_tokens": report.computed_tokens, "saved": report.saved_fraction,
-              "published": report.published_pages}
+    result = {
+        "reused_pages": report.reused_pages,
+        "reused_tokens": report.reused_tokens,
+        "computed_tokens": report.computed_tokens,
+        "saved": report.saved_fraction,
+        "published": report.published_pages,
+    }
     if check_dense:
         with torch.no_grad():
             dense = model(ids.unsqueeze(0)).logits[0, -1]
@@ -54,9 +69,16 @@ def tiny_model(tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                      intermediate_size=128, max_position_embeddings=1024)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        max_position_embeddings=1024,
+    )
     path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
@@ -79,5 +101,7 @@ def test_second_process_reuses_the_first_ones_prefix_pages(redis_srv, tiny_model
     assert b["computed_tokens"] == len(second) - 64
     assert b["saved"] == pytest.approx(64 / len(second))
     assert b["same_argmax"] and b["max_logit_diff"] < 1e-4
-    print(f"\nreplica 2 skipped {b['reused_tokens']} of {len(second)} prefill tokens "
-          f"({b['saved']:.0%}); max |logit diff| vs dense {b['max_logit_diff']:.2e}")
+    print(
+        f"\nreplica 2 skipped {b['reused_tokens']} of {len(second)} prefill tokens "
+        f"({b['saved']:.0%}); max |logit diff| vs dense {b['max_logit_diff']:.2e}"
+    )

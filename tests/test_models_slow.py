@@ -76,10 +76,12 @@ def test_pull_smollm2_into_fresh_home(tmp_path, monkeypatch):
     assert model.dtype == torch.bfloat16
     inputs = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
-    answer = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
 
     # Re-running is a verified no-op: same folder, manifest untouched.
@@ -95,8 +97,14 @@ def test_tiny_model_generates_in_real_vllm_like_transformers(tmp_path):
     script.write_text(_VLLM_SCRIPT)
     # Only stock vLLM here: the kvhead plugin has its own tests, and this one checks the folder.
     env = {**os.environ, "VLLM_PLUGINS": "", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(tiny)], capture_output=True,
-                          text=True, env=env, timeout=900, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tiny)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        check=False,
+    )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
     results = json.loads(line.removeprefix("RESULT "))

@@ -1,4 +1,4 @@
-"""The tiny random Llama: loads in transformers with the asked-for geometry, same seed same bytes."""
+"""The tiny random Llama loads in transformers with the asked-for shape; same seed, same bytes."""
 
 from __future__ import annotations
 
@@ -18,8 +18,17 @@ def tiny(tmp_path_factory):
 
 
 def test_loads_in_transformers_with_requested_shapes(tmp_path):
-    out = build_tiny_llama(tmp_path, num_layers=3, num_q_heads=6, num_kv_heads=3, head_dim=32,
-                           hidden=96, vocab_size=400, max_position_embeddings=2048, seed=7)
+    out = build_tiny_llama(
+        tmp_path,
+        num_layers=3,
+        num_q_heads=6,
+        num_kv_heads=3,
+        head_dim=32,
+        hidden=96,
+        vocab_size=400,
+        max_position_embeddings=2048,
+        seed=7,
+    )
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     cfg = model.config

@@ -128,10 +128,16 @@ def test_softmax_group_score_gives_each_query_head_a_say():
     query = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # one KV head, a group of two query heads
     num_pages = torch.tensor([5])
     by_max = select_top_k(score_pages(query, bounds, table, num_pages), 2, num_pages)
-    by_softmax = select_top_k(score_pages(query, bounds, table, num_pages, group_score="softmax"), 2, num_pages)
+    by_softmax = select_top_k(
+        score_pages(query, bounds, table, num_pages, group_score="softmax"), 2, num_pages
+    )
     assert by_max[0, 0].tolist() == [0, 4]  # head 0's large logits decide alone
     assert by_softmax[0, 0].tolist() == [2, 4]  # head 1's only page beats head 0's split mass
-    assert score_pages(query, bounds, table, torch.tensor([3]), group_score="softmax")[0, 0, 3:].isinf().all()
+    assert (
+        score_pages(query, bounds, table, torch.tensor([3]), group_score="softmax")[0, 0, 3:]
+        .isinf()
+        .all()
+    )
 
 
 def test_softmax_group_score_of_one_query_head_ranks_like_max():

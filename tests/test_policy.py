@@ -58,12 +58,15 @@ def test_stable_heads_rerank_every_r_steps_and_keep_the_tail():
     seq = _Sequence(prompt=60)  # 15 full pages
     policy = _policy("flexicache", top_k=3, rerank_interval=4)
     history = []
-    for step in range(9):
+    for _ in range(9):
         seq.append(1)
         sel = policy.select(0, seq.query(), seq.bounds, seq.table, torch.tensor([seq.length]))
         history.append(sel)
     assert [s.reranked[0].tolist() for s in history[:5]] == [
-        [True, True, True], [True, False, False], [True, False, False], [True, False, False],
+        [True, True, True],
+        [True, False, False],
+        [True, False, False],
+        [True, False, False],
         [True, True, True],
     ]
     # between reranks a stable head attends to its last top-K plus pages written since
@@ -103,7 +106,9 @@ def test_flexicache_requires_a_matching_mask():
     with pytest.raises(ValueError, match="unstable-head mask"):
         SelectionPolicy("flexicache", num_layers=1, num_kv_heads=3)
     with pytest.raises(ValueError, match="shape"):
-        SelectionPolicy("flexicache", num_layers=2, num_kv_heads=3, unstable=torch.ones(1, 3).bool())
+        SelectionPolicy(
+            "flexicache", num_layers=2, num_kv_heads=3, unstable=torch.ones(1, 3).bool()
+        )
     with pytest.raises(ValueError):
         SelectionPolicy("sparse", num_layers=1, num_kv_heads=3)
     with pytest.raises(ValueError, match="top_k"):
@@ -126,7 +131,12 @@ def test_stable_heads_are_not_scored_between_reranks():
 def test_a_layer_without_unstable_heads_works_between_reranks():
     seq = _Sequence(prompt=62)
     policy = SelectionPolicy(
-        "flexicache", num_layers=1, num_kv_heads=3, page_size=4, top_k=3, rerank_interval=4,
+        "flexicache",
+        num_layers=1,
+        num_kv_heads=3,
+        page_size=4,
+        top_k=3,
+        rerank_interval=4,
         unstable=torch.zeros(1, 3, dtype=torch.bool),
     )
     for _ in range(3):
@@ -147,13 +157,16 @@ def test_sink_and_window_pages_are_always_attended():
             for head in range(3):
                 ids = set(sel.page_ids[0, head].tolist())
                 assert {0, newest - 1, newest} <= ids, (mode, head, ids)
-                assert len(ids - {-1}) <= 5 + (0 if mode == "quest" else 2)  # + a stable head's tail
+                assert len(ids - {-1}) <= 5 + (
+                    0 if mode == "quest" else 2
+                )  # + a stable head's tail
 
 
 def test_dense_layers_attend_exactly_to_everything():
     seq = _Sequence(prompt=120, blocks=80)
-    policy = SelectionPolicy("quest", num_layers=2, num_kv_heads=3, page_size=4, top_k=3,
-                             dense_layers=1)
+    policy = SelectionPolicy(
+        "quest", num_layers=2, num_kv_heads=3, page_size=4, top_k=3, dense_layers=1
+    )
     seq.append(1)
     lens = torch.tensor([seq.length])
     q = seq.query()
@@ -179,7 +192,9 @@ def test_unstable_dense_heads_see_every_page_without_more_residency():
         pages = int(b.num_pages[0])
         assert b.page_ids[0, 0].tolist()[:pages] == list(range(pages))  # unstable head 0: all
         assert (a.page_ids[0, 0] >= 0).sum() == 4  # the spec's unstable head: top-K only
-        assert torch.equal(a.page_ids[0, 1:, : b.page_ids.shape[-1]], b.page_ids[0, 1:, : a.page_ids.shape[-1]])
+        assert torch.equal(
+            a.page_ids[0, 1:, : b.page_ids.shape[-1]], b.page_ids[0, 1:, : a.page_ids.shape[-1]]
+        )
         assert torch.equal(a.resident, b.resident)
         if step % 4:  # between reranks nothing is scored: unstable heads need no scores
             assert (b.top_k_ids == -1).all()
@@ -187,7 +202,7 @@ def test_unstable_dense_heads_see_every_page_without_more_residency():
 
 
 def test_lagged_rerank_attends_with_the_previous_set_for_one_step():
-    """rerank_lag: the step that reranks attends as if it had not; the next step uses the new set."""
+    """rerank_lag: the reranking step attends as if it had not; the next step uses the new set."""
     runs = {}
     for lag in (False, True):
         seq = _Sequence(prompt=60, seed=3)
@@ -195,7 +210,9 @@ def test_lagged_rerank_attends_with_the_previous_set_for_one_step():
         runs[lag] = []
         for _ in range(7):
             seq.append(1)
-            runs[lag].append(policy.select(0, seq.query(), seq.bounds, seq.table, torch.tensor([seq.length])))
+            runs[lag].append(
+                policy.select(0, seq.query(), seq.bounds, seq.table, torch.tensor([seq.length]))
+            )
     now, late = runs[False], runs[True]
     assert torch.equal(now[0].page_ids, late[0].page_ids)  # the first step selects at once
     stable = slice(1, 3)
@@ -207,7 +224,9 @@ def test_lagged_rerank_attends_with_the_previous_set_for_one_step():
     assert not torch.equal(now[4].page_ids[0, stable], late[4].page_ids[0, stable])
     # ... holding both sets resident while the new one is fetched, then switches to it
     fresh = [set(now[4].page_ids[0, h].tolist()) - {-1} for h in (1, 2)]
-    assert [late[4].resident[0, h].item() for h in (1, 2)] == [len(f | lg) for f, lg in zip(fresh, lagged)]
+    assert [late[4].resident[0, h].item() for h in (1, 2)] == [
+        len(f | lg) for f, lg in zip(fresh, lagged)
+    ]
     assert torch.equal(now[5].page_ids, late[5].page_ids)
     assert torch.equal(now[4].promoted, late[4].promoted)  # the same pages are fetched
     # unstable heads rerank every step, lag or not (rows are padded to the widest head)

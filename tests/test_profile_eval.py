@@ -15,11 +15,25 @@ from kvhead.models.tiny import build_tiny_llama
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    model_dir = build_tiny_llama(tmp_path_factory.mktemp("tiny"), num_layers=2, num_q_heads=4, num_kv_heads=2)
-    return model_dir, ReferenceRunner.from_pretrained(model_dir, page_size=8), AutoTokenizer.from_pretrained(model_dir)
+    model_dir = build_tiny_llama(
+        tmp_path_factory.mktemp("tiny"), num_layers=2, num_q_heads=4, num_kv_heads=2
+    )
+    return (
+        model_dir,
+        ReferenceRunner.from_pretrained(model_dir, page_size=8),
+        AutoTokenizer.from_pretrained(model_dir),
+    )
 
 
-PROFILE = ProfileConfig(num_prompts=2, context=256, decode_steps=17, top_k=4, page_size=8, window=4, unstable_fraction=0.5)
+PROFILE = ProfileConfig(
+    num_prompts=2,
+    context=256,
+    decode_steps=17,
+    top_k=4,
+    page_size=8,
+    window=4,
+    unstable_fraction=0.5,
+)
 
 
 def test_profile_is_deterministic_for_a_seed(tiny, tmp_path):
@@ -36,7 +50,14 @@ def test_profile_is_deterministic_for_a_seed(tiny, tmp_path):
 def test_eval_with_k_covering_all_pages_matches_dense(tiny):
     model_dir, runner, tok = tiny
     profile = profile_heads(runner, tok, model_dir, PROFILE)
-    cfg = EvalConfig(contexts=[160], gen_tokens=24, top_k=64, page_size=8, rerank_interval=4, passkey_depths=[0.5])
+    cfg = EvalConfig(
+        contexts=[160],
+        gen_tokens=24,
+        top_k=64,
+        page_size=8,
+        rerank_interval=4,
+        passkey_depths=[0.5],
+    )
     report = evaluate(runner, tok, profile, cfg, model="tiny")
     (result,) = report.results
     for mode in ("quest", "flexicache"):
@@ -51,7 +72,9 @@ def test_eval_with_k_covering_all_pages_matches_dense(tiny):
 def test_eval_with_small_k_saves_pages(tiny):
     model_dir, runner, tok = tiny
     profile = profile_heads(runner, tok, model_dir, PROFILE)
-    cfg = EvalConfig(contexts=[320], gen_tokens=24, top_k=4, page_size=8, rerank_interval=4, passkey_depths=[0.2])
+    cfg = EvalConfig(
+        contexts=[320], gen_tokens=24, top_k=4, page_size=8, rerank_interval=4, passkey_depths=[0.2]
+    )
     (result,) = evaluate(runner, tok, profile, cfg, model="tiny").results
     flexi, quest = result.modes["flexicache"], result.modes["quest"]
     assert quest.resident_fraction == 1.0
@@ -85,9 +108,14 @@ def test_both_corpora_ship_and_cut_windows(tiny):
     licenses, docs = corpus_text("licenses"), corpus_text("python-docs")
     assert "GNU GENERAL PUBLIC LICENSE" in licenses and "GNU GENERAL PUBLIC LICENSE" not in docs
     assert "Python" in docs and len(docs) > 3 * len(licenses)  # room for many disjoint 8k windows
-    a, b = corpus_window(tok, 64, 10, corpus="licenses"), corpus_window(tok, 64, 10, corpus="python-docs")
+    a, b = (
+        corpus_window(tok, 64, 10, corpus="licenses"),
+        corpus_window(tok, 64, 10, corpus="python-docs"),
+    )
     assert a.shape == b.shape == (64,) and not torch.equal(a, b)
-    assert torch.equal(corpus_window(tok, 32, 42, corpus="python-docs"), b[32:])  # windows are slices
+    assert torch.equal(
+        corpus_window(tok, 32, 42, corpus="python-docs"), b[32:]
+    )  # windows are slices
     with pytest.raises(ValueError, match="unknown corpus 'news'; known: licenses, python-docs"):
         corpus_window(tok, 64, corpus="news")
     with pytest.raises(ValueError, match="corpus"):
@@ -122,17 +150,35 @@ def test_plus_modes_with_spec_options_match_the_spec_modes(tiny):
 
     model_dir, runner, tok = tiny
     profile = profile_heads(runner, tok, model_dir, PROFILE)
-    cfg = EvalConfig(contexts=[320], gen_tokens=12, top_k=4, page_size=8, rerank_interval=4,
-                     passkey_depths=[0.2], modes=["quest", "flexicache", "quest+", "flexicache+"])
+    cfg = EvalConfig(
+        contexts=[320],
+        gen_tokens=12,
+        top_k=4,
+        page_size=8,
+        rerank_interval=4,
+        passkey_depths=[0.2],
+        modes=["quest", "flexicache", "quest+", "flexicache+"],
+    )
     (result,) = evaluate(runner, tok, profile, cfg, model="tiny").results
     assert result.modes["quest+"] == result.modes["quest"]
     assert result.modes["flexicache+"] == result.modes["flexicache"]
-    wide = cfg.model_copy(update={"modes": ["flexicache+"], "options": SelectionOptions(
-        sink_pages=1, recent_pages=2, group_score="softmax", leading_layers=1, unstable_dense=True)})
+    wide = cfg.model_copy(
+        update={
+            "modes": ["flexicache+"],
+            "options": SelectionOptions(
+                sink_pages=1,
+                recent_pages=2,
+                group_score="softmax",
+                leading_layers=1,
+                unstable_dense=True,
+            ),
+        }
+    )
     (plus,) = evaluate(runner, tok, profile, wide, model="tiny").results
     # layer 0 joins the unstable budget: as many heads resident, so about the same memory
     assert plus.modes["flexicache+"].resident_fraction == pytest.approx(
-        result.modes["flexicache"].resident_fraction, abs=0.05)
+        result.modes["flexicache"].resident_fraction, abs=0.05
+    )
     with pytest.raises(ValueError, match="modes"):
         EvalConfig(modes=["quest", "sparse"])
 
@@ -142,16 +188,39 @@ def test_coverage_curves_rise_to_one_and_drive_budgets(tiny):
     from kvhead.eval.profiler import CoverageConfig, measure_coverage
 
     model_dir, runner, tok = tiny
-    cov = measure_coverage(runner, tok, CoverageConfig(offsets=[0, 500], context=256, steps=6, step_pages=2,
-                                                       group_score="max", sink_pages=0, recent_pages=1))
+    cov = measure_coverage(
+        runner,
+        tok,
+        CoverageConfig(
+            offsets=[0, 500],
+            context=256,
+            steps=6,
+            step_pages=2,
+            group_score="max",
+            sink_pages=0,
+            recent_pages=1,
+        ),
+    )
     mass = torch.tensor(cov.mass)
     assert cov.pages == list(range(2, 33, 2)) and mass.shape == (2, 2, 16)
-    assert (mass.diff(dim=-1) >= -1e-6).all() and (mass[..., -1] > 0.999).all() and (mass[..., 0] < 0.9).all()
+    assert (
+        (mass.diff(dim=-1) >= -1e-6).all()
+        and (mass[..., -1] > 0.999).all()
+        and (mass[..., 0] < 0.9).all()
+    )
 
     profile = profile_heads(runner, tok, model_dir, PROFILE).model_copy(update={"coverage": cov})
-    cfg = EvalConfig(contexts=[320], gen_tokens=12, top_k=4, page_size=8, rerank_interval=4,
-                     passkey_depths=[0.2], modes=["flexicache", "flexicache+"], prompts=2,
-                     options=SelectionOptions(head_budgets=True))
+    cfg = EvalConfig(
+        contexts=[320],
+        gen_tokens=12,
+        top_k=4,
+        page_size=8,
+        rerank_interval=4,
+        passkey_depths=[0.2],
+        modes=["flexicache", "flexicache+"],
+        prompts=2,
+        options=SelectionOptions(head_budgets=True),
+    )
     report = evaluate(runner, tok, profile, cfg, model="tiny")
     assert report.coverage == cov.model_dump(exclude={"mass"})  # which calibration set the budgets
     (result,) = report.results
@@ -165,18 +234,27 @@ def test_coverage_curves_rise_to_one_and_drive_budgets(tiny):
         assert m.token_agreement == pytest.approx(sum(m.window_agreement) / 2)
         assert m.perplexity_ratio == pytest.approx(math.prod(m.window_perplexity_ratio) ** 0.5)
         assert m.mean_kl == pytest.approx(sum(m.window_kl) / 2) and min(m.window_kl) >= 0
-        assert len(m.miss_margins) == round((1 - m.token_agreement) * 24) and min(m.miss_margins, default=0) >= 0
+        assert (
+            len(m.miss_margins) == round((1 - m.token_agreement) * 24)
+            and min(m.miss_margins, default=0) >= 0
+        )
     # same pool of pages for the stable heads: resident share within a page or two per step
     assert adaptive.resident_fraction == pytest.approx(spec.resident_fraction, abs=0.05)
-    (later,) = evaluate(runner, tok, profile, cfg.model_copy(update={"prompts": 1, "first_window": 1}),
-                        model="tiny").results  # window 1 alone: the second window of the pooled run
+    (later,) = evaluate(
+        runner, tok, profile, cfg.model_copy(update={"prompts": 1, "first_window": 1}), model="tiny"
+    ).results  # window 1 alone: the second window of the pooled run
     for mode, m in later.modes.items():
         assert m.window_agreement == result.modes[mode].window_agreement[1:]
         assert m.window_kl == pytest.approx(result.modes[mode].window_kl[1:])
     for differ in ({"sink_pages": 1}, {"bound_weight": 0.5}):  # curves ranked another way
         with pytest.raises(ValueError, match="options differ"):
-            evaluate(runner, tok, profile, cfg.model_copy(update={"options": SelectionOptions(
-                head_budgets=True, **differ)}), model="tiny")
+            evaluate(
+                runner,
+                tok,
+                profile,
+                cfg.model_copy(update={"options": SelectionOptions(head_budgets=True, **differ)}),
+                model="tiny",
+            )
     with pytest.raises(ValueError, match="coverage"):
         evaluate(runner, tok, profile.model_copy(update={"coverage": None}), cfg, model="tiny")
 
@@ -186,19 +264,37 @@ def test_dense_heads_from_stale_coverage_spend_the_profiles_pages(tiny):
     from kvhead.eval.profiler import CoverageConfig, measure_coverage
 
     model_dir, runner, tok = tiny
-    calib = CoverageConfig(offsets=[0], context=256, steps=8, step_pages=2, group_score="max",
-                           sink_pages=0, recent_pages=1, rerank_interval=4)
+    calib = CoverageConfig(
+        offsets=[0],
+        context=256,
+        steps=8,
+        step_pages=2,
+        group_score="max",
+        sink_pages=0,
+        recent_pages=1,
+        rerank_interval=4,
+    )
     cov = measure_coverage(runner, tok, calib)
     assert cov.rerank_interval == 4
     fresh = measure_coverage(runner, tok, calib.model_copy(update={"rerank_interval": 1}))
     docs = measure_coverage(runner, tok, calib.model_copy(update={"corpus": "python-docs"}))
     assert (cov.corpus, docs.corpus) == ("licenses", "python-docs") and docs.mass != cov.mass
-    assert torch.tensor(cov.mass)[..., -1].min() > 0.999  # every page covers everything, stale or not
+    assert (
+        torch.tensor(cov.mass)[..., -1].min() > 0.999
+    )  # every page covers everything, stale or not
     assert cov.mass != fresh.mass  # three of every four steps score with an older ranking
     profile = profile_heads(runner, tok, model_dir, PROFILE).model_copy(update={"coverage": cov})
     opts = SelectionOptions(unstable_dense=True, head_budgets=True, dense_heads="coverage")
-    cfg = EvalConfig(contexts=[256], gen_tokens=8, top_k=4, page_size=8, rerank_interval=4,
-                     passkey_depths=[], modes=["flexicache+"], options=opts)
+    cfg = EvalConfig(
+        contexts=[256],
+        gen_tokens=8,
+        top_k=4,
+        page_size=8,
+        rerank_interval=4,
+        passkey_depths=[],
+        modes=["flexicache+"],
+        options=opts,
+    )
     dense, budgets = coverage_dense_heads(profile, cfg)
     # the pool of the profile's set: 2 heads x 32 pages + 2 heads x 4
     assert int(budgets[~dense].sum()) + int(dense.sum()) * 32 <= 2 * 32 + 2 * 4

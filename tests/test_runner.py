@@ -12,11 +12,15 @@ from kvhead.models.tiny import build_tiny_llama
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny"), num_layers=2, num_q_heads=4, num_kv_heads=2)
+    return build_tiny_llama(
+        tmp_path_factory.mktemp("tiny"), num_layers=2, num_q_heads=4, num_kv_heads=2
+    )
 
 
 def _reference_logits(model_dir, ids):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    )
     with torch.inference_mode():
         return model(ids.unsqueeze(0)).logits[0]
 
@@ -43,7 +47,11 @@ def test_sparse_with_k_covering_everything_equals_dense(tiny_dir):
     runner.forward(cache, ids[:70])
     mask = torch.tensor([[True, False], [False, False]])
     outputs = {}
-    for mode, kw in [("dense", {}), ("quest", {"top_k": 64}), ("flexicache", {"top_k": 64, "unstable": mask})]:
+    for mode, kw in [
+        ("dense", {}),
+        ("quest", {"top_k": 64}),
+        ("flexicache", {"top_k": 64, "unstable": mask}),
+    ]:
         cache.rewind(70)
         policy = runner.policy(mode, **kw)
         outputs[mode] = torch.stack(
@@ -85,8 +93,12 @@ def _decode_observed(runner, cache, ids, start, policy):
     def observe(layer, sel):
         picks.append((layer, sel.page_ids.clone(), sel.num_pages.clone()))
 
-    logits = torch.stack([runner.forward(cache, ids[t : t + 1], policy=policy, observer=observe)[0]
-                          for t in range(start, len(ids))])
+    logits = torch.stack(
+        [
+            runner.forward(cache, ids[t : t + 1], policy=policy, observer=observe)[0]
+            for t in range(start, len(ids))
+        ]
+    )
     return logits, picks
 
 
@@ -117,12 +129,13 @@ def test_kernel_route_end_to_end(tiny_dir, monkeypatch):
     cache.rewind(96)
     first, picks = _decode_observed(runner, cache, ids, 96, runner.policy("flexicache", **small))
     cache.rewind(96)  # rebuilds the live bounds: the same decode must select the same pages
-    again, picks_again = _decode_observed(runner, cache, ids, 96,
-                                              runner.policy("flexicache", **small))
+    again, picks_again = _decode_observed(
+        runner, cache, ids, 96, runner.policy("flexicache", **small)
+    )
     assert torch.equal(first, again)
     assert all(torch.equal(a[1], b[1]) for a, b in zip(picks, picks_again))
     assert (first - dense[:1]).abs().max() > 0  # 3 of 13 pages: really sparse
-    for layer, page_ids, num_pages in picks:
+    for _layer, page_ids, num_pages in picks:
         stable = page_ids[0, 1]  # layer's head 1 is stable in both layers
         chosen = stable[stable >= 0]
         newest = int(num_pages[0]) - 1

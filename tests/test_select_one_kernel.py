@@ -25,8 +25,15 @@ from kvhead.kernels.triton.select_one import OneShape, row_counters
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _problem(seed: int, batch: int, max_pages: int, heads: int = 2, group_q: int = 2,
-             dim: int = 64, page: int = 4):
+def _problem(
+    seed: int,
+    batch: int,
+    max_pages: int,
+    heads: int = 2,
+    group_q: int = 2,
+    dim: int = 64,
+    page: int = 4,
+):
     """Random keys in shuffled blocks with ragged page counts (row 0 full, the last empty
     when ``batch`` > 2), their fp32 bounds, int8 bounds, block table and page counts."""
     gen = torch.Generator().manual_seed(seed)
@@ -57,19 +64,29 @@ SHAPES = {
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("seed,batch,max_pages,group,num_super,top_k", [
-    (1, 1, 300, 8, 6, 20),     # batch 1, several tiles per row
-    (2, 4, 130, 8, 4, 16),     # ragged, one empty sequence, partial last group
-    (3, 8, 40, 4, 3, 12),      # batch 8, short rows
-    (4, 2, 9, 2, 5, 9),        # K = every page of a full row
-])
-def test_two_level_matches_reference_levels(shape, seed, batch, max_pages, group, num_super,
-                                            top_k):
+@pytest.mark.parametrize(
+    "seed,batch,max_pages,group,num_super,top_k",
+    [
+        (1, 1, 300, 8, 6, 20),  # batch 1, several tiles per row
+        (2, 4, 130, 8, 4, 16),  # ragged, one empty sequence, partial last group
+        (3, 8, 40, 4, 3, 12),  # batch 8, short rows
+        (4, 2, 9, 2, 5, 9),  # K = every page of a full row
+    ],
+)
+def test_two_level_matches_reference_levels(shape, seed, batch, max_pages, group, num_super, top_k):
     query, bounds, pages, table, num_pages = _problem(seed, batch, max_pages)
     supers = build_super_bounds(bounds, table, num_pages, group)
-    ids, sup = hier_select_stages(query.to(DEVICE), _dev(pages), _dev(supers), table.to(DEVICE),
-                                  num_pages.to(DEVICE), top_k, group, num_super,
-                                  plan=Plan("one", one=SHAPES[shape]))
+    ids, sup = hier_select_stages(
+        query.to(DEVICE),
+        _dev(pages),
+        _dev(supers),
+        table.to(DEVICE),
+        num_pages.to(DEVICE),
+        top_k,
+        group,
+        num_super,
+        plan=Plan("one", one=SHAPES[shape]),
+    )
     ref_sup = select_super_pages(query, supers, num_pages, group, num_super)
     # An empty sequence: the reference forces super-page 0 (which holds no page), the kernels
     # choose none; the pages selected are the same (none).
@@ -81,19 +98,28 @@ def test_two_level_matches_reference_levels(shape, seed, batch, max_pages, group
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("seed,batch,max_pages,top_k", [
-    (5, 1, 200, 24),    # batch 1
-    (6, 5, 64, 16),     # ragged, one empty sequence
-    (7, 2, 10, 40),     # K > pages: width min(K, pages), -1 padded
-    (8, 1, 600, 40),    # merge of 38 tiles' winners (> 512 lanes with 16-page tiles: radix)
-])
+@pytest.mark.parametrize(
+    "seed,batch,max_pages,top_k",
+    [
+        (5, 1, 200, 24),  # batch 1
+        (6, 5, 64, 16),  # ragged, one empty sequence
+        (7, 2, 10, 40),  # K > pages: width min(K, pages), -1 padded
+        (8, 1, 600, 40),  # merge of 38 tiles' winners (> 512 lanes with 16-page tiles: radix)
+    ],
+)
 def test_flat_matches_reference(shape, seed, batch, max_pages, top_k):
     query, _, pages, table, num_pages = _problem(seed, batch, max_pages)
-    got = kernels.flat_select(query.to(DEVICE), _dev(pages), table.to(DEVICE),
-                              num_pages.to(DEVICE), top_k)  # auto: one launch at this size
+    got = kernels.flat_select(
+        query.to(DEVICE), _dev(pages), table.to(DEVICE), num_pages.to(DEVICE), top_k
+    )  # auto: one launch at this size
     plan_got = kernels.select_hier.flat_select(
-        query.to(DEVICE), _dev(pages), table.to(DEVICE), num_pages.to(DEVICE), top_k,
-        plan=Plan("one", one=SHAPES[shape]))
+        query.to(DEVICE),
+        _dev(pages),
+        table.to(DEVICE),
+        num_pages.to(DEVICE),
+        top_k,
+        plan=Plan("one", one=SHAPES[shape]),
+    )
     ref = flat_select(query, pages, table, num_pages, top_k)
     assert torch.equal(plan_got.cpu(), ref)
     assert torch.equal(got.cpu(), ref)
@@ -102,23 +128,38 @@ def test_flat_matches_reference(shape, seed, batch, max_pages, top_k):
 def test_ties_go_to_lower_pages_and_newest_is_forced():
     """Every page has the same box: the top-K is the K - 1 lowest pages plus the newest."""
     query, bounds, _, table, _ = _problem(9, 1, 200)
-    same = PageBounds(kmin=bounds.kmin[:1].expand_as(bounds.kmin).clone(),
-                      kmax=bounds.kmax[:1].expand_as(bounds.kmax).clone())
+    same = PageBounds(
+        kmin=bounds.kmin[:1].expand_as(bounds.kmin).clone(),
+        kmax=bounds.kmax[:1].expand_as(bounds.kmax).clone(),
+    )
     pages = CompactBounds.from_pages(same)
     num_pages = torch.tensor([150])
     want = torch.cat([torch.arange(9), torch.tensor([149])]).expand(1, 2, 10)
     for shape in SHAPES.values():
         flat = kernels.select_hier.flat_select(
-            query.to(DEVICE), _dev(pages), table.to(DEVICE), num_pages.to(DEVICE), 10,
-            plan=Plan("one", one=shape))
+            query.to(DEVICE),
+            _dev(pages),
+            table.to(DEVICE),
+            num_pages.to(DEVICE),
+            10,
+            plan=Plan("one", one=shape),
+        )
         assert torch.equal(flat.cpu(), want)
 
 
 def test_counters_return_to_zero_and_repeated_calls_agree():
     query, bounds, pages, table, num_pages = _problem(10, 3, 120)
     supers = build_super_bounds(bounds, table, num_pages, 8)
-    args = (query.to(DEVICE), _dev(pages), _dev(supers), table.to(DEVICE),
-            num_pages.to(DEVICE), 16, 8, 4)
+    args = (
+        query.to(DEVICE),
+        _dev(pages),
+        _dev(supers),
+        table.to(DEVICE),
+        num_pages.to(DEVICE),
+        16,
+        8,
+        4,
+    )
     first = kernels.hier_select(*args)
     second = kernels.hier_select(*args)
     assert torch.equal(first, second)
@@ -175,13 +216,20 @@ def test_dependent_launches_select_the_same_pages(layout):
     the flag is ignored): selections with and without them are equal."""
     query, bounds, pages, table, num_pages = _problem(13, 3, 200)
     supers = build_super_bounds(bounds, table, num_pages, 8)
-    args = (query.to(DEVICE), _dev(pages), _dev(supers), table.to(DEVICE),
-            num_pages.to(DEVICE), 16, 8, 4)
+    args = (
+        query.to(DEVICE),
+        _dev(pages),
+        _dev(supers),
+        table.to(DEVICE),
+        num_pages.to(DEVICE),
+        16,
+        8,
+        4,
+    )
     on = hier_select_stages(*args, plan=Plan(layout, pdl=True))
     off = hier_select_stages(*args, plan=Plan(layout, pdl=False))
     assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])
     flat_on = kernels.select_hier.flat_select(*args[:2], *args[3:6], plan=Plan(layout, pdl=True))
-    flat_off = kernels.select_hier.flat_select(*args[:2], *args[3:6],
-                                               plan=Plan(layout, pdl=False))
+    flat_off = kernels.select_hier.flat_select(*args[:2], *args[3:6], plan=Plan(layout, pdl=False))
     assert torch.equal(flat_on, flat_off)
     assert torch.equal(flat_on.cpu(), flat_select(query, pages, table, num_pages, 16))

@@ -7,7 +7,9 @@ from kvhead.core.stability import HeadProfile, StabilityAccumulator, random_corr
 
 
 def test_rco_bounds():
-    assert random_corrected_overlap(torch.tensor(8), 8, torch.tensor(64)).item() == pytest.approx(1.0)
+    assert random_corrected_overlap(torch.tensor(8), 8, torch.tensor(64)).item() == pytest.approx(
+        1.0
+    )
     chance = torch.tensor(1)  # 8 * 8 / 64 pages shared by chance
     assert random_corrected_overlap(chance, 8, torch.tensor(64)).item() == pytest.approx(0.0)
     assert random_corrected_overlap(torch.tensor(0), 8, torch.tensor(64)).item() == 0.0  # clamped
@@ -72,6 +74,13 @@ def test_profile_rejects_bad_shapes_and_fractions():
         _profile([[0.1, 0.2]], fraction=1.5)
     with pytest.raises(ValueError):
         HeadProfile(
-            model_fingerprint="x", num_layers=2, num_kv_heads=2, page_size=16, top_k=4, window=4,
-            instability=[[0.0, 0.0]], unstable_fraction=0.0, unstable=[],
+            model_fingerprint="x",
+            num_layers=2,
+            num_kv_heads=2,
+            page_size=16,
+            top_k=4,
+            window=4,
+            instability=[[0.0, 0.0]],
+            unstable_fraction=0.0,
+            unstable=[],
         )

@@ -18,7 +18,9 @@ def _pool(keys: torch.Tensor, values: torch.Tensor, num_blocks: int, seed: int):
     tokens = keys.shape[0]
     order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed))
     table = order[: -(-tokens // PAGE)].unsqueeze(0)
-    slots = (table[0].repeat_interleave(PAGE) * PAGE + torch.arange(PAGE).repeat(table.shape[1]))[:tokens]
+    slots = (table[0].repeat_interleave(PAGE) * PAGE + torch.arange(PAGE).repeat(table.shape[1]))[
+        :tokens
+    ]
     k_cache = torch.zeros(num_blocks * PAGE, HKV, DIM)
     v_cache = torch.zeros(num_blocks * PAGE, HKV, DIM)
     k_cache[slots], v_cache[slots] = keys, values
@@ -48,8 +50,16 @@ def test_compensation_is_exact_when_each_page_holds_one_key_and_value():
     """A page of identical tokens is exactly its summary token: sparse + summaries == dense."""
     g = torch.Generator().manual_seed(2)
     pages, tokens = 7, 7 * PAGE - 2  # the newest page is partial (2 of 4 tokens)
-    keys = torch.randn(pages, 1, HKV, DIM, generator=g).expand(-1, PAGE, -1, -1).reshape(-1, HKV, DIM)[:tokens]
-    values = torch.randn(pages, 1, HKV, DIM, generator=g).expand(-1, PAGE, -1, -1).reshape(-1, HKV, DIM)[:tokens]
+    keys = (
+        torch.randn(pages, 1, HKV, DIM, generator=g)
+        .expand(-1, PAGE, -1, -1)
+        .reshape(-1, HKV, DIM)[:tokens]
+    )
+    values = (
+        torch.randn(pages, 1, HKV, DIM, generator=g)
+        .expand(-1, PAGE, -1, -1)
+        .reshape(-1, HKV, DIM)[:tokens]
+    )
     k_cache, v_cache, table, _, bounds, sums = _pool(keys, values, 10, seed=3)
     seq_lens = torch.tensor([tokens])
     query = torch.randn(1, HKV * GROUP, DIM, generator=g)
@@ -66,7 +76,11 @@ def test_a_head_that_reads_every_page_gets_no_summary():
     g = torch.Generator().manual_seed(4)
     tokens = 5 * PAGE
     k_cache, v_cache, table, _, bounds, sums = _pool(
-        torch.randn(tokens, HKV, DIM, generator=g), torch.randn(tokens, HKV, DIM, generator=g), 8, seed=5)
+        torch.randn(tokens, HKV, DIM, generator=g),
+        torch.randn(tokens, HKV, DIM, generator=g),
+        8,
+        seed=5,
+    )
     seq_lens, scale = torch.tensor([tokens]), DIM**-0.5
     query = torch.randn(1, HKV * GROUP, DIM, generator=g)
     ids = torch.tensor([[[0, 1, 2, 3, 4], [0, 2, 4, -1, -1]]])
@@ -90,7 +104,9 @@ def test_bound_weight_spans_centre_logit_to_upper_bound():
     centre = (bounds.kmax[table[0]] + bounds.kmin[table[0]]) / 2  # [N, Hkv, D]
     q = query[0].view(HKV, GROUP, DIM)
     want = torch.einsum("hgd,nhd->hgn", q, centre).amax(1)
-    assert torch.allclose(score_pages(query, bounds, table, num_pages, bound_weight=0.0)[0], want, atol=1e-5)
+    assert torch.allclose(
+        score_pages(query, bounds, table, num_pages, bound_weight=0.0)[0], want, atol=1e-5
+    )
     half = score_pages(query, bounds, table, num_pages, bound_weight=0.5)
     assert (half <= upper + 1e-5).all() and not torch.allclose(half, upper)
     with pytest.raises(ValueError, match="bound_weight"):
@@ -107,8 +123,15 @@ def test_policy_checks_bound_weight_and_carries_the_compensation_flag():
     query = torch.randn(1, HKV * GROUP, DIM, generator=g)
     seq_lens = torch.tensor([tokens])
     plain = SelectionPolicy(mode="quest", num_layers=1, num_kv_heads=HKV, page_size=PAGE, top_k=4)
-    weighted = SelectionPolicy(mode="quest", num_layers=1, num_kv_heads=HKV, page_size=PAGE, top_k=4,
-                               bound_weight=0.0, compensate=True)
+    weighted = SelectionPolicy(
+        mode="quest",
+        num_layers=1,
+        num_kv_heads=HKV,
+        page_size=PAGE,
+        top_k=4,
+        bound_weight=0.0,
+        compensate=True,
+    )
     a = plain.select(0, query, bounds, table, seq_lens)
     b = weighted.select(0, query, bounds, table, seq_lens)
     assert not a.compensate and b.compensate
@@ -118,7 +141,9 @@ def test_policy_checks_bound_weight_and_carries_the_compensation_flag():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny"), num_layers=2, num_q_heads=4, num_kv_heads=2)
+    return build_tiny_llama(
+        tmp_path_factory.mktemp("tiny"), num_layers=2, num_q_heads=4, num_kv_heads=2
+    )
 
 
 def test_runner_compensation_moves_sparse_logits_and_is_inert_when_nothing_is_skipped(tiny_dir):
@@ -131,11 +156,16 @@ def test_runner_compensation_moves_sparse_logits_and_is_inert_when_nothing_is_sk
     def decode(**kw):
         cache.rewind(100)
         policy = runner.policy("quest", **kw)
-        return torch.stack([runner.forward(cache, ids[t : t + 1], policy=policy)[0] for t in range(100, 110)])
+        return torch.stack(
+            [runner.forward(cache, ids[t : t + 1], policy=policy)[0] for t in range(100, 110)]
+        )
 
     dense = decode(top_k=64)
     assert (decode(top_k=64, compensate=True) - dense).abs().max() <= 1e-5
     sparse, fixed = decode(top_k=3), decode(top_k=3, compensate=True)
     assert (fixed - sparse).abs().max() > 1e-4
     cache.rewind(100)  # the partial page's value sum is rebuilt from what it keeps
-    assert all(torch.allclose(s.sums[:13], a, atol=1e-5) for a, s in zip(sums_after_prefill, cache.value_sums))
+    assert all(
+        torch.allclose(s.sums[:13], a, atol=1e-5)
+        for a, s in zip(sums_after_prefill, cache.value_sums)
+    )

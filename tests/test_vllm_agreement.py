@@ -20,10 +20,27 @@ GEN = 20
 
 def _worker(tmp: Path, mode: str, model: Path, prompts: Path, *extra: str) -> dict:
     out = tmp / f"{mode}-{len(list(tmp.iterdir()))}.json"
-    cmd = [sys.executable, str(SCRIPT), "worker", mode, str(model), str(prompts), str(out),
-           "--gen", str(GEN), "--block-size", "32", "--max-model-len", "512",
-           "--kv-cache-bytes", str(16 * 2**20), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENGINE_ENV, timeout=900, check=False)
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "worker",
+        mode,
+        str(model),
+        str(prompts),
+        str(out),
+        "--gen",
+        str(GEN),
+        "--block-size",
+        "32",
+        "--max-model-len",
+        "512",
+        "--kv-cache-bytes",
+        str(16 * 2**20),
+        *extra,
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=ENGINE_ENV, timeout=900, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -53,8 +70,9 @@ def test_forcing_makes_the_engine_emit_the_given_tokens(tiny: dict) -> None:
     forced = [torch.randint(3, 500, (GEN,), generator=gen).tolist() for _ in stock]
     refs = tiny["tmp"] / "random.json"
     refs.write_text(json.dumps(forced))
-    runs = _worker(tiny["tmp"], "stock", tiny["model"], tiny["prompts"], "--references",
-                   str(refs))["runs"]
+    runs = _worker(tiny["tmp"], "stock", tiny["model"], tiny["prompts"], "--references", str(refs))[
+        "runs"
+    ]
     for run, tokens, free in zip(runs, forced, stock):
         assert run["output"] == tokens
         # step 0 comes from the prompt alone: the same argmax as the free greedy run
@@ -65,12 +83,28 @@ def test_forcing_makes_the_engine_emit_the_given_tokens(tiny: dict) -> None:
 
 def test_kvhead_with_every_page_selected_agrees_fully_with_stock(tiny: dict) -> None:
     settings = tiny["tmp"] / "settings.json"
-    settings.write_text(json.dumps({"profile": str(tiny["profile"]), "top_k": 1000,
-                                    "rerank_interval": 4, "host_arena_gib": 0.25}))
+    settings.write_text(
+        json.dumps(
+            {
+                "profile": str(tiny["profile"]),
+                "top_k": 1000,
+                "rerank_interval": 4,
+                "host_arena_gib": 0.25,
+            }
+        )
+    )
     refs = tiny["tmp"] / "stock-refs.json"
     refs.write_text(json.dumps([r["reference"] for r in tiny["stock"]["runs"]]))
-    result = _worker(tiny["tmp"], "kvhead", tiny["model"], tiny["prompts"], "--references",
-                     str(refs), "--kvhead", str(settings))
+    result = _worker(
+        tiny["tmp"],
+        "kvhead",
+        tiny["model"],
+        tiny["prompts"],
+        "--references",
+        str(refs),
+        "--kvhead",
+        str(settings),
+    )
     assert tiny["stock"]["kvhead"] is None
     # the plugin really ran: one of two kv heads per layer in vLLM's cache, one in its hot pool
     assert result["kvhead"]["resident_heads"] == 2 and result["kvhead"]["stable_heads"] == 2

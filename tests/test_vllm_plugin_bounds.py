@@ -12,8 +12,9 @@ from tests.selection_oracle import CompactSelectionPolicy
 P, D, HKV, NB = 16, 32, 3, 64
 
 
-def _write_token_by_token(bounds: DeviceBounds, fp32: PageBounds, keys: torch.Tensor,
-                          blocks: torch.Tensor) -> None:
+def _write_token_by_token(
+    bounds: DeviceBounds, fp32: PageBounds, keys: torch.Tensor, blocks: torch.Tensor
+) -> None:
     """Two sequences decoding in lock-step: one token per sequence per write."""
     for t in range(keys.shape[1]):
         slots = blocks[:, t // P] * P + t % P
@@ -57,8 +58,9 @@ def test_colliding_open_pages_stay_upper_bounds() -> None:
         for page in range(6):
             k = keys[b, page * P : (page + 1) * P]  # [P, Hkv, D]
             true = torch.einsum("hd,thd->ht", q[b], k).amax(-1)
-            bound = (q[b].clamp_min(0) * hi[b * 6 + page] + q[b].clamp_max(0)
-                     * lo[b * 6 + page]).sum(-1)
+            bound = (
+                q[b].clamp_min(0) * hi[b * 6 + page] + q[b].clamp_max(0) * lo[b * 6 + page]
+            ).sum(-1)
             assert bool((bound >= true - 1e-4).all())
 
 
@@ -93,12 +95,15 @@ def test_selection_matches_fp32_bounds_selection() -> None:
     assert torch.equal(only[:, 1], bounds.select(q, blocks, num_pages, top_k=3)[:, 1])
 
 
-@pytest.mark.parametrize("options", [
-    {},
-    {"sink_pages": 1, "recent_pages": 2},
-    {"group_score": "softmax"},
-    {"bound_weight": 0.5, "group_score": "softmax", "sink_pages": 1, "recent_pages": 2},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"sink_pages": 1, "recent_pages": 2},
+        {"group_score": "softmax"},
+        {"bound_weight": 0.5, "group_score": "softmax", "sink_pages": 1, "recent_pages": 2},
+    ],
+)
 def test_selection_options_score_the_dequantised_boxes_as_fp32_scoring_does(options: dict) -> None:
     """Every flexicache+ option on int8 boxes: the same pages as kvhead.core.pages' fp32 scoring of
     the dequantised boxes, per-head budgets and a subset of heads included."""
@@ -113,8 +118,12 @@ def test_selection_options_score_the_dequantised_boxes_as_fp32_scoring_does(opti
         q = torch.randn(2, HKV * 2, D, generator=torch.Generator().manual_seed(seed))
         for top_k in (3, budgets):
             ours = bounds.select(q, blocks, num_pages, top_k, **options)
-            ref = select_top_k(score_pages(q, boxes, blocks, num_pages, **score_opts), top_k,
-                               num_pages, **force_opts)
+            ref = select_top_k(
+                score_pages(q, boxes, blocks, num_pages, **score_opts),
+                top_k,
+                num_pages,
+                **force_opts,
+            )
             assert torch.equal(ours, ref)
         heads = torch.tensor([0, 2])
         only = bounds.select(q, blocks, num_pages, budgets, heads, **options)
@@ -130,12 +139,20 @@ def test_compact_policy_keeps_flexicache_rules() -> None:
     reranks while unstable ones rerank, exactly as in kvhead.core.policy."""
     bounds, _, _, blocks = _setup(open_slots=8)
     unstable = torch.tensor([[True, False, False]])
-    args = {"mode": "flexicache", "num_layers": 1, "num_kv_heads": HKV, "page_size": P,
-            "top_k": 2, "rerank_interval": 4, "unstable": unstable}
+    args = {
+        "mode": "flexicache",
+        "num_layers": 1,
+        "num_kv_heads": HKV,
+        "page_size": P,
+        "top_k": 2,
+        "rerank_interval": 4,
+        "unstable": unstable,
+    }
     policy = CompactSelectionPolicy(**args)
     seq_lens = torch.tensor([100, 100])
-    selections = [policy.select(0, torch.randn(2, 6, D), bounds, blocks, seq_lens)
-                  for _ in range(3)]
+    selections = [
+        policy.select(0, torch.randn(2, 6, D), bounds, blocks, seq_lens) for _ in range(3)
+    ]
     assert selections[0].reranked.all()  # the first step ranks every head
     for sel in selections[1:]:  # then only the unstable head, until the next rerank
         assert sel.reranked[:, 0].all() and not sel.reranked[:, 1:].any()

@@ -22,18 +22,29 @@ from kvhead.vllm.config import (
 from kvhead.vllm.kv_spec import per_layer_specs
 
 
-def _profile(model_dir: Path, path: Path, scores: list[list[float]], *, per_layer: bool,
-             fraction: float) -> Path:
+def _profile(
+    model_dir: Path, path: Path, scores: list[list[float]], *, per_layer: bool, fraction: float
+) -> Path:
     return HeadProfile.from_scores(
-        torch.tensor(scores), fraction=fraction, per_layer=per_layer,
-        model_fingerprint=model_fingerprint(model_dir), page_size=16, top_k=4, window=4,
+        torch.tensor(scores),
+        fraction=fraction,
+        per_layer=per_layer,
+        model_fingerprint=model_fingerprint(model_dir),
+        page_size=16,
+        top_k=4,
+        window=4,
     ).save(path)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "m", num_layers=2,
-                            num_q_heads=8, num_kv_heads=4, head_dim=32)
+    return build_tiny_llama(
+        tmp_path_factory.mktemp("tiny") / "m",
+        num_layers=2,
+        num_q_heads=8,
+        num_kv_heads=4,
+        head_dim=32,
+    )
 
 
 def _check(profile: Path, model_dir: Path, **overrides) -> HeadProfile:
@@ -67,37 +78,45 @@ def test_profile_checks(model_dir: Path, tmp_path: Path) -> None:
     assert _check(good, model_dir).unstable == [(0, 0), (1, 1)]
     with pytest.raises(FlexiCacheConfigError, match="not found"):
         _check(tmp_path / "missing.json", model_dir)
-    other = build_tiny_llama(tmp_path / "other", num_layers=2, num_q_heads=8, num_kv_heads=4,
-                             head_dim=32, hidden=128)
+    other = build_tiny_llama(
+        tmp_path / "other", num_layers=2, num_q_heads=8, num_kv_heads=4, head_dim=32, hidden=128
+    )
     with pytest.raises(FlexiCacheConfigError, match="taken on another model"):
-        _check(_profile(other, tmp_path / "other.json", scores, per_layer=True, fraction=0.25),
-               model_dir)
+        _check(
+            _profile(other, tmp_path / "other.json", scores, per_layer=True, fraction=0.25),
+            model_dir,
+        )
     with pytest.raises(FlexiCacheConfigError, match="--block-size 32"):
         _check(good, model_dir, page_size=32)
     settings = settings_from_additional_config({"kvhead": {"profile": str(good)}})
     with pytest.raises(FlexiCacheConfigError, match="--no-enable-prefix-caching"):
-        check_model(settings, model_dir, num_layers=2, num_kv_heads=4, block_size=16,
-                    prefix_caching=True)
+        check_model(
+            settings, model_dir, num_layers=2, num_kv_heads=4, block_size=16, prefix_caching=True
+        )
     with pytest.raises(FlexiCacheConfigError, match="2 layers x 4 kv heads, the model has 3 x 4"):
-        check_model(settings, model_dir, num_layers=3, num_kv_heads=4, block_size=16,
-                    prefix_caching=False)
+        check_model(
+            settings, model_dir, num_layers=3, num_kv_heads=4, block_size=16, prefix_caching=False
+        )
 
 
 def test_arena_is_derived_or_refused_when_too_small() -> None:
     derived = settings_from_additional_config({"kvhead": {"profile": "p.json"}})
     assert check_arena(derived, 12345, 4096) == 12345
-    settings = settings_from_additional_config({"kvhead": {"profile": "p.json",
-                                                           "host_arena_gib": 1 / 1024}})
+    settings = settings_from_additional_config(
+        {"kvhead": {"profile": "p.json", "host_arena_gib": 1 / 1024}}
+    )
     assert check_arena(settings, 256, 4096) == 256  # exactly 1 MiB of 4 KiB pages fits
     with pytest.raises(FlexiCacheConfigError, match="holds 256 stable-head pages.*needs 257"):
         check_arena(settings, 257, 4096)
 
 
-def test_head_split_keeps_exactly_the_unstable_heads_per_layer(model_dir: Path,
-                                                                 tmp_path: Path) -> None:
+def test_head_split_keeps_exactly_the_unstable_heads_per_layer(
+    model_dir: Path, tmp_path: Path
+) -> None:
     scores = [[0.9, 0.8, 0.1, 0.3], [0.1, 0.2, 0.05, 0.7]]
-    profile = HeadProfile.load(_profile(model_dir, tmp_path / "g.json", scores,
-                                        per_layer=False, fraction=0.375))
+    profile = HeadProfile.load(
+        _profile(model_dir, tmp_path / "g.json", scores, per_layer=False, fraction=0.375)
+    )
     split = HeadSplit.from_profile(profile)  # unstable: (0,0) (0,1) (1,3)
     assert [split.resident(i).tolist() for i in range(2)] == [[0, 1], [3]]
     assert [split.stable(i).tolist() for i in range(2)] == [[2, 3], [0, 1, 2]]
@@ -108,8 +127,9 @@ def test_head_split_keeps_exactly_the_unstable_heads_per_layer(model_dir: Path,
     assert [fewer.resident(i).tolist() for i in range(2)] == [[0, 1], []]
     with pytest.raises(FlexiCacheConfigError, match="unstable_heads: .*got 4"):
         HeadSplit.from_profile(profile, count=4)
-    everything = HeadProfile.load(_profile(model_dir, tmp_path / "all.json", scores,
-                                           per_layer=True, fraction=1.0))
+    everything = HeadProfile.load(
+        _profile(model_dir, tmp_path / "all.json", scores, per_layer=True, fraction=1.0)
+    )
     with pytest.raises(FlexiCacheConfigError, match="no stable head"):
         HeadSplit.from_profile(everything)
     with pytest.raises(FlexiCacheConfigError, match="no unstable head"):
@@ -152,14 +172,24 @@ def test_register_points_custom_at_flexicache_and_keeps_stock_cpu_choice() -> No
 def _selector_config():
     from vllm.v1.attention.selector import AttentionSelectorConfig
 
-    return AttentionSelectorConfig(head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto",
-                                   block_size=16)
+    return AttentionSelectorConfig(
+        head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto", block_size=16
+    )
 
 
 def test_flexicache_plus_settings_and_their_refusals() -> None:
-    plus = {"profile": "p.json", "top_k": 70, "rerank_interval": 8, "unstable_dense": True,
-            "leading_layers": 2, "sink_pages": 1, "recent_pages": 4, "group_score": "softmax",
-            "bound_weight": 0.5, "head_budgets": True}
+    plus = {
+        "profile": "p.json",
+        "top_k": 70,
+        "rerank_interval": 8,
+        "unstable_dense": True,
+        "leading_layers": 2,
+        "sink_pages": 1,
+        "recent_pages": 4,
+        "group_score": "softmax",
+        "bound_weight": 0.5,
+        "head_budgets": True,
+    }
     got = settings_from_additional_config({"kvhead": plus})
     assert (got.group_score, got.bound_weight, got.recent_pages) == ("softmax", 0.5, 4)
     for bad, message in (
@@ -176,10 +206,12 @@ def test_flexicache_plus_settings_and_their_refusals() -> None:
 
 
 def test_leading_layers_stay_in_vllms_cache_and_budgets_need_matching_coverage(
-        model_dir: Path, tmp_path: Path) -> None:
+    model_dir: Path, tmp_path: Path
+) -> None:
     scores = [[0.9, 0.8, 0.1, 0.3], [0.1, 0.2, 0.05, 0.7]]
-    profile = HeadProfile.load(_profile(model_dir, tmp_path / "g.json", scores,
-                                        per_layer=False, fraction=0.375))
+    profile = HeadProfile.load(
+        _profile(model_dir, tmp_path / "g.json", scores, per_layer=False, fraction=0.375)
+    )
     lead = HeadSplit.from_profile(profile, leading_layers=1)  # layer 0 whole, in the same 3 + 1
     assert [lead.resident(i).tolist() for i in range(2)] == [[0, 1, 2, 3], []]
     with pytest.raises(FlexiCacheConfigError, match="cannot keep the 4 kv heads"):
@@ -188,16 +220,24 @@ def test_leading_layers_stay_in_vllms_cache_and_budgets_need_matching_coverage(
         HeadSplit.from_profile(profile, leading_layers=3)
 
     split = HeadSplit.from_profile(profile)  # stable: (0,2) (0,3) (1,0) (1,1) (1,2)
-    settings = settings_from_additional_config({"kvhead": {
-        "profile": "p.json", "top_k": 16, "unstable_dense": True, "head_budgets": True}})
+    settings = settings_from_additional_config(
+        {"kvhead": {"profile": "p.json", "top_k": 16, "unstable_dense": True, "head_budgets": True}}
+    )
     with pytest.raises(FlexiCacheConfigError, match="head_budgets: .*coverage"):
         stable_budgets(settings, profile, split)
     # coverage: heads of layer 1 gain most from more pages, layer 0's are covered at 8
     grid = [8, 16, 24, 32]
     broad, narrow = [0.4, 0.6, 0.8, 0.95], [0.99, 1.0, 1.0, 1.0]
     profile.coverage = PageCoverage(
-        context=512, offsets=[0], steps=4, group_score="max", sink_pages=0, recent_pages=1,
-        pages=grid, mass=[[narrow] * 4, [broad] * 4])
+        context=512,
+        offsets=[0],
+        steps=4,
+        group_score="max",
+        sink_pages=0,
+        recent_pages=1,
+        pages=grid,
+        mass=[[narrow] * 4, [broad] * 4],
+    )
     budgets = stable_budgets(settings, profile, split)
     stable = ~split.resident_mask
     assert int(budgets[stable].sum()) == 5 * 16  # the stable heads' pool, reshared

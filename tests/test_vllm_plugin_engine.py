@@ -19,22 +19,44 @@ pytestmark = pytest.mark.slow
 KV_BYTES = 16 * 2**20  # one fixed KV budget for stock and kvhead runs
 
 
-def _generate(tmp: Path, name: str, model: Path, prompts: Path, kvhead: dict | None = None,
-              *extra: str, check: bool = True,
-              kv_bytes: int = KV_BYTES) -> dict | subprocess.CompletedProcess:
+def _generate(
+    tmp: Path,
+    name: str,
+    model: Path,
+    prompts: Path,
+    kvhead: dict | None = None,
+    *extra: str,
+    check: bool = True,
+    kv_bytes: int = KV_BYTES,
+) -> dict | subprocess.CompletedProcess:
     out = tmp / f"{name}.json"
-    cmd = [sys.executable, "-m", "kvhead.vllm.generate", str(model), str(prompts), str(out),
-           "--block-size", "32", "--kv-cache-bytes", str(kv_bytes), "--max-model-len", "512",
-           *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvhead.vllm.generate",
+        str(model),
+        str(prompts),
+        str(out),
+        "--block-size",
+        "32",
+        "--kv-cache-bytes",
+        str(kv_bytes),
+        "--max-model-len",
+        "512",
+        *extra,
+    ]
     if kvhead is not None:
         settings = tmp / f"{name}-settings.json"
         settings.write_text(json.dumps(kvhead))
         cmd += ["--kvhead", str(settings)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENGINE_ENV, timeout=900, check=False)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=ENGINE_ENV, timeout=900, check=False
+    )
     if not check:
         return proc
     assert proc.returncode == 0, "\n".join(
-        line for line in proc.stderr.splitlines() if "Error" in line and "│" not in line)
+        line for line in proc.stderr.splitlines() if "Error" in line and "│" not in line
+    )
     return json.loads(out.read_text())
 
 
@@ -44,30 +66,59 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     model = build_tiny_llama(tmp / "tiny")
     prompts = random_prompts(tmp / "prompts.json", (40, 77, 150), seed=1)
     profile = random_profile(model, tmp / "profile.json", 2, 2, fraction=0.5)
-    stock = _generate(tmp, "stock", model, prompts, None, "--dtype", "float32",
-                      "--max-tokens", "24")
+    stock = _generate(
+        tmp, "stock", model, prompts, None, "--dtype", "float32", "--max-tokens", "24"
+    )
     return {"tmp": tmp, "model": model, "prompts": prompts, "profile": profile, "stock": stock}
 
 
 def test_all_pages_selected_matches_stock_vllm(tiny: dict) -> None:
-    settings = {"profile": str(tiny["profile"]), "top_k": 1000, "rerank_interval": 4,
-                "host_arena_gib": 0.25}
-    run = _generate(tiny["tmp"], "all", tiny["model"], tiny["prompts"], settings,
-                    "--dtype", "float32", "--max-tokens", "24")
+    settings = {
+        "profile": str(tiny["profile"]),
+        "top_k": 1000,
+        "rerank_interval": 4,
+        "host_arena_gib": 0.25,
+    }
+    run = _generate(
+        tiny["tmp"],
+        "all",
+        tiny["model"],
+        tiny["prompts"],
+        settings,
+        "--dtype",
+        "float32",
+        "--max-tokens",
+        "24",
+    )
     stock = tiny["stock"]
     assert run["tokens"] == stock["tokens"]
     gap = max(abs(a - b) for x, y in zip(run["logprobs"], stock["logprobs"]) for a, b in zip(x, y))
     assert gap < 1e-4
     # one of two kv heads per layer stays in vLLM's cache, so a block costs half of stock's; the
-    # plugin's bounds and hot pool come out of the same budget (exact split: test_vllm_plugin_budget)
+    # plugin's bounds and hot pool come out of the same budget (exact split:
+    # test_vllm_plugin_budget)
     assert stock["num_gpu_blocks"] < run["num_gpu_blocks"] < 2 * stock["num_gpu_blocks"]
 
 
 def test_sparse_selection_moves_only_promoted_pages(tiny: dict) -> None:
-    settings = {"profile": str(tiny["profile"]), "top_k": 2, "rerank_interval": 4,
-                "host_arena_gib": 0.25}
-    run = _generate(tiny["tmp"], "sparse", tiny["model"], tiny["prompts"], settings,
-                    "--dtype", "float32", "--max-tokens", "24", "--in-process")
+    settings = {
+        "profile": str(tiny["profile"]),
+        "top_k": 2,
+        "rerank_interval": 4,
+        "host_arena_gib": 0.25,
+    }
+    run = _generate(
+        tiny["tmp"],
+        "sparse",
+        tiny["model"],
+        tiny["prompts"],
+        settings,
+        "--dtype",
+        "float32",
+        "--max-tokens",
+        "24",
+        "--in-process",
+    )
     report = run["kvhead"]
     assert report["resident_heads"] == 2 and report["stable_heads"] == 2
     assert 0 < report["resident_page_fraction"] < 1
@@ -83,11 +134,29 @@ def test_flexicache_plus_options_in_the_engine(tiny: dict) -> None:
     bound weight, summary tokens): with every page selected the engine still matches stock
     (summaries fold in nothing); with per-head budgets of 8 and 4 pages stable heads skip pages
     and the engine serves."""
-    plus = {"profile": str(tiny["profile"]), "rerank_interval": 4, "host_arena_gib": 0.25,
-            "unstable_dense": True, "leading_layers": 1, "sink_pages": 1, "recent_pages": 2,
-            "group_score": "softmax", "bound_weight": 0.5, "compensate": True}
-    full = _generate(tiny["tmp"], "plus-all", tiny["model"], tiny["prompts"], plus | {"top_k": 1000},
-                     "--dtype", "float32", "--max-tokens", "24")
+    plus = {
+        "profile": str(tiny["profile"]),
+        "rerank_interval": 4,
+        "host_arena_gib": 0.25,
+        "unstable_dense": True,
+        "leading_layers": 1,
+        "sink_pages": 1,
+        "recent_pages": 2,
+        "group_score": "softmax",
+        "bound_weight": 0.5,
+        "compensate": True,
+    }
+    full = _generate(
+        tiny["tmp"],
+        "plus-all",
+        tiny["model"],
+        tiny["prompts"],
+        plus | {"top_k": 1000},
+        "--dtype",
+        "float32",
+        "--max-tokens",
+        "24",
+    )
     stock = tiny["stock"]
     assert full["tokens"] == stock["tokens"]
     gap = max(abs(a - b) for x, y in zip(full["logprobs"], stock["logprobs"]) for a, b in zip(x, y))
@@ -97,13 +166,29 @@ def test_flexicache_plus_options_in_the_engine(tiny: dict) -> None:
     # sink + window pages rounded up to the grid)
     profile = HeadProfile.load(tiny["profile"])
     profile.coverage = PageCoverage(
-        context=512, offsets=[0], steps=4, group_score="softmax", sink_pages=1, recent_pages=2,
-        bound_weight=0.5, pages=[2, 4, 6, 8],
-        mass=[[[1.0] * 4] * 2, [[0.3, 0.5, 0.7, 0.8], [0.9, 0.92, 0.93, 0.94]]])
+        context=512,
+        offsets=[0],
+        steps=4,
+        group_score="softmax",
+        sink_pages=1,
+        recent_pages=2,
+        bound_weight=0.5,
+        pages=[2, 4, 6, 8],
+        mass=[[[1.0] * 4] * 2, [[0.3, 0.5, 0.7, 0.8], [0.9, 0.92, 0.93, 0.94]]],
+    )
     budgeted = profile.save(tiny["tmp"] / "profile-coverage.json")
-    run = _generate(tiny["tmp"], "plus-sparse", tiny["model"], tiny["prompts"],
-                    plus | {"top_k": 6, "profile": str(budgeted), "head_budgets": True},
-                    "--dtype", "float32", "--max-tokens", "24", "--in-process")
+    run = _generate(
+        tiny["tmp"],
+        "plus-sparse",
+        tiny["model"],
+        tiny["prompts"],
+        plus | {"top_k": 6, "profile": str(budgeted), "head_budgets": True},
+        "--dtype",
+        "float32",
+        "--max-tokens",
+        "24",
+        "--in-process",
+    )
     report = run["kvhead"]
     assert report["resident_heads_per_layer"] == [2, 0]  # layer 0 whole, in the same 2 heads
     assert 0 < report["resident_page_fraction"] < 1 and report["promoted_pages"] > 0
@@ -111,18 +196,26 @@ def test_flexicache_plus_options_in_the_engine(tiny: dict) -> None:
 
 
 def test_profile_of_another_model_stops_startup(tiny: dict) -> None:
-    other = build_tiny_llama(tiny["tmp"] / "other", num_layers=2, num_q_heads=4, num_kv_heads=2,
-                             head_dim=32, hidden=128)
+    other = build_tiny_llama(
+        tiny["tmp"] / "other", num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=32, hidden=128
+    )
     wrong = random_profile(other, tiny["tmp"] / "wrong.json", 2, 2, fraction=0.5)
-    proc = _generate(tiny["tmp"], "wrong", tiny["model"], tiny["prompts"],
-                     {"profile": str(wrong)}, check=False)
+    proc = _generate(
+        tiny["tmp"], "wrong", tiny["model"], tiny["prompts"], {"profile": str(wrong)}, check=False
+    )
     assert proc.returncode != 0
     assert "was taken on another model" in proc.stdout + proc.stderr
 
 
 def test_arena_too_small_stops_startup(tiny: dict) -> None:
-    proc = _generate(tiny["tmp"], "arena", tiny["model"], tiny["prompts"],
-                     {"profile": str(tiny["profile"]), "host_arena_gib": 0.001}, check=False)
+    proc = _generate(
+        tiny["tmp"],
+        "arena",
+        tiny["model"],
+        tiny["prompts"],
+        {"profile": str(tiny["profile"]), "host_arena_gib": 0.001},
+        check=False,
+    )
     assert proc.returncode != 0
     assert "raise host_arena_gib" in proc.stdout + proc.stderr
 
@@ -130,22 +223,48 @@ def test_arena_too_small_stops_startup(tiny: dict) -> None:
 def test_openai_server_with_plugin_matches_stock_tokens(tiny: dict) -> None:
     port = free_port()
     settings = {"profile": str(tiny["profile"]), "top_k": 1000, "host_arena_gib": 0.25}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-           str(tiny["model"]), "--port", str(port), "--dtype", "float32", "--block-size", "32",
-           "--max-model-len", "512", "--enforce-eager", "--no-enable-prefix-caching",
-           "--kv-cache-memory-bytes", str(KV_BYTES), "--attention-backend", "CUSTOM",
-           "--additional-config", json.dumps({"kvhead": settings})]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(tiny["model"]),
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--block-size",
+        "32",
+        "--max-model-len",
+        "512",
+        "--enforce-eager",
+        "--no-enable-prefix-caching",
+        "--kv-cache-memory-bytes",
+        str(KV_BYTES),
+        "--attention-backend",
+        "CUSTOM",
+        "--additional-config",
+        json.dumps({"kvhead": settings}),
+    ]
     log = tiny["tmp"] / "server.log"
     with log.open("w") as sink:
         server = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=ENGINE_ENV)
     try:
         wait_ready(port, server, log)
         prompt = json.loads(tiny["prompts"].read_text())[0]
-        body = {"model": str(tiny["model"]), "prompt": prompt, "max_tokens": 24,
-                "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions",
-                                         json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
+        body = {
+            "model": str(tiny["model"]),
+            "prompt": prompt,
+            "max_tokens": 24,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        }
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
         reply = json.loads(urllib.request.urlopen(request, timeout=300).read())
         assert reply["choices"][0]["token_ids"] == tiny["stock"]["tokens"][0]
     finally:

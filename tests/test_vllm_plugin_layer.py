@@ -26,21 +26,41 @@ ALL_BLOCKS = torch.arange(NB)  # what a step keeps in the pool: the tests use ev
 class Setup:
     """One layer, two sequences, a reference cache holding every head in kvhead's layout."""
 
-    def __init__(self, top_k: int, seq_lens: list[int], seed: int = 0,
-                 prefill_block: int | None = None, ranking: StableRanking | None = None,
-                 summaries: bool = False) -> None:
+    def __init__(
+        self,
+        top_k: int,
+        seq_lens: list[int],
+        seed: int = 0,
+        prefill_block: int | None = None,
+        ranking: StableRanking | None = None,
+        summaries: bool = False,
+    ) -> None:
         torch.manual_seed(seed)
         spec = HeadPageSpec(HKV * G, HKV, D, P, torch.float32)
-        arena = HostArena(spec, HostArenaConfig(capacity_pages=NB * HKV, num_layers=1,
-                                                num_blocks=NB))
-        self.layer = FlexiLayer(0, RESIDENT, STABLE, num_kv_heads=HKV, group=G, num_blocks=NB,
-                                page_size=P, head_dim=D, dtype=torch.float32,
-                                arena=arena, pool_pages=NB * len(STABLE),
-                                open_pages=8, top_k=top_k, rerank_interval=4,
-                                prefill_block=prefill_block, resident_dense=ranking is not None,
-                                ranking=ranking or StableRanking(budgets=torch.full((HKV,), top_k)),
-                                summaries=summaries,
-                                prefill_isa=_get_attn_isa(torch.float32, prefill_block or P, D))
+        arena = HostArena(
+            spec, HostArenaConfig(capacity_pages=NB * HKV, num_layers=1, num_blocks=NB)
+        )
+        self.layer = FlexiLayer(
+            0,
+            RESIDENT,
+            STABLE,
+            num_kv_heads=HKV,
+            group=G,
+            num_blocks=NB,
+            page_size=P,
+            head_dim=D,
+            dtype=torch.float32,
+            arena=arena,
+            pool_pages=NB * len(STABLE),
+            open_pages=8,
+            top_k=top_k,
+            rerank_interval=4,
+            prefill_block=prefill_block,
+            resident_dense=ranking is not None,
+            ranking=ranking or StableRanking(budgets=torch.full((HKV,), top_k)),
+            summaries=summaries,
+            prefill_isa=_get_attn_isa(torch.float32, prefill_block or P, D),
+        )
         self.cache = torch.zeros(NB, len(RESIDENT), P, 2 * D)
         self.k_ref = torch.zeros(NB, P, HKV, D)
         self.v_ref = torch.zeros(NB, P, HKV, D)
@@ -51,14 +71,25 @@ class Setup:
         self.table = perm[: 2 * width].view(2, width).int()
         for b, n in enumerate(seq_lens):
             self.append(b, torch.arange(n))
-        policy_args = {"mode": Mode.flexicache, "num_layers": 1, "num_kv_heads": HKV, "page_size": P,
-                           "top_k": top_k, "rerank_interval": 4,
-                           "unstable": torch.tensor([[False, True, False]])}
+        policy_args = {
+            "mode": Mode.flexicache,
+            "num_layers": 1,
+            "num_kv_heads": HKV,
+            "page_size": P,
+            "top_k": top_k,
+            "rerank_interval": 4,
+            "unstable": torch.tensor([[False, True, False]]),
+        }
         if ranking is not None:  # flexicache+: the same options, unstable heads dense
-            policy_args |= {"unstable_dense": True, "head_top_k": ranking.budgets.view(1, -1),
-                            "sink_pages": ranking.sink_pages, "recent_pages": ranking.recent_pages,
-                            "group_score": ranking.group_score,
-                            "bound_weight": ranking.bound_weight, "compensate": summaries}
+            policy_args |= {
+                "unstable_dense": True,
+                "head_top_k": ranking.budgets.view(1, -1),
+                "sink_pages": ranking.sink_pages,
+                "recent_pages": ranking.recent_pages,
+                "group_score": ranking.group_score,
+                "bound_weight": ranking.bound_weight,
+                "compensate": summaries,
+            }
         self.oracle = CompactSelectionPolicy(**policy_args)
 
     def append(self, b: int, positions: torch.Tensor) -> None:
@@ -76,17 +107,28 @@ class Setup:
         q = torch.randn(2, HKV * G, D)
         out = torch.zeros_like(q)
         rows = DecodeRows.lock_step(2, self.steps, rerank_interval=4)
-        self.layer.decode(q, out, torch.arange(2), self.seq_lens, self.table, self.cache, SCALE,
-                          rows, ALL_BLOCKS)
+        self.layer.decode(
+            q, out, torch.arange(2), self.seq_lens, self.table, self.cache, SCALE, rows, ALL_BLOCKS
+        )
         self.steps += 1
         sel = self.oracle.select(0, q, self.layer.bounds, self.table, self.seq_lens)
-        ref, lse = sparse_decode_attention(q, self.k_ref, self.v_ref, self.table, self.seq_lens,
-                                           sel.page_ids, SCALE)
+        ref, lse = sparse_decode_attention(
+            q, self.k_ref, self.v_ref, self.table, self.seq_lens, sel.page_ids, SCALE
+        )
         if sel.compensate:  # summary tokens from the same int8 boxes and the values' page sums
             kmax, kmin = self.layer.bounds.boxes(torch.arange(NB))
-            ref = compensate(ref, lse, q, PageBounds(kmin=kmin, kmax=kmax),
-                             PageValueSums(self.v_ref.sum(1)), self.table, self.seq_lens,
-                             sel.page_ids, P, SCALE)
+            ref = compensate(
+                ref,
+                lse,
+                q,
+                PageBounds(kmin=kmin, kmax=kmax),
+                PageValueSums(self.v_ref.sum(1)),
+                self.table,
+                self.seq_lens,
+                sel.page_ids,
+                P,
+                SCALE,
+            )
         return out, ref, q
 
 
@@ -94,8 +136,9 @@ def test_all_pages_selected_equals_dense_attention() -> None:
     setup = Setup(top_k=1000, seq_lens=[70, 33])
     for _ in range(5):
         out, _, q = setup.decode()
-        dense, _ = dense_decode_attention(q, setup.k_ref, setup.v_ref, setup.table,
-                                          setup.seq_lens, SCALE)
+        dense, _ = dense_decode_attention(
+            q, setup.k_ref, setup.v_ref, setup.table, setup.seq_lens, SCALE
+        )
         torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
 
 
@@ -116,8 +159,13 @@ def test_flexicache_plus_options_decode_as_the_reference_policy(summaries: bool)
     5 pages for the two stable heads), with and without summary tokens for skipped pages:
     outputs equal the reference policy's over reranks (summaries as kvhead.core.summaries computes
     them), and the pool holds each head's own budget plus its tail."""
-    ranking = StableRanking(budgets=torch.tensor([3, 64, 5]), sink_pages=1, recent_pages=2,
-                            group_score="softmax", bound_weight=0.5)
+    ranking = StableRanking(
+        budgets=torch.tensor([3, 64, 5]),
+        sink_pages=1,
+        recent_pages=2,
+        group_score="softmax",
+        bound_weight=0.5,
+    )
     setup = Setup(top_k=4, seq_lens=[150, 97], ranking=ranking, summaries=summaries)
     for _ in range(9):
         out, ref, _ = setup.decode()
@@ -128,8 +176,9 @@ def test_flexicache_plus_options_decode_as_the_reference_policy(summaries: bool)
 
 
 @pytest.mark.parametrize("prefill_block", [None, 32])
-def test_prefill_matches_causal_reference(prefill_block: int | None,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prefill_matches_causal_reference(
+    prefill_block: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Prefill on a scratch cache of the page size and of stock's 32-token blocks.
 
     Fresh allocations are poisoned with NaN: the unwritten tail of a row's last scratch block

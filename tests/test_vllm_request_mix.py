@@ -40,19 +40,30 @@ MAX_LEN = 512
 COUNT = 120
 
 
-def replay(tmp: Path, name: str, model: Path, mix: list[MixRequest], kvhead: dict | None,
-           *extra: str) -> dict:
+def replay(
+    tmp: Path, name: str, model: Path, mix: list[MixRequest], kvhead: dict | None, *extra: str
+) -> dict:
     """Replay ``mix`` in a fresh engine process; fails the test if the engine died."""
     mix_file, out = tmp / f"{name}-mix.json", tmp / f"{name}.json"
     mix_file.write_text(json.dumps([asdict(r) for r in mix]))
-    cmd = [sys.executable, "-m", "kvhead.vllm.request_mix", str(model), str(mix_file),
-           str(out), "--max-model-len", str(MAX_LEN), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvhead.vllm.request_mix",
+        str(model),
+        str(mix_file),
+        str(out),
+        "--max-model-len",
+        str(MAX_LEN),
+        *extra,
+    ]
     if kvhead is not None:
         settings = tmp / f"{name}-settings.json"
         settings.write_text(json.dumps(kvhead))
         cmd += ["--kvhead", str(settings)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENGINE_ENV, timeout=1200,
-                          check=False)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=ENGINE_ENV, timeout=1200, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["error"] is None, report["error"]
@@ -82,8 +93,9 @@ def test_every_page_selected_matches_stock_request_by_request(mix: dict) -> None
     request's tokens equal stock's (fp32), near ties excepted."""
     args = ("--block-size", "32", "--num-blocks", "24", "--dtype", "float32")
     stock = replay(mix["tmp"], "stock", mix["model"], mix["mix"], None, *args)
-    dense = replay(mix["tmp"], "dense", mix["model"], mix["mix"],
-                   PRESETS["paper"] | {"top_k": 1000}, *args)
+    dense = replay(
+        mix["tmp"], "dense", mix["model"], mix["mix"], PRESETS["paper"] | {"top_k": 1000}, *args
+    )
     _check_served(mix["mix"], stock)
     _check_served(mix["mix"], dense)
     assert compare(mix["mix"], stock["results"], dense["results"]) == []
@@ -101,8 +113,15 @@ def test_presets_serve_the_mix_and_keep_requests_apart(mix: dict, preset: str) -
     report = served["kvhead"]
     assert report["promoted_pages"] > 0 and report["resident_page_fraction"] < 1
 
-    probes = [r for r in mix["mix"] if r.n == 1 and r.abort_after is None and r.stop is None
-              and r.id != TOO_LONG and r.max_tokens >= 8][:6]
+    probes = [
+        r
+        for r in mix["mix"]
+        if r.n == 1
+        and r.abort_after is None
+        and r.stop is None
+        and r.id != TOO_LONG
+        and r.max_tokens >= 8
+    ][:6]
     alone = [MixRequest(**(asdict(r) | {"arrive": 2000 * i})) for i, r in enumerate(probes)]
     by_id = {r.id: res for r, res in zip(mix["mix"], served["results"], strict=True)}
     beside = [by_id[r.id] for r in probes]
@@ -111,17 +130,35 @@ def test_presets_serve_the_mix_and_keep_requests_apart(mix: dict, preset: str) -
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_openai_server_survives_a_short_request_then_a_long_chat(mix: dict, preset: str,
-                                                                 tmp_path: Path) -> None:
+def test_openai_server_survives_a_short_request_then_a_long_chat(
+    mix: dict, preset: str, tmp_path: Path
+) -> None:
     """The sequence that killed the engine: a 4-token completion, then a chat completion of
     ~440 tokens (it got the first block of the finished request), then more of both."""
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-           str(mix["model"]), "--port", str(port), "--host", "127.0.0.1",
-           "--max-model-len", "8192", "--enforce-eager", "--no-enable-prefix-caching",
-           "--block-size", "16", "--kv-cache-memory-bytes", str(2**30),
-           "--attention-backend", "CUSTOM",
-           "--additional-config", json.dumps({"kvhead": PRESETS[preset]})]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(mix["model"]),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--max-model-len",
+        "8192",
+        "--enforce-eager",
+        "--no-enable-prefix-caching",
+        "--block-size",
+        "16",
+        "--kv-cache-memory-bytes",
+        str(2**30),
+        "--attention-backend",
+        "CUSTOM",
+        "--additional-config",
+        json.dumps({"kvhead": PRESETS[preset]}),
+    ]
     log = tmp_path / "server.log"
     with log.open("w") as sink:
         server = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=ENGINE_ENV)
@@ -134,8 +171,11 @@ def test_openai_server_survives_a_short_request_then_a_long_chat(mix: dict, pres
         text = (ROOT / "kvhead" / "data" / "python_docs" / "tutorial-classes.txt").read_text()
         words = text.split()
         for start in (0, 300, 600):
-            chat = {"messages": [{"role": "user", "content": " ".join(words[start:start + 330])}],
-                    "max_tokens": 12, "temperature": 0}
+            chat = {
+                "messages": [{"role": "user", "content": " ".join(words[start : start + 330])}],
+                "max_tokens": 12,
+                "temperature": 0,
+            }
             reply = _post(port, model, "/v1/chat/completions", chat)
             assert 380 <= reply["usage"]["prompt_tokens"] <= 520
             assert reply["usage"]["completion_tokens"] >= 1
@@ -148,7 +188,9 @@ def test_openai_server_survives_a_short_request_then_a_long_chat(mix: dict, pres
 
 
 def _post(port: int, model: str, path: str, body: dict) -> dict:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}",
-                                     json.dumps({"model": model} | body).encode(),
-                                     {"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        json.dumps({"model": model} | body).encode(),
+        {"Content-Type": "application/json"},
+    )
     return json.loads(urllib.request.urlopen(request, timeout=600).read())

@@ -9,8 +9,13 @@ from kvhead.vllm.request_state import RequestStates
 R, P = 4, 16
 
 
-def _step(states: RequestStates, req_ids: list[str], lens: list[int], firsts: list[int],
-          prefill: tuple[int, ...] = ()):
+def _step(
+    states: RequestStates,
+    req_ids: list[str],
+    lens: list[int],
+    firsts: list[int],
+    prefill: tuple[int, ...] = (),
+):
     """One step whose rows are ``req_ids``; rows in ``prefill`` are prefill chunks."""
     states.step_req_ids = req_ids
     table = torch.tensor([[f + i for i in range(8)] for f in firsts], dtype=torch.int32)
@@ -59,6 +64,10 @@ def test_finished_and_anonymous_requests_release_their_slots() -> None:
     states.end(["a", "b", "never-seen"])
     assert len(states) == 0 and states.changed
     assert states.live_blocks().numel() == 0
-    rows = states.plan(torch.tensor([3, 3]), torch.zeros(2, 8, dtype=torch.int32),
-                       torch.tensor([0, 1]), torch.zeros(0, dtype=torch.long))
+    rows = states.plan(
+        torch.tensor([3, 3]),
+        torch.zeros(2, 8, dtype=torch.int32),
+        torch.tensor([0, 1]),
+        torch.zeros(0, dtype=torch.long),
+    )
     assert rows.due.all() and len(states) == 0  # warm-up rows: one-off requests

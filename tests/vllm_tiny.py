@@ -28,18 +28,25 @@ ENGINE_ENV["TOKENIZERS_PARALLELISM"] = "false"
 def random_prompts(path: Path, lengths: tuple[int, ...], seed: int) -> Path:
     """Token-id prompts (ids 3..499, clear of the tiny tokenizer's special tokens)."""
     gen = torch.Generator().manual_seed(seed)
-    path.write_text(json.dumps([torch.randint(3, 500, (n,), generator=gen).tolist()
-                                for n in lengths]))
+    path.write_text(
+        json.dumps([torch.randint(3, 500, (n,), generator=gen).tolist() for n in lengths])
+    )
     return path
 
 
-def random_profile(model_dir: Path, path: Path, num_layers: int, num_kv_heads: int,
-                   fraction: float) -> Path:
+def random_profile(
+    model_dir: Path, path: Path, num_layers: int, num_kv_heads: int, fraction: float
+) -> Path:
     """A head profile with seeded random instability, fingerprinted for ``model_dir``."""
     scores = torch.rand(num_layers, num_kv_heads, generator=torch.Generator().manual_seed(0))
     return HeadProfile.from_scores(
-        scores, fraction=fraction, per_layer=True, model_fingerprint=model_fingerprint(model_dir),
-        page_size=32, top_k=2, window=4,
+        scores,
+        fraction=fraction,
+        per_layer=True,
+        model_fingerprint=model_fingerprint(model_dir),
+        page_size=32,
+        top_k=2,
+        window=4,
     ).save(path)
 
 

@@ -4,7 +4,8 @@ One ``top_k`` for every stable head wastes pages: a head whose attention sits on
 pages covers nearly all its mass with far fewer than K, while a broad head (early layers) keeps
 barely half its mass with K. The offline profile therefore records, per (layer, kv head), the
 share of true attention mass that the selection's own ranking covers with k pages
-(:class:`PageCoverage`, measured by :func:`kvhead.eval.profiler.measure_coverage` on calibration text),
+(:class:`PageCoverage`, measured by :func:`kvhead.eval.profiler.measure_coverage` on
+calibration text),
 and :func:`allocate_budgets` hands out the pool ``heads x top_k`` in steps of a few pages, each
 step to the head whose covered mass grows most (AdaKV's argument: the output error of a sparse
 head is bounded by the mass it misses, so the sum of missed mass is what to minimise).
@@ -55,14 +56,20 @@ class PageCoverage(BaseModel):
         """``[layers, kv heads, grid]`` covered mass."""
         return torch.tensor(self.mass, dtype=torch.float64)
 
-    def matches(self, *, group_score: str, sink_pages: int, recent_pages: int, bound_weight: float = 1.0) -> bool:
+    def matches(
+        self, *, group_score: str, sink_pages: int, recent_pages: int, bound_weight: float = 1.0
+    ) -> bool:
         """Whether the curves were ranked the way a policy with these options ranks pages."""
         mine = (self.group_score, self.sink_pages, self.recent_pages, self.bound_weight)
         return mine == (group_score, sink_pages, recent_pages, bound_weight)
 
 
 def allocate_budgets(
-    coverage: PageCoverage, eligible: torch.Tensor, top_k: int, *, minimum: int | None = None,
+    coverage: PageCoverage,
+    eligible: torch.Tensor,
+    top_k: int,
+    *,
+    minimum: int | None = None,
     pool: int | None = None,
 ) -> torch.Tensor:
     """Per-head budgets ``[L, Hkv]`` (long): eligible heads share ``eligible.sum() * top_k`` pages.
@@ -80,13 +87,18 @@ def allocate_budgets(
     if any(k % step for k in grid) or grid != list(range(step, grid[-1] + 1, step)):
         raise ValueError(f"coverage grid must be every multiple of {step} up to {grid[-1]}")
     if tuple(eligible.shape) != tuple(mass.shape[:2]):
-        raise ValueError(f"eligible mask {tuple(eligible.shape)} does not match coverage {tuple(mass.shape[:2])}")
+        raise ValueError(
+            f"eligible mask {tuple(eligible.shape)} does not match coverage {tuple(mass.shape[:2])}"
+        )
     start = -(-_floor(coverage, minimum) // step)  # grid index + 1 of each head's first budget
     heads = [tuple(h) for h in eligible.nonzero().tolist()]
     pool = (len(heads) * top_k if pool is None else pool) - len(heads) * start * step
     if pool < 0:
-        raise ValueError(f"the pool is below {len(heads)} heads x the minimum budget {start * step}")
+        raise ValueError(
+            f"the pool is below {len(heads)} heads x the minimum budget {start * step}"
+        )
     units = {h: start for h in heads}
+
     def key(h: tuple[int, int]) -> tuple[float, int, tuple[int, int]]:
         """Largest gain first; on a tie (rounded: curves are means) the head holding fewer pages."""
         gain = float(mass[h[0], h[1], units[h]] - mass[h[0], h[1], units[h] - 1])
@@ -106,7 +118,9 @@ def allocate_budgets(
     return budgets
 
 
-def missed_mass(coverage: PageCoverage, sparse: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+def missed_mass(
+    coverage: PageCoverage, sparse: torch.Tensor, budgets: torch.Tensor
+) -> torch.Tensor:
     """``[L, Hkv]`` share of attention mass each sparse head's budget misses (0 for dense heads)."""
     index = (budgets.clamp(coverage.pages[0], coverage.pages[-1]) // coverage.pages[0] - 1).long()
     covered = coverage.tensor().gather(2, index.unsqueeze(-1)).squeeze(-1)
@@ -114,7 +128,11 @@ def missed_mass(coverage: PageCoverage, sparse: torch.Tensor, budgets: torch.Ten
 
 
 def allocate_residency(
-    coverage: PageCoverage, pool: int, *, minimum: int | None = None, dense_pages: int | None = None,
+    coverage: PageCoverage,
+    pool: int,
+    *,
+    minimum: int | None = None,
+    dense_pages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense heads and sparse budgets that spend ``pool`` resident pages for the least missed mass.
 
@@ -153,11 +171,17 @@ def allocate_residency(
             break
         dense.view(-1)[int(missed.flatten().argmax())] = True
     if best is None:
-        raise ValueError(f"a pool of {pool} pages cannot give every head the minimum budget {floor}")
+        raise ValueError(
+            f"a pool of {pool} pages cannot give every head the minimum budget {floor}"
+        )
     _, dense, budgets = best
     return dense | (budgets >= everything), budgets
 
 
 def _floor(coverage: PageCoverage, minimum: int | None) -> int:
     """The smallest budget a sparse head may get: its forced pages, at least one grid step."""
-    return minimum if minimum is not None else max(coverage.pages[0], coverage.sink_pages + coverage.recent_pages)
+    return (
+        minimum
+        if minimum is not None
+        else max(coverage.pages[0], coverage.sink_pages + coverage.recent_pages)
+    )

@@ -26,20 +26,24 @@ class SelectionOptions(BaseModel):
 
     top_k: int = Field(default=SPEC_TOP_K, gt=0, description="Pages per head's top-K set (K).")
     rerank_interval: int = Field(
-        default=SPEC_RERANK_INTERVAL, gt=0, description="Decode steps between stable-head "
-        "reranks (R).")
+        default=SPEC_RERANK_INTERVAL,
+        gt=0,
+        description="Decode steps between stable-head reranks (R).",
+    )
     sink_pages: int = Field(default=0, ge=0, description="First pages every top-K set keeps.")
     recent_pages: int = Field(default=1, ge=1, description="Newest pages every top-K set keeps.")
     group_score: Literal["max", "softmax"] = Field(
         default="max", description="How a GQA group's query heads combine page scores."
     )
     leading_layers: int = Field(
-        default=0, ge=0,
+        default=0,
+        ge=0,
         description="First layers attending to every page: in flexicache+ they take the place of "
         "the profile's least unstable heads (same head budget); in quest+ they are simply dense.",
     )
     unstable_heads: int | None = Field(
-        default=None, ge=0,
+        default=None,
+        ge=0,
         description="flexicache+: how many heads keep every page: the leading layers' first, then "
         "the profile's most unstable (None: as many as the profile's unstable set). Fewer dense "
         "heads leave more of the same resident pages to the stable heads' top-K sets.",
@@ -48,7 +52,9 @@ class SelectionOptions(BaseModel):
         default=False, description="flexicache+: unstable heads attend to every (resident) page."
     )
     bound_weight: float = Field(
-        default=1.0, ge=0.0, le=1.0,
+        default=1.0,
+        ge=0.0,
+        le=1.0,
         description="Share of the page box's spread in its score (1: the spec's upper bound).",
     )
     compensate: bool = Field(
@@ -76,8 +82,12 @@ def matching_coverage(profile: HeadProfile, opt: SelectionOptions) -> PageCovera
     cov = profile.coverage
     if cov is None:
         raise ValueError("head_budgets needs a profile with coverage (kvhead profile --coverage)")
-    if not cov.matches(group_score=opt.group_score, sink_pages=opt.sink_pages,
-                       recent_pages=opt.recent_pages, bound_weight=opt.bound_weight):
+    if not cov.matches(
+        group_score=opt.group_score,
+        sink_pages=opt.sink_pages,
+        recent_pages=opt.recent_pages,
+        bound_weight=opt.bound_weight,
+    ):
         raise ValueError(
             f"the profile's coverage was ranked with group_score={cov.group_score}, sink_pages="
             f"{cov.sink_pages}, recent_pages={cov.recent_pages}, bound_weight={cov.bound_weight}; "
@@ -88,12 +98,21 @@ def matching_coverage(profile: HeadProfile, opt: SelectionOptions) -> PageCovera
 
 def is_spec(opt: SelectionOptions) -> bool:
     """Whether stable heads are ranked exactly as the spec ranks them (no option changes it)."""
-    return (opt.sink_pages, opt.recent_pages, opt.group_score, opt.bound_weight, opt.head_budgets) == (
-        0, 1, "max", 1.0, False)
+    return (
+        opt.sink_pages,
+        opt.recent_pages,
+        opt.group_score,
+        opt.bound_weight,
+        opt.head_budgets,
+    ) == (0, 1, "max", 1.0, False)
 
 
-def page_budgets(profile: HeadProfile, opt: SelectionOptions, sparse: torch.Tensor, top_k: int,
-                 ) -> torch.Tensor | None:
+def page_budgets(
+    profile: HeadProfile,
+    opt: SelectionOptions,
+    sparse: torch.Tensor,
+    top_k: int,
+) -> torch.Tensor | None:
     """With ``head_budgets``, per-head page budgets ``[L, Hkv]``: the ``sparse`` heads share
     ``top_k`` pages each by the profile's coverage curves (others keep ``top_k``); else None."""
     if not opt.head_budgets:

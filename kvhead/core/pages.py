@@ -20,15 +20,20 @@ PAD = -1
 
 @dataclass
 class PageBounds:
-    """Per-page key bounds, indexed by physical block: ``kmin``/``kmax`` are [num_blocks, Hkv, D]."""
+    """Per-page key bounds by physical block: ``kmin``/``kmax`` are [num_blocks, Hkv, D]."""
 
     kmin: torch.Tensor
     kmax: torch.Tensor
 
     @classmethod
     def empty(
-        cls, num_blocks: int, num_kv_heads: int, head_dim: int, *,
-        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+        cls,
+        num_blocks: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> PageBounds:
         shape = (num_blocks, num_kv_heads, head_dim)
         return cls(
@@ -64,8 +69,13 @@ class PageBounds:
 
 
 def score_pages(
-    query: torch.Tensor, bounds: PageBounds, block_table: torch.Tensor, num_pages: torch.Tensor,
-    kv_heads: torch.Tensor | None = None, group_score: str = "max", bound_weight: float = 1.0,
+    query: torch.Tensor,
+    bounds: PageBounds,
+    block_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    kv_heads: torch.Tensor | None = None,
+    group_score: str = "max",
+    bound_weight: float = 1.0,
 ) -> torch.Tensor:
     """Upper-bound scores ``[B, Hkv, max_pages]`` for decode queries ``[B, Hq, D]``.
 
@@ -106,13 +116,14 @@ def score_pages(
     return combine_group(scores, num_pages, group_score, head_dim)
 
 
-def combine_group(per_query: torch.Tensor, num_pages: torch.Tensor, group_score: str,
-                  head_dim: int) -> torch.Tensor:
+def combine_group(
+    per_query: torch.Tensor, num_pages: torch.Tensor, group_score: str, head_dim: int
+) -> torch.Tensor:
     """Page scores ``[B, h, N]`` of GQA groups from their query heads' bound logits
     ``[B, h, G, N]`` (``group_score`` as in :func:`score_pages`); pages past ``num_pages[b]``
     score -inf. Shared by the scorers of fp32 and int8 (vLLM plugin) page bounds."""
     batch, _, _, width = per_query.shape
-    invalid = (torch.arange(width, device=per_query.device) >= num_pages.view(-1, 1))
+    invalid = torch.arange(width, device=per_query.device) >= num_pages.view(-1, 1)
     invalid = invalid.view(batch, 1, 1, -1)
     if group_score == "max":
         scores = per_query.amax(dim=2)
@@ -125,8 +136,12 @@ def combine_group(per_query: torch.Tensor, num_pages: torch.Tensor, group_score:
 
 
 def select_top_k(
-    scores: torch.Tensor, top_k: int | torch.Tensor, num_pages: torch.Tensor, *,
-    sink_pages: int = 0, recent_pages: int = 1,
+    scores: torch.Tensor,
+    top_k: int | torch.Tensor,
+    num_pages: torch.Tensor,
+    *,
+    sink_pages: int = 0,
+    recent_pages: int = 1,
 ) -> torch.Tensor:
     """Top-``top_k`` logical pages per (sequence, kv head), ascending, padded with -1.
 
@@ -157,7 +172,9 @@ def select_top_k(
     values, ids = forced.topk(k, dim=2)
     if per_head:
         if top_k.shape != (num_heads,):
-            raise ValueError(f"per-head top_k has shape {tuple(top_k.shape)}, scores have {num_heads} heads")
+            raise ValueError(
+                f"per-head top_k has shape {tuple(top_k.shape)}, scores have {num_heads} heads"
+            )
         rank = torch.arange(k, device=scores.device).view(1, 1, -1)
         values = values.masked_fill(rank >= top_k.to(scores.device).view(1, -1, 1), float("-inf"))
     ids = ids.masked_fill(values == float("-inf"), PAD)

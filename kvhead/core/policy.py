@@ -57,10 +57,19 @@ from kvhead.core.pages import (
 
 
 def _score_and_select(
-    query: torch.Tensor, bounds: PageBounds, block_table: torch.Tensor, num_pages: torch.Tensor,
-    top_k: int | torch.Tensor, kv_heads: torch.Tensor | None = None, *, sink_pages: int = 0,
-    recent_pages: int = 1, group_score: str = "max", bound_weight: float = 1.0,
-    live: LiveBounds | None = None, use_kernels: bool | None = None,
+    query: torch.Tensor,
+    bounds: PageBounds,
+    block_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    top_k: int | torch.Tensor,
+    kv_heads: torch.Tensor | None = None,
+    *,
+    sink_pages: int = 0,
+    recent_pages: int = 1,
+    group_score: str = "max",
+    bound_weight: float = 1.0,
+    live: LiveBounds | None = None,
+    use_kernels: bool | None = None,
     kernels: Any = None,
 ) -> torch.Tensor:
     """Top-K page ids ``[B, Hkv, K]``; heads outside ``kv_heads`` (when given) get all -1.
@@ -71,30 +80,44 @@ def _score_and_select(
     ``live`` int8 bounds when given (``kernels.select_pages``: flat or two-level by size),
     else fused fp32 scoring + top-K; both score every head (cheap there), and the heads not
     asked for are blanked after. The torch reference elsewhere, and for the options the kernels
-    lack (sink/window pages, softmax group scores, bound weights, per-head budgets ``top_k [Hkv]``); it reads
+    lack (sink/window pages, softmax group scores, bound weights, per-head budgets ``top_k
+    [Hkv]``); it reads
     only the bounds of the heads asked for, always the fp32 ``bounds``.
     """
     per_head = isinstance(top_k, torch.Tensor)
-    spec = (sink_pages == 0 and recent_pages == 1 and group_score == "max" and bound_weight == 1.0
-            and not per_head)
+    spec = (
+        sink_pages == 0
+        and recent_pages == 1
+        and group_score == "max"
+        and bound_weight == 1.0
+        and not per_head
+    )
     if spec and kernels is not None and (query.is_cuda if use_kernels is None else use_kernels):
         if live is None:
             ids = kernels.score_and_select(query, bounds, block_table, num_pages, top_k)
         else:
-            ids = kernels.select_pages(query, live.pages, live.supers, block_table, num_pages,
-                                       top_k, group=live.group)
+            ids = kernels.select_pages(
+                query, live.pages, live.supers, block_table, num_pages, top_k, group=live.group
+            )
         if kv_heads is not None:
             asked = torch.zeros(ids.shape[1], dtype=torch.bool, device=ids.device)
-            ids = ids.masked_fill(~asked.index_fill(0, kv_heads.to(ids.device), True).view(1, -1, 1),
-                                  PAD)
+            ids = ids.masked_fill(
+                ~asked.index_fill(0, kv_heads.to(ids.device), True).view(1, -1, 1), PAD
+            )
         return ids
     forced = {"sink_pages": sink_pages, "recent_pages": recent_pages}
     if kv_heads is not None and kv_heads.numel() == 0:
         width = min(int(top_k.max()) if per_head else top_k, block_table.shape[1])
         return torch.full((query.shape[0], bounds.kmin.shape[1], width), PAD, device=query.device)
     if kv_heads is None:
-        scores = score_pages(query, bounds, block_table, num_pages, group_score=group_score,
-                             bound_weight=bound_weight)
+        scores = score_pages(
+            query,
+            bounds,
+            block_table,
+            num_pages,
+            group_score=group_score,
+            bound_weight=bound_weight,
+        )
         return select_top_k(scores, top_k, num_pages, **forced)
     scores = score_pages(query, bounds, block_table, num_pages, kv_heads, group_score, bound_weight)
     part = select_top_k(scores, top_k[kv_heads] if per_head else top_k, num_pages, **forced)
@@ -204,9 +227,14 @@ class SelectionPolicy:
             raise ValueError(f"top_k must be positive, got {self.top_k}")
         if self.rerank_interval <= 0:
             raise ValueError(f"rerank_interval must be positive, got {self.rerank_interval}")
-        if self.recent_pages < 1 or self.sink_pages < 0 or self.sink_pages + self.recent_pages > self.top_k:
+        if (
+            self.recent_pages < 1
+            or self.sink_pages < 0
+            or self.sink_pages + self.recent_pages > self.top_k
+        ):
             raise ValueError(
-                f"need recent_pages >= 1, sink_pages >= 0 and sink + recent <= top_k ({self.top_k}), "
+                "need recent_pages >= 1, sink_pages >= 0 and "
+                f"sink + recent <= top_k ({self.top_k}), "
                 f"got recent {self.recent_pages}, sink {self.sink_pages}"
             )
         if self.head_top_k is not None:
@@ -216,7 +244,9 @@ class SelectionPolicy:
         if self.group_score not in ("max", "softmax"):
             raise ValueError(f"group_score must be 'max' or 'softmax', got {self.group_score!r}")
         if not 0 <= self.dense_layers <= self.num_layers:
-            raise ValueError(f"dense_layers must be in [0, {self.num_layers}], got {self.dense_layers}")
+            raise ValueError(
+                f"dense_layers must be in [0, {self.num_layers}], got {self.dense_layers}"
+            )
         if self.mode is Mode.flexicache:
             if self.unstable is None:
                 raise ValueError("flexicache mode needs the unstable-head mask of a head profile")
@@ -234,11 +264,13 @@ class SelectionPolicy:
         budgets = self.head_top_k
         if tuple(budgets.shape) != (self.num_layers, self.num_kv_heads):
             raise ValueError(
-                f"head_top_k has shape {tuple(budgets.shape)}, model has {(self.num_layers, self.num_kv_heads)}"
+                f"head_top_k has shape {tuple(budgets.shape)}, "
+                f"model has {(self.num_layers, self.num_kv_heads)}"
             )
         if int(budgets.min()) < self.sink_pages + self.recent_pages:
             raise ValueError(
-                f"every head budget must hold sink + recent pages ({self.sink_pages + self.recent_pages}), "
+                "every head budget must hold sink + recent pages "
+                f"({self.sink_pages + self.recent_pages}), "
                 f"smallest is {int(budgets.min())}"
             )
         self.head_top_k = budgets.long()
@@ -248,8 +280,13 @@ class SelectionPolicy:
         self._state.clear()
 
     def select(
-        self, layer: int, query: torch.Tensor, bounds: PageBounds,
-        block_table: torch.Tensor, seq_lens: torch.Tensor, live: LiveBounds | None = None,
+        self,
+        layer: int,
+        query: torch.Tensor,
+        bounds: PageBounds,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        live: LiveBounds | None = None,
     ) -> LayerSelection:
         """Pages to attend to for decode queries ``[B, Hq, D]`` of ``layer``.
 
@@ -272,7 +309,9 @@ class SelectionPolicy:
             sel = LayerSelection(ids, None, every_page, num_pages, none, none.bool())
         elif self.mode is Mode.quest:
             top = self._top_k(query, bounds, block_table, num_pages, None)
-            sel = LayerSelection(top, top, every_page, num_pages, none, torch.ones_like(none).bool())
+            sel = LayerSelection(
+                top, top, every_page, num_pages, none, torch.ones_like(none).bool()
+            )
         else:
             state = self._state.get(layer)
             due = state is None or state.steps % self.rerank_interval == 0
@@ -288,8 +327,12 @@ class SelectionPolicy:
         return replace(sel, compensate=True) if self.compensate else sel
 
     def _top_k(
-        self, query: torch.Tensor, bounds: PageBounds, block_table: torch.Tensor,
-        num_pages: torch.Tensor, heads: torch.Tensor | None,
+        self,
+        query: torch.Tensor,
+        bounds: PageBounds,
+        block_table: torch.Tensor,
+        num_pages: torch.Tensor,
+        heads: torch.Tensor | None,
     ) -> torch.Tensor:
         """Top-K page ids ``[B, Hkv, K]`` of ``heads`` (``None``: every head; the others -1).
 
@@ -297,16 +340,32 @@ class SelectionPolicy:
         form (the vLLM plugin's int8 boxes) replaces this, honouring the same options (forced
         pages, group score, bound weight, ``head_top_k``), and inherits every selection rule.
         """
-        top_k = self.top_k if self.head_top_k is None else self.head_top_k[self._layer].to(query.device)
+        top_k = (
+            self.top_k if self.head_top_k is None else self.head_top_k[self._layer].to(query.device)
+        )
         return _score_and_select(
-            query, bounds, block_table, num_pages, top_k, heads, sink_pages=self.sink_pages,
-            recent_pages=self.recent_pages, group_score=self.group_score,
-            bound_weight=self.bound_weight, live=self._live, use_kernels=self.use_kernels,
+            query,
+            bounds,
+            block_table,
+            num_pages,
+            top_k,
+            heads,
+            sink_pages=self.sink_pages,
+            recent_pages=self.recent_pages,
+            group_score=self.group_score,
+            bound_weight=self.bound_weight,
+            live=self._live,
+            use_kernels=self.use_kernels,
             kernels=self.kernels,
         )
 
     def _flexicache(
-        self, layer: int, top: torch.Tensor, num_pages: torch.Tensor, width: int, due: bool,
+        self,
+        layer: int,
+        top: torch.Tensor,
+        num_pages: torch.Tensor,
+        width: int,
+        due: bool,
     ) -> LayerSelection:
         batch = top.shape[0]
         unstable = self.unstable[layer].to(top.device).view(1, -1).expand(batch, -1)
@@ -320,7 +379,8 @@ class SelectionPolicy:
             # The table width follows the longest sequence; pages outside it do not exist.
             grown = width - state.selected.shape[-1]
             state.selected = (
-                torch.nn.functional.pad(state.selected, (0, grown)) if grown > 0
+                torch.nn.functional.pad(state.selected, (0, grown))
+                if grown > 0
                 else state.selected[..., :width]
             )
             resident_before = state.selected | self._tail(state.anchor, num_pages, width)
@@ -338,14 +398,19 @@ class SelectionPolicy:
             stable_attend = resident_before
         unstable_attend = (
             torch.arange(width, device=top.device).view(1, 1, -1) < num_pages.view(-1, 1, 1)
-            if self.unstable_dense else top_mask
+            if self.unstable_dense
+            else top_mask
         )
         attend = torch.where(unstable.unsqueeze(-1), unstable_attend, stable_attend)
         resident = torch.where(unstable, num_pages.view(-1, 1), stable_resident.sum(-1))
         promoted = (rerank & ~unstable).unsqueeze(-1) & state.selected & ~resident_before
         return LayerSelection(
-            page_ids=mask_to_page_ids(attend), top_k_ids=top, resident=resident,
-            num_pages=num_pages, promoted=promoted.sum(-1), reranked=rerank,
+            page_ids=mask_to_page_ids(attend),
+            top_k_ids=top,
+            resident=resident,
+            num_pages=num_pages,
+            promoted=promoted.sum(-1),
+            reranked=rerank,
         )
 
     @staticmethod

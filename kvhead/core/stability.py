@@ -21,7 +21,9 @@ from kvhead.core.budgets import PageCoverage
 from kvhead.core.pages import page_mask
 
 
-def random_corrected_overlap(overlap: torch.Tensor, top_k: int, num_pages: torch.Tensor) -> torch.Tensor:
+def random_corrected_overlap(
+    overlap: torch.Tensor, top_k: int, num_pages: torch.Tensor
+) -> torch.Tensor:
     """RCO of ``overlap`` shared pages between two top-``top_k`` sets out of ``num_pages``."""
     chance = top_k / num_pages.float()
     return ((overlap.float() / top_k - chance) / (1 - chance)).clamp_min(0.0)
@@ -92,7 +94,8 @@ class HeadProfile(BaseModel):
     )
     coverage: PageCoverage | None = Field(
         default=None,
-        description="Calibration of head-adaptive budgets (kvhead.core.budgets); absent: uniform top-K.",
+        description="Calibration of head-adaptive budgets (kvhead.core.budgets); absent: "
+        "uniform top-K.",
     )
 
     @model_validator(mode="after")
@@ -105,13 +108,21 @@ class HeadProfile(BaseModel):
             if not (0 <= layer < self.num_layers and 0 <= head < self.num_kv_heads):
                 raise ValueError(f"unstable head ({layer}, {head}) is out of range")
         cov = self.coverage
-        if cov is not None and (len(cov.mass), len(cov.mass[0])) != (self.num_layers, self.num_kv_heads):
+        if cov is not None and (len(cov.mass), len(cov.mass[0])) != (
+            self.num_layers,
+            self.num_kv_heads,
+        ):
             raise ValueError("coverage must be [num_layers][num_kv_heads][grid]")
         return self
 
     @classmethod
     def from_scores(
-        cls, instability: torch.Tensor, *, fraction: float, per_layer: bool = False, **meta,
+        cls,
+        instability: torch.Tensor,
+        *,
+        fraction: float,
+        per_layer: bool = False,
+        **meta,
     ) -> HeadProfile:
         """Rank heads by instability and mark the top ``fraction`` unstable.
 
@@ -126,7 +137,8 @@ class HeadProfile(BaseModel):
         if per_layer:
             count = int(fraction * num_heads)
             picked = [
-                (layer, int(h)) for layer in range(num_layers)
+                (layer, int(h))
+                for layer in range(num_layers)
                 for h in scores[layer].argsort(descending=True, stable=True)[:count]
             ]
             picked.sort(key=lambda lh: -scores[lh[0], lh[1]].item())
@@ -135,15 +147,22 @@ class HeadProfile(BaseModel):
             order = scores.flatten().argsort(descending=True, stable=True)[:count]
             picked = [(int(i) // num_heads, int(i) % num_heads) for i in order]
         return cls(
-            num_layers=num_layers, num_kv_heads=num_heads,
-            instability=[[None if math.isnan(v) else v for v in row] for row in instability.tolist()],
+            num_layers=num_layers,
+            num_kv_heads=num_heads,
+            instability=[
+                [None if math.isnan(v) else v for v in row] for row in instability.tolist()
+            ],
             unstable_fraction=fraction,
-            unstable=picked, per_layer=per_layer, **meta,
+            unstable=picked,
+            per_layer=per_layer,
+            **meta,
         )
 
     def instability_tensor(self) -> torch.Tensor:
         """``[num_layers, num_kv_heads]`` float scores, NaN where never measured."""
-        return torch.tensor([[float("nan") if v is None else v for v in row] for row in self.instability])
+        return torch.tensor(
+            [[float("nan") if v is None else v for v in row] for row in self.instability]
+        )
 
     def unstable_mask(self, leading_layers: int = 0, count: int | None = None) -> torch.Tensor:
         """Boolean ``[num_layers, num_kv_heads]``: True where a head keeps all pages resident.
@@ -155,11 +174,14 @@ class HeadProfile(BaseModel):
         shrink the ranked set, since heads past it were never ranked unstable.
         """
         if not 0 <= leading_layers <= self.num_layers:
-            raise ValueError(f"leading_layers must be in [0, {self.num_layers}], got {leading_layers}")
+            raise ValueError(
+                f"leading_layers must be in [0, {self.num_layers}], got {leading_layers}"
+            )
         lead = leading_layers * self.num_kv_heads
         if count is not None and not lead <= count <= len(self.unstable):
             raise ValueError(
-                f"unstable head count must be in [{lead}, {len(self.unstable)}] (the leading layers' "
+                f"unstable head count must be in [{lead}, {len(self.unstable)}] "
+                "(the leading layers' "
                 f"heads up to the profile's unstable set), got {count}"
             )
         mask = torch.zeros(self.num_layers, self.num_kv_heads, dtype=torch.bool)
@@ -191,8 +213,15 @@ def model_fingerprint(model_dir: str | Path) -> str:
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     keys = (
-        "model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-        "hidden_size", "head_dim", "vocab_size", "rope_theta", "max_position_embeddings",
+        "model_type",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "hidden_size",
+        "head_dim",
+        "vocab_size",
+        "rope_theta",
+        "max_position_embeddings",
     )
     picked: dict = {k: config.get(k) for k in keys}
     picked["weights"] = sorted((p.name, p.stat().st_size) for p in model_dir.glob("*.safetensors"))

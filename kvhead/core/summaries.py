@@ -6,7 +6,8 @@ drifts towards the selected pages' values. Each skipped page instead enters the 
 pseudo-token: its key is the centre of the page's key box (the bounds scoring already keeps), its
 value the mean of the page's values (one extra vector per page, summed on append), and its logit
 gets ``log(count)`` since it stands for ``count`` tokens. The summary attention is combined with
-the sparse one by log-sum-exp (:func:`kvhead.core.combine.combine_partials`), exactly as Helix shards
+the sparse one by log-sum-exp (:func:`kvhead.core.combine.combine_partials`), exactly as Helix
+shards
 are, so a head that reads every page is unchanged. The idea is RazorAttention's compensation
 token, given per page so that the pages a rerank demotes keep a voice.
 """
@@ -28,8 +29,14 @@ class PageValueSums:
     sums: torch.Tensor
 
     @classmethod
-    def empty(cls, num_blocks: int, num_kv_heads: int, head_dim: int, *,
-              device: torch.device | str = "cpu") -> PageValueSums:
+    def empty(
+        cls,
+        num_blocks: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        device: torch.device | str = "cpu",
+    ) -> PageValueSums:
         return cls(torch.zeros(num_blocks, num_kv_heads, head_dim, device=device))
 
     def update(self, values: torch.Tensor, slot_mapping: torch.Tensor, page_size: int) -> None:
@@ -49,8 +56,14 @@ class PageValueSums:
 
 
 def summary_attention(
-    query: torch.Tensor, bounds: PageBounds, sums: PageValueSums, block_table: torch.Tensor,
-    seq_lens: torch.Tensor, attended: torch.Tensor, page_size: int, scale: float,
+    query: torch.Tensor,
+    bounds: PageBounds,
+    sums: PageValueSums,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    attended: torch.Tensor,
+    page_size: int,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of queries ``[B, Hq, D]`` over one summary token per page *not* in ``attended``.
 
@@ -67,7 +80,9 @@ def summary_attention(
     centre = ((bounds.kmax[table] + bounds.kmin[table]) / 2).permute(0, 2, 3, 1)  # [B, Hkv, D, N]
     mean = sums.sums[table] / count.clamp_min(1).view(batch, width, 1, 1)  # [B, N, Hkv, D]
     q = query.float().view(batch, num_kv_heads, -1, head_dim)
-    logits = (q @ centre.nan_to_num(0.0)) * scale + count.clamp_min(1).log().view(batch, 1, 1, width)
+    logits = (q @ centre.nan_to_num(0.0)) * scale + count.clamp_min(1).log().view(
+        batch, 1, 1, width
+    )
     logits = logits.masked_fill(~skipped.unsqueeze(2), float("-inf"))  # [B, Hkv, G, N]
     lse = torch.logsumexp(logits, dim=-1)
     weights = torch.exp(logits - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min))
@@ -76,12 +91,22 @@ def summary_attention(
 
 
 def compensate(
-    out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, bounds: PageBounds,
-    sums: PageValueSums, block_table: torch.Tensor, seq_lens: torch.Tensor,
-    attended: torch.Tensor, page_size: int, scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    query: torch.Tensor,
+    bounds: PageBounds,
+    sums: PageValueSums,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    attended: torch.Tensor,
+    page_size: int,
+    scale: float,
 ) -> torch.Tensor:
     """The sparse attention ``(out, lse)`` with the skipped pages' summaries folded in."""
-    extra, extra_lse = summary_attention(query, bounds, sums, block_table, seq_lens, attended,
-                                         page_size, scale)
-    both, _ = combine_partials(torch.stack([out.float(), extra]), torch.stack([lse.float(), extra_lse]))
+    extra, extra_lse = summary_attention(
+        query, bounds, sums, block_table, seq_lens, attended, page_size, scale
+    )
+    both, _ = combine_partials(
+        torch.stack([out.float(), extra]), torch.stack([lse.float(), extra_lse])
+    )
     return both.to(out.dtype)

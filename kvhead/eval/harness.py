@@ -54,8 +54,9 @@ class EvalConfig(BaseModel):
     gen_tokens: int = Field(default=256, ge=2, description="Tokens generated / teacher-forced.")
     top_k: int = Field(default=SPEC_TOP_K, gt=0, description="Pages per head's top-K set.")
     page_size: int = Field(default=16, gt=0, description="Tokens per page.")
-    rerank_interval: int = Field(default=SPEC_RERANK_INTERVAL, gt=0,
-                                 description="Stable heads rerank every R steps.")
+    rerank_interval: int = Field(
+        default=SPEC_RERANK_INTERVAL, gt=0, description="Stable heads rerank every R steps."
+    )
     passkey_depths: list[float] = Field(
         default=[0.1, 0.3, 0.5, 0.7, 0.9], description="Needle positions as prompt fractions."
     )
@@ -64,7 +65,8 @@ class EvalConfig(BaseModel):
         default=1, gt=0, description="Corpus windows per context for agreement and perplexity."
     )
     first_window: int = Field(
-        default=0, ge=0,
+        default=0,
+        ge=0,
         description="Index of the first corpus window: a later run can add windows to an earlier "
         "one's without repeating them (window i's text depends only on i, seed and context).",
     )
@@ -84,18 +86,33 @@ class EvalConfig(BaseModel):
         """Options only act in the ``+`` modes: given without one they would be silently ignored."""
         opt = self.options
         every_mode = {"top_k", "rerank_interval"}  # K and R: this config's own fields
-        if (opt.model_dump(exclude=every_mode) != SelectionOptions().model_dump(exclude=every_mode)
-                and not any(m in EXTRA_MODES for m in self.modes)):
-            raise ValueError(f"selection options apply only to the modes {EXTRA_MODES}; add one to modes")
-        if (opt.unstable_dense or opt.rerank_lag or opt.unstable_heads is not None) and "flexicache+" not in self.modes:
-            raise ValueError("act only in flexicache+ (add it to modes): unstable_dense, unstable_heads, rerank_lag")
+        if opt.model_dump(exclude=every_mode) != SelectionOptions().model_dump(
+            exclude=every_mode
+        ) and not any(m in EXTRA_MODES for m in self.modes):
+            raise ValueError(
+                f"selection options apply only to the modes {EXTRA_MODES}; add one to modes"
+            )
+        if (
+            opt.unstable_dense or opt.rerank_lag or opt.unstable_heads is not None
+        ) and "flexicache+" not in self.modes:
+            raise ValueError(
+                "act only in flexicache+ (add it to modes): "
+                "unstable_dense, unstable_heads, rerank_lag"
+            )
         if opt.unstable_heads is not None and opt.dense_heads == "coverage":
-            raise ValueError("unstable_heads counts the profile's dense heads; dense_heads=coverage chooses its own")
+            raise ValueError(
+                "unstable_heads counts the profile's dense heads; "
+                "dense_heads=coverage chooses its own"
+            )
         if opt.dense_heads == "coverage" and not (
-            "flexicache+" in self.modes and opt.unstable_dense and opt.head_budgets and opt.leading_layers == 0
+            "flexicache+" in self.modes
+            and opt.unstable_dense
+            and opt.head_budgets
+            and opt.leading_layers == 0
         ):
             raise ValueError(
-                "dense_heads=coverage chooses flexicache+'s dense heads and budgets together: it needs "
+                "dense_heads=coverage chooses flexicache+'s dense heads and budgets together: "
+                "it needs "
                 "flexicache+ in modes, unstable_dense and head_budgets, and no leading_layers"
             )
         if opt.sink_pages + opt.recent_pages > self.top_k:
@@ -110,7 +127,9 @@ class EvalConfig(BaseModel):
     def _known_modes(cls, value: list[str]) -> list[str]:
         unknown = [m for m in value if m not in SPEC_MODES + EXTRA_MODES]
         if not value or unknown or len(set(value)) != len(value):
-            raise ValueError(f"modes must be distinct names from {SPEC_MODES + EXTRA_MODES}, got {value}")
+            raise ValueError(
+                f"modes must be distinct names from {SPEC_MODES + EXTRA_MODES}, got {value}"
+            )
         return value
 
     @field_validator("contexts")
@@ -123,7 +142,9 @@ class EvalConfig(BaseModel):
     def prompt_tokens(self, context: int) -> int:
         """Prompt length that leaves room for the generated tokens inside ``context``."""
         if context <= self.gen_tokens + 32:
-            raise ValueError(f"context {context} leaves no room for a prompt and {self.gen_tokens} tokens")
+            raise ValueError(
+                f"context {context} leaves no room for a prompt and {self.gen_tokens} tokens"
+            )
         return context - self.gen_tokens
 
     @field_validator("passkey_depths")
@@ -145,8 +166,12 @@ class ModeResult(BaseModel):
     promoted_per_rerank: float = Field(description="Pages fetched per stable-head rerank.")
     scored_tokens: int = Field(description="Teacher-forced positions behind the agreement.")
     agreement_stderr: float = Field(description="Binomial standard error of the agreement.")
-    window_agreement: list[float] = Field(description="Token agreement of each corpus window, in order.")
-    window_perplexity_ratio: list[float] = Field(description="Perplexity ratio of each window, in order.")
+    window_agreement: list[float] = Field(
+        description="Token agreement of each corpus window, in order."
+    )
+    window_perplexity_ratio: list[float] = Field(
+        description="Perplexity ratio of each window, in order."
+    )
     mean_kl: float = Field(
         description="Mean KL(dense || sparse) per position of the teacher-forced continuation: "
         "compares settings far more finely than agreement, whose 256 tokens flip only at near-ties."
@@ -172,7 +197,8 @@ class EvalReport(BaseModel):
     unstable_fraction: float
     device: str = Field(default="cpu", description="torch device the runner decoded on.")
     coverage: dict | None = Field(
-        default=None, description="The profile's coverage calibration (curves left out) that set "
+        default=None,
+        description="The profile's coverage calibration (curves left out) that set "
         "head budgets: which context and corpus windows the budgets were fitted on.",
     )
     dense_heads: list[list[int]] | None = Field(
@@ -184,34 +210,55 @@ class EvalReport(BaseModel):
     results: list[ContextResult]
 
 
-def _policy(runner: ReferenceRunner, mode: str, cfg: EvalConfig, profile: HeadProfile) -> SelectionPolicy:
+def _policy(
+    runner: ReferenceRunner, mode: str, cfg: EvalConfig, profile: HeadProfile
+) -> SelectionPolicy:
     """The policy of a mode name; ``+`` modes carry ``cfg.options``."""
     base = Mode(mode.rstrip("+"))
     kwargs = {"top_k": cfg.top_k, "rerank_interval": cfg.rerank_interval}
     if mode.endswith("+"):
         opt = cfg.options
-        kwargs |= {"sink_pages": opt.sink_pages, "recent_pages": opt.recent_pages,
-                   "group_score": opt.group_score, "bound_weight": opt.bound_weight,
-                   "compensate": opt.compensate}
+        kwargs |= {
+            "sink_pages": opt.sink_pages,
+            "recent_pages": opt.recent_pages,
+            "group_score": opt.group_score,
+            "bound_weight": opt.bound_weight,
+            "compensate": opt.compensate,
+        }
         if base is Mode.flexicache and opt.dense_heads == "coverage":
             dense, budgets = coverage_dense_heads(profile, cfg)
-            return runner.policy(base, **kwargs, unstable=dense, unstable_dense=True,
-                                 rerank_lag=opt.rerank_lag, head_top_k=budgets)
+            return runner.policy(
+                base,
+                **kwargs,
+                unstable=dense,
+                unstable_dense=True,
+                rerank_lag=opt.rerank_lag,
+                head_top_k=budgets,
+            )
         if base is Mode.flexicache:
             unstable = profile.unstable_mask(opt.leading_layers, opt.unstable_heads)
-            return runner.policy(base, **kwargs, unstable=unstable, unstable_dense=opt.unstable_dense,
-                                 rerank_lag=opt.rerank_lag,
-                                 head_top_k=page_budgets(profile, opt, ~unstable, cfg.top_k))
+            return runner.policy(
+                base,
+                **kwargs,
+                unstable=unstable,
+                unstable_dense=opt.unstable_dense,
+                rerank_lag=opt.rerank_lag,
+                head_top_k=page_budgets(profile, opt, ~unstable, cfg.top_k),
+            )
         sparse = torch.ones(profile.num_layers, profile.num_kv_heads, dtype=torch.bool)
         sparse[: opt.leading_layers] = False
-        kwargs |= {"dense_layers": opt.leading_layers,
-                   "head_top_k": page_budgets(profile, opt, sparse, cfg.top_k)}
+        kwargs |= {
+            "dense_layers": opt.leading_layers,
+            "head_top_k": page_budgets(profile, opt, sparse, cfg.top_k),
+        }
     elif base is Mode.flexicache:
         kwargs["unstable"] = profile.unstable_mask()
     return runner.policy(base, **kwargs)
 
 
-def coverage_dense_heads(profile: HeadProfile, cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def coverage_dense_heads(
+    profile: HeadProfile, cfg: EvalConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``dense_heads=coverage``: dense heads and budgets for no more resident pages than the
     profile's unstable set (every page) plus ``top_k`` per other head, counted where decoding at
     the calibration context starts (fewer dense heads than the profile's hold more pages the
@@ -219,7 +266,8 @@ def coverage_dense_heads(profile: HeadProfile, cfg: EvalConfig) -> tuple[torch.T
     cov = matching_coverage(profile, cfg.options)
     if cov.rerank_interval != cfg.rerank_interval:
         raise ValueError(
-            f"dense_heads=coverage needs coverage ranked every {cfg.rerank_interval} steps, as stable "
+            "dense_heads=coverage needs coverage ranked every "
+            f"{cfg.rerank_interval} steps, as stable "
             f"heads rerank; the profile's was ranked every {cov.rerank_interval} "
             "(kvhead coverage --rerank-interval)"
         )
@@ -227,7 +275,9 @@ def coverage_dense_heads(profile: HeadProfile, cfg: EvalConfig) -> tuple[torch.T
     return allocate_residency(cov, pool, dense_pages=start)
 
 
-def profile_pool(profile: HeadProfile, context: int, gen_tokens: int, top_k: int) -> tuple[int, int]:
+def profile_pool(
+    profile: HeadProfile, context: int, gen_tokens: int, top_k: int
+) -> tuple[int, int]:
     """``(pages a dense head holds, resident pages)`` where decoding of a ``context``-token
     sequence starts, with the profile's unstable set dense and ``top_k`` pages per other head:
     the residency other splits of dense and stable heads are sized to match."""
@@ -249,7 +299,11 @@ def _passkey_correct(runner, tokenizer, pre, policy, passkey: int) -> bool:
 
 
 def evaluate_context(
-    runner: ReferenceRunner, tokenizer, profile: HeadProfile, cfg: EvalConfig, context: int,
+    runner: ReferenceRunner,
+    tokenizer,
+    profile: HeadProfile,
+    cfg: EvalConfig,
+    context: int,
 ) -> ContextResult:
     """All metrics for one prompt length; prefills are dense and shared by every mode."""
     start = time.perf_counter()
@@ -265,7 +319,9 @@ def evaluate_context(
     nll: dict[str, list[float]] = {m: [] for m in ("dense", *sparse)}  # summed NLL per window
     for i in range(cfg.first_window, cfg.first_window + cfg.prompts):
         # Window 0 is the one every earlier report used; more windows step through the corpus.
-        prompt = corpus_window(tokenizer, length, offset=cfg.seed * 997 + i * 7919, corpus=cfg.corpus)
+        prompt = corpus_window(
+            tokenizer, length, offset=cfg.seed * 997 + i * 7919, corpus=cfg.corpus
+        )
         pre = prefill(runner, prompt, gen)
         dense_logprobs: list[torch.Tensor] = []
         reference = greedy(runner, pre, gen, dense, logprobs=dense_logprobs)
@@ -279,7 +335,9 @@ def evaluate_context(
             free[mode] += sum(a == b for a, b in zip(decoded, reference))
             first[mode] = min(first[mode], first_divergence(decoded, reference))
 
-        text = corpus_window(tokenizer, context, offset=context * 3 + cfg.seed * 131 + i * 6007, corpus=cfg.corpus)
+        text = corpus_window(
+            tokenizer, context, offset=context * 3 + cfg.seed * 131 + i * 6007, corpus=cfg.corpus
+        )
         pre = prefill(runner, text[:length], gen)
         targets = text[length:].tolist()
         for mode, policy in [("dense", dense), *sparse.items()]:
@@ -291,7 +349,11 @@ def evaluate_context(
     hits = {m: 0 for m in ("dense", *cfg.modes)}
     for depth in cfg.passkey_depths:
         passkey = int(torch.randint(10_000, 100_000, (1,), generator=rng))
-        pre = prefill(runner, passkey_prompt(tokenizer, context - PASSKEY_TOKENS, depth, passkey), PASSKEY_TOKENS)
+        pre = prefill(
+            runner,
+            passkey_prompt(tokenizer, context - PASSKEY_TOKENS, depth, passkey),
+            PASSKEY_TOKENS,
+        )
         for mode, policy in [("dense", dense), *sparse.items()]:
             hits[mode] += _passkey_correct(runner, tokenizer, pre, policy, passkey)
     depths = len(cfg.passkey_depths)
@@ -311,36 +373,51 @@ def evaluate_context(
             scored_tokens=scored,
             agreement_stderr=math.sqrt(agreement * (1 - agreement) / scored),
             window_agreement=[n / gen for n in agree[mode]],
-            window_perplexity_ratio=[math.exp((s - d) / gen) for s, d in zip(nll[mode], nll["dense"])],
+            window_perplexity_ratio=[
+                math.exp((s - d) / gen) for s, d in zip(nll[mode], nll["dense"])
+            ],
             mean_kl=sum(kl[mode]) / cfg.prompts,
             window_kl=kl[mode],
             miss_margins=[round(m, 4) for m in margins[mode]],
         )
     return ContextResult(
-        context=context, dense_perplexity=math.exp(mean_nll["dense"]),
+        context=context,
+        dense_perplexity=math.exp(mean_nll["dense"]),
         dense_passkey_accuracy=hits["dense"] / depths if depths else float("nan"),
-        modes=modes, seconds=time.perf_counter() - start,
+        modes=modes,
+        seconds=time.perf_counter() - start,
     )
 
 
 def evaluate(
-    runner: ReferenceRunner, tokenizer, profile: HeadProfile, cfg: EvalConfig, *, model: str,
+    runner: ReferenceRunner,
+    tokenizer,
+    profile: HeadProfile,
+    cfg: EvalConfig,
+    *,
+    model: str,
     on_context: Callable[[EvalReport], None] | None = None,
 ) -> EvalReport:
     """Every context of ``cfg``; ``on_context`` sees the report so far after each one (so a run
     cut short still leaves the contexts it finished)."""
     if cfg.options.leading_layers > runner.num_layers:
         raise ValueError(
-            f"leading_layers {cfg.options.leading_layers} exceeds the model's {runner.num_layers} layers"
+            f"leading_layers {cfg.options.leading_layers} exceeds the model's "
+            f"{runner.num_layers} layers"
         )
     report = EvalReport(
-        model=model, model_fingerprint=profile.model_fingerprint, config=cfg,
+        model=model,
+        model_fingerprint=profile.model_fingerprint,
+        config=cfg,
         unstable_fraction=len(profile.unstable) / (profile.num_layers * profile.num_kv_heads),
-        device=str(runner.device), results=[],
+        device=str(runner.device),
+        results=[],
         coverage=profile.coverage.model_dump(exclude={"mass"})
-        if cfg.options.head_budgets and profile.coverage is not None else None,
+        if cfg.options.head_budgets and profile.coverage is not None
+        else None,
         dense_heads=coverage_dense_heads(profile, cfg)[0].nonzero().tolist()
-        if cfg.options.dense_heads == "coverage" else None,
+        if cfg.options.dense_heads == "coverage"
+        else None,
     )
     for context in cfg.contexts:
         report.results.append(evaluate_context(runner, tokenizer, profile, cfg, context))

@@ -18,7 +18,12 @@ from typing import Literal
 import torch
 
 CORPUS_FILES = (
-    "GPL-3.txt", "GPL-2.txt", "LGPL-2.1.txt", "GFDL-1.3.txt", "GPL-1.txt", "LGPL-3.txt",
+    "GPL-3.txt",
+    "GPL-2.txt",
+    "LGPL-2.1.txt",
+    "GFDL-1.3.txt",
+    "GPL-1.txt",
+    "LGPL-3.txt",
     "GFDL-1.2.txt",
 )
 CORPORA = {"licenses": "corpus", "python-docs": "python_docs"}  # name -> kvhead/data folder
@@ -36,18 +41,24 @@ def corpus_text(corpus: str = "licenses") -> str:
     if corpus not in CORPORA:
         raise ValueError(f"unknown corpus {corpus!r}; known: {', '.join(CORPORA)}")
     root = resources.files("kvhead.data") / CORPORA[corpus]
-    names = CORPUS_FILES if corpus == "licenses" else sorted(
-        entry.name for entry in root.iterdir() if entry.name.endswith(".txt")
+    names = (
+        CORPUS_FILES
+        if corpus == "licenses"
+        else sorted(entry.name for entry in root.iterdir() if entry.name.endswith(".txt"))
     )
     return "\n\n".join((root / name).read_text(encoding="utf-8") for name in names)
 
 
 @cache
 def _corpus_ids(tokenizer, corpus: str) -> torch.Tensor:
-    return torch.tensor(tokenizer(corpus_text(corpus), add_special_tokens=False, verbose=False)["input_ids"])
+    return torch.tensor(
+        tokenizer(corpus_text(corpus), add_special_tokens=False, verbose=False)["input_ids"]
+    )
 
 
-def corpus_window(tokenizer, num_tokens: int, offset: int = 0, corpus: str = "licenses") -> torch.Tensor:
+def corpus_window(
+    tokenizer, num_tokens: int, offset: int = 0, corpus: str = "licenses"
+) -> torch.Tensor:
     """``num_tokens`` consecutive corpus tokens starting at ``offset`` (wrapping around)."""
     ids = _corpus_ids(tokenizer, corpus)
     index = (torch.arange(num_tokens) + offset) % ids.numel()

@@ -5,7 +5,8 @@ the bounds and the block table are exactly what the vLLM plugin and the GPU kern
 
 fp32 page bounds are kept everywhere (the reference selection reads them), and fp32 per-page
 value sums (the summary tokens of :mod:`kvhead.core.summaries`). On CUDA (or when
-asked) each layer also keeps :class:`~kvhead.core.bounds.live.LiveBounds` (int8 page and super-page bounds, what the
+asked) each layer also keeps :class:`~kvhead.core.bounds.live.LiveBounds` (int8 page and super-page
+bounds, what the
 rerank kernels read): built from the fp32 bounds after every multi-token write (prefill) and
 advanced by ``kernels.append_bounds`` on single-token writes (decode).
 """
@@ -25,8 +26,12 @@ class PagedKVCache:
     """K/V pools ``[num_blocks, page_size, Hkv, D]`` per layer; logical page i is block i."""
 
     def __init__(
-        self, num_layers: int, spec: HeadPageSpec, max_tokens: int,
-        device: torch.device | str = "cpu", live_bounds: bool | None = None,
+        self,
+        num_layers: int,
+        spec: HeadPageSpec,
+        max_tokens: int,
+        device: torch.device | str = "cpu",
+        live_bounds: bool | None = None,
     ) -> None:
         """``live_bounds``: keep int8 live bounds too (None: on CUDA; True on CPU runs the
         kernels through Triton's interpreter when it is on, else their torch reference)."""
@@ -44,7 +49,9 @@ class PagedKVCache:
             for _ in range(num_layers)
         ]
         self.block_table = torch.arange(self.num_blocks, device=device).unsqueeze(0)
-        self.live_bounds = torch.device(device).type == "cuda" if live_bounds is None else live_bounds
+        self.live_bounds = (
+            torch.device(device).type == "cuda" if live_bounds is None else live_bounds
+        )
         self.live: list[LiveBounds | None] = [None] * num_layers  # see the module doc
         # Super-pages only where a two-level selection can be asked for (the table's width).
         self._group = DEFAULT_GROUP if self.num_blocks > FLAT_MAX_PAGES else None
@@ -81,8 +88,9 @@ class PagedKVCache:
     def _build_live(self, layer: int, length: int) -> None:
         """int8 bounds of ``layer`` from its fp32 bounds, for a sequence of ``length`` tokens."""
         seq_lens = torch.tensor([length], device=self.block_table.device)
-        self.live[layer] = LiveBounds.from_bounds(self.bounds[layer], self.block_table, seq_lens,
-                                                  self.spec.page_size, self._group)
+        self.live[layer] = LiveBounds.from_bounds(
+            self.bounds[layer], self.block_table, seq_lens, self.spec.page_size, self._group
+        )
 
     def keys_values(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Contiguous views ``[length, Hkv, D]`` of the first ``length`` positions."""
@@ -95,7 +103,8 @@ class PagedKVCache:
     def rewind(self, length: int) -> None:
         """Drop positions ``>= length`` (to decode again from a shared prefill).
 
-        The page that becomes partial gets its bounds and value sum recomputed from what it keeps, so
+        The page that becomes partial gets its bounds and value sum recomputed from what it keeps,
+        so
         selections after a rewind equal those of a cache that never held the dropped tokens;
         int8 live bounds are rebuilt from the fp32 ones.
         """

@@ -40,10 +40,15 @@ class ProfileConfig(BaseModel):
 
 
 def profile_heads(
-    runner: ReferenceRunner, tokenizer, model_dir: str | Path, cfg: ProfileConfig,
+    runner: ReferenceRunner,
+    tokenizer,
+    model_dir: str | Path,
+    cfg: ProfileConfig,
 ) -> HeadProfile:
     if cfg.page_size != runner.spec.page_size:
-        raise ValueError(f"runner pages hold {runner.spec.page_size} tokens, config says {cfg.page_size}")
+        raise ValueError(
+            f"runner pages hold {runner.spec.page_size} tokens, config says {cfg.page_size}"
+        )
     acc = StabilityAccumulator(runner.num_layers, runner.spec.num_kv_heads, cfg.top_k, cfg.window)
     policy = runner.policy("quest", top_k=cfg.top_k)
 
@@ -57,9 +62,13 @@ def profile_heads(
         acc.reset_sequence()
         greedy(runner, pre, cfg.decode_steps, policy, observer=observe)
     return HeadProfile.from_scores(
-        acc.instability(), fraction=cfg.unstable_fraction, per_layer=cfg.per_layer,
-        model_fingerprint=model_fingerprint(model_dir), page_size=cfg.page_size,
-        top_k=cfg.top_k, window=cfg.window,
+        acc.instability(),
+        fraction=cfg.unstable_fraction,
+        per_layer=cfg.per_layer,
+        model_fingerprint=model_fingerprint(model_dir),
+        page_size=cfg.page_size,
+        top_k=cfg.top_k,
+        window=cfg.window,
     )
 
 
@@ -67,23 +76,31 @@ class CoverageConfig(BaseModel):
     """Calibration of head-adaptive budgets (``kvhead profile --coverage``)."""
 
     offsets: list[int] = Field(
-        default=[16384], min_length=1,
+        default=[16384],
+        min_length=1,
         description="Corpus token offsets of the calibration windows (in --corpus). The "
         "default window, 16384-24575, is one no default `kvhead eval` window touches (agreement "
         "reads from 0, perplexity 6144-8191, 12288-16383 and 24576 on at 2k/4k/8k), so budgets are "
         "not fitted to the text they are scored on; later license windows (--first-window 2 and 3 "
         "at 8k) do overlap it, python-docs windows never do.",
     )
-    corpus: Corpus = Field(default="licenses", description="Text the calibration windows are cut from.")
+    corpus: Corpus = Field(
+        default="licenses", description="Text the calibration windows are cut from."
+    )
     context: int = Field(default=8192, ge=64, description="Sequence length (prompt + steps).")
     steps: int = Field(default=64, gt=0, description="Dense decode steps measured per window.")
     step_pages: int = Field(default=8, gt=0, description="Grid spacing of k in pages.")
-    group_score: Literal["max", "softmax"] = Field(default="softmax", description="GQA page score ranking the pages.")
+    group_score: Literal["max", "softmax"] = Field(
+        default="softmax", description="GQA page score ranking the pages."
+    )
     sink_pages: int = Field(default=1, ge=0, description="First pages always ranked first.")
     recent_pages: int = Field(default=4, ge=1, description="Newest pages always ranked first.")
-    bound_weight: float = Field(default=1.0, ge=0.0, le=1.0, description="Share of the box spread in page scores.")
+    bound_weight: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="Share of the box spread in page scores."
+    )
     rerank_interval: int = Field(
-        default=1, gt=0,
+        default=1,
+        gt=0,
         description="Steps between the rankings the curves are measured with: at R > 1 a step is "
         "scored with the order ranked up to R - 1 steps earlier plus the pages written since, as a "
         "stable head attends, so a head whose top pages drift loses covered mass.",
@@ -93,11 +110,15 @@ class CoverageConfig(BaseModel):
 class _CoverageProbe:
     """Stands in for the dense policy: measures each layer's covered mass, then attends densely."""
 
-    def __init__(self, runner: ReferenceRunner, cache: PagedKVCache, cfg: CoverageConfig, grid: list[int]) -> None:
+    def __init__(
+        self, runner: ReferenceRunner, cache: PagedKVCache, cfg: CoverageConfig, grid: list[int]
+    ) -> None:
         self.dense = runner.policy("dense")
         self.cache, self.spec, self.cfg = cache, runner.spec, cfg
         self.budgets = torch.tensor(grid)
-        self.total = torch.zeros(runner.num_layers, runner.spec.num_kv_heads, len(grid), dtype=torch.float64)
+        self.total = torch.zeros(
+            runner.num_layers, runner.spec.num_kv_heads, len(grid), dtype=torch.float64
+        )
         self.count = 0  # decode steps measured, all windows
         self.step = 0  # decode steps of the current window
         self.ranked: dict[int, torch.Tensor] = {}  # layer -> [Hkv, pages then] ranking scores
@@ -107,8 +128,9 @@ class _CoverageProbe:
         self.ranked.clear()
         self.step = 0
 
-    def select(self, layer, query, bounds: PageBounds, block_table, seq_lens,
-               live=None) -> LayerSelection:
+    def select(
+        self, layer, query, bounds: PageBounds, block_table, seq_lens, live=None
+    ) -> LayerSelection:
         if layer == 0:
             self.count += 1
             self.step += 1
@@ -124,8 +146,14 @@ class _CoverageProbe:
         weights = (torch.einsum("hgd,thd->hgt", q, keys.float()) * spec.head_dim**-0.5).softmax(-1)
         mass = page_sums(weights.mean(1), spec.page_size)  # [Hkv, N]
         if (self.step - 1) % cfg.rerank_interval == 0:
-            scores = score_pages(query, bounds, block_table[:, :width], num_pages, group_score=cfg.group_score,
-                                 bound_weight=cfg.bound_weight)[0]
+            scores = score_pages(
+                query,
+                bounds,
+                block_table[:, :width],
+                num_pages,
+                group_score=cfg.group_score,
+                bound_weight=cfg.bound_weight,
+            )[0]
             # forced pages rank first, as the policy keeps them
             pos = torch.arange(width, device=query.device).view(1, -1)
             keep = (pos < cfg.sink_pages) | (pos >= width - cfg.recent_pages)
@@ -162,16 +190,27 @@ def measure_coverage(runner: ReferenceRunner, tokenizer, cfg: CoverageConfig) ->
         raise ValueError(f"context {cfg.context} holds fewer than {cfg.step_pages} pages")
     probe = None
     for offset in cfg.offsets:
-        pre = prefill(runner, corpus_window(tokenizer, cfg.context - cfg.steps, offset, corpus=cfg.corpus), cfg.steps)
+        pre = prefill(
+            runner,
+            corpus_window(tokenizer, cfg.context - cfg.steps, offset, corpus=cfg.corpus),
+            cfg.steps,
+        )
         if probe is None:
             probe = _CoverageProbe(runner, pre.cache, cfg, grid)
         probe.cache = pre.cache
         greedy(runner, pre, cfg.steps + 1, probe)
     mass = (probe.total / max(probe.count, 1)).clamp_max(1.0)
     return PageCoverage(
-        corpus=cfg.corpus, context=cfg.context, offsets=cfg.offsets, steps=cfg.steps, group_score=cfg.group_score,
-        sink_pages=cfg.sink_pages, recent_pages=cfg.recent_pages, bound_weight=cfg.bound_weight,
-        rerank_interval=cfg.rerank_interval, pages=grid,
+        corpus=cfg.corpus,
+        context=cfg.context,
+        offsets=cfg.offsets,
+        steps=cfg.steps,
+        group_score=cfg.group_score,
+        sink_pages=cfg.sink_pages,
+        recent_pages=cfg.recent_pages,
+        bound_weight=cfg.bound_weight,
+        rerank_interval=cfg.rerank_interval,
+        pages=grid,
         mass=[[[round(v, 6) for v in row] for row in layer] for layer in mass.tolist()],
     )
 
@@ -184,7 +223,9 @@ def save_heatmap(profile: HeadProfile, path: str | Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     scores = profile.instability_tensor()
-    fig, ax = plt.subplots(figsize=(2 + 0.6 * profile.num_kv_heads, 1.5 + 0.22 * profile.num_layers))
+    fig, ax = plt.subplots(
+        figsize=(2 + 0.6 * profile.num_kv_heads, 1.5 + 0.22 * profile.num_layers)
+    )
     image = ax.imshow(scores.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
     for layer, head in profile.unstable:
         ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, ec="red", lw=1.5))

@@ -50,7 +50,12 @@ class _ForwardContext:
     decode_kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
     def attend(
-        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        scale: float,
     ) -> torch.Tensor:
         batch, _, count, _ = query.shape
         if batch != 1:
@@ -61,16 +66,27 @@ class _ForwardContext:
         if count == 1 and self.policy is not None:
             seq_lens = torch.tensor([total], device=query.device)
             q = query[:, :, 0]
-            sel = self.policy.select(layer, q, cache.bounds[layer], cache.block_table, seq_lens,
-                                     live=cache.live[layer])  # int8 bounds (CUDA), else None
+            sel = self.policy.select(
+                layer, q, cache.bounds[layer], cache.block_table, seq_lens, live=cache.live[layer]
+            )  # int8 bounds (CUDA), else None
             if self.observer is not None:
                 self.observer(layer, sel)
             out, lse = self.decode_kernel(
                 q, cache.k[layer], cache.v[layer], cache.block_table, seq_lens, sel.page_ids, scale
             )
             if sel.compensate:
-                out = compensate(out, lse, q, cache.bounds[layer], cache.value_sums[layer],
-                                 cache.block_table, seq_lens, sel.page_ids, cache.spec.page_size, scale)
+                out = compensate(
+                    out,
+                    lse,
+                    q,
+                    cache.bounds[layer],
+                    cache.value_sums[layer],
+                    cache.block_table,
+                    seq_lens,
+                    sel.page_ids,
+                    cache.spec.page_size,
+                    scale,
+                )
             return out.unsqueeze(1)
         keys, values = cache.keys_values(layer, total)
         keys = keys.transpose(0, 1).unsqueeze(0).to(query.dtype)
@@ -88,7 +104,9 @@ class _ForwardContext:
         return out.transpose(1, 2)
 
 
-def _kvhead_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _kvhead_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
+):
     ctx: _ForwardContext = kwargs["kvhead_ctx"]
     return ctx.attend(module.layer_idx, query, key, value, scaling), None
 
@@ -110,10 +128,15 @@ class ReferenceRunner:
         model.set_attn_implementation(ATTN_NAME)
         self.model = model.eval()
         self.num_layers = config.num_hidden_layers
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
         self.spec = HeadPageSpec(
-            num_q_heads=config.num_attention_heads, num_kv_heads=config.num_key_value_heads,
-            head_dim=head_dim, page_size=page_size, dtype=model.dtype,
+            num_q_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=head_dim,
+            page_size=page_size,
+            dtype=model.dtype,
         )
         self.device = next(model.parameters()).device
         self._decode_kernel = _decode_kernel(self.device)
@@ -121,7 +144,11 @@ class ReferenceRunner:
 
     @classmethod
     def from_pretrained(
-        cls, model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+        cls,
+        model_dir: str | Path,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
         page_size: int = 16,
     ) -> ReferenceRunner:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
@@ -134,14 +161,22 @@ class ReferenceRunner:
         """A selection policy sized for this model, with the kernel dispatch for the spec's
         selection on CUDA."""
         return SelectionPolicy(
-            mode=mode, num_layers=self.num_layers, num_kv_heads=self.spec.num_kv_heads,
-            page_size=self.spec.page_size, kernels=kernels, **kwargs,
+            mode=mode,
+            num_layers=self.num_layers,
+            num_kv_heads=self.spec.num_kv_heads,
+            page_size=self.spec.page_size,
+            kernels=kernels,
+            **kwargs,
         )
 
     @torch.inference_mode()
     def forward(
-        self, cache: PagedKVCache, token_ids: torch.Tensor, *,
-        policy: SelectionPolicy | None = None, observer: SelectionObserver | None = None,
+        self,
+        cache: PagedKVCache,
+        token_ids: torch.Tensor,
+        *,
+        policy: SelectionPolicy | None = None,
+        observer: SelectionObserver | None = None,
         all_logits: bool = False,
     ) -> torch.Tensor:
         """Append ``token_ids [T]`` and return fp32 logits for the last (or every) position.
@@ -156,8 +191,11 @@ class ReferenceRunner:
         positions = torch.arange(cache.length, cache.length + count, device=self.device)
         ctx = _ForwardContext(cache, policy, observer, self._decode_kernel)
         out = self.model(
-            input_ids=token_ids.to(self.device).unsqueeze(0), position_ids=positions.unsqueeze(0),
-            use_cache=False, logits_to_keep=0 if all_logits else 1, kvhead_ctx=ctx,
+            input_ids=token_ids.to(self.device).unsqueeze(0),
+            position_ids=positions.unsqueeze(0),
+            use_cache=False,
+            logits_to_keep=0 if all_logits else 1,
+            kvhead_ctx=ctx,
         )
         cache.advance(count)
         return out.logits[0].float()

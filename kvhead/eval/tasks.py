@@ -32,7 +32,7 @@ def prefill(runner: ReferenceRunner, prompt: torch.Tensor, extra_tokens: int) ->
 
 @dataclass(frozen=True)
 class Forced:
-    """One teacher-forced pass: per position, the argmax, the target's NLL and the KL to a reference."""
+    """One teacher-forced pass: per position the argmax, the target's NLL, the KL to a reference."""
 
     argmax: list[int]
     nll: list[float]
@@ -40,8 +40,12 @@ class Forced:
 
 
 def greedy(
-    runner: ReferenceRunner, pre: Prefilled, steps: int, policy: SelectionPolicy,
-    observer: SelectionObserver | None = None, logprobs: list[torch.Tensor] | None = None,
+    runner: ReferenceRunner,
+    pre: Prefilled,
+    steps: int,
+    policy: SelectionPolicy,
+    observer: SelectionObserver | None = None,
+    logprobs: list[torch.Tensor] | None = None,
 ) -> list[int]:
     """Greedy continuation of ``steps`` tokens decoded under ``policy``.
 
@@ -57,12 +61,17 @@ def greedy(
             logprobs.append(torch.log_softmax(logits.float(), dim=-1))
         out.append(int(logits.argmax()))
         if i + 1 < steps:
-            logits = runner.forward(pre.cache, torch.tensor([out[-1]]), policy=policy, observer=observer)[-1]
+            logits = runner.forward(
+                pre.cache, torch.tensor([out[-1]]), policy=policy, observer=observer
+            )[-1]
     return out
 
 
 def teacher_forced(
-    runner: ReferenceRunner, pre: Prefilled, targets: list[int], policy: SelectionPolicy,
+    runner: ReferenceRunner,
+    pre: Prefilled,
+    targets: list[int],
+    policy: SelectionPolicy,
     reference: list[torch.Tensor] | None = None,
 ) -> Forced:
     """Feed ``targets`` one by one: each position's argmax, its target's NLL and, given the

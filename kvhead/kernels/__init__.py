@@ -11,7 +11,8 @@ Every function here computes the same function as its reference in the core pack
 ``hier_select``              :func:`kvhead.core.bounds.compact.hier_select` (int8, two-level)
 ``flat_select``              :func:`kvhead.core.bounds.compact.flat_select` (int8, every page)
 ``select_pages``             one of the two above, by pages per head (the rerank entry)
-``append_bounds``            :meth:`kvhead.core.bounds.live.LiveBounds.append` (int8 bounds on append)
+``append_bounds``            :meth:`kvhead.core.bounds.live.LiveBounds.append` (int8 bounds on
+append)
 =========================  ==============================================================
 
 Dispatch: Triton runs when the tensors are on CUDA, or anywhere when Triton's interpreter is on
@@ -113,8 +114,11 @@ def hier_select(
 
 
 def flat_select(
-    query: torch.Tensor, pages: _ref_compact.CompactBounds, block_table: torch.Tensor,
-    num_pages: torch.Tensor, top_k: int,
+    query: torch.Tensor,
+    pages: _ref_compact.CompactBounds,
+    block_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    top_k: int,
 ) -> torch.Tensor:
     """Top-``top_k`` pages by int8 bound, every page scored; newest page always kept."""
     if not triton_active(query):
@@ -143,10 +147,14 @@ def select_pages(
     read only on the two-level path; callers that keep them only when ``plan_selection`` says
     so may pass None otherwise.
     """
-    num_super = _ref_compact.plan_selection(block_table.shape[1], top_k, group,
-                                            flat_max_pages=flat_max_pages,
-                                            rows=block_table.shape[0] * pages.qmin.shape[1],
-                                            flat_max_boxes=flat_max_boxes)
+    num_super = _ref_compact.plan_selection(
+        block_table.shape[1],
+        top_k,
+        group,
+        flat_max_pages=flat_max_pages,
+        rows=block_table.shape[0] * pages.qmin.shape[1],
+        flat_max_boxes=flat_max_boxes,
+    )
     if num_super is None:
         return flat_select(query, pages, block_table, num_pages, top_k)
     if supers is None:
@@ -158,7 +166,10 @@ def select_pages(
 
 
 def update_bounds(
-    bounds: _ref_pages.PageBounds, keys: torch.Tensor, slot_mapping: torch.Tensor, page_size: int,
+    bounds: _ref_pages.PageBounds,
+    keys: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    page_size: int,
 ) -> None:
     """Fold appended keys ``[T, Hkv, D]`` at flat slots into ``bounds`` (in place).
 
@@ -173,8 +184,9 @@ def update_bounds(
     kernel(bounds.kmin, bounds.kmax, keys, slot_mapping, page_size)
 
 
-def append_bounds(live: _ref_live.LiveBounds, keys: torch.Tensor, slots: torch.Tensor,
-                  positions: torch.Tensor) -> None:
+def append_bounds(
+    live: _ref_live.LiveBounds, keys: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor
+) -> None:
     """Fold one decode key per row ``[B, Hkv, D]`` into ``live``'s open boxes (in place); pages
     and groups the key closes get their int8 bounds, bit-identical to a build from scratch."""
     if not triton_active(keys):

@@ -19,7 +19,8 @@ from kvhead.models.resolve import installed_models, model_path, resolve_model
 from kvhead.models.store import models_dir
 
 app = typer.Typer(
-    name="models", help="Pull, list and locate models (bf16 Hugging Face folders).",
+    name="models",
+    help="Pull, list and locate models (bf16 Hugging Face folders).",
     no_args_is_help=True,
 )
 _T = TypeVar("_T")
@@ -35,10 +36,15 @@ def _run(action: Callable[[], _T]) -> _T:
 
 @app.command()
 def pull(
-    name_or_path: Annotated[str, typer.Argument(
-        help="Registry name, local Hugging Face folder, or local .gguf file.")],
-    force: Annotated[bool, typer.Option(
-        "--force", help="Convert again even if the cache already holds a verified copy.")] = False,
+    name_or_path: Annotated[
+        str, typer.Argument(help="Registry name, local Hugging Face folder, or local .gguf file.")
+    ],
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Convert again even if the cache already holds a verified copy."
+        ),
+    ] = False,
 ) -> None:
     """Make a model available locally and print its folder."""
     path = _run(lambda: resolve_model(name_or_path, force=force))
@@ -55,8 +61,13 @@ def list_models() -> None:
         table.add_column(column, no_wrap=True)
     table.add_column("description")
     for name, entry in sorted(REGISTRY.items()):
-        table.add_row(name, "yes" if name in installed else "no", str(entry.context_length),
-                      entry.requirement, entry.description)
+        table.add_row(
+            name,
+            "yes" if name in installed else "no",
+            str(entry.context_length),
+            entry.requirement,
+            entry.description,
+        )
     for name in sorted(set(installed) - set(REGISTRY)):
         table.add_row(name, "yes", "", "local .gguf", "")
     Console().print(table)

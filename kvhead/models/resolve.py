@@ -86,7 +86,8 @@ def installed_models() -> dict[str, Path]:
     if not root.is_dir():
         return {}
     return {
-        p.name: p for p in sorted(root.iterdir())
+        p.name: p
+        for p in sorted(root.iterdir())
         if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_NAME).is_file()
     }
 
@@ -118,8 +119,13 @@ def _convert_into_cache(
 @contextmanager
 def _progress(total: int) -> Iterator[Callable[[str], None]]:
     """A step counter on stderr: each call finishes the previous step and names the next."""
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-               TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
         task = progress.add_task("pull", total=total)
         started = False

@@ -103,8 +103,11 @@ def write_manifest(folder: Path, name: str, source: str, source_sha256: str) -> 
         if p.is_file() and p.name != MANIFEST_NAME
     }
     manifest = Manifest(
-        name=name, source=source, source_sha256=source_sha256,
-        created=datetime.now(UTC).isoformat(timespec="seconds"), files=files,
+        name=name,
+        source=source,
+        source_sha256=source_sha256,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        files=files,
     )
     (folder / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
     return manifest
@@ -119,7 +122,9 @@ def read_manifest(folder: Path) -> Manifest:
         raise ModelError(f"{folder} has no {MANIFEST_NAME}; remove it and pull again") from None
     except ValidationError as err:
         first = err.errors()[0]["msg"]
-        raise ModelError(f"{path} is unreadable ({first}); remove {folder} and pull again") from None
+        raise ModelError(
+            f"{path} is unreadable ({first}); remove {folder} and pull again"
+        ) from None
 
 
 def verify_manifest(folder: Path) -> Manifest:

@@ -77,8 +77,16 @@ def _build_tokenizer(vocab_size: int) -> Tokenizer:
 
 
 def _random_weights(
-    *, num_layers: int, hidden: int, intermediate: int, num_q_heads: int, num_kv_heads: int,
-    head_dim: int, vocab_size: int, seed: int, dtype: torch.dtype,
+    *,
+    num_layers: int,
+    hidden: int,
+    intermediate: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    vocab_size: int,
+    seed: int,
+    dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
     """Llama tensors under Hugging Face names, drawn in a fixed order from one seeded generator.
 
@@ -126,8 +134,9 @@ def build_tiny_llama(
     (float32 by default, so reference-vs-sparse comparisons are not blurred by rounding).
     """
     if num_q_heads % num_kv_heads:
-        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads "
-                         f"({num_kv_heads})")
+        raise ValueError(
+            f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+        )
     if vocab_size < _MIN_VOCAB:
         raise ValueError(f"vocab_size must be at least {_MIN_VOCAB} (256 bytes + specials)")
     if dtype not in _DTYPES:
@@ -164,14 +173,23 @@ def build_tiny_llama(
         "dtype": dtype,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {"bos_token_id": ids[BOS_TOKEN], "eos_token_id": ids[EOS_TOKEN],
-                  "pad_token_id": ids[BOS_TOKEN]}
+    generation = {
+        "bos_token_id": ids[BOS_TOKEN],
+        "eos_token_id": ids[EOS_TOKEN],
+        "pad_token_id": ids[BOS_TOKEN],
+    }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
     weights = _random_weights(
-        num_layers=num_layers, hidden=hidden, intermediate=intermediate,
-        num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-        vocab_size=vocab_size, seed=seed, dtype=_DTYPES[dtype],
+        num_layers=num_layers,
+        hidden=hidden,
+        intermediate=intermediate,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        vocab_size=vocab_size,
+        seed=seed,
+        dtype=_DTYPES[dtype],
     )
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     _save_tokenizer(tok, out, max_position_embeddings)

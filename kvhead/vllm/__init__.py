@@ -3,7 +3,8 @@
 Enable it with one option plus settings::
 
     --attention-backend CUSTOM --no-enable-prefix-caching --block-size 16 \\
-    --additional-config '{"kvhead": {"profile": "profile.json", "top_k": 64, "rerank_interval": 16}}'
+    --additional-config '{"kvhead": {"profile": "profile.json", "top_k": 64, "rerank_interval":
+    16}}'
 
 vLLM calls :func:`register` in every process it starts, so it does nothing costly: it points
 vLLM's ``CUSTOM`` backend slot at :class:`~kvhead.vllm.backend.FlexiCacheBackend` (a

@@ -51,15 +51,24 @@ class FlexiMetadata:
 
 
 class FlexiCacheMetadataBuilder(CPUAttentionMetadataBuilder):
-    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
-                 vllm_config: VllmConfig, device: torch.device) -> None:
+    def __init__(
+        self,
+        kv_cache_spec: AttentionSpec,
+        layer_names: list[str],
+        vllm_config: VllmConfig,
+        device: torch.device,
+    ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         runtime = current()
         if runtime is not None and vllm_config.cache_config.num_gpu_blocks:
             runtime.ensure_arena(vllm_config.cache_config.num_gpu_blocks)
 
-    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
-              fast_build: bool = False) -> FlexiMetadata:
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> FlexiMetadata:
         m = common_attn_metadata
         runtime = current()
         starts = m.query_start_loc.long()
@@ -71,12 +80,18 @@ class FlexiCacheMetadataBuilder(CPUAttentionMetadataBuilder):
         decode_table = table[decode].contiguous()
         rows, step_blocks = runtime.plan_step(seq_lens, table, decode, prefill)
         return FlexiMetadata(
-            num_actual_tokens=m.num_actual_tokens, slot_mapping=m.slot_mapping,
-            seq_lens=seq_lens, block_table=table, prefill_rows=prefill,
-            prefill_tokens=[torch.arange(int(starts[r]), int(starts[r + 1]))
-                            for r in prefill.tolist()],
-            decode_tokens=starts[decode], decode_table=decode_table,
-            decode_seq_lens=seq_lens[decode].contiguous(), decode_rows=rows,
+            num_actual_tokens=m.num_actual_tokens,
+            slot_mapping=m.slot_mapping,
+            seq_lens=seq_lens,
+            block_table=table,
+            prefill_rows=prefill,
+            prefill_tokens=[
+                torch.arange(int(starts[r]), int(starts[r + 1])) for r in prefill.tolist()
+            ],
+            decode_tokens=starts[decode],
+            decode_table=decode_table,
+            decode_seq_lens=seq_lens[decode].contiguous(),
+            decode_rows=rows,
             step_blocks=step_blocks,
         )
 
@@ -84,23 +99,35 @@ class FlexiCacheMetadataBuilder(CPUAttentionMetadataBuilder):
 class FlexiCacheImpl(CPUAttentionBackendImpl):
     """Decoder self-attention with resident heads in vLLM's cache and stable heads pooled."""
 
-    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
-                 *args, **kwargs) -> None:
+    def __init__(
+        self, num_heads: int, head_size: int, scale: float, num_kv_heads: int, *args, **kwargs
+    ) -> None:
         super().__init__(num_heads, head_size, scale, num_kv_heads, *args, **kwargs)
         config = get_current_vllm_config()
         if self.sliding_window != -1 or self.alibi_slopes is not None or self.sinks is not None:
-            raise ValueError("kvhead FlexiCache supports plain causal attention only "
-                             "(no sliding window, ALiBi or sinks)")
+            raise ValueError(
+                "kvhead FlexiCache supports plain causal attention only "
+                "(no sliding window, ALiBi or sinks)"
+            )
         dtype, block = config.model_config.dtype, config.cache_config.block_size
         # prefill stages into scratch blocks of stock's CPU size (32: vLLM's AMX kernel)
         prefill_block = PREFILL_BLOCK if PREFILL_BLOCK % block == 0 else block
         self.runtime: FlexiRuntime = init_runtime(
-            config, _get_attn_isa(dtype, prefill_block, head_size), prefill_block)
+            config, _get_attn_isa(dtype, prefill_block, head_size), prefill_block
+        )
 
-    def forward(self, layer: AttentionLayer, query: torch.Tensor, key: torch.Tensor,
-                value: torch.Tensor, kv_cache: torch.Tensor, attn_metadata: FlexiMetadata | None,
-                output: torch.Tensor, output_scale: torch.Tensor | None = None,
-                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: FlexiMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if attn_metadata is None:  # vLLM's warm-up and profiling runs carry no metadata
             return output
         flexi = self.runtime.layer(extract_layer_index(layer.layer_name), kv_cache.shape[0])
@@ -110,11 +137,27 @@ class FlexiCacheImpl(CPUAttentionBackendImpl):
         q, out = query[:count], output[:count]
         if m.prefill_tokens:
             rows = m.prefill_rows
-            flexi.prefill(q, out, m.prefill_tokens, m.seq_lens[rows], m.block_table[rows],
-                          kv_cache, self.scale)
+            flexi.prefill(
+                q,
+                out,
+                m.prefill_tokens,
+                m.seq_lens[rows],
+                m.block_table[rows],
+                kv_cache,
+                self.scale,
+            )
         if m.decode_tokens.numel():
-            flexi.decode(q, out, m.decode_tokens, m.decode_seq_lens, m.decode_table, kv_cache,
-                         self.scale, m.decode_rows, m.step_blocks)
+            flexi.decode(
+                q,
+                out,
+                m.decode_tokens,
+                m.decode_seq_lens,
+                m.decode_table,
+                kv_cache,
+                self.scale,
+                m.decode_rows,
+                m.step_blocks,
+            )
         return output
 
 

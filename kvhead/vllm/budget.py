@@ -10,7 +10,8 @@ bytes to get its block count) is wrapped: it still asks vLLM for the budget, the
 
     blocks = (budget - hot_pool - plugin_fixed) // (kv_bytes_per_block + plugin_bytes_per_block)
 
-(the hot pool never exceeds every stable page of every block, see :class:`BudgetSplit`), so vLLM's cache plus everything the plugin allocates stays inside the budget.
+(the hot pool never exceeds every stable page of every block, see :class:`BudgetSplit`), so
+vLLM's cache plus everything the plugin allocates stays inside the budget.
 """
 
 from __future__ import annotations
@@ -39,9 +40,16 @@ class BudgetSplit:
     num_blocks: int  # blocks vLLM gets
 
     @classmethod
-    def solve(cls, budget: int, *, kv_bytes_per_block: int, plugin_bytes_per_block: int,
-              plugin_fixed_bytes: int, pool_bytes_per_block: int = 0,
-              pool_max_blocks: int = 0) -> BudgetSplit:
+    def solve(
+        cls,
+        budget: int,
+        *,
+        kv_bytes_per_block: int,
+        plugin_bytes_per_block: int,
+        plugin_fixed_bytes: int,
+        pool_bytes_per_block: int = 0,
+        pool_max_blocks: int = 0,
+    ) -> BudgetSplit:
         """The largest block count whose cache and plugin memory fit ``budget``."""
         per_block = kv_bytes_per_block + plugin_bytes_per_block
         free = budget - plugin_fixed_bytes
@@ -54,8 +62,15 @@ class BudgetSplit:
                 f"(open-page table and hot pool, sized from max_num_seqs) plus two blocks; "
                 "raise the KV budget or lower max_num_seqs, top_k or hot_pool_pages"
             )
-        return cls(budget, kv_bytes_per_block, plugin_bytes_per_block, plugin_fixed_bytes,
-                   pool_bytes_per_block, pool_max_blocks, blocks)
+        return cls(
+            budget,
+            kv_bytes_per_block,
+            plugin_bytes_per_block,
+            plugin_fixed_bytes,
+            pool_bytes_per_block,
+            pool_max_blocks,
+            blocks,
+        )
 
     @property
     def pool_bytes(self) -> int:
@@ -68,14 +83,19 @@ class BudgetSplit:
 
     @property
     def plugin_bytes(self) -> int:
-        return (self.plugin_fixed_bytes + self.num_blocks * self.plugin_bytes_per_block
-                + self.pool_bytes)
+        return (
+            self.plugin_fixed_bytes
+            + self.num_blocks * self.plugin_bytes_per_block
+            + self.pool_bytes
+        )
 
     def describe(self) -> str:
         mib = 2**20
-        return (f"kvhead KV budget {self.budget / mib:.1f} MiB = vLLM cache "
-                f"{self.vllm_bytes / mib:.1f} MiB ({self.num_blocks} blocks x "
-                f"{self.kv_bytes_per_block} B) + plugin {self.plugin_bytes / mib:.1f} MiB "
-                f"(bounds and pool index {self.plugin_bytes_per_block} B/block, hot pool "
-                f"{self.pool_bytes / mib:.1f} MiB, open-page table "
-                f"{self.plugin_fixed_bytes / mib:.1f} MiB)")
+        return (
+            f"kvhead KV budget {self.budget / mib:.1f} MiB = vLLM cache "
+            f"{self.vllm_bytes / mib:.1f} MiB ({self.num_blocks} blocks x "
+            f"{self.kv_bytes_per_block} B) + plugin {self.plugin_bytes / mib:.1f} MiB "
+            f"(bounds and pool index {self.plugin_bytes_per_block} B/block, hot pool "
+            f"{self.pool_bytes / mib:.1f} MiB, open-page table "
+            f"{self.plugin_fixed_bytes / mib:.1f} MiB)"
+        )

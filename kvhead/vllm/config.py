@@ -37,29 +37,38 @@ class FlexiCacheSettings(SelectionOptions):
     """
 
     profile: Path | None = Field(
-        default=None, description="Head profile JSON (kvhead profile) of this exact model. None: "
-        "the shipped or user profile whose fingerprint matches the model.")
+        default=None,
+        description="Head profile JSON (kvhead profile) of this exact model. None: "
+        "the shipped or user profile whose fingerprint matches the model.",
+    )
     page_size: int | None = Field(
-        default=None, gt=0,
+        default=None,
+        gt=0,
         description="Tokens per page; must equal vLLM's --block-size (None: take vLLM's).",
     )
     host_arena_gib: float | None = Field(
-        default=None, gt=0, description="Host arena for stable-head pages, GiB (all layers). "
-        "None: exactly what vLLM's cache needs (its blocks x layers x stable heads).")
+        default=None,
+        gt=0,
+        description="Host arena for stable-head pages, GiB (all layers). "
+        "None: exactly what vLLM's cache needs (its blocks x layers x stable heads).",
+    )
     max_resident_heads_per_layer: int | None = Field(
-        default=None, ge=0,
+        default=None,
+        ge=0,
         description="Cap on the KV heads a layer keeps in vLLM's cache. None: exactly the "
         "profile's unstable heads (layers may differ; a layer with none keeps no cache). A "
         "smaller value treats a crowded layer's least unstable extra heads as stable, trading "
         "accuracy for memory.",
     )
     decode_kernel_threads: int | None = Field(
-        default=None, gt=0,
+        default=None,
+        gt=0,
         description="Threads for the native decode step of a layer (None: vLLM's, the cores "
         "its CPU worker pins). The step runs (sequence, kv head) pairs in parallel.",
     )
     hot_pool_pages: int | None = Field(
-        default=None, gt=0,
+        default=None,
+        gt=0,
         description="Device hot-pool pages per layer (None: max_num_seqs * stable heads * "
         "(K + tail pages per rerank window)).",
     )
@@ -67,17 +76,25 @@ class FlexiCacheSettings(SelectionOptions):
     @model_validator(mode="after")
     def _plugin_can_serve(self) -> FlexiCacheSettings:
         if self.rerank_lag:
-            raise ValueError("rerank_lag is an evaluation option; the plugin applies reranks at once")
+            raise ValueError(
+                "rerank_lag is an evaluation option; the plugin applies reranks at once"
+            )
         if self.dense_heads != "profile":
-            raise ValueError("dense_heads must be 'profile': the plugin keeps the profile's "
-                             "unstable heads (and leading_layers) in vLLM's cache")
+            raise ValueError(
+                "dense_heads must be 'profile': the plugin keeps the profile's "
+                "unstable heads (and leading_layers) in vLLM's cache"
+            )
         if (not is_spec(self) or self.compensate) and not self.unstable_dense:
-            raise ValueError("sink_pages, recent_pages, group_score, bound_weight, "
-                             "head_budgets and compensate shape what stable heads attend to "
-                             "and need unstable_dense")
+            raise ValueError(
+                "sink_pages, recent_pages, group_score, bound_weight, "
+                "head_budgets and compensate shape what stable heads attend to "
+                "and need unstable_dense"
+            )
         if self.sink_pages + self.recent_pages > self.top_k:
-            raise ValueError(f"sink_pages + recent_pages ({self.sink_pages} + "
-                             f"{self.recent_pages}) must fit in top_k ({self.top_k})")
+            raise ValueError(
+                f"sink_pages + recent_pages ({self.sink_pages} + "
+                f"{self.recent_pages}) must fit in top_k ({self.top_k})"
+            )
         return self
 
 
@@ -138,18 +155,25 @@ class HeadSplit:
         return int((~self.resident_mask).sum())
 
     @classmethod
-    def from_profile(cls, profile: HeadProfile, cap: int | None = None,
-                     leading_layers: int = 0, count: int | None = None) -> HeadSplit:
+    def from_profile(
+        cls,
+        profile: HeadProfile,
+        cap: int | None = None,
+        leading_layers: int = 0,
+        count: int | None = None,
+    ) -> HeadSplit:
         """The profile's unstable heads (``count`` of them, default all), every head of the first
         ``leading_layers`` taking the places of its least unstable picks
         (:meth:`HeadProfile.unstable_mask`), at most ``cap`` per layer (the most unstable kept)."""
         if not 0 <= leading_layers <= profile.num_layers:
-            raise FlexiCacheConfigError(f"leading_layers must be in [0, {profile.num_layers}], "
-                                        f"got {leading_layers}")
+            raise FlexiCacheConfigError(
+                f"leading_layers must be in [0, {profile.num_layers}], got {leading_layers}"
+            )
         if leading_layers and cap is not None and cap < profile.num_kv_heads:
             raise FlexiCacheConfigError(
                 f"max_resident_heads_per_layer {cap} cannot keep the {profile.num_kv_heads} kv "
-                "heads of each leading layer in vLLM's cache; lower leading_layers or the cap")
+                "heads of each leading layer in vLLM's cache; lower leading_layers or the cap"
+            )
         try:
             mask = profile.unstable_mask(leading_layers, count).bool()
         except ValueError as err:
@@ -175,8 +199,9 @@ class HeadSplit:
         return cls(mask)
 
 
-def stable_budgets(settings: FlexiCacheSettings, profile: HeadProfile,
-                   split: HeadSplit) -> torch.Tensor | None:
+def stable_budgets(
+    settings: FlexiCacheSettings, profile: HeadProfile, split: HeadSplit
+) -> torch.Tensor | None:
     """Page budgets ``[L, Hkv]`` of the stable heads with ``head_budgets`` (else None): they
     share ``top_k`` pages each by the profile's coverage curves, as in ``kvhead eval``."""
     try:
@@ -186,16 +211,26 @@ def stable_budgets(settings: FlexiCacheSettings, profile: HeadProfile,
 
 
 def check_model(
-    settings: FlexiCacheSettings, model_dir: str | Path, *, num_layers: int, num_kv_heads: int,
-    block_size: int, prefix_caching: bool,
+    settings: FlexiCacheSettings,
+    model_dir: str | Path,
+    *,
+    num_layers: int,
+    num_kv_heads: int,
+    block_size: int,
+    prefix_caching: bool,
 ) -> HeadProfile:
     """Load the profile and refuse settings that cannot work with this model and vLLM config."""
     config_json = Path(model_dir) / "config.json"
     if settings.profile is None:
         try:
-            return _checked(settings, profile_for_model(model_dir), num_layers=num_layers,
-                            num_kv_heads=num_kv_heads, block_size=block_size,
-                            prefix_caching=prefix_caching)
+            return _checked(
+                settings,
+                profile_for_model(model_dir),
+                num_layers=num_layers,
+                num_kv_heads=num_kv_heads,
+                block_size=block_size,
+                prefix_caching=prefix_caching,
+            )
         except ProfileError as err:
             raise FlexiCacheConfigError(f"kvhead: {err}") from None
     if not settings.profile.is_file():
@@ -203,20 +238,34 @@ def check_model(
     try:
         profile = HeadProfile.load(settings.profile)
     except (ValueError, OSError) as err:
-        raise FlexiCacheConfigError(f"kvhead head profile {settings.profile} is unreadable: "
-                                    f"{err}") from None
+        raise FlexiCacheConfigError(
+            f"kvhead head profile {settings.profile} is unreadable: {err}"
+        ) from None
     if config_json.is_file() and profile.model_fingerprint != model_fingerprint(model_dir):
         raise FlexiCacheConfigError(
             f"head profile {settings.profile} was taken on another model (fingerprint "
             f"{profile.model_fingerprint}, this model {model_fingerprint(model_dir)}); "
             f"profile this model with `kvhead profile`"
         )
-    return _checked(settings, profile, num_layers=num_layers, num_kv_heads=num_kv_heads,
-                    block_size=block_size, prefix_caching=prefix_caching)
+    return _checked(
+        settings,
+        profile,
+        num_layers=num_layers,
+        num_kv_heads=num_kv_heads,
+        block_size=block_size,
+        prefix_caching=prefix_caching,
+    )
 
 
-def _checked(settings: FlexiCacheSettings, profile: HeadProfile, *, num_layers: int,
-             num_kv_heads: int, block_size: int, prefix_caching: bool) -> HeadProfile:
+def _checked(
+    settings: FlexiCacheSettings,
+    profile: HeadProfile,
+    *,
+    num_layers: int,
+    num_kv_heads: int,
+    block_size: int,
+    prefix_caching: bool,
+) -> HeadProfile:
     """``profile`` once the geometry and vLLM's cache settings agree with it."""
     if (profile.num_layers, profile.num_kv_heads) != (num_layers, num_kv_heads):
         raise FlexiCacheConfigError(

@@ -32,11 +32,18 @@ class DeviceBounds:
     unstable heads' rows.
     """
 
-    def __init__(self, num_blocks: int, num_kv_heads: int, head_dim: int, open_slots: int,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        num_kv_heads: int,
+        head_dim: int,
+        open_slots: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.head_dim = head_dim
-        self.box = torch.zeros(num_kv_heads, num_blocks, 2 * head_dim, dtype=torch.int8,
-                               device=device)
+        self.box = torch.zeros(
+            num_kv_heads, num_blocks, 2 * head_dim, dtype=torch.int8, device=device
+        )
         self.scale = torch.zeros(num_kv_heads, num_blocks, device=device)
         open_shape = (open_slots, num_kv_heads, head_dim)
         self.open_min = torch.zeros(open_shape, device=device)
@@ -47,8 +54,7 @@ class DeviceBounds:
 
     @property
     def nbytes(self) -> int:
-        parts = (self.box, self.scale, self.open_min, self.open_max, self.open_tag,
-                 self.open_used)
+        parts = (self.box, self.scale, self.open_min, self.open_max, self.open_tag, self.open_used)
         return sum(t.numel() * t.element_size() for t in parts)
 
     @staticmethod
@@ -130,21 +136,30 @@ class DeviceBounds:
             need = need[: lru.numel()]
             evicted = lru[self.open_tag[lru] >= 0]
             if evicted.numel():  # their pages lose the exact box: settle it first
-                self._settle(self.open_tag[evicted], self.open_min[evicted],
-                             self.open_max[evicted])
+                self._settle(self.open_tag[evicted], self.open_min[evicted], self.open_max[evicted])
             held[need] = lru
             self.open_tag[lru], self.open_used[lru] = blocks[need], self.clock
         return held
 
-    def select(self, query: torch.Tensor, block_table: torch.Tensor, num_pages: torch.Tensor,
-               top_k: int | torch.Tensor, heads: torch.Tensor | None = None, *,
-               sink_pages: int = 0, recent_pages: int = 1, group_score: str = "max",
-               bound_weight: float = 1.0) -> torch.Tensor:
+    def select(
+        self,
+        query: torch.Tensor,
+        block_table: torch.Tensor,
+        num_pages: torch.Tensor,
+        top_k: int | torch.Tensor,
+        heads: torch.Tensor | None = None,
+        *,
+        sink_pages: int = 0,
+        recent_pages: int = 1,
+        group_score: str = "max",
+        bound_weight: float = 1.0,
+    ) -> torch.Tensor:
         """Top-K logical pages ``[B, Hkv, K]`` of decode queries ``[B, Hq, D]`` (ascending, -1
         padded); only ``heads`` (when given) are scored, the others get -1 rows.
 
         Scores and forced pages follow :func:`kvhead.core.pages.score_pages` and
-        :func:`~kvhead.core.pages.select_top_k` (``top_k`` may be per-head budgets ``[Hkv]``), on the
+        :func:`~kvhead.core.pages.select_top_k` (``top_k`` may be per-head budgets ``[Hkv]``), on
+        the
         dequantised int8 boxes.
         """
         batch, num_q_heads, head_dim = query.shape
@@ -152,8 +167,7 @@ class DeviceBounds:
         largest = int(top_k.max()) if isinstance(top_k, torch.Tensor) else top_k
         k = min(largest, block_table.shape[1])
         if heads is not None and heads.numel() == 0:
-            return torch.full((batch, num_kv_heads, k), PAD, dtype=torch.int64,
-                              device=query.device)
+            return torch.full((batch, num_kv_heads, k), PAD, dtype=torch.int64, device=query.device)
         q = query.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
         table = block_table.long().clamp_min(0)
         if heads is None:
@@ -171,12 +185,15 @@ class DeviceBounds:
         # the concatenated box (w = 1 gives Quest's relu(q).kmax + min(q, 0).kmin exactly).
         spread = bound_weight * q.abs()
         q2 = torch.cat([(q + spread) / 2, (q - spread) / 2], dim=-1).transpose(0, 1)  # [h,B,G,2D]
-        raw = torch.bmm(q2.reshape(num_heads * batch, -1, 2 * head_dim),
-                        box.view(num_heads * batch, width, 2 * head_dim).transpose(1, 2))
+        raw = torch.bmm(
+            q2.reshape(num_heads * batch, -1, 2 * head_dim),
+            box.view(num_heads * batch, width, 2 * head_dim).transpose(1, 2),
+        )
         per_query = (raw.view(num_heads, batch, -1, width) * scale).transpose(0, 1)  # [B,h,G,W]
         scores = combine_group(per_query, num_pages, group_score, head_dim)
-        top = select_top_k(scores, top_k, num_pages, sink_pages=sink_pages,
-                           recent_pages=recent_pages)
+        top = select_top_k(
+            scores, top_k, num_pages, sink_pages=sink_pages, recent_pages=recent_pages
+        )
         if num_heads == num_kv_heads:
             return top
         full = top.new_full((batch, num_kv_heads, top.shape[2]), PAD)

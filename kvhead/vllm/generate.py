@@ -20,14 +20,28 @@ import typer
 app = typer.Typer(add_completion=False)
 
 
-def engine_kwargs(model: str, kvhead: dict | None, *, block_size: int, max_model_len: int,
-                  max_num_seqs: int, kv_cache_bytes: int | None, dtype: str = "auto",
-                  in_process: bool = False) -> dict:
+def engine_kwargs(
+    model: str,
+    kvhead: dict | None,
+    *,
+    block_size: int,
+    max_model_len: int,
+    max_num_seqs: int,
+    kv_cache_bytes: int | None,
+    dtype: str = "auto",
+    in_process: bool = False,
+) -> dict:
     """Arguments for ``vllm.LLM``: identical for stock and kvhead apart from the backend."""
     kwargs = {
-        "model": model, "dtype": dtype, "block_size": block_size, "max_model_len": max_model_len,
-        "max_num_seqs": max_num_seqs, "enforce_eager": True, "enable_prefix_caching": False,
-        "seed": 0, "max_num_batched_tokens": max(max_model_len, 2048),
+        "model": model,
+        "dtype": dtype,
+        "block_size": block_size,
+        "max_model_len": max_model_len,
+        "max_num_seqs": max_num_seqs,
+        "enforce_eager": True,
+        "enable_prefix_caching": False,
+        "seed": 0,
+        "max_num_batched_tokens": max(max_model_len, 2048),
     }
     if in_process:  # the worker runs here, so the FlexiCache runtime can be read afterwards
         kwargs["distributed_executor_backend"] = "uni"
@@ -41,7 +55,9 @@ def engine_kwargs(model: str, kvhead: dict | None, *, block_size: int, max_model
 
 @app.command()
 def main(
-    model: Path, prompts: Path, out: Path,
+    model: Path,
+    prompts: Path,
+    out: Path,
     kvhead: Annotated[
         Path | None, typer.Option(help="JSON file with the kvhead settings; stock if absent.")
     ] = None,
@@ -58,9 +74,18 @@ def main(
     from vllm import LLM, SamplingParams
 
     settings = json.loads(kvhead.read_text()) if kvhead else None
-    llm = LLM(**engine_kwargs(str(model), settings, block_size=block_size,
-                              max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                              kv_cache_bytes=kv_cache_bytes, dtype=dtype, in_process=in_process))
+    llm = LLM(
+        **engine_kwargs(
+            str(model),
+            settings,
+            block_size=block_size,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            kv_cache_bytes=kv_cache_bytes,
+            dtype=dtype,
+            in_process=in_process,
+        )
+    )
     token_prompts = [{"prompt_token_ids": ids} for ids in json.loads(prompts.read_text())]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
     start = time.perf_counter()

@@ -20,8 +20,14 @@ class HotPool:
     """Fixed-capacity slot allocator plus the page tensor of one layer."""
 
     def __init__(
-        self, capacity: int, num_blocks: int, num_stable: int, page_size: int, head_dim: int,
-        dtype: torch.dtype, device: torch.device | str = "cpu",
+        self,
+        capacity: int,
+        num_blocks: int,
+        num_stable: int,
+        page_size: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.capacity = capacity
         self.pages = torch.zeros(capacity, 1, page_size, 2 * head_dim, dtype=dtype, device=device)

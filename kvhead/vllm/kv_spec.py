@@ -41,12 +41,14 @@ def flexicache_layers(vllm_config) -> dict:
     from kvhead.vllm.backend import FlexiCacheImpl
 
     layers = vllm_config.compilation_config.static_forward_context
-    return {name: layer for name, layer in layers.items()
-            if isinstance(layer, Attention) and isinstance(layer.impl, FlexiCacheImpl)}
+    return {
+        name: layer
+        for name, layer in layers.items()
+        if isinstance(layer, Attention) and isinstance(layer.impl, FlexiCacheImpl)
+    }
 
 
-def per_layer_specs(specs: dict, split: HeadSplit, shared: dict[str, str],
-                    layers: dict) -> dict:
+def per_layer_specs(specs: dict, split: HeadSplit, shared: dict[str, str], layers: dict) -> dict:
     """Specs with each FlexiCache layer cut to its resident heads; head-less layers move to
     ``shared`` (layer -> layer whose cache they read) and out of the returned specs."""
     counts = split.resident_per_layer

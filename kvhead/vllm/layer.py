@@ -48,7 +48,8 @@ class LayerStats:
 @dataclass(frozen=True)
 class StableRanking:
     """How stable heads rank pages at a rerank (the flexicache+ options of
-    :func:`kvhead.core.pages.score_pages` / :func:`~kvhead.core.pages.select_top_k`; the defaults are the
+    :func:`kvhead.core.pages.score_pages` / :func:`~kvhead.core.pages.select_top_k`; the defaults
+    are the
     spec's ranking); scored natively from the int8 boxes (``select_pages``, equal to
     :meth:`DeviceBounds.select`), 1 step in R."""
 
@@ -74,15 +75,19 @@ class SelectionStore:
         need = int(rows.slots.max()) + 1 if rows.slots.numel() else 0
         if need > self.epoch.shape[0]:  # slots are handed out densely: grow to the new one
             grow = need - self.epoch.shape[0]
-            self.selected = torch.cat([self.selected, self.selected.new_full(
-                (grow, *self.selected.shape[1:]), -1)])
-            self.anchor = torch.cat([self.anchor, self.anchor.new_zeros(grow, self.anchor.shape[1])])
+            self.selected = torch.cat(
+                [self.selected, self.selected.new_full((grow, *self.selected.shape[1:]), -1)]
+            )
+            self.anchor = torch.cat(
+                [self.anchor, self.anchor.new_zeros(grow, self.anchor.shape[1])]
+            )
             self.epoch = torch.cat([self.epoch, self.epoch.new_full((grow,), -1)])
         due = rows.due | (self.epoch[rows.slots] != rows.epochs)
         return self.selected[rows.slots], self.anchor[rows.slots], due
 
-    def put(self, rows: DecodeRows, which: torch.Tensor, selected: torch.Tensor,
-            anchor: torch.Tensor) -> None:
+    def put(
+        self, rows: DecodeRows, which: torch.Tensor, selected: torch.Tensor, anchor: torch.Tensor
+    ) -> None:
         """Keep the new sets of rows ``which`` (a mask over ``rows``)."""
         slots = rows.slots[which]
         self.selected[slots] = selected[which]
@@ -94,11 +99,28 @@ class FlexiLayer:
     """State and data movement of one decoder layer."""
 
     def __init__(
-        self, layer: int, resident: torch.Tensor, stable: torch.Tensor, *, num_kv_heads: int,
-        group: int, num_blocks: int, page_size: int, head_dim: int, dtype: torch.dtype,
-        prefill_isa: str, arena: PageStore, pool_pages: int, open_pages: int, top_k: int,
-        rerank_interval: int, resident_dense: bool = False, kernel_threads: int | None = None,
-        ranking: StableRanking, prefill_block: int | None = None, summaries: bool = False,
+        self,
+        layer: int,
+        resident: torch.Tensor,
+        stable: torch.Tensor,
+        *,
+        num_kv_heads: int,
+        group: int,
+        num_blocks: int,
+        page_size: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        prefill_isa: str,
+        arena: PageStore,
+        pool_pages: int,
+        open_pages: int,
+        top_k: int,
+        rerank_interval: int,
+        resident_dense: bool = False,
+        kernel_threads: int | None = None,
+        ranking: StableRanking,
+        prefill_block: int | None = None,
+        summaries: bool = False,
     ) -> None:
         self.layer, self.page_size, self.group = layer, page_size, group
         self.resident, self.stable = resident.long(), stable.long()
@@ -118,10 +140,13 @@ class FlexiLayer:
         self.stable_index[self.stable] = torch.arange(len(stable))
         self.bounds = DeviceBounds(num_blocks, num_kv_heads, head_dim, open_pages)
         self.pool = HotPool(pool_pages, num_blocks, len(stable), page_size, head_dim, dtype)
-        # summary tokens (kvhead.core.summaries): per-page mean values of the stable heads, which are
+        # summary tokens (kvhead.core.summaries): per-page mean values of the stable heads, which
+        # are
         # the only heads that skip pages ([blocks, stable heads, D] in the cache's dtype, kept
         # by the native writer); empty when off (the native decode's switch)
-        means_shape = (num_blocks, len(stable), head_dim) if summaries and len(stable) else (0, 0, 0)
+        means_shape = (
+            (num_blocks, len(stable), head_dim) if summaries and len(stable) else (0, 0, 0)
+        )
         self.value_means = torch.zeros(means_shape, dtype=dtype)
         self.arena = arena
         self.kernel_threads = kernel_threads  # decode threads (None: torch's, i.e. vLLM's)
@@ -137,7 +162,11 @@ class FlexiLayer:
 
     # -- writes ------------------------------------------------------------------------------
     def write(
-        self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor,
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        slots: torch.Tensor,
+        cache: torch.Tensor,
         keep: torch.Tensor,
     ) -> None:
         """Store new tokens ``[T, Hkv, D]`` at vLLM slots: resident heads to vLLM's cache,
@@ -160,29 +189,58 @@ class FlexiLayer:
         with one_thread():
             self._write(key.contiguous(), value.contiguous(), listed, cache, keep)
 
-    def _write(self, key: torch.Tensor, value: torch.Tensor, listed: list[int],
-               cache: torch.Tensor, keep: torch.Tensor) -> None:
+    def _write(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        listed: list[int],
+        cache: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> None:
         page, num_stable = self.page_size, len(self.stable)
         slots = torch.tensor(listed, dtype=torch.int64)
         b = self.bounds
         b.clock += 1
-        self._native.update_bounds(key, slots, page, b.box, b.scale, b.open_min, b.open_max,
-                                   b.open_tag, b.open_used, b.clock)
+        self._native.update_bounds(
+            key,
+            slots,
+            page,
+            b.box,
+            b.scale,
+            b.open_min,
+            b.open_max,
+            b.open_tag,
+            b.open_used,
+            b.clock,
+        )
         opened = {s // page for s in listed if s % page == 0}
         if num_stable and opened:  # a reused block: its old pages are stale
             self.pool.release_blocks(torch.tensor(sorted(opened), dtype=torch.int64))
             newest = sorted(opened - {s // page for s in listed if s % page == page - 1})
             if newest:
                 blocks = torch.tensor(newest, dtype=torch.int64)
-                self._allocate(blocks.repeat_interleave(num_stable),
-                               torch.arange(num_stable).repeat(len(newest)), keep)
-        self._native.write_tokens(key, value, slots, cache, self.res_index, self.pool.pages,
-                                  self.pool.slot_of, self.stable_index, self.value_means)
+                self._allocate(
+                    blocks.repeat_interleave(num_stable),
+                    torch.arange(num_stable).repeat(len(newest)),
+                    keep,
+                )
+        self._native.write_tokens(
+            key,
+            value,
+            slots,
+            cache,
+            self.res_index,
+            self.pool.pages,
+            self.pool.slot_of,
+            self.stable_index,
+            self.value_means,
+        )
         if num_stable:
             self._stage_arena(key[:, self.stable], value[:, self.stable], slots, listed)
 
-    def _stage_arena(self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
-                     listed: list[int]) -> None:
+    def _stage_arena(
+        self, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, listed: list[int]
+    ) -> None:
         """Queue stable-head tokens for the arena (``listed``: ``slots`` as ints); a slot
         written twice flushes the first write (writes to distinct slots commute, so only a
         rewrite needs the order kept)."""
@@ -211,7 +269,11 @@ class FlexiLayer:
         self._write_arena(key, value, slots // self.page_size, slots % self.page_size)
 
     def _write_arena(
-        self, key: torch.Tensor, value: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        blocks: torch.Tensor,
+        offsets: torch.Tensor,
     ) -> None:
         """Read-modify-write the touched pages: the arena stores whole pages."""
         num_stable = len(self.stable)
@@ -229,13 +291,20 @@ class FlexiLayer:
     def _keys(self, blocks: torch.Tensor) -> PageKeys:
         """Arena keys of every stable head of ``blocks``, block-major."""
         num_stable = len(self.stable)
-        return PageKeys(self.layer, blocks.repeat_interleave(num_stable),
-                        self.stable.repeat(len(blocks)))
+        return PageKeys(
+            self.layer, blocks.repeat_interleave(num_stable), self.stable.repeat(len(blocks))
+        )
 
     # -- attention ---------------------------------------------------------------------------
     def prefill(
-        self, query: torch.Tensor, out: torch.Tensor, tokens: list[torch.Tensor],
-        seq_lens: torch.Tensor, block_table: torch.Tensor, cache: torch.Tensor, scale: float,
+        self,
+        query: torch.Tensor,
+        out: torch.Tensor,
+        tokens: list[torch.Tensor],
+        seq_lens: torch.Tensor,
+        block_table: torch.Tensor,
+        cache: torch.Tensor,
+        scale: float,
     ) -> None:
         """Dense causal attention for prefill rows; ``tokens[r]`` are row r's token indices.
 
@@ -255,10 +324,12 @@ class FlexiLayer:
         base = [0]
         for count in row_blocks:
             base.append(base[-1] + count)
-        slots = torch.cat([base[r] * block + torch.arange(n * page)
-                           for r, n in enumerate(num_pages)])
-        scratch = torch.empty(base[-1], self.num_kv_heads, block, 2 * self.head_dim,
-                              dtype=cache.dtype)
+        slots = torch.cat(
+            [base[r] * block + torch.arange(n * page) for r, n in enumerate(num_pages)]
+        )
+        scratch = torch.empty(
+            base[-1], self.num_kv_heads, block, 2 * self.head_dim, dtype=cache.dtype
+        )
         # A row's last block is only partly written; vLLM's kernel multiplies its masked tail
         # by zero weights, so it must hold finite values (0 x NaN garbage is NaN).
         scratch[torch.tensor(base[1:]) - 1] = 0
@@ -275,8 +346,11 @@ class FlexiLayer:
         paged_attention(q, scratch, o, starts, seq_lens, table, scale, self.prefill_isa)
         out[all_tokens] = o.view(len(all_tokens), *out.shape[1:])
 
-    def _stage_pages(self, blocks: torch.Tensor, cache: torch.Tensor,
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stage_pages(
+        self,
+        blocks: torch.Tensor,
+        cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[N, P, Hkv, D]`` of every head of ``blocks``."""
         n, page, dim = len(blocks), self.page_size, self.head_dim
         k = torch.empty(n, page, self.num_kv_heads, dim, dtype=cache.dtype)
@@ -294,9 +368,16 @@ class FlexiLayer:
         return k, v
 
     def decode(
-        self, query: torch.Tensor, out: torch.Tensor, rows_token: torch.Tensor,
-        seq_lens: torch.Tensor, block_table: torch.Tensor, cache: torch.Tensor, scale: float,
-        rows: DecodeRows, keep: torch.Tensor,
+        self,
+        query: torch.Tensor,
+        out: torch.Tensor,
+        rows_token: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_table: torch.Tensor,
+        cache: torch.Tensor,
+        scale: float,
+        rows: DecodeRows,
+        keep: torch.Tensor,
     ) -> None:
         """One decode step for rows whose single query token is ``rows_token[r]``.
 
@@ -321,30 +402,64 @@ class FlexiLayer:
             lost = self._decode_step(q, o, cache, block_table, seq_lens, selected, anchor, scale)
             if lost:  # pages left the pool under pressure: copy them back in, attend again
                 self._recover(lost, rows, block_table, seq_lens, selected, anchor, keep)
-                lost = self._decode_step(q, o, cache, block_table, seq_lens, selected, anchor, scale)
+                lost = self._decode_step(
+                    q, o, cache, block_table, seq_lens, selected, anchor, scale
+                )
                 if lost:
                     raise RuntimeError(
                         f"kvhead: layer {self.layer}: {lost} attended stable pages of requests "
-                        f"{', '.join(rows.req_ids)} are not in the hot pool after recovery")
+                        f"{', '.join(rows.req_ids)} are not in the hot pool after recovery"
+                    )
             set_threads(1)
             if not direct:
                 out[rows_token] = o.view(batch, *out.shape[1:])
             self.stats.decode_steps += 1
 
-    def _decode_step(self, q: torch.Tensor, o: torch.Tensor, cache: torch.Tensor,
-                     block_table: torch.Tensor, seq_lens: torch.Tensor, selected: torch.Tensor,
-                     anchor: torch.Tensor, scale: float) -> int:
+    def _decode_step(
+        self,
+        q: torch.Tensor,
+        o: torch.Tensor,
+        cache: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        selected: torch.Tensor,
+        anchor: torch.Tensor,
+        scale: float,
+    ) -> int:
         """The native decode of every row and head; returns how many attended stable pages were
         not in the pool (those rows' outputs are not written then)."""
         b = self.bounds
         return self._native.decode_step(
-            q, o, cache, self.res_index, self.pool.pages, self.pool.slot_of, self.stable_index,
-            block_table, seq_lens, b.box, b.scale, selected, anchor, self.top_k,
-            self.resident_dense, scale, self.stats.page_steps, self.value_means)
+            q,
+            o,
+            cache,
+            self.res_index,
+            self.pool.pages,
+            self.pool.slot_of,
+            self.stable_index,
+            block_table,
+            seq_lens,
+            b.box,
+            b.scale,
+            selected,
+            anchor,
+            self.top_k,
+            self.resident_dense,
+            scale,
+            self.stats.page_steps,
+            self.value_means,
+        )
 
-    def _recover(self, lost: int, rows: DecodeRows, block_table: torch.Tensor,
-                 seq_lens: torch.Tensor, selected: torch.Tensor, anchor: torch.Tensor,
-                 keep: torch.Tensor) -> None:
+    def _recover(
+        self,
+        lost: int,
+        rows: DecodeRows,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        selected: torch.Tensor,
+        anchor: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> None:
         """Copy every attended stable page that is not in the pool back in from the arena, for
         the rows that miss one, and say whose they were."""
         num_pages = (seq_lens + self.page_size - 1) // self.page_size
@@ -353,15 +468,27 @@ class FlexiLayer:
         table = block_table[:, :width].long().clamp_min(0)
         held = self.pool.slot_of[table].permute(0, 2, 1) >= 0  # [B, S, width]
         short = (attended & ~held).flatten(1).any(1).nonzero().flatten()
-        logger.warning("kvhead: layer %d: %d attended stable pages of requests %s were not in "
-                       "the hot pool; copying them in from the host arena", self.layer, lost,
-                       ", ".join(rows.req_ids[i] for i in short.tolist()))
-        self._make_resident(selected[short], anchor[short], block_table[short].contiguous(),
-                            num_pages[short], keep)
+        logger.warning(
+            "kvhead: layer %d: %d attended stable pages of requests %s were not in "
+            "the hot pool; copying them in from the host arena",
+            self.layer,
+            lost,
+            ", ".join(rows.req_ids[i] for i in short.tolist()),
+        )
+        self._make_resident(
+            selected[short], anchor[short], block_table[short].contiguous(), num_pages[short], keep
+        )
 
-    def _rerank(self, q: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                selected: torch.Tensor, anchor: torch.Tensor, due: torch.Tensor,
-                keep: torch.Tensor) -> None:
+    def _rerank(
+        self,
+        q: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_table: torch.Tensor,
+        selected: torch.Tensor,
+        anchor: torch.Tensor,
+        due: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> None:
         """Stable heads of rows ``due`` pick a new top-K (in place in ``selected``/``anchor``);
         the pool drops their pages no longer attended and copies in only the new ones (their
         tail is just the newest page, part of the new top-K)."""
@@ -372,16 +499,28 @@ class FlexiLayer:
         sel, anc = pick(selected), pick(anchor)
         num_pages = (seq_lens + self.page_size - 1) // self.page_size
         b, r = self.bounds, self.ranking
-        self._native.select_pages(q, b.box, b.scale, block_table, num_pages, self.stable,
-                                  r.budgets, r.sink_pages, r.recent_pages,
-                                  r.group_score == "softmax", r.bound_weight, sel)
+        self._native.select_pages(
+            q,
+            b.box,
+            b.scale,
+            block_table,
+            num_pages,
+            self.stable,
+            r.budgets,
+            r.sink_pages,
+            r.recent_pages,
+            r.group_score == "softmax",
+            r.bound_weight,
+            sel,
+        )
         anc[:, self.stable] = num_pages.view(-1, 1)
         if not whole:
             selected[idx], anchor[idx] = sel, anc
         self._make_resident(sel, anc, block_table, num_pages, keep)
 
-    def _attended(self, selected: torch.Tensor, anchor: torch.Tensor, num_pages: torch.Tensor,
-                  width: int) -> torch.Tensor:
+    def _attended(
+        self, selected: torch.Tensor, anchor: torch.Tensor, num_pages: torch.Tensor, width: int
+    ) -> torch.Tensor:
         """Pages ``[B, S, width]`` the native decode attends for each stable head: its set's
         pages before the tail, then every page from the one partial at the rerank."""
         ids = selected[:, self.stable]
@@ -390,9 +529,14 @@ class FlexiLayer:
         chosen = page_mask(ids.masked_fill(ids >= start, -1), width)
         return (chosen | (pages >= start)) & (pages < num_pages.view(-1, 1, 1))
 
-    def _make_resident(self, selected: torch.Tensor, anchor: torch.Tensor,
-                       block_table: torch.Tensor, num_pages: torch.Tensor,
-                       keep: torch.Tensor) -> None:
+    def _make_resident(
+        self,
+        selected: torch.Tensor,
+        anchor: torch.Tensor,
+        block_table: torch.Tensor,
+        num_pages: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> None:
         """Make the hot pool hold exactly the pages these rows' stable heads attend (and no
         other page of their sequences): drop the others, copy in only the missing ones."""
         width = int(num_pages.max())
@@ -416,8 +560,9 @@ class FlexiLayer:
             pool[fresh, 1] = got.v.reshape(len(fresh), -1).to(pool.dtype)
             self.stats.promoted_pages += len(fresh)
 
-    def _allocate(self, blocks: torch.Tensor, heads: torch.Tensor,
-                  keep: torch.Tensor) -> torch.Tensor:
+    def _allocate(
+        self, blocks: torch.Tensor, heads: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
         """Pool slots for pages ``(blocks[i], heads[i])``; when the pool is full, pages of blocks
         this step does not touch (requests waiting or preempted) make room first: they come back
         from the arena when their request runs again."""
@@ -425,6 +570,9 @@ class FlexiLayer:
             return self.pool.allocate(blocks, heads)
         except HotPoolFullError:
             freed = self.pool.release_unreferenced(keep)
-            logger.info("kvhead: layer %d: hot pool full, released %d pages of idle requests",
-                        self.layer, freed)
+            logger.info(
+                "kvhead: layer %d: hot pool full, released %d pages of idle requests",
+                self.layer,
+                freed,
+            )
             return self.pool.allocate(blocks, heads)

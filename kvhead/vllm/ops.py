@@ -51,7 +51,11 @@ def split_kv(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def write_cache(
-    cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, isa: str,
+    cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slots: torch.Tensor,
+    isa: str,
 ) -> None:
     """Write ``key``/``value`` ``[T, heads, D]`` at flat slots ``block * page + offset``."""
     key_cache, value_cache = split_kv(cache)
@@ -81,14 +85,31 @@ def paged_attention(
     query_start_loc = query_start_loc.to(torch.int32)
     block_table = block_table.to(torch.int32)
     meta = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=num_rows, num_heads=query.shape[1], num_kv_heads=cache.shape[1],
-        head_dim=query.shape[2], seq_lens=seq_lens, dtype=query.dtype,
-        query_start_loc=query_start_loc, causal=True, sliding_window_size=-1, isa=isa,
+        num_reqs=num_rows,
+        num_heads=query.shape[1],
+        num_kv_heads=cache.shape[1],
+        head_dim=query.shape[2],
+        seq_lens=seq_lens,
+        dtype=query.dtype,
+        query_start_loc=query_start_loc,
+        causal=True,
+        sliding_window_size=-1,
+        isa=isa,
         enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
     )
     ops.cpu_attention_with_kv_cache(
-        query=query, key_cache=key_cache, value_cache=value_cache, output=out,
-        query_start_loc=query_start_loc, seq_lens=seq_lens, scale=scale, causal=True,
-        alibi_slopes=None, sliding_window=-1, block_table=block_table,
-        softcap=0.0, scheduler_metadata=meta, s_aux=None,
+        query=query,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        output=out,
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+        scale=scale,
+        causal=True,
+        alibi_slopes=None,
+        sliding_window=-1,
+        block_table=block_table,
+        softcap=0.0,
+        scheduler_metadata=meta,
+        s_aux=None,
     )

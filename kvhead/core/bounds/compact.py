@@ -101,16 +101,22 @@ def num_super_pages(max_pages: int, group: int) -> int:
     return -(-max_pages // group)
 
 
-def default_num_super(top_k: int, group: int = DEFAULT_GROUP,
-                      candidates_per_k: int = DEFAULT_CANDIDATES_PER_K) -> int:
+def default_num_super(
+    top_k: int, group: int = DEFAULT_GROUP, candidates_per_k: int = DEFAULT_CANDIDATES_PER_K
+) -> int:
     """Super-pages to keep so that ``candidates_per_k x top_k`` pages get page scores."""
     return max(1, -(-candidates_per_k * top_k // group))
 
 
-def plan_selection(max_pages: int, top_k: int, group: int = DEFAULT_GROUP,
-                   candidates_per_k: int = DEFAULT_CANDIDATES_PER_K,
-                   flat_max_pages: int = FLAT_MAX_PAGES, rows: int | None = None,
-                   flat_max_boxes: int = FLAT_MAX_BOXES) -> int | None:
+def plan_selection(
+    max_pages: int,
+    top_k: int,
+    group: int = DEFAULT_GROUP,
+    candidates_per_k: int = DEFAULT_CANDIDATES_PER_K,
+    flat_max_pages: int = FLAT_MAX_PAGES,
+    rows: int | None = None,
+    flat_max_boxes: int = FLAT_MAX_BOXES,
+) -> int | None:
     """Super-pages to keep for a two-level selection over ``max_pages`` pages, or None: flat.
 
     Flat when the pages per head are few, when the kept super-pages would hold every page
@@ -126,7 +132,10 @@ def plan_selection(max_pages: int, top_k: int, group: int = DEFAULT_GROUP,
 
 
 def build_super_bounds(
-    bounds: PageBounds, block_table: torch.Tensor, num_pages: torch.Tensor, group: int,
+    bounds: PageBounds,
+    block_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    group: int,
 ) -> CompactBounds:
     """Super-page bounds ``[B, Hkv, S]`` (S = ceil(max_pages / G)) from fp32 page bounds.
 
@@ -137,7 +146,10 @@ def build_super_bounds(
 
 
 def fold_super_boxes(
-    bounds: PageBounds, block_table: torch.Tensor, num_pages: torch.Tensor, group: int,
+    bounds: PageBounds,
+    block_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    group: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact fp32 super-page boxes ``(kmin, kmax)`` ``[B, Hkv, S, D]`` (what gets quantised)."""
     if group <= 0:
@@ -155,22 +167,29 @@ def fold_super_boxes(
         v = v.amin(2) if reduce == "min" else v.amax(2)
         return v.permute(0, 2, 1, 3)  # [B, Hkv, S, D]
 
-    return fold(bounds.kmin.float(), float("inf"), "min"), fold(bounds.kmax.float(),
-                                                                 float("-inf"), "max")
+    return fold(bounds.kmin.float(), float("inf"), "min"), fold(
+        bounds.kmax.float(), float("-inf"), "max"
+    )
 
 
-def _bound_scores(query: torch.Tensor, qmin: torch.Tensor, qmax: torch.Tensor,
-                  scale: torch.Tensor) -> torch.Tensor:
+def _bound_scores(
+    query: torch.Tensor, qmin: torch.Tensor, qmax: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
     """Quest bound ``[B, Hkv, ..., N]``, max over the GQA group, for int8 boxes [B, Hkv, N, D]."""
     batch, num_q_heads, head_dim = query.shape
     num_kv_heads = qmin.shape[1]
     q = query.float().view(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
-    raw = q.clamp_min(0) @ qmax.float().transpose(-1, -2) + q.clamp_max(0) @ qmin.float().transpose(-1, -2)
+    raw = q.clamp_min(0) @ qmax.float().transpose(-1, -2) + q.clamp_max(0) @ qmin.float().transpose(
+        -1, -2
+    )
     return (raw * scale.unsqueeze(2)).amax(dim=2)
 
 
 def score_compact_pages(
-    query: torch.Tensor, pages: CompactBounds, block_table: torch.Tensor, num_pages: torch.Tensor,
+    query: torch.Tensor,
+    pages: CompactBounds,
+    block_table: torch.Tensor,
+    num_pages: torch.Tensor,
 ) -> torch.Tensor:
     """Like :func:`kvhead.core.pages.score_pages` on int8 page bounds: ``[B, Hkv, max_pages]``."""
     table = block_table.long().clamp_min(0)
@@ -182,16 +201,27 @@ def score_compact_pages(
     return scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
 
 
-def flat_select(query: torch.Tensor, pages: CompactBounds, block_table: torch.Tensor,
-                num_pages: torch.Tensor, top_k: int) -> torch.Tensor:
+def flat_select(
+    query: torch.Tensor,
+    pages: CompactBounds,
+    block_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    top_k: int,
+) -> torch.Tensor:
     """Top-K pages by int8 bound, every page scored (newest forced), like ``select_top_k``."""
-    return select_top_k(score_compact_pages(query, pages, block_table, num_pages), top_k,
-                        num_pages)
+    return select_top_k(score_compact_pages(query, pages, block_table, num_pages), top_k, num_pages)
 
 
-def check_hier_args(query: torch.Tensor, pages: CompactBounds, supers: CompactBounds,
-                    block_table: torch.Tensor, num_pages: torch.Tensor, top_k: int, group: int,
-                    num_super: int) -> None:
+def check_hier_args(
+    query: torch.Tensor,
+    pages: CompactBounds,
+    supers: CompactBounds,
+    block_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    top_k: int,
+    group: int,
+    num_super: int,
+) -> None:
     """Clear errors for shapes and parameters that cannot work (shared with the kernel)."""
     batch, num_q_heads, head_dim = query.shape
     if top_k <= 0 or group <= 0 or num_super <= 0:
@@ -200,19 +230,31 @@ def check_hier_args(query: torch.Tensor, pages: CompactBounds, supers: CompactBo
         raise ValueError(f"{num_super} super-pages of {group} pages cannot hold top_k={top_k}")
     num_kv_heads = pages.qmin.shape[1]
     if pages.qmin.shape[-1] != head_dim or num_q_heads % num_kv_heads:
-        raise ValueError(f"page bounds {tuple(pages.qmin.shape)} do not fit query {tuple(query.shape)}")
+        raise ValueError(
+            f"page bounds {tuple(pages.qmin.shape)} do not fit query {tuple(query.shape)}"
+        )
     groups = num_super_pages(block_table.shape[1], group)
     want = (batch, num_kv_heads, groups, head_dim)
     if tuple(supers.qmin.shape) != want or tuple(supers.scale.shape) != want[:3]:
-        raise ValueError(f"super bounds {tuple(supers.qmin.shape)} should be {want} (group {group})")
+        raise ValueError(
+            f"super bounds {tuple(supers.qmin.shape)} should be {want} (group {group})"
+        )
     if block_table.shape[0] != batch or num_pages.shape != (batch,):
-        raise ValueError(f"block_table {tuple(block_table.shape)} / num_pages "
-                         f"{tuple(num_pages.shape)} do not match batch {batch}")
+        raise ValueError(
+            f"block_table {tuple(block_table.shape)} / num_pages "
+            f"{tuple(num_pages.shape)} do not match batch {batch}"
+        )
 
 
 def hier_select(
-    query: torch.Tensor, pages: CompactBounds, supers: CompactBounds, block_table: torch.Tensor,
-    num_pages: torch.Tensor, top_k: int, group: int, num_super: int,
+    query: torch.Tensor,
+    pages: CompactBounds,
+    supers: CompactBounds,
+    block_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    top_k: int,
+    group: int,
+    num_super: int,
 ) -> torch.Tensor:
     """Two-level top-K: ``[B, Hkv, min(top_k, max_pages)]`` logical pages, ascending, -1 padded.
 
@@ -224,8 +266,9 @@ def hier_select(
     return select_in_super_pages(query, pages, sup_ids, block_table, num_pages, top_k, group)
 
 
-def super_page_scores(query: torch.Tensor, supers: CompactBounds, num_pages: torch.Tensor,
-                      group: int) -> torch.Tensor:
+def super_page_scores(
+    query: torch.Tensor, supers: CompactBounds, num_pages: torch.Tensor, group: int
+) -> torch.Tensor:
     """Bound scores ``[B, Hkv, S]`` of the super-pages; past the sequence -inf, newest +inf."""
     num_groups = (num_pages.long() + group - 1) // group
     scores = _bound_scores(query, supers.qmin, supers.qmax, supers.scale)
@@ -235,16 +278,22 @@ def super_page_scores(query: torch.Tensor, supers: CompactBounds, num_pages: tor
     return scores.scatter(2, newest, float("inf"))
 
 
-def select_super_pages(query: torch.Tensor, supers: CompactBounds, num_pages: torch.Tensor,
-                       group: int, num_super: int) -> torch.Tensor:
+def select_super_pages(
+    query: torch.Tensor, supers: CompactBounds, num_pages: torch.Tensor, group: int, num_super: int
+) -> torch.Tensor:
     """First level: top-``num_super`` super-page ids ``[B, Hkv, M]``, ascending, -1 padded."""
     num_groups = (num_pages.long() + group - 1) // group
     return select_top_k(super_page_scores(query, supers, num_pages, group), num_super, num_groups)
 
 
 def select_in_super_pages(
-    query: torch.Tensor, pages: CompactBounds, sup_ids: torch.Tensor, block_table: torch.Tensor,
-    num_pages: torch.Tensor, top_k: int, group: int,
+    query: torch.Tensor,
+    pages: CompactBounds,
+    sup_ids: torch.Tensor,
+    block_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    top_k: int,
+    group: int,
 ) -> torch.Tensor:
     """Second level: top-``top_k`` pages among those of the super-pages ``sup_ids``."""
     max_pages = block_table.shape[1]
@@ -255,8 +304,9 @@ def select_in_super_pages(
     table = block_table.long().clamp_min(0)
     blocks = table.gather(1, cand.clamp(0, max_pages - 1).flatten(1)).view(cand.shape)
     heads = _heads(blocks)
-    scores = _bound_scores(query, pages.qmin[blocks, heads], pages.qmax[blocks, heads],
-                           pages.scale[blocks, heads])
+    scores = _bound_scores(
+        query, pages.qmin[blocks, heads], pages.qmax[blocks, heads], pages.scale[blocks, heads]
+    )
     scores = scores.masked_fill(~ok, float("-inf"))
     scores = scores.masked_fill(cand == (num_pages.view(-1, 1, 1) - 1), float("inf"))
     k = min(top_k, max_pages, scores.shape[2])

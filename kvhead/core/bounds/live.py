@@ -48,28 +48,48 @@ class LiveBounds:
     group: int
 
     @classmethod
-    def empty(cls, num_blocks: int, batch: int, max_pages: int, num_kv_heads: int,
-              head_dim: int, page_size: int, group: int | None,
-              device: torch.device | str = "cpu") -> LiveBounds:
+    def empty(
+        cls,
+        num_blocks: int,
+        batch: int,
+        max_pages: int,
+        num_kv_heads: int,
+        head_dim: int,
+        page_size: int,
+        group: int | None,
+        device: torch.device | str = "cpu",
+    ) -> LiveBounds:
         """Zeroed bounds (scale 0: empty boxes) for ``batch`` rows of up to ``max_pages``."""
+
         def compact(*lead: int) -> CompactBounds:
             return CompactBounds(
                 qmin=torch.zeros(*lead, head_dim, dtype=torch.int8, device=device),
                 qmax=torch.zeros(*lead, head_dim, dtype=torch.int8, device=device),
-                scale=torch.zeros(*lead, device=device))
+                scale=torch.zeros(*lead, device=device),
+            )
 
         supers = None
         if group is not None:
             supers = compact(batch, num_kv_heads, num_super_pages(max_pages, group))
         shape = (batch, 2, num_kv_heads, head_dim)
-        return cls(pages=compact(num_blocks, num_kv_heads), supers=supers,
-                   open_min=torch.full(shape, float("inf"), device=device),
-                   open_max=torch.full(shape, float("-inf"), device=device),
-                   page_size=page_size, group=group or 1)
+        return cls(
+            pages=compact(num_blocks, num_kv_heads),
+            supers=supers,
+            open_min=torch.full(shape, float("inf"), device=device),
+            open_max=torch.full(shape, float("-inf"), device=device),
+            page_size=page_size,
+            group=group or 1,
+        )
 
     @classmethod
-    def from_bounds(cls, bounds: PageBounds, block_table: torch.Tensor, seq_lens: torch.Tensor,
-                    page_size: int, group: int | None) -> LiveBounds:
+    def from_bounds(
+        cls,
+        bounds: PageBounds,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        page_size: int,
+        group: int | None,
+    ) -> LiveBounds:
         """Start from fp32 page bounds (after prefill): quantise every page, fold and quantise
         the super-pages, and keep the exact boxes of each row's newest page and group."""
         num_pages = (seq_lens.long() + page_size - 1) // page_size
@@ -84,8 +104,14 @@ class LiveBounds:
             supers = CompactBounds.quantize(kmin, kmax)
             open_min[:, SUPER] = kmin[rows, :, newest // group]
             open_max[:, SUPER] = kmax[rows, :, newest // group]
-        return cls(pages=CompactBounds.from_pages(bounds), supers=supers, open_min=open_min,
-                   open_max=open_max, page_size=page_size, group=group or 1)
+        return cls(
+            pages=CompactBounds.from_pages(bounds),
+            supers=supers,
+            open_min=open_min,
+            open_max=open_max,
+            page_size=page_size,
+            group=group or 1,
+        )
 
     def append(self, keys: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> None:
         """Fold one key per row, ``keys [B, Hkv, D]`` written at flat ``slots [B]`` (-1: the row
@@ -115,8 +141,7 @@ class LiveBounds:
             self.supers.qmin[index], self.supers.qmax[index] = box.qmin, box.qmax
             self.supers.scale[index] = box.scale
 
-    def _fold(self, rows: torch.Tensor, which: int, key: torch.Tensor,
-              start: torch.Tensor) -> None:
+    def _fold(self, rows: torch.Tensor, which: int, key: torch.Tensor, start: torch.Tensor) -> None:
         """Min/max-fold ``key`` into the rows' open boxes; ``start`` rows begin a new box."""
         start = start.view(-1, 1, 1)
         lo, hi = self.open_min[rows, which], self.open_max[rows, which]

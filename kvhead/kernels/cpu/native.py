@@ -8,7 +8,8 @@ per-step work in three calls per layer and runs sequences x heads on torch's own
 
 The module is compiled with torch's extension builder (g++ and ninja, ~1 min once) into
 ``$KVHEAD_HOME/torch_extensions/flexi_cpu-<digest>`` and reused by every later process;
-``-march=native`` because it is built on the machine that runs it. The kernels own the layout of every cache they touch
+``-march=native`` because it is built on the machine that runs it. The kernels own the layout of
+every cache they touch
 (vLLM's allocation for the resident heads, the hot pool): per block and head, keys transposed
 ``[D][P]`` then values ``[P][D]`` (vLLM's own CPU layout for 16-token blocks, which keeps one
 page's 16 scores of a query row in one AVX-512 register). vLLM's kernels never read those
@@ -49,8 +50,14 @@ def kernels() -> ModuleType:
     build = kvhead_home() / "torch_extensions" / f"flexi_cpu-{digest}"
     build.mkdir(parents=True, exist_ok=True)
     try:
-        return load(name="kvhead_flexi_cpu", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
-                    extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+        return load(
+            name="kvhead_flexi_cpu",
+            sources=[str(_SOURCE)],
+            extra_cflags=_FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build),
+            verbose=False,
+        )
     except (RuntimeError, OSError, FileNotFoundError) as exc:
         raise NativeBuildError(
             f"kvhead: building the FlexiCache CPU kernels ({_SOURCE.name}) failed: {exc}. "

@@ -8,7 +8,8 @@ in one pass), and it makes the split even no matter how pages are padded.
 
 The whole GQA group of a KV head is one small matrix (padded to 16 rows for ``tl.dot``), so every
 K/V byte is read once per group, not once per query head. Partials (fp32 out, LSE) go through
-the exact LSE combine in :mod:`kvhead.kernels.triton.combine`, so the split count changes only speed.
+the exact LSE combine in :mod:`kvhead.kernels.triton.combine`, so the split count changes only
+speed.
 """
 
 from __future__ import annotations
@@ -45,15 +46,38 @@ _DOT_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloa
 
 @triton.jit
 def _sparse_decode_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, seq_lens_ptr, ids_ptr, part_out_ptr, part_lse_ptr,
-    scale, num_listed, tokens_per_split, num_kv_heads, head_dim,
-    stride_qb, stride_qh,
-    stride_kb, stride_kp, stride_kh,
-    stride_vb, stride_vp, stride_vh,
-    stride_tb, stride_ib, stride_ih,
-    stride_po_s, stride_pl_s,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    table_ptr,
+    seq_lens_ptr,
+    ids_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    scale,
+    num_listed,
+    tokens_per_split,
+    num_kv_heads,
+    head_dim,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kp,
+    stride_kh,
+    stride_vb,
+    stride_vp,
+    stride_vh,
+    stride_tb,
+    stride_ib,
+    stride_ih,
+    stride_po_s,
+    stride_pl_s,
+    GROUP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     bh = tl.program_id(0)
@@ -68,7 +92,8 @@ def _sparse_decode_kernel(
     q_rows = h * GROUP + offs_g
     q = tl.load(
         q_ptr + b * stride_qb + q_rows[:, None] * stride_qh + offs_d[None, :],
-        mask=g_mask[:, None] & d_mask[None, :], other=0.0,
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
     ).to(DOT_DTYPE)
     seq_len = tl.load(seq_lens_ptr + b)
     start = split * tokens_per_split
@@ -87,12 +112,18 @@ def _sparse_decode_kernel(
         valid = listed & (page * PAGE_SIZE + offset < seq_len)
         kv_mask = valid[:, None] & d_mask[None, :]
         k = tl.load(
-            k_ptr + (block * stride_kb + offset * stride_kp + h * stride_kh)[:, None]
-            + offs_d[None, :], mask=kv_mask, other=0.0,
+            k_ptr
+            + (block * stride_kb + offset * stride_kp + h * stride_kh)[:, None]
+            + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
         )
         v = tl.load(
-            v_ptr + (block * stride_vb + offset * stride_vp + h * stride_vh)[:, None]
-            + offs_d[None, :], mask=kv_mask, other=0.0,
+            v_ptr
+            + (block * stride_vb + offset * stride_vp + h * stride_vh)[:, None]
+            + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
         )
         logits = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * scale
         logits = tl.where(valid[None, :], logits, float("-inf"))
@@ -112,7 +143,8 @@ def _sparse_decode_kernel(
     lse = tl.where(covered, run_max + tl.log(tl.where(covered, run_sum, 1.0)), float("-inf"))
     row = b * num_kv_heads * GROUP + q_rows
     tl.store(
-        part_out_ptr + split * stride_po_s + row[:, None] * head_dim + offs_d[None, :], out,
+        part_out_ptr + split * stride_po_s + row[:, None] * head_dim + offs_d[None, :],
+        out,
         mask=g_mask[:, None] & d_mask[None, :],
     )
     tl.store(part_lse_ptr + split * stride_pl_s + row, lse, mask=g_mask)
@@ -154,7 +186,11 @@ def _check(query, k_cache, v_cache, block_table, seq_lens, page_ids) -> None:
 
 @functools.cache
 def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return (
+        torch.cuda.get_device_properties(device).multi_processor_count
+        if device.type == "cuda"
+        else 4
+    )
 
 
 def _num_splits(programs: int, num_tiles: int, device: torch.device, per_sm: int) -> int:
@@ -190,13 +226,15 @@ def sparse_decode_attention(
     num_listed = page_ids.shape[2]
     tile = config.tile_tokens
     num_tiles = max(1, -(-num_listed * page_size // tile))
-    splits = num_splits or _num_splits(batch * num_kv_heads, num_tiles, query.device,
-                                       config.programs_per_sm)
+    splits = num_splits or _num_splits(
+        batch * num_kv_heads, num_tiles, query.device, config.programs_per_sm
+    )
     splits = max(1, min(splits, num_tiles))
     tiles_per_split = -(-num_tiles // splits)
     splits = -(-num_tiles // tiles_per_split)
-    part_out = torch.empty(splits, batch * num_q_heads, head_dim, dtype=torch.float32,
-                           device=query.device)
+    part_out = torch.empty(
+        splits, batch * num_q_heads, head_dim, dtype=torch.float32, device=query.device
+    )
     part_lse = torch.empty(splits, batch * num_q_heads, dtype=torch.float32, device=query.device)
     if batch:
         dot_dtype = _DOT_DTYPES[k_cache.dtype]
@@ -204,17 +242,41 @@ def sparse_decode_attention(
             dot_dtype = tl.float32  # the interpreter (triton 3.9) multiplies bf16 dots wrongly
         precision = "ieee" if dot_dtype == tl.float32 else "tf32"
         _sparse_decode_kernel[(batch * num_kv_heads, splits)](
-            query, k_cache, v_cache, block_table, seq_lens, page_ids, part_out, part_lse,
-            float(scale), num_listed, tiles_per_split * tile, num_kv_heads, head_dim,
-            query.stride(0), query.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            block_table.stride(0), page_ids.stride(0), page_ids.stride(1),
-            part_out.stride(0), part_lse.stride(0),
-            GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+            query,
+            k_cache,
+            v_cache,
+            block_table,
+            seq_lens,
+            page_ids,
+            part_out,
+            part_lse,
+            float(scale),
+            num_listed,
+            tiles_per_split * tile,
+            num_kv_heads,
+            head_dim,
+            query.stride(0),
+            query.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            block_table.stride(0),
+            page_ids.stride(0),
+            page_ids.stride(1),
+            part_out.stride(0),
+            part_lse.stride(0),
+            GROUP=group,
+            BLOCK_G=max(16, triton.next_power_of_2(group)),
             BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-            PAGE_SIZE=page_size, BLOCK_N=tile, DOT_DTYPE=dot_dtype, PRECISION=precision,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            PAGE_SIZE=page_size,
+            BLOCK_N=tile,
+            DOT_DTYPE=dot_dtype,
+            PRECISION=precision,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
         )
     out, lse = combine(part_out, part_lse, out_dtype=query.dtype)
     return out.view(batch, num_q_heads, head_dim), lse.view(batch, num_q_heads)

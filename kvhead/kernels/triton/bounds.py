@@ -15,7 +15,13 @@ import triton.language as tl
 
 @triton.jit
 def _reset_kernel(
-    kmin_ptr, kmax_ptr, slots_ptr, page_size, head_dim, stride_mb, stride_mh,
+    kmin_ptr,
+    kmax_ptr,
+    slots_ptr,
+    page_size,
+    head_dim,
+    stride_mb,
+    stride_mh,
     BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -31,8 +37,16 @@ def _reset_kernel(
 
 @triton.jit
 def _fold_kernel(
-    kmin_ptr, kmax_ptr, keys_ptr, slots_ptr, page_size, head_dim,
-    stride_mb, stride_mh, stride_kt, stride_kh,
+    kmin_ptr,
+    kmax_ptr,
+    keys_ptr,
+    slots_ptr,
+    page_size,
+    head_dim,
+    stride_mb,
+    stride_mh,
+    stride_kt,
+    stride_kh,
     BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0)
@@ -40,15 +54,19 @@ def _fold_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     slot = tl.load(slots_ptr + t + offs_d * 0).to(tl.int64)
     mask = (slot >= 0) & (offs_d < head_dim)
-    key = tl.load(keys_ptr + t.to(tl.int64) * stride_kt + h * stride_kh + offs_d, mask=mask,
-                  other=0.0).to(tl.float32)
+    key = tl.load(
+        keys_ptr + t.to(tl.int64) * stride_kt + h * stride_kh + offs_d, mask=mask, other=0.0
+    ).to(tl.float32)
     meta = (slot // page_size) * stride_mb + h * stride_mh + offs_d
     tl.atomic_min(kmin_ptr + meta, key, mask=mask)
     tl.atomic_max(kmax_ptr + meta, key, mask=mask)
 
 
 def update_bounds(
-    kmin: torch.Tensor, kmax: torch.Tensor, keys: torch.Tensor, slot_mapping: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    keys: torch.Tensor,
+    slot_mapping: torch.Tensor,
     page_size: int,
 ) -> None:
     """Fold keys ``[T, Hkv, D]`` written at flat slots into fp32 bounds ``[num_blocks, Hkv, D]``."""
@@ -69,10 +87,27 @@ def update_bounds(
     grid = (num_tokens, num_kv_heads)
     block_d = triton.next_power_of_2(head_dim)
     _reset_kernel[grid](
-        kmin, kmax, slot_mapping, page_size, head_dim, kmin.stride(0), kmin.stride(1),
-        BLOCK_D=block_d, num_warps=1,
+        kmin,
+        kmax,
+        slot_mapping,
+        page_size,
+        head_dim,
+        kmin.stride(0),
+        kmin.stride(1),
+        BLOCK_D=block_d,
+        num_warps=1,
     )
     _fold_kernel[grid](
-        kmin, kmax, keys, slot_mapping, page_size, head_dim, kmin.stride(0), kmin.stride(1),
-        keys.stride(0), keys.stride(1), BLOCK_D=block_d, num_warps=1,
+        kmin,
+        kmax,
+        keys,
+        slot_mapping,
+        page_size,
+        head_dim,
+        kmin.stride(0),
+        kmin.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        BLOCK_D=block_d,
+        num_warps=1,
     )

@@ -58,13 +58,37 @@ def _fold_open(min_ptr, max_ptr, key, start, live):
 
 @triton.jit
 def _append_kernel(
-    keys_ptr, slots_ptr, pos_ptr, omin_ptr, omax_ptr,
-    pmin_ptr, pmax_ptr, pscale_ptr, smin_ptr, smax_ptr, sscale_ptr,
-    page_size, group, head_dim,
-    stride_kb, stride_kh, stride_ob, stride_ow, stride_oh,
-    stride_pb, stride_ph, stride_psb, stride_psh,
-    stride_sb, stride_sh, stride_ss, stride_ssb, stride_ssh, stride_sss,
-    HAS_SUPER: tl.constexpr, BLOCK_D: tl.constexpr,
+    keys_ptr,
+    slots_ptr,
+    pos_ptr,
+    omin_ptr,
+    omax_ptr,
+    pmin_ptr,
+    pmax_ptr,
+    pscale_ptr,
+    smin_ptr,
+    smax_ptr,
+    sscale_ptr,
+    page_size,
+    group,
+    head_dim,
+    stride_kb,
+    stride_kh,
+    stride_ob,
+    stride_ow,
+    stride_oh,
+    stride_pb,
+    stride_ph,
+    stride_psb,
+    stride_psh,
+    stride_sb,
+    stride_sh,
+    stride_ss,
+    stride_ssb,
+    stride_ssh,
+    stride_sss,
+    HAS_SUPER: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -76,8 +100,9 @@ def _append_kernel(
     live = (slot >= 0) & d_mask
     offset = pos % page_size
     page = pos // page_size
-    key = tl.load(keys_ptr + b * stride_kb + h * stride_kh + offs_d, mask=live,
-                  other=0.0).to(tl.float32)
+    key = tl.load(keys_ptr + b * stride_kb + h * stride_kh + offs_d, mask=live, other=0.0).to(
+        tl.float32
+    )
     first = offs_d == 0
 
     box = b * stride_ob + h * stride_oh + offs_d
@@ -87,31 +112,44 @@ def _append_kernel(
     at = (slot // page_size) * stride_pb + h * stride_ph
     tl.store(pmin_ptr + at + offs_d, qmin, mask=closes)
     tl.store(pmax_ptr + at + offs_d, qmax, mask=closes)
-    tl.store(pscale_ptr + (slot // page_size) * stride_psb + h * stride_psh + offs_d * 0,
-             scale + tl.zeros([BLOCK_D], tl.float32), mask=closes & first)
+    tl.store(
+        pscale_ptr + (slot // page_size) * stride_psb + h * stride_psh + offs_d * 0,
+        scale + tl.zeros([BLOCK_D], tl.float32),
+        mask=closes & first,
+    )
     if HAS_SUPER:
         box += stride_ow
-        lo, hi = _fold_open(omin_ptr + box, omax_ptr + box, key,
-                            (offset == 0) & (page % group == 0), live)
+        lo, hi = _fold_open(
+            omin_ptr + box, omax_ptr + box, key, (offset == 0) & (page % group == 0), live
+        )
         closes = closes & (page % group == group - 1)
         qmin, qmax, scale = _quantize_box(lo, hi, d_mask)
         at = b * stride_sb + h * stride_sh + (page // group) * stride_ss
         tl.store(smin_ptr + at + offs_d, qmin, mask=closes)
         tl.store(smax_ptr + at + offs_d, qmax, mask=closes)
-        tl.store(sscale_ptr + b * stride_ssb + h * stride_ssh + (page // group) * stride_sss,
-                 scale + tl.zeros([BLOCK_D], tl.float32), mask=closes & first)
+        tl.store(
+            sscale_ptr + b * stride_ssb + h * stride_ssh + (page // group) * stride_sss,
+            scale + tl.zeros([BLOCK_D], tl.float32),
+            mask=closes & first,
+        )
 
 
-def append_bounds(live: LiveBounds, keys: torch.Tensor, slots: torch.Tensor,
-                  positions: torch.Tensor) -> None:
+def append_bounds(
+    live: LiveBounds, keys: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor
+) -> None:
     """Triton :meth:`LiveBounds.append`: one key per row, ``keys [B, Hkv, D]``."""
     batch, num_kv_heads, head_dim = keys.shape
     pages, supers = live.pages, live.supers
-    if live.open_min.shape != (batch, 2, num_kv_heads, head_dim) or slots.shape != (batch,) \
-            or positions.shape != (batch,):
-        raise ValueError(f"append_bounds: keys {tuple(keys.shape)}, slots {tuple(slots.shape)}, "
-                         f"positions {tuple(positions.shape)} do not fit open boxes "
-                         f"{tuple(live.open_min.shape)}")
+    if (
+        live.open_min.shape != (batch, 2, num_kv_heads, head_dim)
+        or slots.shape != (batch,)
+        or positions.shape != (batch,)
+    ):
+        raise ValueError(
+            f"append_bounds: keys {tuple(keys.shape)}, slots {tuple(slots.shape)}, "
+            f"positions {tuple(positions.shape)} do not fit open boxes "
+            f"{tuple(live.open_min.shape)}"
+        )
     if live.open_min.stride() != live.open_max.stride() or live.open_min.stride(3) != 1:
         raise ValueError("append_bounds: open boxes must share a layout with contiguous dim")
     for c in (pages, supers):
@@ -122,15 +160,44 @@ def append_bounds(live: LiveBounds, keys: torch.Tensor, slots: torch.Tensor,
     keys = keys if keys.stride(2) == 1 else keys.contiguous()
     slots, positions = slots.contiguous(), positions.contiguous()
     sup = supers if supers is not None else pages  # placeholder pointers when flat only
-    s_strides = ((sup.qmin.stride(0), sup.qmin.stride(1), sup.qmin.stride(2),
-                  sup.scale.stride(0), sup.scale.stride(1), sup.scale.stride(2))
-                 if supers is not None else (0,) * 6)
+    s_strides = (
+        (
+            sup.qmin.stride(0),
+            sup.qmin.stride(1),
+            sup.qmin.stride(2),
+            sup.scale.stride(0),
+            sup.scale.stride(1),
+            sup.scale.stride(2),
+        )
+        if supers is not None
+        else (0,) * 6
+    )
     _append_kernel[(batch, num_kv_heads)](
-        keys, slots, positions, live.open_min, live.open_max,
-        pages.qmin, pages.qmax, pages.scale, sup.qmin, sup.qmax, sup.scale,
-        live.page_size, live.group, head_dim,
-        keys.stride(0), keys.stride(1), live.open_min.stride(0), live.open_min.stride(1),
-        live.open_min.stride(2), pages.qmin.stride(0), pages.qmin.stride(1),
-        pages.scale.stride(0), pages.scale.stride(1), *s_strides,
-        HAS_SUPER=supers is not None, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1,
+        keys,
+        slots,
+        positions,
+        live.open_min,
+        live.open_max,
+        pages.qmin,
+        pages.qmax,
+        pages.scale,
+        sup.qmin,
+        sup.qmax,
+        sup.scale,
+        live.page_size,
+        live.group,
+        head_dim,
+        keys.stride(0),
+        keys.stride(1),
+        live.open_min.stride(0),
+        live.open_min.stride(1),
+        live.open_min.stride(2),
+        pages.qmin.stride(0),
+        pages.qmin.stride(1),
+        pages.scale.stride(0),
+        pages.scale.stride(1),
+        *s_strides,
+        HAS_SUPER=supers is not None,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=1,
     )

@@ -36,8 +36,7 @@ def box_scores(q_ptr, stride_qh, h, qmin, qmax, scale, offs_d, d_mask, GROUP: tl
 
 
 @triton.jit
-def query_digits(q_ptr, stride_qh, h, offs_d, d_mask, GROUP: tl.constexpr,
-                 GP: tl.constexpr):
+def query_digits(q_ptr, stride_qh, h, offs_d, d_mask, GROUP: tl.constexpr, GP: tl.constexpr):
     """int8 digit rows of the group's queries: ``(pos, neg, row_scale)``.
 
     Rows ``r = part x GP + g`` (part 0..2 the digits, part 3 zero; g < GROUP a query head).
@@ -48,8 +47,9 @@ def query_digits(q_ptr, stride_qh, h, offs_d, d_mask, GROUP: tl.constexpr,
     part = rows // GP
     g = rows % GP
     ok = (g < GROUP)[:, None] & d_mask[None, :]
-    q = tl.load(q_ptr + (h * GROUP + g)[:, None] * stride_qh + offs_d[None, :], mask=ok,
-                other=0.0).to(tl.float32)
+    q = tl.load(
+        q_ptr + (h * GROUP + g)[:, None] * stride_qh + offs_d[None, :], mask=ok, other=0.0
+    ).to(tl.float32)
     s0 = tl.maximum(tl.max(tl.abs(q), 1), 1e-30) / 127.0  # [R]
     d0 = tl.math.floor(q / s0[:, None] + 0.5)
     s1 = s0 / 127.0
@@ -66,8 +66,17 @@ def query_digits(q_ptr, stride_qh, h, offs_d, d_mask, GROUP: tl.constexpr,
 
 
 @triton.jit
-def box_scores_mma(pos, neg, row_scale, qmin, qmax, scale, GROUP: tl.constexpr,
-                   GP: tl.constexpr, BLOCK_S: tl.constexpr):
+def box_scores_mma(
+    pos,
+    neg,
+    row_scale,
+    qmin,
+    qmax,
+    scale,
+    GROUP: tl.constexpr,
+    GP: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """Same as :func:`box_scores` from int8 tiles ``qmin``/``qmax`` ``[BLOCK_S, D]`` and the
     digits of :func:`query_digits`: two int8 tensor-core dots, exact int32 per digit."""
     acc = tl.dot(pos, tl.trans(qmax), out_dtype=tl.int32)

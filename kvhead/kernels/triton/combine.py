@@ -16,10 +16,18 @@ import triton.language as tl
 
 @triton.jit
 def _combine_kernel(
-    outs_ptr, lses_ptr, out_ptr, lse_ptr,
-    num_shards, head_dim,
-    stride_os, stride_or, stride_ls, stride_out_r,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    outs_ptr,
+    lses_ptr,
+    out_ptr,
+    lse_ptr,
+    num_shards,
+    head_dim,
+    stride_os,
+    stride_or,
+    stride_ls,
+    stride_out_r,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -34,7 +42,8 @@ def _combine_kernel(
         lse = lse.to(tl.float32)
         part = tl.load(
             outs_ptr + offs_s[:, None] * stride_os + row * stride_or + offs_d[None, :],
-            mask=s_mask[:, None] & d_mask[None, :], other=0.0,
+            mask=s_mask[:, None] & d_mask[None, :],
+            other=0.0,
         ).to(tl.float32)
         new_max = tl.maximum(run_max, tl.max(lse, 0))
         # All shards so far empty: shift by 0 so exp(-inf - 0) = 0 instead of NaN.
@@ -52,7 +61,9 @@ def _combine_kernel(
 
 
 def combine(
-    outs: torch.Tensor, lses: torch.Tensor, out_dtype: torch.dtype | None = None,
+    outs: torch.Tensor,
+    lses: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine ``outs [S, ..., D]`` / ``lses [S, ...]`` over axis 0 (see module docstring).
 
@@ -75,8 +86,16 @@ def combine(
     lse = torch.empty(num_rows, dtype=torch.float32, device=outs.device)
     if num_rows and num_shards:
         _combine_kernel[(num_rows,)](
-            flat_out, flat_lse, out, lse, num_shards, head_dim,
-            flat_out.stride(0), flat_out.stride(1), flat_lse.stride(0), out.stride(0),
+            flat_out,
+            flat_lse,
+            out,
+            lse,
+            num_shards,
+            head_dim,
+            flat_out.stride(0),
+            flat_out.stride(1),
+            flat_lse.stride(0),
+            out.stride(0),
             BLOCK_S=min(16, triton.next_power_of_2(num_shards)),
             BLOCK_D=triton.next_power_of_2(head_dim),
         )

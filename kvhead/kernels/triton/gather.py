@@ -1,7 +1,8 @@
 """Triton page gather that reads a pinned host arena directly (zero-copy over PCIe).
 
 Pinned host memory is mapped into the GPU's address space (unified addressing), so a kernel can
-load from it. A small persistent grid walks the page list: each program reads a page's row from the arena
+load from it. A small persistent grid walks the page list: each program reads a page's row from the
+arena
 and writes it to its pool row, so the host does no gather and no staging copy, and the whole
 promotion is one launch on the copy stream. The grid is kept to a few SMs on purpose: zero-copy
 loads wait microseconds on PCIe, and a program per page would park on every SM and slow the
@@ -40,6 +41,11 @@ def gather_rows(arena: torch.Tensor, pool: torch.Tensor, rows: torch.Tensor) -> 
     if num_rows == 0 or row_elems == 0:
         return
     _gather_rows_kernel[(min(num_rows, GATHER_PROGRAMS),)](
-        arena, pool, rows, num_rows, row_elems,
-        BLOCK=min(4096, triton.next_power_of_2(row_elems)), num_warps=4,
+        arena,
+        pool,
+        rows,
+        num_rows,
+        row_elems,
+        BLOCK=min(4096, triton.next_power_of_2(row_elems)),
+        num_warps=4,
     )

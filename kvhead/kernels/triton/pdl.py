@@ -33,5 +33,9 @@ __all__ = ["HAVE_PDL", "gdc_launch_dependents", "gdc_wait", "pdl_active"]
 
 def pdl_active(device: torch.device) -> bool:
     """Whether dependent launches work here: compiled CUDA (not the interpreter), sm_90+."""
-    return (HAVE_PDL and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+    return (
+        HAVE_PDL
+        and device.type == "cuda"
+        and os.environ.get("TRITON_INTERPRET") != "1"
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )

@@ -28,10 +28,24 @@ SCORE_TILE = 32  # pages per scoring program: 32 KiB of fp32 bounds per KV head 
 
 @triton.jit
 def _score_kernel(
-    q_ptr, kmin_ptr, kmax_ptr, table_ptr, num_pages_ptr, scores_ptr,
-    max_pages, num_kv_heads, head_dim,
-    stride_qb, stride_qh, stride_mb, stride_mh, stride_tb, stride_sr,
-    GROUP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    kmin_ptr,
+    kmax_ptr,
+    table_ptr,
+    num_pages_ptr,
+    scores_ptr,
+    max_pages,
+    num_kv_heads,
+    head_dim,
+    stride_qb,
+    stride_qh,
+    stride_mb,
+    stride_mh,
+    stride_tb,
+    stride_sr,
+    GROUP: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = bh // num_kv_heads
@@ -49,8 +63,9 @@ def _score_kernel(
     kmin = tl.load(kmin_ptr + meta, mask=meta_mask, other=0.0).to(tl.float32)
     best = tl.full([BLOCK_P], float("-inf"), tl.float32)
     for g in tl.static_range(GROUP):
-        q = tl.load(q_ptr + b * stride_qb + (h * GROUP + g) * stride_qh + offs_d, mask=d_mask,
-                    other=0.0).to(tl.float32)
+        q = tl.load(
+            q_ptr + b * stride_qb + (h * GROUP + g) * stride_qh + offs_d, mask=d_mask, other=0.0
+        ).to(tl.float32)
         bound = tl.sum(tl.maximum(q, 0.0)[None, :] * kmax + tl.minimum(q, 0.0)[None, :] * kmin, 1)
         best = tl.maximum(best, bound)
     best = tl.where(valid, best, float("-inf"))
@@ -110,9 +125,22 @@ def _top_k_positions(score, top_k, BITS: tl.constexpr):
 
 
 @triton.jit
-def select_cands(cand_ptr, sup_ptr, ids_ptr, row, num_cand, top_k, group, stride_cr,
-                 stride_ur, stride_ir, FLAT: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BITS: tl.constexpr):
+def select_cands(
+    cand_ptr,
+    sup_ptr,
+    ids_ptr,
+    row,
+    num_cand,
+    top_k,
+    group,
+    stride_cr,
+    stride_ur,
+    stride_ir,
+    FLAT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BITS: tl.constexpr,
+):
     """Top-K candidate slots (radix select), written as logical pages. Candidates are laid
     out super-page by super-page in ascending order, so ascending slots are ascending pages."""
     offs = tl.arange(0, BLOCK_N)
@@ -131,26 +159,57 @@ def select_cands(cand_ptr, sup_ptr, ids_ptr, row, num_cand, top_k, group, stride
 def _pad_ids(ids_row_ptr, wanted, top_k, BLOCK_K: tl.constexpr):
     """Fill output slots ``wanted .. top_k-1`` of one row with -1."""
     offs_k = tl.arange(0, BLOCK_K)
-    tl.store(ids_row_ptr + offs_k, tl.full([BLOCK_K], -1, tl.int64),
-             mask=(offs_k >= wanted) & (offs_k < top_k))
+    tl.store(
+        ids_row_ptr + offs_k,
+        tl.full([BLOCK_K], -1, tl.int64),
+        mask=(offs_k >= wanted) & (offs_k < top_k),
+    )
 
 
 @triton.jit
 def _select_kernel(
-    scores_ptr, ids_ptr, max_pages, top_k, stride_sr, stride_ir,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr, PDL: tl.constexpr = False,
+    scores_ptr,
+    ids_ptr,
+    max_pages,
+    top_k,
+    stride_sr,
+    stride_ir,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BITS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
-    if PDL:  # a dependent launch (kvhead.kernels.triton.pdl): the scores come from the kernel before
+    if (
+        PDL
+    ):  # a dependent launch (kvhead.kernels.triton.pdl): the scores come from the kernel before
         gdc_wait()
         gdc_launch_dependents()
     # the flat case of select_cands: positions are the pages (no super-page table is read)
-    select_cands(scores_ptr, scores_ptr, ids_ptr, tl.program_id(0).to(tl.int64), max_pages,
-                 top_k, 1, stride_sr, 0, stride_ir, True, BLOCK_N, BLOCK_K, BITS)
+    select_cands(
+        scores_ptr,
+        scores_ptr,
+        ids_ptr,
+        tl.program_id(0).to(tl.int64),
+        max_pages,
+        top_k,
+        1,
+        stride_sr,
+        0,
+        stride_ir,
+        True,
+        BLOCK_N,
+        BLOCK_K,
+        BITS,
+    )
 
 
 def score_and_select(
-    query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
-    num_pages: torch.Tensor, top_k: int,
+    query: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    block_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    top_k: int,
 ) -> torch.Tensor:
     """Top-``top_k`` logical pages ``[B, Hkv, min(top_k, max_pages)]``, ascending, -1 padded."""
     if top_k <= 0:
@@ -179,16 +238,37 @@ def score_and_select(
     if rows == 0 or max_pages == 0:
         return ids
     _score_kernel[(rows, triton.cdiv(max_pages, SCORE_TILE))](
-        query, kmin, kmax, block_table, num_pages, scores, max_pages, num_kv_heads, head_dim,
-        query.stride(0), query.stride(1), kmin.stride(0), kmin.stride(1), block_table.stride(0),
+        query,
+        kmin,
+        kmax,
+        block_table,
+        num_pages,
+        scores,
+        max_pages,
+        num_kv_heads,
+        head_dim,
+        query.stride(0),
+        query.stride(1),
+        kmin.stride(0),
+        kmin.stride(1),
+        block_table.stride(0),
         scores.stride(0),
-        GROUP=num_q_heads // num_kv_heads, BLOCK_P=SCORE_TILE,
-        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4,
+        GROUP=num_q_heads // num_kv_heads,
+        BLOCK_P=SCORE_TILE,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=4,
     )
     block_n = triton.next_power_of_2(max_pages)
     _select_kernel[(rows,)](
-        scores, ids, max_pages, k, scores.stride(0), k,
-        BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), BITS=radix_bits(block_n),
+        scores,
+        ids,
+        max_pages,
+        k,
+        scores.stride(0),
+        k,
+        BLOCK_N=block_n,
+        BLOCK_K=triton.next_power_of_2(k),
+        BITS=radix_bits(block_n),
         num_warps=max(4, min(16, block_n // 512)),
     )
     return ids

@@ -1,4 +1,4 @@
-"""Triton page selection over int8 bounds (see :mod:`kvhead.core.bounds.compact`): two-level and flat.
+"""Triton page selection over int8 bounds (:mod:`kvhead.core.bounds.compact`): two-level and flat.
 
 Same functions as :func:`kvhead.core.bounds.compact.hier_select` and, for the flat variant,
 :func:`kvhead.core.bounds.compact.flat_select`. Two-level:
@@ -25,7 +25,8 @@ and one cooperative launch with grid barriers (slower), and :mod:`kvhead.kernels
 too (commit 8570931; ``results/gpu_select_run3.json``).
 
 Boxes are scored on CUDA cores (fp32) or on tensor cores (the query as int8 digits,
-:mod:`kvhead.kernels.triton.box_score`); :func:`default_scoring` picks by the size of the first pass.
+:mod:`kvhead.kernels.triton.box_score`); :func:`default_scoring` picks by the size of the first
+pass.
 
 Bytes read per (sequence, KV head): (N/G + M x G) x (2 D + 4) for two levels, N x (2 D + 4)
 flat, instead of N x 8 D for the fp32 scoring. Ties at the M-th or K-th score go to lower ids
@@ -77,22 +78,66 @@ DEFAULT_SCORING = Scoring()
 
 
 @triton.jit
-def select_super(sup_scores_ptr, sup_ptr, bh, num_groups_max, num_super, stride_gr,
-                 stride_ur, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BITS: tl.constexpr):
+def select_super(
+    sup_scores_ptr,
+    sup_ptr,
+    bh,
+    num_groups_max,
+    num_super,
+    stride_gr,
+    stride_ur,
+    BLOCK_S: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BITS: tl.constexpr,
+):
     """First level: the row's top-M super-pages, ascending, written to ``sup_ptr`` (the flat
     case of :func:`select_cands`: positions are super-page ids)."""
-    select_cands(sup_scores_ptr, sup_scores_ptr, sup_ptr, bh, num_groups_max, num_super, 1,
-                 stride_gr, 0, stride_ur, True, BLOCK_S, BLOCK_M, BITS)
+    select_cands(
+        sup_scores_ptr,
+        sup_scores_ptr,
+        sup_ptr,
+        bh,
+        num_groups_max,
+        num_super,
+        1,
+        stride_gr,
+        0,
+        stride_ur,
+        True,
+        BLOCK_S,
+        BLOCK_M,
+        BITS,
+    )
 
 
 @triton.jit
 def _super_score_kernel(
-    q_ptr, qmin_ptr, qmax_ptr, scale_ptr, num_pages_ptr, scores_ptr,
-    num_groups_max, num_kv_heads, head_dim, group,
-    stride_qb, stride_qh, stride_mb, stride_mh, stride_ms, stride_sb, stride_sh, stride_sr,
-    GROUP: tl.constexpr, GP: tl.constexpr, MMA: tl.constexpr, BLOCK_S: tl.constexpr,
-    STEPS: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    qmin_ptr,
+    qmax_ptr,
+    scale_ptr,
+    num_pages_ptr,
+    scores_ptr,
+    num_groups_max,
+    num_kv_heads,
+    head_dim,
+    group,
+    stride_qb,
+    stride_qh,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    stride_sb,
+    stride_sh,
+    stride_sr,
+    GROUP: tl.constexpr,
+    GP: tl.constexpr,
+    MMA: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    STEPS: tl.constexpr,
+    STAGES: tl.constexpr,
+    PDL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     if PDL:  # let the next kernel of the chain launch now (it waits for this one's scores)
         gdc_launch_dependents()
@@ -106,21 +151,75 @@ def _super_score_kernel(
     pos, neg, row_scale = group_digits(q_row, stride_qh, h, offs_d, d_mask, GROUP, GP, MMA)
     for step in tl.range(0, STEPS, num_stages=STAGES):
         offs_s = (tl.program_id(1) * STEPS + step) * BLOCK_S + tl.arange(0, BLOCK_S)
-        super_tile_scores(q_row, qmin_ptr, qmax_ptr, scale_ptr, scores_ptr, b, h, bh, offs_s,
-                          num_groups, num_groups_max, stride_qh, stride_mb, stride_mh,
-                          stride_ms, stride_sb, stride_sh, stride_sr, offs_d, d_mask, pos,
-                          neg, row_scale, GROUP, GP, MMA, BLOCK_S)
+        super_tile_scores(
+            q_row,
+            qmin_ptr,
+            qmax_ptr,
+            scale_ptr,
+            scores_ptr,
+            b,
+            h,
+            bh,
+            offs_s,
+            num_groups,
+            num_groups_max,
+            stride_qh,
+            stride_mb,
+            stride_mh,
+            stride_ms,
+            stride_sb,
+            stride_sh,
+            stride_sr,
+            offs_d,
+            d_mask,
+            pos,
+            neg,
+            row_scale,
+            GROUP,
+            GP,
+            MMA,
+            BLOCK_S,
+        )
 
 
 @triton.jit
 def _cand_kernel(
-    q_ptr, qmin_ptr, qmax_ptr, scale_ptr, table_ptr, num_pages_ptr, sup_scores_ptr, sup_ptr,
-    cand_ptr, num_cand, num_groups_max, num_super, num_kv_heads, head_dim, group,
-    stride_qb, stride_qh, stride_mb, stride_mh, stride_sb, stride_tb, stride_gr, stride_ur,
+    q_ptr,
+    qmin_ptr,
+    qmax_ptr,
+    scale_ptr,
+    table_ptr,
+    num_pages_ptr,
+    sup_scores_ptr,
+    sup_ptr,
+    cand_ptr,
+    num_cand,
+    num_groups_max,
+    num_super,
+    num_kv_heads,
+    head_dim,
+    group,
+    stride_qb,
+    stride_qh,
+    stride_mb,
+    stride_mh,
+    stride_sb,
+    stride_tb,
+    stride_gr,
+    stride_ur,
     stride_cr,
-    GROUP: tl.constexpr, GP: tl.constexpr, MMA: tl.constexpr, FLAT: tl.constexpr,
-    FUSED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BITS: tl.constexpr,
-    TILE_C: tl.constexpr, CHUNKS: tl.constexpr, PDL: tl.constexpr, PDL_WAIT: tl.constexpr,
+    GROUP: tl.constexpr,
+    GP: tl.constexpr,
+    MMA: tl.constexpr,
+    FLAT: tl.constexpr,
+    FUSED: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BITS: tl.constexpr,
+    TILE_C: tl.constexpr,
+    CHUNKS: tl.constexpr,
+    PDL: tl.constexpr,
+    PDL_WAIT: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     if PDL:
@@ -138,28 +237,92 @@ def _cand_kernel(
         # First level: every tile of the row computes the same set and writes the same ids;
         # the barrier makes this program's writes visible to all of its threads before they
         # read candidate -> super-page back.
-        select_super(sup_scores_ptr, sup_ptr, bh, num_groups_max, num_super, stride_gr,
-                     stride_ur, BLOCK_S, BLOCK_M, BITS)
+        select_super(
+            sup_scores_ptr,
+            sup_ptr,
+            bh,
+            num_groups_max,
+            num_super,
+            stride_gr,
+            stride_ur,
+            BLOCK_S,
+            BLOCK_M,
+            BITS,
+        )
         tl.debug_barrier()
     pos, neg, row_scale = group_digits(q_row, stride_qh, h, offs_d, d_mask, GROUP, GP, MMA)
     for chunk in tl.static_range(CHUNKS):
         offs_c = (tl.program_id(1) * CHUNKS + chunk) * TILE_C + tl.arange(0, TILE_C)
-        cand_tile_scores(q_row, qmin_ptr, qmax_ptr, scale_ptr, table_ptr, sup_ptr, cand_ptr, b,
-                         h, bh, offs_c, num_cand, num_pages, group, stride_qh, stride_mb,
-                         stride_mh, stride_sb, stride_tb, stride_ur, stride_cr, offs_d, d_mask,
-                         pos, neg, row_scale, GROUP, GP, MMA, FLAT, TILE_C)
+        cand_tile_scores(
+            q_row,
+            qmin_ptr,
+            qmax_ptr,
+            scale_ptr,
+            table_ptr,
+            sup_ptr,
+            cand_ptr,
+            b,
+            h,
+            bh,
+            offs_c,
+            num_cand,
+            num_pages,
+            group,
+            stride_qh,
+            stride_mb,
+            stride_mh,
+            stride_sb,
+            stride_tb,
+            stride_ur,
+            stride_cr,
+            offs_d,
+            d_mask,
+            pos,
+            neg,
+            row_scale,
+            GROUP,
+            GP,
+            MMA,
+            FLAT,
+            TILE_C,
+        )
 
 
 @triton.jit
 def _select_cand_kernel(
-    cand_ptr, sup_ptr, ids_ptr, num_cand, top_k, group, stride_cr, stride_ur, stride_ir,
-    FLAT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
+    cand_ptr,
+    sup_ptr,
+    ids_ptr,
+    num_cand,
+    top_k,
+    group,
+    stride_cr,
+    stride_ur,
+    stride_ir,
+    FLAT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BITS: tl.constexpr,
     PDL: tl.constexpr,
 ):
     if PDL:  # a dependent launch: the candidate scores come from the kernel before
         gdc_wait()
-    select_cands(cand_ptr, sup_ptr, ids_ptr, tl.program_id(0).to(tl.int64), num_cand, top_k,
-                 group, stride_cr, stride_ur, stride_ir, FLAT, BLOCK_N, BLOCK_K, BITS)
+    select_cands(
+        cand_ptr,
+        sup_ptr,
+        ids_ptr,
+        tl.program_id(0).to(tl.int64),
+        num_cand,
+        top_k,
+        group,
+        stride_cr,
+        stride_ur,
+        stride_ir,
+        FLAT,
+        BLOCK_N,
+        BLOCK_K,
+        BITS,
+    )
 
 
 @dataclass(frozen=True)
@@ -171,7 +334,8 @@ class Plan:
     launches. "one": a single launch whose last program per row merges
     (:mod:`kvhead.kernels.triton.select_one`, shaped by ``one``). ``scoring``: see :class:`Scoring`
     (multi-launch layouts). ``pdl``: whether the multi-launch kernels after the first are
-    programmatic dependent launches where the device supports them (:mod:`kvhead.kernels.triton.pdl`;
+    programmatic dependent launches where the device supports them
+    (:mod:`kvhead.kernels.triton.pdl`;
     None: :func:`auto_pdl`).
     """
 
@@ -194,22 +358,37 @@ def default_scoring(boxes: int) -> Scoring:
     batch 8 (16384): 17.9 -> 19.8 us at K = 32, and at batch 1 CUDA cores are as fast or
     faster (latency-bound: fewer, longer programs do not help).
     """
-    return Scoring(mma=True, super_tile=64, super_steps=2, stages=2) if boxes >= MMA_MIN_BOXES \
+    return (
+        Scoring(mma=True, super_tile=64, super_steps=2, stages=2)
+        if boxes >= MMA_MIN_BOXES
         else DEFAULT_SCORING
+    )
 
 
 def hier_select(
-    query: torch.Tensor, pages: CompactBounds, supers: CompactBounds, block_table: torch.Tensor,
-    num_pages: torch.Tensor, top_k: int, group: int, num_super: int, plan: Plan | None = None,
+    query: torch.Tensor,
+    pages: CompactBounds,
+    supers: CompactBounds,
+    block_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    top_k: int,
+    group: int,
+    num_super: int,
+    plan: Plan | None = None,
 ) -> torch.Tensor:
     """Two-level top-K pages ``[B, Hkv, min(top_k, max_pages)]``, ascending, -1 padded."""
-    return hier_select_stages(query, pages, supers, block_table, num_pages, top_k, group,
-                              num_super, plan=plan)[0]
+    return hier_select_stages(
+        query, pages, supers, block_table, num_pages, top_k, group, num_super, plan=plan
+    )[0]
 
 
 def flat_select(
-    query: torch.Tensor, pages: CompactBounds, block_table: torch.Tensor, num_pages: torch.Tensor,
-    top_k: int, plan: Plan | None = None,
+    query: torch.Tensor,
+    pages: CompactBounds,
+    block_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    top_k: int,
+    plan: Plan | None = None,
 ) -> torch.Tensor:
     """Top-K pages by their int8 bound, every page scored: same output format as above."""
     if top_k <= 0:
@@ -218,8 +397,16 @@ def flat_select(
 
 
 def hier_select_stages(
-    query: torch.Tensor, pages: CompactBounds, supers: CompactBounds, block_table: torch.Tensor,
-    num_pages: torch.Tensor, top_k: int, group: int, num_super: int, *, plan: Plan | None = None,
+    query: torch.Tensor,
+    pages: CompactBounds,
+    supers: CompactBounds,
+    block_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    top_k: int,
+    group: int,
+    num_super: int,
+    *,
+    plan: Plan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`hier_select` plus the chosen super-pages ``[B, Hkv, M]`` (for checks: a near-tie
     at the M-th super-page may pick another of equal score, and the pages follow from it)."""
@@ -235,8 +422,7 @@ def _chunks(rows: int, tiles: int) -> int:
     return 2 if rows * tiles >= LARGE_GRID else 1
 
 
-def auto_layout(rows: int, cand_tiles: int, *, flat: bool, first_boxes: int,
-                top_k: int) -> str:
+def auto_layout(rows: int, cand_tiles: int, *, flat: bool, first_boxes: int, top_k: int) -> str:
     """Layout by size, as measured on an H200 (``benchmarks/results/gpu_select_run*.json``).
 
     One launch only where it won: flat rows longer than FLAT_MAX_PAGES (taken flat because the
@@ -272,8 +458,14 @@ def auto_pdl(rows: int, layout: str, *, flat: bool, max_pages: int) -> bool:
 
 
 def _launch(
-    query: torch.Tensor, pages: CompactBounds, supers: CompactBounds | None,
-    block_table: torch.Tensor, num_pages: torch.Tensor, top_k: int, group: int, num_super: int,
+    query: torch.Tensor,
+    pages: CompactBounds,
+    supers: CompactBounds | None,
+    block_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    top_k: int,
+    group: int,
+    num_super: int,
     plan: Plan | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, num_q_heads, head_dim = query.shape
@@ -307,44 +499,130 @@ def _launch(
     common = {"GROUP": gqa, "GP": gp, "MMA": mma, "BLOCK_D": block_d}
     layout = plan.layout or auto_layout(rows, tiles, flat=flat, first_boxes=groups, top_k=k)
     if layout == "one":
-        launch_one(query, sq, pq, block_table, num_pages, ids, sup_ids, cand, num_first=groups,
-                   top_first=k if flat else m, top_k=k, group=group, flat=flat,
-                   shape=plan.one or default_shape(num_cand), GROUP=gqa, GP=gp, BLOCK_D=block_d)
+        launch_one(
+            query,
+            sq,
+            pq,
+            block_table,
+            num_pages,
+            ids,
+            sup_ids,
+            cand,
+            num_first=groups,
+            top_first=k if flat else m,
+            top_k=k,
+            group=group,
+            flat=flat,
+            shape=plan.one or default_shape(num_cand),
+            GROUP=gqa,
+            GP=gp,
+            BLOCK_D=block_d,
+        )
         return ids, sup_ids.view(batch, num_kv_heads, m)
     block_s = 1 if flat else triton.next_power_of_2(groups)
     block_n = triton.next_power_of_2(num_cand)
-    pdl = (auto_pdl(rows, layout, flat=flat, max_pages=max_pages) if plan.pdl is None
-           else plan.pdl) and pdl_active(dev)
+    pdl = (
+        auto_pdl(rows, layout, flat=flat, max_pages=max_pages) if plan.pdl is None else plan.pdl
+    ) and pdl_active(dev)
     if not flat:
         grid_s = triton.cdiv(groups, sc.super_tile * sc.super_steps)
         _super_score_kernel[(rows, grid_s)](
-            query, sq[0], sq[1], sq[2], num_pages, sup_scores, groups, num_kv_heads, head_dim,
-            group, query.stride(0), query.stride(1), sq[0].stride(0), sq[0].stride(1),
-            sq[0].stride(2), sq[2].stride(0), sq[2].stride(1), sup_scores.stride(0),
-            BLOCK_S=sc.super_tile, STEPS=sc.super_steps, STAGES=sc.stages, PDL=pdl,
-            num_warps=4, **common,
+            query,
+            sq[0],
+            sq[1],
+            sq[2],
+            num_pages,
+            sup_scores,
+            groups,
+            num_kv_heads,
+            head_dim,
+            group,
+            query.stride(0),
+            query.stride(1),
+            sq[0].stride(0),
+            sq[0].stride(1),
+            sq[0].stride(2),
+            sq[2].stride(0),
+            sq[2].stride(1),
+            sup_scores.stride(0),
+            BLOCK_S=sc.super_tile,
+            STEPS=sc.super_steps,
+            STAGES=sc.stages,
+            PDL=pdl,
+            num_warps=4,
+            **common,
         )
     chunks = _chunks(rows, tiles)
     fused = not flat and layout == "fused"
     if not flat and not fused:
         _select_kernel[(rows,)](
-            sup_scores, sup_ids, groups, m, sup_scores.stride(0), sup_ids.stride(0),
-            BLOCK_N=block_s, BLOCK_K=triton.next_power_of_2(m), BITS=radix_bits(block_s),
-            PDL=pdl, num_warps=max(4, min(16, block_s // 512)), launch_pdl=pdl,
+            sup_scores,
+            sup_ids,
+            groups,
+            m,
+            sup_scores.stride(0),
+            sup_ids.stride(0),
+            BLOCK_N=block_s,
+            BLOCK_K=triton.next_power_of_2(m),
+            BITS=radix_bits(block_s),
+            PDL=pdl,
+            num_warps=max(4, min(16, block_s // 512)),
+            launch_pdl=pdl,
         )
     _cand_kernel[(rows, triton.cdiv(tiles, chunks))](
-        query, pq[0], pq[1], pq[2], block_table, num_pages, sup_scores, sup_ids, cand,
-        num_cand, groups, m, num_kv_heads, head_dim, group,
-        query.stride(0), query.stride(1), pq[0].stride(0), pq[0].stride(1), pq[2].stride(0),
-        block_table.stride(0), sup_scores.stride(0), sup_ids.stride(0), cand.stride(0),
-        FLAT=flat, FUSED=fused, BLOCK_S=block_s, BLOCK_M=triton.next_power_of_2(m),
-        BITS=radix_bits(block_s), TILE_C=TILE, CHUNKS=chunks, PDL=pdl,
-        PDL_WAIT=pdl and not flat, num_warps=8 if fused and block_s >= 1024 else 4,
-        launch_pdl=pdl and not flat, **common,
+        query,
+        pq[0],
+        pq[1],
+        pq[2],
+        block_table,
+        num_pages,
+        sup_scores,
+        sup_ids,
+        cand,
+        num_cand,
+        groups,
+        m,
+        num_kv_heads,
+        head_dim,
+        group,
+        query.stride(0),
+        query.stride(1),
+        pq[0].stride(0),
+        pq[0].stride(1),
+        pq[2].stride(0),
+        block_table.stride(0),
+        sup_scores.stride(0),
+        sup_ids.stride(0),
+        cand.stride(0),
+        FLAT=flat,
+        FUSED=fused,
+        BLOCK_S=block_s,
+        BLOCK_M=triton.next_power_of_2(m),
+        BITS=radix_bits(block_s),
+        TILE_C=TILE,
+        CHUNKS=chunks,
+        PDL=pdl,
+        PDL_WAIT=pdl and not flat,
+        num_warps=8 if fused and block_s >= 1024 else 4,
+        launch_pdl=pdl and not flat,
+        **common,
     )
     _select_cand_kernel[(rows,)](
-        cand, sup_ids, ids, num_cand, k, group, cand.stride(0), sup_ids.stride(0), k,
-        FLAT=flat, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), BITS=radix_bits(block_n),
-        PDL=pdl, num_warps=max(4, min(16, block_n // 512)), launch_pdl=pdl,
+        cand,
+        sup_ids,
+        ids,
+        num_cand,
+        k,
+        group,
+        cand.stride(0),
+        sup_ids.stride(0),
+        k,
+        FLAT=flat,
+        BLOCK_N=block_n,
+        BLOCK_K=triton.next_power_of_2(k),
+        BITS=radix_bits(block_n),
+        PDL=pdl,
+        num_warps=max(4, min(16, block_n // 512)),
+        launch_pdl=pdl,
     )
     return ids, sup_ids.view(batch, num_kv_heads, m)

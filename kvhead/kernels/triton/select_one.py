@@ -78,8 +78,10 @@ def row_counters(device: torch.device, rows: int) -> torch.Tensor:
     if held and held[-1].numel() >= rows:
         return held[-1]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("one-launch selection: call it once before capturing a CUDA graph "
-                           "(its counter buffer must be allocated outside the capture)")
+        raise RuntimeError(
+            "one-launch selection: call it once before capturing a CUDA graph "
+            "(its counter buffer must be allocated outside the capture)"
+        )
     # Older buffers stay referenced: graphs captured earlier still point at them.
     held.append(torch.zeros(max(rows, 1024), dtype=torch.int32, device=device))
     return held[-1]
@@ -89,8 +91,9 @@ def row_counters(device: torch.device, rows: int) -> torch.Tensor:
 def _beats(s, idx, other, other_idx):
     """[len(s), len(other)]: whether ``other[j]`` comes before ``s[i]`` (higher score, or equal
     score and lower id)."""
-    return (other[None, :] > s[:, None]) | ((other[None, :] == s[:, None])
-                                           & (other_idx[None, :] < idx[:, None]))
+    return (other[None, :] > s[:, None]) | (
+        (other[None, :] == s[:, None]) & (other_idx[None, :] < idx[:, None])
+    )
 
 
 @triton.jit
@@ -109,8 +112,15 @@ def _select_regs(s, idx, top_k):
 
 
 @triton.jit
-def _select_mem(src_ptr, n, top_k, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-                RANK: tl.constexpr, BITS: tl.constexpr):
+def _select_mem(
+    src_ptr,
+    n,
+    top_k,
+    BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr,
+    RANK: tl.constexpr,
+    BITS: tl.constexpr,
+):
     """Top-``top_k`` of ``n`` scores at ``src_ptr`` (written by other programs: read past L1).
     Returns ``(chosen, slot, count)`` over ``BLOCK`` lanes."""
     offs = tl.arange(0, BLOCK)
@@ -119,8 +129,9 @@ def _select_mem(src_ptr, n, top_k, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
         rank = tl.zeros([BLOCK], tl.int32)
         for c in tl.static_range(BLOCK // CHUNK):  # unrolled: every chunk's load can issue early
             offs_j = c * CHUNK + tl.arange(0, CHUNK)
-            other = tl.load(src_ptr + offs_j, mask=offs_j < n, other=float("-inf"),
-                            cache_modifier=".cg")
+            other = tl.load(
+                src_ptr + offs_j, mask=offs_j < n, other=float("-inf"), cache_modifier=".cg"
+            )
             rank += tl.sum(_beats(s, offs, other, offs_j).to(tl.int32), 1)
         chosen, slot, count = _chosen(s, rank, top_k)
     else:
@@ -130,18 +141,68 @@ def _select_mem(src_ptr, n, top_k, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
 
 @triton.jit
 def _one_kernel(
-    q_ptr, fqmin_ptr, fqmax_ptr, fscale_ptr, pqmin_ptr, pqmax_ptr, pscale_ptr, table_ptr,
-    num_pages_ptr, loc_score_ptr, loc_id_ptr, sup_ptr, cand_ptr, cblock_ptr, cpage_ptr,
-    ids_ptr, count_ptr,
-    num_first, top_first, num_cand, top_k, num_kv_heads, head_dim, group,
-    stride_qb, stride_qh, stride_fmb, stride_fmh, stride_fms, stride_fsb, stride_fsh,
-    stride_pmb, stride_pmh, stride_psb, stride_tb, stride_lr, stride_ur, stride_cr, stride_ir,
-    GROUP: tl.constexpr, GP: tl.constexpr, MMA: tl.constexpr, FLAT: tl.constexpr,
-    TILE: tl.constexpr, LOCAL: tl.constexpr, BLOCK_LOCAL: tl.constexpr, T: tl.constexpr,
-    BLOCK_L: tl.constexpr, CHUNK_L: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
-    TILE_C: tl.constexpr, C_TILES: tl.constexpr, BLOCK_C: tl.constexpr, CHUNK_C: tl.constexpr,
-    REG_FINAL: tl.constexpr, BLOCK_K: tl.constexpr, RANK_L: tl.constexpr,
-    RANK_C: tl.constexpr, BITS_L: tl.constexpr, BITS_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    fqmin_ptr,
+    fqmax_ptr,
+    fscale_ptr,
+    pqmin_ptr,
+    pqmax_ptr,
+    pscale_ptr,
+    table_ptr,
+    num_pages_ptr,
+    loc_score_ptr,
+    loc_id_ptr,
+    sup_ptr,
+    cand_ptr,
+    cblock_ptr,
+    cpage_ptr,
+    ids_ptr,
+    count_ptr,
+    num_first,
+    top_first,
+    num_cand,
+    top_k,
+    num_kv_heads,
+    head_dim,
+    group,
+    stride_qb,
+    stride_qh,
+    stride_fmb,
+    stride_fmh,
+    stride_fms,
+    stride_fsb,
+    stride_fsh,
+    stride_pmb,
+    stride_pmh,
+    stride_psb,
+    stride_tb,
+    stride_lr,
+    stride_ur,
+    stride_cr,
+    stride_ir,
+    GROUP: tl.constexpr,
+    GP: tl.constexpr,
+    MMA: tl.constexpr,
+    FLAT: tl.constexpr,
+    TILE: tl.constexpr,
+    LOCAL: tl.constexpr,
+    BLOCK_LOCAL: tl.constexpr,
+    T: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    CHUNK_L: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    TILE_C: tl.constexpr,
+    C_TILES: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CHUNK_C: tl.constexpr,
+    REG_FINAL: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    RANK_L: tl.constexpr,
+    RANK_C: tl.constexpr,
+    BITS_L: tl.constexpr,
+    BITS_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     bh = tl.program_id(0)
     t = tl.program_id(1)
@@ -158,22 +219,68 @@ def _one_kernel(
     in_row = offs < num_first
     if FLAT:
         block = tl.load(table_ptr + b * stride_tb + offs, mask=in_row, other=0)
-        best = block_tile_best(q_row, fqmin_ptr, fqmax_ptr, fscale_ptr, block, h, offs, in_row,
-                               in_row & (offs < num_pages), num_pages, stride_qh, stride_fmb,
-                               stride_fmh, stride_fsb, offs_d, d_mask, pos, neg, row_scale,
-                               GROUP, GP, MMA, TILE)
+        best = block_tile_best(
+            q_row,
+            fqmin_ptr,
+            fqmax_ptr,
+            fscale_ptr,
+            block,
+            h,
+            offs,
+            in_row,
+            in_row & (offs < num_pages),
+            num_pages,
+            stride_qh,
+            stride_fmb,
+            stride_fmh,
+            stride_fsb,
+            offs_d,
+            d_mask,
+            pos,
+            neg,
+            row_scale,
+            GROUP,
+            GP,
+            MMA,
+            TILE,
+        )
     else:
-        best = super_tile_best(q_row, fqmin_ptr, fqmax_ptr, fscale_ptr, b, h, offs,
-                               (num_pages + group - 1) // group, num_first, stride_qh,
-                               stride_fmb, stride_fmh, stride_fms, stride_fsb, stride_fsh,
-                               offs_d, d_mask, pos, neg, row_scale, GROUP, GP, MMA, TILE)
+        best = super_tile_best(
+            q_row,
+            fqmin_ptr,
+            fqmax_ptr,
+            fscale_ptr,
+            b,
+            h,
+            offs,
+            (num_pages + group - 1) // group,
+            num_first,
+            stride_qh,
+            stride_fmb,
+            stride_fmh,
+            stride_fms,
+            stride_fsb,
+            stride_fsh,
+            offs_d,
+            d_mask,
+            pos,
+            neg,
+            row_scale,
+            GROUP,
+            GP,
+            MMA,
+            TILE,
+        )
     chosen, slot, count = _select_regs(best, offs, top_first)
     loc = bh * stride_lr + t * LOCAL
     tl.store(loc_score_ptr + loc + slot, best, mask=chosen)
     tl.store(loc_id_ptr + loc + slot, offs, mask=chosen)
     offs_loc = tl.arange(0, BLOCK_LOCAL)
-    tl.store(loc_score_ptr + loc + offs_loc, tl.full([BLOCK_LOCAL], float("-inf"), tl.float32),
-             mask=(offs_loc >= count) & (offs_loc < LOCAL))
+    tl.store(
+        loc_score_ptr + loc + offs_loc,
+        tl.full([BLOCK_LOCAL], float("-inf"), tl.float32),
+        mask=(offs_loc >= count) & (offs_loc < LOCAL),
+    )
     # Every thread's stores happen before the arrival (barrier), and the arrival releases them
     # to the row's last program, whose acquire makes all the row's winners visible to it.
     tl.debug_barrier()
@@ -181,34 +288,113 @@ def _one_kernel(
     if arrived == T - 1:
         tl.debug_barrier()
         lane = tl.arange(0, BLOCK_L)
-        win, wslot, wcount = _select_mem(loc_score_ptr + bh * stride_lr, T * LOCAL, top_first,
-                                           BLOCK_L, CHUNK_L, RANK_L, BITS_L)
-        first = tl.load(loc_id_ptr + bh * stride_lr + lane, mask=win, other=0,
-                        cache_modifier=".cg").to(tl.int64)
+        win, wslot, wcount = _select_mem(
+            loc_score_ptr + bh * stride_lr, T * LOCAL, top_first, BLOCK_L, CHUNK_L, RANK_L, BITS_L
+        )
+        first = tl.load(
+            loc_id_ptr + bh * stride_lr + lane, mask=win, other=0, cache_modifier=".cg"
+        ).to(tl.int64)
         if FLAT:
             tl.store(ids_ptr + bh * stride_ir + wslot, first, mask=win)
             _pad_ids(ids_ptr + bh * stride_ir, wcount, top_k, BLOCK_K)
         else:
             tl.store(sup_ptr + bh * stride_ur + wslot, first, mask=win)
             _pad_ids(sup_ptr + bh * stride_ur, wcount, top_first, BLOCK_M)
-            _second_level(q_row, pqmin_ptr, pqmax_ptr, pscale_ptr, table_ptr, cand_ptr,
-                          cblock_ptr, cpage_ptr, ids_ptr, b, h, bh, first, win, wslot, wcount,
-                          num_pages, num_cand, top_k, group, stride_qh, stride_pmb, stride_pmh,
-                          stride_psb, stride_tb, stride_cr, stride_ir, offs_d, d_mask, pos, neg,
-                          row_scale, GROUP, GP, MMA, BLOCK_G, TILE_C, C_TILES, BLOCK_C,
-                          CHUNK_C, REG_FINAL, BLOCK_K, RANK_C, BITS_C)
+            _second_level(
+                q_row,
+                pqmin_ptr,
+                pqmax_ptr,
+                pscale_ptr,
+                table_ptr,
+                cand_ptr,
+                cblock_ptr,
+                cpage_ptr,
+                ids_ptr,
+                b,
+                h,
+                bh,
+                first,
+                win,
+                wslot,
+                wcount,
+                num_pages,
+                num_cand,
+                top_k,
+                group,
+                stride_qh,
+                stride_pmb,
+                stride_pmh,
+                stride_psb,
+                stride_tb,
+                stride_cr,
+                stride_ir,
+                offs_d,
+                d_mask,
+                pos,
+                neg,
+                row_scale,
+                GROUP,
+                GP,
+                MMA,
+                BLOCK_G,
+                TILE_C,
+                C_TILES,
+                BLOCK_C,
+                CHUNK_C,
+                REG_FINAL,
+                BLOCK_K,
+                RANK_C,
+                BITS_C,
+            )
         tl.store(count_ptr + bh, 0)  # the next call starts from zero (stream order)
 
 
 @triton.jit
 def _second_level(
-    q_row, pqmin_ptr, pqmax_ptr, pscale_ptr, table_ptr, cand_ptr, cblock_ptr, cpage_ptr,
-    ids_ptr, b, h, bh, sup, chosen, slot, count, num_pages, num_cand, top_k, group, stride_qh,
-    stride_pmb, stride_pmh, stride_psb, stride_tb, stride_cr, stride_ir, offs_d, d_mask, pos,
-    neg, row_scale, GROUP: tl.constexpr, GP: tl.constexpr, MMA: tl.constexpr,
-    BLOCK_G: tl.constexpr, TILE_C: tl.constexpr, C_TILES: tl.constexpr, BLOCK_C: tl.constexpr,
-    CHUNK_C: tl.constexpr, REG_FINAL: tl.constexpr, BLOCK_K: tl.constexpr,
-    RANK_C: tl.constexpr, BITS_C: tl.constexpr,
+    q_row,
+    pqmin_ptr,
+    pqmax_ptr,
+    pscale_ptr,
+    table_ptr,
+    cand_ptr,
+    cblock_ptr,
+    cpage_ptr,
+    ids_ptr,
+    b,
+    h,
+    bh,
+    sup,
+    chosen,
+    slot,
+    count,
+    num_pages,
+    num_cand,
+    top_k,
+    group,
+    stride_qh,
+    stride_pmb,
+    stride_pmh,
+    stride_psb,
+    stride_tb,
+    stride_cr,
+    stride_ir,
+    offs_d,
+    d_mask,
+    pos,
+    neg,
+    row_scale,
+    GROUP: tl.constexpr,
+    GP: tl.constexpr,
+    MMA: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    TILE_C: tl.constexpr,
+    C_TILES: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CHUNK_C: tl.constexpr,
+    REG_FINAL: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    RANK_C: tl.constexpr,
+    BITS_C: tl.constexpr,
 ):
     """Last program, two-level: top-K pages of the chosen super-pages ``sup`` (merge lanes).
 
@@ -231,9 +417,31 @@ def _second_level(
         block = tl.load(cblock_ptr + bh * stride_cr + offs_c, mask=live, other=-1)
         page = tl.load(cpage_ptr + bh * stride_cr + offs_c, mask=live, other=-1)
         valid = block >= 0
-        best = block_tile_best(q_row, pqmin_ptr, pqmax_ptr, pscale_ptr, block, h, page, valid,
-                               valid, num_pages, stride_qh, stride_pmb, stride_pmh, stride_psb,
-                               offs_d, d_mask, pos, neg, row_scale, GROUP, GP, MMA, TILE_C)
+        best = block_tile_best(
+            q_row,
+            pqmin_ptr,
+            pqmax_ptr,
+            pscale_ptr,
+            block,
+            h,
+            page,
+            valid,
+            valid,
+            num_pages,
+            stride_qh,
+            stride_pmb,
+            stride_pmh,
+            stride_psb,
+            offs_d,
+            d_mask,
+            pos,
+            neg,
+            row_scale,
+            GROUP,
+            GP,
+            MMA,
+            TILE_C,
+        )
         if REG_FINAL:  # one tile: rank it in registers, no round trip through memory
             fin, fslot, fcount = _select_regs(best, offs_c, top_k)
             tl.store(ids_ptr + bh * stride_ir + fslot, page.to(tl.int64), mask=fin)
@@ -242,8 +450,9 @@ def _second_level(
             tl.store(cand_ptr + bh * stride_cr + offs_c, best, mask=offs_c < num_cand)
     if not REG_FINAL:
         tl.debug_barrier()
-        fin, fslot, fcount = _select_mem(cand_ptr + bh * stride_cr, num_cand, top_k, BLOCK_C,
-                                         CHUNK_C, RANK_C, BITS_C)
+        fin, fslot, fcount = _select_mem(
+            cand_ptr + bh * stride_cr, num_cand, top_k, BLOCK_C, CHUNK_C, RANK_C, BITS_C
+        )
         offs_n = tl.arange(0, BLOCK_C)
         page = tl.load(cpage_ptr + bh * stride_cr + offs_n, mask=fin, other=0)
         tl.store(ids_ptr + bh * stride_ir + fslot, page.to(tl.int64), mask=fin)
@@ -256,10 +465,24 @@ def _chunk(block: int, warps: int) -> int:
 
 
 def launch_one(
-    query: torch.Tensor, first: list[torch.Tensor], pq: list[torch.Tensor],
-    block_table: torch.Tensor, num_pages: torch.Tensor, ids: torch.Tensor,
-    sup_ids: torch.Tensor, cand: torch.Tensor, *, num_first: int, top_first: int, top_k: int,
-    group: int, flat: bool, shape: OneShape, GROUP: int, GP: int, BLOCK_D: int,
+    query: torch.Tensor,
+    first: list[torch.Tensor],
+    pq: list[torch.Tensor],
+    block_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    ids: torch.Tensor,
+    sup_ids: torch.Tensor,
+    cand: torch.Tensor,
+    *,
+    num_first: int,
+    top_first: int,
+    top_k: int,
+    group: int,
+    flat: bool,
+    shape: OneShape,
+    GROUP: int,
+    GP: int,
+    BLOCK_D: int,
 ) -> None:
     """Launch :func:`_one_kernel`. ``first``: (qmin, qmax, scale) of the first pass (pages when
     ``flat``, else super-pages ``[B, Hkv, S, D]``); ``pq``: page bounds; ``ids`` ``[B, Hkv, k]``
@@ -276,28 +499,77 @@ def launch_one(
     loc_score = torch.empty(rows, lanes, dtype=torch.float32, device=dev)
     loc_id = torch.empty(rows, lanes, dtype=torch.int32, device=dev)
     # candidate blocks and pages (two-level only; flat passes a placeholder it never reads)
-    cblock, cpage = (loc_id, loc_id) if flat else (
-        torch.empty(rows, num_cand, dtype=torch.int32, device=dev) for _ in range(2))
+    cblock, cpage = (
+        (loc_id, loc_id)
+        if flat
+        else (torch.empty(rows, num_cand, dtype=torch.int32, device=dev) for _ in range(2))
+    )
     fm, fs = first[0], first[2]
     # flat: pages are [blocks, Hkv, D] (block stride, head stride, no super-page stride)
-    f_strides = ((fm.stride(0), fm.stride(1), 0, fs.stride(0), 0) if flat else
-                 (fm.stride(0), fm.stride(1), fm.stride(2), fs.stride(0), fs.stride(1)))
+    f_strides = (
+        (fm.stride(0), fm.stride(1), 0, fs.stride(0), 0)
+        if flat
+        else (fm.stride(0), fm.stride(1), fm.stride(2), fs.stride(0), fs.stride(1))
+    )
     c_tiles = triton.cdiv(num_cand, tile_c)
     _one_kernel[(rows, tiles)](
-        query, first[0], first[1], fs, pq[0], pq[1], pq[2], block_table, num_pages,
-        loc_score, loc_id, sup_ids, cand, cblock, cpage, ids, row_counters(dev, rows),
-        num_first, top_first, num_cand, top_k, pq[0].shape[1], query.shape[2], group,
-        query.stride(0), query.stride(1), *f_strides, pq[0].stride(0), pq[0].stride(1),
-        pq[2].stride(0), block_table.stride(0), loc_score.stride(0), sup_ids.stride(0),
-        cand.stride(0), ids.shape[2],
-        GROUP=GROUP, GP=GP, MMA=shape.mma and BLOCK_D >= 32, FLAT=flat, TILE=shape.tile,
-        LOCAL=local, BLOCK_LOCAL=triton.next_power_of_2(local), T=tiles, BLOCK_L=block_l,
-        CHUNK_L=_chunk(block_l, shape.warps), BLOCK_M=triton.next_power_of_2(sup_ids.shape[1]),
-        BLOCK_G=triton.next_power_of_2(group), TILE_C=tile_c, C_TILES=c_tiles, BLOCK_C=block_c,
+        query,
+        first[0],
+        first[1],
+        fs,
+        pq[0],
+        pq[1],
+        pq[2],
+        block_table,
+        num_pages,
+        loc_score,
+        loc_id,
+        sup_ids,
+        cand,
+        cblock,
+        cpage,
+        ids,
+        row_counters(dev, rows),
+        num_first,
+        top_first,
+        num_cand,
+        top_k,
+        pq[0].shape[1],
+        query.shape[2],
+        group,
+        query.stride(0),
+        query.stride(1),
+        *f_strides,
+        pq[0].stride(0),
+        pq[0].stride(1),
+        pq[2].stride(0),
+        block_table.stride(0),
+        loc_score.stride(0),
+        sup_ids.stride(0),
+        cand.stride(0),
+        ids.shape[2],
+        GROUP=GROUP,
+        GP=GP,
+        MMA=shape.mma and BLOCK_D >= 32,
+        FLAT=flat,
+        TILE=shape.tile,
+        LOCAL=local,
+        BLOCK_LOCAL=triton.next_power_of_2(local),
+        T=tiles,
+        BLOCK_L=block_l,
+        CHUNK_L=_chunk(block_l, shape.warps),
+        BLOCK_M=triton.next_power_of_2(sup_ids.shape[1]),
+        BLOCK_G=triton.next_power_of_2(group),
+        TILE_C=tile_c,
+        C_TILES=c_tiles,
+        BLOCK_C=block_c,
         CHUNK_C=_chunk(block_c, shape.warps),
         REG_FINAL=shape.rank and c_tiles == 1 and tile_c <= REG_FINAL_MAX,
         BLOCK_K=triton.next_power_of_2(ids.shape[2]),
         RANK_L=shape.rank and block_l <= RANK_MAX_LANES,
-        RANK_C=shape.rank and block_c <= RANK_MAX_LANES, BITS_L=radix_bits(block_l),
-        BITS_C=radix_bits(block_c), BLOCK_D=BLOCK_D, num_warps=shape.warps,
+        RANK_C=shape.rank and block_c <= RANK_MAX_LANES,
+        BITS_L=radix_bits(block_l),
+        BITS_C=radix_bits(block_c),
+        BLOCK_D=BLOCK_D,
+        num_warps=shape.warps,
     )

@@ -63,7 +63,9 @@ def copy_pages_async(
     if gather not in ("device", "host"):
         raise ValueError(f"copy_pages_async: gather must be 'device' or 'host', got {gather!r}")
     if arena.device.type != "cpu":
-        raise ValueError(f"copy_pages_async: the arena must live in host memory, got {arena.device}")
+        raise ValueError(
+            f"copy_pages_async: the arena must live in host memory, got {arena.device}"
+        )
     if arena.shape[1:] != pool.shape[1:] or arena.dtype != pool.dtype:
         raise ValueError(
             f"copy_pages_async: arena pages {tuple(arena.shape[1:])} {arena.dtype} do not match "
@@ -82,12 +84,15 @@ def copy_pages_async(
 
             gather_rows(arena, pool, torch.stack([src_rows, dst_rows.to("cpu", torch.int64)]))
         else:
-            pool.index_copy_(0, dst_rows.to(pool.device, torch.int64),
-                             arena.index_select(0, src_rows))
+            pool.index_copy_(
+                0, dst_rows.to(pool.device, torch.int64), arena.index_select(0, src_rows)
+            )
         return None
     if not arena.is_pinned():
-        raise ValueError("copy_pages_async: the arena must be pinned (torch.empty(..., "
-                         "pin_memory=True)) or the copy cannot overlap compute")
+        raise ValueError(
+            "copy_pages_async: the arena must be pinned (torch.empty(..., "
+            "pin_memory=True)) or the copy cannot overlap compute"
+        )
     stream = stream or _side_stream(pool.device)
     if gather == "device":
         from kvhead.kernels.triton.gather import gather_rows
@@ -100,8 +105,7 @@ def copy_pages_async(
             done = torch.cuda.Event()
             done.record(stream)
         return done
-    staging = torch.empty((src_rows.numel(), *arena.shape[1:]), dtype=arena.dtype,
-                          pin_memory=True)
+    staging = torch.empty((src_rows.numel(), *arena.shape[1:]), dtype=arena.dtype, pin_memory=True)
     torch.index_select(arena, 0, src_rows, out=staging)
     rows = dst_rows.to("cpu", torch.int64).pin_memory()
     with torch.cuda.stream(stream):
