@@ -100,6 +100,7 @@ def profile(
             per_layer=per_layer,
             seed=seed,
         )
+        check_context("--context + --decode-steps", context + decode_steps, _model_config(model)[1])
         model_dir, runner, tokenizer = _load(model, page_size)
         with console.status(f"profiling {cfg.num_prompts} prompts of {cfg.context} tokens"):
             result = profile_heads(runner, tokenizer, model_dir, cfg)
@@ -163,6 +164,7 @@ def coverage(
             rerank_interval=rerank_interval,
             corpus=corpus,
         )
+        check_context("--context", context, _model_config(model)[1])
         model_dir, runner, tokenizer = _load(model, page_size, device)
         head_profile = profile_for_model(model_dir, profile_path)
         if head_profile.page_size != page_size:
@@ -302,8 +304,8 @@ def eval_(
         )
         for context in cfg.contexts:
             cfg.prompt_tokens(context)
-        model_dir = resolve_model(model)
-        check_against_model(cfg, model_dir)
+        model_dir, config = _model_config(model)
+        check_against_model(cfg, config)
         head_profile = profile_for_model(model_dir, profile_path)
         model_dir, runner, tokenizer = _load(model, page_size, device)
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -322,14 +324,23 @@ def eval_(
     console.print(f"results: {output}")
 
 
-def check_against_model(cfg, model_dir: str | Path) -> None:
+def _model_config(model: str) -> tuple[Path, dict]:
+    """The model's folder and its ``config.json``, read without loading any weights."""
+    model_dir = Path(resolve_model(model))
+    return model_dir, json.loads((model_dir / "config.json").read_text())
+
+
+def check_context(option: str, tokens: int, config: dict) -> None:
+    """Refuse a context the model was not trained for (it would run for hours, then mislead)."""
+    limit = config.get("max_position_embeddings")
+    if limit is not None and tokens > limit:
+        raise ValueError(f"{option} {tokens} exceeds the model's context of {limit} tokens")
+
+
+def check_against_model(cfg, config: dict) -> None:
     """Refuse an evaluation the model cannot run, before any weights are loaded: contexts
     beyond its length, and dense-head or layer counts beyond its heads and layers."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    limit = config.get("max_position_embeddings")
-    longest = max(cfg.contexts)
-    if limit is not None and longest > limit:
-        raise ValueError(f"--contexts {longest} exceeds the model's context of {limit} tokens")
+    check_context("--contexts", max(cfg.contexts), config)
     layers = config["num_hidden_layers"]
     heads = layers * config.get("num_key_value_heads", config["num_attention_heads"])
     opt = cfg.options

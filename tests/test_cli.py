@@ -223,6 +223,11 @@ def test_profile_then_eval(tiny_dir, tmp_path, monkeypatch):
         (["eval", "--preset", "fast"], "unknown preset 'fast'"),
         (["eval", "--contexts", "100000"], "exceeds the model's context of 8192 tokens"),
         (["eval", "--unstable-heads", "91"], "exceeds the model's 90 kv heads"),
+        (
+            ["profile", "--context", "9000"],
+            "--context + --decode-steps 9097 exceeds the model's context",
+        ),
+        (["coverage", "--context", "8200"], "--context 8200 exceeds the model's context"),
         (["coverage", "--corpus", "news"], "corpus"),
         (["profile", "--unstable-fraction", "1.5"], "unstable_fraction"),
         (["profile", "--model", "/no/such/dir"], "no such file"),
