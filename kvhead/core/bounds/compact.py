@@ -14,7 +14,7 @@ changes cut those bytes by 30x or more there:
 
 A super-page's bound is at least every member page's bound, so a page outside the chosen
 super-pages can beat one inside only by being in a super-page that scored lower: the selection
-can differ from the flat top-K, and ``benchmarks/hier_select_quality.py`` measures by how much
+can differ from the flat top-K, and ``benchmarks/gpu/hier_select_quality.py`` measures by how much
 on real attention data. With M >= all super-pages it equals the flat top-K over int8 bounds.
 
 Super-page bounds belong to a batch row (a sequence), not to physical blocks: a group of
@@ -32,7 +32,7 @@ import torch
 
 from kvhead.core.pages import PAD, PageBounds, select_top_k
 
-# Defaults from benchmarks/results/hier_select.md (SmolLM2, 4k tokens, K = 16 and 32): with
+# Defaults from benchmarks/results/gpu/hier_select.md (SmolLM2, 4k tokens, K = 16 and 32): with
 # super-pages of 8 pages and 4 x K candidate pages (M = K / 2 super-pages) the selection covers
 # the same attention mass as the flat fp32 top-K (0.730 vs 0.718, 0.839 vs 0.840); 2 x K loses
 # 1.4-3.7 points, and G = 16 at 4 x K loses 2-2.4. Bytes per head: N/8 + 4K boxes.
@@ -40,13 +40,13 @@ DEFAULT_GROUP = 8
 DEFAULT_CANDIDATES_PER_K = 4
 # Pages per head up to which the flat int8 selection runs instead of two levels: there the
 # first level saves few bytes and costs one more launch and a second radix select. Set from the
-# H200 timings in benchmarks/results/gpu_kernels.md (two-level section).
+# H200 timings in benchmarks/results/gpu/gpu_kernels.md (two-level section).
 FLAT_MAX_PAGES = 1024
 # Pages of all rows (sequences x KV heads) up to which the flat selection runs however long the
 # rows: a small batch leaves the GPU idle, and the flat one-launch kernel beat two levels there
 # (H200, 32k tokens = 2048 pages, batch 1 = 8 rows: 11.6 / 13.0 / 14.3 us for K = 32 / 64 / 128
 # against 13.6 / 14.3 / 15.5 us; at batch 8 flat took 28.7 us against 18.1;
-# benchmarks/results/gpu_select_run2.json). Flat is also the better selection (every page).
+# benchmarks/results/gpu/gpu_select_run2.json). Flat is also the better selection (every page).
 FLAT_MAX_BOXES = 16384
 QMAX = 127  # symmetric int8 grid; -128 is never used, so negation stays on the grid
 _SCALE_PAD = 1.0 + 2.0**-20  # makes 127 * scale > max |bound| despite fp32 rounding

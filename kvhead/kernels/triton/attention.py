@@ -29,8 +29,8 @@ from kvhead.kernels.triton.combine import combine
 class LaunchConfig:
     """Launch shape of the split kernel; results never depend on it beyond fp32 rounding.
 
-    The defaults won a sweep on an H200 (benchmarks/gpu_kernels.py, 128k context, K = 64,
-    batch 1/8/64; see benchmarks/GPU_NOTES.md): larger tiles put more bytes in flight per
+    The defaults won a sweep on an H200 (benchmarks/gpu/gpu_kernels.py, 128k context, K = 64,
+    batch 1/8/64; see docs/gpu.md): larger tiles put more bytes in flight per
     dependent page-id -> block -> K/V load chain, which is what bounds this kernel.
     """
 

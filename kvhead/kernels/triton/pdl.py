@@ -6,7 +6,7 @@ next kernel of the chain is launched while the previous one runs (``launch_pdl=T
 programs may do input-only work (the query's digits), then ``gdc_wait`` until the previous
 kernel has finished and its writes are visible. A kernel calls ``gdc_launch_dependents`` to let
 its dependent launch early. On an H200 it saved 1.1-1.4 us per boundary of a two-launch
-selection (``benchmarks/results/gpu_select_run3.json``; that layout lost and was removed) but
+selection (``benchmarks/results/gpu/gpu_select_run3.json``; that layout lost and was removed) but
 helps the multi-launch chain only at some sizes and costs time at others
 (:func:`kvhead.kernels.triton.select_hier.auto_pdl`).
 

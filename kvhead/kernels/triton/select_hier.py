@@ -21,7 +21,7 @@ bytes: each launch costs 2-4 us in a CUDA graph, and each radix pass a block-wid
 Doing both levels in one launch was measured on an H200 in three forms: one program per row
 and one cooperative launch with grid barriers (slower), and :mod:`kvhead.kernels.triton.select_one`
 (last program per row merges local top-k's), which :func:`auto_layout` takes where it won
-(``benchmarks/GPU_NOTES.md``). Two launches, each reduced by its last program per row, lost
+(``docs/gpu.md``). Two launches, each reduced by its last program per row, lost
 too (commit 8570931; ``results/gpu_select_run3.json``).
 
 Boxes are scored on CUDA cores (fp32) or on tensor cores (the query as int8 digits,
@@ -423,7 +423,7 @@ def _chunks(rows: int, tiles: int) -> int:
 
 
 def auto_layout(rows: int, cand_tiles: int, *, flat: bool, first_boxes: int, top_k: int) -> str:
-    """Layout by size, as measured on an H200 (``benchmarks/results/gpu_select_run*.json``).
+    """Layout by size, as measured on an H200 (``benchmarks/results/gpu/gpu_select_run*.json``).
 
     One launch only where it won: flat rows longer than FLAT_MAX_PAGES (taken flat because the
     batch is small) with K below the one-launch tile, so that each tile's local top-K prunes
@@ -445,7 +445,7 @@ def auto_layout(rows: int, cand_tiles: int, *, flat: bool, first_boxes: int, top
 
 def auto_pdl(rows: int, layout: str, *, flat: bool, max_pages: int) -> bool:
     """Whether the multi-launch chain uses programmatic dependent launches, as measured on an
-    H200 (``benchmarks/results/gpu_select_run4.json``, with / without, us): they help where
+    H200 (``benchmarks/results/gpu/gpu_select_run4.json``, with / without, us): they help where
     the dependent kernels are short single-program-per-row selects, flat over at most
     FLAT_MAX_PAGES pages (8k tokens, batch 8: 12.3 / 13.0 at K = 32) and the split layout at
     up to ONE_MAX_ROWS rows (128k, batch 8, K = 64 / 128: 24.9 / 26.7, 28.4 / 30.0); they

@@ -63,7 +63,7 @@ class OneShape:
 
 
 def default_shape(num_cand: int) -> OneShape:
-    """The shape that won on an H200 (``benchmarks/results/gpu_select_run2.json``): tiles of
+    """The shape that won on an H200 (``benchmarks/results/gpu/gpu_select_run2.json``): tiles of
     ONE_TILE boxes scored on tensor cores, candidates in steps of 256, radix merges, except
     rank counting when the final candidates fit one register ranking (<= REG_FINAL_MAX):
     32k tokens, batch 8, K = 32: 15.5 us ranked, 17.8 us radix. Ranking by counting through
