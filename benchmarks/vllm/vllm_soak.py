@@ -36,9 +36,10 @@ def main(
     config: str = typer.Option("accurate", help="Preset: paper, balanced or accurate."),
     count: int = typer.Option(2000),
     chunk: int = typer.Option(250),
-    max_model_len: int = typer.Option(512),
-    top_k: int = typer.Option(16),
-    num_blocks: int = typer.Option(48),
+    max_model_len: int = typer.Option(256),
+    top_k: int = typer.Option(8, help="Pages per stable head: half of a 256-token context."),
+    num_blocks: int = typer.Option(32, help="KV blocks of 16 tokens (small: vLLM preempts)."),
+    solo_share: float = typer.Option(0.1, help="Share of requests that arrive one at a time."),
     seed: int = typer.Option(11),
 ) -> None:
     from transformers import AutoTokenizer
@@ -67,7 +68,11 @@ def main(
         settings_file.write_text(json.dumps(settings))
         for part in range(-(-count // chunk)):
             mix = build_mix(
-                tokenizer, min(chunk, count - part * chunk), max_model_len, seed=seed + part
+                tokenizer,
+                min(chunk, count - part * chunk),
+                max_model_len,
+                seed=seed + part,
+                solo_share=solo_share,
             )
             mix_file, out = Path(tmp) / "mix.json", Path(tmp) / "out.json"
             mix_file.write_text(json.dumps([asdict(r) for r in mix]))
@@ -119,6 +124,7 @@ def main(
         "settings": settings,
         "max_model_len": max_model_len,
         "num_blocks": num_blocks,
+        "solo_share": solo_share,
         "seed": seed,
         "totals": totals,
         "failures": failed,

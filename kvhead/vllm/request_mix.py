@@ -80,13 +80,15 @@ def build_mix(
     max_tokens: int = 48,
     waves: int = 6,
     page_size: int = 16,
+    solo_share: float = 1 / 3,
 ) -> list[MixRequest]:
     """``count`` seeded requests: prompt lengths from 1 token to the model's limit (page
     edges included), chat and completion prompts, 1 to ``max_tokens`` tokens, stop strings,
-    ``n`` = 2, clients that hang up mid-stream; arrivals in ``waves`` bursts, then a third of
-    the requests one at a time, each after the one before has finished, half of them short
-    (one block): the next request takes over that block in a batch of the same size. Plus
-    one request longer than ``max_model_len`` that the engine must refuse on its own."""
+    ``n`` = 2, clients that hang up mid-stream; arrivals in ``waves`` bursts, then a
+    ``solo_share`` of the requests one at a time, each after the one before has finished, half
+    of them short (one block): the next request takes over that block in a batch of the same
+    size. Plus one request longer than ``max_model_len`` that the engine must refuse on its own.
+    """
     rng = random.Random(seed)
     source = corpus_tokens(tokenizer)
     chat_overhead = len(_chat(tokenizer, []))
@@ -94,7 +96,7 @@ def build_mix(
     solo_at = waves * 40 + 5000  # after the bursts, one request every SOLO_GAP steps
     after_short = False
     for i in range(count):
-        solo = after_short or rng.random() < 1 / 3
+        solo = after_short or rng.random() < solo_share
         short = solo and not after_short and rng.random() < 0.5
         if short:  # one block, a few decode steps: the next solo request takes that block
             budget, length = rng.randint(2, 5), rng.randint(1, 10)
