@@ -24,9 +24,9 @@ from vllm_tiny import ENGINE_ENV, free_port, wait_ready
 from kvhead.vllm.request_mix import (
     TOO_LONG,
     MixRequest,
-    MixResult,
     build_mix,
     compare,
+    replay_in_subprocess,
     served,
 )
 
@@ -41,33 +41,15 @@ COUNT = 120
 
 
 def replay(
-    tmp: Path, name: str, model: Path, mix: list[MixRequest], kvhead: dict | None, *extra: str
+    tmp: Path, name: str, model: Path, mix: list[MixRequest], kvhead: dict | None, **options
 ) -> dict:
     """Replay ``mix`` in a fresh engine process; fails the test if the engine died."""
-    mix_file, out = tmp / f"{name}-mix.json", tmp / f"{name}.json"
-    mix_file.write_text(json.dumps([asdict(r) for r in mix]))
-    cmd = [
-        sys.executable,
-        "-m",
-        "kvhead.vllm.request_mix",
-        str(model),
-        str(mix_file),
-        str(out),
-        "--max-model-len",
-        str(MAX_LEN),
-        *extra,
-    ]
-    if kvhead is not None:
-        settings = tmp / f"{name}-settings.json"
-        settings.write_text(json.dumps(kvhead))
-        cmd += ["--kvhead", str(settings)]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, env=ENGINE_ENV, timeout=1200, check=False
+    workdir = tmp / name
+    workdir.mkdir(exist_ok=True)
+    report = replay_in_subprocess(
+        model, mix, kvhead, workdir, env=ENGINE_ENV, timeout=1800, max_model_len=MAX_LEN, **options
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(out.read_text())
     assert report["error"] is None, report["error"]
-    report["results"] = [MixResult(**r) for r in report["results"]]
     return report
 
 
@@ -91,10 +73,10 @@ def _check_served(mix: list[MixRequest], report: dict) -> None:
 def test_every_page_selected_matches_stock_request_by_request(mix: dict) -> None:
     """Same blocks (32 tokens: stock's CPU size), same schedule, same preemptions: every
     request's tokens equal stock's (fp32), near ties excepted."""
-    args = ("--block-size", "32", "--num-blocks", "24", "--dtype", "float32")
-    stock = replay(mix["tmp"], "stock", mix["model"], mix["mix"], None, *args)
+    args = {"block_size": 32, "num_blocks": 24, "dtype": "float32"}
+    stock = replay(mix["tmp"], "stock", mix["model"], mix["mix"], None, **args)
     dense = replay(
-        mix["tmp"], "dense", mix["model"], mix["mix"], PRESETS["paper"] | {"top_k": 1000}, *args
+        mix["tmp"], "dense", mix["model"], mix["mix"], PRESETS["paper"] | {"top_k": 1000}, **args
     )
     _check_served(mix["mix"], stock)
     _check_served(mix["mix"], dense)
@@ -106,9 +88,9 @@ def test_every_page_selected_matches_stock_request_by_request(mix: dict) -> None
 def test_presets_serve_the_mix_and_keep_requests_apart(mix: dict, preset: str) -> None:
     """The engine serves the whole mix with 16-token pages; then greedy probes from it, run
     one at a time on a fresh engine, give the tokens they got beside the mix."""
-    args = ("--block-size", "16", "--num-blocks", "48", "--dtype", "float32")
+    args = {"block_size": 16, "num_blocks": 48, "dtype": "float32"}
     settings = PRESETS[preset] | {"top_k": MIX_TOP_K[preset]}
-    served = replay(mix["tmp"], preset, mix["model"], mix["mix"], settings, *args)
+    served = replay(mix["tmp"], preset, mix["model"], mix["mix"], settings, **args)
     _check_served(mix["mix"], served)
     report = served["kvhead"]
     assert report["promoted_pages"] > 0 and report["resident_page_fraction"] < 1
@@ -125,7 +107,7 @@ def test_presets_serve_the_mix_and_keep_requests_apart(mix: dict, preset: str) -
     alone = [MixRequest(**(asdict(r) | {"arrive": 2000 * i})) for i, r in enumerate(probes)]
     by_id = {r.id: res for r, res in zip(mix["mix"], served["results"], strict=True)}
     beside = [by_id[r.id] for r in probes]
-    run = replay(mix["tmp"], f"{preset}-alone", mix["model"], alone, settings, *args)
+    run = replay(mix["tmp"], f"{preset}-alone", mix["model"], alone, settings, **args)
     assert compare(alone, run["results"], beside) == []
 
 

@@ -16,11 +16,9 @@ Run: ``python benchmarks/vllm/vllm_soak.py --config accurate --count 2000``; wri
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
@@ -29,7 +27,7 @@ import typer
 
 from benchmarks.common import MODEL, VLLM_RESULTS
 from kvhead.presets import get_preset
-from kvhead.vllm.request_mix import MixResult, build_mix, served
+from kvhead.vllm.request_mix import build_mix, replay_in_subprocess, served
 
 
 def main(
@@ -64,8 +62,6 @@ def main(
     }
     failed: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        settings_file = Path(tmp) / "settings.json"
-        settings_file.write_text(json.dumps(settings))
         for part in range(-(-count // chunk)):
             mix = build_mix(
                 tokenizer,
@@ -74,43 +70,26 @@ def main(
                 seed=seed + part,
                 solo_share=solo_share,
             )
-            mix_file, out = Path(tmp) / "mix.json", Path(tmp) / "out.json"
-            mix_file.write_text(json.dumps([asdict(r) for r in mix]))
             start = time.perf_counter()
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "kvhead.vllm.request_mix",
-                    str(model),
-                    str(mix_file),
-                    str(out),
-                    "--kvhead",
-                    str(settings_file),
-                    "--max-model-len",
-                    str(max_model_len),
-                    "--num-blocks",
-                    str(num_blocks),
-                    "--block-size",
-                    "16",
-                    "--dtype",
-                    "bfloat16",
-                ],
-                capture_output=True,
-                text=True,
-                check=False,
+            report = replay_in_subprocess(
+                model,
+                mix,
+                settings,
+                Path(tmp),
+                max_model_len=max_model_len,
+                num_blocks=num_blocks,
+                block_size=16,
+                dtype="bfloat16",
             )
             totals["seconds"] += time.perf_counter() - start
-            report = json.loads(out.read_text()) if out.exists() else {"error": proc.stderr}
             totals["requests"] += len(mix)
-            if proc.returncode or report["error"]:
+            if report["error"]:
                 totals["engine_deaths"] += 1
-                failed.append(f"part {part}: {(report['error'] or proc.stderr)[-2000:]}")
+                failed.append(f"part {part}: {report['error'][-2000:]}")
                 continue
             totals["preemptions"] += report["preemptions"]
             totals["promoted_pages"] += report["kvhead"]["promoted_pages"]
-            for req, raw in zip(mix, report["results"], strict=True):
-                res = MixResult(**raw)
+            for req, res in zip(mix, report["results"], strict=True):
                 totals["prompt_tokens"] += len(req.prompt)
                 totals["generated_tokens"] += sum(len(s) for s in res.samples)
                 totals["rejected_too_long"] += res.rejected is not None

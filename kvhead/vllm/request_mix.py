@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -303,6 +305,40 @@ def engine_args(
         "num_gpu_blocks_override": num_blocks,
         "max_logprobs": 2,
     }
+
+
+def replay_in_subprocess(
+    model: str | Path,
+    mix: list[MixRequest],
+    kvhead: dict | None,
+    workdir: Path,
+    *,
+    env: dict | None = None,
+    timeout: float | None = None,
+    **options: Any,
+) -> dict:
+    """Replay ``mix`` in a fresh engine process (one vLLM engine and FlexiCache runtime per
+    process) with this module's command-line ``options`` (``max_model_len=512`` for
+    ``--max-model-len 512``). Returns its report with :class:`MixResult` objects; ``error``
+    holds the traceback or the process's stderr when the engine died."""
+    mix_file, out = workdir / "mix.json", workdir / "out.json"
+    mix_file.write_text(json.dumps([asdict(r) for r in mix]))
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "kvhead.vllm.request_mix", str(model), str(mix_file), str(out)]
+    for name, value in options.items():
+        cmd += [f"--{name.replace('_', '-')}", str(value)]
+    if kvhead is not None:
+        settings = workdir / "settings.json"
+        settings.write_text(json.dumps(kvhead))
+        cmd += ["--kvhead", str(settings)]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False
+    )
+    if proc.returncode or not out.exists():
+        return {"error": proc.stderr[-4000:] or f"exit status {proc.returncode}", "results": []}
+    report = json.loads(out.read_text())
+    report["results"] = [MixResult(**r) for r in report["results"]]
+    return report
 
 
 @app.command()
