@@ -355,7 +355,7 @@ def test_select_pages_dispatches_by_pages_per_head(max_pages, two_level):
 @pytest.mark.parametrize("flat", [True, False])
 def test_two_tiles_per_program_change_nothing(monkeypatch, flat):
     """Large grids give each candidate program two tiles; force that on a small problem."""
-    from kvhead.kernels import select_hier
+    from kvhead.kernels.triton import select_hier
 
     query, bounds, table, num_pages = _problem(51, max_pages=80)
     pages = CompactBounds.from_pages(bounds)

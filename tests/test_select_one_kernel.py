@@ -19,6 +19,7 @@ from kvhead.core.bounds.compact import (
     select_super_pages,
 )
 from kvhead.core.pages import PageBounds
+from kvhead.kernels.triton import select_hier
 from kvhead.kernels.triton.select_hier import ONE_MAX_ROWS, Plan, auto_layout, hier_select_stages
 from kvhead.kernels.triton.select_one import OneShape, row_counters
 
@@ -112,7 +113,7 @@ def test_flat_matches_reference(shape, seed, batch, max_pages, top_k):
     got = kernels.flat_select(
         query.to(DEVICE), _dev(pages), table.to(DEVICE), num_pages.to(DEVICE), top_k
     )  # auto: one launch at this size
-    plan_got = kernels.select_hier.flat_select(
+    plan_got = select_hier.flat_select(
         query.to(DEVICE),
         _dev(pages),
         table.to(DEVICE),
@@ -136,7 +137,7 @@ def test_ties_go_to_lower_pages_and_newest_is_forced():
     num_pages = torch.tensor([150])
     want = torch.cat([torch.arange(9), torch.tensor([149])]).expand(1, 2, 10)
     for shape in SHAPES.values():
-        flat = kernels.select_hier.flat_select(
+        flat = select_hier.flat_select(
             query.to(DEVICE),
             _dev(pages),
             table.to(DEVICE),
@@ -229,7 +230,7 @@ def test_dependent_launches_select_the_same_pages(layout):
     on = hier_select_stages(*args, plan=Plan(layout, pdl=True))
     off = hier_select_stages(*args, plan=Plan(layout, pdl=False))
     assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])
-    flat_on = kernels.select_hier.flat_select(*args[:2], *args[3:6], plan=Plan(layout, pdl=True))
-    flat_off = kernels.select_hier.flat_select(*args[:2], *args[3:6], plan=Plan(layout, pdl=False))
+    flat_on = select_hier.flat_select(*args[:2], *args[3:6], plan=Plan(layout, pdl=True))
+    flat_off = select_hier.flat_select(*args[:2], *args[3:6], plan=Plan(layout, pdl=False))
     assert torch.equal(flat_on, flat_off)
     assert torch.equal(flat_on.cpu(), flat_select(query, pages, table, num_pages, 16))
