@@ -38,6 +38,9 @@ def main(
     top_k: int = typer.Option(8, help="Pages per stable head: half of a 256-token context."),
     num_blocks: int = typer.Option(32, help="KV blocks of 16 tokens (small: vLLM preempts)."),
     solo_share: float = typer.Option(0.1, help="Share of requests that arrive one at a time."),
+    dtype: str = typer.Option(
+        "float32", help="Model dtype (bf16 runs several times slower on CPUs without bf16 units)."
+    ),
     seed: int = typer.Option(11),
 ) -> None:
     from transformers import AutoTokenizer
@@ -79,7 +82,7 @@ def main(
                 max_model_len=max_model_len,
                 num_blocks=num_blocks,
                 block_size=16,
-                dtype="bfloat16",
+                dtype=dtype,
             )
             totals["seconds"] += time.perf_counter() - start
             totals["requests"] += len(mix)
@@ -104,6 +107,7 @@ def main(
         "max_model_len": max_model_len,
         "num_blocks": num_blocks,
         "solo_share": solo_share,
+        "dtype": dtype,
         "seed": seed,
         "totals": totals,
         "failures": failed,
