@@ -19,6 +19,7 @@ import json
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
@@ -40,6 +41,10 @@ def main(
     solo_share: float = typer.Option(0.1, help="Share of requests that arrive one at a time."),
     dtype: str = typer.Option(
         "float32", help="Model dtype (bf16 runs several times slower on CPUs without bf16 units)."
+    ),
+    max_tokens: int = typer.Option(24, help="Most tokens a request asks for."),
+    workers: int = typer.Option(
+        1, help="Engine processes replaying parts at once (one core each)."
     ),
     seed: int = typer.Option(11),
 ) -> None:
@@ -64,16 +69,22 @@ def main(
         "seconds": 0.0,
     }
     failed: list[str] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for part in range(-(-count // chunk)):
-            mix = build_mix(
-                tokenizer,
-                min(chunk, count - part * chunk),
-                max_model_len,
-                seed=seed + part,
-                solo_share=solo_share,
-            )
-            start = time.perf_counter()
+    parts = [
+        build_mix(
+            tokenizer,
+            min(chunk, count - part * chunk),
+            max_model_len,
+            seed=seed + part,
+            solo_share=solo_share,
+            max_tokens=max_tokens,
+        )
+        for part in range(-(-count // chunk))
+    ]
+
+    def replay(mix: list) -> tuple[dict, float]:
+        """One part in its own engine process and folder."""
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
             report = replay_in_subprocess(
                 model,
                 mix,
@@ -84,7 +95,12 @@ def main(
                 block_size=16,
                 dtype=dtype,
             )
-            totals["seconds"] += time.perf_counter() - start
+        return report, time.perf_counter() - start
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for part, (mix, (report, seconds)) in enumerate(zip(parts, pool.map(replay, parts))):
+            totals["seconds"] += seconds
             totals["requests"] += len(mix)
             if report["error"]:
                 totals["engine_deaths"] += 1
@@ -101,6 +117,7 @@ def main(
                     totals["failed_requests"] += 1
                     failed.append(req.id)
             print(f"[soak] part {part}: {totals}", flush=True)
+    totals["wall_seconds"] = time.perf_counter() - started
     result = {
         "config": config,
         "settings": settings,
@@ -108,6 +125,8 @@ def main(
         "num_blocks": num_blocks,
         "solo_share": solo_share,
         "dtype": dtype,
+        "max_tokens": max_tokens,
+        "workers": workers,
         "seed": seed,
         "totals": totals,
         "failures": failed,
