@@ -35,14 +35,14 @@ def main(
     config: str = typer.Option("accurate", help="Preset: paper, balanced or accurate."),
     count: int = typer.Option(2000),
     chunk: int = typer.Option(250),
-    max_model_len: int = typer.Option(256),
-    top_k: int = typer.Option(8, help="Pages per stable head: half of a 256-token context."),
-    num_blocks: int = typer.Option(32, help="KV blocks of 16 tokens (small: vLLM preempts)."),
-    solo_share: float = typer.Option(0.1, help="Share of requests that arrive one at a time."),
+    max_model_len: int = typer.Option(192),
+    top_k: int = typer.Option(6, help="Pages per stable head: half of a 192-token context."),
+    num_blocks: int = typer.Option(48, help="KV blocks of 16 tokens (small: vLLM preempts)."),
+    solo_share: float = typer.Option(0.05, help="Share of requests that arrive one at a time."),
     dtype: str = typer.Option(
         "float32", help="Model dtype (bf16 runs several times slower on CPUs without bf16 units)."
     ),
-    max_tokens: int = typer.Option(24, help="Most tokens a request asks for."),
+    max_tokens: int = typer.Option(16, help="Most tokens a request asks for."),
     workers: int = typer.Option(
         1, help="Engine processes replaying parts at once (one core each)."
     ),
