@@ -36,7 +36,7 @@ def main(
     count: int = typer.Option(2000),
     chunk: int = typer.Option(250),
     max_model_len: int = typer.Option(192),
-    top_k: int = typer.Option(6, help="Pages per stable head: half of a 192-token context."),
+    top_k: int = typer.Option(8, help="Pages per stable head (the budgets' floor; 12 exist)."),
     num_blocks: int = typer.Option(48, help="KV blocks of 16 tokens (small: vLLM preempts)."),
     solo_share: float = typer.Option(0.05, help="Share of requests that arrive one at a time."),
     dtype: str = typer.Option(
