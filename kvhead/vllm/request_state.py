@@ -64,7 +64,6 @@ class RequestStates:
         self._epoch = 0  # epochs are unique across slots and time
         self.capacity = 0  # slots handed out so far (layers size their stores to it)
         self.step_req_ids: list[str] | None = None  # this step's rows, set by the runner
-        self._clock = 0  # decode steps of the engine: reranks of running requests align on it
         self.changed = False  # a request ended or restarted since the last release
 
     def __len__(self) -> int:
@@ -110,10 +109,8 @@ class RequestStates:
         """Account one step: ``decode``/``prefill`` are batch row indices, ``seq_lens`` and
         ``table`` cover every row. Returns the decode rows' slots and which of them rerank.
 
-        A request reranks at its first decode step and then every R steps of the engine's
-        decode clock, which all running requests share: reranks of a batch happen in one call
-        per layer every R steps (no request keeps a selection more than R steps), not in a call
-        on most steps for whichever rows' own clocks came due.
+        A request reranks at its first decode step and then every R of its own decode steps,
+        never on a clock other requests move: its output is the same alone or beside others.
 
         A prefill row (a new request's chunk, or a preempted one recomputing) starts its
         request afresh; a decode row continues its request's state only if its length is the
@@ -146,12 +143,11 @@ class RequestStates:
                 state.first_block = first
             slots.append(state.slot)
             epochs.append(state.epoch)
-            due.append(state.steps == 0 or self._clock % self.rerank_interval == 0)
+            due.append(state.steps % self.rerank_interval == 0)
             names.append(req_id)
             state.steps += 1
             state.next_len = lens[r] + 1
             state.blocks = table[r, : pages[r]].long().clone()
-        self._clock += bool(slots)
         rows = DecodeRows(
             slots=torch.tensor(slots, dtype=torch.int64),
             epochs=torch.tensor(epochs, dtype=torch.int64),
