@@ -75,14 +75,12 @@ def _score_and_select(
     """Top-K page ids ``[B, Hkv, K]``; heads outside ``kv_heads`` (when given) get all -1.
 
     ``kernels`` (the :mod:`kvhead.kernels` dispatch, handed in by the engine so that the core
-    imports no kernel code) runs the spec's selection (``use_kernels``; default: on CUDA
-    tensors): from
-    ``live`` int8 bounds when given (``kernels.select_pages``: flat or two-level by size),
+    imports no kernel code) runs the spec's selection (``use_kernels``; default: on CUDA tensors):
+    from ``live`` int8 bounds when given (``kernels.select_pages``: flat or two-level by size),
     else fused fp32 scoring + top-K; both score every head (cheap there), and the heads not
     asked for are blanked after. The torch reference elsewhere, and for the options the kernels
-    lack (sink/window pages, softmax group scores, bound weights, per-head budgets ``top_k
-    [Hkv]``); it reads
-    only the bounds of the heads asked for, always the fp32 ``bounds``.
+    lack (sink/window pages, softmax group scores, bound weights, per-head budgets ``top_k [Hkv]``);
+    it reads only the bounds of the heads asked for, always the fp32 ``bounds``.
     """
     per_head = isinstance(top_k, torch.Tensor)
     spec = (

@@ -7,8 +7,7 @@ pseudo-token: its key is the centre of the page's key box (the bounds scoring al
 value the mean of the page's values (one extra vector per page, summed on append), and its logit
 gets ``log(count)`` since it stands for ``count`` tokens. The summary attention is combined with
 the sparse one by log-sum-exp (:func:`kvhead.core.combine.combine_partials`), exactly as Helix
-shards
-are, so a head that reads every page is unchanged. The idea is RazorAttention's compensation
+shards are, so a head that reads every page is unchanged. The idea is RazorAttention's compensation
 token, given per page so that the pages a rerank demotes keep a voice.
 """
 

@@ -6,9 +6,8 @@ the bounds and the block table are exactly what the vLLM plugin and the GPU kern
 fp32 page bounds are kept everywhere (the reference selection reads them), and fp32 per-page
 value sums (the summary tokens of :mod:`kvhead.core.summaries`). On CUDA (or when
 asked) each layer also keeps :class:`~kvhead.core.bounds.live.LiveBounds` (int8 page and super-page
-bounds, what the
-rerank kernels read): built from the fp32 bounds after every multi-token write (prefill) and
-advanced by ``kernels.append_bounds`` on single-token writes (decode).
+bounds, what the rerank kernels read): built from the fp32 bounds after every multi-token write
+(prefill) and advanced by ``kernels.append_bounds`` on single-token writes (decode).
 """
 
 from __future__ import annotations
@@ -104,8 +103,7 @@ class PagedKVCache:
         """Drop positions ``>= length`` (to decode again from a shared prefill).
 
         The page that becomes partial gets its bounds and value sum recomputed from what it keeps,
-        so
-        selections after a rewind equal those of a cache that never held the dropped tokens;
+        so selections after a rewind equal those of a cache that never held the dropped tokens;
         int8 live bounds are rebuilt from the fp32 ones.
         """
         if not 0 <= length <= self.length:

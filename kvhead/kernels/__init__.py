@@ -11,8 +11,7 @@ Every function here computes the same function as its reference in the core pack
 ``hier_select``              :func:`kvhead.core.bounds.compact.hier_select` (int8, two-level)
 ``flat_select``              :func:`kvhead.core.bounds.compact.flat_select` (int8, every page)
 ``select_pages``             one of the two above, by pages per head (the rerank entry)
-``append_bounds``            :meth:`kvhead.core.bounds.live.LiveBounds.append` (int8 bounds on
-append)
+``append_bounds``            :meth:`kvhead.core.bounds.live.LiveBounds.append` (int8, on append)
 =========================  ==============================================================
 
 Dispatch: Triton runs when the tensors are on CUDA, or anywhere when Triton's interpreter is on

@@ -1,10 +1,9 @@
 """kvhead FlexiCache as a vLLM plugin (``vllm.general_plugins`` entry point ``kvhead``).
 
-Enable it with one option plus settings::
+Enable it with one option plus settings (a preset of :mod:`kvhead.presets`, or its options)::
 
     --attention-backend CUSTOM --no-enable-prefix-caching --block-size 16 \\
-    --additional-config '{"kvhead": {"profile": "profile.json", "top_k": 64, "rerank_interval":
-    16}}'
+    --additional-config '{"kvhead": {"preset": "accurate"}}'
 
 vLLM calls :func:`register` in every process it starts, so it does nothing costly: it points
 vLLM's ``CUSTOM`` backend slot at :class:`~kvhead.vllm.backend.FlexiCacheBackend` (a

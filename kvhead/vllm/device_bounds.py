@@ -159,8 +159,7 @@ class DeviceBounds:
 
         Scores and forced pages follow :func:`kvhead.core.pages.score_pages` and
         :func:`~kvhead.core.pages.select_top_k` (``top_k`` may be per-head budgets ``[Hkv]``), on
-        the
-        dequantised int8 boxes.
+        the dequantised int8 boxes.
         """
         batch, num_q_heads, head_dim = query.shape
         num_kv_heads = self.box.shape[0]

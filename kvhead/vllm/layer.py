@@ -49,8 +49,7 @@ class LayerStats:
 class StableRanking:
     """How stable heads rank pages at a rerank (the flexicache+ options of
     :func:`kvhead.core.pages.score_pages` / :func:`~kvhead.core.pages.select_top_k`; the defaults
-    are the
-    spec's ranking); scored natively from the int8 boxes (``select_pages``, equal to
+    are the spec's ranking); scored natively from the int8 boxes (``select_pages``, equal to
     :meth:`DeviceBounds.select`), 1 step in R."""
 
     budgets: torch.Tensor  # [Hkv] pages of each head's top-K set (only stable heads' are used)
@@ -141,8 +140,7 @@ class FlexiLayer:
         self.bounds = DeviceBounds(num_blocks, num_kv_heads, head_dim, open_pages)
         self.pool = HotPool(pool_pages, num_blocks, len(stable), page_size, head_dim, dtype)
         # summary tokens (kvhead.core.summaries): per-page mean values of the stable heads, which
-        # are
-        # the only heads that skip pages ([blocks, stable heads, D] in the cache's dtype, kept
+        # are the only heads that skip pages ([blocks, stable heads, D] in the cache's dtype, kept
         # by the native writer); empty when off (the native decode's switch)
         means_shape = (
             (num_blocks, len(stable), head_dim) if summaries and len(stable) else (0, 0, 0)

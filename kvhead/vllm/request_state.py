@@ -5,8 +5,7 @@ a finished request goes to the next one, so a batch keyed by its rows' first blo
 other requests than it did one step earlier; selection state keyed that way attends one
 request with another's page choice. The model runner knows vLLM's request ids, so two small
 wrappers hand them to the runtime (:mod:`kvhead.vllm.patches`): the attention-metadata build says
-which
-request each row of this step is, the state update says which requests finished.
+which request each row of this step is, the state update says which requests finished.
 
 Each request gets a slot in :class:`RequestStates` for as long as it lives. A slot carries an
 *epoch* that changes whenever its request starts afresh (a new request in the slot, a prefill

@@ -9,10 +9,9 @@ per-step work in three calls per layer and runs sequences x heads on torch's own
 The module is compiled with torch's extension builder (g++ and ninja, ~1 min once) into
 ``$KVHEAD_HOME/torch_extensions/flexi_cpu-<digest>`` and reused by every later process;
 ``-march=native`` because it is built on the machine that runs it. The kernels own the layout of
-every cache they touch
-(vLLM's allocation for the resident heads, the hot pool): per block and head, keys transposed
-``[D][P]`` then values ``[P][D]`` (vLLM's own CPU layout for 16-token blocks, which keeps one
-page's 16 scores of a query row in one AVX-512 register). vLLM's kernels never read those
+every cache they touch (vLLM's allocation for the resident heads, the hot pool): per block and head,
+keys transposed ``[D][P]`` then values ``[P][D]`` (vLLM's own CPU layout for 16-token blocks, which
+keeps one page's 16 scores of a query row in one AVX-512 register). vLLM's kernels never read those
 caches: prefill stages them into a scratch cache vLLM writes itself.
 """
 

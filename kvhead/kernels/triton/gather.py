@@ -2,8 +2,7 @@
 
 Pinned host memory is mapped into the GPU's address space (unified addressing), so a kernel can
 load from it. A small persistent grid walks the page list: each program reads a page's row from the
-arena
-and writes it to its pool row, so the host does no gather and no staging copy, and the whole
+arena and writes it to its pool row, so the host does no gather and no staging copy, and the whole
 promotion is one launch on the copy stream. The grid is kept to a few SMs on purpose: zero-copy
 loads wait microseconds on PCIe, and a program per page would park on every SM and slow the
 attention it is meant to hide behind (measured: with one program per page only 17-52% of the

@@ -25,8 +25,7 @@ and one cooperative launch with grid barriers (slower), and :mod:`kvhead.kernels
 too (commit 8570931; ``results/gpu_select_run3.json``).
 
 Boxes are scored on CUDA cores (fp32) or on tensor cores (the query as int8 digits,
-:mod:`kvhead.kernels.triton.box_score`); :func:`default_scoring` picks by the size of the first
-pass.
+:mod:`kvhead.kernels.triton.box_score`); :func:`default_scoring` picks by the first pass's size.
 
 Bytes read per (sequence, KV head): (N/G + M x G) x (2 D + 4) for two levels, N x (2 D + 4)
 flat, instead of N x 8 D for the fp32 scoring. Ties at the M-th or K-th score go to lower ids
@@ -335,8 +334,7 @@ class Plan:
     (:mod:`kvhead.kernels.triton.select_one`, shaped by ``one``). ``scoring``: see :class:`Scoring`
     (multi-launch layouts). ``pdl``: whether the multi-launch kernels after the first are
     programmatic dependent launches where the device supports them
-    (:mod:`kvhead.kernels.triton.pdl`;
-    None: :func:`auto_pdl`).
+    (:mod:`kvhead.kernels.triton.pdl`; None: :func:`auto_pdl`).
     """
 
     layout: str | None = None
