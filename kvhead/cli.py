@@ -50,8 +50,8 @@ def _floats(text: str) -> list[float]:
         raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _load(model: str, page_size: int, device: str = "cpu"):
-    """Resolve a model spec to a folder and build the reference runner and tokenizer."""
+def _load(model_dir: Path, page_size: int, device: str = "cpu"):
+    """The reference runner and tokenizer of a resolved model folder."""
     import torch
     from transformers import AutoTokenizer
 
@@ -59,9 +59,8 @@ def _load(model: str, page_size: int, device: str = "cpu"):
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
-    model_dir = resolve_model(model)
     runner = ReferenceRunner.from_pretrained(model_dir, page_size=page_size, device=device)
-    return model_dir, runner, AutoTokenizer.from_pretrained(model_dir)
+    return runner, AutoTokenizer.from_pretrained(model_dir)
 
 
 @app.command()
@@ -100,8 +99,9 @@ def profile(
             per_layer=per_layer,
             seed=seed,
         )
-        check_context("--context + --decode-steps", context + decode_steps, _model_config(model)[1])
-        model_dir, runner, tokenizer = _load(model, page_size)
+        model_dir, config = _model_config(model)
+        check_context("--context + --decode-steps", context + decode_steps, config)
+        runner, tokenizer = _load(model_dir, page_size)
         with console.status(f"profiling {cfg.num_prompts} prompts of {cfg.context} tokens"):
             result = profile_heads(runner, tokenizer, model_dir, cfg)
     except USER_ERRORS as err:
@@ -164,8 +164,9 @@ def coverage(
             rerank_interval=rerank_interval,
             corpus=corpus,
         )
-        check_context("--context", context, _model_config(model)[1])
-        model_dir, runner, tokenizer = _load(model, page_size, device)
+        model_dir, config = _model_config(model)
+        check_context("--context", context, config)
+        runner, tokenizer = _load(model_dir, page_size, device)
         head_profile = profile_for_model(model_dir, profile_path)
         if head_profile.page_size != page_size:
             raise ValueError(f"profile pages hold {head_profile.page_size} tokens, not {page_size}")
@@ -307,7 +308,7 @@ def eval_(
         model_dir, config = _model_config(model)
         check_against_model(cfg, config)
         head_profile = profile_for_model(model_dir, profile_path)
-        model_dir, runner, tokenizer = _load(model, page_size, device)
+        runner, tokenizer = _load(model_dir, page_size, device)
         output.parent.mkdir(parents=True, exist_ok=True)
 
         def save(partial) -> None:
