@@ -153,6 +153,21 @@ def test_sparse_decode_matches_reference_over_reranks() -> None:
     assert setup.layer.pool.in_use <= 2 * len(STABLE) * (2 + 2)
 
 
+def test_pages_evicted_from_the_pool_come_back_from_the_arena(caplog) -> None:
+    """Between reranks the pool loses every page (as when it makes room for other requests):
+    the next step copies the attended pages back from the arena, says whose they were, and
+    decodes exactly as before."""
+    setup = Setup(top_k=2, seq_lens=[150, 97])
+    for _ in range(2):
+        setup.decode()
+    setup.layer.pool.release_unreferenced(torch.zeros(0, dtype=torch.int64))
+    assert setup.layer.pool.in_use == 0
+    with caplog.at_level("WARNING", logger="kvhead.vllm.layer"):
+        out, ref, _ = setup.decode()  # step 2 of R = 4: no rerank would bring them back
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert "requests row0, row1 were not in the hot pool" in caplog.text
+
+
 @pytest.mark.parametrize("summaries", [False, True])
 def test_flexicache_plus_options_decode_as_the_reference_policy(summaries: bool) -> None:
     """Sink and window pages, softmax group scores, bound weight 0.5 and per-head budgets (3 and

@@ -458,23 +458,16 @@ class FlexiLayer:
         anchor: torch.Tensor,
         keep: torch.Tensor,
     ) -> None:
-        """Copy every attended stable page that is not in the pool back in from the arena, for
-        the rows that miss one, and say whose they were."""
+        """Copy every attended stable page that is not in the pool back in from the arena, and
+        say whose they were."""
         num_pages = (seq_lens + self.page_size - 1) // self.page_size
-        width = int(num_pages.max())
-        attended = self._attended(selected, anchor, num_pages, width)
-        table = block_table[:, :width].long().clamp_min(0)
-        held = self.pool.slot_of[table].permute(0, 2, 1) >= 0  # [B, S, width]
-        short = (attended & ~held).flatten(1).any(1).nonzero().flatten()
+        short = self._make_resident(selected, anchor, block_table, num_pages, keep)
         logger.warning(
             "kvhead: layer %d: %d attended stable pages of requests %s were not in "
-            "the hot pool; copying them in from the host arena",
+            "the hot pool; copied them in from the host arena",
             self.layer,
             lost,
             ", ".join(rows.req_ids[i] for i in short.tolist()),
-        )
-        self._make_resident(
-            selected[short], anchor[short], block_table[short].contiguous(), num_pages[short], keep
         )
 
     def _rerank(
@@ -534,9 +527,10 @@ class FlexiLayer:
         block_table: torch.Tensor,
         num_pages: torch.Tensor,
         keep: torch.Tensor,
-    ) -> None:
+    ) -> torch.Tensor:
         """Make the hot pool hold exactly the pages these rows' stable heads attend (and no
-        other page of their sequences): drop the others, copy in only the missing ones."""
+        other page of their sequences): drop the others, copy in only the missing ones.
+        Returns the rows that missed a page."""
         width = int(num_pages.max())
         wanted = self._attended(selected, anchor, num_pages, width)  # [B, S, width]
         table = block_table[:, :width].long().clamp_min(0)
@@ -557,6 +551,7 @@ class FlexiLayer:
             pool[fresh, 0] = got.k.transpose(1, 2).reshape(len(fresh), -1).to(pool.dtype)
             pool[fresh, 1] = got.v.reshape(len(fresh), -1).to(pool.dtype)
             self.stats.promoted_pages += len(fresh)
+        return missing.flatten(1).any(1).nonzero().flatten()
 
     def _allocate(
         self, blocks: torch.Tensor, heads: torch.Tensor, keep: torch.Tensor
