@@ -54,7 +54,6 @@ class Setup:
             pool_pages=NB * len(STABLE),
             open_pages=8,
             top_k=top_k,
-            rerank_interval=4,
             prefill_block=prefill_block,
             resident_dense=ranking is not None,
             ranking=ranking or StableRanking(budgets=torch.full((HKV,), top_k)),

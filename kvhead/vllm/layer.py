@@ -114,7 +114,6 @@ class FlexiLayer:
         pool_pages: int,
         open_pages: int,
         top_k: int,
-        rerank_interval: int,
         resident_dense: bool = False,
         kernel_threads: int | None = None,
         ranking: StableRanking,
@@ -124,7 +123,7 @@ class FlexiLayer:
         self.layer, self.page_size, self.group = layer, page_size, group
         self.resident, self.stable = resident.long(), stable.long()
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
-        self.top_k, self.rerank_interval = top_k, rerank_interval
+        self.top_k = top_k
         # Prefill runs vLLM's kernel on a scratch cache of ``prefill_block``-token blocks (stock's
         # 32 for AMX) with the matching ISA. Decode never hands vLLM's cache to vLLM's kernels:
         # the native kernels write and read it (and the hot pool) in their own layout.

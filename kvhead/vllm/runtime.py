@@ -170,7 +170,6 @@ class FlexiRuntime:
                 pool_pages=self.pool_pages(num_blocks, index),
                 open_pages=self.open_pages,
                 top_k=self.settings.top_k,
-                rerank_interval=self.settings.rerank_interval,
                 resident_dense=self.settings.unstable_dense,
                 ranking=self.ranking(index),
                 summaries=self.settings.compensate,
