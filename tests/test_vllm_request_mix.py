@@ -87,7 +87,12 @@ def test_every_page_selected_matches_stock_request_by_request(mix: dict) -> None
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_serve_the_mix_and_keep_requests_apart(mix: dict, preset: str) -> None:
     """The engine serves the whole mix with 16-token pages; then greedy probes from it, run
-    one at a time on a fresh engine, give the tokens they got beside the mix."""
+    one at a time on a fresh engine, give the tokens they got beside the mix.
+
+    Probes are requests vLLM did not preempt in the mix: a preempted request recomputes its
+    context as a (dense) prefill and restarts its rerank phase, so its later tokens can differ
+    from an uninterrupted run (a known limit; the same mix with enough blocks never to preempt
+    gives every probe its alone tokens)."""
     args = {"block_size": 16, "num_blocks": 48, "dtype": "float32"}
     settings = PRESETS[preset] | {"top_k": MIX_TOP_K[preset]}
     served = replay(mix["tmp"], preset, mix["model"], mix["mix"], settings, **args)
@@ -103,7 +108,9 @@ def test_presets_serve_the_mix_and_keep_requests_apart(mix: dict, preset: str) -
         and r.stop is None
         and r.id != TOO_LONG
         and r.max_tokens >= 8
+        and r.id not in served["preempted"]
     ][:6]
+    assert len(probes) == 6
     alone = [MixRequest(**(asdict(r) | {"arrive": 2000 * i})) for i, r in enumerate(probes)]
     by_id = {r.id: res for r, res in zip(mix["mix"], served["results"], strict=True)}
     beside = [by_id[r.id] for r in probes]

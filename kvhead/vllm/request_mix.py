@@ -378,7 +378,7 @@ def main(
         )
     )
     scheduler = engine.engine_core.engine_core.scheduler
-    preemptions = _count_calls(scheduler, "_preempt_request")
+    preempted = _record_preemptions(scheduler)
     start = time.perf_counter()
     error = None
     try:
@@ -389,24 +389,26 @@ def main(
         "results": [asdict(r) for r in results],
         "error": error,
         "seconds": time.perf_counter() - start,
-        "preemptions": preemptions[0],
+        "preemptions": len(preempted),
+        "preempted": sorted({r.id for r in mix for p in preempted if p.startswith(f"{r.id}-")}),
         "num_blocks": engine.vllm_config.cache_config.num_gpu_blocks,
         "kvhead": _runtime_report(),
     }
     out.write_text(json.dumps(report))
 
 
-def _count_calls(owner: Any, name: str) -> list[int]:
-    """Count calls of ``owner.name`` (an instance method) into the returned one-item list."""
-    calls = [0]
-    original = getattr(owner, name)
+def _record_preemptions(scheduler: Any) -> list[str]:
+    """The engine's request id of every preemption the scheduler makes, in a list that fills
+    as it runs (vLLM appends ``-<8 random characters>`` to a client's id)."""
+    preempted: list[str] = []
+    original = scheduler._preempt_request
 
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
-        return original(*args, **kwargs)
+    def preempt(request: Any, *args: Any, **kwargs: Any) -> Any:
+        preempted.append(request.request_id)
+        return original(request, *args, **kwargs)
 
-    setattr(owner, name, counted)
-    return calls
+    scheduler._preempt_request = preempt
+    return preempted
 
 
 def _runtime_report() -> dict | None:
