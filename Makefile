@@ -9,8 +9,7 @@ setup:
 	bash scripts/setup.sh
 
 run: setup
-	$(KVHEAD) models pull smollm2-135m-instruct
-	$(KVHEAD) eval
+	$(KVHEAD) serve
 
 test: setup lint
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)

@@ -325,6 +325,69 @@ def eval_(
     console.print(f"results: {output}")
 
 
+@app.command()
+def serve(
+    config: Annotated[
+        Path | None,
+        typer.Argument(help="Serving config YAML (default: SmolLM2, accurate preset, 1 replica)."),
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Override the config's model.")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help=f"Override the config's preset: {', '.join(PRESETS)}.")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Override the config's HTTP port.")] = None,
+) -> None:
+    """Serve the OpenAI API with FlexiCache on Ray Serve until Ctrl-C."""
+    import time
+
+    from deployments.config import ServeConfig, ServeConfigError
+    from deployments.local import start, stop, stop_on_signals
+
+    stop_on_signals()
+    given = {"model": model, "preset": preset, "port": port}
+    try:
+        base = ServeConfig.load(config) if config else ServeConfig()
+        cfg = ServeConfig.parse(
+            base.model_dump(exclude_unset=True) | {k: v for k, v in given.items() if v},
+            source=str(config or "kvhead serve"),
+        )
+        with console.status("checking the model and settings, starting Ray and the replicas"):
+            running = start(cfg)
+    except (ServeConfigError, ModelError, TimeoutError) as err:
+        stop()
+        _fail(err)
+    except KeyboardInterrupt:
+        stop()
+        raise typer.Exit(130) from None
+    plan = running.plan
+    heads = (
+        f"{plan.dense_heads} dense + {plan.stable_heads} stable KV heads"
+        if plan.dense_heads is not None
+        else "stock vLLM attention"
+    )
+    console.print(
+        f"[green]serving[/green] {running.model_id} at {running.url}/v1 "
+        f"({cfg.preset if cfg.flexicache else 'no'} preset: {heads}; "
+        f"{plan.cached_tokens} tokens of KV cache per replica)\n"
+        f"  curl {running.url}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"""-d '{{"model": "{running.model_id}", "messages": [{{"role": "user", """
+        f""""content": "Hello!"}}]}}'\n"""
+        f"  python -c \"import openai; c = openai.OpenAI(base_url='{running.url}/v1', "
+        f"api_key='-'); print(c.completions.create(model='{running.model_id}', "
+        f"prompt='Once upon a time', max_tokens=16).choices[0].text)\"\n"
+        f"  per-head state: {running.url}/v1/kvhead/heads   readiness: {running.url}/health\n"
+        "Ctrl-C stops the server.",
+        soft_wrap=True,
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("stopping")
+    finally:
+        stop()
+
+
 def _model_config(model: str) -> tuple[Path, dict]:
     """The model's folder and its ``config.json``, read without loading any weights."""
     model_dir = Path(resolve_model(model))

@@ -73,3 +73,15 @@ def test_finished_and_anonymous_requests_release_their_slots() -> None:
         torch.zeros(0, dtype=torch.long),
     )
     assert rows.due.all() and len(states) == 0  # warm-up rows: one-off requests
+
+
+def test_a_client_that_leaves_is_served_by_its_first_sample_alone() -> None:
+    """With n = 2 vLLM runs the samples as separate requests; the one a client counts is the
+    first, the other may lag when the client hangs up."""
+    from kvhead.vllm.request_mix import MixRequest, MixResult, served
+
+    req = MixRequest("r", 0, [1, 2, 3], "completion", max_tokens=16, n=2, abort_after=4)
+    lagging = MixResult("r", samples=[[5] * 4, [6] * 3], finish=[None, None], aborted=True)
+    early = MixResult("r", samples=[[5] * 3, [6] * 4], finish=[None, None], aborted=True)
+    assert served(req, lagging)
+    assert not served(req, early)

@@ -144,6 +144,9 @@ def install_worker_patches() -> None:
         return runtime.budget_split.vllm_bytes
 
     adjust_result(worker_cls, "determine_available_memory", split)
+    # Reached through vLLM's collective_rpc("kvhead_heads") (Ray Serve's LLMServer forwards it):
+    # the per-head state lives in the worker process, which no HTTP route can read directly.
+    worker_cls.kvhead_heads = lambda worker: current().heads_report()
 
     def wrap_update(update: Callable[..., Any]) -> Callable[..., Any]:
         def update_states(self, scheduler_output, *args: Any, **kwargs: Any) -> Any:

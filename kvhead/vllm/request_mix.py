@@ -224,14 +224,15 @@ def replay(engine: Any, mix: list[MixRequest], max_steps: int = 100_000) -> list
 def served(req: MixRequest, res: MixResult) -> bool:
     """Whether the client of ``req`` got what it asked for: a prompt beyond the model's limit
     refused, every other request finished by length (all its tokens), stop string or end of
-    text, or left by its client after the tokens it waited for."""
+    text, or left by its client after the tokens it waited for (counted on the first sample:
+    with ``n > 1`` vLLM runs the samples as separate requests, and the others may lag)."""
     if req.id == TOO_LONG:
         return res.rejected is not None and "maximum context length" in res.rejected
     if res.rejected is not None or len(res.samples) != req.n:
         return False
-    for tokens, finish in zip(res.samples, res.finish, strict=True):
+    for index, (tokens, finish) in enumerate(zip(res.samples, res.finish, strict=True)):
         if res.aborted:
-            ok = len(tokens) >= (req.abort_after or 0)
+            ok = index > 0 or len(tokens) >= (req.abort_after or 0)
         elif finish == "length":
             ok = len(tokens) == req.max_tokens
         else:

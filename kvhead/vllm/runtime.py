@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from kvhead.core.spec import HeadPageSpec
+from kvhead.core.stability import HeadProfile
 from kvhead.vllm import patches
 from kvhead.vllm.budget import BudgetSplit
 from kvhead.vllm.config import (
@@ -60,8 +62,10 @@ class FlexiRuntime:
         prefill_isa: str,
         prefill_block: int,
         budgets: torch.Tensor | None = None,
+        profile: HeadProfile | None = None,
     ) -> None:
         self.settings, self.split, self.geo = settings, split, geo
+        self.profile = profile  # for reports: each head's offline instability
         # pages per (layer, kv head) top-K set: per-head budgets (head_budgets) or top_k each
         self.budgets = (
             budgets
@@ -77,6 +81,40 @@ class FlexiRuntime:
         self.max_pages = math.ceil(geo.max_model_len / geo.page_size)
         self.requests = RequestStates(settings.rerank_interval, geo.page_size)
         self.budget_split: BudgetSplit | None = None  # set when vLLM sizes its cache
+
+    @classmethod
+    def plan(
+        cls,
+        settings: FlexiCacheSettings,
+        model_dir: str | Path,
+        geo: ModelGeometry,
+        *,
+        prefix_caching: bool,
+        prefill_isa: str = "",
+        prefill_block: int = 0,
+    ) -> FlexiRuntime:
+        """The runtime a worker would build for this model and vLLM configuration.
+
+        Raises :class:`FlexiCacheConfigError` for settings the model or vLLM's cache cannot
+        serve. Also what :mod:`kvhead.vllm.preflight` builds to check settings before any
+        engine starts, so both refuse exactly the same things.
+        """
+        profile = check_model(
+            settings,
+            model_dir,
+            num_layers=geo.num_layers,
+            num_kv_heads=geo.num_kv_heads,
+            block_size=geo.page_size,
+            prefix_caching=prefix_caching,
+        )
+        split = HeadSplit.from_profile(
+            profile,
+            settings.max_resident_heads_per_layer,
+            settings.leading_layers,
+            settings.unstable_heads,
+        )
+        budgets = stable_budgets(settings, profile, split)
+        return cls(settings, split, geo, prefill_isa, prefill_block, budgets, profile)
 
     # -- sizing ------------------------------------------------------------------------------
     @property
@@ -248,6 +286,50 @@ class FlexiRuntime:
             "budget_split": asdict(self.budget_split) if self.budget_split else None,
         }
 
+    def heads_report(self) -> dict:
+        """Every (layer, kv head): dense or stable, its profile instability and where its pages
+        of the live requests are now (what ``/v1/kvhead/heads`` shows operators).
+
+        A dense head holds every live page in vLLM's cache; a stable head holds its hot-pool
+        pages on the device and the rest in the host arena.
+        """
+        live = torch.unique(self.requests.live_blocks())
+        instability = self.profile.instability if self.profile is not None else None
+        layers = []
+        for index in range(self.geo.num_layers):
+            stable = self.split.stable(index).tolist()
+            layer = self.layers.get(index)
+            heads = []
+            for head in range(self.geo.num_kv_heads):
+                entry: dict = {
+                    "head": head,
+                    "state": "stable" if head in stable else "dense",
+                    "instability": instability[index][head] if instability else None,
+                }
+                if head in stable:
+                    held = 0
+                    if layer is not None and live.numel():
+                        column = layer.pool.slot_of[live, stable.index(head)]
+                        held = int((column >= 0).sum())
+                    entry |= {
+                        "budget_pages": int(self.budgets[index, head]),
+                        "device_pages": held,
+                        "host_pages": live.numel() - held,
+                    }
+                else:
+                    entry |= {"device_pages": live.numel(), "host_pages": 0}
+                heads.append(entry)
+            layers.append({"layer": index, "heads": heads})
+        return {
+            "settings": self.settings.model_dump(mode="json"),
+            "page_size": self.geo.page_size,
+            "live_requests": len(self.requests),
+            "live_pages": live.numel(),
+            "dense_heads": self.split.num_resident,
+            "stable_heads": self.split.num_stable,
+            "layers": layers,
+        }
+
 
 def current() -> FlexiRuntime | None:
     return _RUNTIME
@@ -273,22 +355,13 @@ def init_runtime(vllm_config, prefill_isa: str, prefill_block: int) -> FlexiRunt
         max_model_len=model.max_model_len,
         max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
     )
-    profile = check_model(
+    _RUNTIME = FlexiRuntime.plan(
         settings,
         model.model,
-        num_layers=geo.num_layers,
-        num_kv_heads=geo.num_kv_heads,
-        block_size=cache.block_size,
+        geo,
         prefix_caching=bool(cache.enable_prefix_caching),
-    )
-    split = HeadSplit.from_profile(
-        profile,
-        settings.max_resident_heads_per_layer,
-        settings.leading_layers,
-        settings.unstable_heads,
-    )
-    _RUNTIME = FlexiRuntime(
-        settings, split, geo, prefill_isa, prefill_block, stable_budgets(settings, profile, split)
+        prefill_isa=prefill_isa,
+        prefill_block=prefill_block,
     )
     patches.install_worker_patches()
     logger.warning(

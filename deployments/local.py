@@ -1,0 +1,120 @@
+"""Run the application on this machine: a local Ray sized for it, one command, Ctrl-C stops all.
+
+What ``kvhead serve`` does after the config is checked: build the plugin's native kernels (a
+first request would otherwise wait about a minute for the compiler), start Ray with the
+settings a small host needs, deploy, wait until ``/health`` says a request would be served, and
+hand the caller the URL. Everything started here is stopped by :func:`stop`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from deployments.app import REPLICA_ENV, build_app
+from deployments.config import ServeConfig, ServeConfigError
+from kvhead.vllm.preflight import EnginePlan
+
+APP_NAME = "kvhead"
+RAY_OVERHEAD_BYTES = int(2.5 * 2**30)  # Ray's own processes on a node (measured)
+MIN_LOGICAL_CPUS = 3  # replica placement group + replica + controller on a 2-core host
+
+
+@dataclass(frozen=True)
+class Running:
+    url: str
+    model_id: str
+    plan: EnginePlan
+
+
+def check_memory(config: ServeConfig, plan: EnginePlan) -> None:
+    """Refuse replicas whose KV cache and host arena cannot fit this machine's free memory."""
+    import psutil
+
+    per_replica = config.kv_cache_bytes + plan.host_arena_bytes
+    need = config.replicas.min_replicas * per_replica + RAY_OVERHEAD_BYTES
+    free = psutil.virtual_memory().available
+    if need > free:
+        raise ServeConfigError(
+            f"{config.replicas.min_replicas} replica(s) need {per_replica / 2**30:.1f} GiB each "
+            f"(KV cache {config.kv_cache_gib} GiB + host arena "
+            f"{plan.host_arena_bytes / 2**30:.1f} GiB) plus ~2.5 GiB for Ray, but "
+            f"{free / 2**30:.1f} GiB are free: lower kv_cache_gib or min_replicas"
+        )
+
+
+def stop_on_signals() -> None:
+    """Make SIGTERM (service managers, ``kill``) and SIGINT raise KeyboardInterrupt, so the
+    caller's cleanup runs. Called again once Ray is up: ``ray.init`` installs its own SIGTERM
+    handler, which aborts the process and leaves Ray's processes behind; SIGINT is set because a
+    shell that starts us in the background leaves it ignored."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+
+
+def start(config: ServeConfig, *, ready_timeout_s: float = 900.0) -> Running:
+    """Deploy ``config`` on a local (or the configured) Ray and wait until it serves."""
+    import ray
+    from ray import serve
+
+    model_dir = config.model_dir()
+    plan = config.check(model_dir)
+    if config.ray_address is None:
+        check_memory(config, plan)
+    if config.kvhead_settings is not None:
+        from kvhead.kernels.cpu import native
+
+        native.kernels()
+    os.environ.update(REPLICA_ENV)
+    if not ray.is_initialized():
+        if config.ray_address is None:
+            ray.init(
+                num_cpus=max(os.cpu_count() or 1, MIN_LOGICAL_CPUS),
+                include_dashboard=False,
+                log_to_driver=False,
+            )
+        else:
+            ray.init(address=config.ray_address, log_to_driver=False)
+        stop_on_signals()
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    url = f"http://{config.host}:{config.port}"
+    wait_ready(url, ready_timeout_s)
+    return Running(url, config.served_model_id(model_dir), plan)
+
+
+def wait_ready(url: str, timeout_s: float) -> None:
+    """Poll ``/health`` until it answers 200 (the engine serves) or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=10) as reply:
+                if reply.status == 200:
+                    return
+        except urllib.error.HTTPError as err:
+            last = f"HTTP {err.code}"
+        except OSError as err:
+            last = str(err)
+        time.sleep(1.0)
+    raise TimeoutError(f"{url}/health did not report ready within {timeout_s:.0f} s ({last})")
+
+
+def stop() -> None:
+    """Remove the application and stop the Ray this process started."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
