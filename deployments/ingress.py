@@ -74,6 +74,7 @@ class KvheadIngress(OpenAiIngress):
         )
 
 
+OPENAI_ROUTES = ("models", "model_data", "completions", "chat", "tokenize", "detokenize")
 ENDPOINTS = {
     "health": lambda app: app.get("/health"),
     "heads": lambda app: app.get("/v1/kvhead/heads"),
@@ -101,4 +102,7 @@ def ingress_class() -> type:
 
     app = init()
     app.add_exception_handler(StarletteHTTPException, _openai_error)
-    return make_fastapi_ingress(KvheadIngress, endpoint_map=DEFAULT_ENDPOINTS | ENDPOINTS, app=app)
+    # the routes of a text-generation server; embeddings, scores and transcriptions need other
+    # model kinds and would only answer errors here
+    openai_routes = {name: DEFAULT_ENDPOINTS[name] for name in OPENAI_ROUTES}
+    return make_fastapi_ingress(KvheadIngress, endpoint_map=openai_routes | ENDPOINTS, app=app)

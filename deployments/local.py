@@ -13,7 +13,9 @@ import signal
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from deployments.app import REPLICA_ENV, build_app
 from deployments.config import ServeConfig, ServeConfigError
@@ -60,19 +62,52 @@ def stop_on_signals() -> None:
     signal.signal(signal.SIGINT, interrupt)
 
 
-def start(config: ServeConfig, *, ready_timeout_s: float = 900.0) -> Running:
-    """Deploy ``config`` on a local (or the configured) Ray and wait until it serves."""
+def ensure_profile(
+    config: ServeConfig, model_dir: Path, status: Callable[[str], None] = lambda m: None
+) -> Path | None:
+    """Calibrate a head profile for a model that has none (FlexiCache without a named profile),
+    so any Llama-family folder serves; the profile is cached in ``KVHEAD_HOME/profiles``.
+    Returns the new profile's path, or None when one was there already (or is not needed)."""
+    from kvhead.models.profiles import ProfileError, profile_for_model
+
+    settings = config.kvhead_settings
+    if settings is None or "profile" in settings:
+        return None
+    try:
+        profile_for_model(model_dir)
+        return None
+    except ProfileError:
+        pass
+    from kvhead.eval.profiler import calibrate
+    from kvhead.vllm.config import settings_from_additional_config
+
+    options = settings_from_additional_config({"kvhead": settings})
+    return calibrate(model_dir, options, page_size=config.block_size, status=status)
+
+
+def start(
+    config: ServeConfig,
+    *,
+    ready_timeout_s: float = 900.0,
+    status: Callable[[str], None] = lambda message: None,
+) -> Running:
+    """Deploy ``config`` on a local (or the configured) Ray and wait until it serves;
+    ``status`` hears each start-up stage."""
     import ray
     from ray import serve
 
     model_dir = config.model_dir()
+    ensure_profile(config, model_dir, status)
+    status("checking the settings against the model")
     plan = config.check(model_dir)
     if config.ray_address is None:
         check_memory(config, plan)
     if config.kvhead_settings is not None:
         from kvhead.kernels.cpu import native
 
+        status("building the native decode kernels (once per machine)")
         native.kernels()
+    status("starting Ray and the replicas")
     os.environ.update(REPLICA_ENV)
     if not ray.is_initialized():
         if config.ray_address is None:
@@ -86,6 +121,7 @@ def start(config: ServeConfig, *, ready_timeout_s: float = 900.0) -> Running:
         stop_on_signals()
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    status("waiting until a request would be served")
     url = f"http://{config.host}:{config.port}"
     wait_ready(url, ready_timeout_s)
     return Running(url, config.served_model_id(model_dir), plan)

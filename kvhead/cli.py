@@ -351,8 +351,8 @@ def serve(
             base.model_dump(exclude_unset=True) | {k: v for k, v in given.items() if v},
             source=str(config or "kvhead serve"),
         )
-        with console.status("checking the model and settings, starting Ray and the replicas"):
-            running = start(cfg)
+        with console.status("starting") as shown:
+            running = start(cfg, status=lambda stage: shown.update(stage))
     except (ServeConfigError, ModelError, TimeoutError) as err:
         stop()
         _fail(err)

@@ -242,8 +242,34 @@ def test_heads_route_reports_every_head_and_live_pages(client, app: dict) -> Non
     assert [layer["layer"] for layer in layers] == list(range(30))
     states = [h["state"] for layer in layers for h in layer["heads"]]
     assert states.count("dense") == worker["dense_heads"] and len(states) == 90
-    assert worker["live_requests"] >= 1 and worker["live_pages"] >= 30
+    assert worker["live_requests"] >= 1
+    assert worker["live_pages"] * worker["page_size"] >= 600  # the ~700-token prompt
     stable = [h for layer in layers for h in layer["heads"] if h["state"] == "stable"]
     # K beyond the context: every live page of a stable head is on the device
     assert all(h["device_pages"] == worker["live_pages"] for h in stable)
     assert all(0 <= h["instability"] <= 1 for layer in layers for h in layer["heads"])
+
+
+@pytest.fixture(scope="module")
+def api_schema(app: dict):
+    schemathesis = pytest.importorskip("schemathesis")
+    return schemathesis.openapi.from_url(f"{app['url']}/openapi.json")
+
+
+def _schema_tests():
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, settings
+
+    schema = schemathesis.pytest.from_fixture("api_schema")
+
+    @schema.parametrize()
+    @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+    def test_generated_requests_never_get_a_5xx(case) -> None:
+        """Schemathesis cases from the app's own OpenAPI schema (bounded): any answer but 5xx."""
+        response = case.call(timeout=600)
+        assert response.status_code < 500, (case.path, case.body, response.text[:500])
+
+    return test_generated_requests_never_get_a_5xx
+
+
+test_generated_requests_never_get_a_5xx = _schema_tests()

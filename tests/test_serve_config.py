@@ -131,3 +131,46 @@ def test_cli_refuses_a_bad_config_without_starting_anything(tmp_path: Path) -> N
     assert proc.returncode == 2
     assert "beyond the model's context of 8192 tokens" in proc.stdout
     assert "Started a local Ray" not in proc.stdout + proc.stderr
+
+
+def test_a_model_without_a_profile_is_calibrated_on_first_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any Llama-family folder serves: the first start profiles its heads (with the coverage
+    curves budgets need) into KVHEAD_HOME; the second finds that profile."""
+    from deployments.local import ensure_profile
+    from kvhead.models.tiny import build_tiny_llama
+
+    monkeypatch.setenv("KVHEAD_HOME", str(tmp_path / "home"))
+    tiny = build_tiny_llama(tmp_path / "tiny", num_layers=4, num_kv_heads=2)
+    config = ServeConfig.parse({"model": str(tiny), "preset": "balanced"})
+    with pytest.raises(ServeConfigError, match="profile"):
+        config.check(tiny)
+    stages: list[str] = []
+    made = ensure_profile(config, tiny, stages.append)
+    assert made is not None and made.parent == tmp_path / "home" / "profiles"
+    assert any("profiling" in s for s in stages) and any("coverage" in s for s in stages)
+    plan = config.check(tiny)  # balanced: head budgets from the new coverage curves
+    assert plan.dense_heads + plan.stable_heads == 8
+    assert ensure_profile(config, tiny) is None
+
+
+def test_rays_own_cli_builds_the_same_app_from_the_file(tmp_path: Path) -> None:
+    """``serve run deployments.app:build config=FILE`` calls this builder; building the graph
+    needs no running Ray, and a bad file stops it with the same message."""
+    from deployments.app import build
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("model_id: tiny-chat\npreset: paper\nreplicas: {max_replicas: 2}\n")
+    app = build({"config": str(path)})
+    ingress = app._bound_deployment
+    assert ingress.name == "KvheadIngress"
+    assert ingress.ray_actor_options["num_cpus"] == 0
+    server = ingress.init_kwargs["llm_deployments"]["tiny-chat"]._bound_deployment
+    llm = server.init_args[0]
+    assert llm.engine_kwargs["attention_backend"] == "CUSTOM"
+    assert llm.engine_kwargs["additional_config"] == {"kvhead": {"preset": "paper"}}
+    assert llm.deployment_config["autoscaling_config"]["max_replicas"] == 2
+    path.write_text("max_model_len: 100000\n")
+    with pytest.raises(ServeConfigError, match="beyond the model's context"):
+        build({"config": str(path)})

@@ -8,6 +8,7 @@ the same profile.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -15,7 +16,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from kvhead.core.budgets import PageCoverage
-from kvhead.core.options import SPEC_TOP_K
+from kvhead.core.options import SPEC_TOP_K, SelectionOptions
 from kvhead.core.pages import PageBounds, page_sums, score_pages
 from kvhead.core.policy import LayerSelection
 from kvhead.core.stability import HeadProfile, StabilityAccumulator, model_fingerprint
@@ -240,3 +241,45 @@ def save_heatmap(profile: HeadProfile, path: str | Path, title: str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def calibrate(
+    model_dir: str | Path,
+    options: SelectionOptions,
+    *,
+    page_size: int = 16,
+    status: Callable[[str], None] = lambda message: None,
+) -> Path:
+    """Profile a model that has no head profile yet, with the coverage curves head budgets need,
+    and save it where the plugin finds profiles (``KVHEAD_HOME/profiles``, by fingerprint).
+
+    What ``kvhead profile`` then ``kvhead coverage`` do with their defaults, with contexts cut to
+    the model's own length and pages ranked as ``options`` rank them (budgets are only valid for
+    the ranking their curves measured); ``status`` hears each stage.
+    """
+    import json
+
+    from transformers import AutoTokenizer
+
+    from kvhead.models.profiles import user_profile_dir
+
+    limit = json.loads((Path(model_dir) / "config.json").read_text())["max_position_embeddings"]
+    prof = ProfileConfig(page_size=page_size)
+    prof.context = min(prof.context, limit - prof.decode_steps)
+    cover = CoverageConfig(
+        group_score=options.group_score,
+        sink_pages=options.sink_pages,
+        recent_pages=options.recent_pages,
+        bound_weight=options.bound_weight,
+    )
+    cover.context = min(cover.context, limit)
+    status(f"loading {Path(model_dir).name} for its head profile")
+    runner = ReferenceRunner.from_pretrained(model_dir, page_size=page_size)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    status(f"profiling head stability: {prof.num_prompts} prompts of {prof.context} tokens")
+    profile = profile_heads(runner, tokenizer, model_dir, prof)
+    status(f"measuring page coverage for head budgets: {cover.context} tokens")
+    profile.coverage = measure_coverage(runner, tokenizer, cover)
+    out = user_profile_dir() / f"{Path(model_dir).name}-{profile.model_fingerprint}.json"
+    profile.save(out)
+    return out
