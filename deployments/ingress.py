@@ -20,6 +20,7 @@ from fastapi import HTTPException, Request, status
 from fastapi.responses import JSONResponse, Response
 from ray.serve.exceptions import BackPressureError
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+from ray.serve.llm.openai_api_models import ChatCompletionRequest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 HEALTH_TIMEOUT_S = 5.0  # a replica that cannot answer a health check this fast is not ready
@@ -40,6 +41,19 @@ class KvheadIngress(OpenAiIngress):
                 status.HTTP_429_TOO_MANY_REQUESTS,
                 f"the server is at its request limit; retry later ({err})",
             ) from None
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        """Refuse messages without a role before vLLM's chat renderer, which raises KeyError on
+        them (a 500 found by the schemathesis test); everything else is the parent's."""
+        for index, message in enumerate(body.messages):
+            role = message.get("role") if isinstance(message, dict) else None
+            if role is None and not isinstance(message, dict):
+                role = getattr(message, "role", None)
+            if not isinstance(role, str):
+                raise HTTPException(
+                    status.HTTP_400_BAD_REQUEST, f"messages[{index}] has no 'role' string"
+                )
+        return await super().chat(body, request)
 
     async def health(self) -> Response:
         """Readiness: every model's deployment has a replica whose engine answers."""
