@@ -67,7 +67,7 @@ def app(tmp_path_factory: pytest.TempPathFactory):
         proc.kill()
         pytest.fail(f"kvhead serve did not become ready: {log.read_text()[-4000:]}")
     url = f"http://127.0.0.1:{port}"
-    yield {"url": url, "port": port, "log": log}
+    yield {"url": url, "port": port, "log": log, "config": config}
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
     with pytest.raises(urllib.error.URLError):
@@ -242,6 +242,11 @@ def test_heads_route_reports_every_head_and_live_pages(client, app: dict) -> Non
     assert [layer["layer"] for layer in layers] == list(range(30))
     states = [h["state"] for layer in layers for h in layer["heads"]]
     assert states.count("dense") == worker["dense_heads"] and len(states) == 90
+    # the replica's cache is exactly what the start-up check planned with the plugin's code
+    from deployments.config import ServeConfig
+
+    config = ServeConfig.load(app["config"])
+    assert worker["vllm_blocks"] == config.check(config.model_dir()).num_blocks
     assert worker["live_requests"] >= 1
     assert worker["live_pages"] * worker["page_size"] >= 600  # the ~700-token prompt
     stable = [h for layer in layers for h in layer["heads"] if h["state"] == "stable"]

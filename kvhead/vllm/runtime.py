@@ -325,6 +325,8 @@ class FlexiRuntime:
             "page_size": self.geo.page_size,
             "live_requests": len(self.requests),
             "live_pages": live.numel(),
+            # vLLM's blocks as the cache tensor has them (None before the first forward)
+            "vllm_blocks": self.arena.config.num_blocks if self.arena else None,
             "dense_heads": self.split.num_resident,
             "stable_heads": self.split.num_stable,
             "layers": layers,
