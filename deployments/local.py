@@ -112,6 +112,7 @@ def start(
     if not ray.is_initialized():
         if config.ray_address is None:
             ray.init(
+                address="local",  # a new local cluster, never one another program started
                 num_cpus=max(os.cpu_count() or 1, MIN_LOGICAL_CPUS),
                 include_dashboard=False,
                 log_to_driver=False,

@@ -8,7 +8,9 @@ shipped corpora) and short ones, streamed by ``--concurrency`` clients with the 
 inter-token latency (ITL), requests/s and generated tokens/s; then the capacity probe: ``c``
 concurrent ``--capacity-len``-token requests for c = 1, 2, 4, ..., and whether all ``c`` decode
 together (the most requests seen between their first and last token at once equals ``c``) or
-vLLM queued some.
+vLLM queued some. The probe only shows queueing when each request's decode outlasts the others'
+prefills (``--capacity-tokens``); on a 2-core CPU an 8k prefill takes about 30 s, so there it
+under-counts, and the planned KV capacity (docs/serving.md) is the number to read.
 
 Run: ``python benchmarks/serving/serving_load.py`` (about 30 minutes on 2 cores with the
 defaults); writes ``benchmarks/results/serving/serving_load.json`` and ``serving_load.png``.
@@ -152,14 +154,16 @@ async def _one(client, req: dict) -> dict:
 async def drive(url: str, requests: list[dict], concurrency: int) -> list[dict]:
     import openai
 
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=3600)
     gate = asyncio.Semaphore(concurrency)
+    async with openai.AsyncOpenAI(
+        base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=3600
+    ) as client:
 
-    async def limited(req: dict) -> dict:
-        async with gate:
-            return await _one(client, req)
+        async def limited(req: dict) -> dict:
+            async with gate:
+                return await _one(client, req)
 
-    return await asyncio.gather(*(limited(r) for r in requests))
+        return await asyncio.gather(*(limited(r) for r in requests))
 
 
 def summarise(results: list[dict], seconds: float) -> dict:
@@ -220,6 +224,11 @@ def main(
     dtype: str = typer.Option("float32", help="bf16 is several times slower on CPUs without it."),
     capacity_len: int = typer.Option(7936, help="Prompt tokens of the capacity probe."),
     capacity_max: int = typer.Option(16, help="Largest concurrency the probe tries."),
+    capacity_tokens: int = typer.Option(
+        16,
+        help="Tokens each probe request generates: its decode must outlast the other probes' "
+        "prefills, or requests that were all admitted never decode at the same moment.",
+    ),
     seed: int = typer.Option(0),
 ) -> None:
     from kvhead.models.resolve import resolve_model
@@ -251,7 +260,9 @@ def main(
                     print(f"[load] round {i} {name}: {summarise(raw[name], seconds[name])}")
             load = {name: summarise(raw[name], seconds[name]) for name in raw}
             capacity: dict[str, list] = {"stock": [], "kvhead": []}
-            probe = workload(capacity_max, (capacity_len, capacity_len), (capacity_len,) * 2, 16, 1)
+            probe = workload(
+                capacity_max, (capacity_len,) * 2, (capacity_len,) * 2, capacity_tokens, 1
+            )
             c = 1
             while c <= capacity_max:
                 for name in ["stock", "kvhead"] if c % 2 else ["kvhead", "stock"]:
@@ -274,7 +285,8 @@ def main(
         "preset": preset,
         "settings": args | {"requests": requests, "rounds": rounds, "concurrency": concurrency,
                             "long": bounds[0], "short": bounds[1], "max_tokens": max_tokens,
-                            "capacity_len": capacity_len, "seed": seed},
+                            "capacity_len": capacity_len, "capacity_tokens": capacity_tokens,
+                            "seed": seed},
         "load": load,
         "ratios_kvhead_over_stock": {
             key: load["kvhead"][key] / load["stock"][key]
