@@ -64,12 +64,16 @@ def llm_config(config: ServeConfig, model_dir: Path, plan: EnginePlan) -> LLMCon
     )
 
 
-def build_app(config: ServeConfig) -> Application:
-    """Check ``config`` (every replica refusal happens here, once) and build the application."""
+def build_app(
+    config: ServeConfig, model_dir: Path | None = None, plan: EnginePlan | None = None
+) -> Application:
+    """Build the application from ``config``, checking it first (every replica refusal happens
+    here) unless the caller passes the resolved model folder and the plan it already checked."""
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
 
-    model_dir = config.model_dir()
-    plan = config.check(model_dir)
+    if model_dir is None or plan is None:
+        model_dir = config.model_dir()
+        plan = config.check(model_dir)
     llm = llm_config(config, model_dir, plan)
     server = serve.deployment(LLMServer).options(**LLMServer.get_deployment_options(llm)).bind(llm)
     # The ingress only forwards; at 0 CPUs it never competes with the replicas for a core

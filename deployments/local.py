@@ -121,7 +121,7 @@ def start(
             ray.init(address=config.ray_address, log_to_driver=False)
         stop_on_signals()
     serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(config, model_dir, plan), name=APP_NAME, route_prefix="/")
     status("waiting until a request would be served")
     url = f"http://{config.host}:{config.port}"
     wait_ready(url, ready_timeout_s)
