@@ -15,8 +15,10 @@ Use::
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from threading import Thread
 from typing import Protocol
 from wsgiref.simple_server import WSGIServer
@@ -28,6 +30,8 @@ from prometheus_client.metrics_core import (
     Metric,
     SummaryMetricFamily,
 )
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
 from kvstore.base import TierStats
@@ -140,3 +144,96 @@ def serve_metrics(
     daemon thread."""
     server, thread = start_http_server(port, addr=host, registry=registry)
     return MetricsServer(server, thread)
+
+
+# -- across processes ------------------------------------------------------------------------
+# An engine's worker is a process of its own (vLLM's engine core, under a Ray Serve replica),
+# so its collectors cannot be scraped in place. Each worker writes its samples into
+# prometheus-client's multiprocess files in one node-local folder; one exporter per node
+# (``kvhead metrics``, a sidecar, or ``kvhead serve`` itself) merges and serves them. Files are
+# written with absolute values, so a scrape never depends on how often a worker published.
+_FILES = {"counter": "counter", "gauge": "gauge_liveall", "summary": "summary"}
+
+
+class MultiprocessPublisher:
+    """Writes the samples of ``collectors`` into this process's files under ``directory``.
+
+    Gauges go to ``gauge_liveall`` files (a ``pid`` label is added when merged, and the
+    exporter drops a dead process's gauges); counters and summaries are summed over processes,
+    dead ones included, as Prometheus expects of counters.
+    """
+
+    def __init__(self, directory: str | Path, collectors: Iterable[Collector]) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.collectors = list(collectors)
+        self._files: dict[str, MmapedDict] = {}
+
+    def publish(self) -> None:
+        for collector in self.collectors:
+            for family in collector.collect():
+                kind = _FILES.get(family.type)
+                if kind is None:
+                    raise ValueError(f"{family.name}: {family.type} metrics are not published")
+                sink = self._file(kind)
+                for sample in family.samples:
+                    if sample.name.endswith("_created"):
+                        continue
+                    key = mmap_key(
+                        family.name,
+                        sample.name,
+                        list(sample.labels),
+                        list(sample.labels.values()),
+                        family.documentation,
+                    )
+                    sink.write_value(key, float(sample.value), 0.0)
+
+    def _file(self, kind: str) -> MmapedDict:
+        if kind not in self._files:
+            self._files[kind] = MmapedDict(str(self.directory / f"{kind}_{os.getpid()}.db"))
+        return self._files[kind]
+
+    def close(self) -> None:
+        for sink in self._files.values():
+            sink.close()
+        self._files.clear()
+
+
+class NodeCollector(Collector):
+    """Merges every process's files under ``directory`` into ``kvhead_*`` metrics.
+
+    Before each merge the gauges of processes that no longer run are removed (an engine that
+    stopped must not keep reporting live pages); the exporter must see the engines' process ids
+    (same host, or a shared process namespace in a pod).
+    """
+
+    def __init__(self, directory: str | Path, prefix: str = "kvhead_") -> None:
+        self.directory = Path(directory)
+        self.prefix = prefix
+
+    def clear_finished(self) -> None:
+        """Remove every file of processes that no longer run, counters included: what a new
+        deployment does first, so totals start from its own engines."""
+        for path in self.directory.glob("*_*.db"):
+            if not _alive(int(path.stem.rsplit("_", 1)[1])):
+                path.unlink(missing_ok=True)
+
+    def collect(self) -> Iterator[Metric]:
+        for path in self.directory.glob("gauge_live*_*.db"):
+            pid = int(path.stem.rsplit("_", 1)[1])
+            if not _alive(pid):
+                mark_process_dead(pid, str(self.directory))
+        files = [str(p) for p in self.directory.glob("*.db")]
+        for metric in MultiProcessCollector.merge(files):
+            if metric.name.startswith(self.prefix):
+                yield metric
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

@@ -9,11 +9,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from vllm_tiny import ENGINE_ENV, free_port, random_profile, random_prompts, wait_ready
 
 from kvhead.core.budgets import PageCoverage
 from kvhead.core.stability import HeadProfile
 from kvhead.models.tiny import build_tiny_llama
+from kvhead.vllm.metrics import METRICS_DIR_ENV
+from kvstore.metrics import NodeCollector
 
 pytestmark = pytest.mark.slow
 KV_BYTES = 16 * 2**20  # one fixed KV budget for stock and kvhead runs
@@ -28,6 +31,7 @@ def _generate(
     *extra: str,
     check: bool = True,
     kv_bytes: int = KV_BYTES,
+    env: dict[str, str] | None = None,
 ) -> dict | subprocess.CompletedProcess:
     out = tmp / f"{name}.json"
     cmd = [
@@ -50,7 +54,7 @@ def _generate(
         settings.write_text(json.dumps(kvhead))
         cmd += ["--kvhead", str(settings)]
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, env=ENGINE_ENV, timeout=900, check=False
+        cmd, capture_output=True, text=True, env=ENGINE_ENV | (env or {}), timeout=900, check=False
     )
     if not check:
         return proc
@@ -70,6 +74,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
         tmp, "stock", model, prompts, None, "--dtype", "float32", "--max-tokens", "24"
     )
     return {"tmp": tmp, "model": model, "prompts": prompts, "profile": profile, "stock": stock}
+
+
+def _collected(directory: Path) -> dict[str, dict[tuple, float]]:
+    """What a node exporter of ``directory`` serves: {sample name: {labels: value}}."""
+    out: dict[str, dict[tuple, float]] = {}
+    for family in NodeCollector(directory).collect():
+        for s in family.samples:
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "pid"))
+            out.setdefault(s.name, {})[labels] = s.value
+    return out
 
 
 def test_all_pages_selected_matches_stock_vllm(tiny: dict) -> None:
@@ -118,11 +132,30 @@ def test_sparse_selection_moves_only_promoted_pages(tiny: dict) -> None:
         "--max-tokens",
         "24",
         "--in-process",
+        env={METRICS_DIR_ENV: str(tiny["tmp"] / "metrics")},
     )
     report = run["kvhead"]
     assert report["resident_heads"] == 2 and report["stable_heads"] == 2
     assert 0 < report["resident_page_fraction"] < 1
     assert report["promoted_pages"] > 0
+    # what the engine published for Prometheus agrees with its own report
+    metrics = _collected(tiny["tmp"] / "metrics")
+    promoted = metrics["kvhead_head_promoted_pages_total"]
+    stable = set(promoted)  # one stable head per layer
+    assert len({dict(k)["layer"] for k in stable}) == 2 and len(stable) == 2
+    assert sum(promoted.values()) == report["promoted_pages"]
+    page_steps = metrics["kvhead_page_steps_total"]
+    resident = metrics["kvhead_resident_page_steps_total"]
+    assert sum(resident.values()) / sum(page_steps.values()) == pytest.approx(
+        report["resident_page_fraction"]
+    )
+    rco_count = metrics["kvhead_head_rco_count"]
+    assert set(rco_count) == stable and all(c > 0 for c in rco_count.values())
+    for head, total in metrics["kvhead_head_rco_sum"].items():
+        assert 0 <= total <= rco_count[head]
+    assert sum(metrics["kvhead_kvstore_stored_bytes_total"].values()) > 0
+    # the engine exited: its gauges are gone, its counters stay
+    assert "kvhead_head_stable" not in metrics and "kvhead_head_device_pages" not in metrics
     # pages per stable head in the pool never exceed K + tail pages (3 sequences, 2 layers)
     page_bytes = 2 * 32 * 32 * 4
     assert report["hot_pool_peak_bytes"] <= 3 * 2 * (2 + 2) * page_bytes
@@ -247,8 +280,12 @@ def test_openai_server_with_plugin_matches_stock_tokens(tiny: dict) -> None:
         json.dumps({"kvhead": settings}),
     ]
     log = tiny["tmp"] / "server.log"
+    # one folder for vLLM's multiprocess metrics and kvhead's: vLLM's /metrics serves both
+    metrics = tiny["tmp"] / "server-metrics"
+    metrics.mkdir()
+    env = ENGINE_ENV | {"PROMETHEUS_MULTIPROC_DIR": str(metrics), METRICS_DIR_ENV: str(metrics)}
     with log.open("w") as sink:
-        server = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=ENGINE_ENV)
+        server = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
     try:
         wait_ready(port, server, log)
         prompt = json.loads(tiny["prompts"].read_text())[0]
@@ -267,6 +304,15 @@ def test_openai_server_with_plugin_matches_stock_tokens(tiny: dict) -> None:
         )
         reply = json.loads(urllib.request.urlopen(request, timeout=300).read())
         assert reply["choices"][0]["token_ids"] == tiny["stock"]["tokens"][0]
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read()
+        samples = [
+            s for family in text_string_to_metric_families(scraped.decode()) for s in family.samples
+        ]
+        value = {s.name: s.value for s in samples}
+        assert value["kvhead_live_requests"] == 0 and value["kvhead_page_steps_total"] > 0
+        stable = [s.value for s in samples if s.name == "kvhead_head_stable"]
+        assert sorted(stable) == [0, 0, 1, 1]  # the profile's split: one of two heads per layer
+        assert value["vllm:generation_tokens_total"] == 24
     finally:
         server.terminate()
         server.wait(timeout=60)

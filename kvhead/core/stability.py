@@ -22,9 +22,10 @@ from kvhead.core.pages import page_mask
 
 
 def random_corrected_overlap(
-    overlap: torch.Tensor, top_k: int, num_pages: torch.Tensor
+    overlap: torch.Tensor, top_k: int | torch.Tensor, num_pages: torch.Tensor
 ) -> torch.Tensor:
-    """RCO of ``overlap`` shared pages between two top-``top_k`` sets out of ``num_pages``."""
+    """RCO of ``overlap`` shared pages between two top-``top_k`` sets out of ``num_pages``
+    (``top_k`` may be per element; only ``top_k < num_pages`` gives a meaningful value)."""
     chance = top_k / num_pages.float()
     return ((overlap.float() / top_k - chance) / (1 - chance)).clamp_min(0.0)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvhead.core.online import OnlineStability
 from kvhead.core.pages import page_mask
 from kvhead.kernels.cpu import native
 from kvhead.vllm.device_bounds import DeviceBounds
@@ -41,6 +42,9 @@ class LayerStats:
     promoted_pages: int = 0  # stable pages copied arena -> hot pool
     demoted_pages: int = 0  # stable pages dropped from the hot pool
     decode_steps: int = 0
+    reranks: int = 0  # request rows whose stable heads picked a new top-K set
+    # promoted pages per stable head (the layer's ``stable`` order)
+    promoted_by_head: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     # (sequence, head) pages resident on the device / existing, summed over decode steps
     page_steps: torch.Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.float64))
 
@@ -69,8 +73,11 @@ class SelectionStore:
         self.anchor = torch.zeros(0, num_kv_heads, dtype=torch.int64)  # pages at the rerank
         self.epoch = torch.zeros(0, dtype=torch.int64)
 
-    def gather(self, rows: DecodeRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Copies of the rows' sets and anchors, and which rows must rerank now."""
+    def gather(
+        self, rows: DecodeRows
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Copies of the rows' sets and anchors, which rows must rerank now, and which rows'
+        sets are their own request's (the previous rerank online stability compares with)."""
         need = int(rows.slots.max()) + 1 if rows.slots.numel() else 0
         if need > self.epoch.shape[0]:  # slots are handed out densely: grow to the new one
             grow = need - self.epoch.shape[0]
@@ -81,8 +88,8 @@ class SelectionStore:
                 [self.anchor, self.anchor.new_zeros(grow, self.anchor.shape[1])]
             )
             self.epoch = torch.cat([self.epoch, self.epoch.new_full((grow,), -1)])
-        due = rows.due | (self.epoch[rows.slots] != rows.epochs)
-        return self.selected[rows.slots], self.anchor[rows.slots], due
+        own = self.epoch[rows.slots] == rows.epochs
+        return self.selected[rows.slots], self.anchor[rows.slots], rows.due | ~own, own
 
     def put(
         self, rows: DecodeRows, which: torch.Tensor, selected: torch.Tensor, anchor: torch.Tensor
@@ -119,6 +126,7 @@ class FlexiLayer:
         ranking: StableRanking,
         prefill_block: int | None = None,
         summaries: bool = False,
+        online: OnlineStability | None = None,
     ) -> None:
         self.layer, self.page_size, self.group = layer, page_size, group
         self.resident, self.stable = resident.long(), stable.long()
@@ -147,7 +155,9 @@ class FlexiLayer:
         self.value_means = torch.zeros(means_shape, dtype=dtype)
         self.arena = arena
         self.kernel_threads = kernel_threads  # decode threads (None: torch's, i.e. vLLM's)
-        self.stats = LayerStats()
+        self.stats = LayerStats(promoted_by_head=torch.zeros(len(stable), dtype=torch.long))
+        # online RCO of the stable heads from their reranks (and the drift guard)
+        self.online = online or OnlineStability(torch.full((len(stable),), torch.nan).double())
         self.selections = SelectionStore(num_kv_heads, self.set_width)
         self._native = native.kernels()
         # Stable-head tokens not yet in the arena: (key, value, flat slot) per write. The arena
@@ -389,9 +399,9 @@ class FlexiLayer:
             every = batch == query.shape[0]  # a pure decode batch: rows are tokens 0..B-1
             q = (query if every else query[rows_token]).reshape(batch, -1, self.head_dim)
             q = q.contiguous()
-            selected, anchor, due = self.selections.gather(rows)
+            selected, anchor, due, own = self.selections.gather(rows)
             if len(self.stable) and bool(due.any()):
-                self._rerank(q, seq_lens, block_table, selected, anchor, due, keep)
+                self._rerank(q, seq_lens, block_table, selected, anchor, due & own, due, keep)
                 self.selections.put(rows, due, selected, anchor)
             direct = every and out.is_contiguous()
             o = out.view(batch, -1, self.head_dim) if direct else torch.empty_like(q)
@@ -476,17 +486,20 @@ class FlexiLayer:
         block_table: torch.Tensor,
         selected: torch.Tensor,
         anchor: torch.Tensor,
+        again: torch.Tensor,
         due: torch.Tensor,
         keep: torch.Tensor,
     ) -> None:
         """Stable heads of rows ``due`` pick a new top-K (in place in ``selected``/``anchor``);
         the pool drops their pages no longer attended and copies in only the new ones (their
-        tail is just the newest page, part of the new top-K)."""
+        tail is just the newest page, part of the new top-K). Rows ``again`` (their request's
+        previous set is at hand) feed online stability."""
         whole = bool(due.all())
         idx = None if whole else due.nonzero().flatten()
         pick = (lambda t: t) if whole else (lambda t: t[idx].contiguous())
         q, seq_lens, block_table = pick(q), pick(seq_lens), pick(block_table)
-        sel, anc = pick(selected), pick(anchor)
+        sel, anc, again = pick(selected), pick(anchor), pick(again)
+        previous = sel[again][:, self.stable] if bool(again.any()) else None
         num_pages = (seq_lens + self.page_size - 1) // self.page_size
         b, r = self.bounds, self.ranking
         self._native.select_pages(
@@ -504,9 +517,28 @@ class FlexiLayer:
             sel,
         )
         anc[:, self.stable] = num_pages.view(-1, 1)
+        self.stats.reranks += sel.shape[0]
+        if previous is not None:
+            self._observe(previous, sel[again][:, self.stable], num_pages[again])
         if not whole:
             selected[idx], anchor[idx] = sel, anc
         self._make_resident(sel, anc, block_table, num_pages, keep)
+
+    def _observe(
+        self, previous: torch.Tensor, current: torch.Tensor, num_pages: torch.Tensor
+    ) -> None:
+        """Online RCO between consecutive reranks; a newly drifted head is logged once."""
+        drifted = self.online.observe(
+            previous, current, num_pages, self.ranking.budgets[self.stable]
+        )
+        for i in drifted.nonzero().flatten().tolist():
+            logger.warning(
+                "kvhead: layer %d head %d drifted: online RCO %.2f, profile expects %.2f",
+                self.layer,
+                int(self.stable[i]),
+                float(self.online.ema[i]),
+                float(self.online.expected[i]),
+            )
 
     def _attended(
         self, selected: torch.Tensor, anchor: torch.Tensor, num_pages: torch.Tensor, width: int
@@ -550,6 +582,7 @@ class FlexiLayer:
             pool[fresh, 0] = got.k.transpose(1, 2).reshape(len(fresh), -1).to(pool.dtype)
             pool[fresh, 1] = got.v.reshape(len(fresh), -1).to(pool.dtype)
             self.stats.promoted_pages += len(fresh)
+            self.stats.promoted_by_head += torch.bincount(heads, minlength=len(self.stable))
         return missing.flatten(1).any(1).nonzero().flatten()
 
     def _allocate(

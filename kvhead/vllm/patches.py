@@ -151,8 +151,9 @@ def install_worker_patches() -> None:
     def wrap_update(update: Callable[..., Any]) -> Callable[..., Any]:
         def update_states(self, scheduler_output, *args: Any, **kwargs: Any) -> Any:
             runtime = current()
-            if runtime is not None:
+            if runtime is not None and scheduler_output.finished_req_ids:
                 runtime.requests.end(scheduler_output.finished_req_ids)
+                runtime.publish(force=True)
             return update(self, scheduler_output, *args, **kwargs)
 
         return update_states

@@ -9,13 +9,17 @@ is known from the cache tensor.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
+import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from kvhead.core.online import OnlineStability
 from kvhead.core.spec import HeadPageSpec
 from kvhead.core.stability import HeadProfile
 from kvhead.vllm import patches
@@ -31,8 +35,10 @@ from kvhead.vllm.config import (
 from kvhead.vllm.device_bounds import DeviceBounds
 from kvhead.vllm.hot_pool import HotPool
 from kvhead.vllm.layer import FlexiLayer, StableRanking
+from kvhead.vllm.metrics import METRICS_DIR_ENV, PUBLISH_INTERVAL_S, HeadMetrics
 from kvhead.vllm.request_state import DecodeRows, RequestStates
 from kvstore import HostArena, HostArenaConfig
+from kvstore.metrics import MultiprocessPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +87,8 @@ class FlexiRuntime:
         self.max_pages = math.ceil(geo.max_model_len / geo.page_size)
         self.requests = RequestStates(settings.rerank_interval, geo.page_size)
         self.budget_split: BudgetSplit | None = None  # set when vLLM sizes its cache
+        self.publisher: MultiprocessPublisher | None = None  # kvhead_* metrics, when asked
+        self._publish_at = 0.0
 
     @classmethod
     def plan(
@@ -213,8 +221,15 @@ class FlexiRuntime:
                 summaries=self.settings.compensate,
                 kernel_threads=self.settings.decode_kernel_threads,
                 prefill_block=self.prefill_block,
+                online=OnlineStability(self._expected_rco(index, stable)),
             )
         return self.layers[index]
+
+    def _expected_rco(self, layer: int, stable: torch.Tensor) -> torch.Tensor:
+        """1 - the profile's instability of ``layer``'s stable heads (NaN where unknown)."""
+        if self.profile is None:
+            return torch.full((len(stable),), torch.nan, dtype=torch.float64)
+        return 1 - self.profile.instability_tensor()[layer, stable].double()
 
     def ranking(self, layer: int) -> StableRanking:
         """How ``layer``'s stable heads rank pages (the settings' defaults are the spec's)."""
@@ -242,6 +257,7 @@ class FlexiRuntime:
         holds any more are released in every layer.
         """
         rows = self.requests.plan(seq_lens, table, decode, prefill)
+        self.publish(force=False)
         pages = ((seq_lens + self.geo.page_size - 1) // self.geo.page_size).view(-1, 1)
         keep = table[torch.arange(table.shape[1]).view(1, -1) < pages].long()
         if self.requests.changed:
@@ -252,7 +268,22 @@ class FlexiRuntime:
         return rows, keep
 
     # -- reporting ---------------------------------------------------------------------------
-    def _page_steps(self) -> list[float]:
+    def publish_metrics(self, directory: str, model: str) -> None:
+        """Publish ``kvhead_*`` metrics into ``directory`` from the step loop (see
+        :mod:`kvhead.vllm.metrics`)."""
+        self.publisher = MultiprocessPublisher(directory, [HeadMetrics(self, model)])
+        self.publisher.publish()
+        atexit.register(self.publisher.publish)  # the last steps' counters, when vLLM exits
+
+    def publish(self, force: bool) -> None:
+        """Publish metrics when asked to, at most every ``PUBLISH_INTERVAL_S`` from the step
+        loop; ``force`` when requests ended (an idle engine runs no step to report that)."""
+        if self.publisher is None or not (force or time.monotonic() >= self._publish_at):
+            return
+        self._publish_at = time.monotonic() + PUBLISH_INTERVAL_S
+        self.publisher.publish()
+
+    def page_steps(self) -> list[float]:
         """(resident, existing) (sequence, head) pages summed over layers and decode steps."""
         totals = sum(
             (l.stats.page_steps for l in self.layers.values()), torch.zeros(2, dtype=torch.float64)
@@ -266,7 +297,7 @@ class FlexiRuntime:
 
     def report(self) -> dict:
         """Memory and traffic numbers for benchmarks (bytes are per worker, all layers)."""
-        resident, total = self._page_steps()
+        resident, total = self.page_steps()
         layers = list(self.layers.values())
         page = self.spec.head_page_bytes
         meta = sum(l.bounds.nbytes + l.value_means.nbytes for l in layers)
@@ -316,6 +347,14 @@ class FlexiRuntime:
                         "device_pages": held,
                         "host_pages": live.numel() - held,
                     }
+                    if layer is not None:
+                        online = layer.online
+                        i = stable.index(head)
+                        ema = float(online.ema[i])
+                        entry |= {
+                            "online_instability": None if math.isnan(ema) else 1 - ema,
+                            "drifted": bool(online.drifted[i]),
+                        }
                 else:
                     entry |= {"device_pages": live.numel(), "host_pages": 0}
                 heads.append(entry)
@@ -376,4 +415,6 @@ def init_runtime(vllm_config, prefill_isa: str, prefill_block: int) -> FlexiRunt
     )
     if cache.num_gpu_blocks:  # known in-process: size-check the arena during start-up
         _RUNTIME.ensure_arena(cache.num_gpu_blocks)
+    if directory := os.environ.get(METRICS_DIR_ENV):
+        _RUNTIME.publish_metrics(directory, model.served_model_name)
     return _RUNTIME
