@@ -17,6 +17,7 @@ from ray.serve.llm.deployment import LLMServer
 
 from deployments.config import ServeConfig
 from deployments.ingress import ingress_class
+from kvhead.vllm.metrics import METRICS_DIR_ENV
 from kvhead.vllm.preflight import EnginePlan
 
 # Replica processes must not be niced (they starve beside any load) and the plugin's native
@@ -51,7 +52,7 @@ def llm_config(config: ServeConfig, model_dir: Path, plan: EnginePlan) -> LLMCon
         },
         engine_kwargs=engine_kwargs(config, model_dir, plan),
         accelerator_config={"kind": config.accelerator},
-        runtime_env={"env_vars": REPLICA_ENV},
+        runtime_env={"env_vars": REPLICA_ENV | {METRICS_DIR_ENV: config.metrics_dir}},
         deployment_config={
             "autoscaling_config": {
                 "min_replicas": replicas.min_replicas,

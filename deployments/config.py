@@ -100,6 +100,17 @@ class ServeConfig(BaseModel):
     ray_address: str | None = Field(
         None, description="A running Ray cluster to join (None: start a local one)."
     )
+    metrics_dir: str = Field(
+        "/tmp/kvhead/metrics",
+        description="Node-local folder the engines publish kvhead_* metrics into.",
+    )
+    metrics_port: int | None = Field(
+        9400,
+        ge=1,
+        le=65535,
+        description="Port of the kvhead_* exporter `kvhead serve` starts (None: none; a "
+        "`kvhead metrics` sidecar serves the folder instead).",
+    )
 
     @model_validator(mode="after")
     def _known_settings(self) -> ServeConfig:

@@ -17,9 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from deployments.app import REPLICA_ENV, build_app
 from deployments.config import ServeConfig, ServeConfigError
 from kvhead.vllm.preflight import EnginePlan
+from kvstore.metrics import MetricsServer, NodeCollector, serve_metrics
 
 APP_NAME = "kvhead"
 RAY_OVERHEAD_BYTES = int(2.5 * 2**30)  # Ray's own processes on a node (measured)
@@ -31,6 +34,30 @@ class Running:
     url: str
     model_id: str
     plan: EnginePlan
+    metrics_url: str | None
+
+
+_exporter: MetricsServer | None = None  # this host's kvhead_* exporter, closed by stop()
+
+
+def start_exporter(config: ServeConfig) -> str | None:
+    """Serve the engines' ``kvhead_*`` metrics of this host (config ``metrics_port``) after
+    dropping an earlier run's files; a busy port is refused before anything starts."""
+    global _exporter
+    if config.metrics_port is None:
+        return None
+    collector = NodeCollector(config.metrics_dir)
+    collector.directory.mkdir(parents=True, exist_ok=True)
+    collector.clear_finished()
+    registry = CollectorRegistry()
+    registry.register(collector)
+    try:
+        _exporter = serve_metrics(registry, config.host, config.metrics_port)
+    except OSError as err:
+        raise ServeConfigError(
+            f"metrics_port {config.metrics_port} on {config.host}: {err.strerror}"
+        ) from None
+    return f"http://{config.host}:{config.metrics_port}/metrics"
 
 
 def check_memory(config: ServeConfig, plan: EnginePlan) -> None:
@@ -107,6 +134,7 @@ def start(
 
         status("building the native decode kernels (once per machine)")
         native.kernels()
+    metrics_url = start_exporter(config)
     status("starting Ray and the replicas")
     os.environ.update(REPLICA_ENV)
     if not ray.is_initialized():
@@ -125,7 +153,7 @@ def start(
     status("waiting until a request would be served")
     url = f"http://{config.host}:{config.port}"
     wait_ready(url, ready_timeout_s)
-    return Running(url, config.served_model_id(model_dir), plan)
+    return Running(url, config.served_model_id(model_dir), plan, metrics_url)
 
 
 def wait_ready(url: str, timeout_s: float) -> None:
@@ -150,6 +178,10 @@ def stop() -> None:
     import ray
     from ray import serve
 
+    global _exporter
+    if _exporter is not None:
+        _exporter.close()
+        _exporter = None
     if ray.is_initialized():
         try:
             serve.shutdown()

@@ -376,7 +376,8 @@ def serve(
         f"api_key='-'); print(c.completions.create(model='{running.model_id}', "
         f"prompt='Once upon a time', max_tokens=16).choices[0].text)\"\n"
         f"  per-head state: {running.url}/v1/kvhead/heads   readiness: {running.url}/health\n"
-        "Ctrl-C stops the server.",
+        + (f"  metrics: {running.metrics_url}\n" if running.metrics_url else "")
+        + "Ctrl-C stops the server.",
         soft_wrap=True,
     )
     try:
@@ -386,6 +387,36 @@ def serve(
         console.print("stopping")
     finally:
         stop()
+
+
+@app.command()
+def metrics(
+    directory: Annotated[
+        Path, typer.Argument(help="The folder engines publish into (serve config metrics_dir).")
+    ] = Path("/tmp/kvhead/metrics"),
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of /metrics.")] = 9400,
+) -> None:
+    """Export the kvhead_* metrics that engines on this host publish (e.g. as a pod sidecar)."""
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    from kvstore.metrics import NodeCollector, serve_metrics
+
+    directory.mkdir(parents=True, exist_ok=True)
+    registry = CollectorRegistry()
+    registry.register(NodeCollector(directory))
+    try:
+        server = serve_metrics(registry, host, port)
+    except OSError as err:
+        _fail(ValueError(f"cannot serve metrics on {host}:{port}: {err.strerror}"))
+    console.print(f"exporting {directory} at http://{host}:{server.port}/metrics; Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.close()
 
 
 def _model_config(model: str) -> tuple[Path, dict]:

@@ -12,6 +12,7 @@ need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server redis-tools)
 command -v openssl >/dev/null || need_apt+=(openssl)  # TLS test certificates
 command -v g++ >/dev/null || need_apt+=(g++)  # the vLLM plugin's native CPU decode kernels
+command -v prometheus >/dev/null || need_apt+=(prometheus)  # scrapes the served metrics in tests
 
 if ((${#need_apt[@]})); then
     echo "[setup] installing Debian packages: ${need_apt[*]}"
@@ -20,6 +21,7 @@ if ((${#need_apt[@]})); then
     apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
     # The packages start system services; tests run their own instances on free ports.
     service redis-server stop >/dev/null 2>&1 || true
+    service prometheus stop >/dev/null 2>&1 || true
 fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
