@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import urllib.request
@@ -15,6 +16,7 @@ from vllm_tiny import ENGINE_ENV, free_port, random_profile, random_prompts, wai
 from kvhead.core.budgets import PageCoverage
 from kvhead.core.stability import HeadProfile
 from kvhead.models.tiny import build_tiny_llama
+from kvhead.vllm.config import settings_from_additional_config
 from kvhead.vllm.metrics import METRICS_DIR_ENV
 from kvstore.metrics import NodeCollector
 
@@ -333,8 +335,16 @@ def test_smollm2_all_pages_matches_stock_with_only_unstable_heads_cached(tmp_pat
     settings = {"profile": str(profile), "top_k": 1000, "host_arena_gib": 1.0}
     args = ("--dtype", "float32", "--max-tokens", "16", "--max-num-seqs", "2")
     stock = _generate(tmp_path, "stock", model, prompts, None, *args, kv_bytes=2**27)
-    run = _generate(tmp_path, "kvhead", model, prompts, settings, *args, kv_bytes=2**27)
+    run = _generate(
+        tmp_path, "kvhead", model, prompts, settings, *args, "--in-process", kv_bytes=2**27
+    )
     assert run["tokens"] == stock["tokens"]
+    # each request reranks at its first decode step and every R of its own steps, in every
+    # layer with stable heads, once per engine step whatever the number of KV cache groups
+    report = run["kvhead"]
+    rerank_interval = settings_from_additional_config({"kvhead": settings}).rerank_interval
+    layers = sum(1 for dense in report["resident_heads_per_layer"] if dense < 3)
+    assert report["reranks"] == layers * 2 * math.ceil(15 / rerank_interval)
     gap = max(abs(a - b) for x, y in zip(run["logprobs"], stock["logprobs"]) for a, b in zip(x, y))
     assert gap < 1e-3
     # only the profile's 22 unstable heads of 90 stay in vLLM's cache (16 of 30 layers keep none

@@ -168,6 +168,7 @@ def install_worker_patches() -> None:
                 return build(self, *args, **kwargs)
             finally:
                 runtime.requests.step_req_ids = None
+                runtime.end_step()
 
         return build_attention_metadata
 

@@ -88,6 +88,9 @@ class FlexiRuntime:
         self.requests = RequestStates(settings.rerank_interval, geo.page_size)
         self.budget_split: BudgetSplit | None = None  # set when vLLM sizes its cache
         self.publisher: MultiprocessPublisher | None = None  # kvhead_* metrics, when asked
+        # this step's plan: vLLM builds attention metadata once per KV cache group (layers with
+        # the same number of resident heads form one), and every group must see one step
+        self._step_plan: tuple[DecodeRows, torch.Tensor] | None = None
         self._publish_at = 0.0
 
     @classmethod
@@ -254,8 +257,12 @@ class FlexiRuntime:
 
         Returns the decode rows' request slots and every block this step's rows hold. When a
         request ended or restarted since the last step, pool pages of blocks no live request
-        holds any more are released in every layer.
+        holds any more are released in every layer. Within one engine step (between vLLM's
+        metadata builds, see :func:`end_step`) later calls return the first call's plan: the
+        groups' block tables hold the same block ids, and a request's clock must move once.
         """
+        if self._step_plan is not None:
+            return self._step_plan
         rows = self.requests.plan(seq_lens, table, decode, prefill)
         self.publish(force=False)
         pages = ((seq_lens + self.geo.page_size - 1) // self.geo.page_size).view(-1, 1)
@@ -265,7 +272,13 @@ class FlexiRuntime:
             live = torch.cat([self.requests.live_blocks(), keep])
             for layer in self.layers.values():
                 layer.pool.release_unreferenced(live)
+        if self.requests.step_req_ids is not None:  # inside an engine step: share the plan
+            self._step_plan = rows, keep
         return rows, keep
+
+    def end_step(self) -> None:
+        """The engine built this step's attention metadata for every group."""
+        self._step_plan = None
 
     # -- reporting ---------------------------------------------------------------------------
     def publish_metrics(self, directory: str, model: str) -> None:
@@ -308,6 +321,7 @@ class FlexiRuntime:
             "resident_page_fraction": resident / total if total else 1.0,
             "resident_page_steps": resident,
             "total_page_steps": total,
+            "reranks": sum(l.stats.reranks for l in layers),
             "promoted_pages": sum(l.stats.promoted_pages for l in layers),
             "demoted_pages": sum(l.stats.demoted_pages for l in layers),
             "hot_pool_bytes_allocated": sum(l.pool.nbytes for l in layers),
