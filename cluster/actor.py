@@ -37,7 +37,7 @@ from ray.util.placement_group import (
 )
 
 from cluster.config import ModelSpec, PlacementConfig
-from cluster.metrics import METRICS_DIR_ENV, PlacementCollector
+from cluster.metrics import PlacementCollector
 from cluster.plan import (
     GroupPlacement,
     NodeInfo,
@@ -50,7 +50,7 @@ from cluster.plan import (
     route,
 )
 from cluster.store import PlanStore, StalePlanError
-from kvstore.metrics import MultiprocessPublisher
+from kvstore.metrics import METRICS_DIR_ENV, MultiprocessPublisher
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,6 @@ from prometheus_client.registry import Collector
 
 from cluster.plan import PlacementPlan
 
-METRICS_DIR_ENV = "KVHEAD_METRICS_DIR"  # the same folder the engines publish into
-
 
 class PlacementCollector(Collector):
     """Turns the current plan and this process's change counts into metric families.

@@ -17,8 +17,8 @@ from ray.serve.llm.deployment import LLMServer
 
 from deployments.config import ServeConfig
 from deployments.ingress import ingress_class
-from kvhead.vllm.metrics import METRICS_DIR_ENV
 from kvhead.vllm.preflight import EnginePlan
+from kvstore.metrics import METRICS_DIR_ENV
 
 # Replica processes must not be niced (they starve beside any load) and the plugin's native
 # kernels are built before Ray starts (kvhead.cli.serve), so no request waits for a compiler.

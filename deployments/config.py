@@ -100,6 +100,13 @@ class ServeConfig(BaseModel):
     ray_address: str | None = Field(
         None, description="A running Ray cluster to join (None: start a local one)."
     )
+    ray_metrics_port: int | None = Field(
+        8080,
+        ge=1,
+        le=65535,
+        description="Port of Ray's metrics export (ray_vllm_*, ray_serve_*) when `kvhead serve` "
+        "starts a local Ray (None: a random port).",
+    )
     metrics_dir: str = Field(
         "/tmp/kvhead/metrics",
         description="Node-local folder the engines publish kvhead_* metrics into.",

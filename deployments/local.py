@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +39,15 @@ class Running:
 
 
 _exporter: MetricsServer | None = None  # this host's kvhead_* exporter, closed by stop()
+
+
+def ensure_free(port: int, field: str) -> None:
+    """Refuse a busy port before anything starts (Ray would fail later, less clearly)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as err:
+            raise ServeConfigError(f"{field} {port}: {err.strerror}") from None
 
 
 def start_exporter(config: ServeConfig) -> str | None:
@@ -134,6 +144,8 @@ def start(
 
         status("building the native decode kernels (once per machine)")
         native.kernels()
+    if config.ray_address is None and config.ray_metrics_port is not None:
+        ensure_free(config.ray_metrics_port, "ray_metrics_port")
     metrics_url = start_exporter(config)
     status("starting Ray and the replicas")
     os.environ.update(REPLICA_ENV)
@@ -144,6 +156,7 @@ def start(
                 num_cpus=max(os.cpu_count() or 1, MIN_LOGICAL_CPUS),
                 include_dashboard=False,
                 log_to_driver=False,
+                _metrics_export_port=config.ray_metrics_port,  # ray_vllm_*, ray_serve_*
             )
         else:
             ray.init(address=config.ray_address, log_to_driver=False)

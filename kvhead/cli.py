@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from dashboards.cli import app as dashboards_app
 from kvhead.core.options import SPEC_TOP_K
 from kvhead.models import ModelError, resolve_model
 from kvhead.models.cli import app as models_app
@@ -23,6 +24,7 @@ from kvhead.presets import DEFAULT_PRESET, PRESETS, get_preset
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
 app.add_typer(models_app, name="models")
+app.add_typer(dashboards_app, name="dashboards")
 console = Console()
 DEFAULT_MODEL = "smollm2-135m-instruct"
 USER_ERRORS = (ValidationError, ModelError, ProfileError, ValueError)

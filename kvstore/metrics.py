@@ -152,6 +152,7 @@ def serve_metrics(
 # prometheus-client's multiprocess files in one node-local folder; one exporter per node
 # (``kvhead metrics``, a sidecar, or ``kvhead serve`` itself) merges and serves them. Files are
 # written with absolute values, so a scrape never depends on how often a worker published.
+METRICS_DIR_ENV = "KVHEAD_METRICS_DIR"  # the node-local folder processes publish into
 _FILES = {"counter": "counter", "gauge": "gauge_liveall", "summary": "summary"}
 
 

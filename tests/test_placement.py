@@ -18,7 +18,7 @@ import redis
 from redis_server import RedisServer, free_port, running_redis
 
 from cluster.config import ModelSpec, PlacementConfig
-from cluster.metrics import METRICS_DIR_ENV, PlacementCollector
+from cluster.metrics import PlacementCollector
 from cluster.plan import (
     GroupPlacement,
     NodeInfo,
@@ -35,7 +35,7 @@ from cluster.plan import (
 from cluster.store import PlanStore, StalePlanError, StoreError
 from kvhead.core.helix import HelixLayout
 from kvstore.config import RedisTierConfig
-from kvstore.metrics import NodeCollector
+from kvstore.metrics import METRICS_DIR_ENV, NodeCollector
 
 GiB, MiB = 2**30, 2**20
 # 32 layers, 32 query / 2 KV heads of 128, bf16: 32 KiB of KV per token, 32 GiB at 1M tokens.

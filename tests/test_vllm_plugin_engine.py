@@ -17,8 +17,7 @@ from kvhead.core.budgets import PageCoverage
 from kvhead.core.stability import HeadProfile
 from kvhead.models.tiny import build_tiny_llama
 from kvhead.vllm.config import settings_from_additional_config
-from kvhead.vllm.metrics import METRICS_DIR_ENV
-from kvstore.metrics import NodeCollector
+from kvstore.metrics import METRICS_DIR_ENV, NodeCollector
 
 pytestmark = pytest.mark.slow
 KV_BYTES = 16 * 2**20  # one fixed KV budget for stock and kvhead runs

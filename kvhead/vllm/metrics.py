@@ -29,7 +29,6 @@ from kvstore.metrics import KVStoreCollector
 if TYPE_CHECKING:
     from kvhead.vllm.runtime import FlexiRuntime
 
-METRICS_DIR_ENV = "KVHEAD_METRICS_DIR"
 PUBLISH_INTERVAL_S = 2.0
 HEAD = ["model", "layer", "head"]
 

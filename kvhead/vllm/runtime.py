@@ -35,10 +35,10 @@ from kvhead.vllm.config import (
 from kvhead.vllm.device_bounds import DeviceBounds
 from kvhead.vllm.hot_pool import HotPool
 from kvhead.vllm.layer import FlexiLayer, StableRanking
-from kvhead.vllm.metrics import METRICS_DIR_ENV, PUBLISH_INTERVAL_S, HeadMetrics
+from kvhead.vllm.metrics import PUBLISH_INTERVAL_S, HeadMetrics
 from kvhead.vllm.request_state import DecodeRows, RequestStates
 from kvstore import HostArena, HostArenaConfig
-from kvstore.metrics import MultiprocessPublisher
+from kvstore.metrics import METRICS_DIR_ENV, MultiprocessPublisher
 
 logger = logging.getLogger(__name__)
 
