@@ -76,7 +76,7 @@ REQUESTS = Row(
                     f"sum(rate({vllm('num_preemptions_total')}[$__rate_interval]))",
                     "preemptions",
                     "ray",
-                    "load",
+                    "preemptions",
                 ),
             ),
             thresholds=above(0.01, 1),

@@ -21,8 +21,11 @@ Source = Literal["kvhead", "ray", "placement"]
 # the first scrape of a serving engine), "load" (requests were served), "errors" (Serve's proxy
 # answered a 4xx/5xx: a 404, a 429), "exceptions" (code in a replica raised, which an
 # OpenAI-shaped error response need not), "prefix_caching" (vLLM's own prefix cache is on:
-# kvhead turns it off), "placement" (a running placement actor exports it).
-Needs = Literal["always", "load", "errors", "exceptions", "prefix_caching", "placement"]
+# kvhead turns it off), "preemptions" (vLLM preempted a request: Ray exports a counter from its
+# first increment), "placement" (a running placement actor exports it).
+Needs = Literal[
+    "always", "load", "errors", "exceptions", "prefix_caching", "preemptions", "placement"
+]
 
 # Panel kinds both renderers know: a time series, a single latest value, a bucket heatmap of
 # a Prometheus histogram over time, and a layer x head grid of a per-head gauge.

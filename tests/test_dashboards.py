@@ -22,7 +22,6 @@ from kvhead.vllm.metrics import exported
 from kvstore.metrics import KVStoreCollector
 
 
-
 def package_dir(name: str) -> Path:
     """An installed package's folder, found without importing it (vLLM and Ray are slow to)."""
     return Path(importlib.util.find_spec(name).submodule_search_locations[0])

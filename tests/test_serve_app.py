@@ -39,13 +39,14 @@ def _prompts() -> list[str]:
 def app(tmp_path_factory: pytest.TempPathFactory):
     """`kvhead serve` on a config file; stopped with SIGTERM at the end (checked there)."""
     tmp = tmp_path_factory.mktemp("serve")
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, ray_metrics_port = free_port(), free_port(), free_port()
     config = tmp / "serve.yaml"
     config.write_text(
         f"model_id: {MODEL_ID}\npreset: paper\noverrides: {{top_k: 1000}}\n"
         f"max_model_len: {MAX_LEN}\nkv_cache_gib: {KV_BYTES / 2**30}\ndtype: float32\n"
         f"max_num_seqs: 8\nblock_size: 32\nport: {port}\n"
         f"metrics_dir: {tmp / 'metrics'}\nmetrics_port: {metrics_port}\n"
+        f"ray_metrics_port: {ray_metrics_port}\n"
         "replicas: {max_ongoing_requests: 4, max_queued_requests: 2}\n"
     )
     log = tmp / "serve.log"
@@ -68,7 +69,14 @@ def app(tmp_path_factory: pytest.TempPathFactory):
         proc.kill()
         pytest.fail(f"kvhead serve did not become ready: {log.read_text()[-4000:]}")
     url = f"http://127.0.0.1:{port}"
-    yield {"url": url, "port": port, "log": log, "config": config, "metrics_port": metrics_port}
+    yield {
+        "url": url,
+        "port": port,
+        "log": log,
+        "config": config,
+        "metrics_port": metrics_port,
+        "ray_metrics_port": ray_metrics_port,
+    }
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
     with pytest.raises(urllib.error.URLError):
@@ -285,17 +293,30 @@ def test_generated_requests_never_get_a_5xx(app: dict) -> None:
         check()
 
 
-def test_prometheus_scrapes_every_per_head_series(app: dict, tmp_path: Path) -> None:
-    """A real Prometheus scrapes the host exporter `kvhead serve` started; after the traffic of
-    the tests above, every kvhead_* family is there with values that agree with the replica."""
+def test_prometheus_scrapes_every_series_the_dashboards_read(
+    app: dict, client, tmp_path: Path
+) -> None:
+    """A real Prometheus scrapes the host exporter `kvhead serve` started and Ray's metrics port
+    while requests run: every kvhead_* family is there with values that agree with the replica,
+    and every dashboard query returns data, except those that need what this deployment does not
+    run (the placement actor, vLLM's prefix cache, a preemption, an exception in a replica)."""
     from prometheus_server import running_prometheus
 
+    from dashboards import queries
     from kvhead.vllm.metrics import exported
 
     with urllib.request.urlopen(f"{app['url']}/v1/kvhead/heads", timeout=60) as reply:
         (worker,) = json.loads(reply.read())["workers"]
-    with running_prometheus([f"127.0.0.1:{app['metrics_port']}"], tmp_path) as prom:
+    targets = [f"127.0.0.1:{app['metrics_port']}", f"127.0.0.1:{app['ray_metrics_port']}"]
+    with running_prometheus(targets, tmp_path) as prom:
         prom.wait_for("kvhead_head_stable")
+        for prompt in _prompts()[:2]:  # load inside the rate windows, and one 404
+            client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=8)
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="no-such-model", prompt="hi", max_tokens=1)
+        prom.wait_for("ray_vllm_request_success_total", timeout_s=120)
+        prom.wait_for("ray_serve_num_http_error_requests_total", timeout_s=120)
+        time.sleep(5)  # a few more scrapes for the rates
         suffix = {"counter": "_total", "summary": "_count", "gauge": ""}
         for name, kind in exported().items():
             assert prom.query(name + suffix[kind]), f"{name} was not scraped"
@@ -303,10 +324,16 @@ def test_prometheus_scrapes_every_per_head_series(app: dict, tmp_path: Path) -> 
         assert len(stable) == 90 and sum(stable) == worker["stable_heads"]
         assert all(0 <= v <= 1 for v in prom.values("kvhead_head_profile_instability"))
         assert prom.values("count(kvhead_layer_decode_steps_total > 0)") == [30]
-        assert prom.values("sum(kvhead_page_steps_total)")[0] > 0
         # K beyond the context: every attended page was on the device
         ratio = "sum(kvhead_resident_page_steps_total) / sum(kvhead_page_steps_total)"
         assert prom.values(ratio) == [1.0]
         assert prom.values("kvhead_live_requests") == [0]
         assert prom.values('kvhead_kvstore_stored_bytes_total{tier="host"}')[0] > 0
         assert prom.values("kvhead_hot_pool_capacity_pages")[0] > 0
+        skipped = {"placement", "prefix_caching", "preemptions", "exceptions"}
+        empty = [
+            (q.dashboard, q.panel, q.promql)
+            for q in queries(rate_interval="1m")
+            if q.needs not in skipped and not prom.query(q.promql)
+        ]
+        assert empty == []
