@@ -155,11 +155,17 @@ def test_a_model_without_a_profile_is_calibrated_on_first_start(
     assert ensure_profile(config, tiny) is None
 
 
-def test_rays_own_cli_builds_the_same_app_from_the_file(tmp_path: Path) -> None:
-    """``serve run deployments.app:build config=FILE`` calls this builder; building the graph
-    needs no running Ray, and a bad file stops it with the same message."""
+def test_rays_own_cli_builds_the_same_app_from_the_file(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """``serve run deployments.app:build config=FILE`` calls this builder, and a bad file stops
+    it with the same message. Ray Serve LLM's deployment options read the runtime context,
+    which starts a local Ray when none runs: stopped here, so it does not outlive the test."""
+    import ray
+
     from deployments.app import build
 
+    request.addfinalizer(ray.shutdown)
     path = tmp_path / "serve.yaml"
     path.write_text("model_id: tiny-chat\npreset: paper\nreplicas: {max_replicas: 2}\n")
     app = build({"config": str(path)})
