@@ -34,21 +34,7 @@ class PlanStore:
     def __init__(self, config: RedisTierConfig, cluster: str) -> None:
         self.key = KEY_PREFIX + cluster
         self.where = f"{self.key} at {_safe_url(config.url)}"
-        extra: dict = {}
-        if config.url.startswith("rediss://"):
-            extra.update(
-                ssl_ca_certs=config.ssl_ca_certs,
-                ssl_certfile=config.ssl_certfile,
-                ssl_keyfile=config.ssl_keyfile,
-            )
-        self.client = redis.Redis.from_url(
-            config.url,
-            username=config.username,
-            password=config.password,
-            socket_timeout=config.socket_timeout_s,
-            socket_connect_timeout=config.connect_timeout_s,
-            **extra,
-        )
+        self.client = redis.Redis.from_url(config.url, **config.connection_kwargs())
 
     def load(self) -> PlacementPlan | None:
         """The stored plan, None if there is none yet."""

@@ -61,6 +61,23 @@ class RedisTierConfig(BaseModel):
         default="allkeys-lru", description="maxmemory-policy applied with memory_budget_bytes."
     )
 
+    def connection_kwargs(self) -> dict:
+        """redis-py connection arguments besides the URL: credentials, timeouts and, for a
+        rediss:// URL, the TLS files (every client of a kvhead Redis connects the same way)."""
+        kwargs: dict = {
+            "username": self.username,
+            "password": self.password,
+            "socket_timeout": self.socket_timeout_s,
+            "socket_connect_timeout": self.connect_timeout_s,
+        }
+        if self.url.startswith("rediss://"):
+            kwargs |= {
+                "ssl_ca_certs": self.ssl_ca_certs,
+                "ssl_certfile": self.ssl_certfile,
+                "ssl_keyfile": self.ssl_keyfile,
+            }
+        return kwargs
+
 
 class TierManagerConfig(BaseModel):
     """How the tiers cooperate."""

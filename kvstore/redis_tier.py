@@ -51,23 +51,12 @@ class RedisTier(PageStore):
         self.config = config
         self.codec = PageCodec(spec, fingerprint)
         self.fingerprint = fingerprint
-        extra: dict = {}
-        if config.url.startswith("rediss://"):
-            extra.update(
-                ssl_ca_certs=config.ssl_ca_certs,
-                ssl_certfile=config.ssl_certfile,
-                ssl_keyfile=config.ssl_keyfile,
-            )
         self.pool = redis.BlockingConnectionPool.from_url(
             config.url,
             max_connections=config.max_connections,
             timeout=config.socket_timeout_s,
-            socket_timeout=config.socket_timeout_s,
-            socket_connect_timeout=config.connect_timeout_s,
-            username=config.username,
-            password=config.password,
             retry=Retry(NoBackoff(), 0),
-            **extra,
+            **config.connection_kwargs(),
         )
         self.client = redis.Redis(connection_pool=self.pool)
         self._lock = threading.Lock()
