@@ -20,6 +20,7 @@ from kvhead.models.resolve import resolve_model
 from kvhead.presets import DEFAULT_PRESET, PRESETS
 from kvhead.vllm.config import FlexiCacheConfigError, FlexiCacheSettings
 from kvhead.vllm.preflight import EnginePlan, preflight
+from kvstore.metrics import METRICS_DIR, METRICS_PORT
 
 
 class ServeConfigError(ValueError):
@@ -108,11 +109,11 @@ class ServeConfig(BaseModel):
         "starts a local Ray (None: a random port).",
     )
     metrics_dir: str = Field(
-        "/tmp/kvhead/metrics",
+        METRICS_DIR,
         description="Node-local folder the engines publish kvhead_* metrics into.",
     )
     metrics_port: int | None = Field(
-        9400,
+        METRICS_PORT,
         ge=1,
         le=65535,
         description="Port of the kvhead_* exporter `kvhead serve` starts (None: none; a "

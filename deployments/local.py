@@ -18,12 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
-
 from deployments.app import REPLICA_ENV, build_app
 from deployments.config import ServeConfig, ServeConfigError
 from kvhead.vllm.preflight import EnginePlan
-from kvstore.metrics import MetricsServer, NodeCollector, serve_metrics
+from kvstore.metrics import MetricsServer, NodeCollector, serve_node_metrics
 
 APP_NAME = "kvhead"
 RAY_OVERHEAD_BYTES = int(2.5 * 2**30)  # Ray's own processes on a node (measured)
@@ -56,13 +54,9 @@ def start_exporter(config: ServeConfig) -> str | None:
     global _exporter
     if config.metrics_port is None:
         return None
-    collector = NodeCollector(config.metrics_dir)
-    collector.directory.mkdir(parents=True, exist_ok=True)
-    collector.clear_finished()
-    registry = CollectorRegistry()
-    registry.register(collector)
+    NodeCollector(config.metrics_dir).clear_finished()
     try:
-        _exporter = serve_metrics(registry, config.host, config.metrics_port)
+        _exporter = serve_node_metrics(config.metrics_dir, config.host, config.metrics_port)
     except OSError as err:
         raise ServeConfigError(
             f"metrics_port {config.metrics_port} on {config.host}: {err.strerror}"

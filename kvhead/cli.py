@@ -21,6 +21,7 @@ from kvhead.models import ModelError, resolve_model
 from kvhead.models.cli import app as models_app
 from kvhead.models.profiles import ProfileError, profile_for_model, user_profile_dir
 from kvhead.presets import DEFAULT_PRESET, PRESETS, get_preset
+from kvstore.metrics import METRICS_DIR, METRICS_PORT
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
 app.add_typer(models_app, name="models")
@@ -395,22 +396,17 @@ def serve(
 def metrics(
     directory: Annotated[
         Path, typer.Argument(help="The folder engines publish into (serve config metrics_dir).")
-    ] = Path("/tmp/kvhead/metrics"),
+    ] = Path(METRICS_DIR),
     host: Annotated[str, typer.Option(help="Address to bind.")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of /metrics.")] = 9400,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of /metrics.")] = METRICS_PORT,
 ) -> None:
     """Export the kvhead_* metrics that engines on this host publish (e.g. as a pod sidecar)."""
     import time
 
-    from prometheus_client import CollectorRegistry
+    from kvstore.metrics import serve_node_metrics
 
-    from kvstore.metrics import NodeCollector, serve_metrics
-
-    directory.mkdir(parents=True, exist_ok=True)
-    registry = CollectorRegistry()
-    registry.register(NodeCollector(directory))
     try:
-        server = serve_metrics(registry, host, port)
+        server = serve_node_metrics(directory, host, port)
     except OSError as err:
         _fail(ValueError(f"cannot serve metrics on {host}:{port}: {err.strerror}"))
     console.print(f"exporting {directory} at http://{host}:{server.port}/metrics; Ctrl-C stops")

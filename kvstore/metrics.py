@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 from kvstore.base import TierStats
 
 PREFIX = "kvhead_kvstore_"
+METRICS_PORT = 9400  # where a kvhead /metrics endpoint listens unless told otherwise
 
 # TierStats counter field -> (metric name without prefix and "_total", help text)
 COUNTERS: dict[str, tuple[str, str]] = {
@@ -138,7 +139,7 @@ class MetricsServer:
 
 
 def serve_metrics(
-    registry: CollectorRegistry, host: str = "0.0.0.0", port: int = 9400
+    registry: CollectorRegistry, host: str = "0.0.0.0", port: int = METRICS_PORT
 ) -> MetricsServer:
     """Serve ``registry`` in Prometheus text format on ``http://host:port/`` (any path) from a
     daemon thread."""
@@ -153,6 +154,7 @@ def serve_metrics(
 # (``kvhead metrics``, a sidecar, or ``kvhead serve`` itself) merges and serves them. Files are
 # written with absolute values, so a scrape never depends on how often a worker published.
 METRICS_DIR_ENV = "KVHEAD_METRICS_DIR"  # the node-local folder processes publish into
+METRICS_DIR = "/tmp/kvhead/metrics"  # that folder unless configured
 _FILES = {"counter": "counter", "gauge": "gauge_liveall", "summary": "summary"}
 
 
@@ -216,18 +218,32 @@ class NodeCollector(Collector):
         """Remove every file of processes that no longer run, counters included: what a new
         deployment does first, so totals start from its own engines."""
         for path in self.directory.glob("*_*.db"):
-            if not _alive(int(path.stem.rsplit("_", 1)[1])):
+            if not _alive(_pid(path)):
                 path.unlink(missing_ok=True)
 
     def collect(self) -> Iterator[Metric]:
         for path in self.directory.glob("gauge_live*_*.db"):
-            pid = int(path.stem.rsplit("_", 1)[1])
+            pid = _pid(path)
             if not _alive(pid):
                 mark_process_dead(pid, str(self.directory))
         files = [str(p) for p in self.directory.glob("*.db")]
         for metric in MultiProcessCollector.merge(files):
             if metric.name.startswith(self.prefix):
                 yield metric
+
+
+def serve_node_metrics(directory: str | Path, host: str, port: int) -> MetricsServer:
+    """The per-host exporter: every process's files under ``directory`` on ``host:port``."""
+    collector = NodeCollector(directory)
+    collector.directory.mkdir(parents=True, exist_ok=True)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return serve_metrics(registry, host, port)
+
+
+def _pid(path: Path) -> int:
+    """The process id a multiprocess file is named after (``<kind>_<pid>.db``)."""
+    return int(path.stem.rsplit("_", 1)[1])
 
 
 def _alive(pid: int) -> bool:

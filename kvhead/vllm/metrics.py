@@ -12,10 +12,10 @@ at one folder puts them on vLLM's ``/metrics`` beside ``vllm:*``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-import torch
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -43,42 +43,35 @@ class HeadMetrics(Collector):
     def collect(self) -> Iterator[Metric]:
         rt = self.runtime
         m = _families()
-        profile = rt.profile.instability_tensor() if rt.profile is not None else None
-        live = torch.unique(rt.requests.live_blocks())
         host_pages = 0
-        for index in range(rt.geo.num_layers):
-            stable = rt.split.stable(index).tolist()
+        # residency and state per head as the heads route reports them; counters from the layers
+        for entry in rt.heads_report()["layers"]:
+            index = entry["layer"]
             layer = rt.layers.get(index)
             if layer is not None:
                 labels = [self.model, str(index)]
                 m["reranks"].add_metric(labels, layer.stats.reranks)
                 m["decode_steps"].add_metric(labels, layer.stats.decode_steps)
-            for head in range(rt.geo.num_kv_heads):
-                labels = [self.model, str(index), str(head)]
-                m["stable"].add_metric(labels, float(head in stable))
-                if profile is not None:
-                    m["profile"].add_metric(labels, float(profile[index, head]))
-                if head not in stable:
-                    m["device_pages"].add_metric(labels, live.numel())
-                    m["host_pages"].add_metric(labels, 0)
+            stable = rt.split.stable(index).tolist()
+            for head in entry["heads"]:
+                labels = [self.model, str(index), str(head["head"])]
+                m["stable"].add_metric(labels, float(head["state"] == "stable"))
+                if rt.profile is not None:
+                    m["profile"].add_metric(labels, _or_nan(head["instability"]))
+                m["device_pages"].add_metric(labels, head["device_pages"])
+                m["host_pages"].add_metric(labels, head["host_pages"])
+                host_pages += head["host_pages"]
+                if layer is None or head["state"] != "stable":
                     continue
-                i = stable.index(head)
-                held = 0
-                if layer is not None and live.numel():
-                    held = int((layer.pool.slot_of[live, i] >= 0).sum())
-                host_pages += live.numel() - held
-                m["device_pages"].add_metric(labels, held)
-                m["host_pages"].add_metric(labels, live.numel() - held)
-                if layer is None:
-                    continue
+                m["online"].add_metric(labels, _or_nan(head["online_instability"]))
+                m["drifted"].add_metric(labels, float(head["drifted"]))
+                i = stable.index(head["head"])
                 online = layer.online
-                m["online"].add_metric(labels, 1 - float(online.ema[i]))
                 m["rco"].add_metric(
                     labels,
                     count_value=int(online.observations[i]),
                     sum_value=float(online.rco_sum[i]),
                 )
-                m["drifted"].add_metric(labels, float(online.drifted[i]))
                 m["drifts"].add_metric(labels, int(online.drift_events[i]))
                 m["promoted"].add_metric(labels, int(layer.stats.promoted_by_head[i]))
         resident, total = rt.page_steps()
@@ -93,6 +86,11 @@ class HeadMetrics(Collector):
         yield from m.values()
         if rt.arena is not None:
             yield from KVStoreCollector(lambda: [rt.arena.stats()]).collect()
+
+
+def _or_nan(value: float | None) -> float:
+    """The heads route's None (never measured) as Prometheus's NaN."""
+    return math.nan if value is None else value
 
 
 def exported() -> dict[str, str]:
