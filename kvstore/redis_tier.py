@@ -260,6 +260,42 @@ class RedisTier(PageStore):
         names = self.key_names(keys)
         return int(self._call("delete", lambda: self.client.delete(*names), default=0))
 
+    # -- chain markers ------------------------------------------------------------------------
+    def _chain_names(self, prefix: torch.Tensor) -> list[str]:
+        return [f"{self.fingerprint}:{h}:chain" for h in prefix_hex(prefix)]
+
+    def mark_chains(self, prefix: torch.Tensor) -> bool:
+        """Record that every layer and head of the pages hashed ``prefix [n, 2]`` is stored.
+
+        A writer sets the markers after all of a page's per-head pages were accepted, so one
+        ``MGET`` of markers tells a replica how much of a prompt it can load (not a scan of
+        layers x heads keys). A marker can outlive a page (TTL skew, LRU eviction): a load
+        that then misses falls back to recomputation, so a marker is a hint, never a promise.
+        """
+        names = self._chain_names(prefix)
+        if not names:
+            return True
+
+        def run() -> bool:
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:
+                pipe.set(name, b"1", px=self._ttl_ms)
+            return all(r is True for r in pipe.execute(raise_on_error=False))
+
+        return self._call("mark", run, default=False)
+
+    def leading_chains(self, prefix: torch.Tensor) -> int:
+        """How many leading pages of ``prefix [n, 2]`` carry a chain marker (0 while down)."""
+        names = self._chain_names(prefix)
+        if not names:
+            return 0
+
+        def run() -> int:
+            found = self.client.mget(names)
+            return next((i for i, v in enumerate(found) if v is None), len(found))
+
+        return self._call("match", run, default=0)
+
     def stats(self) -> TierStats:
         with self._lock:
             return TierStats(

@@ -9,7 +9,9 @@ vLLM calls :func:`register` in every process it starts, so it does nothing costl
 vLLM's ``CUSTOM`` backend slot at :class:`~kvhead.vllm.backend.FlexiCacheBackend` (a
 class path, imported only if a run selects CUSTOM) and, on vLLM's CPU platform, which otherwise
 ignores ``--attention-backend``, lets an explicit CUSTOM choice through. Runs that do not ask for
-CUSTOM are untouched. Every change to vLLM's internals lives in :mod:`kvhead.vllm.patches`.
+CUSTOM are untouched. It also registers the ``KVHeadConnector`` KV connector
+(:mod:`kvhead.vllm.connector`, cross-replica prefix reuse through Redis). Every change to
+vLLM's internals lives in :mod:`kvhead.vllm.patches`.
 
 Dependency rule: the top of the stack beside ``kvhead.eval``: imports ``kvhead.core``,
 ``kvhead.kernels.cpu`` and ``kvstore``; nothing imports it but the CLI and tools.
@@ -33,3 +35,17 @@ def register() -> None:
         from kvhead.vllm.patches import honour_custom_backend_on_cpu
 
         honour_custom_backend_on_cpu(type(current_platform))
+    _register_connector()
+
+
+def _register_connector() -> None:
+    """Make ``--kv-transfer-config '{"kv_connector": "KVHeadConnector", ...}'`` mean
+    :class:`~kvhead.vllm.connector.KVHeadConnector` (a lazy class path, as vLLM's own)."""
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    try:
+        KVConnectorFactory.register_connector(
+            "KVHeadConnector", "kvhead.vllm.connector", "KVHeadConnector"
+        )
+    except ValueError:  # registered already in this process
+        pass

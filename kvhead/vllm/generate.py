@@ -30,6 +30,7 @@ def engine_kwargs(
     kv_cache_bytes: int | None,
     dtype: str = "auto",
     in_process: bool = False,
+    kv_transfer: dict | None = None,
 ) -> dict:
     """Arguments for ``vllm.LLM``: identical for stock and kvhead apart from the backend."""
     kwargs = {
@@ -47,6 +48,8 @@ def engine_kwargs(
         kwargs["distributed_executor_backend"] = "uni"
     if kv_cache_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
+    if kv_transfer is not None:
+        kwargs["kv_transfer_config"] = kv_transfer
     if kvhead is not None:
         kwargs["attention_backend"] = "CUSTOM"
         kwargs["additional_config"] = {"kvhead": kvhead}
@@ -68,12 +71,29 @@ def main(
     kv_cache_bytes: int = typer.Option(None, help="Fixed KV budget (vLLM kv_cache_memory_bytes)."),
     dtype: str = typer.Option("auto", help="Model dtype (float32 makes backends comparable)."),
     in_process: bool = typer.Option(False, help="Run engine and worker in this process."),
+    redis_url: str = typer.Option(
+        None, help="Share prompt pages through this Redis (the kvhead KV connector)."
+    ),
+    min_match_tokens: int = typer.Option(256, help="Shortest stored prefix a prompt loads."),
+    one_by_one: bool = typer.Option(
+        False, help="Submit prompts one at a time (per-prompt latency, in order)."
+    ),
 ) -> None:
     if in_process:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
     settings = json.loads(kvhead.read_text()) if kvhead else None
+    transfer = None
+    if redis_url is not None:
+        from kvhead.vllm.connector import ConnectorSettings, transfer_config
+        from kvstore.config import RedisTierConfig
+
+        transfer = transfer_config(
+            ConnectorSettings(
+                redis=RedisTierConfig(url=redis_url), min_match_tokens=min_match_tokens
+            )
+        )
     llm = LLM(
         **engine_kwargs(
             str(model),
@@ -84,18 +104,28 @@ def main(
             kv_cache_bytes=kv_cache_bytes,
             dtype=dtype,
             in_process=in_process,
+            kv_transfer=transfer,
         )
     )
     token_prompts = [{"prompt_token_ids": ids} for ids in json.loads(prompts.read_text())]
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
     start = time.perf_counter()
-    results = llm.generate(token_prompts, params, use_tqdm=False)
+    if one_by_one:
+        results, latencies = [], []
+        for prompt in token_prompts:
+            begin = time.perf_counter()
+            results += llm.generate([prompt], params, use_tqdm=False)
+            latencies.append(time.perf_counter() - begin)
+    else:
+        results = llm.generate(token_prompts, params, use_tqdm=False)
+        latencies = None
     seconds = time.perf_counter() - start
     config = llm.llm_engine.vllm_config
     report = {
         "tokens": [list(r.outputs[0].token_ids) for r in results],
         "logprobs": [[_chosen(step) for step in r.outputs[0].logprobs] for r in results],
         "seconds": seconds,
+        "latencies": latencies,
         "num_gpu_blocks": config.cache_config.num_gpu_blocks,
         "kvhead": _runtime_report(),
         "vllm_kv_cache_bytes": vllm_kv_cache_bytes(llm) if in_process else None,

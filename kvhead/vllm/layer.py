@@ -325,7 +325,7 @@ class FlexiLayer:
         page, block = self.page_size, self.prefill_block
         num_pages = ((seq_lens + page - 1) // page).tolist()
         blocks = torch.cat([block_table[r, :n].long() for r, n in enumerate(num_pages)])
-        k, v = self._stage_pages(blocks, cache)  # [N, P, Hkv, D]
+        k, v = self.stage_pages(blocks, cache)  # [N, P, Hkv, D]
         # Row r's tokens start at a scratch block boundary: block_base[r] * block.
         row_blocks = [(n * page + block - 1) // block for n in num_pages]
         base = [0]
@@ -353,7 +353,7 @@ class FlexiLayer:
         paged_attention(q, scratch, o, starts, seq_lens, table, scale, self.prefill_isa)
         out[all_tokens] = o.view(len(all_tokens), *out.shape[1:])
 
-    def _stage_pages(
+    def stage_pages(
         self,
         blocks: torch.Tensor,
         cache: torch.Tensor,

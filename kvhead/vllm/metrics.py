@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from prometheus_client.metrics_core import (
@@ -84,8 +85,15 @@ class HeadMetrics(Collector):
         m["pool_capacity"].add_metric(engine, sum(p.capacity for p in pools))
         m["live"].add_metric(engine, len(rt.requests))
         yield from m.values()
-        if rt.arena is not None:
-            yield from KVStoreCollector(lambda: [rt.arena.stats()]).collect()
+        tiers = [rt.arena.stats()] if rt.arena is not None else []
+        if rt.connector is not None:
+            tiers.append(rt.connector.tier.stats())
+            c = _connector_families()
+            for name, value in asdict(rt.connector.counters).items():
+                c[name].add_metric(engine, value)
+            yield from c.values()
+        if tiers:
+            yield from KVStoreCollector(lambda: tiers).collect()
 
 
 def _or_nan(value: float | None) -> float:
@@ -95,7 +103,25 @@ def _or_nan(value: float | None) -> float:
 
 def exported() -> dict[str, str]:
     """Every ``kvhead_*`` family an engine exports beside the kvstore's: name -> type."""
-    return {f.name: f.type for f in _families().values()}
+    families = [*_families().values(), *_connector_families().values()]
+    return {f.name: f.type for f in families}
+
+
+def _connector_families() -> dict[str, Metric]:
+    """The KV connector's counters (:class:`kvhead.vllm.prefix_io.ConnectorCounters`)."""
+    help_of = {
+        "loads": "Prompts whose leading pages were loaded from Redis instead of prefilled.",
+        "load_failures": "Loads that found a page missing or refused and recomputed instead.",
+        "loaded_pages": "Per-head pages written into the engine by loads.",
+        "loaded_tokens": "Prompt tokens whose prefill loads skipped.",
+        "saves": "Prompts whose pages Redis accepted in full (and that were marked).",
+        "save_failures": "Prompt saves refused in part by Redis or dropped on a full queue.",
+        "saved_pages": "Per-head pages Redis accepted from saves.",
+    }
+    return {
+        name: CounterMetricFamily(f"kvhead_connector_{name}", text, labels=["model"])
+        for name, text in help_of.items()
+    }
 
 
 def _families() -> dict[str, Metric]:

@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -39,6 +40,9 @@ from kvhead.vllm.metrics import PUBLISH_INTERVAL_S, HeadMetrics
 from kvhead.vllm.request_state import DecodeRows, RequestStates
 from kvstore import HostArena, HostArenaConfig
 from kvstore.metrics import METRICS_DIR_ENV, MultiprocessPublisher
+
+if TYPE_CHECKING:
+    from kvhead.vllm.prefix_io import PrefixMover
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +92,7 @@ class FlexiRuntime:
         self.requests = RequestStates(settings.rerank_interval, geo.page_size)
         self.budget_split: BudgetSplit | None = None  # set when vLLM sizes its cache
         self.publisher: MultiprocessPublisher | None = None  # kvhead_* metrics, when asked
+        self.connector: PrefixMover | None = None  # the KV connector's worker side, if any
         # this step's plan: vLLM builds attention metadata once per KV cache group (layers with
         # the same number of resident heads form one), and every group must see one step
         self._step_plan: tuple[DecodeRows, torch.Tensor] | None = None
@@ -329,6 +334,7 @@ class FlexiRuntime:
             "page_meta_bytes": meta,
             "arena_pages_capacity": self.arena.config.capacity_pages if self.arena else 0,
             "budget_split": asdict(self.budget_split) if self.budget_split else None,
+            "connector": asdict(self.connector.counters) if self.connector else None,
         }
 
     def heads_report(self) -> dict:
