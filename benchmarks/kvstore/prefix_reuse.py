@@ -86,13 +86,13 @@ def replica(
     """One engine: run ``steps`` (a JSON list of {name, prompt, max_tokens}) one at a time."""
     from vllm import LLM, SamplingParams
 
-    from kvhead.vllm.connector import ConnectorSettings, transfer_config
+    from kvhead.vllm.config import ConnectorSettings
     from kvhead.vllm.generate import engine_kwargs
     from kvstore.config import RedisTierConfig
 
     transfer = None
     if redis_url:
-        transfer = transfer_config(ConnectorSettings(redis=RedisTierConfig(url=redis_url)))
+        transfer = ConnectorSettings(redis=RedisTierConfig(url=redis_url)).transfer_config()
     llm = LLM(
         **engine_kwargs(
             str(model),

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvhead.core.options import SelectionOptions, is_spec, page_budgets
 from kvhead.core.stability import HeadProfile, model_fingerprint
 from kvhead.models.profiles import ProfileError, profile_for_model
 from kvhead.presets import DEFAULT_PRESET, get_preset
+from kvstore.config import RedisTierConfig
 
 CONFIG_KEY = "kvhead"
 
@@ -303,3 +304,47 @@ def check_arena(settings: FlexiCacheSettings, pages_needed: int, page_bytes: int
             f"host_arena_gib or lower the KV cache size"
         )
     return pages_needed
+
+
+CONNECTOR_NAME = "KVHeadConnector"  # the KV connector's name in vLLM's registry
+
+
+class ConnectorSettings(BaseModel):
+    """The kvhead KV connector (:mod:`kvhead.vllm.connector`): vLLM's
+    ``kv_connector_extra_config``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    redis: RedisTierConfig = Field(
+        default_factory=RedisTierConfig, description="The Redis every replica shares."
+    )
+    min_match_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="Shortest stored prefix worth a load (a load costs the request one engine "
+        "step of waiting; prefill of a few pages is cheaper).",
+    )
+    save_queue_mib: int = Field(
+        default=1024,
+        gt=0,
+        description="Host memory for prompt pages waiting to be written to Redis; a save that "
+        "does not fit is dropped and counted, never waited for.",
+    )
+
+    @field_validator("redis")
+    @classmethod
+    def _scheme(cls, value: RedisTierConfig) -> RedisTierConfig:
+        if not value.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"redis url must start with redis://, rediss:// or unix://: {value.url}"
+            )
+        return value
+
+    def transfer_config(self) -> dict:
+        """vLLM's ``kv_transfer_config`` selecting the connector with these settings."""
+        return {
+            "kv_connector": CONNECTOR_NAME,
+            "kv_role": "kv_both",
+            "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": self.model_dump(mode="json", exclude_defaults=True),
+        }

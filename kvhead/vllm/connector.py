@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -41,9 +40,9 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 from kvhead.core.spec import HeadPageSpec
 from kvhead.core.stability import model_fingerprint
+from kvhead.vllm.config import ConnectorSettings
 from kvhead.vllm.prefix_io import PrefixJob, PrefixMover
 from kvhead.vllm.runtime import current
-from kvstore.config import RedisTierConfig
 from kvstore.prefix import prefix_hashes
 from kvstore.redis_tier import RedisTier
 
@@ -57,40 +56,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
-
-CONNECTOR_NAME = "KVHeadConnector"
-
-
-class ConnectorSettings(BaseModel):
-    """``kv_connector_extra_config`` of the kvhead connector."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    redis: RedisTierConfig = Field(
-        default_factory=RedisTierConfig, description="The Redis every replica shares."
-    )
-    min_match_tokens: int = Field(
-        default=256,
-        ge=1,
-        description="Shortest stored prefix worth a load (a load costs the request one engine "
-        "step of waiting; prefill of a few pages is cheaper).",
-    )
-    save_queue_mib: int = Field(
-        default=1024,
-        gt=0,
-        description="Host memory for prompt pages waiting to be written to Redis; a save that "
-        "does not fit is dropped and counted, never waited for.",
-    )
-
-
-def transfer_config(settings: ConnectorSettings) -> dict:
-    """vLLM's ``kv_transfer_config`` selecting this connector with ``settings``."""
-    return {
-        "kv_connector": CONNECTOR_NAME,
-        "kv_role": "kv_both",
-        "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": settings.model_dump(mode="json", exclude_defaults=True),
-    }
 
 
 def settings_from_vllm(vllm_config: VllmConfig) -> ConnectorSettings:

@@ -86,14 +86,12 @@ def main(
     settings = json.loads(kvhead.read_text()) if kvhead else None
     transfer = None
     if redis_url is not None:
-        from kvhead.vllm.connector import ConnectorSettings, transfer_config
+        from kvhead.vllm.config import ConnectorSettings
         from kvstore.config import RedisTierConfig
 
-        transfer = transfer_config(
-            ConnectorSettings(
-                redis=RedisTierConfig(url=redis_url), min_match_tokens=min_match_tokens
-            )
-        )
+        transfer = ConnectorSettings(
+            redis=RedisTierConfig(url=redis_url), min_match_tokens=min_match_tokens
+        ).transfer_config()
     llm = LLM(
         **engine_kwargs(
             str(model),
