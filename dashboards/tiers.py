@@ -1,14 +1,17 @@
-"""The tiers dashboard: the host arena and Redis tier (``kvhead_kvstore_*``), and Helix placement.
+"""The tiers dashboard: the host arena and Redis tier (``kvhead_kvstore_*``), prefix reuse
+across replicas (``kvhead_connector_*`` and vLLM's external prefix-cache counters), and Helix
+placement.
 
 Every kvstore metric carries a ``tier`` label (``host``, ``redis``, ``manager``); the engines
-export the host arena today (docs/serving.md "Metrics"). The placement row queries
+export the host arena, and the Redis tier when the KV connector runs (docs/serving.md
+"Metrics"). The placement row queries
 ``kvhead_helix_groups`` and ``kvhead_placement_changes_total``, which the placement actor
 (``cluster/``) exports while it runs.
 """
 
 from __future__ import annotations
 
-from dashboards.promql import TIER, rate
+from dashboards.promql import MODEL, TIER, rate, vllm
 from dashboards.spec import OK, Dashboard, Panel, Query, Row, Threshold, Variable, above, below
 
 KV = "kvhead_kvstore_"
@@ -122,6 +125,68 @@ TIERS = Row(
     ),
 )
 
+
+def _connector(name: str) -> str:
+    return rate(f"kvhead_connector_{name}{{{MODEL}}}", "model")
+
+
+PREFIX_REUSE = Row(
+    "Prefix reuse across replicas (KV connector)",
+    (
+        Panel(
+            "Prompt tokens loaded",
+            "Prompt tokens per second whose prefill a replica skipped because another (or "
+            "itself, earlier) stored them in Redis; the gap to vLLM's queried tokens is prefill "
+            "still computed.",
+            (
+                Query(_connector("loaded_tokens_total"), "loaded {{model}}", "kvhead", "load"),
+                Query(
+                    f"sum by (model_name) (rate({vllm('external_prefix_cache_queries_total')}"
+                    "[$__rate_interval]))",
+                    "queried {{model_name}}",
+                    "ray",
+                    "load",
+                ),
+            ),
+            unit="short",
+            width=8,
+        ),
+        Panel(
+            "External prefix hit rate",
+            "vLLM's own count of prompt tokens the connector supplied over tokens it was asked "
+            "about. Low with shared system prompts or documents: a TTL shorter than their "
+            "reuse, or a Redis memory budget too small.",
+            (
+                Query(
+                    f"sum(rate({vllm('external_prefix_cache_hits_total')}[$__rate_interval])) / "
+                    f"sum(rate({vllm('external_prefix_cache_queries_total')}[$__rate_interval]))",
+                    "hit rate",
+                    "ray",
+                    "load",
+                ),
+            ),
+            kind="stat",
+            unit="percentunit",
+            width=4,
+        ),
+        Panel(
+            "Loads and saves",
+            "Prompts loaded and saved per second, and the ones that fell back: a failed load "
+            "recomputes the prompt (a missing, corrupt or foreign page, Redis down), a failed "
+            "save leaves it unshared. Failures never fail a request.",
+            (
+                Query(_connector("loads_total"), "loads {{model}}", "kvhead", "load"),
+                Query(_connector("saves_total"), "saves {{model}}", "kvhead", "load"),
+                Query(_connector("load_failures_total"), "failed loads {{model}}", "kvhead"),
+                Query(_connector("save_failures_total"), "failed saves {{model}}", "kvhead"),
+            ),
+            unit="ops",
+            width=12,
+        ),
+    ),
+    note="From replicas whose serve config sets kv_connector (a shared Redis).",
+)
+
 PLACEMENT = Row(
     "Helix placement",
     (
@@ -154,6 +219,6 @@ TIERS_DASHBOARD = Dashboard(
     uid="kvhead-tiers",
     title="kvhead / KV tiers and placement",
     description="Host arena and Redis tier usage, hits, bytes, errors; Helix placement.",
-    rows=(TIERS, PLACEMENT),
+    rows=(TIERS, PREFIX_REUSE, PLACEMENT),
     variables=(Variable("tier", "tier", "kvhead_kvstore_up", "Tier"),),
 )

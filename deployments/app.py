@@ -40,6 +40,8 @@ def engine_kwargs(config: ServeConfig, model_dir: Path, plan: EnginePlan) -> dic
     if config.kvhead_settings is not None:
         kwargs["attention_backend"] = "CUSTOM"
         kwargs["additional_config"] = {"kvhead": config.kvhead_settings}
+    if config.kv_connector is not None:
+        kwargs["kv_transfer_config"] = config.kv_connector.transfer_config()
     return kwargs
 
 

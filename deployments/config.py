@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from kvhead.models.errors import ModelError
 from kvhead.models.resolve import resolve_model
 from kvhead.presets import DEFAULT_PRESET, PRESETS
-from kvhead.vllm.config import FlexiCacheConfigError, FlexiCacheSettings
+from kvhead.vllm.config import ConnectorSettings, FlexiCacheConfigError, FlexiCacheSettings
 from kvhead.vllm.preflight import EnginePlan, preflight
 from kvstore.metrics import METRICS_DIR, METRICS_PORT
 
@@ -95,6 +95,11 @@ class ServeConfig(BaseModel):
         "auto", description="Model dtype (auto: the checkpoint's)."
     )
     accelerator: Literal["cpu", "gpu"] = Field("cpu", description="What a replica runs on.")
+    kv_connector: ConnectorSettings | None = Field(
+        None,
+        description="Share prompt pages between replicas through Redis (the kvhead KV "
+        "connector: a prompt one replica served skips prefill on the others); None: off.",
+    )
     replicas: Replicas = Field(default_factory=Replicas)
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI API.")
@@ -127,6 +132,11 @@ class ServeConfig(BaseModel):
         unknown = set(self.overrides) - set(FlexiCacheSettings.model_fields) - {"preset"}
         if unknown:
             raise ValueError(f"unknown kvhead settings in overrides: {', '.join(sorted(unknown))}")
+        if self.kv_connector is not None and not self.flexicache:
+            raise ValueError(
+                "kv_connector stores FlexiCache pages: it needs flexicache: true (stock vLLM "
+                "replicas would load pages they cannot place)"
+            )
         return self
 
     @classmethod

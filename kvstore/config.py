@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 from pydantic import BaseModel, Field, field_validator
+
+# Where a deployment (the Helm chart) tells every process its Redis: the URL without
+# credentials, and the password, which never travels in a config that vLLM or Ray logs.
+REDIS_URL_ENV = "KVHEAD_REDIS_URL"
+REDIS_PASSWORD_ENV = "KVHEAD_REDIS_PASSWORD"
 
 
 class HostArenaConfig(BaseModel):
@@ -28,11 +35,15 @@ class RedisTierConfig(BaseModel):
     """The cluster-wide Redis tier."""
 
     url: str = Field(
-        default="redis://127.0.0.1:6379/0",
-        description="redis:// or rediss:// (TLS) URL; credentials may be embedded.",
+        default_factory=lambda: os.environ.get(REDIS_URL_ENV, "redis://127.0.0.1:6379/0"),
+        description=f"redis:// or rediss:// (TLS) URL; credentials may be embedded (default: "
+        f"${REDIS_URL_ENV}, else a local Redis).",
     )
     username: str | None = Field(default=None, description="ACL user (None: default user).")
-    password: str | None = Field(default=None, description="requirepass / ACL password.")
+    password: str | None = Field(
+        default=None,
+        description=f"requirepass / ACL password (None: ${REDIS_PASSWORD_ENV} when set).",
+    )
     ssl_ca_certs: str | None = Field(default=None, description="CA bundle for rediss:// URLs.")
     ssl_certfile: str | None = Field(default=None, description="Client certificate (mutual TLS).")
     ssl_keyfile: str | None = Field(default=None, description="Client key (mutual TLS).")
@@ -66,7 +77,7 @@ class RedisTierConfig(BaseModel):
         rediss:// URL, the TLS files (every client of a kvhead Redis connects the same way)."""
         kwargs: dict = {
             "username": self.username,
-            "password": self.password,
+            "password": self.password or os.environ.get(REDIS_PASSWORD_ENV),
             "socket_timeout": self.socket_timeout_s,
             "socket_connect_timeout": self.connect_timeout_s,
         }

@@ -17,6 +17,7 @@ import yaml
 
 from deployments.config import ServeConfig
 from kvhead.presets import PRESETS
+from kvhead.vllm.config import ConnectorSettings
 
 ROOT = Path(__file__).parents[1]
 CHART = ROOT / "helm" / "kvhead"
@@ -28,7 +29,9 @@ VALUES = {
 KUBE_VERSION = "1.33.0"
 # What a pod needs that `kvhead serve` on one machine does not: listen on the pod's address, and
 # leave the kvhead_* exporter to the sidecar.
-CLUSTER_FIELDS = {"host": "0.0.0.0", "metrics_port": None}
+# what a cluster runs unlike `kvhead serve` on one machine: every pod address, a sidecar
+# exporter, and prompt pages shared through the chart's Redis
+CLUSTER_FIELDS = {"host": "0.0.0.0", "metrics_port": None, "kv_connector": ConnectorSettings()}
 
 
 def render(values: dict) -> list[dict]:
@@ -283,12 +286,23 @@ def test_schema_mirrors_serve_config() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["serve"]
     model = ServeConfig.model_json_schema()
 
+    # the chart's own Redis reaches the connector through the pods' env, never its values
+    chart_owned = {"redis"}
+
     def compare(ours: dict, theirs: dict) -> None:
-        assert set(ours["properties"]) == set(theirs["properties"])
+        assert set(ours["properties"]) == set(theirs["properties"]) - chart_owned
         for field, prop in theirs["properties"].items():
+            if field in chart_owned:
+                continue
             mine = ours["properties"][field]
             if "$ref" in prop:
                 compare(mine, model["$defs"][prop["$ref"].rsplit("/", 1)[1]])
+                continue
+            ref = next((a["$ref"] for a in prop.get("anyOf", []) if "$ref" in a), None)
+            if ref is not None:  # an optional section: an object or null
+                assert mine["type"] == ["object", "null"] and mine["additionalProperties"] is False
+                assert mine["description"].startswith(prop["description"])
+                compare(mine, model["$defs"][ref.rsplit("/", 1)[1]])
                 continue
             assert mine["description"] == prop["description"], field
             alternatives = prop.get("anyOf", [prop])
@@ -315,3 +329,23 @@ def test_schema_refuses_what_serve_config_refuses() -> None:
     ):
         with pytest.raises(helm.HelmValuesError):
             chart.validate_schema(bad)
+
+
+def test_the_kv_connector_follows_the_charts_redis() -> None:
+    """With a Redis (the chart's or an external one) replicas share prompt pages through it;
+    without one the connector is off, so no engine waits on an address that answers nothing."""
+
+    def connector(values: dict) -> dict | None:
+        configmap = next(
+            o for o in render(values) if o["metadata"]["name"] == "kvhead-serve-config"
+        )
+        return yaml.safe_load(configmap["data"]["serve.yaml"])["kv_connector"]
+
+    assert connector({}) == {}
+    assert connector({"serve": {"kv_connector": {"min_match_tokens": 512}}}) == {
+        "min_match_tokens": 512
+    }
+    external = {"redis": {"enabled": False, "externalUrl": "redis://cache.example:6379/0"}}
+    assert connector(external) == {}
+    assert connector({"redis": {"enabled": False}}) is None
+    assert connector({"serve": {"kv_connector": None}}) is None

@@ -3,6 +3,8 @@ official ``openai`` client, next to stock vLLM's own OpenAI server with the same
 
 The app runs FlexiCache with every page selected (K beyond the context), so its greedy output
 must equal stock vLLM's token for token; the request-mix tests cover the presets' selection.
+It shares prompt pages through a real redis-server (the KV connector), so repeated prompts are
+served from loaded pages and must still equal stock's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from redis_server import RedisServer
 from vllm_tiny import ENGINE_ENV, free_port, wait_ready
 
 pytestmark = pytest.mark.slow
@@ -40,6 +43,7 @@ def app(tmp_path_factory: pytest.TempPathFactory):
     """`kvhead serve` on a config file; stopped with SIGTERM at the end (checked there)."""
     tmp = tmp_path_factory.mktemp("serve")
     port, metrics_port, ray_metrics_port = free_port(), free_port(), free_port()
+    redis_server = RedisServer().start()
     config = tmp / "serve.yaml"
     config.write_text(
         f"model_id: {MODEL_ID}\npreset: paper\noverrides: {{top_k: 1000}}\n"
@@ -48,6 +52,7 @@ def app(tmp_path_factory: pytest.TempPathFactory):
         f"metrics_dir: {tmp / 'metrics'}\nmetrics_port: {metrics_port}\n"
         f"ray_metrics_port: {ray_metrics_port}\n"
         "replicas: {max_ongoing_requests: 4, max_queued_requests: 2}\n"
+        f"kv_connector: {{redis: {{url: '{redis_server.url}'}}}}\n"
     )
     log = tmp / "serve.log"
     env = ENGINE_ENV | {"RAY_DEDUP_LOGS": "0"}
@@ -81,6 +86,7 @@ def app(tmp_path_factory: pytest.TempPathFactory):
     assert proc.wait(timeout=180) == 0, log.read_text()[-3000:]
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"{url}/health", timeout=5)
+    redis_server.stop()
     left = subprocess.run(["pgrep", "-f", "ray::ServeReplica|raylet"], capture_output=True)
     assert left.stdout == b"", "Ray processes outlived kvhead serve"
 
@@ -330,6 +336,10 @@ def test_prometheus_scrapes_every_series_the_dashboards_read(
         assert prom.values("kvhead_live_requests") == [0]
         assert prom.values('kvhead_kvstore_stored_bytes_total{tier="host"}')[0] > 0
         assert prom.values("kvhead_hot_pool_capacity_pages")[0] > 0
+        # the long prompts were served before: their pages came from Redis, not prefill
+        assert prom.values("sum(kvhead_connector_loaded_tokens_total)")[0] >= 256
+        assert prom.values("sum(kvhead_connector_load_failures_total)") == [0]
+        assert prom.values('kvhead_kvstore_up{tier="redis"}') == [1]
         skipped = {"placement", "prefix_caching", "preemptions", "exceptions"}
         empty = [
             (q.dashboard, q.panel, q.promql)

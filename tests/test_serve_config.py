@@ -37,6 +37,23 @@ def test_a_file_sets_preset_overrides_and_replicas(tmp_path: Path) -> None:
     assert ServeConfig.parse({"flexicache": False}).kvhead_settings is None
 
 
+def _plan():
+    from kvhead.vllm.preflight import EnginePlan
+
+    return EnginePlan(8192, 1000, 16, 40, 50, 0)
+
+
+def test_a_shared_redis_selects_the_kvhead_connector(tmp_path: Path) -> None:
+    from deployments.app import engine_kwargs
+
+    config = _load(tmp_path, "kv_connector: {redis: {url: 'redis://10.0.0.5:6379/0'}}\n")
+    transfer = engine_kwargs(config, tmp_path, _plan())["kv_transfer_config"]
+    assert transfer["kv_connector"] == "KVHeadConnector"
+    assert transfer["kv_load_failure_policy"] == "recompute"
+    assert transfer["kv_connector_extra_config"] == {"redis": {"url": "redis://10.0.0.5:6379/0"}}
+    assert "kv_transfer_config" not in engine_kwargs(ServeConfig(), tmp_path, _plan())
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -49,6 +66,9 @@ def test_a_file_sets_preset_overrides_and_replicas(tmp_path: Path) -> None:
         ("dtype: int8\n", "dtype: Input should be"),
         ("- a\n- b\n", "must hold a mapping"),
         ("port: [1\n", "is not valid YAML"),
+        ("kv_connector: {redis: {url: 'http://x'}}\n", "redis url must start with redis://"),
+        ("kv_connector: {min_match_tokens: 0}\n", "min_match_tokens: Input should be greater"),
+        ("flexicache: false\nkv_connector: {}\n", "it needs flexicache: true"),
     ],
 )
 def test_bad_fields_are_named(tmp_path: Path, text: str, message: str) -> None:
