@@ -19,7 +19,8 @@ from kvhead.core.helix import (
     local_positions,
     plan_layout,
 )
-from kvhead.eval.helix import BlockShape, HelixRank, Llama, OneDevice, random_layer, run_ranks
+from kvhead.eval.helix import HelixRank, OneDevice, run_ranks
+from kvhead.eval.llama_layers import BlockShape, Llama, random_layer
 from kvhead.models.tiny import build_tiny_llama
 
 GQA8 = BlockShape(hidden=32, intermediate=64, num_q_heads=8, num_kv_heads=2, head_dim=8)

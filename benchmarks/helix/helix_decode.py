@@ -40,7 +40,8 @@ from rich.table import Table
 
 from benchmarks.common import RESULTS
 from kvhead.core.helix import HelixLayout, comm_bytes_per_token
-from kvhead.eval.helix import BlockShape, HelixRank, random_layer, run_ranks
+from kvhead.eval.helix import HelixRank, run_ranks
+from kvhead.eval.llama_layers import BlockShape, random_layer
 
 SHAPE = BlockShape(hidden=512, intermediate=1024, num_q_heads=8, num_kv_heads=2, head_dim=64)
 BLOCK = 16
