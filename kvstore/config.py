@@ -72,6 +72,13 @@ class RedisTierConfig(BaseModel):
         default="allkeys-lru", description="maxmemory-policy applied with memory_budget_bytes."
     )
 
+    @field_validator("url")
+    @classmethod
+    def _check_scheme(cls, url: str) -> str:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis url must start with redis://, rediss:// or unix://: {url}")
+        return url
+
     def connection_kwargs(self) -> dict:
         """redis-py connection arguments besides the URL: credentials, timeouts and, for a
         rediss:// URL, the TLS files (every client of a kvhead Redis connects the same way)."""
@@ -115,12 +122,3 @@ class KVStoreConfig(BaseModel):
     host: HostArenaConfig
     redis: RedisTierConfig | None = Field(default=None, description="None: host tier only.")
     manager: TierManagerConfig = Field(default_factory=TierManagerConfig)
-
-    @field_validator("redis")
-    @classmethod
-    def _check_scheme(cls, value: RedisTierConfig | None) -> RedisTierConfig | None:
-        if value is not None and not value.url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(
-                f"redis url must start with redis://, rediss:// or unix://: {value.url}"
-            )
-        return value

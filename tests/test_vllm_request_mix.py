@@ -3,10 +3,11 @@
 A seeded mix (kvhead.vllm.request_mix) of SmolLM2 requests from 1 token to the engine's
 limit (page edges included), chat and completion prompts, 1 to 48 new tokens, stop strings,
 n = 2, clients that hang up mid-stream, bursts of arrivals, chunked prefill and a block count
-small enough that vLLM preempts and recomputes, plus one prompt beyond the limit. With every
-page selected kvhead's tokens equal stock vLLM's request by request; with the paper's and the
-accurate settings every request is served; and a request's greedy output is its own, whether it
-runs beside the mix or alone on a fresh engine.
+small enough that vLLM preempts, plus one prompt beyond the limit. With every page selected
+kvhead's tokens equal stock vLLM's request by request (both recomputing preempted requests); with
+the paper's and the accurate settings every request is served; and a request's greedy output is
+its own, whether it runs beside the mix (preempted or not: the KV connector swaps a preempted
+request's context out and back) or alone on a fresh engine.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from redis_server import RedisServer
 from vllm_tiny import ENGINE_ENV, free_port, wait_ready
 
 from kvhead.vllm.request_mix import (
@@ -85,22 +87,26 @@ def test_every_page_selected_matches_stock_request_by_request(mix: dict) -> None
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_presets_serve_the_mix_and_keep_requests_apart(mix: dict, preset: str) -> None:
+def test_presets_serve_the_mix_and_keep_requests_apart(
+    mix: dict, preset: str, redis_srv: RedisServer
+) -> None:
     """The engine serves the whole mix with 16-token pages; then greedy probes from it, run
     one at a time on a fresh engine, give the tokens they got beside the mix.
 
-    Probes are requests vLLM did not preempt in the mix: a preempted request recomputes its
-    context as a (dense) prefill and restarts its rerank phase, so its later tokens can differ
-    from an uninterrupted run (a known limit; the same mix with enough blocks never to preempt
-    gives every probe its alone tokens)."""
+    The mix runs with the KV connector, so a request vLLM preempts swaps its context out and
+    resumes where it stopped (without it, vLLM recomputes the context as a dense prefill, which
+    is not what the request decoded): half the probes are requests vLLM preempted."""
     args = {"block_size": 16, "num_blocks": 48, "dtype": "float32"}
     settings = PRESETS[preset] | {"top_k": MIX_TOP_K[preset]}
-    served = replay(mix["tmp"], preset, mix["model"], mix["mix"], settings, **args)
+    served = replay(
+        mix["tmp"], preset, mix["model"], mix["mix"], settings, redis_url=redis_srv.url, **args
+    )
     _check_served(mix["mix"], served)
     report = served["kvhead"]
     assert report["promoted_pages"] > 0 and report["resident_page_fraction"] < 1
+    assert report["connector"]["loads"] > 0 and report["connector"]["load_failures"] == 0
 
-    probes = [
+    eligible = [
         r
         for r in mix["mix"]
         if r.n == 1
@@ -108,9 +114,10 @@ def test_presets_serve_the_mix_and_keep_requests_apart(mix: dict, preset: str) -
         and r.stop is None
         and r.id != TOO_LONG
         and r.max_tokens >= 8
-        and r.id not in served["preempted"]
-    ][:6]
-    assert len(probes) == 6
+    ]
+    preempted = [r for r in eligible if r.id in served["preempted"]][:3]
+    probes = preempted + [r for r in eligible if r.id not in served["preempted"]][:3]
+    assert len(preempted) == 3
     alone = [MixRequest(**(asdict(r) | {"arrive": 2000 * i})) for i, r in enumerate(probes)]
     by_id = {r.id: res for r, res in zip(mix["mix"], served["results"], strict=True)}
     beside = [by_id[r.id] for r in probes]

@@ -7,13 +7,14 @@ share one real ``redis-server``:
 1. replica A serves one request per shared document (document + question 0): cold prefill,
    and its prompt pages are saved to Redis;
 2. replica B then alternates, one request at a time, a *warm* request (a document A served +
-   another question: its leading pages load from Redis) and a *cold* one (a document nobody
-   served + the same question), one generated token each, so the latency is the time to first
-   token and both kinds see the same machine state;
+   another question: its leading pages load from Redis) and a *cold* one (the same corpus text
+   under another title, which nobody served, + the same question), one generated token each,
+   so the latency is the time to first token and both kinds do the same work on the same
+   machine state;
 3. B serves the warm requests again with 32 greedy tokens, and replica C (no connector, cold
    prefill) serves the same prompts: the tokens must be identical.
 
-Prompts are cut from the bundled licence corpus at each context length; questions are 48-token
+Documents are titled cuts of the bundled licence corpus; questions are its last 48-token
 tails. Writes ``benchmarks/results/kvstore/prefix_reuse.json`` and ``.md``.
 Run: ``python benchmarks/kvstore/prefix_reuse.py main [--contexts 4096,8000] [--pairs 3]``.
 """
@@ -44,34 +45,26 @@ GEN = 32  # greedy tokens of the identity check
 KV_BYTES = 2**30
 
 
-def _corpus_ids(model_dir: Path) -> list[int]:
+def _plan(model_dir: Path, contexts: list[int], pairs: int) -> dict:
+    """Per context and pair one corpus body under two titles: the document A serves ("Document
+    A<n>") and one nobody serves ("Document B<n>"), so warm and cold requests do the same work
+    and differ only in whether their prefix is stored; and two questions."""
     from transformers import AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     text = "\n".join(p.read_text() for p in sorted(CORPUS.glob("*.txt")))
-    return AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"]
-
-
-def _plan(model_dir: Path, contexts: list[int], pairs: int) -> dict:
-    """Documents A serves, documents nobody serves, and the questions."""
-    ids = _corpus_ids(model_dir)
-    need = max(contexts) * 2 * pairs + 4096
-    while len(ids) < need:
-        ids = ids + ids[::-1]
+    ids = tokenizer(text)["input_ids"]
     plan: dict = {"contexts": {}}
-    offset = 0
     for context in contexts:
-        doc = context - QUESTION
         served, fresh = [], []
         for i in range(pairs):
-            served.append(ids[offset : offset + doc])
-            fresh.append(ids[offset + doc : offset + 2 * doc])
-            offset += 2 * doc + 17 * (i + 1)  # every document different
+            titles = [tokenizer(f"Document {kind}{context}-{i}:\n")["input_ids"] for kind in "AB"]
+            body = context - QUESTION - len(titles[0])
+            start = (7919 * (i + 1) * context) % (len(ids) - body)  # spread over the corpus
+            served.append(titles[0] + ids[start : start + body])
+            fresh.append(titles[1] + ids[start : start + body])
         questions = [ids[-QUESTION * (q + 1) : len(ids) - QUESTION * q] for q in range(2)]
-        plan["contexts"][str(context)] = {
-            "served": served,
-            "fresh": fresh,
-            "questions": questions,
-        }
+        plan["contexts"][str(context)] = {"served": served, "fresh": fresh, "questions": questions}
     return plan
 
 

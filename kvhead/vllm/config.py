@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kvhead.core.options import SelectionOptions, is_spec, page_budgets
 from kvhead.core.stability import HeadProfile, model_fingerprint
@@ -330,15 +330,6 @@ class ConnectorSettings(BaseModel):
         description="Host memory for prompt pages waiting to be written to Redis; a save that "
         "does not fit is dropped and counted, never waited for.",
     )
-
-    @field_validator("redis")
-    @classmethod
-    def _scheme(cls, value: RedisTierConfig) -> RedisTierConfig:
-        if not value.url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(
-                f"redis url must start with redis://, rediss:// or unix://: {value.url}"
-            )
-        return value
 
     def transfer_config(self) -> dict:
         """vLLM's ``kv_transfer_config`` selecting the connector with these settings."""

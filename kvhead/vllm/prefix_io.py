@@ -1,4 +1,5 @@
-"""Worker side of the kvhead KV connector: prompt pages between FlexiCache layers and Redis.
+"""Worker side of the kvhead KV connector: pages between FlexiCache layers and Redis (prompts,
+and the whole context of preempted requests).
 
 A page here is one KV head of one 16-token page of one layer, for every head, dense and stable
 alike: the split into vLLM's cache and the host arena is this engine's choice, so pages are
@@ -36,16 +37,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PrefixJob:
-    """Pages ``first_page .. first_page + n - 1`` of one request's prompt.
+    """Pages ``first_page .. first_page + n - 1`` of one request.
 
-    ``prefix [n, 2]`` are their chained content hashes (:func:`kvstore.prefix.prefix_hashes`);
-    ``block_ids`` the request's vLLM blocks of those pages, one list per KV cache group.
+    ``prefix [n, 2]`` are their names: chained content hashes of a prompt
+    (:func:`kvstore.prefix.prefix_hashes`), or for a *swap* (a preempted request's whole
+    context, prompt and generated tokens) hashes salted with the request and its preemption,
+    since generated tokens' K/V depend on the request's own sparse history. ``block_ids`` are
+    the request's vLLM blocks of those pages, one list per KV cache group; ``num_tokens`` the
+    valid tokens from the first page on (None: every page is full).
     """
 
     req_id: str
     first_page: int
     prefix: torch.Tensor
     block_ids: tuple[list[int], ...]
+    num_tokens: int | None = None
+    swap: bool = False
 
     @property
     def num_pages(self) -> int:
@@ -86,6 +93,7 @@ class PrefixMover:
         self._queued_pages = 0
         self._busy = False
         self._closed = False
+        self._swapped: dict[str, bool] = {}  # swap-outs written since the last report
         self._writer = threading.Thread(target=self._write_loop, name="kvhead-prefix-save")
         self._writer.daemon = True
         self._writer.start()
@@ -155,6 +163,8 @@ class PrefixMover:
                 )
             else:
                 loaded.add(req_id)
+                if job.swap:  # the request goes on where it stopped: same selection, clock
+                    self.runtime.requests.resume(req_id)
                 self.counters.loads += 1
                 self.counters.loaded_tokens += job.num_pages * self.runtime.geo.page_size
                 self.counters.loaded_pages += (
@@ -166,15 +176,18 @@ class PrefixMover:
         """Write the fetched pages into every layer as if prefill had computed them."""
         geo = self.runtime.geo
         n, heads, page = job.num_pages, geo.num_kv_heads, geo.page_size
+        tokens = n * page if job.num_tokens is None else job.num_tokens
         offsets = torch.arange(page)
-        nothing = torch.zeros(0, dtype=torch.int64)  # full pages only: none stays open
         for (layer, cache, group), (k, v) in zip(self._layers, fetched.pages, strict=True):
             blocks = torch.tensor(job.block_ids[group][:n], dtype=torch.int64)
-            slots = (blocks.view(-1, 1) * page + offsets).flatten()
+            slots = (blocks.view(-1, 1) * page + offsets).flatten()[:tokens]
             key = k.view(n, heads, page, -1).transpose(1, 2).reshape(n * page, heads, -1)
             value = v.view(n, heads, page, -1).transpose(1, 2).reshape(n * page, heads, -1)
             flexi = self.runtime.layer(layer, cache.shape[0])
-            flexi.write(key.to(cache.dtype), value.to(cache.dtype), slots, cache, nothing)
+            # a partial last page (a swap) stays open: it takes a pool slot, kept by `blocks`
+            flexi.write(
+                key[:tokens].to(cache.dtype), value[:tokens].to(cache.dtype), slots, cache, blocks
+            )
 
     # -- saves ---------------------------------------------------------------------------
     def save(self, jobs: list[PrefixJob]) -> None:
@@ -185,8 +198,10 @@ class PrefixMover:
             with self._lock:
                 if self._queued_pages + size > self.queue_pages:
                     self.counters.save_failures += 1
+                    if job.swap:
+                        self._swapped[job.req_id] = False
                     logger.warning(
-                        "kvhead connector: save queue full; %s's prompt pages are not shared",
+                        "kvhead connector: save queue full; %s's pages are not stored",
                         job.req_id,
                     )
                     continue
@@ -226,6 +241,8 @@ class PrefixMover:
                 complete = False
             with self._lock:
                 self.counters.saved_pages += accepted
+                if job.swap:
+                    self._swapped[job.req_id] = complete
                 if complete:
                     self.counters.saves += 1
                 else:
@@ -233,6 +250,12 @@ class PrefixMover:
                 self._queued_pages -= sum(len(keys) for keys, _, _ in parts)
                 self._busy = False
                 self._lock.notify_all()
+
+    def take_swapped(self) -> dict[str, bool]:
+        """Swap-outs finished since the last call: request id -> all pages stored."""
+        with self._lock:
+            done, self._swapped = self._swapped, {}
+        return done
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until queued saves reached Redis (tests, shutdown); False on timeout."""

@@ -287,6 +287,7 @@ def engine_args(
     max_num_seqs: int,
     chunk_tokens: int,
     dtype: str,
+    redis_url: str | None = None,
 ) -> dict:
     """``EngineArgs`` for a replay: :func:`~kvhead.vllm.generate.engine_kwargs` (the same for
     stock and kvhead apart from the backend) with a fixed block count, so both preempt alike,
@@ -299,6 +300,7 @@ def engine_args(
         max_num_seqs=max_num_seqs,
         kv_cache_bytes=2**30,
         dtype=dtype,
+        kv_transfer=_connector(redis_url),
     )
     return kwargs | {
         "max_num_batched_tokens": chunk_tokens,
@@ -306,6 +308,16 @@ def engine_args(
         "num_gpu_blocks_override": num_blocks,
         "max_logprobs": 2,
     }
+
+
+def _connector(redis_url: str | None) -> dict | None:
+    """The kvhead KV connector's transfer config on ``redis_url`` (None: no connector)."""
+    if redis_url is None:
+        return None
+    from kvhead.vllm.config import ConnectorSettings
+    from kvstore.config import RedisTierConfig
+
+    return ConnectorSettings(redis=RedisTierConfig(url=redis_url)).transfer_config()
 
 
 def replay_in_subprocess(
@@ -356,6 +368,9 @@ def main(
     max_num_seqs: int = typer.Option(8),
     chunk_tokens: int = typer.Option(256, help="Tokens per engine step (chunked prefill)."),
     dtype: str = typer.Option("float32"),
+    redis_url: str = typer.Option(
+        None, help="Run the kvhead KV connector on this Redis (preempted requests swap out)."
+    ),
 ) -> None:
     """Replay MIX_FILE (from build_mix) and write every request's result to OUT."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -375,6 +390,7 @@ def main(
                 max_num_seqs=max_num_seqs,
                 chunk_tokens=chunk_tokens,
                 dtype=dtype,
+                redis_url=redis_url,
             )
         )
     )

@@ -49,8 +49,11 @@ class _Request:
     epoch: int
     steps: int = 0  # decode steps since the epoch began
     next_len: int = -1  # the sequence length its next decode step must have
-    first_block: int = -1
+    first_block: int = -1  # _RESUMED: the next row's, whatever it is
     blocks: torch.Tensor | None = None  # the blocks its row held at its last step
+
+
+_RESUMED = -2
 
 
 class RequestStates:
@@ -93,6 +96,13 @@ class RequestStates:
                 self._free.append(state.slot)
                 self.changed = True
 
+    def resume(self, req_id: str) -> None:
+        """``req_id`` was preempted and its whole context was loaded back into new blocks (the
+        KV connector's swap): its next row continues its state, on whatever blocks it has."""
+        state = self._requests.get(req_id)
+        if state is not None:
+            state.first_block = _RESUMED
+
     def live_blocks(self) -> torch.Tensor:
         """Every block a live request's row held at its last step."""
         parts = [s.blocks for s in self._requests.values() if s.blocks is not None]
@@ -128,7 +138,9 @@ class RequestStates:
         lens = seq_lens.tolist()
         for r in prefill.tolist():
             state = self._requests.get(req_ids[r])
-            if state is None or state.next_len != -1:  # new, or recomputing after preemption
+            if state is not None and state.first_block == _RESUMED:  # resumed mid-prefill
+                state.first_block = int(table[r, 0])
+            elif state is None or state.next_len != -1:  # new, or recomputing after preemption
                 state = self._start(req_ids[r])
             state.first_block = int(table[r, 0])
             state.blocks = table[r, : pages[r]].long().clone()
@@ -137,6 +149,8 @@ class RequestStates:
             req_id = req_ids[r]
             state = self._requests.get(req_id)
             first = int(table[r, 0])
+            if state is not None and state.first_block == _RESUMED:
+                state.first_block = first
             if state is None or state.first_block != first or state.next_len not in (-1, lens[r]):
                 state = self._start(req_id)
                 state.first_block = first
