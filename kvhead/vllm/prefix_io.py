@@ -166,7 +166,9 @@ class PrefixMover:
                 if job.swap:  # the request goes on where it stopped: same selection, clock
                     self.runtime.requests.resume(req_id)
                 self.counters.loads += 1
-                self.counters.loaded_tokens += job.num_pages * self.runtime.geo.page_size
+                self.counters.loaded_tokens += job.num_tokens or (
+                    job.num_pages * self.runtime.geo.page_size
+                )
                 self.counters.loaded_pages += (
                     job.num_pages * len(fetched.pages) * (self.runtime.geo.num_kv_heads)
                 )
