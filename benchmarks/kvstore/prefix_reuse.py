@@ -81,11 +81,10 @@ def replica(
 
     from kvhead.vllm.config import ConnectorSettings
     from kvhead.vllm.generate import engine_kwargs
-    from kvstore.config import RedisTierConfig
 
     transfer = None
     if redis_url:
-        transfer = ConnectorSettings(redis=RedisTierConfig(url=redis_url)).transfer_config()
+        transfer = ConnectorSettings.on(redis_url).transfer_config()
     llm = LLM(
         **engine_kwargs(
             str(model),

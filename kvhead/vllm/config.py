@@ -331,6 +331,11 @@ class ConnectorSettings(BaseModel):
         "does not fit is dropped and counted, never waited for.",
     )
 
+    @classmethod
+    def on(cls, redis_url: str, **options) -> ConnectorSettings:
+        """Settings for the Redis at ``redis_url`` (the scripts' and tools' one option)."""
+        return cls(redis=RedisTierConfig(url=redis_url), **options)
+
     def transfer_config(self) -> dict:
         """vLLM's ``kv_transfer_config`` selecting the connector with these settings."""
         return {

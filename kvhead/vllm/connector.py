@@ -121,7 +121,6 @@ class _Tracked:
 
     request: Request
     hashes: torch.Tensor  # [full prompt pages, 2]
-    num_tokens: int  # prompt tokens
     blocks: tuple[list[int], ...] = ()  # its blocks per KV cache group, as the worker has them
     computed: int = 0  # tokens computed once the last scheduled step ran
     loaded_pages: int = 0
@@ -129,6 +128,11 @@ class _Tracked:
     saved: bool = False
     swap: _Swap | None = None
     loading_swap: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt tokens."""
+        return len(self.request.prompt_token_ids)
 
 
 class KVHeadConnector(KVConnectorBase_V1):
@@ -176,7 +180,7 @@ class KVHeadConnector(KVConnectorBase_V1):
         if state is None:
             salt = request.lora_request.lora_name.encode() if request.lora_request else b""
             state = self._tracked[request.request_id] = _Tracked(
-                request, prefix_hashes(tokens, self.page_size, salt), len(tokens)
+                request, prefix_hashes(tokens, self.page_size, salt)
             )
         if state.swap is not None:
             swapped = self._swapped_tokens(state)

@@ -87,10 +87,9 @@ def main(
     transfer = None
     if redis_url is not None:
         from kvhead.vllm.config import ConnectorSettings
-        from kvstore.config import RedisTierConfig
 
-        transfer = ConnectorSettings(
-            redis=RedisTierConfig(url=redis_url), min_match_tokens=min_match_tokens
+        transfer = ConnectorSettings.on(
+            redis_url, min_match_tokens=min_match_tokens
         ).transfer_config()
     llm = LLM(
         **engine_kwargs(

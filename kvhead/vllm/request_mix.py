@@ -315,9 +315,8 @@ def _connector(redis_url: str | None) -> dict | None:
     if redis_url is None:
         return None
     from kvhead.vllm.config import ConnectorSettings
-    from kvstore.config import RedisTierConfig
 
-    return ConnectorSettings(redis=RedisTierConfig(url=redis_url)).transfer_config()
+    return ConnectorSettings.on(redis_url).transfer_config()
 
 
 def replay_in_subprocess(
